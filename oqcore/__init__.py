@@ -1,0 +1,88 @@
+"""oqcore: online quantization of PyTorch models, with schemes as plugins.
+
+Public API (stable names):
+
+- keys: :class:`GroupShape`, :class:`ScaleDesc`, :class:`QuantKey`, :func:`quant_key`, :func:`list_quant_keys`
+- config: :class:`QuantSpec`, :class:`QuantizationConfig`
+- contract: :class:`OnlineMethodBase`, :class:`OnlineLinearMethodBase`, :class:`OnlineMoEMethodBase`,
+  :class:`Backend`, :data:`hookimpl`
+- plugins: :func:`get_plugin_manager`
+- planning: :func:`plan`, :class:`QuantPlan`
+- errors: :class:`OqError` and its subclasses
+"""
+
+from __future__ import annotations
+
+from oqcore.config import BoundSpec, QuantizationConfig, QuantSpec
+from oqcore.errors import (
+    CheckpointError,
+    ConfigError,
+    NoBackendError,
+    OqError,
+    PluginConflictError,
+    PluginError,
+    UnknownKeyError,
+    UnsupportedLayerError,
+)
+from oqcore.hookspecs import hookimpl
+from oqcore.keys import GroupShape, KeyInfo, QuantKey, Role, ScaleDesc
+from oqcore.methods import NoOptions, OnlineLinearMethodBase, OnlineMethodBase, OnlineMoEMethodBase
+from oqcore.oracle import Backend, BackendChoice, Candidate, always_supported, select_backend
+from oqcore.planning import LayerPlan, QuantPlan, plan
+from oqcore.plugins import get_plugin_manager, get_registry
+
+__version__ = "0.1.0"
+
+
+def quant_key(name: str, role: Role = "weight") -> QuantKey:
+    """The :class:`QuantKey` a registered name means in ``role`` (``"weight"`` or ``"activation"``).
+
+    Role-aware: ``quant_key("mxfp8")`` is the static 1x32-block weight key,
+    ``quant_key("mxfp8", "activation")`` the dynamic one. Raises :class:`UnknownKeyError` (with a
+    did-you-mean) for an unknown name and :class:`ConfigError` when the name has no meaning in ``role``.
+    """
+    if role not in ("weight", "activation"):
+        raise ConfigError(f"role must be 'weight' or 'activation', got {role!r}", "role")
+    return get_registry().keys.resolve(name, role)
+
+
+def list_quant_keys() -> list[KeyInfo]:
+    """Every registered key name, sorted: its aliases, its key per role and the providing plugin."""
+    keys = get_registry().keys
+    return [keys.infos[n] for n in keys.names()]
+
+
+__all__ = [
+    "Backend",
+    "BackendChoice",
+    "BoundSpec",
+    "Candidate",
+    "CheckpointError",
+    "ConfigError",
+    "GroupShape",
+    "KeyInfo",
+    "LayerPlan",
+    "NoBackendError",
+    "NoOptions",
+    "OnlineLinearMethodBase",
+    "OnlineMethodBase",
+    "OnlineMoEMethodBase",
+    "OqError",
+    "PluginConflictError",
+    "PluginError",
+    "QuantKey",
+    "QuantPlan",
+    "QuantSpec",
+    "QuantizationConfig",
+    "ScaleDesc",
+    "UnknownKeyError",
+    "UnsupportedLayerError",
+    "always_supported",
+    "get_plugin_manager",
+    "get_registry",
+    "hookimpl",
+    "list_quant_keys",
+    "plan",
+    "quant_key",
+    "select_backend",
+]

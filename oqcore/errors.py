@@ -1,0 +1,85 @@
+"""The one exception hierarchy of oqcore.
+
+Every error raised for bad input (a config, a key name, a layer, a checkpoint, a plugin) is a
+subclass of :class:`OqError`, and its message names the field, key, layer, file or plugin at fault
+and what would be valid. Catch ``OqError`` to handle all of them.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class OqError(Exception):
+    """Base class of every error oqcore raises on bad input."""
+
+
+class ConfigError(OqError, ValueError):
+    """A quantization config is invalid.
+
+    ``field`` is the dotted path of the offending field (``"moe.activation"``,
+    ``"targets['re:.*q_proj'].weight"``) or ``None`` for the config as a whole. It is a
+    ``ValueError`` as well, so pydantic validators can raise it and keep its type.
+    """
+
+    def __init__(self, message: str, field: str | None = None):
+        self.field = field
+        self.reason = message
+        super().__init__(f"{field}: {message}" if field else message)
+
+    def at(self, prefix: str) -> ConfigError:
+        """Return a copy of this error whose field path is prefixed by ``prefix``."""
+        return type(self)(self.reason, f"{prefix}.{self.field}" if self.field else prefix)
+
+
+class UnknownKeyError(ConfigError):
+    """A quantization key or shorthand name is not registered by any plugin.
+
+    The message carries a did-you-mean suggestion and the valid names.
+    """
+
+    @classmethod
+    def for_name(
+        cls, name: str, valid: Iterable[str], what: str = "quantization key", field: str | None = None
+    ) -> UnknownKeyError:
+        """Build the error for an unknown ``name`` among ``valid`` names, with a did-you-mean."""
+        valid = sorted(valid)
+        close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        listing = ", ".join(valid) if valid else "(none registered: is a scheme plugin installed?)"
+        return cls(f"unknown {what} {name!r}{hint} Valid: {listing}", field)
+
+
+class UnsupportedLayerError(OqError):
+    """A layer cannot be quantized as asked (its kind, shape or dtype is outside a method's limits).
+
+    ``layer`` is the module's qualified name in the model.
+    """
+
+    def __init__(self, layer: str, message: str):
+        self.layer = layer
+        super().__init__(f"layer {layer!r}: {message}")
+
+
+class NoBackendError(OqError):
+    """No backend candidate can run a layer; the message lists every candidate and why it was rejected."""
+
+    def __init__(self, layer: str, message: str):
+        self.layer = layer
+        super().__init__(f"layer {layer!r}: {message}")
+
+
+class CheckpointError(OqError):
+    """A checkpoint (folder, config.json, safetensors file or tensor) is missing, corrupt or inconsistent."""
+
+
+class PluginError(OqError):
+    """A plugin failed to load or registered something that conflicts with another plugin."""
+
+
+class PluginConflictError(PluginError):
+    """Two plugins registered the same name (key, alias, shorthand, method, quantizer, plugin name).
+
+    Always fatal, whatever ``OQ_STRICT_PLUGINS`` says: which one to use is the user's decision.
+    """

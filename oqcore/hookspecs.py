@@ -1,0 +1,74 @@
+"""Every hook a scheme plugin can implement. The built-in schemes use exactly these.
+
+A plugin is a module (found through the entry-point group ``"oqcore"``) whose functions carry the
+:data:`hookimpl` marker and are named like the specs below. Each registration hook receives a
+``register`` callable bound to the plugin, so the core knows which plugin provided what and can
+name both plugins when two register the same thing. Hook implementations may take any subset of a
+spec's arguments (pluggy passes them by name); they never need defaults.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+PROJECT = "oqcore"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def oq_register_quant_keys(register):
+    """Register quantization key names.
+
+    Call ``register(name, key=None, *, weight=None, activation=None, aliases=(), description="")``
+    once per name. ``key`` gives one :class:`oqcore.QuantKey` for both roles; ``weight`` /
+    ``activation`` give role-aware keys (``mxfp8``: static blocks as a weight, dynamic as an
+    activation) or restrict a name to one role. A name or alias already taken raises
+    :class:`oqcore.PluginError` naming both plugins.
+    """
+
+
+@hookspec
+def oq_register_shorthands(register):
+    """Register config shorthands: one name that fills the ``linear`` and/or ``moe`` slots.
+
+    Call ``register(name, *, linear=None, moe=None, description="")`` where each slot is a spec
+    mapping such as ``{"weight": "fp8_per_block_static"}`` (activation omitted means "the method's
+    default") or ``None`` when the shorthand does not define that slot (``int8_per_channel_weight_only``
+    has no linear spec, and using it for ``linear`` is a :class:`oqcore.ConfigError`).
+    """
+
+
+@hookspec
+def oq_register_methods(register):
+    """Register online quantization methods.
+
+    Call ``register(kind, weight_key, method_cls)`` with ``kind`` in ``{"linear", "moe"}``,
+    ``weight_key`` a :class:`oqcore.QuantKey` (or a registered weight key name) and ``method_cls`` a
+    subclass of :class:`oqcore.OnlineLinearMethodBase` or :class:`oqcore.OnlineMoEMethodBase`
+    whose ``weight_key`` equals ``weight_key``. One method per (kind, weight key).
+    """
+
+
+@hookspec
+def oq_register_quantizers(register):
+    """Register tensor quantizers (the functions behind :func:`oqcore.quantize_tensor`).
+
+    Call ``register(key, backend, quantize, dequantize)``: ``key`` a :class:`oqcore.QuantKey` (weight
+    or activation) or a registered name (then every key it means, in either role), ``backend`` a name (``"torch"`` is the reference every other backend must match byte for byte),
+    ``quantize(w, options) -> (qdata, scale)`` for ``w`` of shape ``[N, K]`` or ``[E, N, K]`` and
+    ``dequantize(qdata, scale, dtype, options) -> Tensor``. ``options`` is the method's validated
+    options model instance or ``None``.
+    """
+
+
+@hookspec
+def oq_backend_candidates(kind, weight_key):
+    """Return the :class:`oqcore.Backend` records this plugin offers for ``(kind, weight_key)``.
+
+    ``kind`` is ``"linear"`` or ``"moe"``; ``weight_key`` a :class:`oqcore.QuantKey`. Return a list
+    (empty when the plugin has nothing for that pair). Each record names the activation key it
+    serves, a priority (higher wins; ties broken by name, never by registration order) and an
+    ``is_supported(layer, device) -> (ok, reason)`` predicate. The core's oracle chooses among all
+    plugins' candidates.
+    """

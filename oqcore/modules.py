@@ -1,0 +1,110 @@
+"""The modules that replace quantized layers in a model.
+
+:class:`QuantizedLinear` stands in for an ``nn.Linear`` and :class:`QuantizedMoE` for a fused-experts
+module. Both keep the original parameter names while high precision (``weight``/``bias``;
+``gate_up_proj``/``down_proj`` and their biases), so checkpoint names map one to one, and hand
+everything else to their method: ``create_weights`` registers those parameters on the meta device,
+``process_weights_after_loading`` turns them into quantized tensors (``weight`` + ``weight_scale``;
+``w13_weight``/``w13_weight_scale`` ``[E, 2I, H]`` and ``w2_weight``/``w2_weight_scale`` ``[E, H, I]``,
+vLLM's names, whatever the checkpoint's layout), and ``forward`` calls the method's ``apply``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from oqcore.layers import MoELayout, moe_layout
+
+if TYPE_CHECKING:
+    from oqcore.methods import OnlineMethodBase
+
+
+class QuantizedLinear(nn.Module):
+    """An ``nn.Linear`` whose weight is quantized by ``method``.
+
+    ``layer_name`` is the qualified name in the model (used in errors); ``params_dtype`` the dtype
+    of the high-precision weights it is loaded from. ``forward(x [..., K]) -> [..., N]`` in ``x``'s dtype.
+    """
+
+    def __init__(
+        self,
+        layer_name: str,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        method: OnlineMethodBase,
+        params_dtype: torch.dtype,
+    ):
+        super().__init__()
+        self.layer_name = layer_name
+        self.in_features = in_features
+        self.out_features = out_features
+        self.has_bias = bias
+        self.params_dtype = params_dtype
+        self.method = method
+        self.quantized = False
+        method.create_weights(self)
+
+    @classmethod
+    def from_linear(cls, layer_name: str, linear: nn.Linear, method: OnlineMethodBase) -> QuantizedLinear:
+        """A wrapper with ``linear``'s shapes and dtype (its weights are not copied)."""
+        return cls(layer_name, linear.in_features, linear.out_features, linear.bias is not None, method, linear.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., K] -> [..., N]`` through the method's backend."""
+        return self.method.apply(self, x)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.has_bias}, "
+            f"method={type(self.method).__name__}, backend={self.method.backend.name}"
+        )
+
+
+class QuantizedMoE(nn.Module):
+    """A fused-experts module whose expert weights are quantized by ``method``.
+
+    Keeps the original module's non-weight attributes (``act_fn``, GPT-OSS's ``alpha``/``limit``,
+    ``is_concatenated``...) and its gate function, so :meth:`apply_gate` computes exactly what the
+    original did. ``forward(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]``
+    matches the transformers experts call (GPT-OSS passes the same three positionally).
+    """
+
+    def __init__(self, layer_name: str, experts: nn.Module, method: OnlineMethodBase):
+        super().__init__()
+        layout = moe_layout(experts)
+        if layout is None:
+            raise TypeError(f"{layer_name}: {type(experts).__name__} is not a fused-experts module")
+        self.layer_name = layer_name
+        self.layout: MoELayout = layout
+        self.params_dtype = experts.gate_up_proj.dtype
+        self.original_type = type(experts).__name__
+        for k, v in vars(experts).items():
+            if not k.startswith("_") and k != "training" and not isinstance(v, (torch.Tensor, nn.Module)):
+                setattr(self, k, v)
+        for k, child in experts.named_children():
+            if not any(True for _ in child.parameters()):
+                self.add_module(k, child)
+        self._gate_fn = getattr(type(experts), "_apply_gate", None)
+        self.method = method
+        self.quantized = False
+        method.create_weights(self)
+
+    def apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """The original module's gated activation: ``[T, 2I] -> [T, I]``."""
+        if self._gate_fn is not None:
+            return self._gate_fn(self, gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.act_fn(gate) * up
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """Route ``hidden_states`` through the experts and combine with ``top_k_weights``."""
+        shape = hidden_states.shape
+        out = self.method.apply(self, hidden_states.reshape(-1, shape[-1]), top_k_index, top_k_weights)
+        return out.reshape(shape)
+
+    def extra_repr(self) -> str:
+        return f"{self.layout}, method={type(self.method).__name__}, backend={self.method.backend.name}"

@@ -1,0 +1,142 @@
+"""The backend oracle: choose which implementation runs a quantized layer, and say why.
+
+Plugins offer :class:`Backend` candidates for each ``(kind, weight_key)``. For one layer the oracle
+
+1. keeps the candidates that serve the resolved activation key (the user's override or the method's
+   default), so ``moe.activation=mxfp8`` only ever selects an mxfp8-activation backend;
+2. keeps the pinned backend only, if the config pins one for the layer's kind;
+3. asks each survivor ``is_supported(layer, device) -> (ok, reason)``;
+4. picks the highest ``priority`` (ties broken by name: never by registration order).
+
+When nothing fits, one :class:`oqcore.NoBackendError` lists every candidate with its reason, the
+way vLLM's MoE oracle reports it. :func:`oqcore.plan` records the full list for ``oq explain``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from oqcore.errors import ConfigError, NoBackendError
+from oqcore.keys import QuantKey
+
+SupportCheck = Callable[[torch.nn.Module, torch.device], "tuple[bool, str]"]
+
+
+def always_supported(layer: torch.nn.Module, device: torch.device) -> tuple[bool, str]:
+    """An ``is_supported`` that accepts every layer on every device (for reference backends)."""
+    return True, "runs anywhere"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One way to run a layer of a given kind and weight key.
+
+    - ``name``: short id users can pin (``"torch"``, ``"triton"``, ``"cpu-int8"``).
+    - ``activation_key``: the activation key this backend serves (``None`` = weight-only).
+    - ``is_supported(layer, device) -> (ok, reason)``: ``reason`` says why in either case, e.g.
+      ``"needs CUDA compute capability >= 8.9, found 8.0"``.
+    - ``priority``: higher is preferred.
+    - ``forward(method, layer, x, *args) -> Tensor``: runs the layer (``args`` are the MoE routing
+      tensors); ``None`` leaves the forward to the method's own ``apply``.
+    - ``prepare(method, layer) -> None``: run once after the weights are quantized, to repack them
+      for this backend (e.g. scales in the dtype a kernel wants); ``None`` for nothing.
+    - ``plugin``: the providing plugin, filled in by the core.
+    """
+
+    name: str
+    activation_key: QuantKey | None
+    is_supported: SupportCheck = always_supported
+    priority: int = 0
+    description: str = ""
+    forward: Callable[..., torch.Tensor] | None = None
+    prepare: Callable[..., None] | None = None
+    plugin: str = ""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A backend considered for one layer and the oracle's verdict: ``reason`` is why it was
+    rejected, or ``None`` if it was viable."""
+
+    backend: Backend
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """The oracle's answer for one layer: the chosen backend and every candidate with its verdict,
+    best first."""
+
+    backend: Backend
+    candidates: tuple[Candidate, ...]
+
+
+def _describe(backend: Backend, name_of: Callable[[QuantKey | None], str]) -> str:
+    src = f" ({backend.plugin})" if backend.plugin else ""
+    return f"{backend.name}{src} [activation {name_of(backend.activation_key)}]"
+
+
+def select_backend(
+    layer_name: str,
+    layer: torch.nn.Module,
+    candidates: Sequence[Backend],
+    activation_key: QuantKey | None,
+    device: torch.device | str,
+    *,
+    pinned: str | None = None,
+    name_of: Callable[[QuantKey | None], str] = lambda k: "none" if k is None else str(k),
+) -> BackendChoice:
+    """Choose the backend for ``layer_name``.
+
+    ``candidates`` come from the plugins' ``oq_backend_candidates`` hook; ``activation_key`` is the
+    resolved activation key; ``pinned`` a backend name the config pins for this kind; ``name_of``
+    names keys in messages. Raises :class:`oqcore.NoBackendError` listing every candidate and why it
+    was rejected, or :class:`oqcore.ConfigError` if ``pinned`` names no candidate at all.
+    """
+    device = torch.device(device)
+    ordered = sorted(candidates, key=lambda b: (-b.priority, b.name))
+    if pinned is not None and all(b.name != pinned for b in ordered):
+        names = ", ".join(sorted({b.name for b in ordered})) or "(none)"
+        raise ConfigError(f"backend {pinned!r} is not a candidate for layer {layer_name!r}; candidates: {names}")
+    verdicts: list[Candidate] = []
+    for b in ordered:
+        if b.activation_key != activation_key:
+            reason = f"serves activation {name_of(b.activation_key)}, the spec asks for {name_of(activation_key)}"
+        elif pinned is not None and b.name != pinned:
+            reason = f"not the pinned backend {pinned!r}"
+        else:
+            try:
+                ok, why = b.is_supported(layer, device)
+            except Exception as e:  # a buggy predicate rejects its own backend, not the plan
+                ok, why = False, f"is_supported raised {type(e).__name__}: {e}"
+            reason = None if ok else why
+        verdicts.append(Candidate(b, reason))
+    viable = [c for c in verdicts if c.reason is None]
+    if not viable:
+        lines = "\n".join(f"  - {_describe(c.backend, name_of)}: {c.reason}" for c in verdicts) or "  (none offered)"
+        raise NoBackendError(
+            layer_name,
+            f"no backend can run it on {device} with activation {name_of(activation_key)}. Candidates:\n{lines}",
+        )
+    verdicts.sort(key=lambda c: c.reason is not None)
+    return BackendChoice(viable[0].backend, tuple(verdicts))
+
+
+def resolve_activation_override(
+    override: QuantKey | None, declared: QuantKey | None, *, field: str = "activation"
+) -> QuantKey | None:
+    """Combine a user's activation override with the activation key a checkpoint declares.
+
+    Equal, or either one ``None``: the one that is set wins. Both set and different: a
+    :class:`oqcore.ConfigError` telling the user to remove or align the override (vLLM's rule).
+    """
+    if override is None or declared is None or override == declared:
+        return override if override is not None else declared
+    raise ConfigError(
+        f"activation override {override} conflicts with the checkpoint's declared activation {declared}; "
+        "remove the override or set it to the checkpoint's key",
+        field,
+    )

@@ -1,0 +1,275 @@
+"""Planning: config + model -> a :class:`QuantPlan` saying, for every quantizable layer, what
+happens to it and why.
+
+For each ``nn.Linear`` and fused-experts module (see :mod:`oqcore.layers`), in module order:
+
+1. ``ignore`` match -> skipped ("ignored by pattern ...").
+2. ``targets`` match -> that target's spec, bound to the layer's kind.
+3. MoE routers and the output embedding (``lm_head``) -> skipped unless a target names them.
+4. Otherwise the kind-wide spec (``linear`` / ``moe``), or skipped when the config has none.
+
+Then the method checks the layer's shapes (:meth:`OnlineMethodBase.check_layer`) and the oracle picks
+a backend. A layer matched by ``ignore`` and a target, or by two targets, is a
+:class:`oqcore.ConfigError` naming the layer and both patterns. Nothing is read from the
+weights: planning works on a meta-device model.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from oqcore.config import BoundSpec, QuantizationConfig, bind_spec
+from oqcore.errors import ConfigError
+from oqcore.layers import is_router, layer_kind, layer_shape
+from oqcore.matching import is_exact, matches
+from oqcore.oracle import Backend, Candidate, select_backend
+from oqcore.plugins import get_plugin_manager
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """The plan for one quantizable layer.
+
+    ``action`` is ``"quantize"`` or ``"skip"``; ``reason`` says which rule decided (``"linear"``,
+    ``"targets['re:.*q_proj']"``, ``"ignored by 'lm_head'"``, ``"MoE router: kept in high precision"``).
+    For quantized layers ``bound`` holds the method class, activation key and options, ``backend``
+    the oracle's choice and ``candidates`` every backend considered with its verdict.
+    """
+
+    name: str
+    kind: str
+    module_type: str
+    shape: str
+    action: str
+    reason: str
+    bound: BoundSpec | None = None
+    backend: Backend | None = None
+    candidates: tuple[Candidate, ...] = ()
+
+    @property
+    def quantized(self) -> bool:
+        """True when the layer will be quantized."""
+        return self.action == "quantize"
+
+
+@dataclass
+class QuantPlan:
+    """Per-layer decisions for one model and config, on one device.
+
+    ``layers`` is in module order; ``unmatched`` lists ``ignore`` / ``targets`` patterns that matched
+    no quantizable layer (often a typo).
+    """
+
+    config: QuantizationConfig
+    device: torch.device
+    layers: list[LayerPlan]
+    unmatched: list[str] = field(default_factory=list)
+
+    def __getitem__(self, name: str) -> LayerPlan:
+        for lp in self.layers:
+            if lp.name == name:
+                return lp
+        raise KeyError(name)
+
+    @property
+    def quantized(self) -> list[LayerPlan]:
+        """The layers that will be quantized."""
+        return [lp for lp in self.layers if lp.quantized]
+
+    @property
+    def skipped(self) -> list[LayerPlan]:
+        """The quantizable layers left in high precision, each with its reason."""
+        return [lp for lp in self.layers if not lp.quantized]
+
+    def _names(self, lp: LayerPlan) -> tuple[str, str]:
+        reg = get_plugin_manager().registry
+        assert lp.bound is not None
+        return reg.name_of(lp.bound.spec.weight, "weight"), reg.name_of(lp.bound.activation_key, "activation")
+
+    def summary(self) -> str:
+        """vLLM-style one-liner: ``Quantized 24 layers: linear fp8_per_block_static: 18; moe mxfp8: 6``
+        (with `` (act X)`` when activations are quantized)."""
+        counts: Counter[str] = Counter()
+        for lp in self.quantized:
+            w, a = self._names(lp)
+            counts[f"{lp.kind} {w}" + (f" (act {a})" if a != "none" else "")] += 1
+        parts = "; ".join(f"{k}: {n}" for k, n in counts.items())
+        line = f"Quantized {len(self.quantized)} layers" + (f": {parts}" if parts else "")
+        if self.skipped:
+            line += f"; kept {len(self.skipped)} in high precision"
+        return line
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One plain dict per layer (JSON-ready): name, kind, shape, action, weight, activation,
+        method, backend, reason, and the rejected backends with their reasons."""
+        out = []
+        for lp in self.layers:
+            row: dict[str, Any] = {
+                "name": lp.name,
+                "kind": lp.kind,
+                "type": lp.module_type,
+                "shape": lp.shape,
+                "action": lp.action,
+                "reason": lp.reason,
+            }
+            if lp.quantized:
+                w, a = self._names(lp)
+                assert lp.bound is not None and lp.backend is not None
+                row.update(
+                    weight=w,
+                    activation=a,
+                    options=lp.bound.options.model_dump(),
+                    method=lp.bound.method_cls.__name__,
+                    backend=lp.backend.name,
+                    rejected={c.backend.name: c.reason for c in lp.candidates if c.reason is not None},
+                )
+            out.append(row)
+        return out
+
+    def explain(self, verbose: bool = False) -> str:
+        """A per-layer table and the summary line. ``verbose`` adds every rejected backend's reason."""
+        header = ("layer", "kind", "shape", "weight", "activation", "backend", "why")
+        table = [header]
+        for row in self.rows():
+            q = row["action"] == "quantize"
+            table.append(
+                (
+                    row["name"],
+                    row["kind"],
+                    row["shape"],
+                    row.get("weight", "-") if q else "-",
+                    row.get("activation", "-") if q else "-",
+                    row.get("backend", "-") if q else "-",
+                    row["reason"],
+                )
+            )
+        widths = [max(len(str(r[i])) for r in table) for i in range(len(header))]
+        lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        if verbose:
+            for lp in self.quantized:
+                for c in lp.candidates:
+                    if c.reason is not None:
+                        lines.append(f"  {lp.name}: backend {c.backend.name} rejected: {c.reason}")
+        if self.unmatched:
+            lines.append("Patterns that matched no quantizable layer: " + ", ".join(self.unmatched))
+        lines.append(self.summary())
+        return "\n".join(lines)
+
+
+def _default_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def plan(
+    model: nn.Module,
+    config: QuantizationConfig | dict | str,
+    *,
+    device: torch.device | str | None = None,
+) -> QuantPlan:
+    """Plan the quantization of ``model`` (materialized or on the meta device) under ``config``.
+
+    ``device`` is where the layers will run (default: the model's device, else CUDA if available,
+    else CPU); it decides which backends are supported. Raises :class:`oqcore.ConfigError` for
+    overlapping patterns or a target that cannot serve the layer it matches,
+    :class:`oqcore.UnsupportedLayerError` for shapes a method cannot handle, and
+    :class:`oqcore.NoBackendError` when no backend can run a layer.
+    """
+    config = QuantizationConfig.from_any(config)
+    dev = torch.device(device) if device is not None else _default_device(model)
+    pm = get_plugin_manager()
+    reg = pm.registry
+    modules = dict(model.named_modules())
+    output_embedding = _output_embedding(model)
+    used: set[str] = set()
+    layers: list[LayerPlan] = []
+
+    for name in _exact_target_names(config, modules):
+        if layer_kind(modules[name]) is None:
+            raise ConfigError(
+                f"names layer {name!r} of type {type(modules[name]).__name__}, which is neither an nn.Linear nor a "
+                "fused-experts module",
+                f"targets[{name!r}]",
+            )
+
+    for name, module in modules.items():
+        kind = layer_kind(module)
+        if kind is None:
+            continue
+        base = dict(name=name, kind=kind, module_type=type(module).__name__, shape=layer_shape(module))
+        ignored = [p for p in config.ignore if matches(p, name)]
+        hits = [p for p in config.targets if matches(p, name)]
+        used.update(ignored, hits)
+        if ignored and hits:
+            raise ConfigError(
+                f"layer {name!r} is matched by ignore pattern {ignored[0]!r} and by target {hits[0]!r}; "
+                "remove it from one of them",
+                "targets",
+            )
+        if len(hits) > 1:
+            raise ConfigError(
+                f"layer {name!r} is matched by two targets, {hits[0]!r} and {hits[1]!r}; make the patterns disjoint",
+                "targets",
+            )
+        if ignored:
+            layers.append(LayerPlan(**base, action="skip", reason=f"ignored by {ignored[0]!r}"))
+            continue
+        if hits:
+            where = f"targets[{hits[0]!r}]"
+            try:
+                bound = bind_spec(config.targets[hits[0]], kind, reg)
+            except ConfigError as e:
+                raise ConfigError(f"cannot apply to {kind} layer {name!r}: {e.reason}", f"{where}.{e.field}" if e.field else where) from None
+            reason = where
+        else:
+            parent = modules.get(name.rsplit(".", 1)[0]) if "." in name else model
+            if is_router(name, module, parent):
+                layers.append(LayerPlan(**base, action="skip", reason="MoE router: kept in high precision"))
+                continue
+            if module is output_embedding:
+                layers.append(LayerPlan(**base, action="skip", reason="output embedding: kept in high precision"))
+                continue
+            spec = config.spec_for(kind)
+            if spec is None:
+                layers.append(LayerPlan(**base, action="skip", reason=f"no {kind} spec in the config"))
+                continue
+            bound = bind_spec(spec, kind, reg)
+            reason = kind
+        bound.method_cls.check_layer(name, module)
+        choice = select_backend(
+            name,
+            module,
+            pm.backend_candidates(kind, bound.spec.weight),
+            bound.activation_key,
+            dev,
+            pinned=config.backend.get(kind),
+            name_of=lambda k: reg.name_of(k, "activation"),
+        )
+        layers.append(
+            LayerPlan(**base, action="quantize", reason=reason, bound=bound, backend=choice.backend, candidates=choice.candidates)
+        )
+
+    unmatched = [p for p in (*config.ignore, *config.targets) if p not in used]
+    return QuantPlan(config, dev, layers, unmatched)
+
+
+def _output_embedding(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    if callable(get):
+        try:
+            return get()
+        except (AttributeError, NotImplementedError):
+            return None
+    return None
+
+
+def _exact_target_names(config: QuantizationConfig, modules: dict[str, nn.Module]) -> list[str]:
+    return [p for p in config.targets if is_exact(p) and p in modules]

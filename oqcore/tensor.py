@@ -1,0 +1,121 @@
+"""Tensor-level API: quantize one tensor with the plugin that owns its key.
+
+The core holds no quantization math: :func:`quantize_tensor` looks the key up in the quantizers
+the plugins registered (``oq_register_quantizers``) and calls the one for the requested backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+
+from oqcore.errors import ConfigError, UnsupportedLayerError
+from oqcore.keys import QuantKey, Role
+from oqcore.plugins import Quantizer, Registry, get_registry
+
+REFERENCE_BACKEND = "torch"
+
+
+@dataclass
+class QuantizedTensor:
+    """A quantized tensor: ``qdata`` (the key's element dtype, same shape as the source), ``scale``
+    (dequantization multipliers laid out per the key's group shape: float32, or uint8 exponents for
+    MX formats) and the ``key``. ``options`` are the quantizer options it was made with."""
+
+    qdata: torch.Tensor
+    scale: torch.Tensor
+    key: QuantKey
+    options: BaseModel | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        """Shape of the dequantized tensor."""
+        return self.qdata.shape
+
+    def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """``qdata * scale`` broadcast over groups, in ``dtype``, by the owning plugin's dequantizer."""
+        return find_quantizer(self.key).dequantize(self.qdata, self.scale, dtype, self.options)
+
+
+def find_quantizer(key: QuantKey, backend: str | None = None, reg: Registry | None = None) -> Quantizer:
+    """The registered quantizer for ``key`` on ``backend`` (default: the ``torch`` reference).
+
+    Raises :class:`oqcore.ConfigError` naming the key and the backends that do exist.
+    """
+    reg = reg or get_registry()
+    backend = backend or REFERENCE_BACKEND
+    q = reg.quantizers.get((key, backend))
+    if q is None:
+        have = sorted(b for (k, b) in reg.quantizers if k == key)
+        raise ConfigError(
+            f"no quantizer for {reg.key_name(key)!r} on backend {backend!r}; backends with one: {', '.join(have) or '(none)'}",
+            "backend",
+        )
+    return q
+
+
+def options_model_for(key: QuantKey, reg: Registry | None = None) -> type[BaseModel] | None:
+    """The options model of a method whose weight key is ``key`` (any kind), or ``None``."""
+    reg = reg or get_registry()
+    for (_, k), entry in reg.methods.items():
+        if k == key:
+            return entry.cls.options_model
+    return None
+
+
+def check_finite(w: torch.Tensor, name: str) -> None:
+    """Raise :class:`oqcore.UnsupportedLayerError` naming ``name`` if ``w`` holds NaN or Inf."""
+    if not bool(torch.isfinite(w).all()):
+        bad = int((~torch.isfinite(w)).sum())
+        raise UnsupportedLayerError(name, f"weight holds {bad} NaN/Inf value(s) of {w.numel()}; refusing to quantize")
+
+
+def quantize_tensor(
+    w: torch.Tensor,
+    key: QuantKey | str,
+    backend: str | None = None,
+    options: Mapping[str, Any] | BaseModel | None = None,
+    *,
+    role: Role = "weight",
+    name: str = "<tensor>",
+) -> QuantizedTensor:
+    """Quantize ``w`` (``[N, K]``, ``[E, N, K]`` or, for activations, ``[M, K]``) to ``key``.
+
+    ``key`` is a :class:`QuantKey` or a name resolved in ``role``; ``backend`` a quantizer backend
+    (default the ``torch`` reference; every backend produces the same bytes); ``options`` a dict
+    validated by the options model of the method that owns the key (e.g. ``{"scale_mode":
+    "floor"}``). ``name`` labels errors. Raises :class:`oqcore.UnsupportedLayerError` for NaN/Inf
+    in ``w``, :class:`oqcore.ConfigError` for bad options or a missing backend.
+    """
+    reg = get_registry()
+    k = reg.resolve_key(key, role)
+    q = find_quantizer(k, backend, reg)
+    model = options_model_for(k, reg)
+    if isinstance(options, BaseModel) or model is None:
+        opts = options
+    else:
+        from oqcore.config import _convert
+        from pydantic import ValidationError
+
+        try:
+            opts = model.model_validate(dict(options or {}))
+        except ValidationError as e:
+            raise _convert(e, "options") from None
+    if w.dim() not in (2, 3):
+        raise UnsupportedLayerError(name, f"expected a 2D or 3D tensor, got shape {tuple(w.shape)}")
+    check_finite(w, name)
+    qdata, scale = q.quantize(w, opts)
+    return QuantizedTensor(qdata, scale, k, opts)
+
+
+def quantizer_backend_for(key: QuantKey, device: torch.device | str, reg: Registry | None = None) -> str:
+    """The quantizer backend to use for ``key`` on ``device``: ``triton`` on CUDA when a plugin
+    registered one, else the ``torch`` reference. (All produce the same bytes.)"""
+    reg = reg or get_registry()
+    if torch.device(device).type == "cuda" and (key, "triton") in reg.quantizers:
+        return "triton"
+    return REFERENCE_BACKEND
