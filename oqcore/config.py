@@ -175,6 +175,11 @@ def _spec_mapping(value: Any, kind: str | None, reg: Registry) -> dict[str, Any]
         raise ConfigError(f"expected a key name, a shorthand or a mapping with 'weight', got {type(value).__name__}")
     m = dict(value)
     w = m.get("weight")
+    if isinstance(w, str) and w not in reg.shorthands and reg.keys.get(w) is None:
+        from oqcore.errors import UnknownKeyError
+
+        valid = set(reg.keys.names("weight")) | set(reg.shorthands)
+        raise UnknownKeyError.for_name(w, valid, "weight key or shorthand", "weight")
     if isinstance(w, str) and w in reg.shorthands and kind is not None:
         sh = reg.shorthands[w]
         slot = sh.slot(kind)

@@ -99,7 +99,8 @@ class QuantPlan:
             w, a = self._names(lp)
             counts[f"{lp.kind} {w}" + (f" (act {a})" if a != "none" else "")] += 1
         parts = "; ".join(f"{k}: {n}" for k, n in counts.items())
-        line = f"Quantized {len(self.quantized)} layers" + (f": {parts}" if parts else "")
+        n = len(self.quantized)
+        line = f"Quantized {n} layer{'s' if n != 1 else ''}" + (f": {parts}" if parts else "")
         if self.skipped:
             line += f"; kept {len(self.skipped)} in high precision"
         return line

@@ -1,0 +1,32 @@
+"""Test-wide setup.
+
+``TRITON_INTERPRET=1`` must be in the environment before any ``@triton.jit`` decorator runs, so it
+is set here, before any test module imports a kernel: Triton kernels then run on the CPU through
+Triton's interpreter, and the ``triton`` backends report themselves supported on the CPU.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import oqcore.plugins  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_plugins(monkeypatch):
+    """Every test starts from the installed entry points only (no plugin a previous test registered)."""
+    for var in ("OQ_PLUGINS", "OQ_DISABLE_PLUGINS", "OQ_STRICT_PLUGINS"):
+        monkeypatch.delenv(var, raising=False)
+    oqcore.plugins.reset_plugin_manager()
+    yield
+    oqcore.plugins.reset_plugin_manager()
+
+
+@pytest.fixture
+def seeded():
+    """A seeded torch generator state, so random tensors are the same on every run."""
+    torch.manual_seed(0)
+    return torch.Generator().manual_seed(0)
