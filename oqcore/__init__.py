@@ -8,6 +8,7 @@ Public API (stable names):
   :class:`Backend`, :data:`hookimpl`
 - plugins: :func:`get_plugin_manager`
 - planning: :func:`plan`, :class:`QuantPlan`
+- tensors: :func:`quantize_tensor`, :class:`QuantizedTensor`
 - errors: :class:`OqError` and its subclasses
 """
 
@@ -30,6 +31,7 @@ from oqcore.methods import NoOptions, OnlineLinearMethodBase, OnlineMethodBase, 
 from oqcore.oracle import Backend, BackendChoice, Candidate, always_supported, select_backend
 from oqcore.planning import LayerPlan, QuantPlan, plan
 from oqcore.plugins import get_plugin_manager, get_registry
+from oqcore.tensor import QuantizedTensor, quantize_tensor
 
 __version__ = "0.1.0"
 
@@ -74,6 +76,7 @@ __all__ = [
     "QuantPlan",
     "QuantSpec",
     "QuantizationConfig",
+    "QuantizedTensor",
     "ScaleDesc",
     "UnknownKeyError",
     "UnsupportedLayerError",
@@ -84,5 +87,6 @@ __all__ = [
     "list_quant_keys",
     "plan",
     "quant_key",
+    "quantize_tensor",
     "select_backend",
 ]

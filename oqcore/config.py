@@ -58,9 +58,9 @@ def _convert(err: ValidationError, prefix: str | None = None) -> ConfigError:
     tail = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
     loc = [p for p in first["loc"] if p not in ("function-after[...]", "function-before[...]")]
     where = _path(loc) or None
+    orig = (first.get("ctx") or {}).get("error")
     if prefix:
         where = f"{prefix}.{where}" if where else prefix
-    orig = (first.get("ctx") or {}).get("error")
     if isinstance(orig, ConfigError):
         out = orig.at(where) if where else orig
         if tail:
@@ -309,7 +309,7 @@ class QuantizationConfig(_OqModel):
         reg = get_registry()
         out: dict[str, Any] = {}
         for pattern, spec in v.items():
-            _check_pattern(pattern, f"targets[{pattern!r}]")
+            _check_pattern(pattern, f"[{pattern!r}]")
             # A target may be bound to either kind (resolved per layer at plan time); reject it now
             # only if it can serve neither.
             errors: list[ConfigError] = []
@@ -319,7 +319,7 @@ class QuantizationConfig(_OqModel):
                 except ConfigError as e:
                     errors.append(e)
             if len(errors) == len(KINDS):
-                raise errors[0].at(f"targets[{pattern!r}]")
+                raise errors[0].at(f"[{pattern!r}]")
             out[pattern] = _normalize_slot(spec) if not isinstance(spec, QuantSpec) else spec
         return out
 
@@ -327,7 +327,7 @@ class QuantizationConfig(_OqModel):
     @classmethod
     def _ignore(cls, v: list[str]) -> list[str]:
         for i, pattern in enumerate(v):
-            _check_pattern(pattern, f"ignore[{i}]")
+            _check_pattern(pattern, f"[{i}]")
         return v
 
     @field_validator("backend", mode="after")
@@ -335,7 +335,7 @@ class QuantizationConfig(_OqModel):
     def _backend(cls, v: dict[str, str]) -> dict[str, str]:
         for kind in v:
             if kind not in KINDS:
-                raise ConfigError(f"unknown layer kind {kind!r}; kinds: {', '.join(KINDS)}", f"backend.{kind}")
+                raise ConfigError(f"unknown layer kind {kind!r}; kinds: {', '.join(KINDS)}", kind)
         return v
 
     @model_validator(mode="after")

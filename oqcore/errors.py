@@ -30,7 +30,10 @@ class ConfigError(OqError, ValueError):
 
     def at(self, prefix: str) -> ConfigError:
         """Return a copy of this error whose field path is prefixed by ``prefix``."""
-        return type(self)(self.reason, f"{prefix}.{self.field}" if self.field else prefix)
+        if not self.field:
+            return type(self)(self.reason, prefix)
+        sep = "" if self.field.startswith("[") else "."
+        return type(self)(self.reason, f"{prefix}{sep}{self.field}")
 
 
 class UnknownKeyError(ConfigError):

@@ -169,6 +169,14 @@ class KeyRegistry:
                     f"quantization key name {name!r} is registered twice: by plugin {label(owner.plugin)} "
                     f"and by plugin {label(info.plugin)}; uninstall or disable one (OQ_DISABLE_PLUGINS)"
                 )
+        for role in ROLES:
+            key = info.key(role)
+            for other in self.infos.values():
+                if key is not None and other.key(role) == key:
+                    raise PluginConflictError(
+                        f"{role} key {key} is registered twice, as {other.name!r} by plugin {label(other.plugin)} "
+                        f"and as {info.name!r} by plugin {label(info.plugin)}; one key has one name (use aliases=)"
+                    )
         self.infos[info.name] = info
         for alias in info.aliases:
             self.aliases[alias] = info.name

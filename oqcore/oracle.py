@@ -100,7 +100,7 @@ def select_backend(
     ordered = sorted(candidates, key=lambda b: (-b.priority, b.name))
     if pinned is not None and all(b.name != pinned for b in ordered):
         names = ", ".join(sorted({b.name for b in ordered})) or "(none)"
-        raise ConfigError(f"backend {pinned!r} is not a candidate for layer {layer_name!r}; candidates: {names}")
+        raise ConfigError(f"backend {pinned!r} is not a candidate for layer {layer_name!r}; candidates: {names}", "backend")
     verdicts: list[Candidate] = []
     for b in ordered:
         if b.activation_key != activation_key:

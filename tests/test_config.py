@@ -1,0 +1,186 @@
+"""QuantSpec / QuantizationConfig: names, shorthands, omitted vs null activation, options, YAML
+and dotlist overrides, targets, and the error messages."""
+
+import pytest
+
+import oqcore
+from oqcore import ConfigError, QuantizationConfig, QuantSpec, UnknownKeyError
+from toy_scheme import TOY, TOY_ACT, ToyOptions, register_toy
+
+
+@pytest.fixture(autouse=True)
+def toy():
+    register_toy()
+
+
+def test_spec_accepts_names_and_keys():
+    assert QuantSpec(weight="toy_int4").weight == TOY
+    assert QuantSpec(weight=TOY).weight == TOY
+    assert QuantSpec(weight="toy4", activation="toy_act").activation == TOY_ACT
+
+
+def test_activation_omitted_vs_explicit_null():
+    omitted = QuantSpec(weight="toy_int4")
+    null = QuantSpec(weight="toy_int4", activation=None)
+    word = QuantSpec.model_validate({"weight": "toy_int4", "activation": "none"})
+    assert omitted.activation is None and not omitted.activation_given
+    assert null.activation is None and null.activation_given
+    assert word.activation is None and word.activation_given
+    assert omitted.to_dict() == {"weight": "toy_int4"}
+    assert null.to_dict() == {"weight": "toy_int4", "activation": None}
+
+
+def test_method_default_activation_applies_only_when_omitted():
+    from oqcore.config import bind_spec
+
+    class WithDefault(oqcore.OnlineLinearMethodBase):
+        weight_key = TOY
+        supported_activation_keys = (None, TOY_ACT)
+        default_activation_key = TOY_ACT
+
+    from oqcore.plugins import get_registry
+
+    reg = get_registry()
+    reg.methods[("linear", TOY)] = reg.methods[("linear", TOY)].__class__("linear", TOY, WithDefault, "toy")
+    assert bind_spec({"weight": "toy_int4"}, "linear", reg).activation_key == TOY_ACT
+    assert bind_spec({"weight": "toy_int4", "activation": None}, "linear", reg).activation_key is None
+
+
+def test_unknown_weight_name_did_you_mean_names_the_field():
+    with pytest.raises(UnknownKeyError) as e:
+        QuantizationConfig(linear={"weight": "toy_in4"})
+    assert e.value.field == "linear.weight"
+    assert "did you mean 'toy_int4'?" in str(e.value)
+
+
+def test_unknown_shorthand_in_slot_lists_keys_and_shorthands():
+    with pytest.raises(UnknownKeyError, match=r"^linear.weight: unknown weight key or shorthand 'fp8_per_blok'; did you mean 'fp8_per_block'\?"):
+        QuantizationConfig(linear="fp8_per_blok")
+
+
+def test_shorthand_fills_its_slots_and_explicit_fields_win():
+    cfg = QuantizationConfig(scheme="toy", moe={"weight": "toy_int4", "options": {"qmax": 3}})
+    assert cfg.linear.weight == TOY and cfg.moe.options == {"qmax": 3}
+    merged = QuantizationConfig(scheme="toy", linear={"activation": "toy_act"})
+    assert merged.linear.weight == TOY and merged.linear.activation == TOY_ACT
+    alias = QuantizationConfig.model_validate({"quantization": "toy_moe_only"})
+    assert alias.linear is None and alias.moe.activation_given and alias.moe.activation is None
+
+
+def test_shorthand_slot_error():
+    with pytest.raises(ConfigError) as e:
+        QuantizationConfig(linear="toy_moe_only")
+    assert e.value.field == "linear.weight"
+    assert "shorthand 'toy_moe_only' defines no linear spec (it defines: moe)" in str(e.value)
+
+
+def test_builtin_int8_weight_only_shorthand_has_no_linear_spec():
+    with pytest.raises(ConfigError, match=r"^linear.weight: shorthand 'int8_per_channel_weight_only' defines no linear spec"):
+        QuantizationConfig(linear="int8_per_channel_weight_only")
+
+
+def test_unsupported_activation_names_field_and_valid_choices():
+    with pytest.raises(ConfigError) as e:
+        QuantizationConfig(moe={"weight": "toy_int4", "activation": "toy_act"})
+    assert e.value.field == "moe.activation"
+    assert "ToyMoE (moe, weight toy_int4) does not support activation toy_act; supported: none" in str(e.value)
+
+
+def test_no_method_for_kind():
+    from oqcore.plugins import get_registry
+
+    del get_registry().methods[("moe", TOY)]
+    with pytest.raises(ConfigError, match=r"^moe.weight: no moe method quantizes weights to 'toy_int4'"):
+        QuantizationConfig(moe="toy_int4")
+
+
+def test_options_validated_by_method_model():
+    cfg = QuantizationConfig(linear={"weight": "toy_int4", "options": {"qmax": 3}})
+    assert cfg.linear.options == {"qmax": 3}
+    with pytest.raises(ConfigError) as e:
+        QuantizationConfig(linear={"weight": "toy_int4", "options": {"qmx": 3}})
+    assert e.value.field == "linear.options.qmx"
+    with pytest.raises(ConfigError) as e:
+        QuantizationConfig(linear={"weight": "toy_int4", "options": {"qmax": "lots"}})
+    assert e.value.field == "linear.options.qmax"
+    assert ToyOptions().qmax == 7
+
+
+def test_vllm_style_dict_is_accepted():
+    cfg = QuantizationConfig.model_validate(
+        {"linear": "toy_int4", "moe": {"weight": "toy_int4", "activation": None}, "ignore": ["lm_head", "re:.*gate"]}
+    )
+    assert cfg.ignore == ["lm_head", "re:.*gate"]
+    assert cfg.to_dict() == {
+        "linear": {"weight": "toy_int4"},
+        "moe": {"weight": "toy_int4", "activation": None},
+        "ignore": ["lm_head", "re:.*gate"],
+    }
+    assert QuantizationConfig.model_validate(cfg.to_dict()) == cfg
+
+
+def test_unknown_top_level_field():
+    with pytest.raises(ConfigError) as e:
+        QuantizationConfig.model_validate({"linaer": "toy_int4"})
+    assert e.value.field == "linaer"
+
+
+def test_targets_exclusive_with_kind_specs():
+    with pytest.raises(ConfigError, match="^targets: targets and scheme/linear/moe are mutually exclusive"):
+        QuantizationConfig(linear="toy_int4", targets={"re:.*q_proj": "toy_int4"})
+
+
+def test_target_spec_that_fits_no_kind_is_rejected_early():
+    with pytest.raises(UnknownKeyError) as e:
+        QuantizationConfig(targets={"re:.*q_proj": {"weight": "toy_int5"}})
+    assert e.value.field == "targets['re:.*q_proj'].weight"
+
+
+def test_bad_regex_and_empty_pattern():
+    with pytest.raises(ConfigError, match=r"^ignore\[1\]: invalid regular expression '\('"):
+        QuantizationConfig(ignore=["lm_head", "re:("])
+    with pytest.raises(ConfigError, match=r"^targets\[''\]: a layer pattern must be a non-empty string"):
+        QuantizationConfig(targets={"": "toy_int4"})
+
+
+def test_backend_pin_kind_checked():
+    assert QuantizationConfig(linear="toy_int4", backend={"linear": "torch"}).backend == {"linear": "torch"}
+    with pytest.raises(ConfigError, match=r"^backend.attention: unknown layer kind 'attention'; kinds: linear, moe"):
+        QuantizationConfig(backend={"attention": "torch"})
+
+
+def test_yaml_with_dotlist_overrides(tmp_path):
+    f = tmp_path / "q.yaml"
+    f.write_text("moe: toy_moe_only\nlinear: toy_int4\nignore: [lm_head]\n")
+    cfg = QuantizationConfig.from_yaml(f, ["linear.activation=toy_act", "ignore=[lm_head,re:.*router]"])
+    assert cfg.linear.activation == TOY_ACT
+    assert cfg.moe.weight == TOY and cfg.moe.activation is None and cfg.moe.activation_given
+    assert cfg.ignore == ["lm_head", "re:.*router"]
+    nulled = QuantizationConfig.from_yaml(f, ["linear.activation=null"])
+    assert nulled.linear.activation_given and nulled.linear.activation is None
+
+
+def test_from_dotlist_alone_and_bad_override():
+    cfg = QuantizationConfig.from_dotlist(["scheme=toy", "moe.options.qmax=3"])
+    assert cfg.moe.options == {"qmax": 3} and cfg.linear.weight == TOY
+    with pytest.raises(ConfigError, match="override 'linear' is not of the form key=value"):
+        QuantizationConfig.from_dotlist(["linear"])
+
+
+def test_yaml_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file '.*missing.yaml' does not exist"):
+        QuantizationConfig.from_yaml(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("linear: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml' is not valid YAML"):
+        QuantizationConfig.from_yaml(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping at the top, got list"):
+        QuantizationConfig.from_yaml(listy)
+
+
+def test_from_any():
+    assert QuantizationConfig.from_any("toy").linear.weight == TOY
+    assert QuantizationConfig.from_any({"moe": "toy_int4"}).moe.weight == TOY
+    assert QuantizationConfig.from_any(None) == QuantizationConfig()
