@@ -167,3 +167,7 @@ def main() -> None:
     except OqError as e:  # anything a command did not catch itself
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

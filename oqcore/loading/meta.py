@@ -47,8 +47,9 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
 
 
 def build_meta_model(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
-    """Instantiate the model class named in ``config.json`` (``architectures[0]``, else the auto class
-    for its ``model_type``) on the meta device, with transformers.
+    """Instantiate the model class named in ``config.json`` (``architectures[0]``; without one, the
+    causal-LM auto class for its ``model_type``, else the base auto class) on the meta device, with
+    transformers.
 
     ``dtype`` defaults to the checkpoint's ``torch_dtype``/``dtype`` (bf16 if absent). Raises
     :class:`oqcore.CheckpointError` naming the file when transformers cannot build it.
@@ -74,6 +75,8 @@ def build_meta_model(path: str | Path, dtype: torch.dtype | None = None) -> nn.M
         with torch.device("meta"):
             if cls is not None:
                 model = cls._from_config(config, dtype=dtype)
+            elif type(config) in transformers.AutoModelForCausalLM._model_mapping:
+                model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
             else:
                 model = transformers.AutoModel.from_config(config, dtype=dtype)
     except Exception as e:

@@ -1,0 +1,45 @@
+"""The int4_g32 scheme: key, reference quantizer, method and backend.
+
+``w ≈ q * scale`` with ``q`` in [-7, 7] (symmetric int4 without -8, stored in int8) and one float32
+``scale = amax / 7`` per group of 32 consecutive input features; all-zero groups get
+``finfo(float32).eps`` so dequantization never divides by zero.
+"""
+
+import torch
+
+from oqcore import Backend, GroupShape, OnlineLinearMethodBase, QuantKey, ScaleDesc, UnsupportedLayerError
+
+GROUP = 32
+QMAX = 7
+kInt4G32 = QuantKey(torch.int4, ScaleDesc(torch.float32, True, GroupShape(1, GROUP)))
+
+
+def quantize(w: torch.Tensor, options) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w [..., N, K]`` (K divisible by 32) -> ``(q int8 [..., N, K], scale float32 [..., N, K/32])``."""
+    g = w.float().unflatten(-1, (-1, GROUP))
+    scale = g.abs().amax(-1) / QMAX
+    scale = torch.where(scale == 0, torch.finfo(torch.float32).eps, scale)
+    q = (g / scale.unsqueeze(-1)).round().clamp(-QMAX, QMAX).to(torch.int8)
+    return q.flatten(-2), scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, options) -> torch.Tensor:
+    """Inverse of :func:`quantize`: ``[..., N, K]`` in ``dtype``."""
+    return (q.float().unflatten(-1, (-1, GROUP)) * scale.unsqueeze(-1)).flatten(-2).to(dtype)
+
+
+class Int4G32LinearMethod(OnlineLinearMethodBase):
+    """Weight-only int4 linear. The base class does create/process/apply through the quantizer."""
+
+    weight_key = kInt4G32
+    supported_activation_keys = (None,)
+    default_activation_key = None
+
+    @classmethod
+    def check_layer(cls, name, layer):
+        """K must be a multiple of the group size."""
+        if layer.in_features % GROUP:
+            raise UnsupportedLayerError(name, f"int4_g32 needs in_features divisible by {GROUP}, got {layer.in_features}")
+
+
+TORCH_BACKEND = Backend("torch", None, description="dequantize to float32 and matmul (reference, any device)")
