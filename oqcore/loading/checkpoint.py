@@ -1,0 +1,193 @@
+"""Reading safetensors checkpoints tensor by tensor, without memory-mapping them.
+
+The safetensors format (https://github.com/huggingface/safetensors#format) is an 8-byte little-endian
+header length, a JSON header mapping each tensor name to ``dtype``, ``shape`` and ``data_offsets``
+(relative to the end of the header), then the raw bytes. The ``safetensors`` library reads through
+``mmap``: every page it touches stays mapped and counts in the process's resident memory until the
+file is closed, so streaming a whole checkpoint through it would make the bf16 model resident after
+all. Here each tensor is read with one ``readinto`` into its own freshly allocated buffer: the only
+resident copy is the one the loader is about to quantize and free.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from oqcore.errors import CheckpointError
+
+# safetensors dtype tags -> torch dtypes (https://github.com/huggingface/safetensors, src/tensor.rs)
+ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E8M0": torch.float8_e8m0fnu,
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives: ``file``, byte ``offset`` from the file start, ``nbytes``, ``dtype``, ``shape``."""
+
+    name: str
+    file: Path
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        """Number of elements."""
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def read_header(file: Path) -> tuple[dict, int]:
+    """Parse a safetensors header: ``(header dict, data start offset in bytes)``.
+
+    Raises :class:`oqcore.CheckpointError` naming the file if it is missing, truncated or not safetensors.
+    """
+    try:
+        with open(file, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{file}: not a safetensors file (shorter than its 8-byte header length)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > MAX_HEADER_BYTES:
+                raise CheckpointError(f"{file}: not a safetensors file (header length {n} bytes is implausible)")
+            header_bytes = f.read(n)
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: checkpoint file does not exist") from None
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot read: {e}") from None
+    if len(header_bytes) < n:
+        raise CheckpointError(f"{file}: truncated safetensors header ({len(header_bytes)} of {n} bytes)")
+    try:
+        header = json.loads(header_bytes)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: corrupt safetensors header: {e}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: corrupt safetensors header (not a JSON object)")
+    return header, 8 + n
+
+
+def file_entries(file: Path) -> list[TensorEntry]:
+    """The tensors of one safetensors file, in file order, checked against the file's size."""
+    header, start = read_header(file)
+    size = file.stat().st_size
+    out = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = ST_DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{file}: corrupt header entry for tensor {name!r}: {info!r}") from None
+        entry = TensorEntry(name, file, start + begin, end - begin, dtype, shape)
+        if entry.nbytes != entry.numel * dtype.itemsize or start + end > size:
+            raise CheckpointError(
+                f"{file}: tensor {name!r} ({info['dtype']} {list(shape)}) does not fit the file: "
+                f"bytes [{begin}, {end}) after the header, file is {size} bytes (truncated or corrupt)"
+            )
+        out.append(entry)
+    return sorted(out, key=lambda e: e.offset)
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The safetensors files of a model folder: ``model.safetensors`` or the shards named by
+    ``model.safetensors.index.json``. Raises :class:`oqcore.CheckpointError` naming what is missing."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    single = path / "model.safetensors"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: corrupt shard index: {e}") from None
+        files = [path / f for f in dict.fromkeys(weight_map.values())]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names shard(s) that do not exist: {', '.join(missing)}")
+        return files
+    if single.is_file():
+        return [single]
+    others = sorted(p.name for p in path.glob("*.safetensors")) if path.is_dir() else []
+    if len(others) == 1:
+        return [path / others[0]]
+    raise CheckpointError(
+        f"{path}: no model.safetensors or model.safetensors.index.json"
+        + (f" (found {', '.join(others)})" if others else "")
+    )
+
+
+def checkpoint_entries(path: Path) -> list[TensorEntry]:
+    """Every tensor of the checkpoint in ``path``, file by file in storage order. Duplicate names
+    across shards are a :class:`oqcore.CheckpointError`."""
+    entries: list[TensorEntry] = []
+    seen: dict[str, Path] = {}
+    for f in checkpoint_files(path):
+        for e in file_entries(f):
+            if e.name in seen:
+                raise CheckpointError(f"tensor {e.name!r} appears in both {seen[e.name]} and {f}")
+            seen[e.name] = f
+            entries.append(e)
+    return entries
+
+
+class TensorReader:
+    """Reads :class:`TensorEntry` tensors with one ``readinto`` each, keeping files open."""
+
+    def __init__(self) -> None:
+        self._files: dict[Path, object] = {}
+
+    def read(self, entry: TensorEntry) -> torch.Tensor:
+        """A new CPU tensor holding ``entry``'s bytes (never a view of a mapping)."""
+        f = self._files.get(entry.file)
+        if f is None:
+            f = self._files[entry.file] = open(entry.file, "rb")  # noqa: SIM115 - closed in close()
+        out = torch.empty(entry.shape, dtype=entry.dtype)
+        buf = out.view(-1).view(torch.uint8).numpy() if entry.numel else memoryview(b"")
+        f.seek(entry.offset)
+        got = f.readinto(buf) if entry.numel else 0
+        if got != entry.nbytes:
+            raise CheckpointError(f"{entry.file}: tensor {entry.name!r} is truncated ({got} of {entry.nbytes} bytes)")
+        return out
+
+    def close(self) -> None:
+        """Close every open file."""
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def iter_checkpoint(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` for every tensor of a checkpoint folder, one resident at a time."""
+    with TensorReader() as reader:
+        for e in checkpoint_entries(path):
+            yield e.name, reader.read(e)

@@ -1,0 +1,111 @@
+"""Checkpoint names -> model parameter names, with transformers' own conversion rules.
+
+transformers v5 describes how a model's checkpoint keys map to its parameters as a list of
+``WeightRenaming`` (renames such as ``block_sparse_moe`` -> ``mlp``) and ``WeightConverter`` (many to
+one, such as per-expert ``experts.{e}.w1/w3.weight`` stacked and concatenated into the fused
+``experts.gate_up_proj``), returned by ``transformers.conversion_mapping.get_model_conversion_mapping``.
+We use exactly those, the way ``transformers.core_model_loading`` applies them, so no architecture
+needs a table of ours.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from copy import deepcopy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class TargetGroup:
+    """The checkpoint tensors that produce one model parameter (or several, for one-to-many rules).
+
+    ``target`` is the first target parameter name, ``sources`` the checkpoint keys in checkpoint
+    order, ``rule`` the transformers transform that converts them (``None``: a plain copy).
+    """
+
+    target: str
+    sources: list[str] = field(default_factory=list)
+    rule: Any = None
+    source_patterns: list[str] = field(default_factory=list)
+
+    def convert(self, model: nn.Module, load: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Read the sources with ``load(key)`` and return ``{parameter name: tensor}``."""
+        if self.rule is None:
+            return {self.target: load(self.sources[0])}
+        rule = deepcopy(self.rule)
+        for key, pattern in zip(self.sources, self.source_patterns):
+            rule.add_tensor(self.target, key, pattern, (lambda k=key: load(k)))
+        out = rule.convert(self.target, model=model, config=getattr(model, "config", None))
+        return {name: (v[0] if isinstance(v, list) else v) for name, v in out.items()}
+
+
+class NameMapper:
+    """Maps checkpoint keys to parameter names of ``model`` (a transformers model, or any module,
+    for which names map one to one)."""
+
+    def __init__(self, model: nn.Module, param_names: Iterable[str]):
+        self.model = model
+        self.names = set(param_names)
+        self.renamings: list = []
+        self.converters: list = []
+        self._pattern_to_converter: dict = {}
+        self._meta = dict.fromkeys(self.names, True)
+        self.base_model_prefix = getattr(model, "base_model_prefix", None)
+        try:
+            from transformers import PreTrainedModel
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import WeightConverter, WeightRenaming
+        except ImportError:  # pragma: no cover - without transformers names are used as they are
+            return
+        if isinstance(model, PreTrainedModel):
+            rules = get_model_conversion_mapping(model)
+            self.renamings = [r for r in rules if isinstance(r, WeightRenaming)]
+            self.converters = [r for r in rules if isinstance(r, WeightConverter)]
+        self._pattern_to_converter = {p: c for c in self.converters for p in c.source_patterns}
+        self._meta = dict.fromkeys(self.names, True)
+
+    def target_of(self, key: str) -> tuple[str, str | None]:
+        """``(parameter name, converter source pattern or None)`` for checkpoint key ``key``;
+        the name may not exist in the model (an unexpected key)."""
+        if not self.renamings and not self.converters and not self.base_model_prefix:
+            return key, None
+        from transformers.core_model_loading import rename_source_key
+
+        renamed, pattern = rename_source_key(key, self.renamings, self.converters, self.base_model_prefix, self._meta)
+        if renamed not in self.names and key in self.names:
+            renamed, pattern = key, None
+        return renamed, pattern
+
+    def group(self, keys: Iterable[str]) -> tuple[list[TargetGroup], list[str]]:
+        """Group checkpoint ``keys`` by target parameter, in order of first appearance.
+
+        Returns ``(groups, unexpected keys)``.
+        """
+        groups: dict[str, TargetGroup] = {}
+        unexpected: list[str] = []
+        for key in keys:
+            target, pattern = self.target_of(key)
+            if target not in self.names:
+                unexpected.append(key)
+                continue
+            g = groups.get(target)
+            if g is None:
+                rule = self._pattern_to_converter[pattern] if pattern is not None else None
+                g = groups[target] = TargetGroup(target, rule=rule)
+            g.sources.append(key)
+            g.source_patterns.append(pattern or key)
+        for g in groups.values():
+            if g.rule is not None:
+                # Expert lists are stacked in list order: experts.2 must come before experts.10.
+                order = sorted(range(len(g.sources)), key=lambda i: _natural_key(g.sources[i]))
+                g.sources = [g.sources[i] for i in order]
+                g.source_patterns = [g.source_patterns[i] for i in order]
+        return list(groups.values()), unexpected
+
+
+def _natural_key(key: str) -> list:
+    return [(0, int(p)) if p.isdigit() else (1, p) for p in key.split(".")]

@@ -1,0 +1,216 @@
+"""Online loading: a high-precision checkpoint goes in, a quantized model comes out, and the
+high-precision model never sits in memory whole.
+
+1. Build the model on the meta device from ``config.json`` (transformers), plan it, and swap each
+   planned layer for its quantized wrapper (meta-device high-precision parameters).
+2. Read the checkpoint headers, map every checkpoint key to its parameter with transformers' own
+   rules (renames, per-expert -> fused experts), and count how many elements each wrapper expects.
+3. Stream the tensors (one ``readinto`` each, no mmap), convert, and place them: a parameter of an
+   unquantized module goes straight to the target device; a wrapper's parameter is counted, and the
+   moment the wrapper's last element arrives its method quantizes it and frees the high-precision
+   copy (vLLM's layerwise processing).
+4. Anything never loaded is an error listing the names; buffers and tied weights are finalized as
+   transformers does. A failure at any step raises and returns nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from oqcore.config import QuantizationConfig
+from oqcore.errors import CheckpointError
+from oqcore.loading.checkpoint import TensorReader, checkpoint_entries
+from oqcore.loading.install import install_wrappers
+from oqcore.loading.memory import PeakRSS
+from oqcore.loading.meta import build_meta_model, read_model_config
+from oqcore.loading.names import NameMapper, TargetGroup
+from oqcore.loading.state import LoadStats, OqState, tensor_bytes
+from oqcore.planning import plan
+
+ProgressFn = Callable[[int, int], None]
+
+
+def _check_not_prequantized(path: Path, raw: dict) -> None:
+    qc = raw.get("quantization_config")
+    if qc and qc.get("quant_method") != "oqcore":
+        method = qc.get("quant_method", "unknown")
+        raise CheckpointError(
+            f"{path / 'config.json'}: the checkpoint is already quantized (quant_method={method!r}); online "
+            "quantization needs a bf16/fp16/fp32 checkpoint. Load it with its own quantization method instead."
+        )
+
+
+def param_owner(name: str, wrappers: dict[str, nn.Module]) -> str | None:
+    """The wrapper owning parameter ``name`` (its module path), or ``None``."""
+    owner = name.rpartition(".")[0]
+    return owner if owner in wrappers else None
+
+
+def assign_tensor(model: nn.Module, name: str, value: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Put ``value`` at parameter/buffer ``name`` (on ``device``, in the placeholder's dtype) in
+    place of its meta placeholder. Raises :class:`oqcore.CheckpointError` on a shape mismatch or a
+    tensor loaded twice."""
+    mod_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(mod_name) if mod_name else model
+    old = module._parameters.get(attr) if attr in module._parameters else module._buffers.get(attr)
+    if old is None:
+        raise CheckpointError(f"tensor {name!r} has no place in the model")
+    if not old.is_meta:
+        raise CheckpointError(f"tensor {name!r} is loaded twice (the checkpoint maps two tensors onto it)")
+    if tuple(value.shape) != tuple(old.shape):
+        raise CheckpointError(
+            f"tensor {name!r} has shape {list(value.shape)} in the checkpoint, the model expects {list(old.shape)}"
+        )
+    dtype = old.dtype if (old.is_floating_point() and value.is_floating_point()) else value.dtype
+    new = value.to(device=device, dtype=dtype)
+    if attr in module._parameters:
+        param = nn.Parameter(new, requires_grad=False)
+        param._is_hf_initialized = True  # transformers' initialize_weights must not touch it
+        module._parameters[attr] = param
+        return param
+    module._buffers[attr] = new
+    return new
+
+
+def finalize(model: nn.Module, device: torch.device, wrappers: dict[str, nn.Module], source: str) -> None:
+    """Materialize meta buffers, let transformers initialize what it computes itself (rotary
+    frequencies, position ids), tie weights, then fail on any parameter still unloaded."""
+    from_pretrained_like = hasattr(model, "initialize_weights")
+    for mod_name, module in model.named_modules():
+        for attr, buf in list(module._buffers.items()):
+            if buf is not None and buf.is_meta:
+                module._buffers[attr] = torch.empty_like(buf, device=device)
+    for w in wrappers.values():
+        w._is_hf_initialized = True
+    if from_pretrained_like:
+        for p in model.parameters():
+            if not p.is_meta:
+                p._is_hf_initialized = True
+        tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+        missing = [n for n, p in model.named_parameters(remove_duplicate=False) if p.is_meta and n not in tied]
+        if missing:
+            raise CheckpointError(_missing_message(missing, source))
+        # transformers computes non-persistent buffers (rotary inv_freq, position ids) in _init_weights
+        model.initialize_weights()
+        model.tie_weights()
+    missing = [n for n, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
+    if missing:
+        raise CheckpointError(_missing_message(missing, source))
+
+
+def _missing_message(missing: list[str], source: str) -> str:
+    shown = ", ".join(missing[:20]) + (f", ... ({len(missing)} in all)" if len(missing) > 20 else "")
+    return f"{source}: the checkpoint has no tensor for {len(missing)} model weight(s): {shown}"
+
+
+def load(
+    path: str | Path,
+    config: QuantizationConfig | dict | str | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    progress: ProgressFn | None = None,
+) -> nn.Module:
+    """Load the Hugging Face model folder ``path`` and quantize it while loading.
+
+    ``config`` is a :class:`QuantizationConfig` (or a dict, a YAML path, a shorthand name);
+    ``device`` where the model lives and runs; ``dtype`` the high-precision dtype of everything not
+    quantized (and of the weights before quantization). ``progress(done_bytes, total_bytes)`` is
+    called as tensors are read. A folder written by :func:`oqcore.save_quantized` is read back
+    without re-quantizing (``config`` must then be ``None`` or equal to the saved one).
+
+    Returns the model in eval mode with ``model.oq_state`` set (see :func:`oqcore.report`).
+    Raises :class:`oqcore.CheckpointError` for a missing/corrupt/already-quantized checkpoint or
+    missing tensors, :class:`oqcore.ConfigError`, :class:`oqcore.UnsupportedLayerError` (incl.
+    NaN/Inf weights) or :class:`oqcore.NoBackendError`; nothing half-built is ever returned.
+    """
+    t0 = time.perf_counter()
+    path = Path(path)
+    device = torch.device(device)
+    raw = read_model_config(path)
+    _check_not_prequantized(path, raw)
+    if (raw.get("quantization_config") or {}).get("quant_method") == "oqcore":
+        from oqcore.export import load_quantized
+
+        return load_quantized(path, config, device=device, dtype=dtype, progress=progress)
+    cfg = QuantizationConfig.from_any(config)
+    stats = LoadStats()
+    with PeakRSS() as mem:
+        model = build_meta_model(path, dtype)
+        qplan = plan(model, cfg, device=device)
+        wrappers = install_wrappers(model, qplan)
+        entries = {e.name: e for e in checkpoint_entries(path)}
+        names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+        mapper = NameMapper(model, names)
+        groups, unexpected = mapper.group(entries)
+        stats.unexpected_keys = unexpected
+        remaining = {
+            name: sum(p.numel() for p in w.parameters(recurse=False)) for name, w in wrappers.items()
+        }
+        stats.hp_bytes = sum(
+            sum(p.numel() for p in w.parameters(recurse=False)) * dtype.itemsize for w in wrappers.values()
+        )
+        stats.largest_layer_bytes = max(
+            (sum(p.numel() for p in w.parameters(recurse=False)) * dtype.itemsize for w in wrappers.values()), default=0
+        )
+        total = sum(entries[k].nbytes for g in groups for k in g.sources)
+        done = 0
+        with TensorReader() as reader:
+
+            def read(key: str) -> torch.Tensor:
+                nonlocal done
+                t = time.perf_counter()
+                out = reader.read(entries[key])
+                stats.seconds_read += time.perf_counter() - t
+                done += entries[key].nbytes
+                return out
+
+            for g in groups:
+                for name, value in g.convert(model, read).items():
+                    assign_tensor(model, name, value, device)
+                    del value
+                    owner = param_owner(name, wrappers)
+                    if owner is None:
+                        continue
+                    remaining[owner] -= model.get_parameter(name).numel()
+                    if remaining[owner] == 0:
+                        t = time.perf_counter()
+                        w = wrappers[owner]
+                        w.method.process_weights_after_loading(w)
+                        stats.seconds_quantize += time.perf_counter() - t
+                if progress is not None:
+                    progress(done, total)
+        stats.bytes_read = done
+        incomplete = [n for n, left in remaining.items() if left]
+        if incomplete:
+            raise CheckpointError(
+                f"{path}: quantized layer(s) never received all their weights: {', '.join(incomplete)}"
+            )
+        finalize(model, device, wrappers, str(path))
+    stats.baseline_rss, stats.peak_rss = mem.baseline, mem.peak
+    stats.quantized_bytes = sum(tensor_bytes(w) for w in wrappers.values())
+    stats.model_bytes = tensor_bytes(model)
+    stats.seconds_total = time.perf_counter() - t0
+    model.eval()
+    model.oq_state = OqState(
+        config=cfg,
+        plan=qplan,
+        wrappers=wrappers,
+        device=device,
+        dtype=dtype,
+        source=path,
+        mapper=mapper,
+        groups={g.target: g for g in groups},
+        source_shapes={k: entries[k].shape for g in groups for k in g.sources},
+        stats=stats,
+    )
+    return model
+
+
+def _groups_by_target(groups: list[TargetGroup]) -> dict[str, TargetGroup]:
+    return {g.target: g for g in groups}
