@@ -9,6 +9,8 @@ Public API (stable names):
 - plugins: :func:`get_plugin_manager`
 - planning: :func:`plan`, :class:`QuantPlan`
 - tensors: :func:`quantize_tensor`, :class:`QuantizedTensor`
+- models: :func:`load` (online), :func:`quantize_` (in place), :func:`reload_weights`, :func:`report`,
+  :func:`save_quantized`
 - errors: :class:`OqError` and its subclasses
 """
 
@@ -32,6 +34,11 @@ from oqcore.oracle import Backend, BackendChoice, Candidate, always_supported, s
 from oqcore.planning import LayerPlan, QuantPlan, plan
 from oqcore.plugins import get_plugin_manager, get_registry
 from oqcore.tensor import QuantizedTensor, quantize_tensor
+from oqcore.loading.online import load
+from oqcore.loading.inplace import quantize_
+from oqcore.loading.reload import reload_weights
+from oqcore.report import Report, report
+from oqcore.export import save_quantized
 
 __version__ = "0.1.0"
 
@@ -77,6 +84,7 @@ __all__ = [
     "QuantSpec",
     "QuantizationConfig",
     "QuantizedTensor",
+    "Report",
     "ScaleDesc",
     "UnknownKeyError",
     "UnsupportedLayerError",
@@ -85,8 +93,13 @@ __all__ = [
     "get_registry",
     "hookimpl",
     "list_quant_keys",
+    "load",
     "plan",
     "quant_key",
+    "quantize_",
     "quantize_tensor",
+    "reload_weights",
+    "report",
+    "save_quantized",
     "select_backend",
 ]

@@ -160,6 +160,58 @@ def explain(
     typer.echo(p.explain(verbose=verbose))
 
 
+@app.command()
+def quantize(
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides: linear.activation=null moe=mxfp8 ...")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="Hugging Face model folder (config.json + safetensors). Default: the bundled all-MiniLM-L6-v2.")] = None,
+    config: Annotated[Optional[str], typer.Option(help=f"YAML/JSON config or shorthand. Default: {DEFAULT_SCHEME}.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Save the quantized model to this folder (oqcore.load reads it back).")] = None,
+    json_file: Annotated[Optional[Path], typer.Option("--json", help="Write the figures to this JSON file.")] = None,
+    device: Annotated[str, typer.Option(help="Device to load onto.")] = "cpu",
+    check: Annotated[bool, typer.Option(help="Compare against the bf16 model on bundled text (loads it too).")] = True,
+) -> None:
+    """Load a model, quantizing it while loading, and report sizes, time, memory and fidelity."""
+    import torch
+    from tqdm import tqdm
+
+    import oqcore
+    from oqcore.loading import bundled_model_dir
+
+    try:
+        cfg = _load_config(config, overrides)
+        path = model if model is not None else bundled_model_dir()
+        typer.echo(f"model: {path}")
+        typer.echo(f"config: {json.dumps(cfg.to_dict())}")
+        bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc="loading", leave=True)
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        try:
+            qmodel = oqcore.load(path, cfg, device=device, progress=progress)
+        finally:
+            bar.close()
+        rep = oqcore.report(qmodel)
+        typer.echo(str(rep))
+        result = {"model": str(path), "config": cfg.to_dict(), "report": rep.to_dict()}
+        if check:
+            from oqcore.fidelity import compare, reference_model
+
+            fid = compare(qmodel, reference_model(path, torch.bfloat16, device), path)
+            typer.echo(f"fidelity: {fid}")
+            result["fidelity"] = fid.to_dict()
+        if out is not None:
+            oqcore.save_quantized(qmodel, out)
+            typer.echo(f"saved: {out} (oqcore.load reads it back without re-quantizing)")
+            result["out"] = str(out)
+    except OqError as e:
+        _fail(e)
+    if json_file is not None:
+        json_file.write_text(json.dumps(result, indent=2) + "\n")
+        typer.echo(f"figures written to {json_file}")
+
+
 def main() -> None:
     """Entry point of the ``oq`` console script."""
     try:

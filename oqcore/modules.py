@@ -108,3 +108,18 @@ class QuantizedMoE(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.layout}, method={type(self.method).__name__}, backend={self.method.backend.name}"
+
+
+def empty_like(wrapper: nn.Module) -> nn.Module:
+    """A new wrapper of the same type, shapes, attributes and method, with fresh meta-device
+    high-precision parameters (what :func:`oqcore.reload_weights` quantizes into before copying
+    the results into the live wrapper's storages)."""
+    new = type(wrapper).__new__(type(wrapper))
+    new.__dict__ = dict(wrapper.__dict__)
+    new._parameters = {}
+    new._buffers = {}
+    new._non_persistent_buffers_set = set()
+    new._modules = dict(wrapper._modules)
+    new.quantized = False
+    wrapper.method.create_weights(new)
+    return new

@@ -46,6 +46,25 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{f} is not valid JSON: {e}") from None
 
 
+def model_class(path: str | Path):
+    """The transformers class that builds the model of folder ``path``: ``architectures[0]`` from
+    ``config.json``, else the causal-LM auto class for its ``model_type``, else ``AutoModel``."""
+    import transformers
+
+    raw = read_model_config(path)
+    archs = raw.get("architectures") or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    if cls is not None:
+        return cls
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{Path(path) / 'config.json'}: transformers cannot read this config: {e}") from None
+    if type(config) in transformers.AutoModelForCausalLM._model_mapping:
+        return transformers.AutoModelForCausalLM
+    return transformers.AutoModel
+
+
 def build_meta_model(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
     """Instantiate the model class named in ``config.json`` (``architectures[0]``; without one, the
     causal-LM auto class for its ``model_type``, else the base auto class) on the meta device, with
@@ -69,16 +88,13 @@ def build_meta_model(path: str | Path, dtype: torch.dtype | None = None) -> nn.M
         dtype = getattr(torch, str(declared).removeprefix("torch."), torch.bfloat16)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             dtype = torch.bfloat16
-    archs = raw.get("architectures") or []
-    cls = getattr(transformers, archs[0], None) if archs else None
+    cls = model_class(path)
     try:
         with torch.device("meta"):
-            if cls is not None:
+            if hasattr(cls, "_from_config"):
                 model = cls._from_config(config, dtype=dtype)
-            elif type(config) in transformers.AutoModelForCausalLM._model_mapping:
-                model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
             else:
-                model = transformers.AutoModel.from_config(config, dtype=dtype)
+                model = cls.from_config(config, dtype=dtype)
     except Exception as e:
-        raise CheckpointError(f"{cfg_file}: transformers cannot build {archs[0] if archs else 'the model'}: {e}") from None
+        raise CheckpointError(f"{cfg_file}: transformers cannot build {cls.__name__}: {e}") from None
     return model.eval()

@@ -140,9 +140,11 @@ def load(
         return load_quantized(path, config, device=device, dtype=dtype, progress=progress)
     cfg = QuantizationConfig.from_any(config)
     stats = LoadStats()
+    # The meta-device build allocates no tensor; it is left out of the memory figure because the
+    # first build of an architecture also imports its modeling code (tens of MB of Python objects).
+    model = build_meta_model(path, dtype)
+    qplan = plan(model, cfg, device=device)
     with PeakRSS() as mem:
-        model = build_meta_model(path, dtype)
-        qplan = plan(model, cfg, device=device)
         wrappers = install_wrappers(model, qplan)
         entries = {e.name: e for e in checkpoint_entries(path)}
         names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
@@ -160,6 +162,8 @@ def load(
         )
         total = sum(entries[k].nbytes for g in groups for k in g.sources)
         done = 0
+        if progress is not None:
+            progress(0, total)
         with TensorReader() as reader:
 
             def read(key: str) -> torch.Tensor:
