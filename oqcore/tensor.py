@@ -23,8 +23,8 @@ REFERENCE_BACKEND = "torch"
 @dataclass
 class QuantizedTensor:
     """A quantized tensor: ``qdata`` (the key's element dtype, same shape as the source), ``scale``
-    (dequantization multipliers laid out per the key's group shape: float32, or uint8 exponents for
-    MX formats) and the ``key``. ``options`` are the quantizer options it was made with."""
+    (dequantization multipliers laid out per the key's group shape: float32, or e8m0 exponents
+    stored as ``torch.float8_e8m0fnu`` for MX formats) and the ``key``. ``options`` are the quantizer options it was made with."""
 
     qdata: torch.Tensor
     scale: torch.Tensor

@@ -26,3 +26,53 @@ def oq_register_shorthands(register):
         ("fp8_per_block", "fp8_per_block_static"),
     ):
         register(name, linear={"weight": weight}, moe={"weight": weight}, description=f"{weight} for linear and moe")
+
+
+@hookimpl
+def oq_register_methods(register):
+    """One linear and one MoE method per fp8 weight key (per tensor, per channel, 128x128 blocks)."""
+    from oq_plugin_fp8.linear import LINEAR_METHODS
+    from oq_plugin_fp8.moe import MOE_METHODS
+
+    for cls in LINEAR_METHODS:
+        register("linear", cls.weight_key, cls)
+    for cls in MOE_METHODS:
+        register("moe", cls.weight_key, cls)
+
+
+@hookimpl
+def oq_register_quantizers(register):
+    """The torch references (the definition of the numbers) for all six keys, and the Triton
+    quantizers (same bytes) for the same keys. Kernels are compiled only when first called."""
+    from oq_plugin_fp8.quant import GROUPINGS, TORCH_QUANTIZERS
+
+    for name, (quantize, dequantize) in TORCH_QUANTIZERS.items():
+        register(name, "torch", quantize, dequantize)
+    for name, grouping in GROUPINGS.items():
+        quantize, dequantize = _lazy_triton_pair(grouping)
+        register(name, "triton", quantize, dequantize)
+
+
+def _lazy_triton_pair(grouping):
+    # the kernels module imports triton: defer it to the first call
+    def quantize(w, options=None):
+        from oq_plugin_fp8.kernels.quantize import quantize_grouped
+
+        return quantize_grouped(w, grouping)
+
+    def dequantize(qdata, scale, dtype, options=None):
+        from oq_plugin_fp8.quant import dequantize_grouped
+
+        return dequantize_grouped(qdata, scale, dtype, grouping)
+
+    quantize.__doc__ = f"Triton fp8 quantizer ({grouping}); bytes equal the torch reference."
+    dequantize.__doc__ = "``qdata.float() * scale`` broadcast over the groups, cast to ``dtype``."
+    return quantize, dequantize
+
+
+@hookimpl
+def oq_backend_candidates(kind, weight_key):
+    """``torch`` (reference) and ``triton`` backends for each supported activation key."""
+    from oq_plugin_fp8.backends import candidates
+
+    return candidates(kind, weight_key)

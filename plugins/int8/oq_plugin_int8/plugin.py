@@ -1,4 +1,8 @@
-"""Hook implementations of oq-plugin-int8 (entry point ``int8`` in the ``oqcore`` group)."""
+"""Hook implementations of oq-plugin-int8 (entry point ``int8`` in the ``oqcore`` group).
+
+Cheap to import: torch and the core only; Triton kernels are imported by the backends' functions
+when they first run.
+"""
 
 from oqcore import hookimpl
 from oq_plugin_int8 import keys as k
@@ -19,3 +23,40 @@ def oq_register_shorthands(register):
         moe={"weight": "int8_per_channel_static", "activation": None},
         description="int8 per-channel weight-only MoE experts; linears stay unquantized",
     )
+
+
+@hookimpl
+def oq_register_methods(register):
+    """:class:`Int8LinearMethod` and :class:`Int8MoEMethod` for ``int8_per_channel_static`` weights."""
+    from oq_plugin_int8.linear import Int8LinearMethod
+    from oq_plugin_int8.moe import Int8MoEMethod
+
+    register("linear", k.kInt8StaticChannelSym, Int8LinearMethod)
+    register("moe", k.kInt8StaticChannelSym, Int8MoEMethod)
+
+
+def _triton_quantize(x, options):
+    from oq_plugin_int8.kernels.quant import quantize_int8_rowwise_triton
+
+    return quantize_int8_rowwise_triton(x, options)
+
+
+@hookimpl
+def oq_register_quantizers(register):
+    """The torch reference (:mod:`oq_plugin_int8.quant`) and the Triton quantizer (same bytes) for
+    both keys: the row-wise rule is the same for per-channel weights and per-token activations."""
+    from oq_plugin_int8.quant import dequantize_int8, quantize_int8_rowwise
+
+    for key in (k.kInt8StaticChannelSym, k.kInt8DynamicTokenSym):
+        register(key, "torch", quantize_int8_rowwise, dequantize_int8)
+        register(key, "triton", _triton_quantize, dequantize_int8)
+
+
+@hookimpl
+def oq_backend_candidates(kind, weight_key):
+    """torch (0), cpu-int8 (50, weight-only) and triton (100) for int8 per-channel weights."""
+    if weight_key != k.kInt8StaticChannelSym:
+        return []
+    from oq_plugin_int8.backends import candidates
+
+    return candidates(kind)

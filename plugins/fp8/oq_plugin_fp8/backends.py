@@ -1,0 +1,219 @@
+"""Backend candidates of oq-plugin-fp8, per (layer kind, weight key, activation key).
+
+- ``torch`` (priority 0): the float32 dequantize-and-matmul reference of the method base classes;
+  runs anywhere.
+- ``triton`` (priority 100): the kernels in :mod:`oq_plugin_fp8.kernels`. W8A8 needs fp8
+  tensor-core dots (CUDA capability >= 8.9); weight-only (W8A16) kernels upcast the fp8 tile and
+  run on >= 8.0. On the CPU only under ``TRITON_INTERPRET=1`` (tests).
+- ``scaled-mm`` (priority 50, linear, per-tensor/per-channel weights with per-tensor/per-token
+  activations): ``torch._scaled_mm`` on CUDA capability >= 8.9, N and K divisible by 16.
+
+Kernels are imported inside the forward functions, so importing this module never imports Triton.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from oqcore import Backend
+from oqcore.triton_support import triton_support
+
+from oq_plugin_fp8 import keys as k
+
+W8A8_CAPABILITY = (8, 9)
+W8A16_CAPABILITY = (8, 0)
+
+WEIGHT_KEYS = (k.kFp8StaticTensorSym, k.kFp8StaticChannelSym, k.kFp8Static128BlockSym)
+
+ACTIVATIONS = {
+    k.kFp8StaticTensorSym: (None, k.kFp8DynamicTensorSym, k.kFp8DynamicTokenSym),
+    k.kFp8StaticChannelSym: (None, k.kFp8DynamicTokenSym, k.kFp8DynamicTensorSym),
+    k.kFp8Static128BlockSym: (None, k.kFp8Dynamic128Sym),
+}
+"""Weight key -> activation keys its methods support (``None`` = weight-only)."""
+
+
+def _b_mode(weight_key) -> int:
+    from oq_plugin_fp8.kernels.gemm import B_BLOCK, B_CHANNEL, B_TENSOR
+
+    return {k.kFp8StaticTensorSym: B_TENSOR, k.kFp8StaticChannelSym: B_CHANNEL, k.kFp8Static128BlockSym: B_BLOCK}[
+        weight_key
+    ]
+
+
+def _quantize_rows(x: torch.Tensor, act_key) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Dynamically quantize activations ``x [M, K]`` with the Triton quantizer: ``(q, scale, a_mode)``."""
+    from oq_plugin_fp8.kernels import gemm
+    from oq_plugin_fp8.kernels.quantize import quantize_grouped
+    from oq_plugin_fp8.quant import grouping_of
+
+    q, s = quantize_grouped(x, grouping_of(act_key))
+    mode = {k.kFp8DynamicTensorSym: gemm.A_TENSOR, k.kFp8DynamicTokenSym: gemm.A_TOKEN, k.kFp8Dynamic128Sym: gemm.A_GROUP}[
+        act_key
+    ]
+    return q, s, mode
+
+
+def linear_triton_forward(method, layer, x: torch.Tensor) -> torch.Tensor:
+    """``x [..., K] -> [..., N]`` through :func:`oq_plugin_fp8.kernels.gemm.fp8_gemm`; W8A8 quantizes
+    ``x`` with the Triton quantizer first. Float32 accumulation, output in ``x.dtype``."""
+    from oq_plugin_fp8.kernels import gemm
+
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).contiguous()
+    b_mode = _b_mode(method.weight_key)
+    if method.activation_key is None:
+        y = gemm.fp8_gemm(x2, None, gemm.A_NONE, layer.weight, layer.weight_scale, b_mode, layer.bias, x.dtype)
+    else:
+        q, s, a_mode = _quantize_rows(x2, method.activation_key)
+        y = gemm.fp8_gemm(q, s, a_mode, layer.weight, layer.weight_scale, b_mode, layer.bias, x.dtype)
+    return y.reshape(*shape[:-1], layer.out_features)
+
+
+def _moe_activation(method, a: torch.Tensor, slot_expert: torch.Tensor, num_experts: int, top_k: int):
+    """Prepare the A operand of one grouped GEMM: ``(a, a_scale, a_mode, a_div)``.
+
+    ``a`` has one row per token (``top_k > 1``: a slot ``s`` reads row ``s // top_k``) or per slot.
+    Per-tensor dynamic activations follow the reference: one scale per expert over the rows that
+    expert receives, so a token is quantized once per slot (rows expanded, ``a_div = 1``).
+    """
+    from oq_plugin_fp8.kernels import gemm
+    from oq_plugin_fp8.kernels.quantize import quantize_rows_with_scale
+    from oq_plugin_fp8.quant import scale_from_amax
+
+    act = method.activation_key
+    if act is None:
+        return a.contiguous(), None, gemm.A_NONE, top_k
+    if act == k.kFp8DynamicTensorSym:
+        rows = a.repeat_interleave(top_k, dim=0) if top_k > 1 else a
+        valid = (slot_expert >= 0) & (slot_expert < num_experts)
+        idx = torch.where(valid, slot_expert, torch.zeros_like(slot_expert)).long()
+        row_amax = torch.where(valid, rows.float().abs().amax(dim=-1), torch.zeros((), device=a.device))
+        expert_amax = torch.zeros(num_experts, dtype=torch.float32, device=a.device)
+        expert_amax.scatter_reduce_(0, idx, row_amax, reduce="amax")
+        row_scale = scale_from_amax(expert_amax)[idx]
+        return quantize_rows_with_scale(rows, row_scale), row_scale[:, None].contiguous(), gemm.A_TOKEN, 1
+    q, s, mode = _quantize_rows(a.contiguous(), act)
+    return q, s, mode, top_k
+
+
+def moe_triton_forward(method, layer, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """Fused MoE: gate-up grouped GEMM, the layer's ``apply_gate`` (float32), down grouped GEMM with
+    the routing weights, sum over the top-k. ``x [T, H]`` -> ``[T, H]`` in ``x.dtype``."""
+    from oq_plugin_fp8.kernels.fused_moe import align_block_size, fused_moe_gemm
+
+    T, H = x.shape
+    top_k = topk_ids.shape[1]
+    E = layer.layout.num_experts
+    block_m = 16
+    sorted_ids, expert_ids, n = align_block_size(topk_ids, E, block_m)
+    slot_expert = topk_ids.reshape(-1).long()
+    w_mode = _b_mode(method.weight_key)
+    has_bias = layer.layout.has_bias
+    a, a_s, a_mode, a_div = _moe_activation(method, x, slot_expert, E, top_k)
+    h = fused_moe_gemm(
+        a, a_s, a_mode, a_div, layer.w13_weight, layer.w13_weight_scale, w_mode, sorted_ids, expert_ids, n,
+        bias=layer.gate_up_proj_bias if has_bias else None, block_m=block_m, out_dtype=torch.float32,
+    )
+    g = layer.apply_gate(h).float()
+    a2, a2_s, a2_mode, _ = _moe_activation(method, g, slot_expert, E, 1)
+    y = fused_moe_gemm(
+        a2, a2_s, a2_mode, 1, layer.w2_weight, layer.w2_weight_scale, w_mode, sorted_ids, expert_ids, n,
+        bias=layer.down_proj_bias if has_bias else None, topk_weights=topk_weights.float(),
+        block_m=block_m, out_dtype=torch.float32,
+    )
+    return y.view(T, top_k, H).sum(dim=1).to(x.dtype)
+
+
+def scaled_mm_forward(method, layer, x: torch.Tensor) -> torch.Tensor:
+    """W8A8 through ``torch._scaled_mm``: activations quantized by the torch reference quantizer
+    (per tensor or per token), weight scale per tensor or per channel, float32 output, bias added
+    in float32, cast to ``x.dtype``."""
+    from oq_plugin_fp8.quant import grouping_of, quantize_grouped
+
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    q, s = quantize_grouped(x2, grouping_of(method.activation_key))
+    ws = layer.weight_scale.float()
+    if method.activation_key == k.kFp8DynamicTensorSym and method.weight_key == k.kFp8StaticTensorSym:
+        scale_a, scale_b = s.reshape(()), ws.reshape(())
+    else:
+        # _scaled_mm takes tensor-wise or row-wise scales for both operands, never one of each
+        scale_a = s.reshape(-1, 1).expand(q.shape[0], 1).contiguous()
+        scale_b = ws.reshape(1, -1).expand(1, layer.out_features).contiguous()
+    y = torch._scaled_mm(q, layer.weight.t(), scale_a=scale_a.float(), scale_b=scale_b.float(), out_dtype=torch.float32)
+    if layer.bias is not None:
+        y = y + layer.bias.float()
+    return y.to(x.dtype).reshape(*shape[:-1], layer.out_features)
+
+
+def _scaled_mm_supported(layer, device):
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False, (
+            f"torch._scaled_mm is used on CUDA only (on {device.type} it runs, but far slower than bf16: "
+            "the torch backend is the CPU path)"
+        )
+    if not torch.cuda.is_available():
+        return False, "CUDA is not available"
+    cap = torch.cuda.get_device_capability(device)
+    if cap < W8A8_CAPABILITY:
+        return False, f"torch._scaled_mm needs CUDA compute capability >= 8.9, found {cap[0]}.{cap[1]}"
+    n, kk = getattr(layer, "out_features", 0), getattr(layer, "in_features", 0)
+    if n % 16 or kk % 16:
+        return False, f"torch._scaled_mm needs N and K divisible by 16, got N={n} K={kk}"
+    return True, f"CUDA compute capability {cap[0]}.{cap[1]}"
+
+
+SCALED_MM_ACTIVATIONS = (k.kFp8DynamicTensorSym, k.kFp8DynamicTokenSym)
+
+
+def _triton_supported(capability, layer, device):
+    return triton_support(device, capability)
+
+
+def candidates(kind: str, weight_key) -> list[Backend]:
+    """Every backend for ``(kind, weight_key)``: a ``torch`` and a ``triton`` one per supported
+    activation key; empty for keys that are not this plugin's weight keys."""
+    if weight_key not in ACTIVATIONS or kind not in ("linear", "moe"):
+        return []
+    out = []
+    for act in ACTIVATIONS[weight_key]:
+        label = "weight-only" if act is None else "W8A8"
+        out.append(
+            Backend(
+                name="torch",
+                activation_key=act,
+                priority=0,
+                description=f"fp8 {label}: float32 dequantize-and-matmul reference (any device)",
+            )
+        )
+        cap = W8A16_CAPABILITY if act is None else W8A8_CAPABILITY
+        out.append(
+            Backend(
+                name="triton",
+                activation_key=act,
+                is_supported=partial(_triton_supported, cap),
+                priority=100,
+                forward=linear_triton_forward if kind == "linear" else moe_triton_forward,
+                description=(
+                    f"fp8 {label} Triton "
+                    + ("scaled GEMM" if kind == "linear" else "fused MoE grouped GEMM")
+                    + f" (CUDA capability >= {cap[0]}.{cap[1]})"
+                ),
+            )
+        )
+        if kind == "linear" and weight_key != k.kFp8Static128BlockSym and act in SCALED_MM_ACTIVATIONS:
+            out.append(
+                Backend(
+                    name="scaled-mm",
+                    activation_key=act,
+                    is_supported=_scaled_mm_supported,
+                    priority=50,
+                    forward=scaled_mm_forward,
+                    description="fp8 W8A8 through torch._scaled_mm (CUDA capability >= 8.9)",
+                )
+            )
+    return out

@@ -1,0 +1,205 @@
+"""Torch reference quantizers of oq-plugin-fp8: the definition of the numbers.
+
+Every quantizer here follows compressed-tensors (``quantization/utils/helpers.py::calculate_qparams``
+and ``quantization/lifecycle/forward_helpers.py::_quantize``), computed in float32:
+
+- ``amax`` = max |w| over a scale group (float32; the input is upcast to float32 first);
+- ``scale = amax / 448`` (an IEEE float32 *division* by ``448.0``, as compressed-tensors divides
+  by ``bit_range / 2 = 896 / 2``);
+- a scale that comes out ``0`` (all-zero group, or ``amax / 448`` underflowing) is replaced by
+  ``torch.finfo(torch.float32).eps``, so zeros never give ``0 / 0``;
+- ``q = clamp(w / scale + 0.0, -448, 448).to(torch.float8_e4m3fn)``: a float32 division by the
+  scale (not a multiplication by its reciprocal, which rounds differently), then
+  round-to-nearest-even. The ``+ 0.0`` is compressed-tensors' zero point: it maps an exact ``-0.0``
+  to ``+0.0`` (byte ``0x00``; tiny negatives that round to zero stay ``-0``, ``0x80``).
+
+Dequantization is ``q.to(float32) * scale`` broadcast over the groups, then cast to ``dtype``.
+
+Scale layouts (``[E, ...]`` leading dims of a 3D expert stack are kept, never reduced over):
+
+============================  ==================  =========================  ==================
+key                           input               scale (2D input)           scale (3D input)
+============================  ==================  =========================  ==================
+fp8_per_tensor_static         ``[N, K]``          ``[1]``                    ``[E, 1]``
+fp8_per_channel_static        ``[N, K]``          ``[N, 1]``                 ``[E, N, 1]``
+fp8_per_block_static          ``[N, K]``          ``[ceil(N/128), ceil(K/128)]``  ``[E, ...]``
+fp8_per_tensor_dynamic        ``[M, K]``          ``[1]``                    ``[B, 1]``
+fp8_per_token                 ``[M, K]``          ``[M, 1]``                 ``[B, M, 1]``
+fp8_per_block_dynamic         ``[M, K]``          ``[M, ceil(K/128)]``       ``[B, M, ...]``
+============================  ==================  =========================  ==================
+
+So ``scale[e]`` of a 3D stack is exactly the scale of quantizing expert ``e`` alone. Edge blocks
+and groups that are not full (shapes not multiples of 128) are partial: their amax is over the
+elements that exist (as compressed-tensors' zero padding gives).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+"""Largest finite float8_e4m3fn value (``torch.finfo(torch.float8_e4m3fn).max``)."""
+SCALE_EPS = torch.finfo(torch.float32).eps
+"""Scale given to a group whose ``amax / 448`` is 0 (compressed-tensors' ``_get_dtype_eps(float32)``)."""
+BLOCK = 128
+
+
+@dataclass(frozen=True)
+class Grouping:
+    """How a quantizer groups elements of the last two dims ``[R, C]`` into one scale.
+
+    ``rows`` / ``cols`` are the group extents (``-1``: the full extent). ``tensor_scale`` marks
+    per-tensor keys, whose scale is squeezed to ``[..., 1]`` instead of ``[..., 1, 1]``.
+    """
+
+    rows: int
+    cols: int
+    tensor_scale: bool = False
+
+    def extents(self, r: int, c: int) -> tuple[int, int]:
+        """Concrete group extents for a ``[r, c]`` matrix (at least 1, to allow empty dims)."""
+        gr = r if self.rows == -1 else self.rows
+        gc = c if self.cols == -1 else self.cols
+        return max(gr, 1), max(gc, 1)
+
+
+PER_TENSOR = Grouping(-1, -1, tensor_scale=True)
+PER_CHANNEL = Grouping(1, -1)  # one row of W [N, K] = one output channel
+PER_TOKEN = Grouping(1, -1)  # one row of x [M, K] = one token
+BLOCK_128x128 = Grouping(BLOCK, BLOCK)
+GROUP_1x128 = Grouping(1, BLOCK)
+
+
+def _grid(w: torch.Tensor, g: Grouping) -> tuple[int, int, int, int]:
+    r, c = w.shape[-2], w.shape[-1]
+    gr, gc = g.extents(r, c)
+    return gr, gc, -(-r // gr), -(-c // gc)
+
+
+def group_amax(w: torch.Tensor, g: Grouping) -> torch.Tensor:
+    """``max |w|`` per group in float32: ``[..., ceil(R/gr), ceil(C/gc)]`` for ``w [..., R, C]``.
+
+    Partial edge groups are zero padded, which leaves an absolute maximum unchanged.
+    """
+    w = w.float()
+    gr, gc, nr, nc = _grid(w, g)
+    r, c = w.shape[-2], w.shape[-1]
+    a = w.abs()
+    if nr * gr != r or nc * gc != c:
+        a = F.pad(a, (0, nc * gc - c, 0, nr * gr - r))
+    a = a.reshape(*w.shape[:-2], nr, gr, nc, gc)
+    return a.amax(dim=(-3, -1))
+
+
+def scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
+    """``amax / 448`` in float32, zeros replaced by float32 eps (compressed-tensors' rule)."""
+    scale = amax.float() / FP8_MAX
+    return torch.where(scale == 0, torch.full_like(scale, SCALE_EPS), scale)
+
+
+def expand_scale(grid_scale: torch.Tensor, shape: torch.Size, g: Grouping) -> torch.Tensor:
+    """Broadcast a ``[..., nr, nc]`` scale grid to the full ``[..., R, C]`` element shape."""
+    r, c = shape[-2], shape[-1]
+    gr, gc = g.extents(r, c)
+    s = grid_scale.repeat_interleave(gr, dim=-2)[..., :r, :]
+    return s.repeat_interleave(gc, dim=-1)[..., :c]
+
+
+def _to_grid(scale: torch.Tensor, g: Grouping) -> torch.Tensor:
+    # per-tensor scales are stored [..., 1]; the grid helpers want [..., 1, 1]
+    return scale.unsqueeze(-1) if g.tensor_scale else scale
+
+
+def quantize_grouped(w: torch.Tensor, g: Grouping) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``w [..., R, C]`` (any float dtype; upcast to float32) with one scale per group.
+
+    Returns ``(qdata float8_e4m3fn [..., R, C], scale float32)`` with the scale layout of the
+    module docstring. Formula: compressed-tensors ``calculate_qparams`` + ``_quantize``.
+    """
+    if w.dim() < 2:
+        raise ValueError(f"expected at least a 2D tensor, got shape {tuple(w.shape)}")
+    w = w.float()
+    grid_scale = scale_from_amax(group_amax(w, g))
+    # "+ 0.0" is compressed-tensors' symmetric zero point: it turns -0.0 into +0.0 (tiny negatives
+    # that round to zero keep their sign), and its bytes are what we match
+    scaled = w / expand_scale(grid_scale, w.shape, g) + 0.0
+    q = scaled.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    scale = grid_scale.squeeze(-1) if g.tensor_scale else grid_scale
+    return q, scale.contiguous()
+
+
+def dequantize_grouped(qdata: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, g: Grouping) -> torch.Tensor:
+    """``qdata.float() * scale`` broadcast over the groups, cast to ``dtype``: ``[..., R, C]``."""
+    s = expand_scale(_to_grid(scale, g).float(), qdata.shape, g)
+    return (qdata.float() * s).to(dtype)
+
+
+def _pair(g: Grouping):
+    def quantize(w: torch.Tensor, options=None) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize_grouped(w, g)
+
+    def dequantize(qdata: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, options=None) -> torch.Tensor:
+        return dequantize_grouped(qdata, scale, dtype, g)
+
+    return quantize, dequantize
+
+
+# The public quantizer pairs, ``quantize(w, options) -> (qdata, scale)`` and
+# ``dequantize(qdata, scale, dtype, options) -> Tensor`` (``options`` is unused: fp8 has none).
+quantize_per_tensor, dequantize_per_tensor = _pair(PER_TENSOR)
+quantize_per_channel, dequantize_per_channel = _pair(PER_CHANNEL)
+quantize_per_block, dequantize_per_block = _pair(BLOCK_128x128)
+quantize_per_token, dequantize_per_token = _pair(PER_TOKEN)
+quantize_per_group, dequantize_per_group = _pair(GROUP_1x128)
+
+for _f, _doc in (
+    (quantize_per_tensor, "Per-tensor: ``w [N, K] -> (q, scale [1])``; ``[E, N, K] -> scale [E, 1]``."),
+    (quantize_per_channel, "Per output channel: ``w [N, K] -> (q, scale [N, 1])``; 3D: ``[E, N, 1]``."),
+    (quantize_per_block, "128x128 blocks: ``w [N, K] -> (q, scale [ceil(N/128), ceil(K/128)])``; 3D: ``[E, ...]``."),
+    (quantize_per_token, "Per token (dynamic): ``x [M, K] -> (q, scale [M, 1])``."),
+    (quantize_per_group, "1x128 groups (dynamic): ``x [M, K] -> (q, scale [M, ceil(K/128)])``."),
+):
+    _f.__doc__ = _doc + " float32 math; see the module docstring for the formula."
+
+for _f in (dequantize_per_tensor, dequantize_per_channel, dequantize_per_block, dequantize_per_token, dequantize_per_group):
+    _f.__doc__ = "``qdata.float() * scale`` broadcast over the key's groups, cast to ``dtype``."
+
+GROUPINGS = {
+    "fp8_per_tensor_static": PER_TENSOR,
+    "fp8_per_tensor_dynamic": PER_TENSOR,
+    "fp8_per_channel_static": PER_CHANNEL,
+    "fp8_per_token": PER_TOKEN,
+    "fp8_per_block_static": BLOCK_128x128,
+    "fp8_per_block_dynamic": GROUP_1x128,
+}
+"""Key name -> :class:`Grouping`."""
+
+
+def grouping_of(key) -> Grouping:
+    """The :class:`Grouping` of one of this plugin's :class:`oqcore.QuantKey` s."""
+    from oq_plugin_fp8 import keys as k
+
+    table = {
+        k.kFp8StaticTensorSym: PER_TENSOR,
+        k.kFp8DynamicTensorSym: PER_TENSOR,
+        k.kFp8StaticChannelSym: PER_CHANNEL,
+        k.kFp8DynamicTokenSym: PER_TOKEN,
+        k.kFp8Static128BlockSym: BLOCK_128x128,
+        k.kFp8Dynamic128Sym: GROUP_1x128,
+    }
+    return table[key]
+
+
+TORCH_QUANTIZERS = {
+    "fp8_per_tensor_static": (quantize_per_tensor, dequantize_per_tensor),
+    "fp8_per_tensor_dynamic": (quantize_per_tensor, dequantize_per_tensor),
+    "fp8_per_channel_static": (quantize_per_channel, dequantize_per_channel),
+    "fp8_per_token": (quantize_per_token, dequantize_per_token),
+    "fp8_per_block_static": (quantize_per_block, dequantize_per_block),
+    "fp8_per_block_dynamic": (quantize_per_group, dequantize_per_group),
+}
+"""Key name -> ``(quantize, dequantize)`` torch reference pair, as registered under ``"torch"``."""

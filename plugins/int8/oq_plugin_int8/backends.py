@@ -1,0 +1,213 @@
+"""Backends of oq-plugin-int8 for ``linear`` and ``moe`` layers with ``int8_per_channel_static`` weights.
+
+=========  ========  ==================  =====================================================
+name       priority  activation          how
+=========  ========  ==================  =====================================================
+torch      0         none, int8_per_token the core's float32 dequantize-and-matmul reference
+cpu-int8   50        none                ``torch._weight_int8pack_mm`` (CPU, weight-only)
+triton     100       none, int8_per_token Triton W8A16 / W8A8 GEMMs and fused-MoE grouped GEMM
+=========  ========  ==================  =====================================================
+
+Triton is imported only inside the forward functions (``oq_plugin_int8.kernels``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from oqcore import Backend, always_supported
+from oqcore.triton_support import triton_support
+from oq_plugin_int8.keys import kInt8DynamicTokenSym
+
+TRITON_MIN_CAPABILITY = (8, 0)
+"""int8 tensor-core dots (``mma`` s8) and bf16 dots: Ampere and newer."""
+
+CPU_INT8_SCALE = "weight_scale_int8pack"
+"""Name of the per-channel scale buffer ``[N]`` (``[E, N]`` per MoE projection, prefixed ``w13_`` /
+``w2_``) in bf16, the dtype the op is fast in; ``weight_scale`` stays float32 ``[N, 1]``."""
+
+
+
+# ---- cpu-int8 -------------------------------------------------------------------------------------
+
+
+INT8PACK_K_MULTIPLE = 16
+"""``torch._weight_int8pack_mm`` (torch 2.13 CPU) returns NaN/garbage or segfaults unless K is a
+multiple of 16 (measured: K = 8, 24, 36, 37, 40, 56, 72 fail; 16, 32, 48, 64, 80, ... work; N and M
+are free)."""
+
+
+def _gemm_ks(layer: torch.nn.Module) -> dict[str, int]:
+    # At plan time `layer` is the original module (nn.Linear / fused experts), later the wrapper.
+    if hasattr(layer, "in_features"):
+        return {"K": int(layer.in_features)}
+    from oqcore.layers import moe_layout
+
+    lay = getattr(layer, "layout", None) or moe_layout(layer)
+    if lay is None:
+        return {}
+    return {"hidden size H": lay.hidden_size, "intermediate size I": lay.intermediate_size}
+
+
+def _cpu_int8_supported(layer: torch.nn.Module, device: torch.device) -> tuple[bool, str]:
+    device = torch.device(device)
+    if device.type != "cpu":
+        return False, f"torch._weight_int8pack_mm runs on the CPU, layer runs on {device.type}"
+    if not hasattr(torch, "_weight_int8pack_mm"):
+        return False, f"torch {torch.__version__} has no torch._weight_int8pack_mm"
+    bad = {k: v for k, v in _gemm_ks(layer).items() if v % INT8PACK_K_MULTIPLE}
+    if bad:
+        found = ", ".join(f"{k}={v}" for k, v in bad.items())
+        return False, f"torch._weight_int8pack_mm needs reduction dims divisible by {INT8PACK_K_MULTIPLE}, found {found}"
+    return True, "CPU with torch._weight_int8pack_mm (int8 weight-only GEMM)"
+
+
+def _int8pack_dtype(layer: torch.nn.Module) -> torch.dtype:
+    # Always bf16 (x and scales must share a dtype): measured on this machine's 2 cores at
+    # 4096x4096, M=1, the op takes 0.24 ms in bf16 but 16 ms in fp32 (fp32 F.linear: 2.9 ms), so
+    # fp32 models also run it in bf16 (x and scales rounded to bf16; the tests bound the effect).
+    return torch.bfloat16
+
+
+def _cpu_int8_prepare_linear(method, layer: torch.nn.Module) -> None:
+    scale = layer.weight_scale.detach().reshape(-1).to(_int8pack_dtype(layer)).contiguous()
+    layer.register_buffer(CPU_INT8_SCALE, scale, persistent=False)
+
+
+def _cpu_int8_prepare_moe(method, layer: torch.nn.Module) -> None:
+    dt = _int8pack_dtype(layer)
+    for proj in ("w13", "w2"):
+        s = getattr(layer, f"{proj}_weight_scale").detach()
+        layer.register_buffer(f"{proj}_{CPU_INT8_SCALE}", s.reshape(s.shape[0], -1).to(dt).contiguous(), persistent=False)
+
+
+def _int8pack_mm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch._weight_int8pack_mm(x.to(scale.dtype).contiguous(), w, scale)
+
+
+def _cpu_int8_forward_linear(method, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x [..., K]`` -> ``[..., N]``: ``_weight_int8pack_mm(x_bf16 [M, K], weight [N, K] int8,
+    scales_bf16 [N])``, bias added in float32, result cast to ``x.dtype``."""
+    shape = x.shape
+    scale = getattr(layer, CPU_INT8_SCALE)
+    y = _int8pack_mm(x.reshape(-1, shape[-1]), layer.weight, scale)
+    if layer.bias is not None:
+        y = y.float() + layer.bias.float()  # one rounding to x.dtype, not two
+    return y.to(x.dtype).reshape(*shape[:-1], layer.out_features)
+
+
+def _cpu_int8_forward_moe(method, layer: torch.nn.Module, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """Per-expert loop over the experts that received tokens: gate-up through the op,
+    ``layer.apply_gate``, down through the op, weighted sum (float32) over the top-k."""
+    s13 = getattr(layer, f"w13_{CPU_INT8_SCALE}")
+    s2 = getattr(layer, f"w2_{CPU_INT8_SCALE}")
+    has_bias = layer.layout.has_bias
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in torch.unique(topk_ids).tolist():
+        if not 0 <= e < layer.layout.num_experts:
+            continue
+        tok, pos = torch.where(topk_ids == e)
+        # Bias and gate in float32 (as the reference); the op itself takes bf16.
+        h = _int8pack_mm(x[tok], layer.w13_weight[e], s13[e]).float()
+        if has_bias:
+            h = h + layer.gate_up_proj_bias[e].float()
+        h = layer.apply_gate(h)
+        y = _int8pack_mm(h, layer.w2_weight[e], s2[e]).float()
+        if has_bias:
+            y = y + layer.down_proj_bias[e].float()
+        out.index_add_(0, tok, y * topk_weights[tok, pos, None].float())
+    return out.to(x.dtype)
+
+
+# ---- triton ---------------------------------------------------------------------------------------
+
+
+def _triton_supported(layer: torch.nn.Module, device: torch.device) -> tuple[bool, str]:
+    return triton_support(device, TRITON_MIN_CAPABILITY)
+
+
+def _triton_quantize_act(x: torch.Tensor):
+    from oq_plugin_int8.kernels.quant import quantize_int8_rowwise_triton
+
+    return quantize_int8_rowwise_triton(x)
+
+
+def _triton_forward_linear(method, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """W8A16 (activation none) or W8A8 (int8_per_token, activations quantized by the Triton
+    quantizer) Triton GEMM. ``x [..., K]`` -> ``[..., N]`` in ``x.dtype``."""
+    from oq_plugin_int8.kernels.gemm import compute_dtype, int8_gemm
+
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).to(compute_dtype(x.dtype))
+    if method.activation_key is None:
+        y = int8_gemm(x2, layer.weight, layer.weight_scale, layer.bias, out_dtype=x.dtype)
+    else:
+        q, s = _triton_quantize_act(x2)
+        y = int8_gemm(q, layer.weight, layer.weight_scale, layer.bias, x_scale=s, out_dtype=x.dtype)
+    return y.reshape(*shape[:-1], layer.out_features)
+
+
+def _triton_forward_moe(method, layer: torch.nn.Module, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """Fused-MoE grouped GEMMs (gate-up, ``layer.apply_gate``, down with routing weights, combine)."""
+    from oq_plugin_int8.kernels.fused_moe import fused_moe_int8
+
+    has_bias = layer.layout.has_bias
+    return fused_moe_int8(
+        x,
+        layer.w13_weight,
+        layer.w13_weight_scale,
+        layer.w2_weight,
+        layer.w2_weight_scale,
+        topk_ids,
+        topk_weights,
+        layer.apply_gate,
+        w13_bias=layer.gate_up_proj_bias if has_bias else None,
+        w2_bias=layer.down_proj_bias if has_bias else None,
+        quantize_act=None if method.activation_key is None else _triton_quantize_act,
+    )
+
+
+# ---- candidates -----------------------------------------------------------------------------------
+
+
+def candidates(kind: str) -> list[Backend]:
+    """The :class:`oqcore.Backend` records for ``kind`` (``"linear"`` or ``"moe"``) and int8
+    per-channel weights."""
+    if kind not in ("linear", "moe"):
+        return []
+    linear = kind == "linear"
+    out: list[Backend] = []
+    for act, what in ((None, "weight-only"), (kInt8DynamicTokenSym, "W8A8, per-token int8 activations")):
+        out.append(
+            Backend(
+                name="torch",
+                activation_key=act,
+                is_supported=always_supported,
+                priority=0,
+                description=f"float32 dequantize-and-matmul reference ({what}); runs anywhere",
+            )
+        )
+        out.append(
+            Backend(
+                name="triton",
+                activation_key=act,
+                is_supported=_triton_supported,
+                priority=100,
+                description=(
+                    f"Triton {'W8A16' if act is None else 'W8A8'} int8 GEMM" if linear else f"Triton fused-MoE int8 grouped GEMM ({what})"
+                ),
+                forward=_triton_forward_linear if linear else _triton_forward_moe,
+            )
+        )
+    out.append(
+        Backend(
+            name="cpu-int8",
+            activation_key=None,
+            is_supported=_cpu_int8_supported,
+            priority=50,
+            description="torch._weight_int8pack_mm on CPU (int8 weight-only" + (")" if linear else ", loop over experts)"),
+            forward=_cpu_int8_forward_linear if linear else _cpu_int8_forward_moe,
+            prepare=_cpu_int8_prepare_linear if linear else _cpu_int8_prepare_moe,
+        )
+    )
+    return out

@@ -1,0 +1,97 @@
+"""Backends of oq-plugin-mxfp8 for ``linear`` and ``moe`` layers with ``mxfp8`` weights.
+
+======  ========  ============  ================================================================
+name    priority  activation    how
+======  ========  ============  ================================================================
+torch   0         none, mxfp8   the core's float32 dequantize-and-matmul reference (runs anywhere)
+triton  100       none, mxfp8   Triton MXFP8 GEMM / fused-MoE grouped GEMM (per-32 scales in the
+                                K loop); W8A8 quantizes activations with the one-pass Triton quantizer
+======  ========  ============  ================================================================
+
+Triton is imported only inside the forward functions (``oq_plugin_mxfp8.kernels``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from oqcore import Backend, always_supported
+from oqcore.triton_support import triton_support
+from oq_plugin_mxfp8.keys import kMxfp8Dynamic
+
+TRITON_MIN_CAPABILITY = (8, 9)
+"""The kernels load float8_e4m3fn and, for W8A8, run fp8 x fp8 ``tl.dot`` (per-32 scales applied
+to the float32 partial products, not the native block-scaled MX dots of sm_100): Ada / Hopper and newer."""
+
+
+def _triton_supported(layer: torch.nn.Module, device: torch.device) -> tuple[bool, str]:
+    ok, why = triton_support(device, TRITON_MIN_CAPABILITY)
+    what = "float8_e4m3fn tl.dot with per-32 e8m0 scales in the K loop (needs sm_89+)"
+    return ok, f"{why}; {what}"
+
+
+def _triton_forward_linear(method, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x [..., K]`` -> ``[..., N]`` in ``x.dtype`` through :func:`oq_plugin_mxfp8.kernels.gemm.mxfp8_gemm`
+    (float32 accumulation, bias added in float32)."""
+    from oq_plugin_mxfp8.kernels.gemm import mxfp8_gemm
+    from oq_plugin_mxfp8.kernels.quant import quantize_mxfp8_triton
+
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if method.activation_key is not None:
+        a, a_s = quantize_mxfp8_triton(x2, method.options)
+    else:
+        a, a_s = x2, None
+    y = mxfp8_gemm(a, a_s, layer.weight, layer.weight_scale, layer.bias)
+    return y.to(x.dtype).reshape(*shape[:-1], layer.out_features)
+
+
+def _triton_forward_moe(
+    method, layer: torch.nn.Module, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+) -> torch.Tensor:
+    """Tokens ``x [T, H]`` -> ``[T, H]`` through :func:`oq_plugin_mxfp8.kernels.moe.fused_moe_mxfp8`
+    (gate-up grouped GEMM, ``layer.apply_gate``, down grouped GEMM, weighted top-k sum)."""
+    from oq_plugin_mxfp8.kernels.moe import fused_moe_mxfp8
+
+    has_bias = layer.layout.has_bias
+    return fused_moe_mxfp8(
+        x,
+        topk_ids,
+        topk_weights,
+        layer.w13_weight,
+        layer.w13_weight_scale,
+        layer.w2_weight,
+        layer.w2_weight_scale,
+        layer.apply_gate,
+        w13_bias=layer.gate_up_proj_bias.contiguous() if has_bias else None,
+        w2_bias=layer.down_proj_bias.contiguous() if has_bias else None,
+        act_mx=method.activation_key is not None,
+        options=method.options,
+    )
+
+
+def candidates(kind: str) -> list[Backend]:
+    """The backends for ``kind`` (``"linear"`` or ``"moe"``): torch and triton, each for
+    activation ``None`` (W8A16) and ``mxfp8`` (W8A8)."""
+    if kind not in ("linear", "moe"):
+        return []
+    forward = _triton_forward_linear if kind == "linear" else _triton_forward_moe
+    out = []
+    for act in (None, kMxfp8Dynamic):
+        mode = "W8A8 (mxfp8 activations)" if act is not None else "W8A16 (activations in the model dtype)"
+        out.append(
+            Backend(
+                "torch", act, always_supported, 0, description=f"float32 dequantize-and-matmul reference, {mode}"
+            )
+        )
+        out.append(
+            Backend(
+                "triton",
+                act,
+                _triton_supported,
+                100,
+                description=f"Triton mxfp8 {'GEMM' if kind == 'linear' else 'fused-MoE grouped GEMM'}, {mode}",
+                forward=forward,
+            )
+        )
+    return out

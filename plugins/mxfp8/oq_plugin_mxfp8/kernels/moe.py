@@ -1,0 +1,182 @@
+"""Triton fused-MoE grouped GEMM for MXFP8 experts (the structure of vLLM's ``fused_moe`` kernel).
+
+The ``T * top_k`` (token, slot) pairs are sorted by expert and each expert's run is padded to a
+multiple of ``BLOCK_M`` (:func:`align_by_expert`, vLLM's ``moe_align_block_size``); one program
+computes one (row block, N tile), all of whose rows belong to the same expert, so it streams that
+expert's MXFP8 weight tile with its per-32 e8m0 scales inside the K loop (as
+:mod:`oq_plugin_mxfp8.kernels.gemm`). The forward is: gate-up GEMM (+ bias), the layer's
+``apply_gate`` in float32 (torch), down GEMM (+ bias) times the routing weight, sum over top-k.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from oq_plugin_mxfp8.kernels.gemm import e8m0_to_f32, f32_dot
+from oq_plugin_mxfp8.kernels.quant import quantize_mxfp8_triton
+
+
+@triton.jit
+def _mxfp8_moe_kernel(
+    a_ptr,
+    as_ptr,
+    b_ptr,
+    bs_ptr,
+    bias_ptr,
+    c_ptr,
+    sorted_ids_ptr,
+    expert_ids_ptr,
+    weights_ptr,
+    num_valid,
+    N,
+    K,
+    A_ROW_DIV: tl.constexpr,
+    A_MX: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    MUL_WEIGHT: tl.constexpr,
+    F32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Rows ``s = sorted_ids[i]`` (pairs ``token * top_k + slot``; ``s >= num_valid`` is padding)
+    read ``a[s // A_ROW_DIV]`` and write ``c[s] = a_row @ dequant(b[e]).T (+ bias[e]) (* weights[s])``
+    with ``e = expert_ids[block]``. ``b [E, N, K]`` fp8, ``bs [E, N, K/32]`` e8m0 bytes; ``c`` float32."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    valid = rows < num_valid
+    arow = (rows // A_ROW_DIV).to(tl.int64)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, 32)
+    mask_n = rn < N
+    nblk = K // 32
+    b_base = b_ptr + expert * N * K
+    bs_base = bs_ptr + expert * N * nblk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, nblk):
+        k0 = kb * 32
+        a = tl.load(a_ptr + arow[:, None] * K + k0 + rk[None, :], mask=valid[:, None], other=0.0)
+        b = tl.load(b_base + rn[None, :].to(tl.int64) * K + k0 + rk[:, None], mask=mask_n[None, :], other=0.0)
+        sb = e8m0_to_f32(tl.load(bs_base + rn.to(tl.int64) * nblk + kb, mask=mask_n, other=127))
+        if A_MX:
+            sa = e8m0_to_f32(tl.load(as_ptr + arow * nblk + kb, mask=valid, other=127))
+            acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
+        elif F32_DOT:
+            acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee") * sb[None, :]
+        else:
+            acc += tl.dot(a, b.to(a.dtype)) * sb[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + expert * N + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if MUL_WEIGHT:
+        acc = acc * tl.load(weights_ptr + rows, mask=valid, other=0.0).to(tl.float32)[:, None]
+    tl.store(c_ptr + rows[:, None].to(tl.int64) * N + rn[None, :], acc, mask=valid[:, None] & mask_n[None, :])
+
+
+def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM's ``moe_align_block_size`` in torch: ``(sorted_ids, expert_ids)``.
+
+    ``sorted_ids`` (int32) lists the flat pair indices ``t * top_k + j`` grouped by expert, each
+    group padded with the sentinel ``T * top_k`` to a multiple of ``block_m``; ``expert_ids``
+    (int32) gives each ``block_m`` block's expert. Pairs routed to an id outside ``[0, E)`` are
+    dropped (the reference skips them too).
+    """
+    flat = topk_ids.reshape(-1).to(torch.int64)
+    numel = flat.numel()
+    ok = (flat >= 0) & (flat < num_experts)
+    ids = torch.where(ok, flat, num_experts)
+    order = torch.argsort(ids, stable=True)
+    counts = torch.bincount(ids, minlength=num_experts + 1)[:num_experts]
+    padded = (counts + block_m - 1) // block_m * block_m
+    starts = torch.cumsum(padded, 0) - padded
+    firsts = torch.cumsum(counts, 0) - counts
+    total = int(padded.sum())
+    sorted_ids = torch.full((total,), numel, dtype=torch.int32, device=topk_ids.device)
+    n_ok = int(counts.sum())
+    kept = order[:n_ok]
+    e_sorted = ids[kept]
+    rank = torch.arange(n_ok, device=flat.device) - firsts[e_sorted]
+    sorted_ids[starts[e_sorted] + rank] = kept.to(torch.int32)
+    expert_ids = torch.repeat_interleave(torch.arange(num_experts, device=flat.device), padded // block_m).to(torch.int32)
+    return sorted_ids, expert_ids
+
+
+def _grouped_gemm(
+    a, a_scale, w, w_scale, bias, out, sorted_ids, expert_ids, weights, a_row_div, block_m, block_n
+) -> None:
+    N, K = w.shape[1], w.shape[2]
+    grid = (expert_ids.numel(), triton.cdiv(N, block_n))
+    if grid[0] == 0:
+        return
+    a_mx = a_scale is not None
+    _mxfp8_moe_kernel[grid](
+        a,
+        a_scale.view(torch.uint8) if a_mx else a,
+        w,
+        w_scale.view(torch.uint8),
+        bias if bias is not None else out,
+        out,
+        sorted_ids,
+        expert_ids,
+        weights if weights is not None else out,
+        out.shape[0],
+        N,
+        K,
+        A_ROW_DIV=a_row_div,
+        A_MX=a_mx,
+        HAS_BIAS=bias is not None,
+        MUL_WEIGHT=weights is not None,
+        F32_DOT=f32_dot(a.dtype),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+    )
+
+
+def fused_moe_mxfp8(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w13: torch.Tensor,
+    w13_scale: torch.Tensor,
+    w2: torch.Tensor,
+    w2_scale: torch.Tensor,
+    apply_gate,
+    *,
+    w13_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
+    act_mx: bool = True,
+    options=None,
+    block_m: int = 16,
+    block_n: int = 32,
+) -> torch.Tensor:
+    """Routed experts forward: ``x [T, H]`` -> ``[T, H]`` in ``x.dtype``.
+
+    ``w13 [E, 2I, H]`` / ``w2 [E, H, I]`` float8_e4m3fn with e8m0 scales ``[E, 2I, H/32]`` /
+    ``[E, H, I/32]``; biases ``[E, 2I]`` / ``[E, H]`` or None; ``topk_ids`` / ``topk_weights``
+    ``[T, k]``; ``apply_gate`` maps the float32 ``[T*k, 2I]`` gate-up output to ``[T*k, I]``.
+    ``act_mx``: quantize the GEMM inputs (``x`` once, the gated intermediate once) to MXFP8 with
+    ``options.scale_mode`` (W8A8); otherwise they stay in ``x.dtype`` (W8A16).
+    """
+    T, H = x.shape
+    top_k = topk_ids.shape[1]
+    E, two_i, _ = w13.shape
+    sorted_ids, expert_ids = align_by_expert(topk_ids, E, block_m)
+    x = x.contiguous()
+    if act_mx:
+        a, a_s = quantize_mxfp8_triton(x, options)
+    else:
+        a, a_s = x, None
+    g = torch.zeros((T * top_k, two_i), dtype=torch.float32, device=x.device)
+    _grouped_gemm(a, a_s, w13, w13_scale, w13_bias, g, sorted_ids, expert_ids, None, top_k, block_m, block_n)
+    h = apply_gate(g)
+    if act_mx:
+        h, h_s = quantize_mxfp8_triton(h.contiguous(), options)
+    else:
+        # A bf16/fp16 model runs the down GEMM on tensor cores in its own dtype (vLLM does the same).
+        h, h_s = h.to(x.dtype).contiguous(), None
+    y = torch.zeros((T * top_k, H), dtype=torch.float32, device=x.device)
+    weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
+    _grouped_gemm(h, h_s, w2, w2_scale, w2_bias, y, sorted_ids, expert_ids, weights, 1, block_m, block_n)
+    return y.view(T, top_k, H).sum(1).to(x.dtype)
