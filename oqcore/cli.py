@@ -182,16 +182,18 @@ def quantize(
         path = model if model is not None else bundled_model_dir()
         typer.echo(f"model: {path}")
         typer.echo(f"config: {json.dumps(cfg.to_dict())}")
-        bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc="loading", leave=True)
+        bars: list = []  # created on the first call, when reading starts and the total is known
 
         def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
+            if not bars:
+                bars.append(tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="loading"))
+            bars[0].update(done - bars[0].n)
 
         try:
             qmodel = oqcore.load(path, cfg, device=device, progress=progress)
         finally:
-            bar.close()
+            for b in bars:
+                b.close()
         rep = oqcore.report(qmodel)
         typer.echo(str(rep))
         result = {"model": str(path), "config": cfg.to_dict(), "report": rep.to_dict()}
@@ -210,6 +212,27 @@ def quantize(
     if json_file is not None:
         json_file.write_text(json.dumps(result, indent=2) + "\n")
         typer.echo(f"figures written to {json_file}")
+
+
+@app.command("make-model")
+def make_model(
+    arch: Annotated[str, typer.Argument(help="mixtral, qwen3_moe, olmoe or gpt_oss.")],
+    out: Annotated[Path, typer.Argument(help="Folder to write (config.json + model.safetensors).")],
+    hidden_size: Annotated[int, typer.Option(help="Hidden size H.")] = 160,
+    intermediate_size: Annotated[int, typer.Option(help="Expert intermediate size I.")] = 96,
+    layers: Annotated[int, typer.Option(help="Decoder layers.")] = 2,
+    experts: Annotated[Optional[int], typer.Option(help="Experts per layer (default 4).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed of the init.")] = 0,
+) -> None:
+    """Write a tiny random MoE causal LM in the architecture's real on-disk layout (for trying oq quantize)."""
+    from oqcore.synthetic import make_tiny_moe
+
+    try:
+        make_tiny_moe(arch, out, hidden_size=hidden_size, intermediate_size=intermediate_size, num_layers=layers,
+                      num_experts=experts, seed=seed)
+    except ValueError as e:
+        _fail(e)
+    typer.echo(f"wrote {out}")
 
 
 def main() -> None:

@@ -98,10 +98,20 @@ class OnlineMethodBase(ABC):
         device; returns ``(qdata, scale)``. Raises :class:`oqcore.UnsupportedLayerError` on NaN/Inf."""
         from oqcore.tensor import quantize_tensor, quantizer_backend_for
 
-        qt = quantize_tensor(
-            w, self.weight_key, quantizer_backend_for(self.weight_key, w.device), self.options, name=layer_name
-        )
-        return qt.qdata, qt.scale
+        backend = quantizer_backend_for(self.weight_key, w.device)
+        if w.dim() == 2:
+            qt = quantize_tensor(w, self.weight_key, backend, self.options, name=layer_name)
+            return qt.qdata, qt.scale
+        # One expert at a time: the quantizer's float32 temporaries then scale with one expert, not
+        # the whole stack (scales are per expert by contract, so the bytes are the same).
+        first = quantize_tensor(w[0].contiguous(), self.weight_key, backend, self.options, name=f"{layer_name}[expert 0]")
+        qdata = first.qdata.new_empty((w.shape[0], *first.qdata.shape))
+        scale = first.scale.new_empty((w.shape[0], *first.scale.shape))
+        qdata[0], scale[0] = first.qdata, first.scale
+        for e in range(1, w.shape[0]):
+            qt = quantize_tensor(w[e].contiguous(), self.weight_key, backend, self.options, name=f"{layer_name}[expert {e}]")
+            qdata[e], scale[e] = qt.qdata, qt.scale
+        return qdata, scale
 
     def dequantize_weight(self, qdata: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Inverse of :meth:`quantize_weight` (reference dequantizer) in ``dtype``."""
@@ -214,8 +224,9 @@ class OnlineMoEMethodBase(OnlineMethodBase):
         if layer.quantized:
             return
         w13, w2 = self.canonical_weights(layer)
-        q13, s13 = self.quantize_weight(w13.contiguous(), f"{layer.layer_name}.gate_up_proj")
-        q2, s2 = self.quantize_weight(w2.contiguous(), f"{layer.layer_name}.down_proj")
+        # Transposed (GPT-OSS) stacks stay views: each expert is made contiguous on its own.
+        q13, s13 = self.quantize_weight(w13, f"{layer.layer_name}.gate_up_proj")
+        q2, s2 = self.quantize_weight(w2, f"{layer.layer_name}.down_proj")
         _replace_param(layer, "gate_up_proj", None)
         _replace_param(layer, "down_proj", None)
         _replace_param(layer, "w13_weight", q13)

@@ -30,3 +30,28 @@ def seeded():
     """A seeded torch generator state, so random tensors are the same on every run."""
     torch.manual_seed(0)
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_moe(tmp_path_factory):
+    """``tiny_moe(arch, seed=0)`` -> folder of a tiny random MoE causal LM saved by transformers
+    (built once per session and argument set)."""
+    from oqcore.synthetic import make_tiny_moe
+
+    made = {}
+
+    def get(arch, seed=0, **kw):
+        key = (arch, seed, tuple(sorted(kw.items())))
+        if key not in made:
+            made[key] = make_tiny_moe(arch, tmp_path_factory.mktemp(f"{arch}-{seed}"), seed=seed, **kw)
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The bundled real all-MiniLM-L6-v2 folder."""
+    from oqcore.loading import bundled_model_dir
+
+    return bundled_model_dir()

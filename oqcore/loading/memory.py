@@ -82,3 +82,45 @@ class PeakRSS:
     def added(self) -> int:
         """Peak minus baseline, in bytes."""
         return max(self.peak - self.baseline, 0)
+
+
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def return_large_frees_to_os() -> None:
+    """Make glibc serve every allocation of 1 MiB or more with its own mmap, so freeing it returns
+    the memory to the OS at once.
+
+    glibc's default raises this threshold after each large free (up to 32 MiB), after which a
+    streamed load's freed high-precision tensors and quantizer temporaries stay resident in the heap:
+    measured on a 300 MB MoE checkpoint, 40-50 MB of peak resident memory with no tensor behind it.
+    Setting the threshold is process-wide and stays set (glibc cannot go back to its dynamic
+    threshold); the cost is a page fault per fresh page of large temporaries. A no-op without glibc.
+    """
+    if _LIBC is not None and hasattr(_LIBC, "mallopt"):
+        _LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+
+
+def release_free_memory() -> None:
+    """Give memory the allocator holds but no tensor uses back to the OS (glibc ``malloc_trim``).
+
+    glibc raises its mmap threshold after large frees, so a layer's freed high-precision weights
+    can stay in the heap, resident, and a streamed load would grow as if it kept them all. Called
+    after each layer is quantized; a no-op where glibc is absent.
+    """
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)

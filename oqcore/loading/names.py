@@ -36,11 +36,42 @@ class TargetGroup:
         """Read the sources with ``load(key)`` and return ``{parameter name: tensor}``."""
         if self.rule is None:
             return {self.target: load(self.sources[0])}
+        if _is_expert_fusion(self.rule):
+            return {self.target: self._fuse_in_place(load)}
         rule = deepcopy(self.rule)
         for key, pattern in zip(self.sources, self.source_patterns):
             rule.add_tensor(self.target, key, pattern, (lambda k=key: load(k)))
         out = rule.convert(self.target, model=model, config=getattr(model, "config", None))
         return {name: (v[0] if isinstance(v, list) else v) for name, v in out.items()}
+
+
+    def _fuse_in_place(self, load: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        """``MergeModulelist(dim=0)`` then ``Concatenate(dim=1)`` (transformers' per-expert ->
+        fused experts rule) computed by copying each source into its slice of the preallocated
+        result: one tensor is read at a time and no stacked intermediate is made."""
+        patterns = list(self.rule.source_patterns)
+        per_pattern = {p: [k for k, sp in zip(self.sources, self.source_patterns) if sp == p] for p in patterns}
+        n_experts = len(per_pattern[patterns[0]])
+        if any(len(v) != n_experts for v in per_pattern.values()):
+            raise ValueError(f"{self.target}: unequal expert counts per source pattern")
+        out = None
+        for p_idx, p in enumerate(patterns):
+            for e, key in enumerate(per_pattern[p]):
+                t = load(key)
+                if out is None:
+                    out = t.new_empty((n_experts, t.shape[0] * len(patterns), *t.shape[1:]))
+                rows = t.shape[0]
+                out[e, p_idx * rows : (p_idx + 1) * rows].copy_(t)
+                del t
+        return out
+
+
+def _is_expert_fusion(rule: Any) -> bool:
+    ops = getattr(rule, "operations", None) or []
+    names = [type(op).__name__ for op in ops]
+    if names == ["MergeModulelist"]:
+        return ops[0].dim == 0 and len(rule.source_patterns) == 1
+    return names == ["MergeModulelist", "Concatenate"] and ops[0].dim == 0 and ops[1].dim == 1
 
 
 class NameMapper:

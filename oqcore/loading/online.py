@@ -26,7 +26,7 @@ from oqcore.config import QuantizationConfig
 from oqcore.errors import CheckpointError
 from oqcore.loading.checkpoint import TensorReader, checkpoint_entries
 from oqcore.loading.install import install_wrappers
-from oqcore.loading.memory import PeakRSS
+from oqcore.loading.memory import PeakRSS, release_free_memory, return_large_frees_to_os
 from oqcore.loading.meta import build_meta_model, read_model_config
 from oqcore.loading.names import NameMapper, TargetGroup
 from oqcore.loading.state import LoadStats, OqState, tensor_bytes
@@ -144,6 +144,7 @@ def load(
     # first build of an architecture also imports its modeling code (tens of MB of Python objects).
     model = build_meta_model(path, dtype)
     qplan = plan(model, cfg, device=device)
+    return_large_frees_to_os()
     with PeakRSS() as mem:
         wrappers = install_wrappers(model, qplan)
         entries = {e.name: e for e in checkpoint_entries(path)}
@@ -186,6 +187,7 @@ def load(
                         t = time.perf_counter()
                         w = wrappers[owner]
                         w.method.process_weights_after_loading(w)
+                        release_free_memory()
                         stats.seconds_quantize += time.perf_counter() - t
                 if progress is not None:
                     progress(done, total)
