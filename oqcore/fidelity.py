@@ -52,20 +52,24 @@ def _is_causal_lm(model: nn.Module) -> bool:
     return type(model).__name__.endswith("ForCausalLM")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json")
+
+
 def _inputs(path: Path, model: nn.Module, sentences: list[str]) -> dict[str, torch.Tensor]:
-    try:
+    vocab = int(getattr(model.config, "vocab_size", 1000))
+    if any((path / f).is_file() for f in TOKENIZER_FILES):
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token or tok.unk_token
-        return dict(tok(sentences, padding=True, truncation=True, max_length=64, return_tensors="pt"))
-    except Exception:
-        # No tokenizer in the folder (synthetic test models): deterministic token ids instead.
-        vocab = int(getattr(model.config, "vocab_size", 1000))
-        g = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, vocab, (len(sentences), 24), generator=g)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        batch = dict(tok(sentences, padding=True, truncation=True, max_length=64, return_tensors="pt"))
+        if batch["input_ids"].numel() and int(batch["input_ids"].max()) < vocab:
+            return batch
+    # No usable tokenizer (synthetic models): the same deterministic token ids every time.
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (len(sentences), 24), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 @torch.no_grad()

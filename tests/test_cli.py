@@ -112,3 +112,43 @@ def test_explain_unbuildable_config(tmp_path, text):
     r = run("explain", "--model", str(tmp_path), "--config", "fp8_per_block")
     assert r.exit_code == 2
     assert str(tmp_path / "config.json") in r.stderr
+
+
+def test_quantize_main_job_on_the_bundled_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    r = run("quantize", "--json", str(tmp_path / "figures.json"), "--out", str(tmp_path / "q"))
+    assert r.exit_code == 0, r.output
+    out = r.stdout
+    assert "Quantized 37 layers: linear fp8_per_block_static (act fp8_per_block_dynamic): 37" in out
+    assert "fidelity: mean embedding cosine vs bf16 on 32 sentences: 0.99" in out
+    assert "peak memory:" in out and "saved:" in out
+    data = json.loads((tmp_path / "figures.json").read_text())
+    assert abs(data["fidelity"]["cosine"] - 0.9979) <= 0.0003
+    assert data["report"]["rows"][0]["count"] == 37
+    assert data["report"]["peak_rss"] > 0 and data["report"]["seconds_total"] > 0
+    import oqcore
+
+    back = oqcore.load(tmp_path / "q")
+    assert oqcore.report(back).summary == data["report"]["summary"]
+
+
+def test_quantize_tiny_moe_causal_lm_with_overrides(tiny_moe, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    r = run("quantize", "--model", str(tiny_moe("olmoe")), "moe=int8_per_channel_weight_only", "linear=fp8_per_block")
+    assert r.exit_code == 0, r.output
+    rows = [line.split() for line in r.stdout.splitlines()]
+    assert ["moe", "int8_per_channel_static", "none", "cpu-int8", "2"] in [row[:5] for row in rows]
+    assert ["linear", "fp8_per_block_static", "fp8_per_block_dynamic", "torch", "8"] in [row[:5] for row in rows]
+    assert "fidelity: logits SQNR vs bf16: " in r.stdout and "top-1 agreement" in r.stdout
+
+
+def test_quantize_bad_model_is_one_error_line(tmp_path):
+    r = run("quantize", "--model", str(tmp_path), "--no-check")
+    assert r.exit_code == 2
+    assert r.stderr.strip() == f"error: {tmp_path / 'config.json'} does not exist: a model folder needs config.json (and safetensors weights)"
+
+
+def test_make_model(tmp_path):
+    r = run("make-model", "gpt_oss", str(tmp_path / "g"), "--layers", "1")
+    assert r.exit_code == 0 and (tmp_path / "g" / "model.safetensors").is_file()
+    assert run("make-model", "llama", str(tmp_path / "x")).exit_code == 2

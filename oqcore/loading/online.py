@@ -152,6 +152,7 @@ def load(
         mapper = NameMapper(model, names)
         groups, unexpected = mapper.group(entries)
         stats.unexpected_keys = unexpected
+        _check_expert_counts(model, groups, path)
         remaining = {
             name: sum(p.numel() for p in w.parameters(recurse=False)) for name, w in wrappers.items()
         }
@@ -218,5 +219,18 @@ def load(
     return model
 
 
-def _groups_by_target(groups: list[TargetGroup]) -> dict[str, TargetGroup]:
-    return {g.target: g for g in groups}
+def _check_expert_counts(model: nn.Module, groups: list[TargetGroup], path: Path) -> None:
+    """Before reading anything: each fused-experts target needs one tensor per expert per pattern."""
+    from oqcore.loading.names import _is_expert_fusion
+
+    for g in groups:
+        if g.rule is None or not _is_expert_fusion(g.rule):
+            continue
+        experts = model.get_parameter(g.target).shape[0]
+        for pattern in g.rule.source_patterns:
+            have = [k for k, p in zip(g.sources, g.source_patterns) if p == pattern]
+            if len(have) != experts:
+                raise CheckpointError(
+                    f"{path}: {g.target!r} fuses {experts} experts, but the checkpoint has {len(have)} tensors "
+                    f"matching {pattern!r}: {', '.join(have[:6])}{' ...' if len(have) > 6 else ''}"
+                )
