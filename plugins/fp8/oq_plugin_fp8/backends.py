@@ -102,13 +102,15 @@ def _moe_activation(method, a: torch.Tensor, slot_expert: torch.Tensor, num_expe
 def moe_triton_forward(method, layer, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
     """Fused MoE: gate-up grouped GEMM, the layer's ``apply_gate`` (float32), down grouped GEMM with
     the routing weights, sum over the top-k. ``x [T, H]`` -> ``[T, H]`` in ``x.dtype``."""
-    from oq_plugin_fp8.kernels.fused_moe import align_block_size, fused_moe_gemm
+    from oq_plugin_fp8.kernels.fused_moe import fused_moe_gemm
+    from oqcore.routing import align_by_expert
 
     T, H = x.shape
     top_k = topk_ids.shape[1]
     E = layer.layout.num_experts
     block_m = 16
-    sorted_ids, expert_ids, n = align_block_size(topk_ids, E, block_m)
+    sorted_ids, expert_ids = align_by_expert(topk_ids, E, block_m)
+    n = topk_ids.numel()
     slot_expert = topk_ids.reshape(-1).long()
     w_mode = _b_mode(method.weight_key)
     has_bias = layer.layout.has_bias

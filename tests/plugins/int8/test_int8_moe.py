@@ -212,13 +212,3 @@ def test_nan_expert_weight_raises_naming_layer():
         experts.down_proj[2, 1, 1] = float("nan")
     with pytest.raises(oqcore.UnsupportedLayerError, match=NAME):
         make_moe(model, experts, "torch")
-
-
-def test_align_by_expert():
-    from oq_plugin_int8.kernels.fused_moe import align_by_expert
-
-    ids = torch.tensor([[2, 0], [2, 4], [0, 2]])  # 4 == E: masked
-    sorted_ids, expert_ids = align_by_expert(ids, E, 4)
-    n = ids.numel()
-    assert expert_ids.tolist() == [0, 2]
-    assert sorted_ids.tolist() == [1, 4, n, n, 0, 2, 5, n]

@@ -139,13 +139,3 @@ def test_nan_in_experts_is_an_error_naming_the_layer():
     with pytest.raises(oqcore.UnsupportedLayerError) as ei:
         build(model, experts, "torch", kMxfp8Dynamic)
     assert NAME in ei.value.layer
-
-
-def test_align_by_expert():
-    from oq_plugin_mxfp8.kernels.moe import align_by_expert
-
-    ids = torch.tensor([[0, 2], [2, 1], [2, 0], [-1, 2]])
-    sorted_ids, expert_ids = align_by_expert(ids, 3, 4)
-    pad = ids.numel()
-    assert expert_ids.tolist() == [0, 1, 2]
-    assert sorted_ids.tolist() == [0, 5, pad, pad, 3, pad, pad, pad, 1, 2, 4, 7]

@@ -1,7 +1,7 @@
 """Triton fused-MoE grouped GEMM for fp8 expert weights (after vLLM's ``fused_moe_kernel``).
 
 The ``T * top_k`` (token, slot) pairs are sorted by expert and each expert's run is padded to a
-multiple of ``BLOCK_M`` (:func:`align_block_size`); one program computes one ``BLOCK_M x BLOCK_N``
+multiple of ``BLOCK_M`` (:func:`oqcore.routing.align_by_expert`); one program computes one ``BLOCK_M x BLOCK_N``
 tile of one expert block, reading the expert id of its block, gathering its rows of ``A`` and
 writing its rows of ``C`` back in (token, slot) order. Scales as in :mod:`.gemm`, with every
 weight scale indexed by expert first; activation scales are per row of ``A`` (``A_SCALE`` ``0``
@@ -109,32 +109,6 @@ def _fused_moe_kernel(
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=smask[:, None] & nmask[None, :])
 
 
-def align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int):
-    """Sort the flattened (token, slot) pairs by expert, padding each expert's run to ``block_m``.
-
-    Returns ``(sorted_ids [EM] int32, expert_ids [EM / block_m] int32, num_valid)``: padding
-    entries hold ``num_valid = topk_ids.numel()``; slots whose expert id is outside
-    ``[0, num_experts)`` are left out (their output rows stay zero), as the reference skips them.
-    """
-    flat = topk_ids.reshape(-1).long()
-    n = flat.numel()
-    valid = (flat >= 0) & (flat < num_experts)
-    idx = torch.nonzero(valid).squeeze(1)
-    ex = flat[idx]
-    order = torch.argsort(ex, stable=True)
-    idx, ex = idx[order], ex[order]
-    counts = torch.bincount(ex, minlength=num_experts)
-    padded = (counts + block_m - 1) // block_m * block_m
-    pad_start = torch.cumsum(padded, 0) - padded
-    cnt_start = torch.cumsum(counts, 0) - counts
-    dest = pad_start[ex] + torch.arange(ex.numel(), device=flat.device) - cnt_start[ex]
-    total = int(padded.sum())
-    sorted_ids = torch.full((total,), n, dtype=torch.int32, device=flat.device)
-    sorted_ids[dest] = idx.to(torch.int32)
-    expert_ids = torch.repeat_interleave(torch.arange(num_experts, device=flat.device), padded // block_m).to(torch.int32)
-    return sorted_ids, expert_ids, n
-
-
 def fused_moe_gemm(
     a: torch.Tensor,
     a_scale: torch.Tensor | None,
@@ -192,4 +166,4 @@ def fused_moe_gemm(
     return c
 
 
-__all__ = ["A_GROUP", "A_NONE", "align_block_size", "fused_moe_gemm"]
+__all__ = ["A_GROUP", "A_NONE", "fused_moe_gemm"]

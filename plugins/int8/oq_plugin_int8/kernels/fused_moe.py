@@ -1,7 +1,7 @@
 """Triton fused-MoE grouped GEMM for int8 per-channel expert weights (vLLM's ``fused_moe`` scheme).
 
 Token slots (``T * top_k`` of them, slot ``t * top_k + j`` = token ``t``'s j-th expert) are sorted by
-expert and each expert's run padded to a multiple of ``BLOCK_M`` (:func:`align_by_expert`, vLLM's
+expert and each expert's run padded to a multiple of ``BLOCK_M`` (:func:`oqcore.routing.align_by_expert`, vLLM's
 ``moe_align_block_size``); one program computes one ``(BLOCK_M slots of one expert, BLOCK_N
 outputs)`` tile, reading the expert's int8 weights ``[E, N, K]`` directly, so no weights are gathered
 or copied. Padding slots hold a sentinel (``T * top_k``) and are masked out.
@@ -14,6 +14,8 @@ import triton
 import triton.language as tl
 
 from oq_plugin_int8.kernels.gemm import compute_dtype, dot_precision, interpret_bf16
+
+from oqcore.routing import align_by_expert
 
 
 @triton.jit
@@ -92,32 +94,6 @@ def _fused_moe_int8_kernel(
         w = tl.load(topk_w_ptr + slots, mask=slot_mask, other=0.0).to(tl.float32)
         res = res * w[:, None]
     tl.store(c_ptr + slots[:, None] * stride_cm + offs_n[None, :] * stride_cn, res.to(c_ptr.dtype.element_ty), mask=slot_mask[:, None] & n_mask[None, :])
-
-
-def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort token slots by expert, padding each expert's run to a multiple of ``block_m``.
-
-    ``topk_ids [T, k]`` (ids outside ``[0, E)`` are dropped: transformers marks masked slots with
-    ``E``). Returns ``(sorted_ids int32 [P], expert_ids int32 [P // block_m])``: slot indices (sentinel
-    ``T * k`` for padding) and the expert of each block. Experts with no tokens get no block.
-    """
-    flat = topk_ids.reshape(-1).to(torch.int64)
-    n = flat.numel()
-    valid = (flat >= 0) & (flat < num_experts)
-    keyed = torch.where(valid, flat, torch.full_like(flat, num_experts))
-    order = torch.argsort(keyed, stable=True)
-    counts = torch.bincount(flat[valid], minlength=num_experts)
-    padded = (counts + block_m - 1) // block_m * block_m
-    starts = torch.cumsum(padded, 0) - padded
-    first = torch.cumsum(counts, 0) - counts
-    total = int(padded.sum())
-    sorted_ids = torch.full((total,), n, dtype=torch.int32, device=topk_ids.device)
-    nv = int(valid.sum())
-    e_sorted = keyed[order[:nv]]
-    rank = torch.arange(nv, device=topk_ids.device) - first[e_sorted]
-    sorted_ids[starts[e_sorted] + rank] = order[:nv].to(torch.int32)
-    expert_ids = torch.repeat_interleave(torch.arange(num_experts, device=topk_ids.device), padded // block_m).to(torch.int32)
-    return sorted_ids, expert_ids
 
 
 def fused_moe_int8_gemm(

@@ -1,7 +1,7 @@
 """Triton fused-MoE grouped GEMM for MXFP8 experts (the structure of vLLM's ``fused_moe`` kernel).
 
 The ``T * top_k`` (token, slot) pairs are sorted by expert and each expert's run is padded to a
-multiple of ``BLOCK_M`` (:func:`align_by_expert`, vLLM's ``moe_align_block_size``); one program
+multiple of ``BLOCK_M`` (:func:`oqcore.routing.align_by_expert`, vLLM's ``moe_align_block_size``); one program
 computes one (row block, N tile), all of whose rows belong to the same expert, so it streams that
 expert's MXFP8 weight tile with its per-32 e8m0 scales inside the K loop (as
 :mod:`oq_plugin_mxfp8.kernels.gemm`). The forward is: gate-up GEMM (+ bias), the layer's
@@ -16,6 +16,8 @@ import triton.language as tl
 
 from oq_plugin_mxfp8.kernels.gemm import e8m0_to_f32, f32_dot
 from oq_plugin_mxfp8.kernels.quant import quantize_mxfp8_triton
+
+from oqcore.routing import align_by_expert
 
 
 @triton.jit
@@ -73,34 +75,6 @@ def _mxfp8_moe_kernel(
     if MUL_WEIGHT:
         acc = acc * tl.load(weights_ptr + rows, mask=valid, other=0.0).to(tl.float32)[:, None]
     tl.store(c_ptr + rows[:, None].to(tl.int64) * N + rn[None, :], acc, mask=valid[:, None] & mask_n[None, :])
-
-
-def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """vLLM's ``moe_align_block_size`` in torch: ``(sorted_ids, expert_ids)``.
-
-    ``sorted_ids`` (int32) lists the flat pair indices ``t * top_k + j`` grouped by expert, each
-    group padded with the sentinel ``T * top_k`` to a multiple of ``block_m``; ``expert_ids``
-    (int32) gives each ``block_m`` block's expert. Pairs routed to an id outside ``[0, E)`` are
-    dropped (the reference skips them too).
-    """
-    flat = topk_ids.reshape(-1).to(torch.int64)
-    numel = flat.numel()
-    ok = (flat >= 0) & (flat < num_experts)
-    ids = torch.where(ok, flat, num_experts)
-    order = torch.argsort(ids, stable=True)
-    counts = torch.bincount(ids, minlength=num_experts + 1)[:num_experts]
-    padded = (counts + block_m - 1) // block_m * block_m
-    starts = torch.cumsum(padded, 0) - padded
-    firsts = torch.cumsum(counts, 0) - counts
-    total = int(padded.sum())
-    sorted_ids = torch.full((total,), numel, dtype=torch.int32, device=topk_ids.device)
-    n_ok = int(counts.sum())
-    kept = order[:n_ok]
-    e_sorted = ids[kept]
-    rank = torch.arange(n_ok, device=flat.device) - firsts[e_sorted]
-    sorted_ids[starts[e_sorted] + rank] = kept.to(torch.int32)
-    expert_ids = torch.repeat_interleave(torch.arange(num_experts, device=flat.device), padded // block_m).to(torch.int32)
-    return sorted_ids, expert_ids
 
 
 def _grouped_gemm(
