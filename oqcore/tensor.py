@@ -112,10 +112,23 @@ def quantize_tensor(
     return QuantizedTensor(qdata, scale, k, opts)
 
 
-def quantizer_backend_for(key: QuantKey, device: torch.device | str, reg: Registry | None = None) -> str:
-    """The quantizer backend to use for ``key`` on ``device``: ``triton`` on CUDA when a plugin
-    registered one, else the ``torch`` reference. (All produce the same bytes.)"""
+COMPILED_BACKEND = "compiled"
+# Below this many elements a tensor quantizes in milliseconds eagerly, while compiling a new shape
+# costs seconds: small models (and tests) stay eager, large layers get the fused kernel.
+COMPILE_MIN_NUMEL = 1 << 22
+
+
+def quantizer_backend_for(key: QuantKey, device: torch.device | str, numel: int = 0, reg: Registry | None = None) -> str:
+    """The quantizer backend for ``key`` on ``device`` for a tensor of ``numel`` elements:
+    ``triton`` on CUDA when a plugin registered one; on the CPU ``compiled`` (torch.compile) for
+    tensors of at least :data:`COMPILE_MIN_NUMEL` elements when registered and ``OQ_COMPILE`` is
+    not ``0``; else the ``torch`` reference. All of them produce the same bytes."""
+    from oqcore.compiled import compile_enabled
+
     reg = reg or get_registry()
-    if torch.device(device).type == "cuda" and (key, "triton") in reg.quantizers:
+    dev = torch.device(device)
+    if dev.type == "cuda" and (key, "triton") in reg.quantizers:
         return "triton"
+    if dev.type == "cpu" and numel >= COMPILE_MIN_NUMEL and compile_enabled() and (key, COMPILED_BACKEND) in reg.quantizers:
+        return COMPILED_BACKEND
     return REFERENCE_BACKEND
