@@ -235,6 +235,18 @@ def make_model(
     typer.echo(f"wrote {out}")
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(ctx: typer.Context) -> None:
+    """Run the benchmark suite (bench/ of a source checkout); arguments go to `python -m bench` (--quick, --out DIR)."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "bench" / "__main__.py").is_file():
+        _fail(OqError(f"oq bench runs the bench/ folder of a source checkout; none beside {root / 'oqcore'}"))
+    sys.path.insert(0, str(root))
+    import bench as suite
+
+    raise typer.Exit(suite.main(list(ctx.args)) or 0)
+
+
 def main() -> None:
     """Entry point of the ``oq`` console script."""
     try:

@@ -211,7 +211,6 @@ def load(
         device=device,
         dtype=dtype,
         source=path,
-        mapper=mapper,
         groups={g.target: g for g in groups},
         source_shapes={k: entries[k].shape for g in groups for k in g.sources},
         stats=stats,

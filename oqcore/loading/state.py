@@ -48,9 +48,10 @@ class LoadStats:
 class OqState:
     """The record of a quantized model.
 
-    ``source_shapes`` maps checkpoint keys (as loaded) to their shapes and ``target_sources`` each
-    parameter to the checkpoint keys that produce it, so :func:`oqcore.reload_weights` can check
-    new weights before touching anything.
+    ``groups`` maps each target parameter to its :class:`oqcore.loading.names.TargetGroup` (the
+    checkpoint keys that produce it and transformers' conversion rule) and ``source_shapes`` each
+    checkpoint key to its shape, so :func:`oqcore.reload_weights` can map and check new weights
+    before touching anything. Both are empty for :func:`oqcore.quantize_` (model naming only).
     """
 
     config: QuantizationConfig
@@ -59,7 +60,6 @@ class OqState:
     device: torch.device
     dtype: torch.dtype
     source: Path | None = None
-    mapper: object = None
     groups: dict[str, object] = field(default_factory=dict)
     source_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     stats: LoadStats = field(default_factory=LoadStats)
