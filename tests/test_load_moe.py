@@ -116,3 +116,19 @@ def test_experts_are_loaded_in_expert_order(tiny_moe):
         want = ckpt[f"model.layers.0.mlp.experts.{e}.down_proj.weight"].float()
         got = experts.method.dequantize_weight(experts.w2_weight[e], experts.w2_weight_scale[e], torch.float32)
         assert sqnr(want, got) > 38
+
+
+def test_sharded_checkpoint_loads_like_a_single_file(tiny_moe, tmp_path):
+    from transformers.utils import logging as hf_logging
+
+    path = tiny_moe("mixtral")
+    hf_logging.disable_progress_bar()
+    reference_model(path, torch.bfloat16).save_pretrained(tmp_path, max_shard_size="300KB")
+    shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+    assert len(shards) >= 3 and (tmp_path / "model.safetensors.index.json").is_file()
+    seen = []
+    sharded = oqcore.load(tmp_path, "mxfp8", progress=lambda done, total: seen.append((done, total)))
+    single = oqcore.load(path, "mxfp8")
+    assert torch.equal(logits(sharded), logits(single))
+    assert seen[0][0] == 0 and seen[-1][0] == seen[-1][1] == sharded.oq_state.stats.bytes_read
+    assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:]))
