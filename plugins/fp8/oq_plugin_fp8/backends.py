@@ -7,6 +7,9 @@
   run on >= 8.0. On the CPU only under ``TRITON_INTERPRET=1`` (tests).
 - ``scaled-mm`` (priority 50, linear, per-tensor/per-channel weights with per-tensor/per-token
   activations): ``torch._scaled_mm`` on CUDA capability >= 8.9, N and K divisible by 16.
+- ``cpu`` (priority 50, weight-only, linear and moe): :mod:`oq_plugin_fp8.cpu`, a fused fp8
+  dequantize-and-GEMV C kernel (bytes read once, converted in registers) for small batches and
+  tiled dequantize + ``torch.mm`` for large ones; never a whole bf16 copy of a weight.
 
 Kernels are imported inside the forward functions, so importing this module never imports Triton.
 """
@@ -172,13 +175,71 @@ def _scaled_mm_supported(layer, device):
 SCALED_MM_ACTIVATIONS = (k.kFp8DynamicTensorSym, k.kFp8DynamicTokenSym)
 
 
+# ---- cpu (weight-only) -----------------------------------------------------------------------------
+
+
+def _cpu_grid(weight_key, q: torch.Tensor, scale: torch.Tensor) -> tuple[int, int, int]:
+    """``(gr, gc, ld)`` of :func:`oq_plugin_fp8.cpu.fp8_linear` for one ``[N, K]`` weight and its scale."""
+    n, kk = q.shape
+    if weight_key == k.kFp8StaticTensorSym:
+        return n, kk, 1
+    if weight_key == k.kFp8StaticChannelSym:
+        return 1, kk, 1
+    return 128, 128, scale.shape[-1]  # 128x128 blocks: scale grid [ceil(N/128), ceil(K/128)]
+
+
+def _cpu_supported(layer, device) -> tuple[bool, str]:
+    device = torch.device(device)
+    if device.type != "cpu":
+        return False, f"the fp8 CPU kernels run on the CPU, layer runs on {device.type}"
+    # No compile here (plan time stays cheap): the kernel is built on the first forward.
+    return True, "CPU: fused fp8 dequantize-and-GEMV C kernel, tiled dequantize + torch.mm for large batches"
+
+
+def _cpu_linear(weight_key, x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    from oq_plugin_fp8 import cpu
+
+    gr, gc, ld = _cpu_grid(weight_key, q, scale)
+    return cpu.fp8_linear(x2, q, scale.float().contiguous(), cpu.SCALE_FLOAT32, gr, gc, ld)
+
+
+def cpu_forward_linear(method, layer, x: torch.Tensor) -> torch.Tensor:
+    """Weight-only ``x [..., K] -> [..., N]`` on the CPU (float32 accumulation, bias added in
+    float32, one rounding to ``x.dtype``)."""
+    shape = x.shape
+    y = _cpu_linear(method.weight_key, x.reshape(-1, shape[-1]), layer.weight, layer.weight_scale)
+    if layer.bias is not None:
+        y = y + layer.bias.float()
+    return y.to(x.dtype).reshape(*shape[:-1], layer.out_features)
+
+
+def cpu_forward_moe(method, layer, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """Weight-only MoE on the CPU: loop over the experts that received tokens (gate-up through the
+    kernel, ``layer.apply_gate`` in float32, down through the kernel, routing-weighted float32 sum)."""
+    has_bias = layer.layout.has_bias
+    out = torch.zeros(x.shape, dtype=torch.float32)
+    for e in torch.unique(topk_ids).tolist():
+        if not 0 <= e < layer.layout.num_experts:
+            continue
+        tok, pos = torch.where(topk_ids == e)
+        h = _cpu_linear(method.weight_key, x[tok], layer.w13_weight[e], layer.w13_weight_scale[e])
+        if has_bias:
+            h = h + layer.gate_up_proj_bias[e].float()
+        h = layer.apply_gate(h).float()
+        y = _cpu_linear(method.weight_key, h, layer.w2_weight[e], layer.w2_weight_scale[e])
+        if has_bias:
+            y = y + layer.down_proj_bias[e].float()
+        out.index_add_(0, tok, y * topk_weights[tok, pos, None].float())
+    return out.to(x.dtype)
+
+
 def _triton_supported(capability, layer, device):
     return triton_support(device, capability)
 
 
 def candidates(kind: str, weight_key) -> list[Backend]:
     """Every backend for ``(kind, weight_key)``: a ``torch`` and a ``triton`` one per supported
-    activation key; empty for keys that are not this plugin's weight keys."""
+    activation key, ``cpu`` for weight-only, ``scaled-mm`` for W8A8 per-tensor/channel linears; empty for keys that are not this plugin's weight keys."""
     if weight_key not in ACTIVATIONS or kind not in ("linear", "moe"):
         return []
     out = []
@@ -207,6 +268,18 @@ def candidates(kind: str, weight_key) -> list[Backend]:
                 ),
             )
         )
+        if act is None:
+            out.append(
+                Backend(
+                    name="cpu",
+                    activation_key=None,
+                    is_supported=_cpu_supported,
+                    priority=50,
+                    forward=cpu_forward_linear if kind == "linear" else cpu_forward_moe,
+                    description="fp8 weight-only on the CPU: fused dequantize-and-GEMV C kernel"
+                    + ("" if kind == "linear" else ", loop over experts"),
+                )
+            )
         if kind == "linear" and weight_key != k.kFp8Static128BlockSym and act in SCALED_MM_ACTIVATIONS:
             out.append(
                 Backend(

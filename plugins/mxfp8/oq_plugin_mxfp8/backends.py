@@ -4,6 +4,9 @@
 name    priority  activation    how
 ======  ========  ============  ================================================================
 torch   0         none, mxfp8   the core's float32 dequantize-and-matmul reference (runs anywhere)
+cpu     50        none          :mod:`oq_plugin_fp8.cpu`: fused dequantize-and-GEMV C kernel (fp8
+                                bytes and e8m0 scale bytes read once, decoded in registers), tiled
+                                dequantize + ``torch.mm`` for large batches; per-expert loop for MoE
 triton  100       none, mxfp8   Triton MXFP8 GEMM / fused-MoE grouped GEMM (per-32 scales in the
                                 K loop); W8A8 quantizes activations with the one-pass Triton quantizer
 ======  ========  ============  ================================================================
@@ -70,9 +73,60 @@ def _triton_forward_moe(
     )
 
 
+# ---- cpu (weight-only) -----------------------------------------------------------------------------
+
+
+def _cpu_supported(layer: torch.nn.Module, device: torch.device) -> tuple[bool, str]:
+    device = torch.device(device)
+    if device.type != "cpu":
+        return False, f"the mxfp8 CPU kernels run on the CPU, layer runs on {device.type}"
+    # No compile here (plan time stays cheap): the kernel is built on the first forward.
+    return True, "CPU: fused mxfp8 dequantize-and-GEMV C kernel, tiled dequantize + torch.mm for large batches"
+
+
+def _cpu_linear(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    from oq_plugin_fp8 import cpu  # the same e4m3 elements: one kernel, owned by oq-plugin-fp8
+
+    # scale [N, K/32] e8m0 bytes, read as they are (no float32 copy: 1/32 byte per weight)
+    s = scale.contiguous().view(torch.uint8)
+    return cpu.fp8_linear(x2, q, s, cpu.SCALE_E8M0, 1, 32, s.shape[-1])
+
+
+def _cpu_forward_linear(method, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Weight-only ``x [..., K] -> [..., N]`` on the CPU (float32 accumulation, bias added in
+    float32, one rounding to ``x.dtype``)."""
+    shape = x.shape
+    y = _cpu_linear(x.reshape(-1, shape[-1]), layer.weight, layer.weight_scale)
+    if layer.bias is not None:
+        y = y + layer.bias.float()
+    return y.to(x.dtype).reshape(*shape[:-1], layer.out_features)
+
+
+def _cpu_forward_moe(
+    method, layer: torch.nn.Module, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+) -> torch.Tensor:
+    """Weight-only MoE on the CPU: loop over the experts that received tokens (gate-up, the layer's
+    ``apply_gate`` in float32, down, routing-weighted float32 sum)."""
+    has_bias = layer.layout.has_bias
+    out = torch.zeros(x.shape, dtype=torch.float32)
+    for e in torch.unique(topk_ids).tolist():
+        if not 0 <= e < layer.layout.num_experts:
+            continue
+        tok, pos = torch.where(topk_ids == e)
+        h = _cpu_linear(x[tok], layer.w13_weight[e], layer.w13_weight_scale[e])
+        if has_bias:
+            h = h + layer.gate_up_proj_bias[e].float()
+        h = layer.apply_gate(h).float()
+        y = _cpu_linear(h, layer.w2_weight[e], layer.w2_weight_scale[e])
+        if has_bias:
+            y = y + layer.down_proj_bias[e].float()
+        out.index_add_(0, tok, y * topk_weights[tok, pos, None].float())
+    return out.to(x.dtype)
+
+
 def candidates(kind: str) -> list[Backend]:
     """The backends for ``kind`` (``"linear"`` or ``"moe"``): torch and triton, each for
-    activation ``None`` (W8A16) and ``mxfp8`` (W8A8)."""
+    activation ``None`` (W8A16) and ``mxfp8`` (W8A8), and cpu (W8A16 only)."""
     if kind not in ("linear", "moe"):
         return []
     forward = _triton_forward_linear if kind == "linear" else _triton_forward_moe
@@ -94,4 +148,15 @@ def candidates(kind: str) -> list[Backend]:
                 forward=forward,
             )
         )
+    out.append(
+        Backend(
+            "cpu",
+            None,
+            _cpu_supported,
+            50,
+            description="mxfp8 weight-only on the CPU: fused dequantize-and-GEMV C kernel"
+            + ("" if kind == "linear" else ", loop over experts"),
+            forward=_cpu_forward_linear if kind == "linear" else _cpu_forward_moe,
+        )
+    )
     return out

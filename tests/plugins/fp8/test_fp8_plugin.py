@@ -38,7 +38,7 @@ def test_backend_candidates_cover_every_activation_with_reasons():
         for name, acts in WEIGHTS.items():
             cands = [b for b in pm.backend_candidates(kind, oqcore.quant_key(name)) if b.plugin == "fp8"]
             by = {(b.name, None if b.activation_key is None else reg.name_of(b.activation_key, "activation")): b for b in cands}
-            expected = {(n, a) for n in ("torch", "triton") for a in acts}
+            expected = {(n, a) for n in ("torch", "triton") for a in acts} | {("cpu", None)}
             if kind == "linear" and name != "fp8_per_block_static":
                 expected |= {("scaled-mm", a) for a in acts if a is not None}
             assert set(by) == expected
@@ -55,6 +55,9 @@ def test_backend_candidates_cover_every_activation_with_reasons():
                 elif bname == "scaled-mm":
                     ok, why = b.is_supported(torch.nn.Linear(64, 64), torch.device("cpu"))
                     assert not ok and "CUDA only" in why
+                elif bname == "cpu":
+                    assert b.priority == 50 and b.forward is not None and act is None
+                    assert not b.is_supported(None, torch.device("cuda"))[0]
                 else:
                     assert b.priority == 0 and b.forward is None
     assert pm.backend_candidates("linear", oqcore.quant_key("int8_per_channel_static")) == [] or all(

@@ -163,7 +163,13 @@ def test_backend_candidates_hook():
     from oq_plugin_mxfp8 import plugin
 
     got = {(b.name, b.activation_key, b.priority) for b in plugin.oq_backend_candidates("moe", kMxfp8Static)}
-    assert got == {("torch", None, 0), ("torch", kMxfp8Dynamic, 0), ("triton", None, 100), ("triton", kMxfp8Dynamic, 100)}
+    assert got == {
+        ("torch", None, 0),
+        ("torch", kMxfp8Dynamic, 0),
+        ("triton", None, 100),
+        ("triton", kMxfp8Dynamic, 100),
+        ("cpu", None, 50),
+    }
     assert plugin.oq_backend_candidates("linear", oqcore.quant_key("fp8_per_tensor_static")) == []
 
 
