@@ -252,6 +252,19 @@ def _cache_dir() -> str:
     return os.path.join(base, "cpu_kernels")
 
 
+def _cpu_identity() -> str:
+    """The CPU's feature flags: ``-march=native`` code is only valid on a CPU that has them all, so
+    they are part of the cache key (a home directory may outlive or travel between machines)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return os.uname().machine
+
+
 def _compile(path: str, cc: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -281,7 +294,7 @@ def load_library():
         if _lib is not None or _lib_error is not None:
             return _lib
         cc = os.environ.get("CC", "cc")
-        key = hashlib.sha256((C_SOURCE + cc + os.uname().machine).encode()).hexdigest()[:16]
+        key = hashlib.sha256((C_SOURCE + cc + os.uname().machine + _cpu_identity()).encode()).hexdigest()[:16]
         path = os.path.join(_cache_dir(), f"oq_fp8_cpu_{key}.so")
         try:
             if not os.path.exists(path):
