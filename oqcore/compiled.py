@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 COMPILE_ENV = "OQ_COMPILE"  # "0" disables compiled paths (eager everywhere)
+RECOMPILE_LIMIT = 64  # distinct (shape, dtype, static arg) signatures compiled per function
 
 
 def compile_enabled() -> bool:
@@ -52,7 +53,15 @@ class CompiledFn:
         sig = self._signature(args)
         t = time.perf_counter() if sig not in self.first_call_seconds else None
         try:
-            out = self._compiled(*args)
+            if t is None:
+                out = self._compiled(*args)
+            else:
+                # a new signature is a dynamo recompile of the same code object; past dynamo's
+                # default limit (8) it would silently run eager, and a model has more shapes
+                import torch._dynamo as dynamo
+
+                with dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, dynamo.config.recompile_limit)):
+                    out = self._compiled(*args)
         except Exception as e:  # no C++ compiler, an op inductor cannot lower: stay correct, go eager
             self.failed = f"{type(e).__name__}: {e}"
             warnings.warn(f"torch.compile of {self.fn.__qualname__} failed, running eager: {self.failed}", stacklevel=2)

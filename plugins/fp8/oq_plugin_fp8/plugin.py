@@ -42,8 +42,9 @@ def oq_register_methods(register):
 
 @hookimpl
 def oq_register_quantizers(register):
-    """The torch references (the definition of the numbers) for all six keys, and the Triton
-    quantizers (same bytes) for the same keys. Kernels are compiled only when first called."""
+    """The torch references (the definition of the numbers) for all six keys, and the Triton and
+    compiled (torch.compile, CPU) quantizers (same bytes) for the same keys. Kernels are compiled
+    only when first called."""
     from oq_plugin_fp8.quant import GROUPINGS, TORCH_QUANTIZERS
 
     for name, (quantize, dequantize) in TORCH_QUANTIZERS.items():
@@ -51,6 +52,12 @@ def oq_register_quantizers(register):
     for name, grouping in GROUPINGS.items():
         quantize, dequantize = _lazy_triton_pair(grouping)
         register(name, "triton", quantize, dequantize)
+    # CPU fused quantizers (torch.compile); oq_plugin_fp8.compiled imports no compiler machinery
+    # at import time and compiles on the first call per shape
+    from oq_plugin_fp8.compiled import compiled_quantizers
+
+    for name, (quantize, dequantize) in compiled_quantizers().items():
+        register(name, "compiled", quantize, dequantize)
 
 
 def _lazy_triton_pair(grouping):

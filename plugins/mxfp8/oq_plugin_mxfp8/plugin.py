@@ -39,12 +39,15 @@ def _triton_quantize(x, options):
 @hookimpl
 def oq_register_quantizers(register):
     """The torch reference (:mod:`oq_plugin_mxfp8.quant`) and the one-pass Triton quantizer (same
-    bytes) for both keys: the block rule is the same for static weights and dynamic activations."""
+    bytes) for both keys: the block rule is the same for static weights and dynamic activations.
+    Also the compiled (torch.compile, CPU) quantizer, same bytes, compiled on its first call."""
+    from oq_plugin_mxfp8.compiled import quantize_mxfp8_compiled
     from oq_plugin_mxfp8.quant import dequantize_mxfp8, quantize_mxfp8
 
     for key in (k.kMxfp8Static, k.kMxfp8Dynamic):
         register(key, "torch", quantize_mxfp8, dequantize_mxfp8)
         register(key, "triton", _triton_quantize, dequantize_mxfp8)
+        register(key, "compiled", quantize_mxfp8_compiled, dequantize_mxfp8)
 
 
 @hookimpl
