@@ -98,7 +98,8 @@ class OnlineMethodBase(ABC):
         device; returns ``(qdata, scale)``. Raises :class:`oqcore.UnsupportedLayerError` on NaN/Inf."""
         from oqcore.tensor import quantize_tensor, quantizer_backend_for
 
-        backend = quantizer_backend_for(self.weight_key, w.device, w[0].numel() if w.dim() == 3 else w.numel())
+        # Judged on the whole stack: one compiled shape serves every expert of every layer.
+        backend = quantizer_backend_for(self.weight_key, w.device, w.numel())
         if w.dim() == 2:
             qt = quantize_tensor(w, self.weight_key, backend, self.options, name=layer_name)
             return qt.qdata, qt.scale

@@ -113,15 +113,16 @@ def quantize_tensor(
 
 
 COMPILED_BACKEND = "compiled"
-# Below this many elements a tensor quantizes in milliseconds eagerly, while compiling a new shape
-# costs seconds: small models (and tests) stay eager, large layers get the fused kernel.
-COMPILE_MIN_NUMEL = 1 << 22
+# Compiling costs 5-8 s for the first shape in a process (1-3 s per later shape) and tens of MB of
+# compiler state, while eager quantizes ~0.1 GB/s and compiled ~2-4 GB/s on this project's machines:
+# it pays off from tensors (or expert stacks) of ~128 MB of bf16, i.e. multi-GB models. Below, eager.
+COMPILE_MIN_NUMEL = 1 << 26
 
 
 def quantizer_backend_for(key: QuantKey, device: torch.device | str, numel: int = 0, reg: Registry | None = None) -> str:
     """The quantizer backend for ``key`` on ``device`` for a tensor of ``numel`` elements:
     ``triton`` on CUDA when a plugin registered one; on the CPU ``compiled`` (torch.compile) for
-    tensors of at least :data:`COMPILE_MIN_NUMEL` elements when registered and ``OQ_COMPILE`` is
+    tensors (or whole expert stacks) of at least :data:`COMPILE_MIN_NUMEL` elements when registered and ``OQ_COMPILE`` is
     not ``0``; else the ``torch`` reference. All of them produce the same bytes."""
     from oqcore.compiled import compile_enabled
 
