@@ -2,7 +2,10 @@
 
 On CUDA they need Triton installed and a minimum compute capability. On the CPU they run only under
 Triton's interpreter (``TRITON_INTERPRET=1``, how the kernels are tested without a GPU), so users
-never get the slow interpreted path by accident.
+never get the slow interpreted path by accident. ``OQ_DISABLE_TRITON=1`` turns every Triton backend
+off (e.g. to compare backends, or in tests that want the CPU backends while the interpreter is on:
+changing ``TRITON_INTERPRET`` itself after a kernel module was imported does not work, since Triton
+reads it when the ``@triton.jit`` decorators run).
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ import importlib.util
 import os
 
 import torch
+
+
+DISABLE_ENV = "OQ_DISABLE_TRITON"
 
 
 def interpreter_enabled() -> bool:
@@ -26,6 +32,8 @@ def triton_support(device: torch.device | str, min_capability: tuple[int, int] =
     and compute in bf16/fp32.
     """
     device = torch.device(device)
+    if os.environ.get(DISABLE_ENV, "0") not in ("", "0"):
+        return False, f"disabled by {DISABLE_ENV}=1"
     if importlib.util.find_spec("triton") is None:
         return False, "triton is not installed"
     if device.type == "cuda":

@@ -115,7 +115,7 @@ def test_explain_unbuildable_config(tmp_path, text):
 
 
 def test_quantize_main_job_on_the_bundled_model(tmp_path, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("OQ_DISABLE_TRITON", "1")
     r = run("quantize", "--json", str(tmp_path / "figures.json"), "--out", str(tmp_path / "q"))
     assert r.exit_code == 0, r.output
     out = r.stdout
@@ -133,7 +133,7 @@ def test_quantize_main_job_on_the_bundled_model(tmp_path, monkeypatch):
 
 
 def test_quantize_tiny_moe_causal_lm_with_overrides(tiny_moe, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("OQ_DISABLE_TRITON", "1")
     r = run("quantize", "--model", str(tiny_moe("olmoe")), "moe=int8_per_channel_weight_only", "linear=fp8_per_block")
     assert r.exit_code == 0, r.output
     rows = [line.split() for line in r.stdout.splitlines()]

@@ -15,7 +15,7 @@ from oqcore.fidelity import reference_model
 
 @pytest.fixture(autouse=True)
 def no_triton(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("OQ_DISABLE_TRITON", "1")
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ def big_checkpoint(tmp_path_factory):
 
 @pytest.mark.parametrize("config", ["fp8_per_block", {"moe": "int8_per_channel_weight_only"}], ids=["fp8-block", "int8-moe"])
 def test_online_load_peak_memory_bound(big_checkpoint, config):
-    env = {"TRITON_INTERPRET": "0"}
+    env = {"OQ_DISABLE_TRITON": "1"}
     import os
 
     out = subprocess.run([sys.executable, "-c", LOAD, str(big_checkpoint), json.dumps(config)],

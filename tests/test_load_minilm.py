@@ -16,7 +16,7 @@ from oqcore.methods import OnlineMethodBase
 @pytest.fixture(autouse=True)
 def no_triton(monkeypatch):
     # Whole-model forwards run the CPU backends; Triton kernels are tested on small shapes elsewhere.
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("OQ_DISABLE_TRITON", "1")
 
 
 @pytest.fixture(scope="module")

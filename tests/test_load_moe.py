@@ -16,7 +16,7 @@ IDS = torch.randint(3, 300, (4, 24), generator=torch.Generator().manual_seed(0))
 
 @pytest.fixture(autouse=True)
 def no_triton(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("OQ_DISABLE_TRITON", "1")
 
 
 @torch.no_grad()

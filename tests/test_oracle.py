@@ -99,3 +99,12 @@ def test_activation_override_vs_checkpoint_declared():
     assert e.value.field == "moe.activation"
     assert "conflicts with the checkpoint's declared activation" in str(e.value)
     assert "remove the override or set it to the checkpoint's key" in str(e.value)
+
+
+def test_oq_disable_triton_turns_triton_backends_off(monkeypatch):
+    from oqcore.triton_support import triton_support
+
+    assert triton_support("cpu") == (True, "CPU under TRITON_INTERPRET=1 (testing only)")
+    monkeypatch.setenv("OQ_DISABLE_TRITON", "1")
+    assert triton_support("cpu") == (False, "disabled by OQ_DISABLE_TRITON=1")
+    assert triton_support("cuda") == (False, "disabled by OQ_DISABLE_TRITON=1")

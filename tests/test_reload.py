@@ -15,7 +15,7 @@ CONFIG = {"linear": "fp8_per_block", "moe": "mxfp8"}
 
 @pytest.fixture(autouse=True)
 def no_triton(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("OQ_DISABLE_TRITON", "1")
 
 
 @pytest.fixture(scope="module")

@@ -95,7 +95,7 @@ def test_eager_fallback_without_compile(monkeypatch):
 def test_oracle_picks_cpu_without_triton_interpreter(monkeypatch):
     import oqcore
 
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("OQ_DISABLE_TRITON", "1")
     model = torch.nn.ModuleDict({"lin": torch.nn.Linear(256, 128)})
     for weight in WEIGHTS:
         lp = oqcore.plan(model, {"linear": {"weight": weight, "activation": None}}, device="cpu")["lin"]
