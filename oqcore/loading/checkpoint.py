@@ -162,10 +162,16 @@ class TensorReader:
 
     def read(self, entry: TensorEntry) -> torch.Tensor:
         """A new CPU tensor holding ``entry``'s bytes (never a view of a mapping)."""
+        return self.read_into(entry, torch.empty(entry.shape, dtype=entry.dtype))
+
+    def read_into(self, entry: TensorEntry, out: torch.Tensor) -> torch.Tensor:
+        """Read ``entry``'s bytes straight into ``out`` (a contiguous CPU tensor of its shape and
+        dtype, e.g. one expert's slice of a fused stack): no intermediate copy. Returns ``out``."""
+        if tuple(out.shape) != entry.shape or out.dtype != entry.dtype or not out.is_contiguous() or out.device.type != "cpu":
+            raise ValueError(f"read_into({entry.name!r}): needs a contiguous CPU {entry.dtype} tensor of shape {list(entry.shape)}")
         f = self._files.get(entry.file)
         if f is None:
             f = self._files[entry.file] = open(entry.file, "rb")  # noqa: SIM115 - closed in close()
-        out = torch.empty(entry.shape, dtype=entry.dtype)
         buf = out.view(-1).view(torch.uint8).numpy() if entry.numel else memoryview(b"")
         f.seek(entry.offset)
         got = f.readinto(buf) if entry.numel else 0

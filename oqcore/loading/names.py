@@ -32,12 +32,21 @@ class TargetGroup:
     rule: Any = None
     source_patterns: list[str] = field(default_factory=list)
 
-    def convert(self, model: nn.Module, load: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Read the sources with ``load(key)`` and return ``{parameter name: tensor}``."""
+    def convert(
+        self,
+        model: nn.Module,
+        load: Callable[[str], torch.Tensor],
+        load_into: Callable[[str, torch.Tensor], bool] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Read the sources with ``load(key)`` and return ``{parameter name: tensor}``.
+
+        ``load_into(key, out)``, when given, may read a source straight into a slice of the
+        result (returning ``False`` when it cannot, e.g. the dtypes differ).
+        """
         if self.rule is None:
             return {self.target: load(self.sources[0])}
         if _is_expert_fusion(self.rule):
-            return {self.target: self._fuse_in_place(load)}
+            return {self.target: self._fuse_in_place(load, load_into)}
         rule = deepcopy(self.rule)
         for key, pattern in zip(self.sources, self.source_patterns):
             rule.add_tensor(self.target, key, pattern, (lambda k=key: load(k)))
@@ -45,24 +54,29 @@ class TargetGroup:
         return {name: (v[0] if isinstance(v, list) else v) for name, v in out.items()}
 
 
-    def _fuse_in_place(self, load: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    def _fuse_in_place(
+        self, load: Callable[[str], torch.Tensor], load_into: Callable[[str, torch.Tensor], bool] | None
+    ) -> torch.Tensor:
         """``MergeModulelist(dim=0)`` then ``Concatenate(dim=1)`` (transformers' per-expert ->
-        fused experts rule) computed by copying each source into its slice of the preallocated
-        result: one tensor is read at a time and no stacked intermediate is made."""
+        fused experts rule) computed by reading each source into its slice of the preallocated
+        result: no stacked intermediate is made, and with ``load_into`` not even a per-expert buffer."""
         patterns = list(self.rule.source_patterns)
         per_pattern = {p: [k for k, sp in zip(self.sources, self.source_patterns) if sp == p] for p in patterns}
         n_experts = len(per_pattern[patterns[0]])
         if any(len(v) != n_experts for v in per_pattern.values()):
             raise ValueError(f"{self.target}: unequal expert counts per source pattern")
-        out = None
+        first = load(per_pattern[patterns[0]][0])
+        rows = first.shape[0]
+        out = first.new_empty((n_experts, rows * len(patterns), *first.shape[1:]))
+        out[0, :rows].copy_(first)
+        del first
         for p_idx, p in enumerate(patterns):
             for e, key in enumerate(per_pattern[p]):
-                t = load(key)
-                if out is None:
-                    out = t.new_empty((n_experts, t.shape[0] * len(patterns), *t.shape[1:]))
-                rows = t.shape[0]
-                out[e, p_idx * rows : (p_idx + 1) * rows].copy_(t)
-                del t
+                if p_idx == 0 and e == 0:
+                    continue
+                dst = out[e, p_idx * rows : (p_idx + 1) * rows]
+                if load_into is None or not load_into(key, dst):
+                    dst.copy_(load(key))
         return out
 
 

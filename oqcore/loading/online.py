@@ -176,8 +176,19 @@ def load(
                 done += entries[key].nbytes
                 return out
 
+            def read_into(key: str, dst: torch.Tensor) -> bool:
+                nonlocal done
+                e = entries[key]
+                if dst.dtype != e.dtype or tuple(dst.shape) != e.shape or not dst.is_contiguous():
+                    return False
+                t = time.perf_counter()
+                reader.read_into(e, dst)
+                stats.seconds_read += time.perf_counter() - t
+                done += e.nbytes
+                return True
+
             for g in groups:
-                for name, value in g.convert(model, read).items():
+                for name, value in g.convert(model, read, read_into).items():
                     assign_tensor(model, name, value, device)
                     del value
                     owner = param_owner(name, wrappers)
