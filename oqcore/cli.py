@@ -185,6 +185,7 @@ def quantize(
         bars: list = []  # created on the first call, when reading starts and the total is known
 
         def progress(done: int, total: int) -> None:
+            """Advance the bar to ``done`` of ``total`` bytes read."""
             if not bars:
                 bars.append(tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="loading"))
             bars[0].update(done - bars[0].n)

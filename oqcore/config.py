@@ -81,7 +81,8 @@ class _OqModel(BaseModel):
             raise _convert(e) from None
 
     @classmethod
-    def model_validate(cls, obj: Any, **kwargs: Any):  # noqa: D102 - pydantic's, with OqError
+    def model_validate(cls, obj: Any, **kwargs: Any):
+        """pydantic's ``model_validate``, raising :class:`oqcore.ConfigError` with the field path."""
         try:
             return super().model_validate(obj, **kwargs)
         except ValidationError as e:

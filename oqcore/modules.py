@@ -58,6 +58,7 @@ class QuantizedLinear(nn.Module):
         return self.method.apply(self, x)
 
     def extra_repr(self) -> str:
+        """Shapes, method and backend, for ``print(model)``."""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.has_bias}, "
             f"method={type(self.method).__name__}, backend={self.method.backend.name}"
@@ -107,6 +108,7 @@ class QuantizedMoE(nn.Module):
         return out.reshape(shape)
 
     def extra_repr(self) -> str:
+        """Layout, method and backend, for ``print(model)``."""
         return f"{self.layout}, method={type(self.method).__name__}, backend={self.method.backend.name}"
 
 

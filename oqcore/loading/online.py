@@ -169,6 +169,7 @@ def load(
         with TensorReader() as reader:
 
             def read(key: str) -> torch.Tensor:
+                """Checkpoint tensor ``key`` as a new CPU tensor (timed and counted)."""
                 nonlocal done
                 t = time.perf_counter()
                 out = reader.read(entries[key])
@@ -177,6 +178,7 @@ def load(
                 return out
 
             def read_into(key: str, dst: torch.Tensor) -> bool:
+                """Read ``key`` straight into ``dst`` when dtype and shape match; ``False`` otherwise."""
                 nonlocal done
                 e = entries[key]
                 if dst.dtype != e.dtype or tuple(dst.shape) != e.shape or not dst.is_contiguous():
