@@ -45,7 +45,7 @@ class TargetGroup:
         """
         if self.rule is None:
             return {self.target: load(self.sources[0])}
-        if _is_expert_fusion(self.rule):
+        if is_expert_fusion(self.rule):
             return {self.target: self._fuse_in_place(load, load_into)}
         rule = deepcopy(self.rule)
         for key, pattern in zip(self.sources, self.source_patterns):
@@ -80,7 +80,9 @@ class TargetGroup:
         return out
 
 
-def _is_expert_fusion(rule: Any) -> bool:
+def is_expert_fusion(rule: Any) -> bool:
+    """Whether a transformers ``WeightConverter`` is the per-expert -> fused experts rule
+    (``MergeModulelist(dim=0)``, then ``Concatenate(dim=1)`` when gate and up are fused)."""
     ops = getattr(rule, "operations", None) or []
     names = [type(op).__name__ for op in ops]
     if names == ["MergeModulelist"]:

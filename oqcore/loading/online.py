@@ -28,7 +28,7 @@ from oqcore.loading.checkpoint import TensorReader, checkpoint_entries
 from oqcore.loading.install import install_wrappers
 from oqcore.loading.memory import PeakRSS, release_free_memory, return_large_frees_to_os
 from oqcore.loading.meta import build_meta_model, read_model_config
-from oqcore.loading.names import NameMapper, TargetGroup
+from oqcore.loading.names import NameMapper, TargetGroup, is_expert_fusion
 from oqcore.loading.state import LoadStats, OqState, tensor_bytes
 from oqcore.planning import plan
 
@@ -153,44 +153,35 @@ def load(
         groups, unexpected = mapper.group(entries)
         stats.unexpected_keys = unexpected
         _check_expert_counts(model, groups, path)
-        remaining = {
-            name: sum(p.numel() for p in w.parameters(recurse=False)) for name, w in wrappers.items()
-        }
-        stats.hp_bytes = sum(
-            sum(p.numel() for p in w.parameters(recurse=False)) * dtype.itemsize for w in wrappers.values()
-        )
-        stats.largest_layer_bytes = max(
-            (sum(p.numel() for p in w.parameters(recurse=False)) * dtype.itemsize for w in wrappers.values()), default=0
-        )
+        # Elements each wrapper still waits for: it is quantized the moment this reaches zero.
+        remaining = {name: sum(p.numel() for p in w.parameters(recurse=False)) for name, w in wrappers.items()}
+        stats.hp_bytes = sum(remaining.values()) * dtype.itemsize
+        stats.largest_layer_bytes = max(remaining.values(), default=0) * dtype.itemsize
         total = sum(entries[k].nbytes for g in groups for k in g.sources)
         done = 0
         if progress is not None:
             progress(0, total)
         with TensorReader() as reader:
 
-            def read(key: str) -> torch.Tensor:
-                """Checkpoint tensor ``key`` as a new CPU tensor (timed and counted)."""
-                nonlocal done
-                t = time.perf_counter()
-                out = reader.read(entries[key])
-                stats.seconds_read += time.perf_counter() - t
-                done += entries[key].nbytes
-                return out
-
-            def read_into(key: str, dst: torch.Tensor) -> bool:
-                """Read ``key`` straight into ``dst`` when dtype and shape match; ``False`` otherwise."""
+            def read_into(key: str, dst: torch.Tensor | None) -> torch.Tensor | None:
+                """Checkpoint tensor ``key``, into ``dst`` when it fits (same dtype and shape,
+                contiguous), else as a new tensor; ``None`` if ``dst`` was given and does not fit."""
                 nonlocal done
                 e = entries[key]
-                if dst.dtype != e.dtype or tuple(dst.shape) != e.shape or not dst.is_contiguous():
-                    return False
+                if dst is not None and (dst.dtype != e.dtype or tuple(dst.shape) != e.shape or not dst.is_contiguous()):
+                    return None
                 t = time.perf_counter()
-                reader.read_into(e, dst)
+                out = reader.read(e) if dst is None else reader.read_into(e, dst)
                 stats.seconds_read += time.perf_counter() - t
                 done += e.nbytes
-                return True
+                return out
+
+            def read(key: str) -> torch.Tensor:
+                """Checkpoint tensor ``key`` as a new CPU tensor (timed and counted)."""
+                return read_into(key, None)
 
             for g in groups:
-                for name, value in g.convert(model, read, read_into).items():
+                for name, value in g.convert(model, read, lambda k, dst: read_into(k, dst) is not None).items():
                     assign_tensor(model, name, value, device)
                     del value
                     owner = param_owner(name, wrappers)
@@ -233,10 +224,8 @@ def load(
 
 def _check_expert_counts(model: nn.Module, groups: list[TargetGroup], path: Path) -> None:
     """Before reading anything: each fused-experts target needs one tensor per expert per pattern."""
-    from oqcore.loading.names import _is_expert_fusion
-
     for g in groups:
-        if g.rule is None or not _is_expert_fusion(g.rule):
+        if g.rule is None or not is_expert_fusion(g.rule):
             continue
         experts = model.get_parameter(g.target).shape[0]
         for pattern in g.rule.source_patterns:
