@@ -1,0 +1,129 @@
+"""Shared helpers of the benchmark suite: timing, machine description, optional imports.
+
+Units everywhere in this package: seconds (``*_s``), bytes (``*_bytes`` / RSS figures), GB/s with
+GB = 1e9 bytes, MiB = 2**20 bytes in human-readable tables.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+GB = 1e9
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long each timed measurement runs: at least ``min_reps`` timed calls and at least
+    ``min_time_s`` seconds of timed calls (after ``warmup`` untimed calls), at most ``max_reps``."""
+
+    min_time_s: float
+    min_reps: int
+    max_reps: int = 2000
+    warmup: int = 1
+
+
+QUICK = Budget(min_time_s=0.2, min_reps=1)
+FULL = Budget(min_time_s=1.0, min_reps=5)
+
+
+def measure(fn: Callable[[], Any], budget: Budget) -> dict[str, float]:
+    """Time ``fn()`` under ``budget``. Returns ``median_s``, ``min_s`` (seconds per call) and ``reps``.
+
+    The warm-up calls are timed too (``warmup_s``, the first one): when a single call already takes
+    longer than the budget, ``min_reps`` timed calls are all that run.
+    """
+    t = time.perf_counter()
+    fn()
+    warm = time.perf_counter() - t
+    for _ in range(budget.warmup - 1):
+        fn()
+    reps = max(budget.min_reps, min(budget.max_reps, math.ceil(budget.min_time_s / max(warm, 1e-6))))
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return {"median_s": statistics.median(times), "min_s": min(times), "reps": reps, "warmup_s": warm}
+
+
+def not_available(exc: BaseException | str) -> str:
+    """The status string of a measurement that could not run: ``"not available: <reason>"``."""
+    reason = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+    reason = " ".join(str(reason).split())
+    return f"not available: {reason[:300]}"
+
+
+def cpu_model() -> str:
+    """The CPU model name from ``/proc/cpuinfo`` (or ``platform.processor()``)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def total_memory_bytes() -> int | None:
+    """``MemTotal`` from ``/proc/meminfo``, in bytes."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries the suite compares (``"not installed"`` when missing)."""
+    import importlib.metadata as md
+
+    out = {}
+    for dist in ("torch", "oqcore", "torchao", "compressed-tensors", "transformers", "triton", "matplotlib"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def machine() -> dict[str, Any]:
+    """Where the run happened: CPU model, logical cores, torch threads, memory (bytes), Python, versions."""
+    import torch
+
+    return {
+        "cpu": cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_bytes": total_memory_bytes(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cuda": torch.cuda.is_available(),
+        "versions": versions(),
+    }
+
+
+def gbps(nbytes: int, seconds: float) -> float:
+    """Throughput in GB/s (1e9 bytes per second)."""
+    return nbytes / seconds / GB if seconds > 0 else float("nan")
+
+
+_T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    """Progress line on stderr with seconds since import (results go to files, not stdout)."""
+    import sys
+
+    print(f"[bench {time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)

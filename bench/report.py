@@ -1,0 +1,192 @@
+"""``results.md``: the measured tables in Markdown (times in ms, memory in MiB, throughput in GB/s)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.common import MIB
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    """A Markdown table (every cell through ``str``)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _ms(s: float | None) -> str:
+    return "-" if s is None else f"{s * 1e3:.3g}" if s < 0.01 else f"{s * 1e3:.1f}"
+
+
+def _mib(b: int | None) -> str:
+    return "-" if b is None else f"{b / MIB:.0f}"
+
+
+def _stages(r: dict[str, Any]) -> str:
+    """Where a load's time went: the bf16 load of the torchao paths, oqcore's read / quantize."""
+    if "oq_read_s" in r:
+        return f"read {r['oq_read_s']:.2f}, quantize {r['oq_quantize_s']:.2f}"
+    if "bf16_load_s" in r and r["path"] != "transformers bf16":
+        return f"bf16 load {r['bf16_load_s']:.2f}"
+    return ""
+
+
+def _status(r: dict[str, Any]) -> str:
+    return "" if r.get("status") == "ok" else r.get("status", "")
+
+
+def quantizer_section(rows: list[dict[str, Any]]) -> str:
+    """Throughput per shape, key and implementation, with the ratio to bf16 ``copy_``."""
+    out = ["## 1. Quantizer throughput (GB/s of bf16 read)", ""]
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        mine = [r for r in rows if r["shape"] == shape]
+        copy = next((r for r in mine if r["impl"] == "bf16 copy_" and r["status"] == "ok"), None)
+        out += [f"### {shape}", ""]
+        body = []
+        for r in mine:
+            ok = r["status"] == "ok"
+            body.append(
+                [
+                    r["key"],
+                    r["impl"],
+                    f"{r['gbps']:.2f}" if ok else "-",
+                    f"{r['bytes'] / r['min_s'] / 1e9:.2f}" if ok else "-",
+                    _ms(r.get("median_s")),
+                    f"{copy['min_s'] / r['min_s']:.3f}" if ok and copy else "-",
+                    _ms(r.get("first_call_s")) if r.get("first_call_s") is not None else "",
+                    {True: "yes", False: "NO"}.get(r.get("same_bytes_as_torch"), ""),
+                    _status(r),
+                ]
+            )
+        out += [
+            table(
+                [
+                    "key",
+                    "impl",
+                    "GB/s (median)",
+                    "GB/s (best)",
+                    "median ms",
+                    "x copy_ (best)",
+                    "first call ms",
+                    "same bytes",
+                    "note",
+                ],
+                body,
+            ),
+            "",
+        ]
+    return "\n".join(out)
+
+
+def loading_section(rows: list[dict[str, Any]]) -> str:
+    """Wall time and peak RSS per model and load path."""
+    body = []
+    for r in rows:
+        ok = r.get("status") == "ok"
+        body.append(
+            [
+                r["model"],
+                f"{r['checkpoint_bytes'] / MIB:.0f}" if r.get("checkpoint_bytes") else "-",
+                r["path"],
+                f"{r['wall_s']:.2f}" if ok else "-",
+                _stages(r) if ok else "",
+                _mib(r.get("peak_added")) if ok else "-",
+                _mib(r["peak_added"] - r["model_bytes"]) if ok else "-",
+                _mib(r.get("peak_rss")) if ok else "-",
+                _mib(r.get("model_bytes")) if ok else "-",
+                _status(r),
+            ]
+        )
+    return "\n".join(
+        [
+            "## 2. Loading (fresh process per row)",
+            "",
+            "peak added = peak RSS of the load minus the process RSS just before it (imports done); overhead ="
+            " peak added minus the loaded model's own bytes (what the load needed beyond its result);"
+            " MiB = 2^20 bytes.",
+            "",
+            table(
+                [
+                    "model",
+                    "checkpoint MiB",
+                    "path",
+                    "wall s",
+                    "of which",
+                    "peak added MiB",
+                    "overhead MiB",
+                    "peak RSS MiB",
+                    "model MiB",
+                    "note",
+                ],
+                body,
+            ),
+            "",
+        ]
+    )
+
+
+def forward_section(title: str, rows: list[dict[str, Any]], batch_key: str) -> str:
+    """Latency per implementation, weight key, activation and batch; speed relative to bf16."""
+    batches = list(dict.fromkeys(r[batch_key] for r in rows))
+    base = {r[batch_key]: r for r in rows if r["weight"] == "bf16" and r["status"] == "ok"}
+    groups: dict[tuple, dict] = {}
+    for r in rows:
+        groups.setdefault((r["impl"], r["weight"], r["activation"]), {})[r[batch_key]] = r
+    body = []
+    for (impl, weight, act), per in groups.items():
+        cells, notes = [], set()
+        for m in batches:
+            r = per.get(m)
+            if r is None or r["status"] != "ok":
+                cells.append("-")
+                if r is not None:
+                    notes.add(r["status"])
+                continue
+            speed = f" ({base[m]['min_s'] / r['min_s']:.2f}x)" if m in base else ""
+            cells.append(f"{_ms(r['min_s'])} / {_ms(r['median_s'])}{speed}")
+        body.append([impl, weight, act, *cells, "; ".join(sorted(notes))])
+    header = (
+        ["impl", "weight", "activation"] + [f"{batch_key} {m}: best / median ms (x bf16)" for m in batches] + ["note"]
+    )
+    return "\n".join([title, "", table(header, body), ""])
+
+
+def targets_section(rows: list[dict[str, Any]]) -> str:
+    """The targets table: measured ratio, goal, verdict."""
+    body = []
+    for r in rows:
+        measured = "-" if r["measured"] is None else f"{r['measured']:.2f}x"
+        status = {True: "met", False: "**missed**", None: "not measured"}[r["met"]]
+        body.append([r["target"], r["what"], measured, f"{r['op']} {r['goal']}x", status, r["verdict"]])
+    return "\n".join(
+        ["## 4. Targets", "", table(["target", "compares", "measured", "goal", "status", "detail"], body), ""]
+    )
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The whole ``results.md``."""
+    m = results["machine"]
+    head = [
+        f"# oqcore benchmark results ({results['mode']} mode)",
+        "",
+        (
+            f"- machine: {m['cpu']}, {m['logical_cores']} logical cores ({m['torch_threads']} torch threads), "
+            f"{(m['memory_bytes'] or 0) / 2**30:.1f} GiB RAM, Python {m['python']}"
+        ),
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
+        f"- load average at start / end: {results.get('loadavg_start')} / {results.get('loadavg_end')}",
+        f"- run took {results.get('seconds', 0):.0f} s; started {results.get('started')}",
+        "",
+    ]
+    parts = ["\n".join(head)]
+    if "quantizers" in results:
+        parts.append(quantizer_section(results["quantizers"]))
+    if "loading" in results:
+        parts.append(loading_section(results["loading"]))
+    if "forward_linear" in results:
+        parts.append(forward_section("## 3a. Linear forward on CPU", results["forward_linear"], "batch"))
+    if "forward_moe" in results:
+        parts.append(forward_section("## 3b. MoE forward on CPU", results["forward_moe"], "tokens"))
+    if "targets" in results:
+        parts.append(targets_section(results["targets"]))
+    return "\n".join(parts)
