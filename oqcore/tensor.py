@@ -118,6 +118,7 @@ def quantize_tensor(
 
 
 COMPILED_BACKEND = "compiled"
+NATIVE_CPU_BACKEND = "cpu"
 # Compiling costs 5-8 s for the first shape in a process (1-3 s per later shape) and tens of MB of
 # compiler state, while eager quantizes ~0.1 GB/s and compiled ~2-4 GB/s on this project's machines:
 # it pays off from tensors (or expert stacks) of ~128 MB of bf16, i.e. multi-GB models. Below, eager.
@@ -125,16 +126,22 @@ COMPILE_MIN_NUMEL = 1 << 26
 
 
 def quantizer_backend_for(key: QuantKey, device: torch.device | str, numel: int = 0, reg: Registry | None = None) -> str:
-    """The quantizer backend for ``key`` on ``device`` for a tensor of ``numel`` elements:
-    ``triton`` on CUDA when a plugin registered one; on the CPU ``compiled`` (torch.compile) for
-    tensors (or whole expert stacks) of at least :data:`COMPILE_MIN_NUMEL` elements when registered and ``OQ_COMPILE`` is
-    not ``0``; else the ``torch`` reference. All of them produce the same bytes."""
+    """The quantizer backend for ``key`` on ``device`` for a tensor of ``numel`` elements.
+
+    CUDA: ``triton`` when a plugin registered one. CPU: a plugin's native ``cpu`` quantizer when
+    registered (no compile cost); else ``compiled`` (torch.compile) for tensors or whole expert
+    stacks of at least :data:`COMPILE_MIN_NUMEL` elements, unless ``OQ_COMPILE=0``. Otherwise the
+    ``torch`` reference. All of them produce the same bytes (each plugin's tests check it).
+    """
     from oqcore.compiled import compile_enabled
 
     reg = reg or get_registry()
     dev = torch.device(device)
     if dev.type == "cuda" and (key, "triton") in reg.quantizers:
         return "triton"
-    if dev.type == "cpu" and numel >= COMPILE_MIN_NUMEL and compile_enabled() and (key, COMPILED_BACKEND) in reg.quantizers:
-        return COMPILED_BACKEND
+    if dev.type == "cpu":
+        if (key, NATIVE_CPU_BACKEND) in reg.quantizers:
+            return NATIVE_CPU_BACKEND
+        if numel >= COMPILE_MIN_NUMEL and compile_enabled() and (key, COMPILED_BACKEND) in reg.quantizers:
+            return COMPILED_BACKEND
     return REFERENCE_BACKEND

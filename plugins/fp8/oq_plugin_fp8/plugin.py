@@ -42,8 +42,8 @@ def oq_register_methods(register):
 
 @hookimpl
 def oq_register_quantizers(register):
-    """The torch references (the definition of the numbers) for all six keys, and the Triton and
-    compiled (torch.compile, CPU) quantizers (same bytes) for the same keys. Kernels are compiled
+    """The torch references (the definition of the numbers) for all six keys, and the Triton,
+    compiled (torch.compile, CPU) and cpu (C kernel) quantizers (same bytes) for the same keys. Kernels are compiled
     only when first called."""
     from oq_plugin_fp8.quant import GROUPINGS, TORCH_QUANTIZERS
 
@@ -58,6 +58,12 @@ def oq_register_quantizers(register):
 
     for name, (quantize, dequantize) in compiled_quantizers().items():
         register(name, "compiled", quantize, dequantize)
+    # C quantizers (oq_plugin_fp8.cpu's kernel library, built once per machine and cached; the
+    # torch reference without a compiler or with OQ_COMPILE=0): same bytes, built on first call
+    from oq_plugin_fp8.cpu import fp8_cpu_quantizers
+
+    for name, (quantize, dequantize) in fp8_cpu_quantizers().items():
+        register(name, "cpu", quantize, dequantize)
 
 
 def _lazy_triton_pair(grouping):

@@ -40,7 +40,9 @@ def _triton_quantize(x, options):
 def oq_register_quantizers(register):
     """The torch reference (:mod:`oq_plugin_mxfp8.quant`) and the one-pass Triton quantizer (same
     bytes) for both keys: the block rule is the same for static weights and dynamic activations.
-    Also the compiled (torch.compile, CPU) quantizer, same bytes, compiled on its first call."""
+    Also the compiled (torch.compile, CPU) quantizer, same bytes, compiled on its first call, and
+    the cpu one (C kernel shared with oq-plugin-fp8), same bytes."""
+    from oq_plugin_fp8.cpu import quantize_mxfp8 as quantize_mxfp8_cpu
     from oq_plugin_mxfp8.compiled import quantize_mxfp8_compiled
     from oq_plugin_mxfp8.quant import dequantize_mxfp8, quantize_mxfp8
 
@@ -48,6 +50,8 @@ def oq_register_quantizers(register):
         register(key, "torch", quantize_mxfp8, dequantize_mxfp8)
         register(key, "triton", _triton_quantize, dequantize_mxfp8)
         register(key, "compiled", quantize_mxfp8_compiled, dequantize_mxfp8)
+        # C kernel of oq_plugin_fp8.cpu (built on first call; the reference without a compiler)
+        register(key, "cpu", quantize_mxfp8_cpu, dequantize_mxfp8)
 
 
 @hookimpl

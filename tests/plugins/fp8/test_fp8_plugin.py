@@ -80,4 +80,4 @@ def test_plugin_import_and_registration_do_not_import_triton():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert int(out.stdout.strip()) == 6 + 6 + 18  # keys, methods, quantizers (torch + triton + compiled)
+    assert int(out.stdout.strip()) == 6 + 6 + 24  # keys, methods, quantizers (torch + triton + compiled + cpu)
