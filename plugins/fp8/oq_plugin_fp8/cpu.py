@@ -40,14 +40,11 @@ manipulation, checked against torch's cast on all 2.28e9 float32 values of [-448
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import subprocess
-import tempfile
 import threading
-import warnings
 
 import torch
+
+from oqcore.native import NativeLibrary, compile_disabled
 
 GEMV_MAX_M = 4
 """Batches up to this size run the fused GEMV (register-blocked over 4 tokens); larger ones the
@@ -594,43 +591,29 @@ int64_t oq_mxfp8_quantize(const void* w, int dt, int64_t N, int64_t K, int mode,
 }
 """
 
-_lock = threading.Lock()
-_lib = None
-_lib_error: str | None = None
 _scratch = threading.local()
+_lib = None
+"""Unused: the library handle lives in :data:`LIBRARY` (kept so code that resets it still works)."""
 
 
-def _cache_dir() -> str:
-    base = os.environ.get("OQ_CPU_KERNEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "oqcore")
-    return os.path.join(base, "cpu_kernels")
+def _bind(lib) -> None:
+    """Declare the ctypes signatures of every exported function (GEMV, dequantizer, quantizers)."""
+    P, I, C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.oq_fp8_gemv.argtypes = [P, I, I, P, I, I, P, C, I, I, I, P, I, C]
+    lib.oq_fp8_gemv.restype = None
+    lib.oq_fp8_dequant_rows.argtypes = [P, I, I, I, P, C, I, I, I, P, C, C]
+    lib.oq_fp8_dequant_rows.restype = None
+    _bind_quantizers(lib)
 
 
-def _cpu_identity() -> str:
-    """The CPU's feature flags: ``-march=native`` code is only valid on a CPU that has them all, so
-    they are part of the cache key (a home directory may outlive or travel between machines)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return line
-    except OSError:
-        pass
-    return os.uname().machine
+LIBRARY = NativeLibrary("oq_fp8_cpu", C_SOURCE, bind=_bind)
+"""The compiled kernels of this module (build, cache and ctypes loading: :mod:`oqcore.native`)."""
 
 
 def _compile(path: str, cc: str, extra_flags: tuple[str, ...] = ()) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "fp8_kernels.c")
-        with open(src, "w") as f:
-            f.write(C_SOURCE)
-        out = os.path.join(tmp, "k.so")
-        # no -ffast-math: linking it would set flush-to-zero for the whole process
-        cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", *extra_flags, src, "-o", out]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr.strip()[-500:]}")
-        os.replace(out, path)  # atomic: concurrent processes never load a half-written library
+    """Build :data:`C_SOURCE` to ``path`` with ``extra_flags`` (uncached): for tests of variant
+    builds such as ``-DOQ_GENERIC``."""
+    LIBRARY.build(path, cc, extra_flags)
 
 
 def load_library():
@@ -638,43 +621,17 @@ def load_library():
 
     ``None`` when ``OQ_COMPILE=0`` is set or compiling failed (the reason is in :func:`kernel_status`).
     """
-    global _lib, _lib_error
-    if os.environ.get("OQ_COMPILE", "1") == "0":
-        return None
-    if _lib is not None or _lib_error is not None:
-        return _lib
-    with _lock:
-        if _lib is not None or _lib_error is not None:
-            return _lib
-        cc = os.environ.get("CC", "cc")
-        key = hashlib.sha256((C_SOURCE + cc + os.uname().machine + _cpu_identity()).encode()).hexdigest()[:16]
-        path = os.path.join(_cache_dir(), f"oq_fp8_cpu_{key}.so")
-        try:
-            if not os.path.exists(path):
-                _compile(path, cc)
-            lib = ctypes.CDLL(path)
-        except Exception as e:  # no compiler, read-only home, ...: stay correct through eager torch
-            _lib_error = f"{type(e).__name__}: {e}"
-            warnings.warn(f"oqcore fp8 CPU kernels unavailable, running eager torch tiles: {_lib_error}", stacklevel=2)
-            return None
-        P, I, C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        lib.oq_fp8_gemv.argtypes = [P, I, I, P, I, I, P, C, I, I, I, P, I, C]
-        lib.oq_fp8_gemv.restype = None
-        lib.oq_fp8_dequant_rows.argtypes = [P, I, I, I, P, C, I, I, I, P, C, C]
-        lib.oq_fp8_dequant_rows.restype = None
-        _bind_quantizers(lib)
-        _lib = lib
-        return lib
+    return LIBRARY.load()
 
 
 def kernel_status() -> tuple[bool, str]:
     """``(compiled kernel available, description)`` for backend reasons and reports."""
-    lib = load_library()
-    if lib is not None:
+    ok, reason = LIBRARY.status()
+    if ok:
         return True, "compiled C kernel (fused fp8 dequantize-and-GEMV, tiled dequantize + torch.mm)"
-    if os.environ.get("OQ_COMPILE", "1") == "0":
+    if compile_disabled():
         return False, "OQ_COMPILE=0: eager torch tiles (slow)"
-    return False, f"C kernel unavailable ({_lib_error}): eager torch tiles (slow)"
+    return False, f"C kernel {reason}: eager torch tiles (slow)"
 
 
 def _check(q: torch.Tensor, scale: torch.Tensor, kind: int, gr: int, gc: int, ld: int) -> None:

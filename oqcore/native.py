@@ -1,0 +1,174 @@
+"""Small native C kernels for plugins: compile once per machine, cache, load through ctypes.
+
+A plugin that ships a C kernel (a CPU quantizer, a fused GEMV) describes it with a
+:class:`NativeLibrary` and calls :meth:`NativeLibrary.load` when it first needs it::
+
+    LIB = NativeLibrary("oq_myscheme_cpu", C_SOURCE, bind=_declare_argtypes)
+    lib = LIB.load()            # ctypes.CDLL, or None -> run the eager torch path
+    ok, reason = LIB.status()   # for backend reasons and reports
+
+The source is compiled with the system C compiler (``$CC``, default ``cc``; ``-O3 -march=native
+-fopenmp -shared -fPIC``, plus ``extra_flags``) into ``$OQ_CPU_KERNEL_CACHE/cpu_kernels`` (default
+``~/.cache/oqcore/cpu_kernels``). The file name carries a hash of the source, compiler, flags and
+the CPU's feature flags, so an edited kernel, another compiler or another CPU (``-march=native``
+code is only valid where every feature it used exists) gets its own build and a cached library is
+never stale. ``OQ_COMPILE=0`` disables compiling and loading (``load()`` returns ``None``).
+
+Failures (no compiler, compile error, read-only cache, ...) are not errors: ``load()`` returns
+``None``, :meth:`NativeLibrary.status` gives the reason, and one warning is issued per library so
+the caller's eager fallback is not silent. The core knows nothing about what the kernels compute.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import tempfile
+import threading
+import warnings
+from collections.abc import Callable, Sequence
+
+BASE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+"""Always passed to the compiler. No ``-ffast-math``: linking it would set flush-to-zero for the
+whole process, and bit-exact kernels need IEEE division and rounding."""
+
+_STDERR_TAIL = 2000
+"""Characters of compiler output kept in a failure reason (the end is where the errors are)."""
+
+
+def compile_disabled() -> bool:
+    """``True`` when ``OQ_COMPILE=0`` is set (checked on every call: tests and users may flip it)."""
+    return os.environ.get("OQ_COMPILE", "1") == "0"
+
+
+def cache_dir() -> str:
+    """Directory of compiled libraries: ``$OQ_CPU_KERNEL_CACHE/cpu_kernels`` or ``~/.cache/oqcore/cpu_kernels``."""
+    base = os.environ.get("OQ_CPU_KERNEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "oqcore")
+    return os.path.join(base, "cpu_kernels")
+
+
+def cpu_identity() -> str:
+    """The CPU's feature flags: ``-march=native`` code is only valid on a CPU that has them all, so
+    they are part of the cache key (a home directory may outlive or travel between machines)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return os.uname().machine
+
+
+def compile_shared(c_source: str, path: str, cc: str = "cc", extra_flags: Sequence[str] = (), stem: str = "kernel") -> None:
+    """Compile ``c_source`` into the shared library ``path``; raises ``RuntimeError`` with the
+    command and the compiler's output on failure.
+
+    The library is written next to ``path`` under a unique name and renamed into place, so a
+    concurrent process never loads a half-written file (``os.replace`` is atomic within a
+    directory, which a temporary directory elsewhere would not guarantee).
+    """
+    out_dir = os.path.dirname(os.path.abspath(path))
+    os.makedirs(out_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, f"{stem}.c")
+        with open(src, "w") as f:
+            f.write(c_source)
+        fd, tmp_out = tempfile.mkstemp(prefix=f".{stem}-", suffix=".so.tmp", dir=out_dir)
+        os.close(fd)
+        try:
+            cmd = [cc, *BASE_FLAGS, *extra_flags, src, "-o", tmp_out]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed: {(r.stderr or r.stdout).strip()[-_STDERR_TAIL:]}")
+            os.replace(tmp_out, path)
+        finally:
+            if os.path.exists(tmp_out):
+                os.unlink(tmp_out)
+
+
+class NativeLibrary:
+    """One C source compiled on first use into a cached shared library and loaded with ctypes.
+
+    - ``name``: file-name stem of the cached library (e.g. ``"oq_fp8_cpu"``) and label in messages.
+    - ``c_source``: the complete C translation unit.
+    - ``extra_flags``: compiler flags after :data:`BASE_FLAGS` (part of the cache key).
+    - ``bind``: called once with the freshly loaded ``ctypes.CDLL`` to declare ``argtypes`` /
+      ``restype``; an exception there counts as a load failure.
+
+    Thread-safe: the first ``load()`` compiles under a lock, later calls return the cached result.
+    A failure is remembered (no retry per call); ``OQ_COMPILE=0`` is honoured on every call.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        c_source: str,
+        extra_flags: Sequence[str] = (),
+        bind: Callable[[ctypes.CDLL], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.c_source = c_source
+        self.extra_flags = tuple(extra_flags)
+        self.bind = bind
+        self._lock = threading.Lock()
+        self._lib: ctypes.CDLL | None = None
+        self._error: str | None = None
+
+    def cache_key(self, cc: str | None = None) -> str:
+        """Hash of everything the compiled code depends on: source, compiler, flags, CPU."""
+        cc = cc or os.environ.get("CC", "cc")
+        ident = "\0".join((self.c_source, cc, *BASE_FLAGS, *self.extra_flags, os.uname().machine, cpu_identity()))
+        return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+    def path(self, cc: str | None = None) -> str:
+        """Where the compiled library for the current compiler and CPU lives (may not exist yet)."""
+        return os.path.join(cache_dir(), f"{self.name}_{self.cache_key(cc)}.so")
+
+    def build(self, path: str, cc: str | None = None, extra_flags: Sequence[str] | None = None) -> None:
+        """Compile this source to ``path`` unconditionally (no cache, no binding): for tests that
+        want a variant build, e.g. ``extra_flags=("-DOQ_GENERIC",)``. Raises on failure."""
+        flags = self.extra_flags if extra_flags is None else tuple(extra_flags)
+        compile_shared(self.c_source, path, cc or os.environ.get("CC", "cc"), flags, stem=self.name)
+
+    def load(self) -> ctypes.CDLL | None:
+        """The loaded library, compiling it into the cache first if needed; ``None`` when
+        ``OQ_COMPILE=0`` is set or building/loading failed (see :meth:`status`)."""
+        if compile_disabled():
+            return None
+        if self._lib is not None or self._error is not None:
+            return self._lib
+        with self._lock:
+            if self._lib is not None or self._error is not None:
+                return self._lib
+            cc = os.environ.get("CC", "cc")
+            try:
+                path = self.path(cc)
+                if not os.path.exists(path):
+                    compile_shared(self.c_source, path, cc, self.extra_flags, stem=self.name)
+                lib = ctypes.CDLL(path)
+                if self.bind is not None:
+                    self.bind(lib)
+            except Exception as e:  # no compiler, read-only home, ...: callers fall back to eager torch
+                self._error = f"{type(e).__name__}: {e}"
+                warnings.warn(f"oqcore native library {self.name} unavailable, using the eager fallback: {self._error}", stacklevel=2)
+                return None
+            self._lib = lib
+            return lib
+
+    def status(self) -> tuple[bool, str]:
+        """``(available, reason)``: loads (compiles) if needed; the reason names ``OQ_COMPILE=0``
+        or carries the build/load error."""
+        if compile_disabled():
+            return False, "OQ_COMPILE=0"
+        if self.load() is not None:
+            return True, f"compiled ({self.name})"
+        return False, f"unavailable ({self._error})"
+
+    def reset(self) -> None:
+        """Forget the loaded library and any remembered failure (the next ``load()`` retries)."""
+        with self._lock:
+            self._lib = None
+            self._error = None
