@@ -592,8 +592,6 @@ int64_t oq_mxfp8_quantize(const void* w, int dt, int64_t N, int64_t K, int mode,
 """
 
 _scratch = threading.local()
-_lib = None
-"""Unused: the library handle lives in :data:`LIBRARY` (kept so code that resets it still works)."""
 
 
 def _bind(lib) -> None:
@@ -608,12 +606,6 @@ def _bind(lib) -> None:
 
 LIBRARY = NativeLibrary("oq_fp8_cpu", C_SOURCE, bind=_bind)
 """The compiled kernels of this module (build, cache and ctypes loading: :mod:`oqcore.native`)."""
-
-
-def _compile(path: str, cc: str, extra_flags: tuple[str, ...] = ()) -> None:
-    """Build :data:`C_SOURCE` to ``path`` with ``extra_flags`` (uncached): for tests of variant
-    builds such as ``-DOQ_GENERIC``."""
-    LIBRARY.build(path, cc, extra_flags)
 
 
 def load_library():

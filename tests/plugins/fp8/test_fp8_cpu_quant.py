@@ -163,7 +163,6 @@ def test_registered_as_cpu_backend_for_every_key():
 def test_eager_fallback_without_compile(monkeypatch):
     """``OQ_COMPILE=0``: the registered cpu quantizer is the torch reference (no kernel loaded)."""
     monkeypatch.setenv("OQ_COMPILE", "0")
-    monkeypatch.setattr(cpu, "_lib", None)
     called = []
     import oq_plugin_fp8.quant as quant
 
@@ -180,11 +179,11 @@ def generic_lib(tmp_path_factory):
     """The same source built without AVX-512 intrinsics (the portable C loops)."""
     path = str(tmp_path_factory.mktemp("generic") / "k.so")
     try:
-        cpu._compile(path, "cc", ("-DOQ_GENERIC",))
+        cpu.LIBRARY.build(path, "cc", ("-DOQ_GENERIC",))
     except Exception as e:  # pragma: no cover - compiler vanished between builds
         pytest.skip(f"cannot build the generic kernel: {e}")
     g = ctypes.CDLL(path)
-    cpu._bind_quantizers(g)
+    cpu._bind(g)
     return g
 
 

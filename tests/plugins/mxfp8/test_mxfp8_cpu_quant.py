@@ -125,11 +125,11 @@ def test_eager_fallback_without_compile(monkeypatch):
 def test_generic_build_matches_reference(tmp_path):
     path = str(tmp_path / "k.so")
     try:
-        cpu._compile(path, "cc", ("-DOQ_GENERIC",))
+        cpu.LIBRARY.build(path, "cc", ("-DOQ_GENERIC",))
     except Exception as err:  # pragma: no cover
         pytest.skip(f"cannot build the generic kernel: {err}")
     g = ctypes.CDLL(path)
-    cpu._bind_quantizers(g)
+    cpu._bind(g)
     for dtype in (torch.bfloat16, torch.float32):
         for mode in MODES:
             for name, w in _cases(dtype).items():
