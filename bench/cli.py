@@ -18,6 +18,7 @@ SECTIONS = ("quantizers", "loading", "forward", "moe")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The suite's command line (``--quick``, ``--out``, ``--only``, ``--render-only``)."""
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("--quick", action="store_true", help="smaller and fewer measurements (under 3 minutes on 2 cores)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: bench/results)")
@@ -66,21 +67,25 @@ def _sections(budget, out: Path, quick: bool):
     """``(section name, results key, thunk)`` in run order; modules are imported when run."""
 
     def quantizers():
+        """Run the quantizer throughput section."""
         from bench import quantizers
 
         return quantizers.run(budget, quick=quick)
 
     def loading():
+        """Run the online loads section."""
         from bench import loading
 
         return loading.run(out, quick)
 
     def linear():
+        """Run the linear forwards section."""
         from bench import forward
 
         return forward.run_linear(budget, forward.QUICK_BATCHES if quick else forward.BATCHES, quick=quick)
 
     def moe():
+        """Run the MoE forwards section."""
         from bench import forward
 
         return forward.run_moe(budget, quick=quick)

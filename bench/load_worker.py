@@ -62,17 +62,20 @@ class Sampler:
                 break
 
     def start(self) -> Sampler:
+        """Start sampling RSS in the background."""
         self._t0 = time.perf_counter()
         self._thread.start()
         return self
 
     def stop(self) -> None:
+        """Stop sampling and record a last sample."""
         self._stop.set()
         self._thread.join()
         self.timeline.append([time.perf_counter() - self._t0, rss_bytes()])
 
     @property
     def peak(self) -> int:
+        """Largest sampled RSS, in bytes."""
         return max((int(r) for _, r in self.timeline), default=0)
 
 
@@ -177,6 +180,7 @@ def run(spec: dict) -> dict:
 
 
 def main() -> None:
+    """Run one load described by the JSON in ``argv[1]`` and print its figures as JSON."""
     spec = json.loads(sys.argv[1])
     try:
         out = run(spec)

@@ -36,10 +36,12 @@ class MoESize:
 
     @property
     def name(self) -> str:
+        """Short label, e.g. ``mixtral L10 H1024 I2048 E8``."""
         return f"mixtral L{self.layers} H{self.hidden} I{self.intermediate} E{self.experts}"
 
     @property
     def approx_bytes(self) -> int:
+        """Approximate checkpoint size in bytes (bf16), from the shapes."""
         h, i, e = self.hidden, self.intermediate, self.experts
         attn = 2 * h * h + 2 * h * (h // 2)  # q, o and k, v with 2 of 4 heads
         return 2 * self.layers * (3 * e * h * i + attn + e * h)
