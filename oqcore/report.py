@@ -38,6 +38,7 @@ class Report:
     skipped: int = 0
     model_bytes: int = 0
     seconds_total: float = 0.0
+    seconds_build: float = 0.0
     seconds_read: float = 0.0
     seconds_quantize: float = 0.0
     baseline_rss: int = 0
@@ -67,7 +68,8 @@ class Report:
         lines += [
             "",
             f"model size now: {_mb(self.model_bytes)}",
-            f"time: {self.seconds_total:.2f} s (reading {self.seconds_read:.2f} s, quantizing {self.seconds_quantize:.2f} s)",
+            f"time: {self.seconds_total:.2f} s (building the model on meta {self.seconds_build:.2f} s, reading "
+            f"{self.seconds_read:.2f} s, quantizing {self.seconds_quantize:.2f} s)",
             f"peak memory: {_mb(self.peak_rss)} resident, {_mb(self.peak_rss_added)} above the {_mb(self.baseline_rss)} "
             f"the process held before (largest layer in high precision: {_mb(self.largest_layer_bytes)})",
         ]
@@ -102,6 +104,7 @@ def report(model: nn.Module) -> Report:
         skipped=len(state.plan.skipped),
         model_bytes=tensor_bytes(model),
         seconds_total=s.seconds_total,
+        seconds_build=s.seconds_build,
         seconds_read=s.seconds_read,
         seconds_quantize=s.seconds_quantize,
         baseline_rss=s.baseline_rss,

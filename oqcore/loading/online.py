@@ -144,6 +144,7 @@ def load(
     # first build of an architecture also imports its modeling code (tens of MB of Python objects).
     model = build_meta_model(path, dtype)
     qplan = plan(model, cfg, device=device)
+    stats.seconds_build = time.perf_counter() - t0
     return_large_frees_to_os()
     with PeakRSS() as mem:
         wrappers = install_wrappers(model, qplan)

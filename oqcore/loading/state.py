@@ -20,6 +20,9 @@ from oqcore.planning import QuantPlan
 class LoadStats:
     """Figures of one load or in-place quantization. Times in seconds, sizes in bytes.
 
+    ``seconds_build`` is the meta-device build and planning (mostly importing the model's code the
+    first time), ``seconds_read`` reading the checkpoint, ``seconds_quantize`` the quantizers.
+
     ``hp_bytes`` is what the quantized layers' weights took in the high-precision dtype,
     ``quantized_bytes`` what they take now (data + scales); ``model_bytes`` the whole model after.
     ``peak_rss``/``baseline_rss`` bracket the load; ``largest_layer_bytes`` is the biggest single
@@ -27,6 +30,7 @@ class LoadStats:
     """
 
     seconds_total: float = 0.0
+    seconds_build: float = 0.0
     seconds_read: float = 0.0
     seconds_quantize: float = 0.0
     bytes_read: int = 0
