@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from oq_plugin_fp8.kernels.gemm import A_GROUP, A_NONE, B_BLOCK, B_CHANNEL, _interpreting
+from oq_plugin_fp8.kernels.gemm import A_GROUP, A_NONE, B_BLOCK, B_CHANNEL, _fp8_k_step, _interpreting
 
 
 @triton.jit
@@ -71,30 +71,11 @@ def _fused_moe_kernel(
     bs_base = bs_ptr + e * stride_bs_e
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        kmask = kk < K
-        a = tl.load(a_ptr + rows[:, None] * stride_am + kk[None, :] * stride_ak, mask=smask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(b_base + offs_n[None, :] * stride_bn + kk[:, None] * stride_bk, mask=nmask[None, :] & kmask[:, None], other=0.0)
-        if A_SCALE == 0:
-            # fp8 values are exact in bf16/fp16/fp32; going through float32 sidesteps the Triton 3.9
-            # interpreter's wrong fp8 -> bf16 conversion
-            b = b.to(tl.float32).to(a.dtype)
-            if IEEE_DOT:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-        if IEEE_DOT:
-            part = tl.dot(a, b, input_precision="ieee")
-        else:
-            part = tl.dot(a, b)
-        if A_SCALE == 3 or B_SCALE == 3:
-            kb = k0 // BLOCK_K
-            if A_SCALE == 3:
-                a_s = tl.load(as_ptr + rows * stride_as_m + kb * stride_as_k, mask=smask, other=0.0)
-                part = part * a_s[:, None]
-            if B_SCALE == 3:
-                b_s = tl.load(bs_base + (offs_n // 128) * stride_bs_n + kb * stride_bs_k, mask=nmask, other=0.0)
-                part = part * b_s[None, :]
-        acc += part
+        acc = _fp8_k_step(
+            acc, a_ptr, b_base, as_ptr, bs_base, rows, smask, offs_n, nmask, offs_k, k0, K,
+            stride_am, stride_ak, stride_bn, stride_bk, stride_as_m, stride_as_k, stride_bs_n, stride_bs_k,
+            A_SCALE, B_SCALE, IEEE_DOT, BLOCK_K,
+        )
     if A_SCALE == 2:
         acc = acc * tl.load(as_ptr + rows * stride_as_m, mask=smask, other=0.0)[:, None]
     if B_SCALE == 1:

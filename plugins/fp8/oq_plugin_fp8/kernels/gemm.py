@@ -25,6 +25,64 @@ B_TENSOR, B_CHANNEL, B_BLOCK = 1, 2, 3
 
 
 @triton.jit
+def _fp8_k_step(
+    acc,
+    a_ptr,
+    b_ptr,
+    as_ptr,
+    bs_ptr,
+    rows,
+    rmask,
+    offs_n,
+    nmask,
+    offs_k,
+    k0,
+    K,
+    stride_am,
+    stride_ak,
+    stride_bn,
+    stride_bk,
+    stride_as_m,
+    stride_as_k,
+    stride_bs_n,
+    stride_bs_k,
+    A_SCALE: tl.constexpr,
+    B_SCALE: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One ``BLOCK_K`` step of the K loop, shared by the dense and the fused-MoE kernel: loads the
+    ``A`` tile (rows ``rows`` of ``a_ptr``, masked by ``rmask``) and the ``B`` tile (``b_ptr`` /
+    ``bs_ptr`` already point at the expert's weights for MoE), dots them and applies the K-varying
+    group/block scales; returns ``acc`` plus the partial product. The callers keep their own row
+    addressing (dense rows vs sorted token slots) and epilogue."""
+    kk = k0 + offs_k
+    kmask = kk < K
+    a = tl.load(a_ptr + rows[:, None] * stride_am + kk[None, :] * stride_ak, mask=rmask[:, None] & kmask[None, :], other=0.0)
+    b = tl.load(b_ptr + offs_n[None, :] * stride_bn + kk[:, None] * stride_bk, mask=nmask[None, :] & kmask[:, None], other=0.0)
+    if A_SCALE == 0:
+        # fp8 values are exact in bf16/fp16/fp32; going through float32 sidesteps the Triton 3.9
+        # interpreter's wrong fp8 -> bf16 conversion
+        b = b.to(tl.float32).to(a.dtype)
+        if IEEE_DOT:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+    if IEEE_DOT:
+        part = tl.dot(a, b, input_precision="ieee")
+    else:
+        part = tl.dot(a, b)
+    if A_SCALE == 3 or B_SCALE == 3:
+        kb = k0 // BLOCK_K
+        if A_SCALE == 3:
+            a_s = tl.load(as_ptr + rows * stride_as_m + kb * stride_as_k, mask=rmask, other=0.0)
+            part = part * a_s[:, None]
+        if B_SCALE == 3:
+            b_s = tl.load(bs_ptr + (offs_n // 128) * stride_bs_n + kb * stride_bs_k, mask=nmask, other=0.0)
+            part = part * b_s[None, :]
+    return acc + part
+
+
+@triton.jit
 def _fp8_gemm_kernel(
     a_ptr,
     b_ptr,
@@ -62,30 +120,11 @@ def _fp8_gemm_kernel(
     nmask = offs_n < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        kmask = kk < K
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + kk[None, :] * stride_ak, mask=mmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(b_ptr + offs_n[None, :] * stride_bn + kk[:, None] * stride_bk, mask=nmask[None, :] & kmask[:, None], other=0.0)
-        if A_SCALE == 0:
-            # fp8 values are exact in bf16/fp16/fp32; going through float32 sidesteps the Triton 3.9
-            # interpreter's wrong fp8 -> bf16 conversion
-            b = b.to(tl.float32).to(a.dtype)
-            if IEEE_DOT:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-        if IEEE_DOT:
-            part = tl.dot(a, b, input_precision="ieee")
-        else:
-            part = tl.dot(a, b)
-        if A_SCALE == 3 or B_SCALE == 3:
-            kb = k0 // BLOCK_K
-            if A_SCALE == 3:
-                a_s = tl.load(as_ptr + offs_m * stride_as_m + kb * stride_as_k, mask=mmask, other=0.0)
-                part = part * a_s[:, None]
-            if B_SCALE == 3:
-                b_s = tl.load(bs_ptr + (offs_n // 128) * stride_bs_n + kb * stride_bs_k, mask=nmask, other=0.0)
-                part = part * b_s[None, :]
-        acc += part
+        acc = _fp8_k_step(
+            acc, a_ptr, b_ptr, as_ptr, bs_ptr, offs_m, mmask, offs_n, nmask, offs_k, k0, K,
+            stride_am, stride_ak, stride_bn, stride_bk, stride_as_m, stride_as_k, stride_bs_n, stride_bs_k,
+            A_SCALE, B_SCALE, IEEE_DOT, BLOCK_K,
+        )
     if A_SCALE == 1:
         acc = acc * tl.load(as_ptr)
     if A_SCALE == 2:

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from oq_plugin_int8.kernels.gemm import compute_dtype, dot_precision, interpret_bf16
+from oq_plugin_int8.kernels.gemm import _int8_k_step, compute_dtype, dot_precision, interpret_bf16
 
 from oqcore.routing import align_by_expert
 
@@ -69,19 +69,10 @@ def _fused_moe_int8_kernel(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        k_mask = kk < K
-        a = tl.load(a_ptr + rows[:, None] * stride_am + kk[None, :] * stride_ak, mask=slot_mask[:, None] & k_mask[None, :], other=0)
-        b = tl.load(b_base + offs_n[None, :] * stride_bn + kk[:, None] * stride_bk, mask=k_mask[:, None] & n_mask[None, :], other=0)
-        if W8A8:
-            acc += tl.dot(a, b, out_dtype=tl.int32)
-        else:
-            if INTERPRET_BF16:
-                # Triton 3.9's interpreter computes bf16 dots (and int8 -> bf16 casts) on raw bits;
-                # bf16 x int8 products are exact in fp32, so this equals the GPU's bf16 dot.
-                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b.to(a.dtype), acc, input_precision=DOT_PRECISION)
+        acc = _int8_k_step(
+            acc, a_ptr, b_base, rows, slot_mask, offs_n, n_mask, offs_k, k0, K,
+            stride_am, stride_ak, stride_bn, stride_bk, W8A8, DOT_PRECISION, INTERPRET_BF16,
+        )
     b_scale = tl.load(b_scale_ptr + expert * stride_bse + offs_n, mask=n_mask, other=0.0)
     if W8A8:
         a_scale = tl.load(a_scale_ptr + rows, mask=slot_mask, other=0.0)

@@ -17,6 +17,47 @@ import triton.language as tl
 
 
 @triton.jit
+def _int8_k_step(
+    acc,
+    a_ptr,
+    b_ptr,
+    rows,
+    r_mask,
+    offs_n,
+    n_mask,
+    offs_k,
+    k0,
+    K,
+    stride_am,
+    stride_ak,
+    stride_bn,
+    stride_bk,
+    W8A8: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    INTERPRET_BF16: tl.constexpr,
+):
+    """One ``BLOCK_K`` step of the K loop, shared by the dense and the fused-MoE kernel: loads the
+    ``A`` tile (rows ``rows`` of ``a_ptr``, masked by ``r_mask``) and the int8 ``B`` tile (``b_ptr``
+    already points at the expert's weights for MoE) and accumulates their dot into ``acc``, which
+    is returned. The callers keep their own row addressing (dense rows vs sorted token slots) and
+    epilogue."""
+    kk = k0 + offs_k
+    k_mask = kk < K
+    a = tl.load(a_ptr + rows[:, None] * stride_am + kk[None, :] * stride_ak, mask=r_mask[:, None] & k_mask[None, :], other=0)
+    b = tl.load(b_ptr + offs_n[None, :] * stride_bn + kk[:, None] * stride_bk, mask=k_mask[:, None] & n_mask[None, :], other=0)
+    if W8A8:
+        acc += tl.dot(a, b, out_dtype=tl.int32)
+    else:
+        if INTERPRET_BF16:
+            # Triton 3.9's interpreter computes bf16 dots (and int8 -> bf16 casts) on raw bits;
+            # bf16 x int8 products are exact in fp32, so this equals the GPU's bf16 dot.
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b.to(a.dtype), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _int8_gemm_kernel(
     a_ptr,
     a_scale_ptr,
@@ -53,19 +94,10 @@ def _int8_gemm_kernel(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        k_mask = kk < K
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + kk[None, :] * stride_ak, mask=m_mask[:, None] & k_mask[None, :], other=0)
-        b = tl.load(b_ptr + offs_n[None, :] * stride_bn + kk[:, None] * stride_bk, mask=k_mask[:, None] & n_mask[None, :], other=0)
-        if W8A8:
-            acc += tl.dot(a, b, out_dtype=tl.int32)
-        else:
-            if INTERPRET_BF16:
-                # Triton 3.9's interpreter computes bf16 dots (and int8 -> bf16 casts) on raw bits;
-                # bf16 x int8 products are exact in fp32, so this equals the GPU's bf16 dot.
-                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b.to(a.dtype), acc, input_precision=DOT_PRECISION)
+        acc = _int8_k_step(
+            acc, a_ptr, b_ptr, offs_m, m_mask, offs_n, n_mask, offs_k, k0, K,
+            stride_am, stride_ak, stride_bn, stride_bk, W8A8, DOT_PRECISION, INTERPRET_BF16,
+        )
     b_scale = tl.load(b_scale_ptr + offs_n, mask=n_mask, other=0.0)
     if W8A8:
         a_scale = tl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)
