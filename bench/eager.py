@@ -31,6 +31,7 @@ def _per_expert(fn: Fn) -> Fn:
     """Run a 2D formula on each expert of a 3D stack (vLLM and compressed-tensors both loop)."""
 
     def run(w: torch.Tensor):
+        """``fn`` on a 2D weight, or on each expert of a 3D stack."""
         if w.dim() == 2:
             return fn(w)
         outs = [fn(w[e]) for e in range(w.shape[0])]
@@ -103,6 +104,7 @@ def _ct(strategy: str, num_bits_type: str = "float") -> Fn:
     out_dtype = FP8 if num_bits_type == "float" else torch.int8
 
     def run2d(w: torch.Tensor):
+        """compressed-tensors' quantization of one 2D weight (replaced by the f-string below)."""
         x = w.float()
         if strategy == "tensor":
             mn, mx = torch.aminmax(x)
@@ -126,6 +128,7 @@ def torchao_to_mx() -> Fn:
     from torchao.prototype.mx_formats.mx_tensor import to_mx
 
     def run(w: torch.Tensor):
+        """torchao's MX cast of ``w``: ``(data, scale)``."""
         scale, data = to_mx(w.contiguous(), FP8, 32, ScaleCalculationMode.RCEIL)
         return data, scale
 

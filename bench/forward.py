@@ -62,9 +62,41 @@ def _oq_config(kind: str, v: dict[str, Any]) -> dict[str, Any]:
     return {kind: {"weight": v["weight"], "activation": v["activation"]}, "backend": {kind: v["backend"]}}
 
 
+def _time_oq_variants(kind, layer, base, target, inputs, budget, points, axis, quick) -> list:
+    """Time ``base`` quantized by every oqcore (scheme, backend) variant of ``kind``, each backend
+    pinned; ``target`` is the module ``is_supported`` is asked about. Unusable variants become rows
+    saying why. In quick mode the slow MoE reference backend is skipped."""
+    import oqcore
+
+    rows = []
+    for v in oq_variants(kind, weight_only=quick):
+        impl = f"oqcore {v['backend']}"
+        skip = None
+        if quick and kind == "moe" and v["backend"] == "torch":
+            skip = "skipped in quick mode (the reference backend is timed in full mode)"
+        else:
+            ok, why = _supported(v["candidate"], target)
+            if not ok:
+                skip = not_available(f"is_supported: {why}")
+        if skip is None:
+            log(f"forward {layer}: {v['weight']} act={v['activation']} {impl}")
+            try:
+                model = oqcore.quantize_(copy.deepcopy(base), _oq_config(kind, v))
+            except Exception as e:
+                skip = not_available(e)
+        if skip is not None:
+            rows += _skip_rows(layer, impl, v["weight"], v["activation"], points, skip, axis)
+            continue
+        rows += _rows(layer, impl, v["weight"], v["activation"], _time_module(model, inputs, budget), axis)
+        del model
+    return rows
+
+
 def _torchao_linear_configs() -> dict[str, Callable[[], Any]]:
     def cfg(name: str) -> Callable[[], Any]:
+        """Factory of torchao config ``name`` (imported lazily)."""
         def make():
+            """A fresh torchao config object."""
             import torchao.quantization as tq
 
             return getattr(tq, name)()
@@ -126,25 +158,11 @@ def run_linear(budget: Budget, batches: tuple[int, ...] = BATCHES, quick: bool =
     w, b = base[0].weight.detach(), base[0].bias.detach()
 
     def f(x: torch.Tensor) -> torch.Tensor:
+        """The bf16 baseline."""
         return torch.nn.functional.linear(x, w, b)
 
     rows = _rows(layer, "bf16 F.linear", "bf16", None, _time_module(f, inputs, budget), "batch")
-    for v in oq_variants("linear", weight_only=quick):
-        impl = f"oqcore {v['backend']}"
-        ok, why = _supported(v["candidate"], base[0])
-        if not ok:
-            rows += _skip_rows(
-                layer, impl, v["weight"], v["activation"], batches, not_available(f"is_supported: {why}"), "batch"
-            )
-            continue
-        log(f"forward {layer}: {v['weight']} act={v['activation']} {impl}")
-        try:
-            model = oqcore.quantize_(copy.deepcopy(base), _oq_config("linear", v))
-        except Exception as e:
-            rows += _skip_rows(layer, impl, v["weight"], v["activation"], batches, not_available(e), "batch")
-            continue
-        rows += _rows(layer, impl, v["weight"], v["activation"], _time_module(model, inputs, budget), "batch")
-        del model
+    rows += _time_oq_variants("linear", layer, base, base[0], inputs, budget, batches, "batch", quick)
     for impl, make in _torchao_linear_configs().items():
         log(f"forward {layer}: {impl}")
         try:
@@ -203,26 +221,7 @@ def run_moe(budget: Budget, tokens: tuple[int, ...] = MOE_TOKENS, quick: bool = 
     inputs = {t: torch.randn(1, t, m["hidden"], dtype=torch.bfloat16) for t in tokens}
     log(f"forward {layer}: bf16")
     rows = _rows(layer, "bf16 (transformers)", "bf16", None, _time_module(base, inputs, budget), "tokens")
-    for v in oq_variants("moe", weight_only=quick):
-        impl = f"oqcore {v['backend']}"
-        if quick and v["backend"] == "torch":
-            status = "skipped in quick mode (the reference backend is timed in full mode)"
-            rows += _skip_rows(layer, impl, v["weight"], v["activation"], tokens, status, "tokens")
-            continue
-        ok, why = _supported(v["candidate"], base.experts)
-        if not ok:
-            rows += _skip_rows(
-                layer, impl, v["weight"], v["activation"], tokens, not_available(f"is_supported: {why}"), "tokens"
-            )
-            continue
-        log(f"forward {layer}: {v['weight']} act={v['activation']} {impl}")
-        try:
-            block = oqcore.quantize_(copy.deepcopy(base), _oq_config("moe", v))
-        except Exception as e:
-            rows += _skip_rows(layer, impl, v["weight"], v["activation"], tokens, not_available(e), "tokens")
-            continue
-        rows += _rows(layer, impl, v["weight"], v["activation"], _time_module(block, inputs, budget), "tokens")
-        del block
+    rows += _time_oq_variants("moe", layer, base, base.experts, inputs, budget, tokens, "tokens", quick)
     for name in ("Int8WeightOnlyConfig", "Float8WeightOnlyConfig"):
         impl = f"torchao {name}"
         log(f"forward {layer}: {impl}")

@@ -104,6 +104,7 @@ def _storage_bytes(model) -> int:
     seen, total = set(), 0
 
     def add(t) -> None:
+        """Count ``t``'s storage once (recursing into tensor-subclass parts)."""
         nonlocal total
         if hasattr(t, "__tensor_flatten__"):
             names, _ = t.__tensor_flatten__()

@@ -57,6 +57,7 @@ def _same_bytes(a, b) -> bool:
     sa, sb = a.scale, b.scale
 
     def view(t: torch.Tensor) -> torch.Tensor:
+        """Byte view of 1-byte tensors (fp8 NaN != NaN otherwise)."""
         return t.view(torch.uint8) if t.element_size() == 1 else t
 
     return bool(torch.equal(view(qa), view(qb)) and torch.equal(view(sa), view(sb)))
