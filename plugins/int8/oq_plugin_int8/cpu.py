@@ -78,6 +78,9 @@ OQ_INLINE int quant_row(const void* w, int dt, int64_t off, int64_t K, int8_t* q
        NaN > Inf > every finite value, so one compare also detects non-finite rows */
     __m512i vmx = _mm512_setzero_si512(), absmask = _mm512_set1_epi32(0x7FFFFFFF);
     for (int64_t k = 0; k < K; k += 16) {
+        /* software prefetch, 2 KB of bf16 ahead: without it the first pass over each row stalls
+           on memory (measured 5.6 -> 12.7 GB/s on one thread, 4096x4096 bf16); never faults */
+        __builtin_prefetch((const char*)w + (off + k + 1024) * (dt == 0 ? 4 : 2), 0, 3);
         __m512i b = _mm512_castps_si512(load16(w, dt, off + k, tailmask(K - k)));
         vmx = _mm512_max_epu32(vmx, _mm512_and_si512(b, absmask));
     }
@@ -97,7 +100,7 @@ OQ_INLINE int quant_row(const void* w, int dt, int64_t off, int64_t K, int8_t* q
         __m512 y = _mm512_div_ps(load16(w, dt, off + k, m), vs);
         y = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         y = _mm512_min_ps(_mm512_max_ps(y, lo), hi);
-        _mm512_mask_cvtepi32_storeu_epi8(q + k, m, _mm512_cvttps_epi32(y));
+        _mm_mask_storeu_epi8(q + k, m, _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(y)));  /* vpmovdb to memory is slow on AMD */
     }
 #else
     for (int64_t k = 0; k < K; k++) {
