@@ -65,6 +65,15 @@ class UnsupportedLayerError(OqError):
         super().__init__(f"layer {layer!r}: {message}")
 
 
+class NonFiniteError(OqError, ValueError):
+    """A tensor handed to a quantizer holds NaN or Inf.
+
+    Raised by quantizers registered with ``checks_finite=True`` (they detect it in their own amax
+    pass, so the core skips its separate check); :func:`oqcore.quantize_tensor` turns it into an
+    :class:`UnsupportedLayerError` naming the layer (and the expert, for a stack) and the count.
+    """
+
+
 class NoBackendError(OqError):
     """No backend candidate can run a layer; the message lists every candidate and why it was rejected."""
 

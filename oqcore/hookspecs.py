@@ -59,6 +59,12 @@ def oq_register_quantizers(register):
     ``quantize(w, options) -> (qdata, scale)`` for ``w`` of shape ``[N, K]`` or ``[E, N, K]`` and
     ``dequantize(qdata, scale, dtype, options) -> Tensor``. ``options`` is the method's validated
     options model instance or ``None``.
+
+    Keyword flags (plain facts about the quantizer, default ``False``): ``checks_finite=True`` when
+    ``quantize`` itself raises :class:`oqcore.NonFiniteError` for NaN/Inf input (the core then
+    skips its own full pass over the tensor); ``whole_stack=True`` when an ``[E, N, K]`` stack in
+    one call needs no memory beyond the outputs (the core otherwise calls it once per expert, so a
+    reference's float32 temporaries stay one expert large).
     """
 
 

@@ -79,6 +79,10 @@ class Quantizer:
     """A registered tensor quantizer for one weight key on one backend.
 
     ``quantize(w, options) -> (qdata, scale)`` and ``dequantize(qdata, scale, dtype, options) -> w``.
+    ``checks_finite``: ``quantize`` raises :class:`oqcore.NonFiniteError` for NaN/Inf input (found
+    in its own pass), so the core does not read the tensor a second time to check.
+    ``whole_stack``: an ``[E, N, K]`` expert stack in one call needs no working memory beyond the
+    outputs (a fused kernel), so the core does not split it into per-expert calls.
     """
 
     key: QuantKey
@@ -86,6 +90,8 @@ class Quantizer:
     quantize: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     dequantize: Callable[..., torch.Tensor]
     plugin: str
+    checks_finite: bool = False
+    whole_stack: bool = False
 
 
 @dataclass
@@ -348,7 +354,15 @@ class OqPluginManager:
         return register
 
     def _quantizer_registrar(self, reg: Registry, plugin: str, staged: list) -> Callable[..., None]:
-        def register(key: QuantKey | str, backend: str, quantize: Callable, dequantize: Callable) -> None:
+        def register(
+            key: QuantKey | str,
+            backend: str,
+            quantize: Callable,
+            dequantize: Callable,
+            *,
+            checks_finite: bool = False,
+            whole_stack: bool = False,
+        ) -> None:
             if isinstance(key, str):
                 info = reg.keys.get(key)
                 if info is None:
@@ -357,9 +371,10 @@ class OqPluginManager:
             else:
                 keys = {key}
             for k in keys:
-                _stage_quantizer(k, backend, quantize, dequantize)
+                _stage_quantizer(Quantizer(k, backend, quantize, dequantize, plugin, checks_finite, whole_stack))
 
-        def _stage_quantizer(k: QuantKey, backend: str, quantize: Callable, dequantize: Callable) -> None:
+        def _stage_quantizer(q: Quantizer) -> None:
+            k, backend = q.key, q.backend
 
             def commit() -> None:
                 if (k, backend) in reg.quantizers:
@@ -368,7 +383,7 @@ class OqPluginManager:
                         f"quantizer for {reg.name_of(k)!r} on backend {backend!r} is registered twice: "
                         f"by plugin {self._label(other.plugin)} and by plugin {self._label(plugin)}"
                     )
-                reg.quantizers[(k, backend)] = Quantizer(k, backend, quantize, dequantize, plugin)
+                reg.quantizers[(k, backend)] = q
 
             staged.append(commit)
 

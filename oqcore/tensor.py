@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from oqcore.errors import ConfigError, UnsupportedLayerError
+from oqcore.errors import ConfigError, NonFiniteError, UnsupportedLayerError
 from oqcore.keys import QuantKey, Role
 from oqcore.plugins import Quantizer, Registry, get_registry
 
@@ -67,16 +67,43 @@ def options_model_for(key: QuantKey, reg: Registry | None = None) -> type[BaseMo
     return None
 
 
+def require_finite(w: torch.Tensor) -> None:
+    """Raise :class:`oqcore.NonFiniteError` if ``w`` holds NaN or Inf (one min/max pass).
+
+    For quantizers registered with ``checks_finite=True``, on the paths where their own kernel does
+    not run (no compiler, an unsupported dtype): they must raise whichever way they quantize.
+    """
+    if w.numel() == 0:
+        return
+    lo, hi = torch.aminmax(w.detach())
+    if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+        raise NonFiniteError(f"tensor of shape {list(w.shape)} holds NaN/Inf")
+
+
 def check_finite(w: torch.Tensor, name: str) -> None:
-    """Raise :class:`oqcore.UnsupportedLayerError` naming ``name`` if ``w`` holds NaN or Inf."""
+    """Raise :class:`oqcore.UnsupportedLayerError` naming ``name`` if ``w`` holds NaN or Inf.
+
+    For an ``[E, N, K]`` stack the error names the first expert holding one (``name[expert e]``),
+    with that expert's count, and lists the other experts affected.
+    """
     # One min/max reduction (NaN propagates through it) is ~5x cheaper than isfinite(w).all() on bf16;
     # the full count is only computed for the error message.
     if w.numel() == 0:
         return
     lo, hi = torch.aminmax(w.detach())
-    if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
-        bad = int((~torch.isfinite(w)).sum())
-        raise UnsupportedLayerError(name, f"weight holds {bad} NaN/Inf value(s) of {w.numel()}; refusing to quantize")
+    if bool(torch.isfinite(lo) & torch.isfinite(hi)):
+        return
+    bad = ~torch.isfinite(w.detach())
+    if w.dim() == 3:
+        per_expert = bad.flatten(1).sum(1)
+        experts = [int(e) for e in per_expert.nonzero().flatten()]
+        others = f" (experts {', '.join(map(str, experts[1:]))} too)" if len(experts) > 1 else ""
+        e = experts[0]
+        raise UnsupportedLayerError(
+            f"{name}[expert {e}]",
+            f"weight holds {int(per_expert[e])} NaN/Inf value(s) of {w[e].numel()}{others}; refusing to quantize",
+        )
+    raise UnsupportedLayerError(name, f"weight holds {int(bad.sum())} NaN/Inf value(s) of {w.numel()}; refusing to quantize")
 
 
 def quantize_tensor(
@@ -94,7 +121,8 @@ def quantize_tensor(
     (default the ``torch`` reference; every backend produces the same bytes); ``options`` a dict
     validated by the options model of the method that owns the key (e.g. ``{"scale_mode":
     "floor"}``). ``name`` labels errors. Raises :class:`oqcore.UnsupportedLayerError` for NaN/Inf
-    in ``w``, :class:`oqcore.ConfigError` for bad options or a missing backend.
+    in ``w`` (found by the quantizer's own pass when it was registered with ``checks_finite``, else
+    by a min/max pass first), :class:`oqcore.ConfigError` for bad options or a missing backend.
     """
     reg = get_registry()
     k = reg.resolve_key(key, role)
@@ -112,8 +140,15 @@ def quantize_tensor(
             raise _convert(e, "options") from None
     if w.dim() not in (2, 3):
         raise UnsupportedLayerError(name, f"expected a 2D or 3D tensor, got shape {tuple(w.shape)}")
-    check_finite(w, name)
-    qdata, scale = q.quantize(w, opts)
+    if not q.checks_finite:
+        check_finite(w, name)
+        qdata, scale = q.quantize(w, opts)
+        return QuantizedTensor(qdata, scale, k, opts)
+    try:
+        qdata, scale = q.quantize(w, opts)
+    except NonFiniteError:
+        check_finite(w, name)  # names the layer (and expert) with the count
+        raise
     return QuantizedTensor(qdata, scale, k, opts)
 
 

@@ -867,18 +867,35 @@ def _quantizable(w: torch.Tensor) -> bool:
     return w.dim() >= 2 and w.numel() > 0 and w.dtype in _DT_CODES and w.device.type == "cpu"
 
 
-def quantize_fp8_grouped(w: torch.Tensor, g, lib=None) -> tuple[torch.Tensor, torch.Tensor]:
+def _fallback(w: torch.Tensor, check_finite: bool) -> None:
+    """Before a torch reference runs in place of the kernel: the NaN/Inf check the kernel would have made."""
+    if check_finite:
+        from oqcore.tensor import require_finite
+
+        require_finite(w)
+
+
+def _nonfinite(w: torch.Tensor):
+    from oqcore.errors import NonFiniteError
+
+    return NonFiniteError(f"tensor of shape {list(w.shape)} holds NaN/Inf")
+
+
+def quantize_fp8_grouped(w: torch.Tensor, g, lib=None, *, check_finite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """C fp8 quantizer: ``w [..., R, C]`` (float32/bf16/fp16, CPU) -> ``(q float8_e4m3fn, scale float32)``,
     the bytes and layout of :func:`oq_plugin_fp8.quant.quantize_grouped` for grouping ``g``.
 
-    Leading dims (experts) are quantized one ``[R, C]`` matrix at a time. The torch reference runs
-    instead when the kernel is unavailable (no compiler, ``OQ_COMPILE=0``), for other dtypes /
-    devices / empty tensors, and for a matrix holding Inf or NaN (the kernel detects it in its amax).
+    Leading dims (experts) are quantized one ``[R, C]`` matrix at a time into one output stack. The
+    torch reference runs instead when the kernel is unavailable (no compiler, ``OQ_COMPILE=0``), for
+    other dtypes / devices / empty tensors, and for a matrix holding Inf or NaN (the kernel detects
+    it in its amax) unless ``check_finite``, which raises :class:`oqcore.NonFiniteError` for such
+    input on every path (the registered ``cpu`` quantizer: the core then skips its own pass).
     """
     from oq_plugin_fp8.quant import quantize_grouped
 
     lib = lib if lib is not None else load_library()
     if lib is None or not _quantizable(w):
+        _fallback(w, check_finite)
         return quantize_grouped(w, g)
     w = w.contiguous()
     r, c = w.shape[-2], w.shape[-1]
@@ -894,7 +911,10 @@ def quantize_fp8_grouped(w: torch.Tensor, g, lib=None) -> tuple[torch.Tensor, to
     wp, qp, sp = w.data_ptr(), q.data_ptr(), scale.data_ptr()
     for e in range(b):
         bad = lib.oq_fp8_quantize(wp + e * r * c * esz, dt, r, c, gr, gc, qp + e * r * c, sp + e * nr * nc * 4, nthreads)
-        if bad != 0:  # Inf/NaN (or out of memory): the reference defines those bytes
+        if bad > 0 and check_finite:
+            raise _nonfinite(w)
+        if bad != 0:  # Inf/NaN (or -1: out of memory): the reference defines those bytes
+            _fallback(w, check_finite)
             return quantize_grouped(w, g)
     if g.tensor_scale:
         scale = scale.squeeze(-1)
@@ -910,25 +930,27 @@ def fp8_cpu_quantizers() -> dict[str, tuple]:
 
     def make(g):
         def quantize(w: torch.Tensor, options=None) -> tuple[torch.Tensor, torch.Tensor]:
-            return quantize_fp8_grouped(w, g)
+            return quantize_fp8_grouped(w, g, check_finite=True)
 
-        quantize.__doc__ = f"C fp8 quantizer for {g}; bytes equal the torch reference (eager fallback)."
+        quantize.__doc__ = f"C fp8 quantizer for {g}; bytes equal the torch reference (eager fallback); NonFiniteError for NaN/Inf."
         return quantize
 
     return {name: (make(g), TORCH_QUANTIZERS[name][1]) for name, g in GROUPINGS.items()}
 
 
-def quantize_mxfp8(w: torch.Tensor, options=None, lib=None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_mxfp8(w: torch.Tensor, options=None, lib=None, *, check_finite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """C mxfp8 quantizer (backend ``"cpu"`` of oq-plugin-mxfp8): the bytes and layout of
     ``oq_plugin_mxfp8.quant.quantize_mxfp8`` (qdata float8_e4m3fn, scale float8_e8m0fnu
     ``[..., K/32]``) for both ``scale_mode`` s. The torch reference runs instead without the kernel,
-    for other dtypes / devices / empty tensors, and for inputs holding Inf or NaN; K not divisible
-    by 32 raises the reference's error."""
+    for other dtypes / devices / empty tensors, and for inputs holding Inf or NaN (unless
+    ``check_finite``: then :class:`oqcore.NonFiniteError` on every path); K not divisible by 32
+    raises the reference's error."""
     from oq_plugin_mxfp8.quant import MX_BLOCK, _mode
     from oq_plugin_mxfp8.quant import quantize_mxfp8 as reference
 
     lib = lib if lib is not None else load_library()
     if lib is None or w.dim() < 1 or w.numel() == 0 or w.dtype not in _DT_CODES or w.device.type != "cpu" or w.shape[-1] % MX_BLOCK:
+        _fallback(w, check_finite)
         return reference(w, options)
     mode = 1 if _mode(options) == "floor" else 0
     w = w.contiguous()
@@ -938,5 +960,12 @@ def quantize_mxfp8(w: torch.Tensor, options=None, lib=None) -> tuple[torch.Tenso
     e = torch.empty(*w.shape[:-1], k // MX_BLOCK, dtype=torch.uint8)
     bad = lib.oq_mxfp8_quantize(w.data_ptr(), _DT_CODES[w.dtype], n, k, mode, q.data_ptr(), e.data_ptr(), torch.get_num_threads())
     if bad != 0:
+        if check_finite:
+            raise _nonfinite(w)
         return reference(w, options)
     return q.view(torch.float8_e4m3fn), e.view(torch.float8_e8m0fnu)
+
+
+def quantize_mxfp8_checked(w: torch.Tensor, options=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_mxfp8` with ``check_finite=True``: the registered ``cpu`` quantizer of oq-plugin-mxfp8."""
+    return quantize_mxfp8(w, options, check_finite=True)

@@ -63,7 +63,8 @@ def oq_register_quantizers(register):
     from oq_plugin_fp8.cpu import fp8_cpu_quantizers
 
     for name, (quantize, dequantize) in fp8_cpu_quantizers().items():
-        register(name, "cpu", quantize, dequantize)
+        # finds NaN/Inf in its own amax pass; quantizes a whole expert stack in one call
+        register(name, "cpu", quantize, dequantize, checks_finite=True, whole_stack=True)
 
 
 def _lazy_triton_pair(grouping):

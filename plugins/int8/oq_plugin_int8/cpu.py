@@ -149,7 +149,7 @@ def kernel_status() -> tuple[bool, str]:
     return LIBRARY.status()
 
 
-def quantize_int8_rowwise_cpu(x: torch.Tensor, options=None, lib=None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int8_rowwise_cpu(x: torch.Tensor, options=None, lib=None, *, check_finite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """C int8 row-wise quantizer: the bytes and scales of
     :func:`oq_plugin_int8.quant.quantize_int8_rowwise` (``q int8`` like ``x``, ``scale float32 [..., 1]``).
 
@@ -158,13 +158,17 @@ def quantize_int8_rowwise_cpu(x: torch.Tensor, options=None, lib=None) -> tuple[
     float32/bf16/fp16 on the CPU. The torch reference runs instead for other dtypes, devices or
     ranks, empty tensors, inputs holding Inf/NaN, or when the library is unavailable (no
     compiler, ``OQ_COMPILE=0``). ``lib`` overrides the library (tests of variant builds).
+    ``check_finite``: raise :class:`oqcore.NonFiniteError` for NaN/Inf input on every path instead
+    (the registered ``cpu`` quantizer, :func:`quantize_int8_rowwise_checked`).
     """
     from oq_plugin_int8.quant import quantize_int8_rowwise
 
-    if x.dim() not in (2, 3) or x.numel() == 0 or x.dtype not in _DT_CODES or x.device.type != "cpu":
-        return quantize_int8_rowwise(x, options)
     lib = lib if lib is not None else LIBRARY.load()
-    if lib is None:
+    if lib is None or x.dim() not in (2, 3) or x.numel() == 0 or x.dtype not in _DT_CODES or x.device.type != "cpu":
+        if check_finite:
+            from oqcore.tensor import require_finite
+
+            require_finite(x)
         return quantize_int8_rowwise(x, options)
     x = x.contiguous()
     k = x.shape[-1]
@@ -173,5 +177,14 @@ def quantize_int8_rowwise_cpu(x: torch.Tensor, options=None, lib=None) -> tuple[
     scale = torch.empty(*x.shape[:-1], 1, dtype=torch.float32)
     bad = lib.oq_int8_quantize_rows(x.data_ptr(), _DT_CODES[x.dtype], rows, k, q.data_ptr(), scale.data_ptr(), torch.get_num_threads())
     if bad != 0:  # Inf/NaN: the reference defines those bytes
+        if check_finite:
+            from oqcore.errors import NonFiniteError
+
+            raise NonFiniteError(f"tensor of shape {list(x.shape)} holds NaN/Inf")
         return quantize_int8_rowwise(x, options)
     return q, scale
+
+
+def quantize_int8_rowwise_checked(x: torch.Tensor, options=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_int8_rowwise_cpu` with ``check_finite=True``: the registered ``cpu`` quantizer."""
+    return quantize_int8_rowwise_cpu(x, options, check_finite=True)

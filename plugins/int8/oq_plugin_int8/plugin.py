@@ -48,14 +48,15 @@ def oq_register_quantizers(register):
     all with the same bytes, for both keys: the row-wise rule is the same for per-channel weights
     and per-token activations. Nothing compiles before the first call."""
     from oq_plugin_int8.compiled import quantize_int8_rowwise_compiled
-    from oq_plugin_int8.cpu import quantize_int8_rowwise_cpu
+    from oq_plugin_int8.cpu import quantize_int8_rowwise_checked
     from oq_plugin_int8.quant import dequantize_int8, quantize_int8_rowwise
 
     for key in (k.kInt8StaticChannelSym, k.kInt8DynamicTokenSym):
         register(key, "torch", quantize_int8_rowwise, dequantize_int8)
         register(key, "triton", _triton_quantize, dequantize_int8)
         register(key, "compiled", quantize_int8_rowwise_compiled, dequantize_int8)
-        register(key, "cpu", quantize_int8_rowwise_cpu, dequantize_int8)
+        # finds NaN/Inf in its own amax pass; quantizes a whole expert stack in one call
+        register(key, "cpu", quantize_int8_rowwise_checked, dequantize_int8, checks_finite=True, whole_stack=True)
 
 
 @hookimpl

@@ -42,7 +42,7 @@ def oq_register_quantizers(register):
     bytes) for both keys: the block rule is the same for static weights and dynamic activations.
     Also the compiled (torch.compile, CPU) quantizer, same bytes, compiled on its first call, and
     the cpu one (C kernel shared with oq-plugin-fp8), same bytes."""
-    from oq_plugin_fp8.cpu import quantize_mxfp8 as quantize_mxfp8_cpu
+    from oq_plugin_fp8.cpu import quantize_mxfp8_checked
     from oq_plugin_mxfp8.compiled import quantize_mxfp8_compiled
     from oq_plugin_mxfp8.quant import dequantize_mxfp8, quantize_mxfp8
 
@@ -51,7 +51,7 @@ def oq_register_quantizers(register):
         register(key, "triton", _triton_quantize, dequantize_mxfp8)
         register(key, "compiled", quantize_mxfp8_compiled, dequantize_mxfp8)
         # C kernel of oq_plugin_fp8.cpu (built on first call; the reference without a compiler)
-        register(key, "cpu", quantize_mxfp8_cpu, dequantize_mxfp8)
+        register(key, "cpu", quantize_mxfp8_checked, dequantize_mxfp8, checks_finite=True, whole_stack=True)
 
 
 @hookimpl

@@ -198,3 +198,25 @@ def test_generic_build_matches_reference(generic_lib):
                     _assert_same(w, GROUPINGS[key], lib=generic_lib)
                 except AssertionError as e:
                     raise AssertionError(f"{key} {dtype} {name}") from e
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["kernel", "OQ_COMPILE=0"])
+def test_check_finite_raises_on_every_path(monkeypatch, compiled):
+    """``check_finite=True`` (the registered quantizer): NonFiniteError from the kernel's own amax,
+    and from the reference path too; finite input still gives the reference's bytes."""
+    if not compiled:
+        monkeypatch.setenv("OQ_COMPILE", "0")
+    for key in ("fp8_per_tensor_static", "fp8_per_block_static"):
+        w = torch.randn(2, 130, 150).bfloat16()
+        q, s = cpu.quantize_fp8_grouped(w, GROUPINGS[key], check_finite=True)
+        rq, rs = quantize_grouped(w, GROUPINGS[key])
+        assert same_bytes(q, rq) and torch.equal(s, rs)
+        w[1, 3, 7] = float("nan")
+        with pytest.raises(oqcore.NonFiniteError, match=r"tensor of shape \[2, 130, 150\] holds NaN/Inf"):
+            cpu.quantize_fp8_grouped(w, GROUPINGS[key], check_finite=True)
+    x = torch.randn(64, 96)
+    x[0, 0] = float("inf")
+    with pytest.raises(oqcore.NonFiniteError):
+        cpu.quantize_mxfp8(x, check_finite=True)
+    with pytest.raises(oqcore.UnsupportedLayerError, match=r"^layer 'a.b': weight holds 1 NaN/Inf value\(s\) of 6144;"):
+        oqcore.quantize_tensor(x, "mxfp8", backend="cpu", name="a.b")

@@ -147,3 +147,19 @@ def test_generic_build_bit_exact(generic_lib, dtype):
         except AssertionError as e:
             raise AssertionError(f"generic {name} {dtype}") from e
     _assert_same(torch.randn(3, 5).to(dtype), lib=generic_lib)
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["kernel", "OQ_COMPILE=0"])
+def test_check_finite_raises_on_every_path(monkeypatch, compiled):
+    """``check_finite=True`` (the registered quantizer): NonFiniteError from the kernel's own amax
+    and from the reference path; the core turns it into an error naming the layer."""
+    if not compiled:
+        monkeypatch.setenv("OQ_COMPILE", "0")
+    x = torch.randn(3, 16, 32)
+    q, s = cpu.quantize_int8_rowwise_cpu(x, check_finite=True)
+    assert torch.equal(q, quant.quantize_int8_rowwise(x)[0])
+    x[2, 5, 1] = float("-inf")
+    with pytest.raises(oqcore.NonFiniteError, match=r"tensor of shape \[3, 16, 32\] holds NaN/Inf"):
+        cpu.quantize_int8_rowwise_cpu(x, check_finite=True)
+    with pytest.raises(oqcore.UnsupportedLayerError, match=r"^layer 'e.w2\[expert 2\]': weight holds 1 NaN/Inf value\(s\) of 512;"):
+        oqcore.quantize_tensor(x, "int8_per_channel_static", backend="cpu", name="e.w2")
