@@ -7,13 +7,21 @@ header length, a JSON header mapping each tensor name to ``dtype``, ``shape`` an
 file is closed, so streaming a whole checkpoint through it would make the bf16 model resident after
 all. Here each tensor is read with one ``readinto`` into its own freshly allocated buffer: the only
 resident copy is the one the loader is about to quantize and free.
+
+Large tensors are read in chunks by a few threads (``os.preadv`` releases the GIL): one thread
+copies from the page cache at ~9 GB/s on this project's 2-core VM, two at ~15 GB/s. The loader also
+asks the kernel to read ahead the next tensors (``posix_fadvise(WILLNEED)``) before it quantizes, so
+a checkpoint not yet in the page cache is fetched from disk while the CPU quantizes; page cache is
+not process memory, so this costs no resident memory.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,11 +162,21 @@ def checkpoint_entries(path: Path) -> list[TensorEntry]:
     return entries
 
 
-class TensorReader:
-    """Reads :class:`TensorEntry` tensors with one ``readinto`` each, keeping files open."""
+PARALLEL_READ_MIN_BYTES = 2 << 20
+"""Tensors at least this large are split into one chunk per reading thread (4 KiB aligned)."""
 
-    def __init__(self) -> None:
+
+class TensorReader:
+    """Reads :class:`TensorEntry` tensors straight into tensors, keeping files open.
+
+    ``threads``: how many threads read a large tensor's chunks (default: torch's intra-op thread
+    count, at most 4); 1 reads everything in the calling thread.
+    """
+
+    def __init__(self, threads: int | None = None) -> None:
         self._files: dict[Path, object] = {}
+        self.threads = max(1, min(4, threads if threads is not None else torch.get_num_threads()))
+        self._pool: ThreadPoolExecutor | None = None
 
     def read(self, entry: TensorEntry) -> torch.Tensor:
         """A new CPU tensor holding ``entry``'s bytes (never a view of a mapping)."""
@@ -169,18 +187,59 @@ class TensorReader:
         dtype, e.g. one expert's slice of a fused stack): no intermediate copy. Returns ``out``."""
         if tuple(out.shape) != entry.shape or out.dtype != entry.dtype or not out.is_contiguous() or out.device.type != "cpu":
             raise ValueError(f"read_into({entry.name!r}): needs a contiguous CPU {entry.dtype} tensor of shape {list(entry.shape)}")
-        f = self._files.get(entry.file)
-        if f is None:
-            f = self._files[entry.file] = open(entry.file, "rb")  # noqa: SIM115 - closed in close()
-        buf = out.view(-1).view(torch.uint8).numpy() if entry.numel else memoryview(b"")
-        f.seek(entry.offset)
-        got = f.readinto(buf) if entry.numel else 0
-        if got != entry.nbytes:
-            raise CheckpointError(f"{entry.file}: tensor {entry.name!r} is truncated ({got} of {entry.nbytes} bytes)")
+        if entry.numel == 0:
+            return out
+        fd = self._fd(entry.file)
+        buf = out.view(-1).view(torch.uint8).numpy()
+        n = entry.nbytes
+        try:
+            got = self._read_chunks(fd, memoryview(buf), entry.offset)
+        except OSError as e:
+            raise CheckpointError(f"{entry.file}: cannot read tensor {entry.name!r}: {e}") from None
+        if got != n:
+            raise CheckpointError(f"{entry.file}: tensor {entry.name!r} is truncated ({got} of {n} bytes)")
         return out
 
+    def _read_chunks(self, fd: int, mv: memoryview, offset: int) -> int:
+        """Fill ``mv`` from ``offset``: one chunk per thread for large reads. Bytes read."""
+        n = len(mv)
+        if self.threads == 1 or n < PARALLEL_READ_MIN_BYTES:
+            return _pread_full(fd, mv, offset)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="oq-read")
+        step = ((n + self.threads - 1) // self.threads + 4095) // 4096 * 4096
+        chunks = [(a, min(a + step, n)) for a in range(0, n, step)]
+        # the calling thread reads the first chunk itself while the pool reads the others
+        futures = [self._pool.submit(_pread_full, fd, mv[a:b], offset + a) for a, b in chunks[1:]]
+        try:
+            got = _pread_full(fd, mv[: chunks[0][1]], offset)
+        finally:
+            wait(futures)  # never leave a thread writing into a buffer we no longer own
+        return got + sum(f.result() for f in futures)
+
+    def prefetch(self, entries: Iterable[TensorEntry]) -> None:
+        """Ask the kernel to read these tensors' bytes into the page cache in the background
+        (``POSIX_FADV_WILLNEED``; a no-op where unsupported). Costs no process memory."""
+        advise = getattr(os, "posix_fadvise", None)
+        if advise is None:
+            return
+        for e in entries:
+            try:
+                advise(self._fd(e.file), e.offset, e.nbytes, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                return
+
+    def _fd(self, file: Path) -> int:
+        f = self._files.get(file)
+        if f is None:
+            f = self._files[file] = open(file, "rb")  # noqa: SIM115 - closed in close()
+        return f.fileno()
+
     def close(self) -> None:
-        """Close every open file."""
+        """Close every open file and stop the reading threads."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         for f in self._files.values():
             f.close()
         self._files.clear()
@@ -190,6 +249,17 @@ class TensorReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _pread_full(fd: int, buf: memoryview, offset: int) -> int:
+    """Read ``len(buf)`` bytes at ``offset`` into ``buf`` (retrying short reads); bytes read."""
+    done = 0
+    while done < len(buf):
+        got = os.preadv(fd, [buf[done:]], offset + done)
+        if got <= 0:
+            break
+        done += got
+    return done
 
 
 def iter_checkpoint(path: Path) -> Iterator[tuple[str, torch.Tensor]]:

@@ -37,25 +37,33 @@ class TargetGroup:
         model: nn.Module,
         load: Callable[[str], torch.Tensor],
         load_into: Callable[[str, torch.Tensor], bool] | None = None,
+        alloc: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None,
+        source_info: Callable[[str], tuple[tuple[int, ...], torch.dtype]] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Read the sources with ``load(key)`` and return ``{parameter name: tensor}``.
 
         ``load_into(key, out)``, when given, may read a source straight into a slice of the
-        result (returning ``False`` when it cannot, e.g. the dtypes differ).
+        result (returning ``False`` when it cannot, e.g. the dtypes differ). ``alloc(shape,
+        dtype)`` allocates a fused result (default ``torch.empty``; the loader lends reused
+        buffers); ``source_info(key) -> (shape, dtype)`` (from the checkpoint header) lets a fused
+        result be allocated before anything is read, so every source goes straight into it.
         """
         if self.rule is None:
             return {self.target: load(self.sources[0])}
         if is_expert_fusion(self.rule):
-            return {self.target: self._fuse_in_place(load, load_into)}
+            return {self.target: self._fuse_in_place(load, load_into, alloc, source_info)}
         rule = deepcopy(self.rule)
         for key, pattern in zip(self.sources, self.source_patterns):
             rule.add_tensor(self.target, key, pattern, (lambda k=key: load(k)))
         out = rule.convert(self.target, model=model, config=getattr(model, "config", None))
         return {name: (v[0] if isinstance(v, list) else v) for name, v in out.items()}
 
-
     def _fuse_in_place(
-        self, load: Callable[[str], torch.Tensor], load_into: Callable[[str, torch.Tensor], bool] | None
+        self,
+        load: Callable[[str], torch.Tensor],
+        load_into: Callable[[str, torch.Tensor], bool] | None,
+        alloc: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None,
+        source_info: Callable[[str], tuple[tuple[int, ...], torch.dtype]] | None = None,
     ) -> torch.Tensor:
         """``MergeModulelist(dim=0)`` then ``Concatenate(dim=1)`` (transformers' per-expert ->
         fused experts rule) computed by reading each source into its slice of the preallocated
@@ -65,14 +73,23 @@ class TargetGroup:
         n_experts = len(per_pattern[patterns[0]])
         if any(len(v) != n_experts for v in per_pattern.values()):
             raise ValueError(f"{self.target}: unequal expert counts per source pattern")
-        first = load(per_pattern[patterns[0]][0])
-        rows = first.shape[0]
-        out = first.new_empty((n_experts, rows * len(patterns), *first.shape[1:]))
-        out[0, :rows].copy_(first)
-        del first
+        first_key = per_pattern[patterns[0]][0]
+        if source_info is not None and load_into is not None:
+            first_shape, dtype = source_info(first_key)
+            first = None
+        else:
+            first = load(first_key)
+            first_shape, dtype = tuple(first.shape), first.dtype
+        rows = first_shape[0]
+        shape = (n_experts, rows * len(patterns), *first_shape[1:])
+        out = alloc(shape, dtype) if alloc is not None else torch.empty(shape, dtype=dtype)
+        first_done = first is not None
+        if first_done:
+            out[0, :rows].copy_(first)
+            del first
         for p_idx, p in enumerate(patterns):
             for e, key in enumerate(per_pattern[p]):
-                if p_idx == 0 and e == 0:
+                if p_idx == 0 and e == 0 and first_done:
                     continue
                 dst = out[e, p_idx * rows : (p_idx + 1) * rows]
                 if load_into is None or not load_into(key, dst):

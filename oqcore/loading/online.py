@@ -5,10 +5,13 @@ high-precision model never sits in memory whole.
    planned layer for its quantized wrapper (meta-device high-precision parameters).
 2. Read the checkpoint headers, map every checkpoint key to its parameter with transformers' own
    rules (renames, per-expert -> fused experts), and count how many elements each wrapper expects.
-3. Stream the tensors (one ``readinto`` each, no mmap), convert, and place them: a parameter of an
-   unquantized module goes straight to the target device; a wrapper's parameter is counted, and the
-   moment the wrapper's last element arrives its method quantizes it and frees the high-precision
-   copy (vLLM's layerwise processing).
+3. Stream the tensors (``pread`` straight into tensors, no mmap), convert, and place them: a
+   parameter of an unquantized module goes straight to the target device; a wrapper's parameter is
+   read into a buffer lent by a :class:`~oqcore.loading.staging.StagingPool` and counted, and the
+   moment the wrapper's last element arrives its method quantizes it and the buffer goes back to the
+   pool for the next layer (vLLM's layerwise processing, without a fresh page fault per page per
+   layer). Before each layer is quantized the kernel is asked to read ahead the next tensors, so disk
+   reads overlap quantization.
 4. Anything never loaded is an error listing the names; buffers and tied weights are finalized as
    transformers does. A failure at any step raises and returns nothing.
 """
@@ -29,10 +32,14 @@ from oqcore.loading.install import install_wrappers
 from oqcore.loading.memory import PeakRSS, release_free_memory, return_large_frees_to_os
 from oqcore.loading.meta import build_meta_model, read_model_config
 from oqcore.loading.names import NameMapper, TargetGroup, is_expert_fusion
+from oqcore.loading.staging import StagingPool
 from oqcore.loading.state import LoadStats, OqState, tensor_bytes
 from oqcore.planning import plan
 
 ProgressFn = Callable[[int, int], None]
+
+PREFETCH_GROUPS = 8
+"""How many checkpoint target groups ahead the kernel is asked to read before a layer is quantized."""
 
 
 def _check_not_prequantized(path: Path, raw: dict) -> None:
@@ -162,27 +169,44 @@ def load(
         done = 0
         if progress is not None:
             progress(0, total)
+        # Free buffers wait for the next layer of their shape: at most one transformer block's other
+        # quantized layers (its attention while the experts are lent out), capped at twice the largest.
+        pool = StagingPool(cap_bytes=2 * stats.largest_layer_bytes)
         with TensorReader() as reader:
+            lender: str | None = None  # the wrapper the current group's buffers are lent to
 
             def read_into(key: str, dst: torch.Tensor | None) -> torch.Tensor | None:
                 """Checkpoint tensor ``key``, into ``dst`` when it fits (same dtype and shape,
-                contiguous), else as a new tensor; ``None`` if ``dst`` was given and does not fit."""
+                contiguous), else as a new tensor (lent by the pool for a quantized layer); ``None``
+                if ``dst`` was given and does not fit."""
                 nonlocal done
                 e = entries[key]
                 if dst is not None and (dst.dtype != e.dtype or tuple(dst.shape) != e.shape or not dst.is_contiguous()):
                     return None
+                if dst is None:
+                    dst = pool.take(lender, e.shape, e.dtype) if lender is not None else torch.empty(e.shape, dtype=e.dtype)
                 t = time.perf_counter()
-                out = reader.read(e) if dst is None else reader.read_into(e, dst)
+                out = reader.read_into(e, dst)
                 stats.seconds_read += time.perf_counter() - t
                 done += e.nbytes
                 return out
 
             def read(key: str) -> torch.Tensor:
-                """Checkpoint tensor ``key`` as a new CPU tensor (timed and counted)."""
+                """Checkpoint tensor ``key`` as a CPU tensor (timed and counted)."""
                 return read_into(key, None)
 
-            for g in groups:
-                for name, value in g.convert(model, read, lambda k, dst: read_into(k, dst) is not None).items():
+            def alloc(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+                return pool.take(lender, shape, dtype) if lender is not None else torch.empty(shape, dtype=dtype)
+
+            for i, g in enumerate(groups):
+                lender = param_owner(g.target, wrappers)
+                converted = g.convert(
+                    model, read, lambda k, dst: read_into(k, dst) is not None, alloc, lambda k: (entries[k].shape, entries[k].dtype)
+                )
+                for name in list(converted):
+                    # popped, not iterated: no reference may outlive the quantization below, or its
+                    # staging buffer could not go back to the pool
+                    value = converted.pop(name)
                     assign_tensor(model, name, value, device)
                     del value
                     owner = param_owner(name, wrappers)
@@ -190,13 +214,18 @@ def load(
                         continue
                     remaining[owner] -= model.get_parameter(name).numel()
                     if remaining[owner] == 0:
+                        # the disk (if the checkpoint is not cached) reads ahead while we quantize
+                        reader.prefetch(entries[k] for h in groups[i + 1 : i + 1 + PREFETCH_GROUPS] for k in h.sources)
                         t = time.perf_counter()
                         w = wrappers[owner]
                         w.method.process_weights_after_loading(w)
+                        pool.give_back(owner)
                         release_free_memory()
                         stats.seconds_quantize += time.perf_counter() - t
                 if progress is not None:
                     progress(done, total)
+        stats.reused_bytes = pool.reused_bytes
+        pool.clear()
         stats.bytes_read = done
         incomplete = [n for n, left in remaining.items() if left]
         if incomplete:

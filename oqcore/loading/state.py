@@ -26,7 +26,8 @@ class LoadStats:
     ``hp_bytes`` is what the quantized layers' weights took in the high-precision dtype,
     ``quantized_bytes`` what they take now (data + scales); ``model_bytes`` the whole model after.
     ``peak_rss``/``baseline_rss`` bracket the load; ``largest_layer_bytes`` is the biggest single
-    quantized layer in the high-precision dtype.
+    quantized layer in the high-precision dtype; ``reused_bytes`` how much of the quantized layers'
+    high-precision weights was read into staging buffers reused from an earlier layer.
     """
 
     seconds_total: float = 0.0
@@ -38,6 +39,7 @@ class LoadStats:
     quantized_bytes: int = 0
     model_bytes: int = 0
     largest_layer_bytes: int = 0
+    reused_bytes: int = 0
     baseline_rss: int = 0
     peak_rss: int = 0
     unexpected_keys: list[str] = field(default_factory=list)
