@@ -140,6 +140,7 @@ def run(spec: dict) -> dict:
         from oqcore.loading.meta import build_meta_model
 
         build_meta_model(spec["path"], torch.bfloat16)  # import the modeling code, as the bf16 paths do below
+        oqcore.get_registry()  # discover and import the plugins (import cost, like the modeling code's)
     auto = transformers.AutoModelForCausalLM if spec.get("auto", "causal_lm") == "causal_lm" else transformers.AutoModel
     if method != "oqcore":
         # The same warm-up as oqcore's meta build: modeling code imported, a meta-device model built.

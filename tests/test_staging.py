@@ -81,12 +81,20 @@ def test_truncated_file_is_an_error_on_the_chunked_path(tmp_path, monkeypatch):
         reader.read(entries[0])
 
 
-def test_load_reuses_staging_buffers_and_matches_quantize_(tiny_moe):
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.element_size() == 1:
+        a, b = a.view(torch.uint8), b.view(torch.uint8)
+    return a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("ckpt_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_load_reuses_staging_buffers_and_matches_quantize_(tiny_moe, ckpt_dtype):
     """Every layer after the first reads into the first one's buffers; the bytes are those of
-    quantizing the bf16 model in place."""
+    quantizing the bf16 model in place, also from an fp32 checkpoint (converted chunk by chunk
+    while reading, rounding as ``from_pretrained(dtype=bf16)`` does)."""
     from oqcore.fidelity import reference_model
 
-    path = tiny_moe("mixtral")
+    path = tiny_moe("mixtral", dtype=ckpt_dtype)
     m = oqcore.load(path, {"linear": "fp8_per_block", "moe": "int8_per_channel_weight_only"})
     st = m.oq_state.stats
     layers = len(m.model.layers)
@@ -97,5 +105,25 @@ def test_load_reuses_staging_buffers_and_matches_quantize_(tiny_moe):
     got, want = m.state_dict(), ref.state_dict()
     assert got.keys() == want.keys()
     for k in want:
-        assert torch.equal(got[k].view(torch.uint8) if got[k].element_size() == 1 else got[k],
-                           want[k].view(torch.uint8) if want[k].element_size() == 1 else want[k]), k
+        assert _same(got[k], want[k]), k
+
+
+def test_converting_read_in_chunks(tmp_path, monkeypatch):
+    """fp32 bytes read into a bf16 tensor through the small scratch (several chunks): the same
+    values as ``Tensor.to(bfloat16)``, and a truncated file still names the tensor."""
+    import oqcore.loading.checkpoint as ck
+
+    monkeypatch.setattr(ck, "CONVERT_CHUNK_BYTES", 4096)
+    w = torch.randn(100, 77, generator=torch.Generator().manual_seed(3))
+    path = tmp_path / "model.safetensors"
+    save_file({"w": w}, str(path))
+    (e,) = file_entries(path)
+    with TensorReader(threads=2) as reader:
+        out = reader.read_into(e, torch.empty(100, 77, dtype=torch.bfloat16))
+        assert torch.equal(out, w.to(torch.bfloat16))
+        with pytest.raises(ValueError, match="needs a contiguous CPU torch.float32 tensor"):
+            reader.read_into(e, torch.empty(100, 77, dtype=torch.int32))
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 10)
+    with TensorReader() as reader, pytest.raises(CheckpointError, match=r"tensor 'w' is truncated \(30790 of 30800 bytes\)"):
+        reader.read_into(e, torch.empty(100, 77, dtype=torch.bfloat16))

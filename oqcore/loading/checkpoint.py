@@ -164,6 +164,8 @@ def checkpoint_entries(path: Path) -> list[TensorEntry]:
 
 PARALLEL_READ_MIN_BYTES = 2 << 20
 """Tensors at least this large are split into one chunk per reading thread (4 KiB aligned)."""
+CONVERT_CHUNK_BYTES = 4 << 20
+"""Scratch size of converting reads (checkpoint dtype -> another floating dtype)."""
 
 
 class TensorReader:
@@ -177,6 +179,8 @@ class TensorReader:
         self._files: dict[Path, object] = {}
         self.threads = max(1, min(4, threads if threads is not None else torch.get_num_threads()))
         self._pool: ThreadPoolExecutor | None = None
+        self._advised: dict[Path, int] = {}  # per file: end of the span already advised
+        self._scratch: torch.Tensor | None = None  # raw bytes of converting reads, reused
 
     def read(self, entry: TensorEntry) -> torch.Tensor:
         """A new CPU tensor holding ``entry``'s bytes (never a view of a mapping)."""
@@ -184,11 +188,19 @@ class TensorReader:
 
     def read_into(self, entry: TensorEntry, out: torch.Tensor) -> torch.Tensor:
         """Read ``entry``'s bytes straight into ``out`` (a contiguous CPU tensor of its shape and
-        dtype, e.g. one expert's slice of a fused stack): no intermediate copy. Returns ``out``."""
-        if tuple(out.shape) != entry.shape or out.dtype != entry.dtype or not out.is_contiguous() or out.device.type != "cpu":
+        dtype, e.g. one expert's slice of a fused stack): no intermediate copy. Returns ``out``.
+
+        ``out`` may have another floating dtype than a floating ``entry`` (an fp32 checkpoint loaded
+        in bf16): the bytes then go through a small reused scratch buffer, chunk by chunk, and are
+        converted into ``out`` (``Tensor.copy_`` rounding), never held whole in the checkpoint's dtype.
+        """
+        convert = out.dtype != entry.dtype and out.dtype.is_floating_point and entry.dtype.is_floating_point
+        if tuple(out.shape) != entry.shape or (out.dtype != entry.dtype and not convert) or not out.is_contiguous() or out.device.type != "cpu":
             raise ValueError(f"read_into({entry.name!r}): needs a contiguous CPU {entry.dtype} tensor of shape {list(entry.shape)}")
         if entry.numel == 0:
             return out
+        if convert:
+            return self._read_converting(entry, out)
         fd = self._fd(entry.file)
         buf = out.view(-1).view(torch.uint8).numpy()
         n = entry.nbytes
@@ -198,6 +210,25 @@ class TensorReader:
             raise CheckpointError(f"{entry.file}: cannot read tensor {entry.name!r}: {e}") from None
         if got != n:
             raise CheckpointError(f"{entry.file}: tensor {entry.name!r} is truncated ({got} of {n} bytes)")
+        return out
+
+    def _read_converting(self, entry: TensorEntry, out: torch.Tensor) -> torch.Tensor:
+        fd = self._fd(entry.file)
+        per = max(1, CONVERT_CHUNK_BYTES // entry.dtype.itemsize)
+        if self._scratch is None or self._scratch.numel() < per * entry.dtype.itemsize:
+            self._scratch = torch.empty(CONVERT_CHUNK_BYTES, dtype=torch.uint8)
+        flat = out.view(-1)
+        for a in range(0, entry.numel, per):
+            b = min(a + per, entry.numel)
+            raw = self._scratch[: (b - a) * entry.dtype.itemsize]
+            try:
+                got = self._read_chunks(fd, memoryview(raw.numpy()), entry.offset + a * entry.dtype.itemsize)
+            except OSError as e:
+                raise CheckpointError(f"{entry.file}: cannot read tensor {entry.name!r}: {e}") from None
+            if got != raw.numel():
+                done = a * entry.dtype.itemsize + got
+                raise CheckpointError(f"{entry.file}: tensor {entry.name!r} is truncated ({done} of {entry.nbytes} bytes)")
+            flat[a:b].copy_(raw.view(entry.dtype))
         return out
 
     def _read_chunks(self, fd: int, mv: memoryview, offset: int) -> int:
@@ -219,15 +250,25 @@ class TensorReader:
 
     def prefetch(self, entries: Iterable[TensorEntry]) -> None:
         """Ask the kernel to read these tensors' bytes into the page cache in the background
-        (``POSIX_FADV_WILLNEED``; a no-op where unsupported). Costs no process memory."""
+        (``POSIX_FADV_WILLNEED``; a no-op where unsupported). Costs no process memory.
+
+        One call per file covers the entries' whole byte span, minus what was already advised."""
         advise = getattr(os, "posix_fadvise", None)
         if advise is None:
             return
+        spans: dict[Path, tuple[int, int]] = {}
         for e in entries:
+            lo, hi = spans.get(e.file, (e.offset, e.offset + e.nbytes))
+            spans[e.file] = (min(lo, e.offset), max(hi, e.offset + e.nbytes))
+        for file, (lo, hi) in spans.items():
+            lo = max(lo, self._advised.get(file, 0))
+            if hi <= lo:
+                continue
             try:
-                advise(self._fd(e.file), e.offset, e.nbytes, os.POSIX_FADV_WILLNEED)
+                advise(self._fd(file), lo, hi - lo, os.POSIX_FADV_WILLNEED)
             except OSError:
                 return
+            self._advised[file] = hi
 
     def _fd(self, file: Path) -> int:
         f = self._files.get(file)

@@ -58,6 +58,17 @@ def param_owner(name: str, wrappers: dict[str, nn.Module]) -> str | None:
     return owner if owner in wrappers else None
 
 
+def placeholder_dtype(model: nn.Module, name: str) -> torch.dtype | None:
+    """The dtype of the (meta) parameter or buffer ``name`` if floating, else ``None``."""
+    mod_name, _, attr = name.rpartition(".")
+    try:
+        module = model.get_submodule(mod_name) if mod_name else model
+    except AttributeError:
+        return None
+    t = module._parameters.get(attr) if attr in module._parameters else module._buffers.get(attr)
+    return t.dtype if t is not None and t.is_floating_point() else None
+
+
 def assign_tensor(model: nn.Module, name: str, value: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Put ``value`` at parameter/buffer ``name`` (on ``device``, in the placeholder's dtype) in
     place of its meta placeholder. Raises :class:`oqcore.CheckpointError` on a shape mismatch or a
@@ -174,17 +185,25 @@ def load(
         pool = StagingPool(cap_bytes=2 * stats.largest_layer_bytes)
         with TensorReader() as reader:
             lender: str | None = None  # the wrapper the current group's buffers are lent to
+            want: torch.dtype | None = None  # the floating dtype the current group's target holds
+
+            def dtype_for(e) -> torch.dtype:
+                """Read floating tensors straight into the target's dtype (an fp32 checkpoint loaded
+                in bf16 is converted chunk by chunk, never held whole in fp32)."""
+                if want is not None and e.dtype.is_floating_point and e.dtype != want:
+                    return want
+                return e.dtype
 
             def read_into(key: str, dst: torch.Tensor | None) -> torch.Tensor | None:
-                """Checkpoint tensor ``key``, into ``dst`` when it fits (same dtype and shape,
+                """Checkpoint tensor ``key``, into ``dst`` when it fits (its read dtype and shape,
                 contiguous), else as a new tensor (lent by the pool for a quantized layer); ``None``
                 if ``dst`` was given and does not fit."""
                 nonlocal done
                 e = entries[key]
-                if dst is not None and (dst.dtype != e.dtype or tuple(dst.shape) != e.shape or not dst.is_contiguous()):
+                if dst is not None and (dst.dtype != dtype_for(e) or tuple(dst.shape) != e.shape or not dst.is_contiguous()):
                     return None
                 if dst is None:
-                    dst = pool.take(lender, e.shape, e.dtype) if lender is not None else torch.empty(e.shape, dtype=e.dtype)
+                    dst = alloc(e.shape, dtype_for(e))
                 t = time.perf_counter()
                 out = reader.read_into(e, dst)
                 stats.seconds_read += time.perf_counter() - t
@@ -200,8 +219,10 @@ def load(
 
             for i, g in enumerate(groups):
                 lender = param_owner(g.target, wrappers)
+                # one-to-many transformers rules run their own ops on the checkpoint's dtype
+                want = placeholder_dtype(model, g.target) if g.rule is None or is_expert_fusion(g.rule) else None
                 converted = g.convert(
-                    model, read, lambda k, dst: read_into(k, dst) is not None, alloc, lambda k: (entries[k].shape, entries[k].dtype)
+                    model, read, lambda k, dst: read_into(k, dst) is not None, alloc, lambda k: (entries[k].shape, dtype_for(entries[k]))
                 )
                 for name in list(converted):
                     # popped, not iterated: no reference may outlive the quantization below, or its
