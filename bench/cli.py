@@ -110,9 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     sections = set(args.only or SECTIONS)
     budget = QUICK if args.quick else FULL
     t0 = time.perf_counter()
-    results: dict[str, Any] = {
-        "mode": "quick" if args.quick else "full",
-        "started": dt.datetime.now().isoformat(timespec="seconds"),
+    previous: dict[str, Any] = {}
+    if args.only and (out / "results.json").is_file():
+        # re-running some sections: the others' results stay (the file records which were re-run)
+        previous = json.loads((out / "results.json").read_text())
+        previous.setdefault("rerun", []).append({"sections": sorted(sections), "started": dt.datetime.now().isoformat(timespec="seconds")})
+    results: dict[str, Any] = previous | {
+        "mode": previous.get("mode") or ("quick" if args.quick else "full"),
+        "started": previous.get("started") or dt.datetime.now().isoformat(timespec="seconds"),
         "loadavg_start": _loadavg(),
         "machine": machine(),
         "units": {"*_s": "seconds", "*_bytes / *_rss / peak_added": "bytes", "gbps": "GB/s (1e9 bytes/s) of bf16 read"},
@@ -120,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.manual_seed(0)
-    results["section_seconds"] = {}
+    results["section_seconds"] = previous.get("section_seconds", {})
     for name, key, fn in _sections(budget, out, args.quick):
         if name not in sections:
             continue

@@ -102,7 +102,7 @@ def loading_section(rows: list[dict[str, Any]]) -> str:
         [
             "## 2. Loading (fresh process per load)",
             "",
-            "Each path loads 3 times (quick: 2; torchao paths once), page cache warmed before each; wall ="
+            "Each path loads 3 times (quick: 2 on the sizes the targets use, else 1; torchao paths once), page cache warmed before each; wall ="
             " the fastest, peak = the largest of the runs."
             " peak added = peak RSS of the load minus the process RSS just before it (imports done); overhead ="
             " peak added minus the loaded model's own bytes (what the load needed beyond its result);"
