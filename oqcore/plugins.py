@@ -363,6 +363,9 @@ class OqPluginManager:
             checks_finite: bool = False,
             whole_stack: bool = False,
         ) -> None:
+            """The ``register`` of ``oq_register_quantizers`` (see :mod:`oqcore.hookspecs`); a key
+            name registers for every key it means. Raises :class:`oqcore.PluginError` for an
+            unknown name; conflicts surface when the hook's registrations are committed."""
             if isinstance(key, str):
                 info = reg.keys.get(key)
                 if info is None:

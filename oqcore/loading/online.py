@@ -215,6 +215,7 @@ def load(
                 return read_into(key, None)
 
             def alloc(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+                """A new CPU tensor for the current group: lent by the pool for a quantized layer."""
                 return pool.take(lender, shape, dtype) if lender is not None else torch.empty(shape, dtype=dtype)
 
             for i, g in enumerate(groups):
