@@ -11,9 +11,10 @@ from oqcore.errors import CheckpointError
 from oqcore.loading.checkpoint import TensorReader, file_entries
 from oqcore.loading.staging import StagingPool, _use_count
 
-pytestmark = pytest.mark.skipif(_use_count(torch.empty(1)) is None, reason="torch does not expose storage use counts")
+needs_use_count = pytest.mark.skipif(_use_count(torch.empty(1)) is None, reason="torch does not expose storage use counts")
 
 
+@needs_use_count
 def test_buffers_come_back_and_are_reused_by_shape_and_dtype():
     pool = StagingPool(cap_bytes=1 << 20)
     a = pool.take("layer0", (8, 16), torch.bfloat16)
@@ -28,6 +29,7 @@ def test_buffers_come_back_and_are_reused_by_shape_and_dtype():
     assert pool.reused_bytes == 8 * 16 * 2 + 4 * 4
 
 
+@needs_use_count
 def test_a_buffer_still_referenced_is_not_reused():
     pool = StagingPool(cap_bytes=1 << 20)
     kept = pool.take("layer0", (32,), torch.float32)[4:8]  # e.g. a method keeping a view
@@ -37,6 +39,7 @@ def test_a_buffer_still_referenced_is_not_reused():
     assert again.data_ptr() != kept.data_ptr() - 16 and pool.reused_bytes == 0
 
 
+@needs_use_count
 def test_free_buffers_are_capped():
     pool = StagingPool(cap_bytes=100)
     pool.take("a", (20,), torch.float32)  # 80 bytes: kept
@@ -87,6 +90,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and torch.equal(a, b)
 
 
+@needs_use_count
 @pytest.mark.parametrize("ckpt_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_load_reuses_staging_buffers_and_matches_quantize_(tiny_moe, ckpt_dtype):
     """Every layer after the first reads into the first one's buffers; the bytes are those of
