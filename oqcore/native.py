@@ -38,6 +38,25 @@ _STDERR_TAIL = 2000
 """Characters of compiler output kept in a failure reason (the end is where the errors are)."""
 
 
+C_HELPERS = r"""
+#include <stdint.h>
+#include <string.h>
+#define OQ_INLINE static inline __attribute__((always_inline))
+
+/* fp16 bits -> float32, exact (integer only): IEEE 754 binary16 -> binary32, subnormals normalized */
+OQ_INLINE float half_to_f32(uint32_t h) {
+    uint32_t sign = (h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu, bits;
+    if (e == 0x1F) bits = sign | 0x7F800000u | (m << 13);
+    else if (e) bits = sign | ((e + 112u) << 23) | (m << 13);
+    else if (!m) bits = sign;
+    else { e = 113; while (!(m & 0x400u)) { m <<= 1; e--; } bits = sign | (e << 23) | ((m & 0x3FFu) << 13); }
+    float f; memcpy(&f, &bits, 4); return f;
+}
+"""
+"""C helpers several plugins' kernels need (prepend to a kernel source): ``OQ_INLINE`` and the
+exact ``half_to_f32``, so fp16 inputs convert the same way in every kernel."""
+
+
 def compile_disabled() -> bool:
     """``True`` when ``OQ_COMPILE=0`` is set (checked on every call: tests and users may flip it)."""
     return os.environ.get("OQ_COMPILE", "1") == "0"

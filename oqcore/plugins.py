@@ -286,6 +286,7 @@ class OqPluginManager:
             aliases: Iterable[str] = (),
             description: str = "",
         ) -> None:
+            """The ``register`` callable handed to the plugin's hook (arguments: see :mod:`oqcore.hookspecs`)."""
             if key is not None and (weight is not None or activation is not None):
                 raise PluginError(f"plugin {plugin!r}: key {name!r}: give either key= or weight=/activation=")
             info = KeyInfo(
@@ -311,10 +312,12 @@ class OqPluginManager:
             moe: Mapping[str, Any] | None = None,
             description: str = "",
         ) -> None:
+            """The ``register`` callable handed to the plugin's hook (arguments: see :mod:`oqcore.hookspecs`)."""
             if linear is None and moe is None:
                 raise PluginError(f"plugin {plugin!r}: shorthand {name!r} defines neither linear nor moe")
 
             def commit() -> None:
+                """Apply the staged registration; raises :class:`oqcore.PluginConflictError` on a clash."""
                 if name in reg.shorthands:
                     raise PluginConflictError(
                         f"shorthand {name!r} is registered twice: by plugin {self._label(reg.shorthands[name].plugin)} "
@@ -328,6 +331,7 @@ class OqPluginManager:
 
     def _method_registrar(self, reg: Registry, plugin: str, staged: list) -> Callable[..., None]:
         def register(kind: str, weight_key: QuantKey | str, method_cls: type[OnlineMethodBase]) -> None:
+            """The ``register`` callable handed to the plugin's hook (arguments: see :mod:`oqcore.hookspecs`)."""
             if kind not in METHOD_BASES:
                 raise PluginError(f"plugin {plugin!r}: unknown layer kind {kind!r}; kinds: {', '.join(KINDS)}")
             key = reg.resolve_key(weight_key, "weight")
@@ -340,6 +344,7 @@ class OqPluginManager:
                 )
 
             def commit() -> None:
+                """Apply the staged registration; raises :class:`oqcore.PluginConflictError` on a clash."""
                 if (kind, key) in reg.methods:
                     other = reg.methods[(kind, key)]
                     raise PluginConflictError(
@@ -380,6 +385,7 @@ class OqPluginManager:
             k, backend = q.key, q.backend
 
             def commit() -> None:
+                """Apply the staged registration; raises :class:`oqcore.PluginConflictError` on a clash."""
                 if (k, backend) in reg.quantizers:
                     other = reg.quantizers[(k, backend)]
                     raise PluginConflictError(

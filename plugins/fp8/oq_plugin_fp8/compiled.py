@@ -114,6 +114,8 @@ def quantize_grouped_compiled(w: torch.Tensor, g: Grouping) -> tuple[torch.Tenso
 
 
 def _quantizer(g: Grouping):
+    """The registered compiled quantize function for grouping ``g``."""
+
     def quantize(w: torch.Tensor, options=None) -> tuple[torch.Tensor, torch.Tensor]:
         return quantize_grouped_compiled(w, g)
 

@@ -44,7 +44,7 @@ import threading
 
 import torch
 
-from oqcore.native import NativeLibrary, compile_disabled
+from oqcore.native import C_HELPERS, NativeLibrary, compile_disabled
 
 GEMV_MAX_M = 4
 """Batches up to this size run the fused GEMV (register-blocked over 4 tokens); larger ones the
@@ -251,7 +251,6 @@ void oq_fp8_dequant_rows(const uint8_t* q, int64_t K, int64_t n0, int64_t n1,
    dt: 0 = float32, 1 = bf16, 2 = fp16.
    --------------------------------------------------------------------------------------------- */
 
-#define OQ_INLINE static inline __attribute__((always_inline))
 
 /* Absolute-value bits in the input's own format: for non-negative IEEE values integer order is
    numeric order (and NaN > Inf > every finite value), so max |w| is an integer max. */
@@ -271,15 +270,6 @@ OQ_INLINE uint32_t inf_bits(int dt) { return dt == 0 ? 0x7F800000u : (dt == 1 ? 
 #define OQ_PREFETCH(w, dt, i) ((void)0)
 #endif
 
-/* fp16 bits -> float32, exact (integer only) */
-OQ_INLINE float half_to_f32(uint32_t h) {
-    uint32_t sign = (h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu, bits;
-    if (e == 0x1F) bits = sign | 0x7F800000u | (m << 13);
-    else if (e) bits = sign | ((e + 112u) << 23) | (m << 13);
-    else if (!m) bits = sign;
-    else { e = 113; while (!(m & 0x400u)) { m <<= 1; e--; } bits = sign | (e << 23) | ((m & 0x3FFu) << 13); }
-    float f; memcpy(&f, &bits, 4); return f;
-}
 OQ_INLINE float bits_to_f32(uint32_t b, int dt) {
     if (dt == 2) return half_to_f32(b);
     if (dt == 1) b <<= 16;
@@ -724,7 +714,7 @@ def _bind(lib) -> None:
     _bind_quantizers(lib)
 
 
-LIBRARY = NativeLibrary("oq_fp8_cpu", C_SOURCE, bind=_bind)
+LIBRARY = NativeLibrary("oq_fp8_cpu", C_HELPERS + C_SOURCE, bind=_bind)
 """The compiled kernels of this module (build, cache and ctypes loading: :mod:`oqcore.native`)."""
 
 
@@ -929,6 +919,8 @@ def fp8_cpu_quantizers() -> dict[str, tuple]:
     from oq_plugin_fp8.quant import GROUPINGS, TORCH_QUANTIZERS
 
     def make(g):
+        """The registered quantize function for grouping ``g``."""
+
         def quantize(w: torch.Tensor, options=None) -> tuple[torch.Tensor, torch.Tensor]:
             return quantize_fp8_grouped(w, g, check_finite=True)
 

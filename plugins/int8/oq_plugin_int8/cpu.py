@@ -22,7 +22,7 @@ import ctypes
 
 import torch
 
-from oqcore.native import NativeLibrary
+from oqcore.native import C_HELPERS, NativeLibrary
 
 C_SOURCE = r"""
 #include <stdint.h>
@@ -34,19 +34,9 @@ C_SOURCE = r"""
 #define OQ_AVX512 1
 #endif
 
-#define OQ_INLINE static inline __attribute__((always_inline))
 #define INT8_MAX_F 127.0f
 #define ZERO_ROW_SCALE 1.1920928955078125e-07f /* torch.finfo(torch.float32).eps = 2^-23 */
 
-/* fp16 bits -> float32, exact (integer only) */
-OQ_INLINE float half_to_f32(uint32_t h) {
-    uint32_t sign = (h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu, bits;
-    if (e == 0x1F) bits = sign | 0x7F800000u | (m << 13);
-    else if (e) bits = sign | ((e + 112u) << 23) | (m << 13);
-    else if (!m) bits = sign;
-    else { e = 113; while (!(m & 0x400u)) { m <<= 1; e--; } bits = sign | (e << 23) | ((m & 0x3FFu) << 13); }
-    float f; memcpy(&f, &bits, 4); return f;
-}
 
 /* element i as float32, exact. dt: 0 = float32, 1 = bf16, 2 = fp16 */
 OQ_INLINE float load1(const void* w, int dt, int64_t i) {
@@ -140,7 +130,7 @@ def _bind(lib) -> None:
 
 
 # -lm: the portable (-DOQ_GENERIC) loop calls rintf
-LIBRARY = NativeLibrary("oq_int8_cpu", C_SOURCE, extra_flags=("-lm",), bind=_bind)
+LIBRARY = NativeLibrary("oq_int8_cpu", C_HELPERS + C_SOURCE, extra_flags=("-lm",), bind=_bind)
 """The compiled quantizer (built on first use, cached per machine by :mod:`oqcore.native`)."""
 
 
