@@ -117,6 +117,7 @@ def _quantizer(g: Grouping):
     """The registered compiled quantize function for grouping ``g``."""
 
     def quantize(w: torch.Tensor, options=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``w [N, K]`` / ``[E, N, K]`` -> ``(qdata float8_e4m3fn, scale float32)`` for grouping ``g``."""
         return quantize_grouped_compiled(w, g)
 
     quantize.__doc__ = (

@@ -922,6 +922,7 @@ def fp8_cpu_quantizers() -> dict[str, tuple]:
         """The registered quantize function for grouping ``g``."""
 
         def quantize(w: torch.Tensor, options=None) -> tuple[torch.Tensor, torch.Tensor]:
+            """``w [N, K]`` / ``[E, N, K]`` -> ``(qdata float8_e4m3fn, scale float32)``; NonFiniteError for NaN/Inf."""
             return quantize_fp8_grouped(w, g, check_finite=True)
 
         quantize.__doc__ = f"C fp8 quantizer for {g}; bytes equal the torch reference (eager fallback); NonFiniteError for NaN/Inf."

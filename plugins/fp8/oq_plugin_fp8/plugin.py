@@ -70,11 +70,13 @@ def oq_register_quantizers(register):
 def _lazy_triton_pair(grouping):
     # the kernels module imports triton: defer it to the first call
     def quantize(w, options=None):
+        """Triton quantizer for the grouping (imports triton on first call)."""
         from oq_plugin_fp8.kernels.quantize import quantize_grouped
 
         return quantize_grouped(w, grouping)
 
     def dequantize(qdata, scale, dtype, options=None):
+        """The reference dequantizer for the grouping."""
         from oq_plugin_fp8.quant import dequantize_grouped
 
         return dequantize_grouped(qdata, scale, dtype, grouping)

@@ -140,9 +140,11 @@ def dequantize_grouped(qdata: torch.Tensor, scale: torch.Tensor, dtype: torch.dt
 
 def _pair(g: Grouping):
     def quantize(w: torch.Tensor, options=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference quantizer for grouping ``g``."""
         return quantize_grouped(w, g)
 
     def dequantize(qdata: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, options=None) -> torch.Tensor:
+        """Reference dequantizer for grouping ``g``."""
         return dequantize_grouped(qdata, scale, dtype, g)
 
     return quantize, dequantize
