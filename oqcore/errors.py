@@ -90,8 +90,25 @@ class PluginError(OqError):
     """A plugin failed to load or registered something that conflicts with another plugin."""
 
 
+class SaveError(OqError):
+    """A quantized model could not be written (read-only or full disk, a file where a folder must go,
+    the source checkpoint as the destination, a folder that is not an earlier export).
+
+    Saves are atomic at folder level: when this is raised, the destination is as it was before.
+    """
+
+
 class PluginConflictError(PluginError):
     """Two plugins registered the same name (key, alias, shorthand, method, quantizer, plugin name).
 
     Always fatal, whatever ``OQ_STRICT_PLUGINS`` says: which one to use is the user's decision.
+    """
+
+
+class InternalError(OqError):
+    """An unexpected failure inside oqcore (a bug, not bad input): the message names the public
+    call, the original exception type and text; the original is chained as ``__cause__``.
+
+    The public API converts any non-:class:`OqError` exception into this one, so callers only ever
+    catch :class:`OqError`; please report it with the chained traceback.
     """
