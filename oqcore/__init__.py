@@ -19,6 +19,8 @@ from __future__ import annotations
 from oqcore.config import BoundSpec, QuantizationConfig, QuantSpec
 from oqcore.errors import (
     CheckpointError,
+    InternalError,
+    SaveError,
     ConfigError,
     NoBackendError,
     NonFiniteError,
@@ -43,7 +45,21 @@ from oqcore.export import save_quantized
 
 __version__ = "0.1.0"
 
+# Only OqError subclasses leave the public API: anything else is wrapped as an InternalError.
+from oqcore.errors import public_api as _public_api  # noqa: E402
 
+load = _public_api(load)
+quantize_ = _public_api(quantize_)
+reload_weights = _public_api(reload_weights)
+report = _public_api(report)
+save_quantized = _public_api(save_quantized)
+plan = _public_api(plan)
+quantize_tensor = _public_api(quantize_tensor)
+select_backend = _public_api(select_backend)
+get_registry = _public_api(get_registry)
+
+
+@_public_api
 def quant_key(name: str, role: Role = "weight") -> QuantKey:
     """The :class:`QuantKey` a registered name means in ``role`` (``"weight"`` or ``"activation"``).
 
@@ -56,6 +72,7 @@ def quant_key(name: str, role: Role = "weight") -> QuantKey:
     return get_registry().keys.resolve(name, role)
 
 
+@_public_api
 def list_quant_keys() -> list[KeyInfo]:
     """Every registered key name, sorted: its aliases, its key per role and the providing plugin."""
     keys = get_registry().keys
@@ -70,6 +87,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "GroupShape",
+    "InternalError",
     "KeyInfo",
     "LayerPlan",
     "NoBackendError",
@@ -87,6 +105,7 @@ __all__ = [
     "QuantizationConfig",
     "QuantizedTensor",
     "Report",
+    "SaveError",
     "ScaleDesc",
     "UnknownKeyError",
     "UnsupportedLayerError",

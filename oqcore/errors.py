@@ -112,3 +112,29 @@ class InternalError(OqError):
     The public API converts any non-:class:`OqError` exception into this one, so callers only ever
     catch :class:`OqError`; please report it with the chained traceback.
     """
+
+
+def public_api(fn):
+    """Decorate a public entry point so that only :class:`OqError` subclasses leave it.
+
+    An ``OqError`` passes through unchanged; any other ``Exception`` (a bug in oqcore or in a
+    plugin that its own checks did not catch) becomes an :class:`InternalError` naming the call
+    and the original type and text, chained as ``__cause__`` for the traceback.
+    ``KeyboardInterrupt`` and other ``BaseException``\\ s are not errors of the call: they propagate.
+    """
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OqError:
+            raise
+        except Exception as e:
+            raise InternalError(
+                f"oqcore.{fn.__name__}: unexpected {type(e).__name__}: {e} (a bug in oqcore or a plugin, not in "
+                "your input: please report it with the chained traceback)"
+            ) from e
+
+    wrapper.__wrapped__ = fn
+    return wrapper
