@@ -57,6 +57,8 @@ plan = _public_api(plan)
 quantize_tensor = _public_api(quantize_tensor)
 select_backend = _public_api(select_backend)
 get_registry = _public_api(get_registry)
+get_plugin_manager = _public_api(get_plugin_manager)
+always_supported = _public_api(always_supported)
 
 
 @_public_api
