@@ -1,19 +1,24 @@
 """QuantSpec and QuantizationConfig: the declarative config, validated by pydantic.
 
-The same dict a vLLM user writes for ``quantization_config`` is accepted::
+The same dict a vLLM user writes for ``quantization_config`` is accepted, with the same meaning::
 
     {"linear": "fp8_per_block", "moe": {"weight": "mxfp8", "activation": "mxfp8"}, "ignore": ["lm_head"]}
 
-plus ``scheme`` (a top-level shorthand, vLLM's ``--quantization``), ``targets`` (per-layer specs by
-pattern) and ``backend`` (pin a backend per kind). YAML files and OmegaConf dotlist overrides
-(``moe.activation=mxfp8``, ``linear.activation=null``) are merged before validation.
+plus ``scheme`` / ``quantization`` (a top-level shorthand, vLLM's ``--quantization``; the value
+``online`` means "as the other fields say"), ``targets`` (per-layer specs by pattern) and
+``backend`` (pin a backend per kind). YAML / JSON files and OmegaConf-style dotlist overrides
+(``moe.activation=mxfp8``, ``linear.activation=null``) are merged before validation, see
+:meth:`QuantizationConfig.from_any`.
 
 Every failure is an :class:`oqcore.ConfigError` (or its subclass :class:`oqcore.UnknownKeyError`)
-whose ``field`` is the dotted path at fault.
+whose ``field`` is the dotted path of the first field at fault and whose ``errors`` lists every
+problem found, each with its path.
 """
 
 from __future__ import annotations
 
+import difflib
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +28,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictStr,
     ValidationError,
     ValidationInfo,
     field_serializer,
@@ -30,43 +36,110 @@ from pydantic import (
     model_validator,
 )
 
-from oqcore.errors import ConfigError
+from oqcore.errors import ConfigError, UnknownKeyError
 from oqcore.keys import QuantKey
-from oqcore.plugins import KINDS, Registry, get_registry
+from oqcore.plugins import KINDS, Registry, get_plugin_manager, get_registry
+
+#: vLLM's ``--quantization`` value meaning "use quantization_config as given" (no shorthand).
+ONLINE = "online"
 
 
 def _is_none_word(v: Any) -> bool:
     return isinstance(v, str) and v.strip().lower() in ("none", "null")
 
 
-def _path(loc: Sequence[str | int]) -> str:
+def _short(v: Any, limit: int = 60) -> str:
+    try:
+        text = repr(v)
+    except Exception:  # a hostile __repr__ must not hide the real error
+        text = f"<{type(v).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _path(loc: Sequence[Any]) -> str:
     out = ""
     for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
+        if isinstance(part, int) or not isinstance(part, str):
+            out += f"[{part!r}]" if not isinstance(part, int) else f"[{part}]"
         elif out.endswith("targets"):
             out += f"[{part!r}]"
         else:
-            out += f".{part}" if out else str(part)
+            out += f".{part}" if out else part
     return out
 
 
-def _convert(err: ValidationError, prefix: str | None = None) -> ConfigError:
-    """Turn a pydantic ValidationError into the first error as a ConfigError with its field path."""
-    first = err.errors(include_url=False)[0]
-    more = err.error_count() - 1
-    tail = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
-    loc = [p for p in first["loc"] if p not in ("function-after[...]", "function-before[...]")]
-    where = _path(loc) or None
-    orig = (first.get("ctx") or {}).get("error")
-    if prefix:
-        where = f"{prefix}.{where}" if where else prefix
-    if isinstance(orig, ConfigError):
-        out = orig.at(where) if where else orig
-        if tail:
-            out = type(out)(out.reason + tail, out.field)
-        return out
-    return ConfigError(first["msg"] + tail, where)
+def _is_internal_loc(part: Any) -> bool:
+    # pydantic adds validator and dict-key markers to locations; users never wrote those
+    return isinstance(part, str) and (part.startswith("function-") or part == "[key]")
+
+
+def _did_you_mean(name: Any, valid: Iterable[str]) -> str:
+    if not isinstance(name, str):
+        return ""
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _convert(err: ValidationError, prefix: str | None = None, model: type[BaseModel] | None = None) -> ConfigError:
+    """Turn a pydantic ValidationError into one ConfigError listing every error with its field path.
+
+    A single error keeps its own type (e.g. :class:`oqcore.UnknownKeyError`); several become a
+    :class:`oqcore.ConfigError` whose ``errors`` has them all. ``model`` is the class validated
+    (for the valid field names of an unknown field).
+    """
+    found: list[ConfigError] = []
+    for e in err.errors(include_url=False):
+        raw_loc = list(e["loc"])
+        is_key = "[key]" in raw_loc
+        loc = [p for p in raw_loc if not _is_internal_loc(p)]
+        where = _path(loc) or None
+        if prefix:
+            where = f"{prefix}{'' if where and where.startswith('[') else '.'}{where}" if where else prefix
+        orig = (e.get("ctx") or {}).get("error")
+        if isinstance(orig, ConfigError):
+            found.append(orig.at(where) if where else orig)
+            continue
+        found.append(ConfigError(_message(e, loc, model, is_key), where))
+    unique: list[ConfigError] = []
+    seen: set[tuple] = set()
+    for f in found:
+        for pair in f.errors:
+            if pair not in seen:
+                seen.add(pair)
+                if len(f.errors) == 1:
+                    unique.append(f)
+                else:
+                    unique.append(ConfigError(pair[1], pair[0]))
+    if len(unique) == 1:
+        return unique[0]
+    first = unique[0]
+    return ConfigError(first.reason, first.field, errors=[(u.field, u.reason) for u in unique])
+
+
+def _message(e: Mapping[str, Any], loc: list[Any], model: type[BaseModel] | None, is_key: bool) -> str:
+    kind = e["type"]
+    value = e.get("input")
+    if kind == "extra_forbidden":
+        name = loc[-1] if loc else "?"
+        valid = _field_names(model) if model is not None and len(loc) == 1 else []
+        listing = f" Valid fields: {', '.join(valid)}" if valid else ""
+        return f"unknown field {name!r}{_did_you_mean(name, valid)}{listing}"
+    if kind == "missing":
+        return "this field is required"
+    msg = e["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    if is_key:
+        return f"key {_short(value)}: {msg[0].lower()}{msg[1:]}"
+    if "input" in e and kind.endswith("_type") or kind in ("is_instance_of", "model_type", "model_attributes_type"):
+        return f"{msg}, got {type(value).__name__} {_short(value)}"
+    return msg
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    names = list(model.model_fields)
+    extra = getattr(model, "FIELD_ALIASES", {})
+    return names + [a for a in extra if a not in names]
 
 
 class _OqModel(BaseModel):
@@ -78,15 +151,33 @@ class _OqModel(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as e:
-            raise _convert(e) from None
+            raise _convert(e, model=type(self)) from None
 
     @classmethod
     def model_validate(cls, obj: Any, **kwargs: Any):
-        """pydantic's ``model_validate``, raising :class:`oqcore.ConfigError` with the field path."""
+        """pydantic's ``model_validate``, raising :class:`oqcore.ConfigError` with the field paths."""
+        if isinstance(obj, Mapping):
+            bad = [k for k in obj if not isinstance(k, str)]
+            if bad:  # pydantic-core raises a bare TypeError for these before any validator runs
+                raise ConfigError(f"field names must be strings, got {_short(bad[0])}; valid fields: {', '.join(_field_names(cls))}")
         try:
             return super().model_validate(obj, **kwargs)
         except ValidationError as e:
-            raise _convert(e) from None
+            raise _convert(e, model=cls) from None
+        except RecursionError:
+            raise ConfigError("the config is nested too deeply") from None
+
+
+def _key_value(v: Any, role: str) -> Any:
+    """A key name resolved in ``role``, a QuantKey passed through, or a ConfigError for anything else."""
+    if isinstance(v, QuantKey):
+        return v
+    if isinstance(v, str):
+        return get_registry().resolve_key(v, role)  # type: ignore[arg-type]
+    raise ConfigError(
+        f"expected a {role} key name (a string such as {'fp8_per_block_static' if role == 'weight' else 'fp8_per_token'!r}), "
+        f"got {type(v).__name__} {_short(v)}"
+    )
 
 
 class QuantSpec(_OqModel):
@@ -99,6 +190,9 @@ class QuantSpec(_OqModel):
     - ``options``: method-specific knobs, validated by the method's own pydantic ``options_model``
       when the spec is bound to a kind (e.g. ``{"scale_mode": "floor"}`` for mxfp8).
 
+    ``str(spec)`` is vLLM's: the weight key name alone (``"mxfp8"``) when nothing else is set, else
+    compact JSON of the fields given (``{"weight":"mxfp8","activation":null}``).
+
     Raises :class:`oqcore.UnknownKeyError` for unknown names, :class:`oqcore.ConfigError` otherwise.
     """
 
@@ -109,20 +203,31 @@ class QuantSpec(_OqModel):
     @field_validator("weight", mode="before")
     @classmethod
     def _weight(cls, v: Any) -> Any:
-        if v is None:
-            raise ConfigError("a weight key is required (weight: null quantizes nothing: use ignore instead)")
-        if isinstance(v, str):
-            return get_registry().resolve_key(v, "weight")
-        return v
+        if v is None or _is_none_word(v):
+            raise ConfigError(
+                "a weight key is required here (to leave a kind unquantized, set linear/moe: {weight: null} "
+                "or leave it out; to skip layers, use ignore)"
+            )
+        return _key_value(v, "weight")
 
     @field_validator("activation", mode="before")
     @classmethod
     def _activation(cls, v: Any) -> Any:
         if v is None or _is_none_word(v):
             return None
-        if isinstance(v, str):
-            return get_registry().resolve_key(v, "activation")
-        return v
+        return _key_value(v, "activation")
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def _options(cls, v: Any) -> Any:
+        if v is None:
+            return {}
+        if not isinstance(v, Mapping):
+            raise ConfigError(f"expected a mapping of option names to values, got {type(v).__name__} {_short(v)}")
+        bad = [k for k in v if not isinstance(k, str)]
+        if bad:
+            raise ConfigError(f"option names must be strings, got {_short(bad[0])}")
+        return dict(v)
 
     @property
     def activation_given(self) -> bool:
@@ -145,10 +250,24 @@ class QuantSpec(_OqModel):
         return d
 
     def __str__(self) -> str:
-        d = self.to_dict()
-        act = d["activation"] if "activation" in d else "(default)"
-        opts = f", options={d['options']}" if d.get("options") else ""
-        return f"weight={d['weight']}, activation={act}{opts}"
+        return spec_str(self.to_dict())
+
+
+def spec_str(spec: Any) -> str:
+    """vLLM's text for a spec: the weight name alone when only ``weight`` is set, else compact JSON.
+
+    ``spec`` is a :class:`QuantSpec`, a mapping (names or keys) or a bare name.
+    """
+    if isinstance(spec, QuantSpec):
+        return str(spec)
+    if isinstance(spec, QuantKey):
+        return get_registry().name_of(spec, "weight")
+    if not isinstance(spec, Mapping):
+        return str(spec)
+    d = _jsonable_spec(spec)
+    if set(d) == {"weight"} and isinstance(d["weight"], str):
+        return d["weight"]
+    return json.dumps(d, separators=(",", ":"), default=str)
 
 
 @dataclass(frozen=True)
@@ -173,12 +292,15 @@ def _spec_mapping(value: Any, kind: str | None, reg: Registry) -> dict[str, Any]
     if isinstance(value, (str, QuantKey)):
         value = {"weight": value}
     if not isinstance(value, Mapping):
-        raise ConfigError(f"expected a key name, a shorthand or a mapping with 'weight', got {type(value).__name__}")
+        raise ConfigError(
+            f"expected a key name, a shorthand or a mapping with 'weight', got {type(value).__name__} {_short(value)}"
+        )
+    bad = [k for k in value if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"field names must be strings, got {_short(bad[0])}; valid fields: weight, activation, options")
     m = dict(value)
     w = m.get("weight")
-    if isinstance(w, str) and w not in reg.shorthands and reg.keys.get(w) is None:
-        from oqcore.errors import UnknownKeyError
-
+    if isinstance(w, str) and not _is_none_word(w) and w not in reg.shorthands and reg.keys.get(w) is None:
         valid = set(reg.keys.names("weight")) | set(reg.shorthands)
         raise UnknownKeyError.for_name(w, valid, "weight key or shorthand", "weight")
     if isinstance(w, str) and w in reg.shorthands and kind is not None:
@@ -224,75 +346,125 @@ def bind_spec(value: Any, kind: str, reg: Registry | None = None) -> BoundSpec:
     try:
         options = cls.options_model.model_validate(spec.options)
     except ValidationError as e:
-        raise _convert(e, "options") from None
+        raise _convert(e, "options", cls.options_model) from None
+    except ConfigError as e:
+        raise e.at("options") from None
+    except Exception as e:  # a plugin's options model failing in its own way still names the field
+        raise ConfigError(f"{cls.__name__} rejected the options: {type(e).__name__}: {e}", "options") from None
     return BoundSpec(kind, spec, cls, act, options, entry.plugin)
 
 
 def _normalize_slot(v: Any) -> Any:
-    """A string slot becomes ``{"weight": s}`` so dotlist overrides can merge into it."""
-    return {"weight": v} if isinstance(v, (str, QuantKey)) else v
+    """A string (or key) slot becomes ``{"weight": s}``, a QuantSpec the mapping of its given
+    fields, so overrides can set one field of it."""
+    if isinstance(v, (str, QuantKey)):
+        return {"weight": v}
+    if isinstance(v, QuantSpec):
+        return {k: getattr(v, k) for k in v.model_fields_set}
+    return v
+
+
+def _normalize_for_override(path: tuple[str, ...], v: Any) -> Any:
+    """Before an override descends into ``path``: slots (``linear``, ``moe``, ``targets.<p>``)
+    given as a name become mappings; a config object becomes its dict."""
+    if isinstance(v, QuantizationConfig):
+        return v.to_dict()
+    if (len(path) == 1 and path[0] in KINDS) or (len(path) == 2 and path[0] == "targets"):
+        return _normalize_slot(v)
+    return v
+
+
+def _weight_is_null(slot: Any) -> bool:
+    return isinstance(slot, Mapping) and "weight" in slot and (slot["weight"] is None or _is_none_word(slot["weight"]))
 
 
 class QuantizationConfig(_OqModel):
-    """The whole config: which spec each layer kind or named layer gets.
+    """The whole config: which spec each layer kind or named layer gets. Same meaning as vLLM's.
 
     Fields:
 
-    - ``scheme``: a shorthand filling ``linear`` and ``moe`` (alias ``quantization``, as vLLM's
-      ``--quantization``); explicit ``linear`` / ``moe`` fields win, and a slot mapping without
-      ``weight`` is merged over the shorthand's.
+    - ``scheme``: a shorthand filling ``linear`` and ``moe`` (alias ``quantization``, vLLM's
+      ``--quantization``; the value ``online`` means "no shorthand: as the other fields say").
+      Explicit ``linear`` / ``moe`` fields win; a slot mapping without ``weight`` is merged over
+      the shorthand's; a slot set to ``null`` falls back to the shorthand's (vLLM's rule).
     - ``linear``, ``moe``: a shorthand name, a key name or a spec mapping, bound at validation to
-      the method that implements it (so errors show up here, not at load time).
-    - ``ignore``: layer-name patterns kept in high precision: exact names, ``re:`` regexes (full
-      match) or fnmatch globs.
-    - ``targets``: ``pattern -> spec`` for per-layer schemes; mutually exclusive with
-      ``scheme``/``linear``/``moe``; resolved per layer kind at plan time.
-    - ``backend``: ``{"linear": "triton"}`` pins a backend per kind.
+      the method that implements it (so errors show up here, not at load time). ``{weight: null}``
+      leaves that kind unquantized (vLLM's way to quantize only the MoE experts of a shorthand).
+    - ``ignore``: layer-name patterns kept in high precision: exact names, ``re:`` regexes matched
+      from the start of the name (Python ``re.match``, as vLLM and compressed-tensors do:
+      ``re:.*mlp`` matches ``model.layers.0.mlp.gate``), or fnmatch globs (``model.layers.*.mlp.gate``).
+    - ``targets``: ``pattern -> spec`` for per-layer schemes (patterns as for ``ignore``); mutually
+      exclusive with ``scheme``/``linear``/``moe``; resolved per layer kind at plan time.
+    - ``backend``: ``{"linear": "triton"}`` pins a backend per kind; checked at validation against
+      the backends the plugins offer for the configured weight keys.
 
-    Build with ``QuantizationConfig(**fields)``, :meth:`model_validate`, :meth:`from_yaml`,
-    :meth:`from_dotlist` or :meth:`from_any`. Raises :class:`oqcore.ConfigError`.
+    A config must quantize something (a shorthand, ``linear``, ``moe`` or ``targets``), as in vLLM;
+    :meth:`none` is the explicit "quantize nothing" for callers that load without quantizing.
+
+    Build with ``QuantizationConfig(**fields)``, :meth:`model_validate`, :meth:`from_any`,
+    :meth:`from_yaml` or :meth:`from_dotlist`. Raises :class:`oqcore.ConfigError` (every problem
+    listed in ``.errors`` with its field path).
     """
 
     KINDS: ClassVar[tuple[str, ...]] = KINDS
+    FIELD_ALIASES: ClassVar[dict[str, str]] = {"quantization": "scheme"}
 
-    scheme: str | None = None
+    scheme: StrictStr | None = None
     linear: QuantSpec | None = None
     moe: QuantSpec | None = None
-    ignore: list[str] = Field(default_factory=list)
-    targets: dict[str, QuantSpec | dict[str, Any]] = Field(default_factory=dict)
-    backend: dict[str, str] = Field(default_factory=dict)
+    ignore: list[StrictStr] = Field(default_factory=list)
+    targets: dict[str, Any] = Field(default_factory=dict)
+    backend: dict[StrictStr, StrictStr] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
     def _merge_scheme(cls, data: Any) -> Any:
         if not isinstance(data, Mapping):
             return data
+        bad = [k for k in data if not isinstance(k, str)]
+        if bad:
+            valid = ", ".join(_field_names(cls))
+            raise ConfigError(f"field names must be strings, got {_short(bad[0])}; valid fields: {valid}")
         data = dict(data)
+        field = "scheme"
         if "quantization" in data:
             if "scheme" in data:
                 raise ConfigError("give either scheme or its alias quantization, not both", "quantization")
+            field = "quantization"
             data["scheme"] = data.pop("quantization")
-        for kind in KINDS:
-            if kind in data:
-                data[kind] = _normalize_slot(data[kind])
         scheme = data.get("scheme")
-        if scheme is None:
-            return data
+        if scheme is not None and not isinstance(scheme, str):
+            raise ConfigError(f"expected a shorthand name or 'online', got {type(scheme).__name__} {_short(scheme)}", field)
+        if scheme == ONLINE:
+            scheme = data["scheme"] = None
         reg = get_registry()
-        if scheme not in reg.shorthands:
-            from oqcore.errors import UnknownKeyError
-
-            raise UnknownKeyError.for_name(scheme, reg.shorthands, "shorthand", "scheme")
-        sh = reg.shorthands[scheme]
+        if scheme is not None and scheme not in reg.shorthands:
+            raise UnknownKeyError.for_name(scheme, [*reg.shorthands, ONLINE], "shorthand", field)
+        sh = reg.shorthands[scheme] if scheme is not None else None
         for kind in KINDS:
-            explicit = data.get(kind)
-            base = sh.slot(kind)
-            if explicit is None and kind not in data:
-                data[kind] = dict(base) if base is not None else None
-            elif isinstance(explicit, Mapping) and "weight" not in explicit:
+            if kind not in data:
+                if sh is not None:
+                    base = sh.slot(kind)
+                    data[kind] = dict(base) if base is not None else None
+                continue
+            explicit = _normalize_slot(data[kind])
+            if explicit is None and sh is not None:  # vLLM: `linear or base.linear`
+                base = sh.slot(kind)
+                explicit = dict(base) if base is not None else None
+            elif _weight_is_null(explicit):
+                extra = [k for k, v in explicit.items() if k != "weight" and v is not None and not _is_none_word(v)]
+                if extra:
+                    raise ConfigError(
+                        f"weight: null leaves {kind} layers unquantized, so {extra[0]} has no meaning; remove it",
+                        f"{kind}.{extra[0]}",
+                    )
+                explicit = None
+            elif sh is not None and isinstance(explicit, Mapping) and "weight" not in explicit:
+                base = sh.slot(kind)
                 if base is None:
                     raise ConfigError(f"shorthand {scheme!r} defines no {kind} spec to merge into; give a weight", kind)
-                data[kind] = {**base, **explicit}
+                explicit = {**base, **explicit}
+            data[kind] = explicit
         return data
 
     @field_validator("linear", "moe", mode="before")
@@ -305,12 +477,23 @@ class QuantizationConfig(_OqModel):
     @field_validator("targets", mode="before")
     @classmethod
     def _targets(cls, v: Any) -> Any:
+        if v is None:
+            return {}
         if not isinstance(v, Mapping):
-            return v
+            raise ConfigError(f"expected a mapping of layer patterns to specs, got {type(v).__name__} {_short(v)}")
         reg = get_registry()
         out: dict[str, Any] = {}
+        problems: list[ConfigError] = []
         for pattern, spec in v.items():
-            _check_pattern(pattern, f"[{pattern!r}]")
+            where = f"[{pattern!r}]"
+            try:
+                check_pattern(pattern, where)
+            except ConfigError as e:
+                problems.append(e)
+                continue
+            if spec is None or _weight_is_null(spec):
+                problems.append(ConfigError("a target needs a weight key (to keep layers in high precision, use ignore)", where))
+                continue
             # A target may be bound to either kind (resolved per layer at plan time); reject it now
             # only if it can serve neither.
             errors: list[ConfigError] = []
@@ -320,86 +503,251 @@ class QuantizationConfig(_OqModel):
                 except ConfigError as e:
                     errors.append(e)
             if len(errors) == len(KINDS):
-                raise errors[0].at(f"[{pattern!r}]")
+                problems.append(errors[0].at(where))
+                continue
             out[pattern] = _normalize_slot(spec) if not isinstance(spec, QuantSpec) else spec
+        _raise_all(problems)
         return out
+
+    @field_validator("ignore", mode="before")
+    @classmethod
+    def _ignore_type(cls, v: Any) -> Any:
+        if v is None:
+            return []
+        if isinstance(v, (str, bytes, Mapping)) or not isinstance(v, (list, tuple)):
+            raise ConfigError(f"expected a list of layer patterns, got {type(v).__name__} {_short(v)}")
+        return list(v)
 
     @field_validator("ignore", mode="after")
     @classmethod
     def _ignore(cls, v: list[str]) -> list[str]:
+        problems: list[ConfigError] = []
         for i, pattern in enumerate(v):
-            _check_pattern(pattern, f"[{i}]")
+            try:
+                check_pattern(pattern, f"[{i}]")
+            except ConfigError as e:
+                problems.append(e)
+        _raise_all(problems)
+        return v
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _backend_type(cls, v: Any) -> Any:
+        if v is None:
+            return {}
+        if not isinstance(v, Mapping):
+            raise ConfigError(f"expected a mapping of layer kinds to backend names, got {type(v).__name__} {_short(v)}")
         return v
 
     @field_validator("backend", mode="after")
     @classmethod
     def _backend(cls, v: dict[str, str]) -> dict[str, str]:
-        for kind in v:
-            if kind not in KINDS:
-                raise ConfigError(f"unknown layer kind {kind!r}; kinds: {', '.join(KINDS)}", kind)
+        _raise_all([ConfigError(f"unknown layer kind {kind!r}; kinds: {', '.join(KINDS)}", kind) for kind in v if kind not in KINDS])
         return v
 
     @model_validator(mode="after")
-    def _exclusive(self) -> QuantizationConfig:
+    def _whole(self) -> QuantizationConfig:
         if self.targets and (self.linear is not None or self.moe is not None or self.scheme is not None):
             raise ConfigError("targets and scheme/linear/moe are mutually exclusive; use one or the other", "targets")
+        if self.linear is None and self.moe is None and not self.targets:
+            raise ConfigError(
+                "the config quantizes nothing: give a shorthand (scheme / quantization), linear, moe or targets "
+                "(as in vLLM, a config with none of them is an error)"
+            )
+        self._check_backend_pins()
         return self
+
+    def _check_backend_pins(self) -> None:
+        if not self.backend:
+            return
+        pm = get_plugin_manager()
+        reg = pm.registry
+        problems: list[ConfigError] = []
+        for kind, pinned in self.backend.items():
+            weights = self._weight_keys(kind, reg)
+            if not weights:
+                problems.append(
+                    ConfigError(f"the config quantizes no {kind} layers, so there is nothing to pin; remove this pin", f"backend.{kind}")
+                )
+                continue
+            names: set[str] = set()
+            for w in weights:
+                names.update(b.name for b in pm.backend_candidates(kind, w))
+            if pinned not in names:
+                wnames = ", ".join(sorted(reg.name_of(w, "weight") for w in weights))
+                valid = ", ".join(sorted(names)) or "(none offered)"
+                problems.append(
+                    ConfigError(
+                        f"unknown backend {pinned!r} for {kind} layers with weight {wnames}"
+                        f"{_did_you_mean(pinned, names) or ';'} valid backends: {valid}",
+                        f"backend.{kind}",
+                    )
+                )
+        _raise_all(problems)
+
+    def _weight_keys(self, kind: str, reg: Registry) -> list[QuantKey]:
+        out: list[QuantKey] = []
+        spec = self.spec_for(kind)
+        if spec is not None:
+            out.append(spec.weight)
+        for target in self.targets.values():
+            try:
+                w = bind_spec(target, kind, reg).spec.weight
+            except ConfigError:
+                continue
+            if w not in out:
+                out.append(w)
+        return out
 
     # ---- constructors -------------------------------------------------------------------------
 
     @classmethod
-    def from_any(cls, obj: QuantizationConfig | Mapping[str, Any] | str | Path | None) -> QuantizationConfig:
-        """Build from a config, a dict, a YAML/JSON file path or a shorthand name (``"fp8_per_block"``)."""
-        if isinstance(obj, QuantizationConfig):
-            return obj
-        if obj is None:
-            return cls()
-        if isinstance(obj, Mapping):
-            return cls.model_validate(dict(obj))
-        p = Path(obj)
-        if p.suffix in (".yaml", ".yml", ".json") or p.exists():
-            return cls.from_yaml(p)
-        return cls.model_validate({"scheme": str(obj)})
+    def none(cls) -> QuantizationConfig:
+        """The config that quantizes nothing, **not validated** (validation refuses an empty config,
+        as vLLM does). For internal callers that load or plan a model without quantizing it: every
+        layer is then kept in high precision ("no linear spec in the config")."""
+        return cls.model_construct()
 
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: Iterable[str] = ()) -> QuantizationConfig:
-        """Load a YAML (or JSON) file and apply OmegaConf dotlist ``overrides`` on top.
+    def from_any(
+        cls,
+        obj: QuantizationConfig | Mapping[str, Any] | str | Path | None,
+        overrides: Iterable[str] = (),
+        *,
+        interpolate: bool = False,
+    ) -> QuantizationConfig:
+        """Build a config from ``obj`` and apply dotlist ``overrides`` on top, in order.
 
-        Raises :class:`oqcore.ConfigError` naming the file when it is missing or not valid YAML.
+        ``obj`` is one of:
+
+        - a :class:`QuantizationConfig` (returned as is when there are no overrides);
+        - a mapping (the vLLM ``quantization_config`` dict);
+        - a path to a YAML or JSON file (a :class:`~pathlib.Path`, or a string naming an existing file);
+        - a shorthand name (``"fp8_per_block"``: fills linear and/or moe as the shorthand says), or
+          ``"online"`` (nothing: the overrides say it all);
+        - a weight key name (``"fp8_per_block_static"``, ``"mxfp8"``): every kind that has a method
+          for that key gets it;
+        - ``None``: the overrides alone.
+
+        ``overrides`` are ``dotted.key=value`` strings (value parsed as YAML). Each one *sets* its
+        path: with base shorthand X, ``linear.activation=null`` merges into X's linear spec,
+        ``moe=mxfp8`` replaces only moe (X's linear stays), and ``linear=Y linear.activation=null``
+        keeps Y (a name in a slot becomes ``{weight: name}`` before the next override descends into
+        it). ``interpolate=True`` resolves OmegaConf interpolations (``${oc.env:HOME}``,
+        ``${linear.weight}``) after the overrides; off (the default), such text stays literal.
+
+        Raises :class:`oqcore.ConfigError` (naming the file, the override or the field): a string
+        that is neither an existing file nor a registered shorthand / weight key name says so, with
+        a did-you-mean.
         """
-        from omegaconf import OmegaConf
+        from oqcore import config_io
 
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            base = OmegaConf.to_container(OmegaConf.load(p), resolve=True)
-        except Exception as e:  # yaml.YAMLError, OmegaConf errors: all mean "not a usable YAML file"
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
-        if base is None:
-            base = {}
-        if not isinstance(base, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top, got {type(base).__name__}")
-        return cls.from_dotlist(overrides, base=base)
+        overrides = config_io._override_list(overrides)
+        if isinstance(obj, QuantizationConfig) and not overrides:
+            return obj
+        base = cls._base_of(obj)
+        data = config_io.apply_overrides(base, overrides, _normalize_for_override)
+        return cls._validate_text(data, interpolate)
 
     @classmethod
-    def from_dotlist(cls, overrides: Iterable[str], base: Mapping[str, Any] | None = None) -> QuantizationConfig:
-        """Apply OmegaConf dotlist ``overrides`` (``["moe.activation=mxfp8", "ignore=[lm_head]"]``) to
-        ``base`` (a dict, default empty) and validate."""
-        from omegaconf import OmegaConf
-        from omegaconf.errors import OmegaConfBaseException
+    def _base_of(cls, obj: Any) -> dict[str, Any]:
+        from oqcore import config_io
 
-        data = {k: _normalize_slot(v) if k in KINDS else v for k, v in dict(base or {}).items()}
-        overrides = list(overrides)
-        for o in overrides:
-            if "=" not in o:
-                raise ConfigError(f"override {o!r} is not of the form key=value (e.g. moe.activation=mxfp8)")
+        if obj is None:
+            return {}
+        if isinstance(obj, QuantizationConfig):
+            return obj._as_data()
+        if isinstance(obj, Mapping):
+            return dict(obj)
+        if isinstance(obj, Path):
+            return config_io.read_config_file(obj)
+        if not isinstance(obj, str):
+            raise ConfigError(
+                f"expected a config: a mapping, a YAML/JSON file path, a shorthand or key name, got {type(obj).__name__} {_short(obj)}"
+            )
+        p = Path(obj)
         try:
-            merged = OmegaConf.merge(OmegaConf.create(data), OmegaConf.from_dotlist(overrides))
-            data = OmegaConf.to_container(merged, resolve=True)
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"cannot apply overrides {overrides}: {e}") from None
-        return cls.model_validate(data)
+            is_file = p.is_file()
+        except (OSError, ValueError):  # a name too long or with NUL bytes is no file
+            is_file = False
+        if is_file:
+            return config_io.read_config_file(p)
+        reg = get_registry()
+        if obj == ONLINE:
+            return {"quantization": ONLINE}
+        if obj in reg.shorthands:
+            return {"scheme": obj}
+        info = reg.keys.get(obj)
+        if info is not None:
+            return {kind: {"weight": obj} for kind in _kinds_for_key(obj, reg)}
+        if p.suffix.lower() in (".yaml", ".yml", ".json") or "/" in obj or "\\" in obj:
+            raise ConfigError(f"config file {obj!r} does not exist")
+        names = sorted({*reg.shorthands, *reg.keys.names("weight"), ONLINE})
+        raise ConfigError(
+            f"config {obj!r} is neither a file nor a shorthand or weight key name{_did_you_mean(obj, names)} "
+            f"Shorthands: {', '.join(sorted(reg.shorthands)) or '(none)'}; weight keys: "
+            f"{', '.join(reg.keys.names('weight')) or '(none)'}"
+        )
+
+    def _as_data(self) -> dict[str, Any]:
+        """The fields as data for a re-validation with overrides (keys kept as QuantKey objects)."""
+        out: dict[str, Any] = {}
+        for kind in KINDS:
+            spec = self.spec_for(kind)
+            if spec is not None:
+                out[kind] = _normalize_slot(spec)
+        if self.ignore:
+            out["ignore"] = list(self.ignore)
+        if self.targets:
+            out["targets"] = {p: _normalize_slot(s) for p, s in self.targets.items()}
+        if self.backend:
+            out["backend"] = dict(self.backend)
+        return out
+
+    @classmethod
+    def _validate_text(cls, data: dict[str, Any], interpolate: bool) -> QuantizationConfig:
+        from oqcore import config_io
+
+        if interpolate:
+            # `${linear.weight}` must work when linear was given as a bare name
+            data = {k: _normalize_for_override((k,), v) if k in KINDS else v for k, v in data.items()}
+            if isinstance(data.get("targets"), Mapping):
+                data["targets"] = {p: _normalize_slot(s) for p, s in data["targets"].items()}
+            data = config_io.interpolate(data)
+        try:
+            return cls.model_validate(data)
+        except ConfigError as e:
+            if not interpolate and config_io.has_interpolation(data):
+                hint = " (interpolation such as ${...} is off: pass interpolate=True to resolve it)"
+                errors = [(f, m + hint) for f, m in e.errors]
+                raise type(e)(e.reason + hint, e.field, errors=errors if len(errors) > 1 else None) from None
+            raise
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: Iterable[str] = (), *, interpolate: bool = False) -> QuantizationConfig:
+        """Load a YAML (or ``.json``) file and apply dotlist ``overrides`` on top (see :meth:`from_any`).
+
+        Raises :class:`oqcore.ConfigError` naming the file when it is missing, unreadable, not
+        valid YAML/JSON or not a mapping, and naming the field or override otherwise.
+        """
+        from oqcore import config_io
+
+        if not isinstance(path, (str, Path)):
+            raise ConfigError(f"expected a config file path, got {type(path).__name__} {_short(path)}")
+        base = config_io.read_config_file(path)
+        return cls.from_any(base, overrides, interpolate=interpolate)
+
+    @classmethod
+    def from_dotlist(
+        cls,
+        overrides: Iterable[str],
+        base: QuantizationConfig | Mapping[str, Any] | str | Path | None = None,
+        *,
+        interpolate: bool = False,
+    ) -> QuantizationConfig:
+        """Apply dotlist ``overrides`` (``["moe.activation=mxfp8", "ignore=[lm_head]"]``) to ``base``
+        (anything :meth:`from_any` takes; default nothing) and validate."""
+        return cls.from_any(base, overrides, interpolate=interpolate)
 
     # ---- views --------------------------------------------------------------------------------
 
@@ -425,22 +773,50 @@ class QuantizationConfig(_OqModel):
         return out
 
 
+def _kinds_for_key(name: str, reg: Registry) -> list[str]:
+    """The kinds with a method for weight key ``name``; a ConfigError when there are none."""
+    info = reg.keys.get(name)
+    assert info is not None
+    if info.weight is None:
+        raise ConfigError(
+            f"{name!r} is an activation key, not a weight key; weight keys: {', '.join(reg.keys.names('weight'))}"
+        )
+    kinds = [kind for kind in KINDS if reg.method(kind, info.weight) is not None]
+    if not kinds:
+        raise ConfigError(f"no method quantizes weights to {name!r} (no installed plugin implements it for linear or moe)")
+    return kinds
+
+
+def _raise_all(problems: list[ConfigError]) -> None:
+    """Raise the one problem, or one ConfigError listing them all."""
+    if not problems:
+        return
+    if len(problems) == 1:
+        raise problems[0]
+    pairs = [pair for p in problems for pair in p.errors]
+    raise ConfigError(pairs[0][1], pairs[0][0], errors=pairs)
+
+
 def _jsonable_spec(m: Mapping[str, Any]) -> dict[str, Any]:
     reg = get_registry()
     out = dict(m)
     for field, role in (("weight", "weight"), ("activation", "activation")):
         if isinstance(out.get(field), QuantKey):
             out[field] = reg.name_of(out[field], role)
+    if "options" in out and not out["options"]:
+        out.pop("options")
     return out
 
 
-def _check_pattern(pattern: Any, field: str) -> None:
+def check_pattern(pattern: Any, field: str) -> None:
+    """Validate one ``ignore`` / ``targets`` pattern: a non-empty string, and for ``re:`` a regex
+    that compiles. Raises :class:`oqcore.ConfigError` at ``field``."""
     import re
 
     if not isinstance(pattern, str) or not pattern:
-        raise ConfigError("a layer pattern must be a non-empty string", field)
+        raise ConfigError(f"a layer pattern must be a non-empty string, got {type(pattern).__name__} {_short(pattern)}", field)
     if pattern.startswith("re:"):
         try:
             re.compile(pattern[3:])
-        except re.error as e:
+        except (re.error, RecursionError, OverflowError) as e:
             raise ConfigError(f"invalid regular expression {pattern[3:]!r}: {e}", field) from None

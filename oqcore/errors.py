@@ -18,22 +18,34 @@ class OqError(Exception):
 class ConfigError(OqError, ValueError):
     """A quantization config is invalid.
 
-    ``field`` is the dotted path of the offending field (``"moe.activation"``,
-    ``"targets['re:.*q_proj'].weight"``) or ``None`` for the config as a whole. It is a
-    ``ValueError`` as well, so pydantic validators can raise it and keep its type.
+    ``field`` is the dotted path of the (first) offending field (``"moe.activation"``,
+    ``"targets['re:.*q_proj'].weight"``) or ``None`` for the config as a whole; ``reason`` its
+    message. ``errors`` lists every problem found as ``(field, message)`` pairs (one pair for a
+    single error); with several, the message lists them one per line. It is a ``ValueError`` as
+    well, so pydantic validators can raise it and keep its type.
     """
 
-    def __init__(self, message: str, field: str | None = None):
+    def __init__(self, message: str, field: str | None = None, *, errors: Iterable[tuple[str | None, str]] | None = None):
         self.field = field
         self.reason = message
-        super().__init__(f"{field}: {message}" if field else message)
+        self.errors: list[tuple[str | None, str]] = list(errors) if errors else [(field, message)]
+        if len(self.errors) > 1:
+            lines = "\n".join(f"  {f}: {m}" if f else f"  {m}" for f, m in self.errors)
+            text = f"{len(self.errors)} errors in the config:\n{lines}"
+        else:
+            text = f"{field}: {message}" if field else message
+        super().__init__(text)
 
     def at(self, prefix: str) -> ConfigError:
-        """Return a copy of this error whose field path is prefixed by ``prefix``."""
-        if not self.field:
-            return type(self)(self.reason, prefix)
-        sep = "" if self.field.startswith("[") else "."
-        return type(self)(self.reason, f"{prefix}{sep}{self.field}")
+        """Return a copy of this error whose field paths are prefixed by ``prefix``."""
+
+        def join(f: str | None) -> str:
+            if not f:
+                return prefix
+            return f"{prefix}{'' if f.startswith('[') else '.'}{f}"
+
+        errors = [(join(f), m) for f, m in self.errors]
+        return type(self)(self.reason, join(self.field), errors=errors if len(errors) > 1 else None)
 
 
 class UnknownKeyError(ConfigError):

@@ -183,4 +183,7 @@ def test_yaml_file_errors(tmp_path):
 def test_from_any():
     assert QuantizationConfig.from_any("toy").linear.weight == TOY
     assert QuantizationConfig.from_any({"moe": "toy_int4"}).moe.weight == TOY
-    assert QuantizationConfig.from_any(None) == QuantizationConfig()
+    with pytest.raises(ConfigError, match="the config quantizes nothing"):
+        QuantizationConfig.from_any(None)
+    none = QuantizationConfig.none()
+    assert none.linear is None and none.moe is None and not none.targets and not none.ignore
