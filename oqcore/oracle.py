@@ -88,19 +88,28 @@ def select_backend(
     *,
     pinned: str | None = None,
     name_of: Callable[[QuantKey | None], str] = lambda k: "none" if k is None else str(k),
+    kind: str | None = None,
+    weight_name: str | None = None,
+    method: str | None = None,
+    plugin: str | None = None,
 ) -> BackendChoice:
     """Choose the backend for ``layer_name``.
 
     ``candidates`` come from the plugins' ``oq_backend_candidates`` hook; ``activation_key`` is the
     resolved activation key; ``pinned`` a backend name the config pins for this kind; ``name_of``
-    names keys in messages. Raises :class:`oqcore.NoBackendError` listing every candidate and why it
-    was rejected, or :class:`oqcore.ConfigError` if ``pinned`` names no candidate at all.
+    names keys in messages. ``kind``, ``weight_name``, ``method`` (class name) and ``plugin`` (the
+    method's plugin) describe the layer in the error. Raises :class:`oqcore.NoBackendError` naming
+    the layer, its kind, weight key, method and plugin, and listing every candidate with why it was
+    rejected; :class:`oqcore.ConfigError` (field ``backend.<kind>``) if ``pinned`` names no candidate.
     """
     device = torch.device(device)
     ordered = sorted(candidates, key=lambda b: (-b.priority, b.name))
     if pinned is not None and all(b.name != pinned for b in ordered):
         names = ", ".join(sorted({b.name for b in ordered})) or "(none)"
-        raise ConfigError(f"backend {pinned!r} is not a candidate for layer {layer_name!r}; candidates: {names}", "backend")
+        raise ConfigError(
+            f"backend {pinned!r} is not a candidate for layer {layer_name!r}; candidates: {names}",
+            f"backend.{kind}" if kind else "backend",
+        )
     verdicts: list[Candidate] = []
     for b in ordered:
         if b.activation_key != activation_key:
@@ -119,10 +128,24 @@ def select_backend(
         lines = "\n".join(f"  - {_describe(c.backend, name_of)}: {c.reason}" for c in verdicts) or "  (none offered)"
         raise NoBackendError(
             layer_name,
-            f"no backend can run it on {device} with activation {name_of(activation_key)}. Candidates:\n{lines}",
+            f"no backend can run {_what(kind, weight_name, method, plugin)} on {device} with activation "
+            f"{name_of(activation_key)}. Candidates:\n{lines}",
         )
     verdicts.sort(key=lambda c: c.reason is not None)
     return BackendChoice(viable[0].backend, tuple(verdicts))
+
+
+def _what(kind: str | None, weight_name: str | None, method: str | None, plugin: str | None) -> str:
+    """``this linear layer (weight key fp8_per_block_static, method Fp8BlockLinear from plugin 'fp8')``."""
+    if kind is None and weight_name is None and method is None:
+        return "it"
+    details = []
+    if weight_name is not None:
+        details.append(f"weight key {weight_name}")
+    if method is not None:
+        details.append(f"method {method}" + (f" from plugin {plugin!r}" if plugin else ""))
+    layer = f"this {kind} layer" if kind else "this layer"
+    return f"{layer} ({', '.join(details)})" if details else layer
 
 
 def resolve_activation_override(

@@ -10,8 +10,11 @@ For each ``nn.Linear`` and fused-experts module (see :mod:`oqcore.layers`), in m
 
 Then the method checks the layer's shapes (:meth:`OnlineMethodBase.check_layer`) and the oracle picks
 a backend. A layer matched by ``ignore`` and a target, or by two targets, is a
-:class:`oqcore.ConfigError` naming the layer and both patterns. Nothing is read from the
-weights: planning works on a meta-device model.
+:class:`oqcore.ConfigError` naming the layer and both patterns; so is a target matching a module
+that cannot be quantized (a leaf module with parameters that is neither ``nn.Linear`` nor fused
+experts: an embedding, a norm). Containers a pattern matches (``model.layers.0.mlp``) are fine.
+Patterns are matched as in vLLM (see :mod:`oqcore.matching`: ``re:`` from the start of the name).
+Nothing is read from the weights: planning works on a meta-device model.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from oqcore.config import BoundSpec, QuantizationConfig, bind_spec
+from oqcore.config import BoundSpec, QuantizationConfig, bind_spec, spec_str
+from oqcore.devices import resolve_device
 from oqcore.errors import ConfigError
 from oqcore.layers import is_router, layer_kind, layer_shape
-from oqcore.matching import is_exact, matches
+from oqcore.matching import matches
 from oqcore.oracle import Backend, Candidate, select_backend
 from oqcore.plugins import get_plugin_manager
 
@@ -38,7 +42,8 @@ class LayerPlan:
     ``action`` is ``"quantize"`` or ``"skip"``; ``reason`` says which rule decided (``"linear"``,
     ``"targets['re:.*q_proj']"``, ``"ignored by 'lm_head'"``, ``"MoE router: kept in high precision"``).
     For quantized layers ``bound`` holds the method class, activation key and options, ``backend``
-    the oracle's choice and ``candidates`` every backend considered with its verdict.
+    the oracle's choice and ``candidates`` every backend considered with its verdict; ``target``
+    is the ``targets`` pattern that chose the spec (``None`` for the kind-wide spec).
     """
 
     name: str
@@ -50,6 +55,7 @@ class LayerPlan:
     bound: BoundSpec | None = None
     backend: Backend | None = None
     candidates: tuple[Candidate, ...] = ()
+    target: str | None = None
 
     @property
     def quantized(self) -> bool:
@@ -91,19 +97,29 @@ class QuantPlan:
         assert lp.bound is not None
         return reg.name_of(lp.bound.spec.weight, "weight"), reg.name_of(lp.bound.activation_key, "activation")
 
+    def source(self, lp: LayerPlan) -> str:
+        """Where a quantized layer's spec came from, as vLLM prints it: ``from linear: fp8_per_block_static``
+        or ``from targets: re:.*qkv_proj.*, {"weight":"mxfp8","activation":null}`` (the spec as the
+        config gives it, see :func:`oqcore.config.spec_str`)."""
+        if lp.target is not None:
+            return f"from targets: {lp.target}, {spec_str(self.config.targets[lp.target])}"
+        return f"from {lp.kind}: {spec_str(self.config.spec_for(lp.kind))}"
+
     def summary(self) -> str:
-        """vLLM-style one-liner: ``Quantized 24 layers: linear fp8_per_block_static: 18; moe mxfp8: 6``
-        (with `` (act X)`` when activations are quantized)."""
-        counts: Counter[str] = Counter()
+        """vLLM's one-liner, grouped by layer type (the name after its last numeric index, see
+        :func:`layer_type`) and source, in module order::
+
+            Quantized 3 layers of types: mlp.down_proj: 2 (from linear: fp8_per_tensor_static); self_attn.qkv_proj: 1 (from targets: re:.*qkv_proj.*, mxfp8)
+
+        ``Quantized 0 layers`` when nothing is quantized."""
+        counts: Counter[tuple[str, str]] = Counter()
         for lp in self.quantized:
-            w, a = self._names(lp)
-            counts[f"{lp.kind} {w}" + (f" (act {a})" if a != "none" else "")] += 1
-        parts = "; ".join(f"{k}: {n}" for k, n in counts.items())
+            counts[(layer_type(lp.name), self.source(lp))] += 1
         n = len(self.quantized)
-        line = f"Quantized {n} layer{'s' if n != 1 else ''}" + (f": {parts}" if parts else "")
-        if self.skipped:
-            line += f"; kept {len(self.skipped)} in high precision"
-        return line
+        if not counts:
+            return f"Quantized {n} layers"
+        parts = "; ".join(f"{t}: {c} ({src})" for (t, src), c in counts.items())
+        return f"Quantized {n} layers of types: {parts}"
 
     def rows(self) -> list[dict[str, Any]]:
         """One plain dict per layer (JSON-ready): name, kind, shape, action, weight, activation,
@@ -163,6 +179,18 @@ class QuantPlan:
         return "\n".join(lines)
 
 
+def layer_type(name: str) -> str:
+    """The layer type vLLM groups its summary by: the part of ``name`` after its last numeric
+    component (``model.layers.11.mlp.down_proj`` -> ``mlp.down_proj``); a name without one is
+    its own type (``lm_head``), and so is a name ending in a number (``0`` in a Sequential),
+    where vLLM would print an empty type."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i].isdigit():
+            return ".".join(parts[i + 1 :]) or name
+    return name
+
+
 def _default_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         if p.device.type != "meta":
@@ -178,14 +206,17 @@ def plan(
 ) -> QuantPlan:
     """Plan the quantization of ``model`` (materialized or on the meta device) under ``config``.
 
-    ``device`` is where the layers will run (default: the model's device, else CUDA if available,
-    else CPU); it decides which backends are supported. Raises :class:`oqcore.ConfigError` for
-    overlapping patterns or a target that cannot serve the layer it matches,
+    ``config`` is anything :meth:`QuantizationConfig.from_any` takes. ``device`` is where the
+    layers will run (default: the model's device, else CUDA if available, else CPU); it decides
+    which backends are supported. Raises :class:`oqcore.ConfigError` for overlapping patterns, a
+    target that cannot serve the layer it matches or that matches a module that cannot be
+    quantized, a device that does not exist,
     :class:`oqcore.UnsupportedLayerError` for shapes a method cannot handle, and
     :class:`oqcore.NoBackendError` when no backend can run a layer.
     """
     config = QuantizationConfig.from_any(config)
-    dev = torch.device(device) if device is not None else _default_device(model)
+    dev = resolve_device(device) if device is not None else _default_device(model)
+    assert dev is not None
     pm = get_plugin_manager()
     reg = pm.registry
     modules = dict(model.named_modules())
@@ -193,13 +224,7 @@ def plan(
     used: set[str] = set()
     layers: list[LayerPlan] = []
 
-    for name in _exact_target_names(config, modules):
-        if layer_kind(modules[name]) is None:
-            raise ConfigError(
-                f"names layer {name!r} of type {type(modules[name]).__name__}, which is neither an nn.Linear nor a "
-                "fused-experts module",
-                f"targets[{name!r}]",
-            )
+    _check_targets_hit_quantizable(config, modules)
 
     for name, module in modules.items():
         kind = layer_kind(module)
@@ -230,7 +255,9 @@ def plan(
             except ConfigError as e:
                 raise ConfigError(f"cannot apply to {kind} layer {name!r}: {e.reason}", f"{where}.{e.field}" if e.field else where) from None
             reason = where
+            target = hits[0]
         else:
+            target = None
             parent = modules.get(name.rsplit(".", 1)[0]) if "." in name else model
             if is_router(name, module, parent):
                 layers.append(LayerPlan(**base, action="skip", reason="MoE router: kept in high precision"))
@@ -253,9 +280,21 @@ def plan(
             dev,
             pinned=config.backend.get(kind),
             name_of=lambda k: reg.name_of(k, "activation"),
+            kind=kind,
+            weight_name=reg.name_of(bound.spec.weight, "weight"),
+            method=bound.method_cls.__name__,
+            plugin=bound.method_plugin,
         )
         layers.append(
-            LayerPlan(**base, action="quantize", reason=reason, bound=bound, backend=choice.backend, candidates=choice.candidates)
+            LayerPlan(
+                **base,
+                action="quantize",
+                reason=reason,
+                bound=bound,
+                backend=choice.backend,
+                candidates=choice.candidates,
+                target=target,
+            )
         )
 
     unmatched = [p for p in (*config.ignore, *config.targets) if p not in used]
@@ -272,5 +311,23 @@ def _output_embedding(model: nn.Module) -> nn.Module | None:
     return None
 
 
-def _exact_target_names(config: QuantizationConfig, modules: dict[str, nn.Module]) -> list[str]:
-    return [p for p in config.targets if is_exact(p) and p in modules]
+def _check_targets_hit_quantizable(config: QuantizationConfig, modules: dict[str, nn.Module]) -> None:
+    """A ConfigError (every offending pattern listed) when a target matches a module that cannot be
+    quantized: a leaf with parameters of its own that is neither nn.Linear nor fused experts."""
+    problems: list[tuple[str, str]] = []
+    for pattern in config.targets:
+        for name, module in modules.items():
+            if not name or layer_kind(module) is not None or not matches(pattern, name):
+                continue
+            if next(module.children(), None) is None and next(module.parameters(recurse=False), None) is not None:
+                problems.append(
+                    (
+                        f"targets[{pattern!r}]",
+                        f"matches layer {name!r} of type {type(module).__name__}, which cannot be quantized (only "
+                        "nn.Linear and fused-experts modules can); narrow the pattern (anchor a re: pattern with $)",
+                    )
+                )
+                break
+    if problems:
+        field, msg = problems[0]
+        raise ConfigError(msg, field, errors=problems if len(problems) > 1 else None)

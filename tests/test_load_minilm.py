@@ -44,7 +44,11 @@ def test_minilm_embedding_cosine_matches_round_to_nearest(minilm, reference, con
 def test_minilm_report(minilm):
     model = oqcore.load(minilm, "fp8_per_block")
     rep = oqcore.report(model)
-    assert rep.summary == "Quantized 37 layers: linear fp8_per_block_static (act fp8_per_block_dynamic): 37"
+    assert rep.summary == "Quantized 37 layers of types: " + "; ".join(
+        f"{t}: {n} (from linear: fp8_per_block_static)"
+        for t, n in [("attention.self.query", 6), ("attention.self.key", 6), ("attention.self.value", 6),
+                     ("attention.output.dense", 6), ("intermediate.dense", 6), ("output.dense", 6), ("pooler.dense", 1)]
+    )
     (row,) = rep.rows
     assert (row.kind, row.weight, row.activation, row.backend, row.count) == (
         "linear", "fp8_per_block_static", "fp8_per_block_dynamic", "torch", 37,

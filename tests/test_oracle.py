@@ -46,7 +46,10 @@ def test_pinned_backend_that_cannot_serve_lists_every_candidate():
     with pytest.raises(NoBackendError) as e:
         oqcore.plan(model(15), {"linear": "toy_int4", "backend": {"linear": "toy-fast"}})
     msg = str(e.value)
-    assert msg.startswith("layer '0': no backend can run it on cpu with activation none. Candidates:")
+    assert msg.startswith(
+        "layer '0': no backend can run this linear layer (weight key toy_int4, method ToyLinear from plugin 'toy') "
+        "on cpu with activation none. Candidates:"
+    )
     assert "  - toy-fast (toy) [activation none]: toy-fast needs an even N" in msg
     assert "  - torch (toy) [activation none]: not the pinned backend 'toy-fast'" in msg
     assert "  - torch (toy) [activation toy_act]: serves activation toy_act, the spec asks for none" in msg
@@ -57,9 +60,25 @@ def test_pinned_backend_that_exists_is_used():
     assert lp.backend.name == "torch"
 
 
-def test_pinning_a_backend_nobody_offers():
-    with pytest.raises(ConfigError, match=r"^backend: backend .cutlass. is not a candidate for layer '0'; candidates: torch, toy-fast"):
-        oqcore.plan(model(16), {"linear": "toy_int4", "backend": {"linear": "cutlass"}})
+def test_pinning_a_backend_nobody_offers_fails_at_validation():
+    with pytest.raises(ConfigError) as e:
+        oqcore.QuantizationConfig(linear="toy_int4", backend={"linear": "cutlass"})
+    assert e.value.field == "backend.linear"
+    assert str(e.value) == (
+        "backend.linear: unknown backend 'cutlass' for linear layers with weight toy_int4; valid backends: torch, toy-fast"
+    )
+    with pytest.raises(ConfigError, match=r"^backend.linear: unknown backend 'toy-fsat' .*did you mean 'toy-fast'\?"):
+        oqcore.plan(model(16), {"linear": "toy_int4", "backend": {"linear": "toy-fsat"}})
+
+
+def test_select_backend_pin_outside_the_candidates_names_the_kind_field():
+    with pytest.raises(ConfigError, match=r"^backend.linear: backend 'cutlass' is not a candidate for layer 'l'; candidates: torch"):
+        select_backend("l", nn.Linear(4, 4), [Backend("torch", None)], None, "cpu", pinned="cutlass", kind="linear")
+
+
+def test_no_backend_error_without_layer_details_keeps_the_short_form():
+    with pytest.raises(NoBackendError, match=r"^layer 'l': no backend can run it on cpu with activation none"):
+        select_backend("l", nn.Linear(4, 4), [Backend("x", None, lambda l, d: (False, "never"))], None, "cpu")
 
 
 def test_order_is_priority_then_name_never_registration_order():

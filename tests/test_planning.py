@@ -1,5 +1,6 @@
 """plan(): layer classification (nn.Linear, transformers v5 fused experts incl. GPT-OSS), ignore,
-targets (exact, re: full match, globs), routers and lm_head, overlap errors, shape checks, explain."""
+targets (exact, re: matched from the start as vLLM does, globs), routers and lm_head, overlap errors,
+targets on modules that cannot be quantized, shape checks, the vLLM summary line, explain."""
 
 import pytest
 import torch
@@ -49,7 +50,11 @@ def test_moe_models_are_classified(model_type):
     assert moe == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
     assert len(linear) == 8 and all(n.split(".")[-1] in ("q_proj", "k_proj", "v_proj", "o_proj") for n in linear)
     assert [(lp.name, lp.reason) for lp in p.skipped] == [("lm_head", "output embedding: kept in high precision")]
-    assert p.summary() == "Quantized 10 layers: linear toy_int4: 8; moe toy_int4: 2; kept 1 in high precision"
+    assert p.summary() == (
+        "Quantized 10 layers of types: self_attn.q_proj: 2 (from linear: toy_int4); self_attn.k_proj: 2 (from linear: "
+        "toy_int4); self_attn.v_proj: 2 (from linear: toy_int4); self_attn.o_proj: 2 (from linear: toy_int4); "
+        "mlp.experts: 2 (from moe: toy_int4)"
+    )
 
 
 def test_moe_layouts_standard_and_gpt_oss_transposed():
@@ -103,8 +108,11 @@ def test_pattern_kinds():
     assert matches("model.layers.0.q_proj", "model.layers.0.q_proj")
     assert not matches("q_proj", "model.layers.0.q_proj")  # exact means exact
     assert matches("re:.*q_proj", "model.layers.0.q_proj")
-    assert not matches("re:q_proj", "model.layers.0.q_proj")  # re: is a full match
-    assert not matches("re:.*q_pro", "model.layers.0.q_proj")
+    assert not matches("re:q_proj", "model.layers.0.q_proj")  # re.match: from the start of the name
+    assert matches("re:.*q_pro", "model.layers.0.q_proj")  # ...but not to its end (vLLM's re.match)
+    assert matches("re:.*mlp", "model.layers.0.mlp.gate")
+    assert not matches("re:.*mlp$", "model.layers.0.mlp.gate")
+    assert matches("re:model", "model.layers.0.q_proj")
     assert matches("model.layers.*.q_proj", "model.layers.11.q_proj")
     assert matches("*.experts", "model.layers.0.mlp.experts")
     assert not matches("model.layers.?.q_proj", "model.layers.11.q_proj")
@@ -149,8 +157,74 @@ def test_target_whose_shorthand_has_no_slot_for_the_layer_kind():
 
 
 def test_exact_target_naming_a_non_layer():
-    with pytest.raises(ConfigError, match=r"names layer 'model.layers.0.input_layernorm' of type MixtralRMSNorm, which is neither"):
+    with pytest.raises(ConfigError) as e:
         oqcore.plan(meta_moe("mixtral"), {"targets": {"model.layers.0.input_layernorm": "toy_int4"}})
+    assert e.value.field == "targets['model.layers.0.input_layernorm']"
+    assert "matches layer 'model.layers.0.input_layernorm' of type MixtralRMSNorm, which cannot be quantized" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "pattern, layer, type_name",
+    [
+        ("re:.*embed", "model.embed_tokens", "Embedding"),
+        ("re:model.layers.0", "model.layers.0.mlp.gate", "MixtralTopKRouter"),  # transformers v5's router
+        ("model.layers.*", "model.layers.0.mlp.gate", "MixtralTopKRouter"),
+        ("model.layers.*_layernorm", "model.layers.0.input_layernorm", "MixtralRMSNorm"),
+        ("re:.*norm$", "model.layers.0.input_layernorm", "MixtralRMSNorm"),
+    ],
+)
+def test_target_landing_on_a_module_that_cannot_be_quantized(pattern, layer, type_name):
+    with pytest.raises(ConfigError) as e:
+        oqcore.plan(meta_moe("mixtral"), {"targets": {pattern: "toy_int4"}})
+    assert e.value.field == f"targets[{pattern!r}]"
+    assert f"matches layer {layer!r} of type {type_name}, which cannot be quantized" in str(e.value)
+
+
+def test_target_matching_containers_is_fine():
+    # re.match from the start: the container and every layer under it match; only the layers count
+    p = oqcore.plan(
+        meta_moe("mixtral"), {"targets": {"re:model.layers.0.self_attn": "toy_int4", "model.layers.1.mlp": "toy_int4"}}
+    )
+    assert [lp.name for lp in p.quantized] == [f"model.layers.0.self_attn.{x}_proj" for x in "qkvo"]
+    assert p.unmatched == ["model.layers.1.mlp"]
+
+
+def test_vllm_ignore_regex_is_a_prefix_match():
+    p = oqcore.plan(meta_moe("mixtral"), {"scheme": "toy", "ignore": ["re:.*mlp", "re:.*self_attn.[qk]"]})
+    assert [lp.name for lp in p.quantized] == ["model.layers.0.self_attn.v_proj", "model.layers.0.self_attn.o_proj",
+                                               "model.layers.1.self_attn.v_proj", "model.layers.1.self_attn.o_proj"]
+    assert p["model.layers.1.mlp.experts"].reason == "ignored by 're:.*mlp'"
+
+
+def test_summary_groups_by_layer_type_and_source_in_vllm_format():
+    m = meta_moe("mixtral")
+    p = oqcore.plan(m, {"targets": {"re:.*[qk]_proj": {"weight": "toy_int4", "activation": None}, "re:.*experts$": "toy_int4"}})
+    assert p.summary() == (
+        "Quantized 6 layers of types: self_attn.q_proj: 2 (from targets: re:.*[qk]_proj, "
+        '{"weight":"toy_int4","activation":null}); self_attn.k_proj: 2 (from targets: re:.*[qk]_proj, '
+        '{"weight":"toy_int4","activation":null}); mlp.experts: 2 (from targets: re:.*experts$, toy_int4)'
+    )
+    assert oqcore.plan(m, {"linear": {"weight": "toy_int4", "activation": "toy_act"}, "ignore": ["re:.*[qkv]_proj"]}).summary() == (
+        'Quantized 2 layers of types: self_attn.o_proj: 2 (from linear: {"weight":"toy_int4","activation":"toy_act"})'
+    )
+    assert oqcore.plan(m, oqcore.QuantizationConfig.none()).summary() == "Quantized 0 layers"
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("model.layers.11.mlp.down_proj", "mlp.down_proj"),
+        ("model.layers.0.mlp.experts", "mlp.experts"),
+        ("lm_head", "lm_head"),
+        ("encoder.layer.3.attention.self.query", "attention.self.query"),
+        ("blocks.1.2.proj", "proj"),
+        ("0", "0"),
+    ],
+)
+def test_layer_type(name, expected):
+    from oqcore.planning import layer_type
+
+    assert layer_type(name) == expected
 
 
 def test_shape_limits_are_checked_at_plan_time_naming_the_layer():
@@ -168,7 +242,7 @@ def test_explain_table_and_rows():
     assert lines[0].split() == ["layer", "kind", "shape", "weight", "activation", "backend", "why"]
     assert lines[2].split() == ["0", "linear", "[16,", "32]", "toy_int4", "none", "toy-fast", "linear"]
     assert "  1: backend toy-fast rejected: toy-fast needs an even N" in lines
-    assert lines[-1] == "Quantized 2 layers: linear toy_int4: 2"
+    assert lines[-1] == "Quantized 2 layers of types: 0: 1 (from linear: toy_int4); 1: 1 (from linear: toy_int4)"
     row = p.rows()[1]
     assert row["backend"] == "torch" and row["rejected"]["toy-fast"] == "toy-fast needs an even N"
     assert row["options"] == {"qmax": 7} and row["method"] == "ToyLinear"

@@ -26,7 +26,7 @@ def test_template_plugin_end_to_end(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 40))
     p = oqcore.plan(model, {"linear": "int4_g32"})
-    assert p.summary() == "Quantized 2 layers: linear int4_g32: 2"
+    assert p.summary() == "Quantized 2 layers of types: 0: 1 (from linear: int4_g32); 2: 1 (from linear: int4_g32)"
 
     lp = p["0"]
     method = lp.bound.method_cls(activation_key=lp.bound.activation_key, options=lp.bound.options, backend=lp.backend)
