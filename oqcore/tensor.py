@@ -13,11 +13,20 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from oqcore.errors import ConfigError, NonFiniteError, UnsupportedLayerError
+from oqcore.errors import ConfigError, NonFiniteError, OqError, PluginError, UnsupportedLayerError
 from oqcore.keys import QuantKey, Role
 from oqcore.plugins import Quantizer, Registry, get_registry
 
 REFERENCE_BACKEND = "torch"
+
+HP_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+"""The high-precision dtypes a quantizer takes (and :func:`oqcore.reload_weights` accepts)."""
+
+
+def dtype_names(dtypes: tuple[torch.dtype, ...] = HP_DTYPES) -> str:
+    """``"float32, bfloat16, float16 or float64"``: dtypes for an error message."""
+    names = [str(d).removeprefix("torch.") for d in dtypes]
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
 
 
 @dataclass
@@ -72,8 +81,10 @@ def require_finite(w: torch.Tensor) -> None:
 
     For quantizers registered with ``checks_finite=True``, on the paths where their own kernel does
     not run (no compiler, an unsupported dtype): they must raise whichever way they quantize.
+    A meta tensor has no values: it passes (so a meta-device dry run of a quantizer gives the
+    output shapes and dtypes).
     """
-    if w.numel() == 0:
+    if w.is_meta or w.numel() == 0:
         return
     lo, hi = torch.aminmax(w.detach())
     if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
@@ -84,11 +95,12 @@ def check_finite(w: torch.Tensor, name: str) -> None:
     """Raise :class:`oqcore.UnsupportedLayerError` naming ``name`` if ``w`` holds NaN or Inf.
 
     For an ``[E, N, K]`` stack the error names the first expert holding one (``name[expert e]``),
-    with that expert's count, and lists the other experts affected.
+    with that expert's count, and lists the other experts affected. A meta tensor has no values:
+    it passes (so a meta-device dry run of a quantizer gives the output shapes and dtypes).
     """
     # One min/max reduction (NaN propagates through it) is ~5x cheaper than isfinite(w).all() on bf16;
     # the full count is only computed for the error message.
-    if w.numel() == 0:
+    if w.is_meta or w.numel() == 0:
         return
     lo, hi = torch.aminmax(w.detach())
     if bool(torch.isfinite(lo) & torch.isfinite(hi)):
@@ -117,39 +129,126 @@ def quantize_tensor(
 ) -> QuantizedTensor:
     """Quantize ``w`` (``[N, K]``, ``[E, N, K]`` or, for activations, ``[M, K]``) to ``key``.
 
-    ``key`` is a :class:`QuantKey` or a name resolved in ``role``; ``backend`` a quantizer backend
-    (default the ``torch`` reference; every backend produces the same bytes); ``options`` a dict
-    validated by the options model of the method that owns the key (e.g. ``{"scale_mode":
-    "floor"}``). ``name`` labels errors. Raises :class:`oqcore.UnsupportedLayerError` for NaN/Inf
-    in ``w`` (found by the quantizer's own pass when it was registered with ``checks_finite``, else
-    by a min/max pass first), :class:`oqcore.ConfigError` for bad options or a missing backend.
-    """
-    reg = get_registry()
-    k = reg.resolve_key(key, role)
-    q = find_quantizer(k, backend, reg)
-    model = options_model_for(k, reg)
-    if isinstance(options, BaseModel) or model is None:
-        opts = options
-    else:
-        from oqcore.config import _convert
-        from pydantic import ValidationError
+    ``w``: float32, bfloat16, float16 or float64, at least one element. ``key`` is a
+    :class:`QuantKey` or a name resolved in ``role`` (``"weight"`` or ``"activation"``).
+    ``backend`` names a quantizer implementation; the default is the fastest one that gives the
+    reference bytes on ``w``'s device, the same choice a load makes
+    (:func:`quantizer_backend_for` ``(key, w.device, w.numel())``: the native ``cpu`` quantizer on
+    the CPU, ``triton`` on CUDA); ``backend="torch"`` asks for the reference itself. Every backend
+    produces the same bytes. ``options`` is a dict validated by the options model of the method
+    that owns the key (e.g. ``{"scale_mode": "floor"}``). ``name`` labels errors.
 
-        try:
-            opts = model.model_validate(dict(options or {}))
-        except ValidationError as e:
-            raise _convert(e, "options") from None
-    if w.dim() not in (2, 3):
-        raise UnsupportedLayerError(name, f"expected a 2D or 3D tensor, got shape {tuple(w.shape)}")
+    A meta tensor gives a dry run: meta ``qdata``/``scale`` of the right shapes and dtypes, from
+    the ``torch`` reference (no values are checked).
+
+    Raises
+
+    - :class:`oqcore.UnsupportedLayerError` naming ``name``: ``w`` is not a tensor, not 2-D/3-D,
+      empty, of another dtype, holds NaN/Inf (found by the quantizer's own pass when it was
+      registered with ``checks_finite``, else by a min/max pass first), or the plugin's quantizer
+      refused it with a ``ValueError`` (e.g. mxfp8 with K not a multiple of 32: the message
+      carries the plugin's rule);
+    - :class:`oqcore.ConfigError` (field ``key``, ``backend``, ``options`` or ``role``): an
+      unknown key (:class:`oqcore.UnknownKeyError`, with a did-you-mean), a backend no plugin
+      registered for the key (the message lists those that exist), bad options;
+    - :class:`oqcore.PluginError` naming the plugin, the key, the backend and ``name``: any other
+      exception inside the plugin's quantizer, or a result that breaks the contract (chained).
+    """
+    if not isinstance(name, str):
+        name = str(name)
+    if role not in ("weight", "activation"):
+        raise ConfigError(f"must be 'weight' or 'activation', got {role!r}", "role")
+    if not isinstance(key, (str, QuantKey)):
+        raise ConfigError(f"expected a quantization key name or a QuantKey, got {type(key).__name__}", "key")
+    if backend is not None and not isinstance(backend, str):
+        raise ConfigError(f"expected a backend name (str), got {type(backend).__name__}", "backend")
+    reg = get_registry()
+    k = reg.resolve_key(key, role, "key")
+    check_quantizable(w, name)
+    if backend is None:
+        backend = quantizer_backend_for(k, w.device, w.numel(), reg)
+    elif w.is_meta and backend != REFERENCE_BACKEND:
+        raise ConfigError(
+            f"{backend!r} cannot run on a meta tensor ({name!r}); a meta dry run uses the {REFERENCE_BACKEND!r} "
+            "reference (leave backend unset)",
+            "backend",
+        )
+    q = find_quantizer(k, backend, reg)
+    opts = _validate_options(k, options, reg)
     if not q.checks_finite:
         check_finite(w, name)
-        qdata, scale = q.quantize(w, opts)
-        return QuantizedTensor(qdata, scale, k, opts)
+        return _run_quantizer(q, w, opts, name, reg)
     try:
-        qdata, scale = q.quantize(w, opts)
+        return _run_quantizer(q, w, opts, name, reg)
     except NonFiniteError:
         check_finite(w, name)  # names the layer (and expert) with the count
         raise
-    return QuantizedTensor(qdata, scale, k, opts)
+
+
+def check_quantizable(w: Any, name: str) -> None:
+    """Raise :class:`oqcore.UnsupportedLayerError` naming ``name`` unless ``w`` is a 2-D or 3-D
+    tensor with at least one element in a high-precision dtype (:data:`HP_DTYPES`)."""
+    if not isinstance(w, torch.Tensor):
+        raise UnsupportedLayerError(name, f"expected a torch.Tensor, got {type(w).__name__}")
+    if w.dim() not in (2, 3):
+        raise UnsupportedLayerError(name, f"expected a 2D [N, K] or 3D [E, N, K] tensor, got shape {list(w.shape)}")
+    if w.numel() == 0:
+        raise UnsupportedLayerError(name, f"the tensor is empty (shape {list(w.shape)}): nothing to quantize")
+    if w.dtype not in HP_DTYPES:
+        raise UnsupportedLayerError(name, f"dtype {w.dtype} cannot be quantized; expected {dtype_names()}")
+
+
+def _validate_options(k: QuantKey, options: Any, reg: Registry) -> BaseModel | None:
+    model = options_model_for(k, reg)
+    if isinstance(options, BaseModel):
+        if model is not None and not isinstance(options, model):
+            raise ConfigError(f"expected {model.__name__} (or a dict), got {type(options).__name__}", "options")
+        return options
+    if options is not None and not isinstance(options, Mapping):
+        raise ConfigError(f"expected a mapping of option names to values, got {type(options).__name__}", "options")
+    if model is None:
+        return None
+    from pydantic import ValidationError
+
+    from oqcore.config import _convert
+
+    try:
+        return model.model_validate(dict(options or {}))
+    except ValidationError as e:
+        raise _convert(e, "options") from None
+
+
+def _run_quantizer(q: Quantizer, w: torch.Tensor, opts: BaseModel | None, name: str, reg: Registry) -> QuantizedTensor:
+    """Call a plugin's quantizer and hold it to its contract.
+
+    The contract (``oq_register_quantizers``): a ``ValueError`` means "input this quantizer cannot
+    take" and becomes an :class:`oqcore.UnsupportedLayerError` naming the tensor and the plugin; an
+    :class:`oqcore.OqError` passes through; anything else is a :class:`oqcore.PluginError`.
+    """
+    key_name = reg.key_name(q.key)
+    where = f"quantizer {key_name!r} (backend {q.backend!r}) of plugin {q.plugin!r}"
+    try:
+        out = q.quantize(w, opts)
+    except OqError:
+        raise
+    except ValueError as e:
+        raise UnsupportedLayerError(name, f"the {where} cannot take shape {list(w.shape)} {w.dtype}: {e}") from e
+    except Exception as e:
+        raise PluginError(
+            f"plugin {q.plugin!r}: {where} failed on tensor {name!r} (shape {list(w.shape)}, {w.dtype}): "
+            f"{type(e).__name__}: {e}"
+        ) from e
+    if not (isinstance(out, tuple) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out)):
+        raise PluginError(
+            f"plugin {q.plugin!r}: {where} returned {type(out).__name__} for tensor {name!r}; expected a (qdata, scale) tuple of tensors"
+        )
+    qdata, scale = out
+    if qdata.shape != w.shape:
+        raise PluginError(
+            f"plugin {q.plugin!r}: {where} returned qdata of shape {list(qdata.shape)} for tensor {name!r} of shape "
+            f"{list(w.shape)}; qdata must keep the input's shape"
+        )
+    return QuantizedTensor(qdata, scale, q.key, opts)
 
 
 COMPILED_BACKEND = "compiled"

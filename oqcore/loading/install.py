@@ -1,9 +1,11 @@
-"""Swap planned layers for their quantized wrappers (shared by load, quantize_ and reload)."""
+"""Swap planned layers for their quantized wrappers and run their methods (shared by load,
+quantize_ and reload)."""
 
 from __future__ import annotations
 
 from torch import nn
 
+from oqcore.errors import InternalError, OqError, PluginError
 from oqcore.modules import QuantizedLinear, QuantizedMoE
 from oqcore.planning import LayerPlan, QuantPlan
 
@@ -23,11 +25,46 @@ def make_wrapper(lp: LayerPlan, module: nn.Module) -> nn.Module:
     return QuantizedMoE(lp.name, module, method)
 
 
+def method_plugin(method: object) -> str:
+    """The name of the plugin that registered ``method``'s class (``"?"`` if none did: a method
+    made by hand)."""
+    from oqcore.plugins import get_registry
+
+    for entry in get_registry().methods.values():
+        if entry.cls is type(method):
+            return entry.plugin
+    return "?"
+
+
+def process_layer(wrapper: nn.Module) -> None:
+    """``wrapper.method.process_weights_after_loading(wrapper)``, with any exception that is not an
+    :class:`oqcore.OqError` (a bug in the plugin's method or backend code) raised as a
+    :class:`oqcore.PluginError` naming the layer, the method and the plugin (chained)."""
+    method = wrapper.method
+    try:
+        method.process_weights_after_loading(wrapper)
+    except OqError:
+        raise
+    except Exception as e:
+        raise PluginError(
+            f"plugin {method_plugin(method)!r}: {type(method).__name__}.process_weights_after_loading failed on layer "
+            f"{wrapper.layer_name!r}: {type(e).__name__}: {e}"
+        ) from e
+
+
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     """Replace the submodule at dotted ``name`` (``""`` is not allowed: the root cannot be swapped)."""
+    if not name:
+        raise InternalError("set_submodule: the root module cannot be replaced in place (callers must refuse it first)")
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+def quantized_layers(model: nn.Module) -> list[str]:
+    """Names of the submodules of ``model`` that are oqcore wrappers (already quantized layers),
+    in module order; ``""`` when the model itself is one."""
+    return [name for name, m in model.named_modules() if isinstance(m, (QuantizedLinear, QuantizedMoE))]
 
 
 def install_wrappers(model: nn.Module, plan: QuantPlan) -> dict[str, nn.Module]:

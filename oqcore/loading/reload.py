@@ -2,124 +2,380 @@
 
 For RL loops that update the policy every step: the new weights are re-quantized into the
 existing quantized storages (``copy_`` into the same tensors, so ``data_ptr`` and CUDA graphs stay
-valid). Everything is checked first (names, shapes, dtypes, NaN/Inf, that each touched layer gets
-all of its weights), so bad input raises before the model changes by a single bit.
+valid). All or nothing, in three passes:
+
+1. check every given tensor (name, type, device, dtype, shape, NaN/Inf, and that its values stay
+   finite once converted to the model's dtype) and that each touched layer gets all its weights;
+2. quantize every touched layer into a scratch copy of its wrapper, one layer's high-precision
+   weights at a time, keeping only the quantized results;
+3. only when every layer succeeded, copy the staged results and the unquantized parameters into
+   the model's storages.
+
+Memory: beyond the caller's tensors, one layer's converted high-precision weights at a time plus
+the staged quantized results of all touched layers (data + scales: about half their bf16 size
+for the 8-bit schemes). To bound it for a very large model, reload a few layers per call: each
+call is all-or-nothing for the layers it gets.
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from oqcore.errors import CheckpointError
-from oqcore.loading.online import param_owner
-from oqcore.loading.state import OqState, get_state
+from oqcore.errors import CheckpointError, ConfigError, InternalError, OqError, PluginError, UnsupportedLayerError
+from oqcore.loading.install import method_plugin, process_layer
+from oqcore.loading.names import TargetGroup, is_expert_fusion
+from oqcore.loading.state import OqState
 from oqcore.modules import empty_like
-from oqcore.tensor import check_finite
+from oqcore.tensor import HP_DTYPES, check_finite, dtype_names
+
+Weights = Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor]
 
 
-def _hp_shapes(state: OqState) -> dict[str, tuple[int, ...]]:
-    """Parameter name -> high-precision shape, for every wrapper parameter before quantization."""
-    out = {}
-    for name, w in state.wrappers.items():
-        for pname, p in empty_like(w).named_parameters(recurse=False):
-            out[f"{name}.{pname}"] = tuple(p.shape)
-    return out
-
-
-def reload_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor]) -> list[str]:
+def reload_weights(model: nn.Module, weights: Weights) -> list[str]:
     """Re-quantize new high-precision ``weights`` into ``model`` (made by :func:`oqcore.load` or
     :func:`oqcore.quantize_`) without moving any storage.
 
-    ``weights`` are ``(name, tensor)`` pairs (or a dict) in checkpoint naming (per-expert names
-    included) or in the model's own parameter naming. A subset of layers may be given; a quantized
-    layer must get all of its weights. Returns the names of the layers that were re-quantized.
+    ``weights`` is a dict ``{name: tensor}`` or an iterable of ``(name, tensor)`` pairs (a
+    generator is consumed once, fully, before anything changes), in checkpoint naming (per-expert
+    names included) or in the model's own parameter naming. Tensors: float32, bfloat16, float16 or
+    float64, on the CPU or on the model's device, of the parameter's (or checkpoint tensor's)
+    shape. A subset of layers may be given; a quantized layer must get all of its weights.
+    Returns the names of the layers that were re-quantized.
 
-    Raises :class:`oqcore.CheckpointError` (unknown name, wrong shape or dtype, a layer given only
-    part of its weights, a name given twice) and :class:`oqcore.UnsupportedLayerError` (NaN/Inf),
-    in every case before anything changes.
+    All or nothing: on any error every parameter and buffer of the model is bit for bit as before,
+    at the same address. Memory: one layer's high-precision weights at a time plus the quantized
+    results of all touched layers, staged until every layer succeeded (reload a few layers per
+    call to bound it).
+
+    Raises
+
+    - :class:`oqcore.ConfigError` (field ``model``): ``model`` was not loaded or quantized by
+      oqcore, or its quantized layers were replaced since;
+    - :class:`oqcore.CheckpointError` naming the weight: ``weights`` is not a mapping or iterable
+      of pairs, a name that is not a str or not a weight of the model (with a did-you-mean), a
+      value that is not a tensor, a meta tensor, a tensor on another device, a dtype other than
+      the four above, a wrong shape, a name given twice (or one parameter given under two names),
+      a layer given only part of its weights, the iterable raising while it is read;
+    - :class:`oqcore.UnsupportedLayerError` naming the weight: NaN/Inf, or values that overflow
+      the model's dtype (a float32 3.4e38 into bfloat16);
+    - :class:`oqcore.PluginError` naming the plugin and layer: its method or quantizer failed, or
+      produced tensors of another layout than the layer holds. Other typed errors a quantizer
+      raises (:class:`oqcore.UnsupportedLayerError`) pass through.
     """
-    state = get_state(model)
-    items = list(weights.items()) if isinstance(weights, Mapping) else list(weights)
-    incoming: dict[str, torch.Tensor] = {}
-    for name, t in items:
-        if name in incoming:
-            raise CheckpointError(f"reload: weight {name!r} is given twice")
-        incoming[name] = t
+    state = _state_of(model)
+    incoming = _collect(weights)
+    job = _Job(model, state)
+    job.check(incoming)
+    staged = job.quantize(incoming)
+    job.commit(incoming, staged)
+    return job.touched_layers
 
-    # ---- stage 1: check everything, change nothing ---------------------------------------------
-    groups = state.groups
-    source_to_group = {k: g for g in groups.values() for k in g.sources}
-    hp_shapes = _hp_shapes(state)
-    params = dict(model.named_parameters())
-    direct: dict[str, torch.Tensor] = {}
-    touched_groups: dict[str, object] = {}
-    for name, t in incoming.items():
-        if name in source_to_group:
-            expected = state.source_shapes[name]
-            touched_groups[source_to_group[name].target] = source_to_group[name]
-        elif name in hp_shapes or (name in params and param_owner(name, state.wrappers) is None):
-            expected = hp_shapes.get(name) or tuple(params[name].shape)
-            direct[name] = t
-        else:
-            known = list(source_to_group) + list(hp_shapes) + [n for n in params if param_owner(n, state.wrappers) is None]
-            close = difflib.get_close_matches(name, known, n=1, cutoff=0.7)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise CheckpointError(f"reload: {name!r} is not a weight of this model{hint}")
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise CheckpointError(f"reload: {name!r} must be a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
-        if tuple(t.shape) != tuple(expected):
-            raise CheckpointError(f"reload: {name!r} has shape {list(t.shape)}, expected {list(expected)}")
-        check_finite(t, name)
-    for g in touched_groups.values():
-        missing = [k for k in g.sources if k not in incoming]
-        if missing:
-            raise CheckpointError(
-                f"reload: {g.target!r} needs {len(g.sources)} checkpoint tensors, {len(missing)} missing: "
-                + ", ".join(missing[:8])
+
+# ---- the model and the weights -----------------------------------------------------------------
+
+
+def _state_of(model: nn.Module) -> OqState:
+    """``model.oq_state``, checked to still describe the model (its wrappers are in place)."""
+    state = getattr(model, "oq_state", None) if isinstance(model, nn.Module) else None
+    if not isinstance(state, OqState):
+        raise ConfigError(
+            f"{type(model).__name__} was not loaded or quantized by oqcore (no oq_state); use oqcore.load or "
+            "oqcore.quantize_ first",
+            "model",
+        )
+    for name, w in state.wrappers.items():
+        try:
+            live = model.get_submodule(name)
+        except AttributeError:
+            live = None
+        if live is not w:
+            raise ConfigError(
+                f"quantized layer {name!r} of model.oq_state is no longer in the model (found "
+                f"{type(live).__name__ if live is not None else 'nothing'} there): the model was changed after "
+                "oqcore quantized it",
+                "model",
             )
-    provided = set(direct) | set(touched_groups)
-    layer_params = {
-        name: [f"{name}.{p}" for p, _ in empty_like(w).named_parameters(recurse=False)] for name, w in state.wrappers.items()
-    }
-    touched_layers = [n for n, ps in layer_params.items() if any(p in provided for p in ps)]
-    for layer in touched_layers:
-        missing = [p for p in layer_params[layer] if p not in provided]
-        if missing:
-            raise CheckpointError(f"reload: layer {layer!r} is quantized as a whole; missing {', '.join(missing)}")
-
-    # ---- stage 2: convert, re-quantize, copy into the existing storages --------------------------
-    # One target at a time, so at most one layer's high-precision weights are alive at once.
-    pending: dict[str, dict[str, torch.Tensor]] = {n: {} for n in touched_layers}
-    batches = [{n: t} for n, t in direct.items()] + [lambda g=g: g.convert(model, incoming.__getitem__) for g in touched_groups.values()]
-    for batch in batches:
-        for name, value in (batch() if callable(batch) else batch).items():
-            owner = param_owner(name, state.wrappers)
-            if owner is None:
-                with torch.no_grad():
-                    params[name].copy_(value)
-                continue
-            pending[owner][name.rpartition(".")[2]] = value
-            if len(pending[owner]) == len(layer_params[owner]):
-                _requantize(state.wrappers[owner], pending.pop(owner), state)
-    return touched_layers
+    return state
 
 
-def _requantize(live: nn.Module, hp: dict[str, torch.Tensor], state: OqState) -> None:
-    scratch = empty_like(live)
-    for pname, value in hp.items():
-        placeholder = scratch._parameters[pname]
-        scratch._parameters[pname] = nn.Parameter(value.to(state.device, placeholder.dtype), requires_grad=False)
-    scratch.method.process_weights_after_loading(scratch)
-    with torch.no_grad():
-        for kind in ("_parameters", "_buffers"):
-            for pname, new in getattr(scratch, kind).items():
-                old = getattr(live, kind)[pname]
-                if new is None or old is None:
+def _collect(weights: Weights) -> dict[str, torch.Tensor]:
+    """``weights`` as a dict, read fully (so a generator failing half-way changes nothing);
+    raises :class:`oqcore.CheckpointError` for a bad container, pair, name or duplicate."""
+    if isinstance(weights, (str, bytes, torch.Tensor)) or not isinstance(weights, (Mapping, Iterable)):
+        hint = " (pass model.named_parameters() or a state_dict)" if isinstance(weights, nn.Module) else ""
+        raise CheckpointError(
+            f"reload: weights must be a mapping of names to tensors or an iterable of (name, tensor) pairs, "
+            f"got {type(weights).__name__}{hint}"
+        )
+    out: dict[str, torch.Tensor] = {}
+    pairs: Iterator = iter(weights.items()) if isinstance(weights, Mapping) else iter(weights)
+    i = 0
+    while True:
+        try:
+            item = next(pairs)
+        except StopIteration:
+            break
+        except OqError:
+            raise
+        except Exception as e:
+            last = f" (last: {next(reversed(out))!r})" if out else ""
+            raise CheckpointError(
+                f"reload: reading the weights failed after {len(out)} tensor(s){last}: {type(e).__name__}: {e}; "
+                "nothing was changed"
+            ) from e
+        if not (isinstance(item, tuple) and len(item) == 2):
+            raise CheckpointError(f"reload: weights item #{i} must be a (name, tensor) pair, got {type(item).__name__}")
+        name, t = item
+        if not isinstance(name, str):
+            raise CheckpointError(f"reload: weights item #{i}: the name must be a str, got {type(name).__name__} {name!r}")
+        if name in out:
+            raise CheckpointError(f"reload: weight {name!r} is given twice")
+        out[name] = t
+        i += 1
+    return out
+
+
+# ---- the three passes --------------------------------------------------------------------------
+
+
+@dataclass
+class _Target:
+    """Where one given tensor goes: its expected shape and the dtype its values end up in."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    group: TargetGroup | None = None  # set for a checkpoint-named source
+
+
+@dataclass
+class _Job:
+    model: nn.Module
+    state: OqState
+    targets: dict[str, _Target] = field(default_factory=dict)
+    direct: list[str] = field(default_factory=list)  # model-named weights, in the order given
+    groups: dict[str, TargetGroup] = field(default_factory=dict)  # touched groups by target
+    touched_layers: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        state = self.state
+        self.params = dict(self.model.named_parameters())
+        # high-precision parameters of every wrapper (what the method registers before quantizing)
+        self.hp: dict[str, torch.Tensor] = {}
+        self.layer_params: dict[str, list[str]] = {}
+        for name, w in state.wrappers.items():
+            names = []
+            for pname, p in empty_like(w).named_parameters(recurse=False):
+                self.hp[f"{name}.{pname}"] = p
+                names.append(f"{name}.{pname}")
+            self.layer_params[name] = names
+        self.source_to_group = {k: g for g in state.groups.values() for k in g.sources}
+        self.device = torch.device(state.device)
+
+    def owner(self, param: str) -> str | None:
+        """The wrapper owning parameter ``param``, or ``None``."""
+        owner = param.rpartition(".")[0]
+        return owner if owner in self.state.wrappers else None
+
+    def target_dtype(self, param: str) -> torch.dtype:
+        """The dtype a value for parameter ``param`` is converted to."""
+        return self.hp[param].dtype if param in self.hp else self.params[param].dtype
+
+    # -- pass 1: check ---------------------------------------------------------------------------
+
+    def check(self, incoming: dict[str, torch.Tensor]) -> None:
+        """Map every name, check every tensor and that every touched layer is complete."""
+        claimed: dict[str, str] = {}  # parameter -> how it was given
+        for name, t in incoming.items():
+            if name in self.source_to_group:
+                g = self.source_to_group[name]
+                target = _Target(tuple(self.state.source_shapes[name]), self.target_dtype(g.target), g)
+                self.groups[g.target] = g
+                param, how = g.target, f"the checkpoint tensors {', '.join(repr(s) for s in g.sources[:3])}"
+            elif name in self.hp or (name in self.params and self.owner(name) is None):
+                p = self.hp.get(name, self.params.get(name))
+                target = _Target(tuple(p.shape), p.dtype)
+                self.direct.append(name)
+                param, how = name, repr(name)
+            else:
+                raise CheckpointError(f"reload: {name!r} is not a weight of this model{self._did_you_mean(name)}")
+            earlier = claimed.setdefault(param, how)
+            if earlier != how:
+                raise CheckpointError(f"reload: parameter {param!r} is given twice: as {earlier} and as {how}")
+            self.targets[name] = target
+            _check_tensor(name, t, target, self.device)
+        for g in self.groups.values():
+            missing = [k for k in g.sources if k not in incoming]
+            if missing:
+                raise CheckpointError(
+                    f"reload: {g.target!r} needs {len(g.sources)} checkpoint tensors, {len(missing)} missing: "
+                    + ", ".join(missing[:8])
+                )
+        provided = set(self.direct) | set(self.groups)
+        self.touched_layers = [n for n, ps in self.layer_params.items() if any(p in provided for p in ps)]
+        for layer in self.touched_layers:
+            missing = [p for p in self.layer_params[layer] if p not in provided]
+            if missing:
+                raise CheckpointError(f"reload: layer {layer!r} is quantized as a whole; missing {', '.join(missing)}")
+
+    def _did_you_mean(self, name: str) -> str:
+        known = list(self.source_to_group) + list(self.hp) + [n for n in self.params if self.owner(n) is None]
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.7)
+        return f"; did you mean {close[0]!r}?" if close else ""
+
+    # -- pass 2: quantize into scratch ------------------------------------------------------------
+
+    def quantize(self, incoming: dict[str, torch.Tensor]) -> dict[str, nn.Module]:
+        """Quantize every touched layer into a scratch wrapper; returns ``{layer: scratch}``.
+
+        Groups producing unquantized parameters are converted and checked here too (the result is
+        dropped and made again in the commit, so no high-precision copy is kept)."""
+        staged: dict[str, nn.Module] = {}
+        pending: dict[str, dict[str, torch.Tensor]] = {n: {} for n in self.touched_layers}
+        # model-named weights first (no conversion cost), then one group at a time; a plain
+        # checkpoint tensor of an unquantized parameter was fully checked in pass 1
+        batches = [lambda n=n: {n: incoming[n]} for n in self.direct] + [
+            lambda g=g: self._convert(g, incoming) for g in self.groups.values() if not self._plain_unquantized(g)
+        ]
+        for batch in batches:
+            for name, value in batch().items():
+                owner = self.owner(name)
+                if owner is None:
+                    if name not in self.direct:  # a converted group result: check it like a given tensor
+                        p = self.params.get(name)
+                        if p is None:
+                            raise CheckpointError(f"reload: converting the checkpoint tensors gave {name!r}, not a weight of this model")
+                        _check_tensor(name, value, _Target(tuple(p.shape), p.dtype), self.device)
                     continue
-                if old.shape != new.shape or old.dtype != new.dtype:
-                    raise CheckpointError(f"reload: {live.layer_name}.{pname} changed layout ({old.shape} -> {new.shape})")
-                old.copy_(new)
+                pname = name.rpartition(".")[2]
+                if owner not in pending:  # a one-to-many rule reaching into another layer
+                    pending[owner] = {}
+                    self.touched_layers.append(owner)
+                if pname in pending[owner]:
+                    raise CheckpointError(f"reload: parameter {name!r} is given twice (directly and through checkpoint tensors)")
+                pending[owner][pname] = value
+                if len(pending[owner]) == len(self.layer_params[owner]):
+                    staged[owner] = self._quantize_layer(owner, pending.pop(owner))
+        incomplete = list(pending)  # complete layers were popped
+        if incomplete:
+            raise CheckpointError(f"reload: layer(s) {', '.join(map(repr, incomplete))} did not get all their weights")
+        return staged
+
+    def _plain_unquantized(self, g: TargetGroup) -> bool:
+        """A one-to-one checkpoint tensor (no transformers rule) of a parameter no wrapper owns."""
+        return g.rule is None and self.owner(g.target) is None
+
+    def _convert(self, g: TargetGroup, incoming: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A group's parameters from its given sources, read into the target's dtype as a load
+        reads them (one-to-many transformers rules run on the given dtype, as in a load)."""
+        want = self.target_dtype(g.target) if g.rule is None or is_expert_fusion(g.rule) else None
+
+        def load(key: str) -> torch.Tensor:
+            t = incoming[key].detach()
+            return t.to(want) if want is not None else t
+
+        try:
+            return g.convert(self.model, load)
+        except OqError:
+            raise
+        except Exception as e:
+            raise CheckpointError(
+                f"reload: converting the checkpoint tensors of {g.target!r} ({', '.join(g.sources[:3])}...) failed: "
+                f"{type(e).__name__}: {e}"
+            ) from e
+
+    def _quantize_layer(self, owner: str, hp: dict[str, torch.Tensor]) -> nn.Module:
+        live = self.state.wrappers[owner]
+        scratch = empty_like(live)
+        for pname in list(hp):
+            # popped: the unconverted value is freed as soon as its converted copy exists
+            value = hp.pop(pname).detach()
+            with torch.no_grad():
+                value = value.to(self.device, scratch._parameters[pname].dtype)
+            scratch._parameters[pname] = nn.Parameter(value, requires_grad=False)
+            del value
+        process_layer(scratch)
+        _check_layout(live, scratch)
+        return scratch
+
+    # -- pass 3: commit ---------------------------------------------------------------------------
+
+    def commit(self, incoming: dict[str, torch.Tensor], staged: dict[str, nn.Module]) -> None:
+        """Copy the staged quantized tensors and the unquantized parameters into the model."""
+        try:
+            with torch.no_grad():
+                for owner, scratch in staged.items():
+                    live = self.state.wrappers[owner]
+                    for kind in ("_parameters", "_buffers"):
+                        for pname, new in getattr(scratch, kind).items():
+                            if new is not None:
+                                getattr(live, kind)[pname].copy_(new)
+                for name in self.direct:
+                    if self.owner(name) is None:
+                        self.params[name].copy_(incoming[name])
+                for g in self.groups.values():
+                    if self._plain_unquantized(g):
+                        self.params[g.target].copy_(incoming[g.sources[0]])
+                    elif self.owner(g.target) is None:
+                        for name, value in self._convert(g, incoming).items():
+                            self.params[name].copy_(value)
+        except Exception as e:  # every check passed: this is a bug, and the model is partly updated
+            raise InternalError(
+                f"reload: copying into the model failed after every check passed ({type(e).__name__}: {e}); the model "
+                "is partly updated: reload it again"
+            ) from e
+
+
+def _check_tensor(name: str, t: object, target: _Target, device: torch.device) -> None:
+    """One given tensor: type, device, dtype, shape, and finite values that stay finite in the
+    dtype they are converted to."""
+    if not isinstance(t, torch.Tensor):
+        raise CheckpointError(f"reload: {name!r} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_meta:
+        raise CheckpointError(f"reload: {name!r} is on the meta device (no values); give a materialized tensor")
+    if t.device.type != "cpu" and not _same_device(t.device, device):
+        raise CheckpointError(f"reload: {name!r} is on {t.device}; give it on cpu or on the model's device ({device})")
+    if t.dtype not in HP_DTYPES:
+        raise CheckpointError(f"reload: {name!r} must be a floating-point tensor ({dtype_names()}), got {t.dtype}")
+    if tuple(t.shape) != tuple(target.shape):
+        raise CheckpointError(f"reload: {name!r} has shape {list(t.shape)}, expected {list(target.shape)}")
+    check_finite(t, name)
+    if t.numel() == 0 or target.dtype == t.dtype or target.dtype not in HP_DTYPES:
+        return
+    # Rounding to a narrower dtype is monotonic: if the min and max stay finite, every value does.
+    lo, hi = torch.aminmax(t.detach())
+    if bool(torch.isfinite(lo.to(target.dtype)) & torch.isfinite(hi.to(target.dtype))):
+        return
+    over = int((~torch.isfinite(t.detach().to(target.dtype))).sum())
+    biggest = max(abs(float(lo)), abs(float(hi)))
+    raise UnsupportedLayerError(
+        name,
+        f"{over} value(s) overflow the model's dtype {target.dtype} (largest magnitude {biggest:.4g}, "
+        f"{target.dtype} max {torch.finfo(target.dtype).max:.4g}): they would become Inf; refusing to reload",
+    )
+
+
+def _check_layout(live: nn.Module, scratch: nn.Module) -> None:
+    """The re-quantized tensors must fit the live storages exactly (same names, shapes, dtypes)."""
+    for kind in ("_parameters", "_buffers"):
+        old = {k: v for k, v in getattr(live, kind).items() if v is not None}
+        new = {k: v for k, v in getattr(scratch, kind).items() if v is not None}
+        for pname in sorted(old.keys() | new.keys()):
+            a, b = old.get(pname), new.get(pname)
+            if a is None or b is None or a.shape != b.shape or a.dtype != b.dtype:
+                def show(t):
+                    return "nothing" if t is None else f"{list(t.shape)} {t.dtype}"
+
+                raise PluginError(
+                    f"plugin {method_plugin(live.method)!r}: re-quantizing layer {live.layer_name!r} gave "
+                    f"{kind.strip('_')[:-1]} {pname!r} as {show(b)}, the model holds {show(a)}; "
+                    f"{type(live.method).__name__}.process_weights_after_loading must give the same layout every time"
+                )
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
