@@ -65,6 +65,27 @@ def oq_register_quantizers(register):
     skips its own full pass over the tensor); ``whole_stack=True`` when an ``[E, N, K]`` stack in
     one call needs no memory beyond the outputs (the core otherwise calls it once per expert, so a
     reference's float32 temporaries stay one expert large).
+
+    Errors (the contract the core holds every quantizer to, so users see one typed error naming
+    the tensor or layer and the plugin):
+
+    - raise ``ValueError`` for input the quantizer cannot take (a shape outside its rule, such as
+      K not a multiple of the block size), with a message stating the rule: the core turns it into
+      :class:`oqcore.UnsupportedLayerError` naming the tensor/layer, the key, the backend and the
+      plugin, your message included;
+    - raise :class:`oqcore.NonFiniteError` for NaN/Inf (required with ``checks_finite=True``; the
+      core then names the layer, the expert and the count); any other :class:`oqcore.OqError`
+      passes through unchanged;
+    - any other exception is a bug: the core raises :class:`oqcore.PluginError` naming the plugin,
+      the key, the backend and the tensor, with your exception chained as ``__cause__``.
+
+    Return exactly ``(qdata, scale)``, two tensors, ``qdata`` of the input's shape (anything else
+    is a :class:`oqcore.PluginError`), and never modify ``w`` in place: when a quantizer fails
+    mid-way through a model, :func:`oqcore.quantize_` and :func:`oqcore.reload_weights` promise
+    the model is left bit for bit as it was. The core only hands a quantizer 2-D/3-D tensors with
+    at least one element in float32, bfloat16, float16 or float64; a meta tensor reaches only the
+    ``torch`` reference (a dry run for shapes: keep the reference free of data-dependent Python
+    control flow such as ``.item()``).
     """
 
 
