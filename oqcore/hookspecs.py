@@ -1,10 +1,28 @@
 """Every hook a scheme plugin can implement. The built-in schemes use exactly these.
 
 A plugin is a module (found through the entry-point group ``"oqcore"``) whose functions carry the
-:data:`hookimpl` marker and are named like the specs below. Each registration hook receives a
-``register`` callable bound to the plugin, so the core knows which plugin provided what and can
-name both plugins when two register the same thing. Hook implementations may take any subset of a
-spec's arguments (pluggy passes them by name); they never need defaults.
+:data:`hookimpl` marker and are named like the specs below (an instance whose methods carry it
+works too; a class does not). Each registration hook receives a ``register`` callable bound to the
+plugin, so the core knows which plugin provided what and can name both plugins when two register
+the same thing. Hook implementations may take any subset of a spec's arguments (pluggy passes them
+by name).
+
+What the core refuses, so a plugin never half-works (the plugin is recorded as failed, with its
+name, its distribution and the hook in the message; ``OQ_STRICT_PLUGINS=1`` makes it an error):
+
+- an object with no marked hook, or a marked function whose name is not one of these hooks (a typo
+  such as ``oq_register_method``; mark a hook of a newer oqcore ``optionalhook=True``);
+- defaults on hook arguments (pluggy never passes them), ``hookwrapper``/``wrapper`` hooks, a
+  registration hook without the ``register`` argument;
+- a registration hook that returns anything but ``None``, calls ``register`` with arguments of the
+  wrong type, or calls it after returning. Registrations are committed only when the hook returns,
+  and a plugin failing in any hook keeps none of its registrations;
+- the same thing registered twice by one plugin. Registered by two plugins it is a
+  :class:`oqcore.PluginConflictError`, fatal whatever the mode: which one to use is the user's call.
+
+Hooks run with the plugin registry under construction: do not call :func:`oqcore.get_registry`
+(or anything that resolves a key name) at import time or in a registration hook; that is a
+:class:`oqcore.PluginError`. Inside the functions you register it is fine.
 """
 
 from __future__ import annotations
@@ -23,8 +41,10 @@ def oq_register_quant_keys(register):
     Call ``register(name, key=None, *, weight=None, activation=None, aliases=(), description="")``
     once per name. ``key`` gives one :class:`oqcore.QuantKey` for both roles; ``weight`` /
     ``activation`` give role-aware keys (``mxfp8``: static blocks as a weight, dynamic as an
-    activation) or restrict a name to one role. A name or alias already taken raises
-    :class:`oqcore.PluginError` naming both plugins.
+    activation) or restrict a name to one role. Names and aliases are letters, digits, ``_``, ``.``
+    and ``-``; ``aliases`` a list or tuple of them. A name, alias or key (in a role) another plugin
+    registered is a :class:`oqcore.PluginConflictError` naming both plugins; one key has one name
+    (use ``aliases=`` for more).
     """
 
 
@@ -35,7 +55,8 @@ def oq_register_shorthands(register):
     Call ``register(name, *, linear=None, moe=None, description="")`` where each slot is a spec
     mapping such as ``{"weight": "fp8_per_block_static"}`` (activation omitted means "the method's
     default") or ``None`` when the shorthand does not define that slot (``int8_per_channel_weight_only``
-    has no linear spec, and using it for ``linear`` is a :class:`oqcore.ConfigError`).
+    has no linear spec, and using it for ``linear`` is a :class:`oqcore.ConfigError`). A shorthand
+    name another plugin registered is a :class:`oqcore.PluginConflictError`.
     """
 
 
@@ -46,7 +67,8 @@ def oq_register_methods(register):
     Call ``register(kind, weight_key, method_cls)`` with ``kind`` in ``{"linear", "moe"}``,
     ``weight_key`` a :class:`oqcore.QuantKey` (or a registered weight key name) and ``method_cls`` a
     subclass of :class:`oqcore.OnlineLinearMethodBase` or :class:`oqcore.OnlineMoEMethodBase`
-    whose ``weight_key`` equals ``weight_key``. One method per (kind, weight key).
+    whose ``weight_key`` equals ``weight_key``. One method per (kind, weight key): a second one from
+    another plugin is a :class:`oqcore.PluginConflictError`.
     """
 
 
@@ -94,8 +116,15 @@ def oq_backend_candidates(kind, weight_key):
     """Return the :class:`oqcore.Backend` records this plugin offers for ``(kind, weight_key)``.
 
     ``kind`` is ``"linear"`` or ``"moe"``; ``weight_key`` a :class:`oqcore.QuantKey`. Return a list
-    (empty when the plugin has nothing for that pair). Each record names the activation key it
-    serves, a priority (higher wins; ties broken by name, never by registration order) and an
+    (empty, or ``None``, when the plugin has nothing for that pair). Each record names the
+    activation key it serves (a :class:`oqcore.QuantKey` or ``None``), an int priority (higher
+    wins; ties broken by name, never by registration order) and an
     ``is_supported(layer, device) -> (ok, reason)`` predicate. The core's oracle chooses among all
-    plugins' candidates.
+    plugins' candidates; the core fills in ``Backend.plugin``.
+
+    A result that is not a list of well-typed :class:`oqcore.Backend` records (or offers one
+    ``(name, activation key)`` twice) fails the plugin, as an exception here does: it then
+    contributes nothing, from that call on. Two plugins offering the same ``(name, activation
+    key)`` for a pair is a :class:`oqcore.PluginConflictError` (a pin by name could not tell them
+    apart): name your backends after your plugin.
     """
