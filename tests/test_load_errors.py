@@ -39,8 +39,14 @@ def test_missing_safetensors(ckpt):
 
 
 def test_missing_folder(tmp_path):
-    with pytest.raises(CheckpointError, match="config.json does not exist"):
+    with pytest.raises(CheckpointError, match=r"nowhere: no such folder"):
         oqcore.load(tmp_path / "nowhere", "fp8_per_block")
+
+
+def test_missing_config(ckpt):
+    (ckpt / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="config.json does not exist"):
+        oqcore.load(ckpt, "fp8_per_block")
 
 
 def test_corrupt_header(ckpt):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -29,7 +30,8 @@ import torch
 
 from oqcore.errors import CheckpointError
 
-# safetensors dtype tags -> torch dtypes (https://github.com/huggingface/safetensors, src/tensor.rs)
+# safetensors dtype tags -> torch dtypes (https://github.com/huggingface/safetensors, src/tensor.rs);
+# the tags torch cannot hold (F4, F6_*) are refused as unknown.
 ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -39,13 +41,21 @@ ST_DTYPES: dict[str, torch.dtype] = {
     "I32": torch.int32,
     "I16": torch.int16,
     "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
     "U8": torch.uint8,
     "BOOL": torch.bool,
+    "C64": torch.complex64,
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
     "F8_E8M0": torch.float8_e8m0fnu,
 }
+ST_TAGS: dict[torch.dtype, str] = {v: k for k, v in ST_DTYPES.items()}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+"""The safetensors library's own limit on the JSON header."""
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -67,20 +77,135 @@ class TensorEntry:
             n *= d
         return n
 
+    @property
+    def tag(self) -> str:
+        """The safetensors dtype tag (``"BF16"``)."""
+        return ST_TAGS.get(self.dtype, str(self.dtype))
+
+    def describe(self) -> str:
+        """``"BF16 [160, 96]"``: dtype tag and shape, for messages."""
+        return f"{self.tag} {list(self.shape)}"
+
+
+# ---- strict JSON ------------------------------------------------------------------------------
+
+
+class _BadJson(ValueError):
+    pass
+
+
+def _no_constant(name: str):
+    raise _BadJson(f"{name} is not valid JSON (NaN and Infinity are not allowed)")
+
+
+def _unique_pairs(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise _BadJson(f"key {k!r} appears twice")
+        out[k] = v
+    return out
+
+
+def json_problem(data: bytes | str) -> tuple[object, str | None]:
+    """``(parsed value, None)`` for strict JSON (RFC 8259: no NaN/Infinity, no key given twice in
+    one object), else ``(None, what is wrong)``."""
+    try:
+        if isinstance(data, bytes):
+            data = data.decode("utf-8")
+        return json.loads(data, parse_constant=_no_constant, object_pairs_hook=_unique_pairs), None
+    except UnicodeDecodeError as e:
+        return None, f"not UTF-8 text ({e})"
+    except _BadJson as e:
+        return None, str(e)
+    except (json.JSONDecodeError, RecursionError) as e:
+        return None, f"not valid JSON ({e})"
+
+
+def parse_json(data: bytes | str, where: str) -> object:
+    """Parse strict JSON (see :func:`json_problem`); ``where`` names the file in the
+    :class:`oqcore.CheckpointError` raised on anything else."""
+    obj, problem = json_problem(data)
+    if problem is not None:
+        raise CheckpointError(f"{where}: {problem}")
+    return obj
+
+
+def read_json_object(file: Path, what: str) -> dict:
+    """The JSON object in ``file`` (``what`` says what the file is, for messages).
+
+    Raises :class:`oqcore.CheckpointError` naming the file when it is missing, a directory,
+    unreadable, empty, not UTF-8, not strict JSON, or not a JSON object at the top.
+    """
+    file = Path(file)
+    if not file.exists():
+        raise CheckpointError(f"{file} does not exist: {what}")
+    if not file.is_file():
+        raise CheckpointError(f"{file} is not a regular file (a directory?): {what} must be a JSON file")
+    try:
+        data = file.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot read: {e}") from None
+    if not data.strip():
+        raise CheckpointError(f"{file} is empty: {what} must be a JSON object")
+    obj = parse_json(data, str(file))
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{file} holds a JSON {_json_type(obj)}, not an object: {what} must be a JSON object {{...}}")
+    return obj
+
+
+def _json_type(v: object) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, (int, float)):
+        return "number"
+    if isinstance(v, str):
+        return "string"
+    if isinstance(v, list):
+        return "list"
+    if isinstance(v, dict):
+        return "object"
+    return type(v).__name__
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# ---- safetensors headers ----------------------------------------------------------------------
+
 
 def read_header(file: Path) -> tuple[dict, int]:
     """Parse a safetensors header: ``(header dict, data start offset in bytes)``.
 
-    Raises :class:`oqcore.CheckpointError` naming the file if it is missing, truncated or not safetensors.
+    Checks the 8-byte length against the file's size and that the header is a strict JSON object
+    whose ``__metadata__`` (if any) maps strings to strings. Raises :class:`oqcore.CheckpointError`
+    naming the file if it is missing, a directory, truncated or not safetensors.
     """
+    file = Path(file)
+    if file.exists() and not file.is_file():
+        raise CheckpointError(f"{file} is not a regular file (a directory?): expected a safetensors file")
     try:
         with open(file, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             raw = f.read(8)
             if len(raw) < 8:
-                raise CheckpointError(f"{file}: not a safetensors file (shorter than its 8-byte header length)")
+                raise CheckpointError(
+                    f"{file}: not a safetensors file ({len(raw)} bytes, shorter than the 8-byte header length)"
+                )
             (n,) = struct.unpack("<Q", raw)
             if n > MAX_HEADER_BYTES:
-                raise CheckpointError(f"{file}: not a safetensors file (header length {n} bytes is implausible)")
+                raise CheckpointError(
+                    f"{file}: not a safetensors file (header length {n} bytes is implausible; the format allows "
+                    f"at most {MAX_HEADER_BYTES})"
+                )
+            if 8 + n > size:
+                raise CheckpointError(
+                    f"{file}: header length {n} bytes reaches past the end of the file ({size} bytes): "
+                    "truncated or not a safetensors file"
+                )
             header_bytes = f.read(n)
     except FileNotFoundError:
         raise CheckpointError(f"{file}: checkpoint file does not exist") from None
@@ -88,77 +213,231 @@ def read_header(file: Path) -> tuple[dict, int]:
         raise CheckpointError(f"{file}: cannot read: {e}") from None
     if len(header_bytes) < n:
         raise CheckpointError(f"{file}: truncated safetensors header ({len(header_bytes)} of {n} bytes)")
-    try:
-        header = json.loads(header_bytes)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file}: corrupt safetensors header: {e}") from None
+    if n == 0 or not header_bytes.lstrip().startswith(b"{"):
+        raise CheckpointError(f"{file}: corrupt safetensors header (it must be a JSON object starting with '{{')")
+    header, problem = json_problem(header_bytes)
+    if problem is not None:
+        raise CheckpointError(f"{file}: corrupt safetensors header: {problem}")
     if not isinstance(header, dict):
-        raise CheckpointError(f"{file}: corrupt safetensors header (not a JSON object)")
+        raise CheckpointError(f"{file}: corrupt safetensors header (a JSON {_json_type(header)}, not an object)")
+    meta = header.get("__metadata__")
+    if meta is not None or "__metadata__" in header:
+        if not isinstance(meta, dict):
+            raise CheckpointError(
+                f"{file}: safetensors header field '__metadata__' is a JSON {_json_type(meta)}; it must be an "
+                "object mapping strings to strings"
+            )
+        for k, v in meta.items():
+            if not isinstance(v, str):
+                raise CheckpointError(
+                    f"{file}: safetensors header field '__metadata__' maps {k!r} to a JSON {_json_type(v)}; "
+                    "its values must be strings"
+                )
     return header, 8 + n
 
 
+def _entry(file: Path, name: str, info: object, start: int, data_size: int) -> TensorEntry:
+    """One header entry, checked on its own (dtype tag, shape, offsets, byte count, inside the file)."""
+    at = f"{file}: tensor {name!r}"
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{at}: header entry is a JSON {_json_type(info)}; it must be an object with dtype, shape, data_offsets")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in info]
+    if missing:
+        raise CheckpointError(f"{at}: header entry has no {', '.join(missing)} (it needs dtype, shape, data_offsets)")
+    tag = info["dtype"]
+    if not isinstance(tag, str) or tag not in ST_DTYPES:
+        raise CheckpointError(f"{at}: unknown dtype {tag!r}; valid: {', '.join(ST_DTYPES)}")
+    shape = info["shape"]
+    if not isinstance(shape, list):
+        raise CheckpointError(f"{at}: shape is a JSON {_json_type(shape)}; it must be a list of non-negative integers")
+    bad = [d for d in shape if not _is_int(d) or d < 0]
+    if bad:
+        raise CheckpointError(f"{at}: shape {shape!r} has dimension {bad[0]!r}; dimensions must be non-negative integers")
+    offsets = info["data_offsets"]
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(x) for x in offsets):
+        raise CheckpointError(f"{at}: data_offsets {offsets!r} must be a list of two integers [begin, end]")
+    begin, end = offsets
+    if begin < 0 or end < 0:
+        raise CheckpointError(f"{at}: data_offsets {offsets!r} are negative; they must satisfy 0 <= begin <= end")
+    if end < begin:
+        raise CheckpointError(f"{at}: data_offsets {offsets!r} are reversed; they must satisfy 0 <= begin <= end")
+    dtype = ST_DTYPES[tag]
+    entry = TensorEntry(name, file, start + begin, end - begin, dtype, tuple(shape))
+    want = entry.numel * dtype.itemsize
+    if entry.nbytes != want:
+        raise CheckpointError(
+            f"{at}: data_offsets {offsets!r} hold {entry.nbytes} bytes, but {tag} {shape} needs "
+            f"{entry.numel} x {dtype.itemsize} = {want} bytes"
+        )
+    if end > data_size:
+        raise CheckpointError(
+            f"{at} ({tag} {shape}) does not fit the file: bytes [{begin}, {end}) after the header, but only "
+            f"{data_size} data bytes follow it (truncated or corrupt)"
+        )
+    return entry
+
+
 def file_entries(file: Path) -> list[TensorEntry]:
-    """The tensors of one safetensors file, in file order, checked against the file's size."""
+    """The tensors of one safetensors file, in file order, each checked against the format and the
+    file: known dtype tag, a shape of non-negative integers, ``0 <= begin <= end`` offsets holding
+    exactly ``numel * itemsize`` bytes inside the file, and no two tensors sharing a byte (gaps
+    between tensors are allowed). Raises :class:`oqcore.CheckpointError` naming the file and tensor."""
+    file = Path(file)
     header, start = read_header(file)
     size = file.stat().st_size
-    out = []
-    for name, info in header.items():
-        if name == "__metadata__":
+    out = [_entry(file, name, info, start, size - start) for name, info in header.items() if name != "__metadata__"]
+    out.sort(key=lambda e: (e.offset, e.nbytes))
+    prev: TensorEntry | None = None
+    for e in out:
+        if e.nbytes == 0:
             continue
-        try:
-            dtype = ST_DTYPES[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{file}: corrupt header entry for tensor {name!r}: {info!r}") from None
-        entry = TensorEntry(name, file, start + begin, end - begin, dtype, shape)
-        if entry.nbytes != entry.numel * dtype.itemsize or start + end > size:
+        if prev is not None and e.offset < prev.offset + prev.nbytes:
+            a, b = prev.offset - start, e.offset - start
             raise CheckpointError(
-                f"{file}: tensor {name!r} ({info['dtype']} {list(shape)}) does not fit the file: "
-                f"bytes [{begin}, {end}) after the header, file is {size} bytes (truncated or corrupt)"
+                f"{file}: tensors {prev.name!r} (bytes [{a}, {a + prev.nbytes})) and {e.name!r} (bytes [{b}, "
+                f"{b + e.nbytes})) overlap; every tensor needs its own bytes"
             )
-        out.append(entry)
-    return sorted(out, key=lambda e: e.offset)
+        prev = e
+    return out
+
+
+# ---- model folders and shard indexes -----------------------------------------------------------
+
+
+def check_model_folder(path: object) -> Path:
+    """``path`` as a :class:`~pathlib.Path` to an existing directory.
+
+    Raises :class:`oqcore.CheckpointError` naming it when it is not a path, does not exist or is
+    not a directory.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise CheckpointError(f"model path must be a folder path (str or Path), got {type(path).__name__} {path!r}")
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such folder (a model folder holds config.json and safetensors weights)")
+    if not p.is_dir():
+        raise CheckpointError(f"{p} is not a folder (a model folder holds config.json and safetensors weights)")
+    return p
+
+
+def _inside(folder: Path, target: Path) -> bool:
+    """Whether ``target`` (resolved) is inside ``folder`` (resolved) or, for a Hugging Face hub
+    cache snapshot (``.../snapshots/<rev>/``), inside that repository's ``blobs`` folder, where the
+    hub keeps the files its snapshot symlinks point to."""
+    root = folder.resolve()
+    t = target.resolve()
+    if t.is_relative_to(root):
+        return True
+    if root.parent.name == "snapshots":
+        return t.is_relative_to(root.parent.parent / "blobs")
+    return False
+
+
+def read_index(path: Path) -> dict[str, Path]:
+    """``{tensor name: shard file}`` from ``path/model.safetensors.index.json``.
+
+    The index must be a JSON object whose ``weight_map`` maps tensor names (strings) to shard file
+    names (strings) relative to the folder; a shard named by an absolute path, with ``..`` leaving
+    the folder, or through a symlink resolving outside it (except a Hugging Face cache snapshot's
+    links into its ``blobs`` folder) is refused, as is a shard that does not exist. Raises
+    :class:`oqcore.CheckpointError` naming the index and the entry.
+    """
+    index = Path(path) / INDEX_NAME
+    obj = read_json_object(index, "the shard index of a sharded checkpoint")
+    if "weight_map" not in obj:
+        raise CheckpointError(f"{index}: no 'weight_map' field (it must map each tensor name to its shard file)")
+    weight_map = obj["weight_map"]
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(
+            f"{index}: field 'weight_map' is a JSON {_json_type(weight_map)}; it must be an object mapping tensor "
+            "names to shard file names"
+        )
+    if not weight_map:
+        raise CheckpointError(f"{index}: field 'weight_map' is empty: the index names no tensor")
+    meta = obj.get("metadata")
+    if meta is not None and not isinstance(meta, dict):
+        raise CheckpointError(f"{index}: field 'metadata' is a JSON {_json_type(meta)}; it must be an object")
+    out: dict[str, Path] = {}
+    checked: dict[str, Path] = {}
+    for name, shard in weight_map.items():
+        at = f"{index}: weight_map[{name!r}]"
+        if not isinstance(shard, str) or not shard:
+            raise CheckpointError(f"{at} is {shard!r}; it must be a shard file name (a non-empty string)")
+        if shard not in checked:
+            rel = Path(shard)
+            if rel.is_absolute() or shard.startswith(("/", "\\")) or re.match(r"[A-Za-z]:[\\/]", shard):
+                raise CheckpointError(f"{at} = {shard!r} is an absolute path; shards must be files inside {path}")
+            if ".." in re.split(r"[\\/]", shard):
+                raise CheckpointError(f"{at} = {shard!r} uses '..'; shards must be files inside {path}, named without '..'")
+            f = Path(path) / rel
+            if not f.exists():
+                raise CheckpointError(f"{index} names shard(s) that do not exist: {f} ({at})")
+            if not _inside(Path(path), f):
+                raise CheckpointError(
+                    f"{at} = {shard!r} resolves to {f.resolve()}, outside the model folder {path} (a symlink?); "
+                    "shards must be files inside the folder"
+                )
+            if not f.is_file():
+                raise CheckpointError(f"{at} = {shard!r} is not a regular file (a directory?)")
+            checked[shard] = f
+        out[name] = checked[shard]
+    return out
 
 
 def checkpoint_files(path: Path) -> list[Path]:
-    """The safetensors files of a model folder: ``model.safetensors`` or the shards named by
-    ``model.safetensors.index.json``. Raises :class:`oqcore.CheckpointError` naming what is missing."""
-    path = Path(path)
-    index = path / "model.safetensors.index.json"
-    single = path / "model.safetensors"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: corrupt shard index: {e}") from None
-        files = [path / f for f in dict.fromkeys(weight_map.values())]
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise CheckpointError(f"{index} names shard(s) that do not exist: {', '.join(missing)}")
-        return files
-    if single.is_file():
+    """The safetensors files of a model folder: the shards named by ``model.safetensors.index.json``
+    (validated by :func:`read_index`), else ``model.safetensors``, else the folder's only
+    ``*.safetensors`` file. Raises :class:`oqcore.CheckpointError` naming what is missing or wrong."""
+    path = check_model_folder(path)
+    index = path / INDEX_NAME
+    single = path / SINGLE_NAME
+    if index.exists():
+        return list(dict.fromkeys(read_index(path).values()))
+    if single.exists():
+        if not single.is_file():
+            raise CheckpointError(f"{single} is not a regular file (a directory?): expected the safetensors weights")
         return [single]
-    others = sorted(p.name for p in path.glob("*.safetensors")) if path.is_dir() else []
+    others = sorted(p.name for p in path.glob("*.safetensors") if p.is_file())
     if len(others) == 1:
         return [path / others[0]]
     raise CheckpointError(
         f"{path}: no model.safetensors or model.safetensors.index.json"
-        + (f" (found {', '.join(others)})" if others else "")
+        + (f" (found {', '.join(others)}: which one is meant? add a model.safetensors.index.json)" if others else "")
     )
 
 
 def checkpoint_entries(path: Path) -> list[TensorEntry]:
-    """Every tensor of the checkpoint in ``path``, file by file in storage order. Duplicate names
-    across shards are a :class:`oqcore.CheckpointError`."""
+    """Every tensor of the checkpoint in ``path``, file by file in storage order, every header
+    checked (:func:`file_entries`). A name in two shards is a :class:`oqcore.CheckpointError`; so
+    is, for a sharded checkpoint, any disagreement between the index's ``weight_map`` and the
+    shards' headers (a tensor the index maps to one shard but found in another, or in none, or a
+    tensor a shard holds that the index does not list)."""
+    path = check_model_folder(path)
+    index = path / INDEX_NAME
+    weight_map = read_index(path) if index.exists() else None
+    files = list(dict.fromkeys(weight_map.values())) if weight_map is not None else checkpoint_files(path)
     entries: list[TensorEntry] = []
     seen: dict[str, Path] = {}
-    for f in checkpoint_files(path):
+    for f in files:
         for e in file_entries(f):
             if e.name in seen:
                 raise CheckpointError(f"tensor {e.name!r} appears in both {seen[e.name]} and {f}")
             seen[e.name] = f
             entries.append(e)
+    if weight_map is not None:
+        for name, shard in weight_map.items():
+            if name not in seen:
+                raise CheckpointError(f"{index}: weight_map maps tensor {name!r} to {shard.name}, but no shard holds it")
+            if seen[name] != shard:
+                raise CheckpointError(
+                    f"{index}: weight_map maps tensor {name!r} to {shard.name}, but it is in {seen[name].name}"
+                )
+        extra = [n for n in seen if n not in weight_map]
+        if extra:
+            raise CheckpointError(
+                f"{index}: weight_map does not list tensor {extra[0]!r} held by {seen[extra[0]]}"
+                + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+            )
     return entries
 
 

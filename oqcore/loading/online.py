@@ -19,6 +19,7 @@ high-precision model never sits in memory whole.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,11 +27,13 @@ import torch
 from torch import nn
 
 from oqcore.config import QuantizationConfig
-from oqcore.errors import CheckpointError
-from oqcore.loading.checkpoint import TensorReader, checkpoint_entries
+from oqcore.devices import resolve_device
+from oqcore.errors import CheckpointError, ConfigError
+from oqcore.loading.checkpoint import TensorReader, check_model_folder, checkpoint_entries
+from oqcore.loading.checks import check_against_model, check_expert_counts, check_quant_metadata
 from oqcore.loading.install import install_wrappers
 from oqcore.loading.memory import PeakRSS, release_free_memory, return_large_frees_to_os
-from oqcore.loading.meta import build_meta_model, read_model_config
+from oqcore.loading.meta import build_meta_model, read_model_config, resolve_model_dtype
 from oqcore.loading.names import NameMapper, TargetGroup, is_expert_fusion
 from oqcore.loading.staging import StagingPool
 from oqcore.loading.state import LoadStats, OqState, tensor_bytes
@@ -40,16 +43,6 @@ ProgressFn = Callable[[int, int], None]
 
 PREFETCH_GROUPS = 8
 """How many checkpoint target groups ahead the kernel is asked to read before a layer is quantized."""
-
-
-def _check_not_prequantized(path: Path, raw: dict) -> None:
-    qc = raw.get("quantization_config")
-    if qc and qc.get("quant_method") != "oqcore":
-        method = qc.get("quant_method", "unknown")
-        raise CheckpointError(
-            f"{path / 'config.json'}: the checkpoint is already quantized (quant_method={method!r}); online "
-            "quantization needs a bf16/fp16/fp32 checkpoint. Load it with its own quantization method instead."
-        )
 
 
 def param_owner(name: str, wrappers: dict[str, nn.Module]) -> str | None:
@@ -71,10 +64,15 @@ def placeholder_dtype(model: nn.Module, name: str) -> torch.dtype | None:
 
 def assign_tensor(model: nn.Module, name: str, value: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Put ``value`` at parameter/buffer ``name`` (on ``device``, in the placeholder's dtype) in
-    place of its meta placeholder. Raises :class:`oqcore.CheckpointError` on a shape mismatch or a
-    tensor loaded twice."""
+    place of its meta placeholder. A floating value takes the placeholder's floating dtype, an
+    integer value its integer dtype. Raises :class:`oqcore.CheckpointError` naming the tensor when
+    the model has no such tensor, on a shape mismatch, a value of another kind (an integer tensor
+    where the model has a floating weight, or the reverse) or a tensor loaded twice."""
     mod_name, _, attr = name.rpartition(".")
-    module = model.get_submodule(mod_name) if mod_name else model
+    try:
+        module = model.get_submodule(mod_name) if mod_name else model
+    except AttributeError:
+        raise CheckpointError(f"tensor {name!r} has no place in the model") from None
     old = module._parameters.get(attr) if attr in module._parameters else module._buffers.get(attr)
     if old is None:
         raise CheckpointError(f"tensor {name!r} has no place in the model")
@@ -84,8 +82,12 @@ def assign_tensor(model: nn.Module, name: str, value: torch.Tensor, device: torc
         raise CheckpointError(
             f"tensor {name!r} has shape {list(value.shape)} in the checkpoint, the model expects {list(old.shape)}"
         )
-    dtype = old.dtype if (old.is_floating_point() and value.is_floating_point()) else value.dtype
-    new = value.to(device=device, dtype=dtype)
+    if _kind(value.dtype) != _kind(old.dtype):
+        raise CheckpointError(
+            f"tensor {name!r} is {str(value.dtype).removeprefix('torch.')} in the checkpoint, the model expects "
+            f"{str(old.dtype).removeprefix('torch.')} ({_kind(old.dtype)})"
+        )
+    new = value.to(device=device, dtype=old.dtype)
     if attr in module._parameters:
         param = nn.Parameter(new, requires_grad=False)
         param._is_hf_initialized = True  # transformers' initialize_weights must not touch it
@@ -93,6 +95,14 @@ def assign_tensor(model: nn.Module, name: str, value: torch.Tensor, device: torc
         return param
     module._buffers[attr] = new
     return new
+
+
+def _kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    return "floating" if dtype.is_floating_point else "integer"
 
 
 def finalize(model: nn.Module, device: torch.device, wrappers: dict[str, nn.Module], source: str) -> None:
@@ -131,47 +141,89 @@ def load(
     config: QuantizationConfig | dict | str | None = None,
     *,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | str = torch.bfloat16,
     progress: ProgressFn | None = None,
 ) -> nn.Module:
     """Load the Hugging Face model folder ``path`` and quantize it while loading.
 
-    ``config`` is a :class:`QuantizationConfig` (or a dict, a YAML path, a shorthand name);
-    ``device`` where the model lives and runs; ``dtype`` the high-precision dtype of everything not
-    quantized (and of the weights before quantization). ``progress(done_bytes, total_bytes)`` is
-    called as tensors are read. A folder written by :func:`oqcore.save_quantized` is read back
-    without re-quantizing (``config`` must then be ``None`` or equal to the saved one).
+    ``config`` is a :class:`QuantizationConfig` (or a dict, a YAML path, a shorthand name); ``None``
+    loads the model unquantized and says so with a ``UserWarning`` ("0 layers quantized", also
+    given when a config matches no layer of this model). ``device`` is where the model lives and
+    runs (checked first: :func:`oqcore.devices.resolve_device`); ``dtype`` the high-precision dtype
+    of everything not quantized (and of the weights before quantization): ``torch.bfloat16``,
+    ``torch.float16``, ``torch.float32``, ``torch.float64`` or their names (``"bfloat16"``).
+    ``progress(done_bytes, total_bytes)`` is called as tensors are read. A folder written by
+    :func:`oqcore.save_quantized` is read back without re-quantizing (``config`` must then be
+    ``None`` or equal to the saved one).
+
+    Before any weight is read, the folder, ``config.json``, the shard index and every safetensors
+    header are checked (and against the model: tensor kinds, shapes, expert counts), and a
+    checkpoint that already holds quantized tensors without declaring it in ``config.json`` is
+    refused. Safe to call from several threads at once: a load changes no process-wide state
+    except glibc's mmap threshold (see :func:`oqcore.loading.memory.return_large_frees_to_os`,
+    process-wide by design and harmless to other code).
 
     Returns the model in eval mode with ``model.oq_state`` set (see :func:`oqcore.report`).
-    Raises :class:`oqcore.CheckpointError` for a missing/corrupt/already-quantized checkpoint or
-    missing tensors, :class:`oqcore.ConfigError`, :class:`oqcore.UnsupportedLayerError` (incl.
-    NaN/Inf weights) or :class:`oqcore.NoBackendError`; nothing half-built is ever returned.
+    Raises :class:`oqcore.ConfigError` (a bad ``device``, ``dtype``, ``progress`` or config),
+    :class:`oqcore.CheckpointError` for a missing/corrupt/inconsistent/already-quantized checkpoint
+    (naming the file and the tensor or field) or missing tensors, :class:`oqcore.UnsupportedLayerError`
+    (incl. NaN/Inf weights) or :class:`oqcore.NoBackendError`; nothing half-built is ever returned.
     """
     t0 = time.perf_counter()
-    path = Path(path)
-    device = torch.device(device)
+    dev = resolve_device("cpu" if device is None else device)
+    if dev.type == "meta":
+        raise ConfigError("load needs a device to put the weights on ('cpu', 'cuda:0', ...), not 'meta'", "device")
+    dtype = resolve_model_dtype(dtype)
+    if progress is not None and not callable(progress):
+        raise ConfigError(f"expected a callable progress(done_bytes, total_bytes) or None, got {type(progress).__name__}", "progress")
+    cfg = QuantizationConfig.none() if config is None else QuantizationConfig.from_any(config)
+    path = check_model_folder(path)
     raw = read_model_config(path)
-    _check_not_prequantized(path, raw)
     if (raw.get("quantization_config") or {}).get("quant_method") == "oqcore":
         from oqcore.export import load_quantized
 
-        return load_quantized(path, config, device=device, dtype=dtype, progress=progress)
-    cfg = QuantizationConfig.from_any(config)
+        return load_quantized(path, config, device=dev, dtype=dtype, progress=progress)
+    check_quant_metadata(path, raw)
+    # every header and the shard index, before the model is even built
+    entries = {e.name: e for e in checkpoint_entries(path)}
+    model = _load_online(path, cfg, dev, dtype, progress, entries, t0)
+    if not model.oq_state.wrappers:
+        why = "no config was given" if config is None else f"the config ({cfg.to_dict()}) matches no layer of this model"
+        warnings.warn(
+            f"oqcore.load({str(path)!r}): 0 layers quantized: {why}, so every layer stays in "
+            f"{str(dtype).removeprefix('torch.')}; pass a config such as 'fp8_per_block' to quantize",
+            UserWarning,
+            stacklevel=3,
+        )
+    return model
+
+
+def _load_online(
+    path: Path,
+    cfg: QuantizationConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: ProgressFn | None,
+    entries: dict,
+    t0: float,
+) -> nn.Module:
+    """The streaming load of :func:`load` once its arguments and the checkpoint headers are checked."""
     stats = LoadStats()
     # The meta-device build allocates no tensor; it is left out of the memory figure because the
     # first build of an architecture also imports its modeling code (tens of MB of Python objects).
     model = build_meta_model(path, dtype)
     qplan = plan(model, cfg, device=device)
     stats.seconds_build = time.perf_counter() - t0
+    # process-wide by design (glibc has one allocator); see return_large_frees_to_os
     return_large_frees_to_os()
     with PeakRSS() as mem:
         wrappers = install_wrappers(model, qplan)
-        entries = {e.name: e for e in checkpoint_entries(path)}
         names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
         mapper = NameMapper(model, names)
         groups, unexpected = mapper.group(entries)
         stats.unexpected_keys = unexpected
-        _check_expert_counts(model, groups, path)
+        # headers against the model: already-quantized tensors, expert counts, kinds, shapes
+        check_against_model(model, groups, unexpected, entries, path)
         # Elements each wrapper still waits for: it is quantized the moment this reaches zero.
         remaining = {name: sum(p.numel() for p in w.parameters(recurse=False)) for name, w in wrappers.items()}
         stats.hp_bytes = sum(remaining.values()) * dtype.itemsize
@@ -275,15 +327,5 @@ def load(
 
 
 def _check_expert_counts(model: nn.Module, groups: list[TargetGroup], path: Path) -> None:
-    """Before reading anything: each fused-experts target needs one tensor per expert per pattern."""
-    for g in groups:
-        if g.rule is None or not is_expert_fusion(g.rule):
-            continue
-        experts = model.get_parameter(g.target).shape[0]
-        for pattern in g.rule.source_patterns:
-            have = [k for k, p in zip(g.sources, g.source_patterns) if p == pattern]
-            if len(have) != experts:
-                raise CheckpointError(
-                    f"{path}: {g.target!r} fuses {experts} experts, but the checkpoint has {len(have)} tensors "
-                    f"matching {pattern!r}: {', '.join(have[:6])}{' ...' if len(have) > 6 else ''}"
-                )
+    """Kept for callers of the old name: see :func:`oqcore.loading.checks.check_expert_counts`."""
+    check_expert_counts(model, groups, path)

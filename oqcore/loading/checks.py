@@ -1,0 +1,234 @@
+"""Checks of a checkpoint against the model it is loaded into, from the headers alone (no tensor is
+read): already-quantized checkpoints, expert counts, tensor kinds (floating / integer / bool) and
+shapes. Each failure is one :class:`oqcore.CheckpointError` naming the file and the tensor, raised
+before the first weight is read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from oqcore.errors import CheckpointError
+from oqcore.loading.checkpoint import TensorEntry, read_json_object
+from oqcore.loading.names import TargetGroup, is_expert_fusion
+
+NOT_SUPPORTED = (
+    "already quantized; reading such checkpoints is not supported yet (online quantization needs a "
+    "bf16/fp16/fp32 checkpoint: load the high-precision original, or this one with the tool that wrote it)"
+)
+
+# Files in which other tools keep quantization metadata outside config.json.
+QUANT_METADATA_FILES = {
+    "hf_quant_config.json": "NVIDIA ModelOpt",
+    "quantize_config.json": "GPTQ / AutoGPTQ",
+    "quant_config.json": "AWQ",
+}
+
+# Last name components of tensors only quantized checkpoints hold (compressed-tensors, FineGrainedFP8,
+# ModelOpt, GPTQ/AWQ, bitsandbytes, gpt-oss MXFP4, vLLM/oqcore's own names).
+QUANT_NAMES = frozenset(
+    {
+        "weight_scale", "weight_scale_inv", "weight_scale_2", "input_scale", "output_scale", "k_scale",
+        "v_scale", "q_scale", "weight_global_scale", "input_global_scale", "weight_zero_point",
+        "input_zero_point", "weight_packed", "weight_shape", "weight_g_idx", "qweight", "qzeros", "scales",
+        "g_idx", "SCB", "absmax", "quant_map", "nested_absmax", "nested_quant_map",
+    }
+)  # fmt: skip
+QUANT_SUFFIXES = ("_weight_scale", "_scale_inv", "_input_scale", "_blocks", "_scales", "_weight_packed", "_zero_point")
+_FP8 = {torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e8m0fnu}
+
+
+def check_quant_metadata(path: Path, raw: dict) -> None:
+    """Refuse a checkpoint whose metadata says it is quantized: a ``quantization_config`` in
+    ``config.json`` (other than oqcore's own, which the caller routes to the saved-folder reader),
+    or another tool's quantization file beside it (:data:`QUANT_METADATA_FILES`)."""
+    qc = raw.get("quantization_config")
+    if qc and qc.get("quant_method") != "oqcore":
+        method = qc.get("quant_method", "unknown")
+        raise CheckpointError(
+            f"{path / 'config.json'}: the checkpoint is already quantized (quant_method={method!r}); online "
+            "quantization needs a bf16/fp16/fp32 checkpoint. Load it with its own quantization method instead."
+        )
+    for name, tool in QUANT_METADATA_FILES.items():
+        f = path / name
+        if not f.exists():
+            continue
+        said = ""
+        try:
+            obj = read_json_object(f, f"{tool} quantization metadata")
+        except CheckpointError:
+            obj = {}
+        q = obj.get("quantization") if isinstance(obj.get("quantization"), dict) else obj
+        shown = {k: q[k] for k in ("quant_algo", "quant_method", "bits", "w_bit", "group_size") if k in q and q[k] is not None}
+        if shown:
+            said = " (" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+        raise CheckpointError(
+            f"{f}: {tool} quantization metadata{said} beside a config.json that does not declare it: {NOT_SUPPORTED}"
+        )
+
+
+def _last(name: str) -> str:
+    return name.rpartition(".")[2]
+
+
+def is_quant_name(name: str) -> bool:
+    """Whether tensor ``name`` is named like a quantization scale / packed weight / zero point."""
+    last = _last(name)
+    return last in QUANT_NAMES or last.endswith(QUANT_SUFFIXES) or ".quant_state." in name
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    if dtype.is_floating_point:
+        return "floating"
+    return "integer"
+
+
+def placeholder(model: nn.Module, name: str) -> torch.Tensor | None:
+    """The (meta) parameter or buffer ``name`` of ``model``, or ``None``."""
+    mod_name, _, attr = name.rpartition(".")
+    try:
+        module = model.get_submodule(mod_name) if mod_name else model
+    except AttributeError:
+        return None
+    if attr in module._parameters:
+        return module._parameters[attr]
+    return module._buffers.get(attr)
+
+
+def find_prequantized(
+    entries: dict[str, TensorEntry], unexpected: list[str], targets: dict[str, torch.Tensor | None]
+) -> CheckpointError | None:
+    """The error for a checkpoint that holds quantized tensors without saying so, or ``None``.
+
+    ``targets`` maps each checkpoint key that has a place in the model to that place's placeholder;
+    ``unexpected`` lists the keys that have none. Signs, strongest first: an fp8 tensor (no
+    high-precision model holds one); an integer tensor where the model has a floating weight, or
+    named like a packed weight, beside a quantization-named tensor (``weight_scale``, ``qzeros``,
+    ``*_scales`` ...); a quantization-named tensor the model has no place for.
+    """
+    quant_extra = [k for k in unexpected if is_quant_name(k)]
+
+    def sibling(name: str) -> str | None:
+        prefix = name.rpartition(".")[0] + "."
+        own = _last(name)
+        for k in quant_extra:
+            if k.startswith(prefix) and k != name:
+                rest = k[len(prefix) :]
+                if "." not in rest or rest.startswith(own):
+                    return rest
+        return None
+
+    def error(e: TensorEntry, what: str, sib: str | None) -> CheckpointError:
+        with_ = f" with a {sib!r}" if sib else ""
+        return CheckpointError(f"{e.file} holds {what} {e.name!r}{with_}: {NOT_SUPPORTED}")
+
+    fp8 = [e for e in entries.values() if e.dtype in _FP8]
+    if fp8:
+        e = next((e for e in fp8 if sibling(e.name)), fp8[0])
+        return error(e, f"{_dtype_name(e.dtype)} tensor", sibling(e.name))
+    for e in entries.values():
+        if _kind(e.dtype) != "integer":
+            continue
+        target = targets.get(e.name)
+        weight_like = _last(e.name) in ("weight", "qweight", "weight_packed") or _last(e.name).endswith(("_weight", "_blocks"))
+        into_float = target is not None and target.is_floating_point()
+        if (into_float or (e.name in unexpected and weight_like)) and (sibling(e.name) or is_quant_name(e.name)):
+            return error(e, f"{_dtype_name(e.dtype)} tensor", sibling(e.name))
+    if quant_extra:
+        e = entries[quant_extra[0]]
+        return CheckpointError(
+            f"{e.file} holds {e.name!r} ({e.describe()}), a quantization tensor this model has no place for: "
+            f"{NOT_SUPPORTED}"
+        )
+    return None
+
+
+def check_against_model(
+    model: nn.Module, groups: list[TargetGroup], unexpected: list[str], entries: dict[str, TensorEntry], path: Path
+) -> None:
+    """Check every checkpoint tensor's header against the model before anything is read: no
+    already-quantized tensors (:func:`find_prequantized`), one tensor per expert for fused experts,
+    and each tensor of the kind (floating / integer / bool) and shape its place in the model has.
+    Raises :class:`oqcore.CheckpointError` naming the file, the tensor, and what the model expects."""
+    places = {g.target: placeholder(model, g.target) for g in groups}
+    targets = {k: places[g.target] for g in groups for k in g.sources}
+    err = find_prequantized(entries, unexpected, targets)
+    if err is not None:
+        raise err
+    check_expert_counts(model, groups, path)
+    for g in groups:
+        target = places[g.target]
+        if target is None:  # pragma: no cover - groups only hold names the model has
+            continue
+        if g.rule is None:
+            if len(g.sources) > 1:
+                a, b = (entries[k] for k in g.sources[:2])
+                raise CheckpointError(
+                    f"tensors {a.name!r} ({a.file}) and {b.name!r} ({b.file}) both map to the model's {g.target!r}; "
+                    "a checkpoint must hold each weight once"
+                )
+            e = entries[g.sources[0]]
+            _check_kind(e, target, g.target)
+            if e.shape != tuple(target.shape):
+                raise CheckpointError(
+                    f"{e.file}: tensor {e.name!r} has shape {list(e.shape)} in the checkpoint, the model expects "
+                    f"{list(target.shape)} for {g.target!r}"
+                )
+        elif is_expert_fusion(g.rule):
+            n = len(g.rule.source_patterns)
+            want = (target.shape[1] // n, *target.shape[2:]) if target.dim() >= 2 else None
+            for k in g.sources:
+                e = entries[k]
+                _check_kind(e, target, g.target)
+                if want is None or target.shape[1] % n or e.shape != want:
+                    raise CheckpointError(
+                        f"{e.file}: tensor {e.name!r} has shape {list(e.shape)}; fused into the model's {g.target!r} "
+                        f"{list(target.shape)}, each expert's tensor must be {list(want) if want else '?'}"
+                    )
+        else:
+            for k in g.sources:
+                _check_kind(entries[k], target, g.target)
+
+
+def _check_kind(e: TensorEntry, target: torch.Tensor, target_name: str) -> None:
+    have, want = _kind(e.dtype), _kind(target.dtype)
+    if have == want:
+        return
+    where = f" for {target_name!r}" if target_name != e.name else ""
+    what = "weight" if isinstance(target, nn.Parameter) else "buffer"
+    valid = {
+        "floating": "a floating tensor (F32, F16, BF16, F64)",
+        "integer": "an integer tensor (I64, I32, I16, I8, U8, ...)",
+        "bool": "a BOOL tensor",
+        "complex": "a complex tensor (C64)",
+    }[want]
+    raise CheckpointError(
+        f"{e.file}: tensor {e.name!r} is {e.describe()} ({have}), but the model's {what}{where} is "
+        f"{_dtype_name(target.dtype)} ({want}); valid: {valid}"
+    )
+
+
+def check_expert_counts(model: nn.Module, groups: list[TargetGroup], path: Path) -> None:
+    """Before reading anything: each fused-experts target needs one tensor per expert per pattern."""
+    for g in groups:
+        if g.rule is None or not is_expert_fusion(g.rule):
+            continue
+        experts = model.get_parameter(g.target).shape[0]
+        for pattern in g.rule.source_patterns:
+            have = [k for k, p in zip(g.sources, g.source_patterns) if p == pattern]
+            if len(have) != experts:
+                raise CheckpointError(
+                    f"{path}: {g.target!r} fuses {experts} experts, but the checkpoint has {len(have)} tensors "
+                    f"matching {pattern!r}: {', '.join(have[:6])}{' ...' if len(have) > 6 else ''}"
+                )
