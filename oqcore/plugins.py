@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import threading
 import warnings
 from dataclasses import dataclass, replace
@@ -155,7 +156,7 @@ class _Fatal:
 
     def error(self) -> PluginError:
         err = self.cls(self.message)
-        err.__cause__ = self.cause
+        err.__cause__, err.__suppress_context__ = self.cause, True
         return err
 
 
@@ -362,11 +363,12 @@ class OqPluginManager:
             return
         strict = _env_strict()
         allow, block = _env_list(ALLOW_ENV), _env_list(BLOCK_ENV) or set()
-        by_name: dict[str, list[metadata.EntryPoint]] = {}
-        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-            same = by_name.setdefault(ep.name, [])
-            if not any(_dist_name(o) == _dist_name(ep) and o.value == ep.value for o in same):
-                same.append(ep)
+        found, unreadable = _scan_entry_points()
+        by_name: dict[str, list[_Found]] = {}
+        for f in found:
+            same = by_name.setdefault(f.ep.name, [])
+            if not any((o.dist, o.ep.value) == (f.dist, f.ep.value) for o in same):
+                same.append(f)
         if allow is not None and allow - by_name.keys():
             unknown = sorted(allow - by_name.keys())
             hint = "".join(_did_you_mean(n, by_name) for n in unknown)
@@ -385,12 +387,13 @@ class OqPluginManager:
                 stacklevel=4,
             )
         self._strict = strict
-        records: list[PluginRecord] = []
         loaded: list[tuple[PluginRecord, object]] = []
         causes: dict[int, BaseException] = {}
+        records: list[PluginRecord] = list(unreadable)
         for name in sorted(by_name):
-            eps = sorted(by_name[name], key=_dist_name)
-            recs = [PluginRecord(name, _dist_name(ep), _dist_version(ep), ep.value, LOADED) for ep in eps]
+            eps = sorted(by_name[name], key=lambda f: (f.dist, f.ep.value))
+            recs = [PluginRecord(name, f.dist, f.version, f.ep.value, LOADED) for f in eps]
+            eps = [f.ep for f in eps]
             records += recs
             if name in block:
                 for r in recs:
@@ -664,14 +667,62 @@ def _join(messages) -> str:
     return f"{len(unique)} plugin problems: " + " ".join(f"({i}) {m}" for i, m in enumerate(unique, 1))
 
 
-def _dist_name(ep: metadata.EntryPoint) -> str:
-    dist = getattr(ep, "dist", None)
-    return (dist.metadata["Name"] or dist.name) if dist is not None else "(unknown distribution)"
+@dataclass(frozen=True)
+class _Found:
+    """One entry point of the group and the distribution that declares it."""
+
+    ep: metadata.EntryPoint
+    dist: str
+    version: str
 
 
-def _dist_version(ep: metadata.EntryPoint) -> str:
-    dist = getattr(ep, "dist", None)
-    return (dist.version or "") if dist is not None else ""
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _dist_label(dist: metadata.Distribution) -> tuple[str, str]:
+    """A distribution's name and version, also when its METADATA is unreadable."""
+    try:
+        name, version = dist.metadata["Name"], dist.version or ""
+    except Exception:  # noqa: BLE001 - name it by its folder
+        name, version = None, ""
+    return name or f"(unnamed distribution at {getattr(dist, '_path', '?')})", version
+
+
+def _scan_entry_points() -> tuple[list[_Found], list[PluginRecord]]:
+    """The ``oqcore`` entry points of every installed distribution (the first of several copies
+    of one distribution on ``sys.path`` wins, as for imports), and a failed record for each
+    distribution whose ``entry_points.txt`` declares the group but cannot be parsed (one broken
+    file would otherwise make :func:`importlib.metadata.entry_points` raise for every package)."""
+    found: list[_Found] = []
+    unreadable: list[PluginRecord] = []
+    seen: set[str] = set()
+    for dist in metadata.distributions():
+        # the folder-derived name when there is one (as importlib does): parsing every METADATA is slow
+        key = getattr(dist, "_normalized_name", None) or _normalized(_dist_label(dist)[0])
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            eps = dist.entry_points.select(group=ENTRY_POINT_GROUP)
+        except Exception as e:  # noqa: BLE001 - a malformed entry_points.txt
+            try:
+                text = dist.read_text("entry_points.txt") or ""
+            except Exception:  # noqa: BLE001
+                text = ""
+            if f"[{ENTRY_POINT_GROUP}]" in text.replace(" ", ""):
+                name, version = _dist_label(dist)
+                record = PluginRecord(f"<{name}>", name, version, "entry_points.txt", FAILED, hook=AT_ENTRY_POINT)
+                record.error = (
+                    f"plugin entry points of distribution {name} {version} cannot be read: entry_points.txt is "
+                    f"malformed ({_describe_exc(e)}); none of its {ENTRY_POINT_GROUP!r} entry points is loaded"
+                )
+                unreadable.append(record)
+            continue
+        if eps:
+            name, version = _dist_label(dist)
+            found += [_Found(ep, name, version) for ep in eps]
+    return found, unreadable
 
 
 _manager: OqPluginManager | None = None

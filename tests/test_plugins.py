@@ -99,8 +99,9 @@ def test_broken_entry_point_does_not_take_the_others_down(tmp_path, monkeypatch)
         {"oq_broken.py": "raise RuntimeError('boom at import')\n"},
     )
     pm = get_plugin_manager()
-    with pytest.warns(oqcore.plugins.PluginWarning, match="boom at import; continuing without it"):
+    with pytest.warns(oqcore.plugins.PluginWarning, match="; continuing without it") as warned:
         reg = pm.registry
+    assert sorted(str(w.message).split(" (distribution")[0] for w in warned) == ["plugin 'broken'", "plugin 'missing'"]
     assert pm.records["broken"].status == "failed" and pm.records["broken"].hook == "import"
     assert pm.records["broken"].error == (
         "plugin 'broken' (distribution oq-plugin-broken 0.1.0) failed at import of 'oq_broken': RuntimeError: boom at import"
@@ -289,3 +290,35 @@ def test_every_hook_is_documented_and_exercised():
     from toy_scheme import ToyScheme
 
     assert specs <= {n for n in dir(ToyScheme) if n.startswith("oq_")}
+
+
+def test_a_plugin_failing_in_backend_candidates_keeps_nothing(tmp_path, monkeypatch):
+    src = THIRD_PARTY.replace(
+        "return [Backend(\"torch\", None)] if (kind, weight_key) == (\"linear\", KEY) else []", "raise RuntimeError('no backends today')"
+    )
+    assert "no backends today" in src
+    install_fake_dist(tmp_path, monkeypatch, "oq-plugin-uint8", {"uint8": "oq_uint8_nob"}, {"oq_uint8_nob.py": src})
+    pm = get_plugin_manager()
+    key = oqcore.quant_key("uint8_g16")  # its keys are there until its backend hook fails
+    with pytest.warns(oqcore.plugins.PluginWarning, match="no backends today"):
+        assert pm.backend_candidates("linear", key) == []
+    record = pm.records["uint8"]
+    assert (record.status, record.hook) == ("failed", "oq_backend_candidates")
+    assert "uint8_g16" not in pm.registry.keys.names()  # then none of it stays
+    assert all(e.plugin != "uint8" for e in pm.registry.methods.values())
+
+
+def test_plugin_records_and_fatal_error_for_oq_plugins(tmp_path, monkeypatch):
+    """What `oq plugins` shows: every record (both sides of a conflict) and the fatal error, without raising."""
+    install_fake_dist(tmp_path, monkeypatch, "evil-fp8", {"fp8": "oq_evil_fp8"}, {"oq_evil_fp8.py": THIRD_PARTY})
+    pm = get_plugin_manager()
+    rows = [(r.name, r.distribution, r.status) for r in pm.plugin_records()]
+    assert rows == [
+        ("fp8", "evil-fp8", "conflict"),
+        ("fp8", "oq-plugin-fp8", "conflict"),
+        ("int8", "oq-plugin-int8", "loaded"),
+        ("mxfp8", "oq-plugin-mxfp8", "loaded"),
+    ]
+    err = pm.fatal_error()
+    assert isinstance(err, PluginConflictError) and "evil-fp8" in str(err) and "oq-plugin-fp8" in str(err)
+    assert pm.fatal_error() is not err  # a fresh instance each time
