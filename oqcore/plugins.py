@@ -175,7 +175,6 @@ class OqPluginManager:
         self.pm.add_hookspecs(hookspecs)
         self._all: list[PluginRecord] = []  # every record, conflicting entry points included
         self._causes: dict[int, BaseException] = {}  # id(record) -> the exception that failed it
-        self._objects: dict[str, object] = {}  # name -> plugin object registered with pluggy
         self._discovered = False
         self._strict = False
         self._registry: Registry | None = None
@@ -183,6 +182,7 @@ class OqPluginManager:
         self._candidates: dict[tuple[str, QuantKey], list[Backend]] = {}
         self._lock = threading.RLock()
         self._busy: tuple[int, str] | None = None  # (thread, what) while plugin code runs in a load or build
+        self._pending: list[PluginRecord] = []  # records of a discovery not yet committed
 
     # ----------------------------------------------------------------- public API
 
@@ -232,7 +232,8 @@ class OqPluginManager:
     def plugin_records(self) -> list[PluginRecord]:
         """Every plugin record, sorted by name then distribution, after loading and building as far
         as possible. Never raises for a plugin problem (see :meth:`fatal_error`), so ``oq plugins``
-        can show a conflict or a strict-mode failure beside the others."""
+        can show a conflict or a strict-mode failure beside the others; a bad plugin environment
+        variable is a :class:`oqcore.ConfigError`."""
         with self._lock:
             self._check_reentry("list the plugins")
             self._ensure()
@@ -372,9 +373,10 @@ class OqPluginManager:
         if allow is not None and allow - by_name.keys():
             unknown = sorted(allow - by_name.keys())
             hint = "".join(_did_you_mean(n, by_name) for n in unknown)
+            unread = f" (unreadable entry points: {', '.join(r.distribution for r in unreadable)})" if unreadable else ""
             raise ConfigError(
                 f"names {', '.join(map(repr, unknown))}, which no installed distribution provides as an "
-                f"{ENTRY_POINT_GROUP!r} entry point{hint}; installed: {', '.join(sorted(by_name)) or '(none)'}",
+                f"{ENTRY_POINT_GROUP!r} entry point{hint}; installed: {', '.join(sorted(by_name)) or '(none)'}{unread}",
                 ALLOW_ENV,
             )
         if block - by_name.keys():
@@ -423,6 +425,7 @@ class OqPluginManager:
                     continue
                 loaded.append((r, obj))
         attached: list[str] = []
+        self._pending = records  # named in messages before they are committed
         try:
             for r, obj in loaded:
                 problem = self._attach(obj, r.name, f"entry point {r.name} = {r.module!r}")
@@ -435,6 +438,8 @@ class OqPluginManager:
             for name in attached:
                 self._detach(name)
             raise
+        finally:
+            self._pending = []
         self._all = records + self._all  # direct registrations cannot precede discovery, but keep any
         self._causes.update(causes)
         self._discovered = True
@@ -449,6 +454,9 @@ class OqPluginManager:
             return (
                 f"{subject} is the class {obj.__module__}.{obj.__qualname__}; use a module or an instance of the class"
             )
+        other = self.pm.get_name(obj)
+        if other is not None:
+            return f"{subject} is the same object as plugin {self._label(other)}; one plugin object has one name"
         try:
             self.pm.register(obj, name=name)
         except KeyboardInterrupt:
@@ -464,7 +472,6 @@ class OqPluginManager:
         if problem is not None:
             self._drop(obj, name)
             return f"{subject} {problem}"
-        self._objects[name] = obj
         return None
 
     def _drop(self, obj: object, name: str) -> None:
@@ -475,7 +482,6 @@ class OqPluginManager:
     def _detach(self, name: str) -> None:
         if self.pm.get_plugin(name) is not None:
             self.pm.unregister(name=name)
-        self._objects.pop(name, None)
 
     def _hook_problem(self, obj: object) -> str | None:
         """What makes ``obj`` (registered with pluggy) unusable as an oqcore plugin, or ``None``."""
@@ -510,7 +516,7 @@ class OqPluginManager:
     # ----------------------------------------------------------------- building
 
     def _label(self, plugin: str) -> str:
-        record = self.records.get(plugin)
+        record = self.records.get(plugin) or next((r for r in self._pending if r.name == plugin), None)
         return record.label if record is not None else repr(plugin)
 
     def _impls(self, hook: str) -> list:

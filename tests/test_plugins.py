@@ -322,3 +322,16 @@ def test_plugin_records_and_fatal_error_for_oq_plugins(tmp_path, monkeypatch):
     err = pm.fatal_error()
     assert isinstance(err, PluginConflictError) and "evil-fp8" in str(err) and "oq-plugin-fp8" in str(err)
     assert pm.fatal_error() is not err  # a fresh instance each time
+
+
+def test_two_entry_points_naming_one_module(tmp_path, monkeypatch):
+    install_fake_dist(tmp_path, monkeypatch, "oq-plugin-uint8", {"uint8": "oq_uint8_two", "uint8b": "oq_uint8_two"}, {"oq_uint8_two.py": THIRD_PARTY})
+    pm = get_plugin_manager()
+    with pytest.warns(oqcore.plugins.PluginWarning):
+        reg = pm.registry
+    assert pm.records["uint8"].status == "loaded" and "uint8_g16" in reg.keys.names()
+    assert pm.records["uint8b"].status == "failed"
+    assert pm.records["uint8b"].error == (
+        "plugin 'uint8b' (distribution oq-plugin-uint8 0.1.0) failed at registration: entry point uint8b = "
+        "'oq_uint8_two' is the same object as plugin 'uint8' (distribution oq-plugin-uint8 0.1.0); one plugin object has one name"
+    )
