@@ -123,6 +123,8 @@ def _message(e: Mapping[str, Any], loc: list[Any], model: type[BaseModel] | None
         name = loc[-1] if loc else "?"
         valid = _field_names(model) if model is not None and len(loc) == 1 else []
         listing = f" Valid fields: {', '.join(valid)}" if valid else ""
+        if model is not None and len(loc) == 1 and not valid:
+            listing = f" ({model.__name__} has no fields to set)"
         return f"unknown field {name!r}{_did_you_mean(name, valid)}{listing}"
     if kind == "missing":
         return "this field is required"
@@ -131,7 +133,7 @@ def _message(e: Mapping[str, Any], loc: list[Any], model: type[BaseModel] | None
         msg = msg[len("Value error, ") :]
     if is_key:
         return f"key {_short(value)}: {msg[0].lower()}{msg[1:]}"
-    if "input" in e and kind.endswith("_type") or kind in ("is_instance_of", "model_type", "model_attributes_type"):
+    if "input" in e and (kind.endswith("_type") or kind in ("is_instance_of", "literal_error", "enum")):
         return f"{msg}, got {type(value).__name__} {_short(value)}"
     return msg
 
@@ -516,19 +518,14 @@ class QuantizationConfig(_OqModel):
             return []
         if isinstance(v, (str, bytes, Mapping)) or not isinstance(v, (list, tuple)):
             raise ConfigError(f"expected a list of layer patterns, got {type(v).__name__} {_short(v)}")
-        return list(v)
-
-    @field_validator("ignore", mode="after")
-    @classmethod
-    def _ignore(cls, v: list[str]) -> list[str]:
         problems: list[ConfigError] = []
-        for i, pattern in enumerate(v):
+        for i, pattern in enumerate(v):  # every entry checked, so each bad one is reported
             try:
                 check_pattern(pattern, f"[{i}]")
             except ConfigError as e:
                 problems.append(e)
         _raise_all(problems)
-        return v
+        return list(v)
 
     @field_validator("backend", mode="before")
     @classmethod
@@ -645,22 +642,29 @@ class QuantizationConfig(_OqModel):
         overrides = config_io._override_list(overrides)
         if isinstance(obj, QuantizationConfig) and not overrides:
             return obj
-        base = cls._base_of(obj)
+        base, source = cls._base_of(obj)
         data = config_io.apply_overrides(base, overrides, _normalize_for_override)
-        return cls._validate_text(data, interpolate)
+        try:
+            return cls._validate_text(data, interpolate)
+        except ConfigError as e:
+            if source is None:
+                raise
+            # the field paths are inside the file (or its overrides): say which file
+            raise _with_note(e, f"(config file {source!r})") from None
 
     @classmethod
-    def _base_of(cls, obj: Any) -> dict[str, Any]:
+    def _base_of(cls, obj: Any) -> tuple[dict[str, Any], str | None]:
+        """The data ``obj`` stands for, and the file it came from (``None`` if none)."""
         from oqcore import config_io
 
         if obj is None:
-            return {}
+            return {}, None
         if isinstance(obj, QuantizationConfig):
-            return obj._as_data()
+            return obj._as_data(), None
         if isinstance(obj, Mapping):
-            return dict(obj)
+            return dict(obj), None
         if isinstance(obj, Path):
-            return config_io.read_config_file(obj)
+            return config_io.read_config_file(obj), str(obj)
         if not isinstance(obj, str):
             raise ConfigError(
                 f"expected a config: a mapping, a YAML/JSON file path, a shorthand or key name, got {type(obj).__name__} {_short(obj)}"
@@ -671,15 +675,15 @@ class QuantizationConfig(_OqModel):
         except (OSError, ValueError):  # a name too long or with NUL bytes is no file
             is_file = False
         if is_file:
-            return config_io.read_config_file(p)
+            return config_io.read_config_file(p), obj
         reg = get_registry()
         if obj == ONLINE:
-            return {"quantization": ONLINE}
+            return {"quantization": ONLINE}, None
         if obj in reg.shorthands:
-            return {"scheme": obj}
+            return {"scheme": obj}, None
         info = reg.keys.get(obj)
         if info is not None:
-            return {kind: {"weight": obj} for kind in _kinds_for_key(obj, reg)}
+            return {kind: {"weight": obj} for kind in _kinds_for_key(obj, reg)}, None
         if p.suffix.lower() in (".yaml", ".yml", ".json") or "/" in obj or "\\" in obj:
             raise ConfigError(f"config file {obj!r} does not exist")
         names = sorted({*reg.shorthands, *reg.keys.names("weight"), ONLINE})
@@ -718,9 +722,7 @@ class QuantizationConfig(_OqModel):
             return cls.model_validate(data)
         except ConfigError as e:
             if not interpolate and config_io.has_interpolation(data):
-                hint = " (interpolation such as ${...} is off: pass interpolate=True to resolve it)"
-                errors = [(f, m + hint) for f, m in e.errors]
-                raise type(e)(e.reason + hint, e.field, errors=errors if len(errors) > 1 else None) from None
+                raise _with_note(e, "(interpolation such as ${...} is off: pass interpolate=True to resolve it)") from None
             raise
 
     @classmethod
@@ -730,12 +732,9 @@ class QuantizationConfig(_OqModel):
         Raises :class:`oqcore.ConfigError` naming the file when it is missing, unreadable, not
         valid YAML/JSON or not a mapping, and naming the field or override otherwise.
         """
-        from oqcore import config_io
-
         if not isinstance(path, (str, Path)):
             raise ConfigError(f"expected a config file path, got {type(path).__name__} {_short(path)}")
-        base = config_io.read_config_file(path)
-        return cls.from_any(base, overrides, interpolate=interpolate)
+        return cls.from_any(Path(path), overrides, interpolate=interpolate)
 
     @classmethod
     def from_dotlist(
@@ -785,6 +784,12 @@ def _kinds_for_key(name: str, reg: Registry) -> list[str]:
     if not kinds:
         raise ConfigError(f"no method quantizes weights to {name!r} (no installed plugin implements it for linear or moe)")
     return kinds
+
+
+def _with_note(e: ConfigError, note: str) -> ConfigError:
+    """A copy of ``e`` (same type and fields) with ``note`` appended to every message."""
+    errors = [(f, f"{m} {note}") for f, m in e.errors]
+    return type(e)(f"{e.reason} {note}", e.field, errors=errors if len(errors) > 1 else None)
 
 
 def _raise_all(problems: list[ConfigError]) -> None:
