@@ -187,3 +187,160 @@ def test_from_any():
         QuantizationConfig.from_any(None)
     none = QuantizationConfig.none()
     assert none.linear is None and none.moe is None and not none.targets and not none.ignore
+
+
+# ---- vLLM semantics -------------------------------------------------------------------------
+
+
+def test_quantization_online_is_vllms_no_shorthand_value():
+    cfg = QuantizationConfig.model_validate({"quantization": "online", "linear": "toy_int4", "ignore": ["lm_head"]})
+    assert cfg.scheme is None and cfg.linear.weight == TOY and cfg.moe is None
+    t = QuantizationConfig.model_validate({"quantization": "online", "targets": {"re:.*q_proj": "toy_int4"}})
+    assert list(t.targets) == ["re:.*q_proj"]
+    for nothing in ({}, {"ignore": ["lm_head"]}, {"quantization": "online"}, {"backend": {}}):
+        with pytest.raises(ConfigError, match="the config quantizes nothing") as e:
+            QuantizationConfig.model_validate(nothing)
+        assert e.value.field is None
+
+
+def test_null_slot_falls_back_to_the_shorthand_and_null_weight_disables_the_kind():
+    # vLLM: `linear or base.linear`, and {weight: null} leaves the kind unquantized
+    assert QuantizationConfig.model_validate({"quantization": "toy", "linear": None}).linear.weight == TOY
+    moe_only = QuantizationConfig.model_validate({"quantization": "toy", "linear": {"weight": None, "activation": None}})
+    assert moe_only.linear is None and moe_only.moe.weight == TOY
+    assert QuantizationConfig.from_any("toy", ["linear.weight=null"]).linear is None
+
+
+def test_str_of_a_spec_is_vllms():
+    assert str(QuantSpec(weight="toy_int4")) == "toy_int4"
+    assert str(QuantSpec(weight="toy_int4", activation=None)) == '{"weight":"toy_int4","activation":null}'
+    assert str(QuantSpec(weight="toy_int4", activation="toy_act")) == '{"weight":"toy_int4","activation":"toy_act"}'
+    assert str(QuantSpec(weight="toy_int4", options={"qmax": 3})) == '{"weight":"toy_int4","options":{"qmax":3}}'
+    assert str(QuantSpec(weight="mxfp8")) == "mxfp8"
+
+
+def test_none_is_an_unvalidated_empty_config():
+    none = QuantizationConfig.none()
+    assert (none.scheme, none.linear, none.moe, none.ignore, none.targets, none.backend) == (None, None, None, [], {}, {})
+    assert none.to_dict() == {} and none == QuantizationConfig.none()
+    assert QuantizationConfig.from_any(none) is none
+
+
+# ---- from_any and overrides -----------------------------------------------------------------
+
+
+def test_from_any_sources(tmp_path):
+    cfg = QuantizationConfig(linear="toy_int4")
+    assert QuantizationConfig.from_any(cfg) is cfg
+    assert QuantizationConfig.from_any({"moe": "toy_int4"}).moe.weight == TOY
+    f = tmp_path / "q.yaml"
+    f.write_text("linear: toy_int4\n")
+    assert QuantizationConfig.from_any(f).linear.weight == TOY
+    assert QuantizationConfig.from_any(str(f)).linear.weight == TOY
+    j = tmp_path / "q.json"
+    j.write_text('{"moe": {"weight": "toy_int4", "activation": null}}')
+    assert QuantizationConfig.from_any(j).moe.activation_given
+    sh = QuantizationConfig.from_any("toy_moe_only")
+    assert sh.linear is None and sh.moe.weight == TOY
+    assert QuantizationConfig.from_any(None, ["linear=toy_int4"]).linear.weight == TOY
+    assert QuantizationConfig.from_any("online", ["moe=toy4"]).moe.weight == TOY
+
+
+def test_from_any_key_name_fills_every_kind_with_a_method():
+    both = QuantizationConfig.from_any("toy_int4")
+    assert both.linear.weight == TOY and both.moe.weight == TOY
+    assert QuantizationConfig.from_any("toy4") == both  # an alias names the same key
+    from oqcore.plugins import get_registry
+
+    del get_registry().methods[("linear", TOY)]
+    moe_only = QuantizationConfig.from_any("toy_int4")
+    assert moe_only.linear is None and moe_only.moe.weight == TOY
+    with pytest.raises(ConfigError, match="'toy_act' is an activation key, not a weight key"):
+        QuantizationConfig.from_any("toy_act")
+
+
+def test_from_any_unknown_name_says_neither_file_nor_name():
+    with pytest.raises(ConfigError) as e:
+        QuantizationConfig.from_any("toy_int5")
+    msg = str(e.value)
+    assert msg.startswith("config 'toy_int5' is neither a file nor a shorthand or weight key name; did you mean 'toy_int4'?")
+    assert "Shorthands: " in msg and "toy_moe_only" in msg
+
+
+def test_overrides_on_a_shorthand_base_merge_replace_and_keep_order():
+    base = QuantizationConfig.from_any("toy")
+    merged = QuantizationConfig.from_any("toy", ["linear.activation=toy_act"])
+    assert merged.linear.weight == TOY and merged.linear.activation == TOY_ACT and merged.moe == base.moe
+    replaced = QuantizationConfig.from_any("toy", ["moe=toy_moe_only"])
+    assert replaced.linear == base.linear and replaced.moe.activation_given
+    kept = QuantizationConfig.from_any("toy_moe_only", ["linear=toy_int4", "linear.activation=null"])
+    assert kept.linear.weight == TOY and kept.linear.activation_given and kept.linear.activation is None
+    last_wins = QuantizationConfig.from_any("toy", ["linear.activation=toy_act", "linear.activation=null"])
+    assert last_wins.linear.activation is None and last_wins.linear.activation_given
+    on_config = QuantizationConfig.from_any(base, ["ignore=[lm_head, 're:.*router']"])
+    assert on_config.ignore == ["lm_head", "re:.*router"] and on_config.linear == base.linear
+
+
+def test_override_values_are_yaml_with_omegaconf_booleans():
+    from oqcore.config_io import parse_override
+
+    assert parse_override("a.b=null") == (["a", "b"], None)
+    assert parse_override("x=off") == (["x"], "off")  # not False: only true/false are booleans
+    assert parse_override("x=yes") == (["x"], "yes")
+    assert parse_override("x=true") == (["x"], True)
+    assert parse_override("m={weight: toy_int4, activation: null}") == (["m"], {"weight": "toy_int4", "activation": None})
+    assert parse_override("ignore=[lm_head, re:.*gate]") == (["ignore"], ["lm_head", "re:.*gate"])
+
+
+def test_interpolation_is_off_unless_asked(monkeypatch):
+    monkeypatch.setenv("OQ_TEST_SCHEME", "toy_int4")
+    literal = QuantizationConfig.from_any("toy", ["ignore=['${oc.env:OQ_TEST_SCHEME}']"])
+    assert literal.ignore == ["${oc.env:OQ_TEST_SCHEME}"]
+    with pytest.raises(UnknownKeyError, match=r"pass interpolate=True"):
+        QuantizationConfig.from_any(None, ["linear=${oc.env:OQ_TEST_SCHEME}"])
+    on = QuantizationConfig.from_any(None, ["linear=${oc.env:OQ_TEST_SCHEME}"], interpolate=True)
+    assert on.linear.weight == TOY
+    ref = QuantizationConfig.from_dotlist(["moe=toy_int4", "linear.weight=${moe.weight}"], interpolate=True)
+    assert ref.linear.weight == TOY
+
+
+def test_interpolation_in_a_file_only_when_asked(tmp_path, monkeypatch):
+    monkeypatch.setenv("OQ_TEST_SCHEME", "toy_int4")
+    f = tmp_path / "q.yaml"
+    f.write_text("linear: ${oc.env:OQ_TEST_SCHEME}\n")
+    assert QuantizationConfig.from_yaml(f, interpolate=True).linear.weight == TOY
+    with pytest.raises(UnknownKeyError) as e:
+        QuantizationConfig.from_yaml(f)
+    assert e.value.field == "linear.weight" and "q.yaml" in str(e.value) and "interpolate=True" in str(e.value)
+
+
+# ---- errors ---------------------------------------------------------------------------------
+
+
+def test_config_error_lists_every_error_with_its_path():
+    with pytest.raises(ConfigError) as e:
+        QuantizationConfig.model_validate({"linear": {"weigth": "toy_int4"}, "ignore": 5, "backend": {"linear": 3}})
+    assert {f for f, _ in e.value.errors} == {"linear.weight", "linear.weigth", "ignore", "backend.linear"}
+    assert e.value.field == e.value.errors[0][0]
+    assert str(e.value).splitlines()[0] == "4 errors in the config:"
+    single = ConfigError("bad", "moe.weight")
+    assert single.errors == [("moe.weight", "bad")] and str(single) == "moe.weight: bad"
+    moved = ConfigError("x", None, errors=[("a", "x"), ("[1]", "y")]).at("targets")
+    assert moved.errors == [("targets.a", "x"), ("targets[1]", "y")] and moved.field == "targets"
+
+
+def test_unknown_field_did_you_mean_lists_valid_fields():
+    with pytest.raises(ConfigError) as e:
+        QuantSpec.model_validate({"weigth": "toy_int4", "weight": "toy_int4"})
+    assert str(e.value) == "weigth: unknown field 'weigth'; did you mean 'weight'? Valid fields: weight, activation, options"
+
+
+def test_backend_pin_checked_at_validation_against_the_configured_weight_keys():
+    with pytest.raises(ConfigError) as e:
+        QuantizationConfig(linear="toy_int4", backend={"linear": "toy-fsat"})
+    assert e.value.field == "backend.linear"
+    assert "did you mean 'toy-fast'?" in str(e.value) and "valid backends: torch, toy-fast" in str(e.value)
+    # a target that can serve the kind counts as well
+    assert QuantizationConfig(targets={"re:.*proj": "toy_int4"}, backend={"moe": "toy-fast"}).backend == {"moe": "toy-fast"}
+    with pytest.raises(ConfigError, match="^backend.linear: the config quantizes no linear layers"):
+        QuantizationConfig(scheme="toy_moe_only", backend={"linear": "torch"})
