@@ -78,7 +78,11 @@ class QuantizedMoE(nn.Module):
         super().__init__()
         layout = moe_layout(experts)
         if layout is None:
-            raise TypeError(f"{layer_name}: {type(experts).__name__} is not a fused-experts module")
+            from oqcore.errors import UnsupportedLayerError
+
+            raise UnsupportedLayerError(
+                layer_name, f"{type(experts).__name__} is not a fused-experts module (gate_up_proj and down_proj [E, ...])"
+            )
         self.layer_name = layer_name
         self.layout: MoELayout = layout
         self.params_dtype = experts.gate_up_proj.dtype

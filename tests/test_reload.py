@@ -120,5 +120,5 @@ def test_reload_after_quantize_inplace(tiny_moe, second):
 
 
 def test_reload_on_a_plain_model():
-    with pytest.raises(oqcore.OqError, match="Linear was not loaded or quantized by oqcore"):
+    with pytest.raises(oqcore.ConfigError, match="^model: Linear was not loaded or quantized by oqcore"):
         oqcore.reload_weights(torch.nn.Linear(2, 2), {})

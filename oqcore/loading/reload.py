@@ -343,11 +343,15 @@ def _check_tensor(name: str, t: object, target: _Target, device: torch.device) -
         raise CheckpointError(f"reload: {name!r} must be a floating-point tensor ({dtype_names()}), got {t.dtype}")
     if tuple(t.shape) != tuple(target.shape):
         raise CheckpointError(f"reload: {name!r} has shape {list(t.shape)}, expected {list(target.shape)}")
-    check_finite(t, name)
-    if t.numel() == 0 or target.dtype == t.dtype or target.dtype not in HP_DTYPES:
+    if t.numel() == 0:
         return
-    # Rounding to a narrower dtype is monotonic: if the min and max stay finite, every value does.
+    # One min/max pass answers both questions: NaN/Inf propagate into it, and rounding to a
+    # narrower dtype is monotonic, so if the min and max stay finite once converted, every value does.
     lo, hi = torch.aminmax(t.detach())
+    if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+        check_finite(t, name)  # raises, naming the count (and the expert of a stack)
+    if target.dtype == t.dtype or target.dtype not in HP_DTYPES:
+        return
     if bool(torch.isfinite(lo.to(target.dtype)) & torch.isfinite(hi.to(target.dtype))):
         return
     over = int((~torch.isfinite(t.detach().to(target.dtype))).sum())
