@@ -685,7 +685,7 @@ class QuantizationConfig(_OqModel):
         if info is not None:
             return {kind: {"weight": obj} for kind in _kinds_for_key(obj, reg)}, None
         if p.suffix.lower() in (".yaml", ".yml", ".json") or "/" in obj or "\\" in obj:
-            raise ConfigError(f"config file {obj!r} does not exist")
+            raise ConfigError(f"config {obj!r} is neither a file (no such file) nor a shorthand or weight key name")
         names = sorted({*reg.shorthands, *reg.keys.names("weight"), ONLINE})
         raise ConfigError(
             f"config {obj!r} is neither a file nor a shorthand or weight key name{_did_you_mean(obj, names)} "

@@ -103,8 +103,8 @@ def test_bad_quantspec(data, field, culprits):
 # (id, from_any object, overrides, interpolate, culprits)
 SOURCE_CASES = [
     ("name-typo", "fp8_per_blok", [], False, ["'fp8_per_blok'", "neither a file nor a shorthand", "did you mean 'fp8_per_block'?"]),
-    ("missing-file", "missing.yaml", [], False, ["'missing.yaml'", "does not exist"]),
-    ("missing-path", "conf/q.yml", [], False, ["'conf/q.yml'", "does not exist"]),
+    ("missing-file", "missing.yaml", [], False, ["'missing.yaml'", "neither a file (no such file) nor a shorthand"]),
+    ("missing-path", "conf/q.yml", [], False, ["'conf/q.yml'", "neither a file (no such file) nor a shorthand"]),
     ("activation-key-name", "fp8_per_token", [], False, ["'fp8_per_token'", "activation key", "weight keys"]),
     ("int-config", 5, [], False, ["expected a config", "int"]),
     ("none-alone", None, [], False, ["quantizes nothing"]),
