@@ -1,21 +1,34 @@
-"""The ``oq`` command: inspect plugins and keys, validate configs, explain plans.
+"""The ``oq`` command: inspect plugins and keys, validate configs, explain plans, quantize models.
 
-Every command prints a clear ``error: ...`` line and exits with status 2 on an :class:`oqcore.OqError`.
+Errors are for people. Whatever goes wrong, ``oq`` prints one ``error: <message>`` line per error
+on stderr (a config with several invalid fields prints one line per field) and exits with
+
+- 2 for a usage or config error: an :class:`oqcore.ConfigError` (and its subclasses) or a
+  command-line usage error (a missing argument, an unknown option, a bad option value);
+- 1 for every other error: :class:`oqcore.CheckpointError`, :class:`oqcore.SaveError`,
+  :class:`oqcore.UnsupportedLayerError`, :class:`oqcore.NoBackendError`, :class:`oqcore.PluginError`,
+  :class:`oqcore.InternalError`, and any unexpected exception, shown as
+  ``error: internal error: <Type>: <message> (rerun with --debug for the traceback)``;
+- 130 on Ctrl-C (``error: interrupted``).
+
+The Python traceback is printed only with ``oq --debug ...`` or ``OQ_DEBUG=1``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import traceback
+import warnings
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+from typer.core import TyperGroup
 
-from oqcore.errors import OqError
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="oqcore: online quantization of PyTorch models.")
+from oqcore.errors import CheckpointError, ConfigError, InternalError, OqError, SaveError, UnknownKeyError
 
 DEFAULT_SCHEME = "fp8_per_block"
 
@@ -25,23 +38,297 @@ for _noisy in ("torchao", "torch.utils._pytree"):
     logging.getLogger(_noisy).setLevel(logging.ERROR)
 
 
-def _fail(e: Exception) -> None:
-    typer.echo(f"error: {e}", err=True)
-    raise typer.Exit(2)
+# ---- error presentation ---------------------------------------------------------------------------
+
+# typer >= 0.22 vendors click as ``typer._click``; older typer uses click itself. Take the exception
+# classes from the ones typer exports so both work.
+_USAGE_ERROR: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+_CLICK_EXCEPTION: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+_DEBUG_HINT = " (rerun with --debug for the traceback)"
 
 
-def _load_config(config: str | None, overrides: list[str] | None):
-    """A config from a YAML/JSON path or a shorthand name (default fp8_per_block), plus overrides."""
+def _one_line(text: str) -> str:
+    """``text`` on one line: its lines joined by ``"; "`` (by a space after a line ending in ``:``)."""
+    out = ""
+    for part in (p.strip() for p in str(text).splitlines()):
+        if part:
+            out += ("" if not out else " " if out.endswith(":") else "; ") + part
+    return out
+
+
+def _pair_text(item: Any) -> str:
+    if isinstance(item, tuple) and len(item) == 2:
+        field, message = item
+        return f"{field}: {message}" if field else str(message)
+    return str(item)
+
+
+def error_lines(e: BaseException, debug: bool = False) -> list[str]:
+    """The ``error: ...`` lines ``oq`` prints for ``e``: one per error.
+
+    A :class:`oqcore.ConfigError` listing several problems (its ``errors``, ``(field, message)``
+    pairs) gives one line each; any other :class:`oqcore.OqError` one line (a multi-line message is
+    joined with ``"; "``); a usage error its message with a pointer to the command's ``--help``;
+    an :class:`oqcore.InternalError` or an unexpected exception (``error: internal error: <Type>:
+    <message>``) a hint to rerun with ``--debug`` (left out when ``debug`` is on, since the
+    traceback is then printed).
+    """
+    hint = "" if debug else _DEBUG_HINT
+    if isinstance(e, InternalError):
+        return [f"error: {_one_line(str(e))}{hint}"]
+    if isinstance(e, OqError):
+        subs = getattr(e, "errors", None)
+        if isinstance(subs, (list, tuple)) and len(subs) > 1:
+            # ConfigError.errors: (field, message) pairs, one per problem found
+            msgs = [_one_line(_pair_text(s)) for s in subs]
+        else:
+            msgs = [_one_line(str(e)) or type(e).__name__]
+        return [f"error: {m}" for m in msgs]
+    if isinstance(e, _USAGE_ERROR):
+        ctx = getattr(e, "ctx", None)
+        msg = _one_line(e.format_message())
+        if ctx is not None:
+            msg += f"{'' if msg.endswith(('.', '?', '!')) else '.'} Try '{ctx.command_path} --help'."
+        return [f"error: {msg}"]
+    if isinstance(e, _CLICK_EXCEPTION):
+        return [f"error: {_one_line(e.format_message())}"]
+    if isinstance(e, KeyboardInterrupt):
+        return ["error: interrupted"]
+    msg = _one_line(str(e))
+    return [f"error: internal error: {type(e).__name__}{': ' + msg if msg else ''}{hint}"]
+
+
+def exit_code(e: BaseException) -> int:
+    """The exit status for ``e``: 2 for a usage/config error, 130 for Ctrl-C, 1 otherwise."""
+    if isinstance(e, (ConfigError, _USAGE_ERROR)):
+        return EXIT_USAGE
+    if isinstance(e, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    return EXIT_ERROR
+
+
+def _env_debug() -> bool:
+    return os.environ.get("OQ_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one ``warning: <message>`` line (the source location only matters with --debug)."""
+    typer.echo(f"warning: {_one_line(str(message))}", err=True)
+
+
+class OqGroup(TyperGroup):
+    """The ``oq`` group: runs a command and turns whatever it raises into ``error:`` lines and an
+    exit status (see the module docstring). Used by the console script and by ``CliRunner`` alike,
+    since both call :meth:`main`."""
+
+    def main(  # type: ignore[override]
+        self, args=None, prog_name=None, complete_var=None, standalone_mode=True, windows_expand_args=True, **extra: Any
+    ):
+        """Run the command line ``args`` (default ``sys.argv[1:]``) and exit with its status.
+
+        With ``standalone_mode=False`` exceptions propagate unchanged (for embedding).
+        """
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, windows_expand_args=windows_expand_args, **extra)
+        sys.exit(self._run(sys.argv[1:] if args is None else list(args), extra))
+
+    def _run(self, args: list[str], extra: dict) -> int:
+        ctx = None
+        show = warnings.showwarning
+        try:
+            if not _env_debug():
+                warnings.showwarning = _show_warning
+            with self.make_context("oq", args, **extra) as ctx:
+                if ctx.params.get("debug"):
+                    warnings.showwarning = show
+                self.invoke(ctx)
+            return 0
+        except typer.Exit as e:  # --help, or a command that ends early on purpose
+            return e.exit_code
+        except typer.Abort:
+            typer.echo("error: aborted", err=True)
+            return EXIT_ERROR
+        except BrokenPipeError:  # `oq keys | head`: the reader left; nothing more to say
+            try:
+                sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps the interpreter's final flush quiet
+            except OSError:
+                pass
+            return EXIT_ERROR
+        except BaseException as e:  # noqa: BLE001 - the one place every error becomes a message
+            if isinstance(e, SystemExit):
+                raise
+            if type(e).__name__ == "NoArgsIsHelpError":  # bare `oq`: the help, as click shows it
+                typer.echo(e.format_message(), err=True)
+                return EXIT_USAGE
+            debug = _env_debug() or bool(ctx is not None and ctx.params.get("debug"))
+            if debug and not isinstance(e, _CLICK_EXCEPTION):
+                traceback.print_exception(e, file=sys.stderr)
+            for line in error_lines(e, debug):
+                typer.echo(line, err=True)
+            return exit_code(e)
+        finally:
+            warnings.showwarning = show
+
+
+app = typer.Typer(
+    cls=OqGroup,
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="oqcore: online quantization of PyTorch models.",
+)
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="On an error, also print the Python traceback (or set OQ_DEBUG=1).")] = False,
+) -> None:
+    """oqcore: online quantization of PyTorch models."""
+
+
+# ---- shared option handling --------------------------------------------------------------------
+
+OverridesArg = Annotated[
+    Optional[list[str]],
+    typer.Argument(
+        metavar="[CONFIG] [OVERRIDES]...",
+        help="Optional config (shorthand, key name or YAML/JSON file; same as --config), then dotted overrides: "
+        "linear.activation=null moe=mxfp8 ignore=[lm_head] ...",
+    ),
+]
+ConfigOpt = Annotated[
+    Optional[str],
+    typer.Option("--config", "-c", help=f"Shorthand (fp8_per_block), key name (mxfp8) or YAML/JSON file. Default: {DEFAULT_SCHEME}."),
+]
+InterpolateOpt = Annotated[
+    bool, typer.Option("--interpolate", help="Resolve OmegaConf interpolations such as ${oc.env:VAR} in the config (off by default).")
+]
+
+
+def _split_args(config: str | None, args: list[str] | None) -> tuple[str | None, list[str]]:
+    """``--config`` and the overrides from the positional arguments: a first positional without
+    ``=`` is the config (``oq quantize mxfp8 moe.activation=null``)."""
+    args = list(args or [])
+    if args and "=" not in args[0]:
+        if config is not None:
+            raise ConfigError(
+                f"the config is given twice: --config {config!r} and the argument {args[0]!r} "
+                "(arguments after the config must be overrides of the form key=value)",
+                "--config",
+            )
+        config, args = args[0], args[1:]
+    return config, args
+
+
+def build_config(config: str | None, overrides: list[str], interpolate: bool = False, base: Any = DEFAULT_SCHEME):
+    """The :class:`oqcore.QuantizationConfig` of ``config`` (a shorthand, key name or file; ``base``,
+    the default scheme, when ``None``) with the dotted ``overrides`` applied on top.
+
+    Raises :class:`oqcore.ConfigError` naming the field, override or file at fault.
+    """
     from oqcore.config import QuantizationConfig
 
-    overrides = list(overrides or [])
-    if config is None:
-        base: dict = {} if any(o.split("=", 1)[0].split(".")[0] in ("linear", "moe", "targets", "scheme") for o in overrides) else {"scheme": DEFAULT_SCHEME}
-        return QuantizationConfig.from_dotlist(overrides, base=base)
-    p = Path(config)
-    if p.suffix in (".yaml", ".yml", ".json") or p.exists():
-        return QuantizationConfig.from_yaml(p, overrides)
-    return QuantizationConfig.from_dotlist(overrides, base={"scheme": config})
+    kw = {"interpolate": True} if interpolate else {}
+    return QuantizationConfig.from_any(config if config is not None else base, list(overrides), **kw)
+
+
+def saved_config(path: Path):
+    """The config a folder written by :func:`oqcore.save_quantized` was quantized with, or ``None``
+    for a high-precision checkpoint (or a folder whose config.json cannot be read: the model build
+    reports that with the file named).
+
+    Raises :class:`oqcore.CheckpointError` naming config.json when the folder is already quantized
+    by another tool, or its saved oqcore config is unreadable.
+    """
+    from oqcore.export import QUANT_METHOD, _saved_config
+    from oqcore.loading.meta import read_model_config
+
+    try:
+        raw = read_model_config(path)
+    except CheckpointError:
+        return None
+    qc = raw.get("quantization_config") if isinstance(raw, dict) else None
+    if qc is None:
+        return None
+    if isinstance(qc, dict) and qc.get("quant_method") != QUANT_METHOD:
+        raise CheckpointError(
+            f"{path / 'config.json'}: the checkpoint is already quantized (quant_method={qc.get('quant_method', 'unknown')!r}); "
+            "oq quantizes bf16/fp16/fp32 checkpoints. Load it with its own quantization method instead."
+        )
+    return _saved_config(raw, path / "config.json")
+
+
+def resolve_config(path: Path, config: str | None, overrides: list[str], interpolate: bool):
+    """``(config, saved)`` for model folder ``path``: the saved config of an oqcore export (where
+    ``--config``/overrides must give exactly that config), else ``config`` + ``overrides`` on the
+    default scheme."""
+    saved = saved_config(path)
+    if saved is None:
+        return build_config(config, overrides, interpolate), False
+    if config is None and not overrides:
+        return saved, True
+    asked = build_config(config, overrides, interpolate, base=saved.to_dict())
+    # to_dict, not ==: pydantic equality ignores whether an activation was given (null = weight-only)
+    # or left to the method's default, and those plan differently.
+    if asked.to_dict() != saved.to_dict():
+        raise ConfigError(
+            f"{path} is already quantized with {json.dumps(saved.to_dict())}, but --config/overrides give "
+            f"{json.dumps(asked.to_dict())}; drop --config and the overrides to use the saved config, or quantize "
+            "the high-precision source with the new config",
+            "--config",
+        )
+    return saved, True
+
+
+def _check_destination(path: Path | None, option: str, folder: bool) -> None:
+    """Fail before any work when ``path`` cannot be written: its nearest existing ancestor is not a
+    writable folder, or it exists as the wrong kind (a folder where a file goes, or the reverse).
+    Raises :class:`oqcore.SaveError` naming the option and path."""
+    if path is None:
+        return
+    if path.exists():
+        if folder and not path.is_dir():
+            raise SaveError(f"{option} {path}: exists and is not a folder")
+        if not folder and path.is_dir():
+            raise SaveError(f"{option} {path}: is a folder; give a file path for the JSON figures")
+        if not os.access(path, os.W_OK | (os.X_OK if folder else 0)):
+            raise SaveError(f"{option} {path}: is not writable")
+        return
+    anc = path.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise SaveError(f"{option} {path}: {anc} is a file, not a folder")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise SaveError(f"{option} {path}: folder {anc} is not writable")
+
+
+def _check_out(out: Path, source: Path) -> None:
+    """Refuse, before the model is loaded, an ``--out`` that :func:`oqcore.save_quantized` would
+    refuse after it: the source checkpoint (or a folder around or inside it), or a non-empty folder
+    that is not an earlier export. Raises :class:`oqcore.SaveError` naming the folder."""
+    from oqcore.export import _check_not_source, is_export
+
+    dest = Path(os.path.abspath(out)).resolve()
+    _check_not_source(Path(source), dest)
+    if dest.is_dir() and any(dest.iterdir()) and not is_export(dest):
+        raise SaveError(
+            f"cannot save to {dest}: the folder exists and is not an earlier oqcore export; "
+            "refusing to replace it (choose a new or empty folder, or delete it yourself)"
+        )
+
+
+def _device(device: str | None):
+    from oqcore.devices import resolve_device
+
+    return resolve_device(device, "--device")
+
+
+# ---- commands ----------------------------------------------------------------------------------
 
 
 @app.command()
@@ -49,11 +336,8 @@ def keys(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = 
     """List the quantization key names the installed plugins registered."""
     import oqcore
 
-    try:
-        infos = oqcore.list_quant_keys()
-        reg = oqcore.get_registry()
-    except OqError as e:
-        _fail(e)
+    infos = oqcore.list_quant_keys()
+    reg = oqcore.get_registry()
     rows = [
         {
             "name": i.name,
@@ -101,10 +385,7 @@ def plugins(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
     from oqcore.plugins import get_plugin_manager
 
     pm = get_plugin_manager()
-    try:
-        pm.registry  # noqa: B018 - loading registers failures too
-    except OqError as e:
-        _fail(e)
+    pm.registry  # noqa: B018 - loading registers failures too
     records = sorted(pm.records.values(), key=lambda r: r.name)
     if as_json:
         typer.echo(json.dumps([r.__dict__ for r in records], indent=2))
@@ -119,14 +400,13 @@ def plugins(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 @app.command()
 def validate(
-    config: Annotated[str, typer.Argument(help="YAML/JSON config file, or a shorthand name such as fp8_per_block.")],
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides: moe.activation=mxfp8 ...")] = None,
+    args: OverridesArg = None,
+    config: ConfigOpt = None,
+    interpolate: InterpolateOpt = False,
 ) -> None:
-    """Validate a config (with overrides) and print it resolved, key names and all."""
-    try:
-        cfg = _load_config(config, overrides)
-    except OqError as e:
-        _fail(e)
+    """Validate a config (default fp8_per_block) with overrides, and print it resolved, key names and all."""
+    config, overrides = _split_args(config, args)
+    cfg = build_config(config, overrides, interpolate)
     from omegaconf import OmegaConf
 
     typer.echo(OmegaConf.to_yaml(OmegaConf.create(cfg.to_dict())).rstrip() or "{}  # nothing is quantized")
@@ -135,104 +415,151 @@ def validate(
 
 @app.command()
 def explain(
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides: moe.activation=mxfp8 ...")] = None,
-    model: Annotated[Optional[Path], typer.Option(help="Hugging Face model folder (config.json). Default: the bundled all-MiniLM-L6-v2.")] = None,
-    config: Annotated[Optional[str], typer.Option(help=f"YAML/JSON config or shorthand. Default: {DEFAULT_SCHEME}.")] = None,
+    args: OverridesArg = None,
+    model: Annotated[Optional[Path], typer.Option(help="Hugging Face model folder (config.json), or a folder oq quantize --out wrote. Default: the bundled all-MiniLM-L6-v2.")] = None,
+    config: ConfigOpt = None,
     device: Annotated[Optional[str], typer.Option(help="Device the layers will run on (decides backends). Default: cuda if available, else cpu.")] = None,
+    interpolate: InterpolateOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show every rejected backend and why.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
-    """Show, per layer, what the config does: scheme, backend, and why (no weights are read)."""
+    """Show, per layer, what the config does: scheme, backend, and why (no weights are read).
+
+    On a folder written by ``oq quantize --out`` (or ``oqcore.save_quantized``) it shows the saved
+    config and its plan.
+    """
     import oqcore
     from oqcore.loading import build_meta_model, bundled_model_dir
 
-    try:
-        cfg = _load_config(config, overrides)
-        path = model if model is not None else bundled_model_dir()
-        meta = build_meta_model(path)
-        p = oqcore.plan(meta, cfg, device=device)
-    except OqError as e:
-        _fail(e)
+    config, overrides = _split_args(config, args)
+    dev = _device(device)
+    path = model if model is not None else bundled_model_dir()
+    cfg, saved = resolve_config(path, config, overrides, interpolate)
+    meta = build_meta_model(path)
+    p = oqcore.plan(meta, cfg, device=dev)
     if as_json:
-        typer.echo(json.dumps({"model": str(path), "device": str(p.device), "layers": p.rows(), "summary": p.summary()}, indent=2))
+        out = {"model": str(path), "saved": saved, "config": cfg.to_dict(), "device": str(p.device), "layers": p.rows(), "summary": p.summary()}
+        typer.echo(json.dumps(out, indent=2))
         return
     typer.echo(f"model: {path} ({type(meta).__name__}), device: {p.device}")
+    typer.echo(f"config: {json.dumps(cfg.to_dict())}{' (saved with the model)' if saved else ''}")
     typer.echo(p.explain(verbose=verbose))
 
 
 @app.command()
 def quantize(
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides: linear.activation=null moe=mxfp8 ...")] = None,
-    model: Annotated[Optional[Path], typer.Option(help="Hugging Face model folder (config.json + safetensors). Default: the bundled all-MiniLM-L6-v2.")] = None,
-    config: Annotated[Optional[str], typer.Option(help=f"YAML/JSON config or shorthand. Default: {DEFAULT_SCHEME}.")] = None,
+    args: OverridesArg = None,
+    model: Annotated[Optional[Path], typer.Option(help="Hugging Face model folder (config.json + safetensors), or a folder oq quantize --out wrote. Default: the bundled all-MiniLM-L6-v2.")] = None,
+    config: ConfigOpt = None,
     out: Annotated[Optional[Path], typer.Option(help="Save the quantized model to this folder (oqcore.load reads it back).")] = None,
     json_file: Annotated[Optional[Path], typer.Option("--json", help="Write the figures to this JSON file.")] = None,
     device: Annotated[str, typer.Option(help="Device to load onto.")] = "cpu",
+    interpolate: InterpolateOpt = False,
     check: Annotated[bool, typer.Option(help="Compare against the bf16 model on bundled text (loads it too).")] = True,
 ) -> None:
-    """Load a model, quantizing it while loading, and report sizes, time, memory and fidelity."""
+    """Load a model, quantizing it while loading, and report sizes, time, memory and fidelity.
+
+    A folder written by ``--out`` is loaded back as saved (no re-quantizing, no fidelity check).
+    """
     import torch
     from tqdm import tqdm
 
     import oqcore
     from oqcore.loading import bundled_model_dir
 
+    config, overrides = _split_args(config, args)
+    dev = _device(device)
+    _check_destination(out, "--out", folder=True)
+    _check_destination(json_file, "--json", folder=False)
+    path = model if model is not None else bundled_model_dir()
+    cfg, saved = resolve_config(path, config, overrides, interpolate)
+    if out is not None:
+        _check_out(out, path)
+    typer.echo(f"model: {path}")
+    typer.echo(f"config: {json.dumps(cfg.to_dict())}{' (saved with the model)' if saved else ''}")
+    bars: list = []  # created on the first call, when reading starts and the total is known
+
+    def progress(done: int, total: int) -> None:
+        """Advance the bar to ``done`` of ``total`` bytes read."""
+        if not bars:
+            bars.append(tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="loading"))
+        bars[0].update(done - bars[0].n)
+
     try:
-        cfg = _load_config(config, overrides)
-        path = model if model is not None else bundled_model_dir()
-        typer.echo(f"model: {path}")
-        typer.echo(f"config: {json.dumps(cfg.to_dict())}")
-        bars: list = []  # created on the first call, when reading starts and the total is known
+        qmodel = oqcore.load(path, None if saved else cfg, device=dev, progress=progress)
+    finally:
+        for b in bars:
+            b.close()
+    rep = oqcore.report(qmodel)
+    typer.echo(str(rep))
+    result: dict[str, Any] = {"model": str(path), "saved": saved, "config": cfg.to_dict(), "report": rep.to_dict()}
+    if check and saved:
+        typer.echo("fidelity: not checked (the folder holds quantized weights: no high-precision model to compare with)")
+    elif check:
+        from oqcore.fidelity import compare, reference_model
 
-        def progress(done: int, total: int) -> None:
-            """Advance the bar to ``done`` of ``total`` bytes read."""
-            if not bars:
-                bars.append(tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="loading"))
-            bars[0].update(done - bars[0].n)
-
-        try:
-            qmodel = oqcore.load(path, cfg, device=device, progress=progress)
-        finally:
-            for b in bars:
-                b.close()
-        rep = oqcore.report(qmodel)
-        typer.echo(str(rep))
-        result = {"model": str(path), "config": cfg.to_dict(), "report": rep.to_dict()}
-        if check:
-            from oqcore.fidelity import compare, reference_model
-
-            fid = compare(qmodel, reference_model(path, torch.bfloat16, device), path)
-            typer.echo(f"fidelity: {fid}")
-            result["fidelity"] = fid.to_dict()
-        if out is not None:
-            oqcore.save_quantized(qmodel, out)
-            typer.echo(f"saved: {out} (oqcore.load reads it back without re-quantizing)")
-            result["out"] = str(out)
-    except OqError as e:
-        _fail(e)
+        fid = compare(qmodel, reference_model(path, torch.bfloat16, dev), path)
+        typer.echo(f"fidelity: {fid}")
+        result["fidelity"] = fid.to_dict()
+    if out is not None:
+        oqcore.save_quantized(qmodel, out)
+        typer.echo(f"saved: {out} (oqcore.load reads it back without re-quantizing)")
+        result["out"] = str(out)
     if json_file is not None:
-        json_file.write_text(json.dumps(result, indent=2) + "\n")
+        text = json.dumps(result, indent=2) + "\n"
+        try:
+            json_file.write_text(text)
+        except OSError as e:
+            typer.echo(text, nl=False)  # the figures are not lost: they go to stdout instead
+            raise SaveError(f"--json {json_file}: cannot write the figures ({e.strerror or e}); they are printed above instead") from e
         typer.echo(f"figures written to {json_file}")
+
+
+_MIN_EXPERTS = 2  # every synthetic architecture routes each token to 2 experts
+
+
+def _check_make_model(arch: str, hidden_size: int, intermediate_size: int, layers: int, experts: int | None) -> None:
+    """Typed errors for what transformers would refuse, or crash on, only midway through the build."""
+    from oqcore.synthetic import ARCHS
+
+    if arch not in ARCHS:
+        raise UnknownKeyError.for_name(arch, ARCHS, what="architecture", field="arch")
+    for option, value in (("--hidden-size", hidden_size), ("--intermediate-size", intermediate_size), ("--layers", layers)):
+        if value < 1:
+            raise ConfigError(f"must be at least 1, got {value}", option)
+    if experts is not None and experts < _MIN_EXPERTS:
+        raise ConfigError(f"must be at least {_MIN_EXPERTS} (each token is routed to {_MIN_EXPERTS} experts), got {experts}", "--experts")
+    if "head_dim" not in ARCHS[arch] and hidden_size % 8:
+        # 4 attention heads of hidden_size / 4 each, and rotary embeddings need an even head size.
+        raise ConfigError(f"must be a multiple of 8 for {arch} (4 attention heads of an even size), got {hidden_size}", "--hidden-size")
 
 
 @app.command("make-model")
 def make_model(
     arch: Annotated[str, typer.Argument(help="mixtral, qwen3_moe, olmoe or gpt_oss.")],
-    out: Annotated[Path, typer.Argument(help="Folder to write (config.json + model.safetensors).")],
+    out: Annotated[Path, typer.Argument(help="Folder to write (config.json + model.safetensors); must not exist or be empty.")],
     hidden_size: Annotated[int, typer.Option(help="Hidden size H.")] = 160,
     intermediate_size: Annotated[int, typer.Option(help="Expert intermediate size I.")] = 96,
     layers: Annotated[int, typer.Option(help="Decoder layers.")] = 2,
     experts: Annotated[Optional[int], typer.Option(help="Experts per layer (default 4).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed of the init.")] = 0,
 ) -> None:
-    """Write a tiny random MoE causal LM in the architecture's real on-disk layout (for trying oq quantize)."""
+    """Write a tiny random MoE causal LM in the architecture's real on-disk layout (for trying oq quantize).
+
+    The folder appears whole or not at all (it is written beside and renamed into place).
+    """
+    _check_make_model(arch, hidden_size, intermediate_size, layers, experts)
+    _check_destination(out, "OUT", folder=True)
+    if out.is_dir() and any(out.iterdir()):
+        raise SaveError(f"{out}: the folder exists and is not empty; give a new or empty folder (make-model never overwrites)")
+    from oqcore.atomic import write_folder
     from oqcore.synthetic import make_tiny_moe
 
-    try:
-        make_tiny_moe(arch, out, hidden_size=hidden_size, intermediate_size=intermediate_size, num_layers=layers,
-                      num_experts=experts, seed=seed)
-    except ValueError as e:
-        _fail(e)
+    def fill(tmp: Path) -> None:
+        make_tiny_moe(arch, tmp, hidden_size=hidden_size, intermediate_size=intermediate_size, num_layers=layers, num_experts=experts, seed=seed)
+
+    # An existing non-empty folder is never replaced (SaveError); the model appears whole or not at all.
+    write_folder(Path(os.path.abspath(out)), fill, replaceable=lambda _folder: False)
     typer.echo(f"wrote {out}")
 
 
@@ -241,7 +568,7 @@ def bench(ctx: typer.Context) -> None:
     """Run the benchmark suite (bench/ of a source checkout); arguments go to `python -m bench` (--quick, --out DIR)."""
     root = Path(__file__).resolve().parent.parent
     if not (root / "bench" / "__main__.py").is_file():
-        _fail(OqError(f"oq bench runs the bench/ folder of a source checkout; none beside {root / 'oqcore'}"))
+        raise OqError(f"oq bench runs the bench/ folder of a source checkout; none beside {root / 'oqcore'}")
     sys.path.insert(0, str(root))
     import bench as suite
 
@@ -249,12 +576,8 @@ def bench(ctx: typer.Context) -> None:
 
 
 def main() -> None:
-    """Entry point of the ``oq`` console script."""
-    try:
-        app()
-    except OqError as e:  # anything a command did not catch itself
-        typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
+    """Entry point of the ``oq`` console script (exits with the status described in the module docstring)."""
+    app()
 
 
 if __name__ == "__main__":

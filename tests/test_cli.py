@@ -1,5 +1,7 @@
-"""The `oq` command: keys, plugins, validate, explain (on the bundled real model and on a
-config.json-only folder), and errors as one clear line with exit status 2."""
+"""The `oq` command: keys, plugins, validate, explain (on the bundled real model, a config.json-only
+folder and a saved export), quantize (MiniLM, a tiny MoE, a saved export), make-model; overrides on
+top of the default scheme; --config as shorthand, key name or file in every command. The bad-input
+cases (exit status, one error line each) are in tests/battery/test_cli.py."""
 
 import json
 import subprocess
@@ -76,13 +78,14 @@ def test_explain_bundled_real_model():
     register_toy()
     r = run("explain", "--config", "toy", "ignore=[re:.*pooler.*]")
     assert r.exit_code == 0, r.output
-    out = r.stdout
-    assert "(BertModel)" in out.splitlines()[0]
-    rows = {line.split()[0]: line.split() for line in out.splitlines()[3:-1]}
+    lines = r.stdout.splitlines()
+    assert "(BertModel)" in lines[0]
+    assert lines[1] == 'config: {"linear": {"weight": "toy_int4"}, "moe": {"weight": "toy_int4"}, "ignore": ["re:.*pooler.*"]}'
+    rows = {line.split()[0]: line.split() for line in lines[4:-1]}
     assert rows["encoder.layer.0.attention.self.query"][1:4] == ["linear", "[384,", "384]"]
     assert rows["encoder.layer.5.intermediate.dense"][1:] == ["linear", "[1536,", "384]", "toy_int4", "none", "toy-fast", "linear"]
     assert rows["pooler.dense"][-3:] == ["ignored", "by", "'re:.*pooler.*'"]
-    assert out.splitlines()[-1] == "Quantized 36 layers: linear toy_int4: 36; kept 1 in high precision"
+    assert lines[-1].startswith("Quantized 36 layers of types: attention.self.query: 6 (from linear: toy_int4);")
 
 
 def test_explain_json_on_a_config_only_folder(tmp_path):
@@ -102,16 +105,16 @@ def test_explain_json_on_a_config_only_folder(tmp_path):
 
 def test_explain_missing_model_folder(tmp_path):
     r = run("explain", "--model", str(tmp_path / "nope"), "--config", "fp8_per_block")
-    assert r.exit_code == 2
-    assert "config.json does not exist" in r.stderr
+    assert r.exit_code == 1
+    assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith(f"error: {tmp_path / 'nope'}")
 
 
 @pytest.mark.parametrize("text", ["{not json", '{"model_type": "no_such_model_type"}'])
 def test_explain_unbuildable_config(tmp_path, text):
     (tmp_path / "config.json").write_text(text)
     r = run("explain", "--model", str(tmp_path), "--config", "fp8_per_block")
-    assert r.exit_code == 2
-    assert str(tmp_path / "config.json") in r.stderr
+    assert r.exit_code == 1
+    assert len(r.stderr.splitlines()) == 1 and str(tmp_path / "config.json") in r.stderr
 
 
 def test_quantize_main_job_on_the_bundled_model(tmp_path, monkeypatch):
@@ -119,7 +122,8 @@ def test_quantize_main_job_on_the_bundled_model(tmp_path, monkeypatch):
     r = run("quantize", "--json", str(tmp_path / "figures.json"), "--out", str(tmp_path / "q"))
     assert r.exit_code == 0, r.output
     out = r.stdout
-    assert "Quantized 37 layers: linear fp8_per_block_static (act fp8_per_block_dynamic): 37" in out
+    assert "Quantized 37 layers of types: attention.self.query: 6 (from linear: fp8_per_block_static);" in out
+    assert ["linear", "fp8_per_block_static", "fp8_per_block_dynamic"] in [line.split()[:3] for line in out.splitlines()]
     assert "fidelity: mean embedding cosine vs bf16 on 32 sentences: 0.99" in out
     assert "peak memory:" in out and "saved:" in out
     data = json.loads((tmp_path / "figures.json").read_text())
@@ -132,23 +136,133 @@ def test_quantize_main_job_on_the_bundled_model(tmp_path, monkeypatch):
     assert oqcore.report(back).summary == data["report"]["summary"]
 
 
-def test_quantize_tiny_moe_causal_lm_with_overrides(tiny_moe, monkeypatch):
-    monkeypatch.setenv("OQ_DISABLE_TRITON", "1")
-    r = run("quantize", "--model", str(tiny_moe("olmoe")), "moe=int8_per_channel_weight_only", "linear=fp8_per_block")
-    assert r.exit_code == 0, r.output
-    rows = [line.split() for line in r.stdout.splitlines()]
-    assert ["moe", "int8_per_channel_static", "none", "cpu-int8", "2"] in [row[:5] for row in rows]
-    assert ["linear", "fp8_per_block_static", "fp8_per_block_dynamic", "torch", "8"] in [row[:5] for row in rows]
-    assert "fidelity: logits SQNR vs bf16: " in r.stdout and "top-1 agreement" in r.stdout
-
-
 def test_quantize_bad_model_is_one_error_line(tmp_path):
     r = run("quantize", "--model", str(tmp_path), "--no-check")
-    assert r.exit_code == 2
+    assert r.exit_code == 1
     assert r.stderr.strip() == f"error: {tmp_path / 'config.json'} does not exist: a model folder needs config.json (and safetensors weights)"
 
 
 def test_make_model(tmp_path):
     r = run("make-model", "gpt_oss", str(tmp_path / "g"), "--layers", "1")
     assert r.exit_code == 0 and (tmp_path / "g" / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g"]  # no temporary folder left beside it
     assert run("make-model", "llama", str(tmp_path / "x")).exit_code == 2
+    assert not (tmp_path / "x").exists()
+
+
+# ---- overrides on top of the default scheme, --config everywhere ------------------------------
+
+
+def validate_lines(*args):
+    r = run("validate", *args)
+    assert r.exit_code == 0, r.output
+    return r.stdout.splitlines()
+
+
+def test_overrides_apply_on_top_of_the_default_scheme():
+    assert validate_lines() == ["linear:", "  weight: fp8_per_block_static", "moe:", "  weight: fp8_per_block_static", "valid"]
+    assert validate_lines("linear.activation=null") == [
+        "linear:", "  weight: fp8_per_block_static", "  activation: null", "moe:", "  weight: fp8_per_block_static", "valid",
+    ]
+    # moe=X replaces moe only: the default linear spec stays
+    assert validate_lines("moe=mxfp8") == ["linear:", "  weight: fp8_per_block_static", "moe:", "  weight: mxfp8", "valid"]
+    # linear=X then linear.activation=null keeps X
+    assert validate_lines("linear=fp8_per_channel", "linear.activation=null") == [
+        "linear:", "  weight: fp8_per_channel_static", "  activation: null", "moe:", "  weight: fp8_per_block_static", "valid",
+    ]
+
+
+def test_config_is_a_shorthand_a_key_name_or_a_file(tmp_path):
+    shorthand = validate_lines("--config", "fp8_per_channel")
+    assert validate_lines("fp8_per_channel") == shorthand  # the first positional without '=' is the config
+    assert shorthand[:2] == ["linear:", "  weight: fp8_per_channel_static"]
+    assert validate_lines("--config", "mxfp8", "linear.activation=null")[:3] == ["linear:", "  weight: mxfp8", "  activation: null"]
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"moe": "int8_per_channel_weight_only"}))
+    assert validate_lines("--config", str(f), "linear=mxfp8") == [
+        "linear:", "  weight: mxfp8", "moe:", "  weight: int8_per_channel_static", "  activation: null", "valid",
+    ]
+
+
+def test_interpolation_only_with_the_flag(monkeypatch):
+    monkeypatch.setenv("OQ_TEST_SCHEME", "mxfp8")
+    assert validate_lines("--interpolate", "moe=${oc.env:OQ_TEST_SCHEME}")[2:4] == ["moe:", "  weight: mxfp8"]
+    r = run("validate", "moe=${oc.env:OQ_TEST_SCHEME}")
+    assert r.exit_code == 2 and "interpolation" in r.stderr
+
+
+def test_explain_applies_overrides_to_the_default(tiny_moe):
+    r = run("explain", "--model", str(tiny_moe("olmoe")), "linear.activation=null", "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["config"] == {"linear": {"weight": "fp8_per_block_static", "activation": None}, "moe": {"weight": "fp8_per_block_static"}}
+    assert data["saved"] is False
+    kinds = {row["kind"]: row for row in data["layers"] if row.get("weight")}
+    assert kinds["linear"]["activation"] == "none" and kinds["moe"]["activation"] == "fp8_per_block_dynamic"
+
+
+# ---- quantize a tiny MoE, then explain / quantize its saved folder ---------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tiny_moe, tmp_path_factory):
+    """`oq quantize` of a tiny OLMoE with a YAML config and overrides, saved with --out and --json."""
+    tmp = tmp_path_factory.mktemp("cli-saved")
+    cfg = tmp / "scheme.yaml"
+    cfg.write_text("linear: fp8_per_block\nmoe: mxfp8\n")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OQ_DISABLE_TRITON", "1")
+        r = run("quantize", "--model", str(tiny_moe("olmoe")), "--config", str(cfg), "moe=int8_per_channel_weight_only",
+                "--out", str(tmp / "q"), "--json", str(tmp / "figures.json"))
+    return r, tmp
+
+
+def test_quantize_tiny_moe_causal_lm_with_overrides(saved_tiny):
+    r, tmp = saved_tiny
+    assert r.exit_code == 0, r.output
+    rows = [line.split() for line in r.stdout.splitlines()]
+    assert ["moe", "int8_per_channel_static", "none", "cpu-int8", "2"] in [row[:5] for row in rows]
+    assert ["linear", "fp8_per_block_static", "fp8_per_block_dynamic", "torch", "8"] in [row[:5] for row in rows]
+    assert "fidelity: logits SQNR vs bf16: " in r.stdout and "top-1 agreement" in r.stdout
+    data = json.loads((tmp / "figures.json").read_text())
+    assert data["config"] == {"linear": {"weight": "fp8_per_block_static"}, "moe": {"weight": "int8_per_channel_static", "activation": None}}
+    assert data["out"] == str(tmp / "q") and data["saved"] is False
+
+
+def test_explain_a_saved_folder_shows_the_saved_config(saved_tiny):
+    _, tmp = saved_tiny
+    r = run("explain", "--model", str(tmp / "q"), "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["saved"] is True
+    assert data["config"] == {"linear": {"weight": "fp8_per_block_static"}, "moe": {"weight": "int8_per_channel_static", "activation": None}}
+    moe = [row for row in data["layers"] if row["kind"] == "moe"]
+    assert moe and all(row["weight"] == "int8_per_channel_static" for row in moe)
+    text = run("explain", "--model", str(tmp / "q")).stdout.splitlines()
+    assert text[1].endswith("(saved with the model)")
+    # the saved config itself, spelled another way, is fine; anything else is a ConfigError
+    same = run("explain", "--model", str(tmp / "q"), "linear=fp8_per_block_static")
+    assert same.exit_code == 0, same.output
+    other = run("explain", "--model", str(tmp / "q"), "--config", "fp8_per_block")
+    assert other.exit_code == 2 and other.stderr.startswith("error: --config: ") and "already quantized" in other.stderr
+
+
+def test_quantize_a_saved_folder_loads_it_back(saved_tiny):
+    _, tmp = saved_tiny
+    r = run("quantize", "--model", str(tmp / "q"), "--json", str(tmp / "again.json"))
+    assert r.exit_code == 0, r.output
+    assert "(saved with the model)" in r.stdout.splitlines()[1]
+    assert "fidelity: not checked" in r.stdout
+    first, again = json.loads((tmp / "figures.json").read_text()), json.loads((tmp / "again.json").read_text())
+    assert again["saved"] is True and again["config"] == first["config"]
+    assert again["report"]["summary"] == first["report"]["summary"]
+
+
+def test_json_write_failure_keeps_the_figures(saved_tiny):
+    """--json onto a full disk: the figures go to stdout, then one error line, exit 1."""
+    _, tmp = saved_tiny
+    r = run("quantize", "--model", str(tmp / "q"), "--no-check", "--json", "/dev/full")
+    assert r.exit_code == 1
+    assert [ln for ln in r.stderr.splitlines() if ln.startswith("error")] == ["error: --json /dev/full: cannot write the figures (No space left on device); they are printed above instead"]
+    figures = json.loads(r.stdout[r.stdout.index("{\n"):])
+    assert figures["saved"] is True and figures["report"]["rows"]
