@@ -213,13 +213,14 @@ def read_header(file: Path) -> tuple[dict, int]:
         raise CheckpointError(f"{file}: cannot read: {e}") from None
     if len(header_bytes) < n:
         raise CheckpointError(f"{file}: truncated safetensors header ({len(header_bytes)} of {n} bytes)")
-    if n == 0 or not header_bytes.lstrip().startswith(b"{"):
-        raise CheckpointError(f"{file}: corrupt safetensors header (it must be a JSON object starting with '{{')")
     header, problem = json_problem(header_bytes)
     if problem is not None:
         raise CheckpointError(f"{file}: corrupt safetensors header: {problem}")
     if not isinstance(header, dict):
-        raise CheckpointError(f"{file}: corrupt safetensors header (a JSON {_json_type(header)}, not an object)")
+        raise CheckpointError(
+            f"{file}: corrupt safetensors header (a JSON {_json_type(header)}, not an object): it must be a JSON "
+            "object mapping tensor names to {dtype, shape, data_offsets}"
+        )
     meta = header.get("__metadata__")
     if meta is not None or "__metadata__" in header:
         if not isinstance(meta, dict):

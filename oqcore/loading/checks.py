@@ -135,7 +135,9 @@ def find_prequantized(
 
     fp8 = [e for e in entries.values() if e.dtype in _FP8]
     if fp8:
-        e = next((e for e in fp8 if sibling(e.name)), fp8[0])
+        # the most telling one: a weight (not itself a scale) with its scale beside it
+        fp8.sort(key=lambda e: (is_quant_name(e.name), sibling(e.name) is None))
+        e = fp8[0]
         return error(e, f"{_dtype_name(e.dtype)} tensor", sibling(e.name))
     for e in entries.values():
         if _kind(e.dtype) != "integer":

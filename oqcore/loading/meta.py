@@ -64,8 +64,8 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
     folder, and naming the file (and field) when ``config.json`` is missing, a directory, empty, not
     strict JSON (NaN, a key given twice, binary garbage), not a JSON object, or has a field of the
     wrong shape: ``architectures`` (a list of class-name strings), ``model_type`` (a string),
-    ``dtype`` / ``torch_dtype`` (one of :data:`HIGH_PRECISION_DTYPES`, optionally ``torch.``-prefixed,
-    or ``auto``), ``quantization_config`` (an object whose ``quant_method`` is a string).
+    ``dtype`` / ``torch_dtype`` (one of :data:`HIGH_PRECISION_DTYPES`, the names transformers
+    reads), ``quantization_config`` (an object whose ``quant_method`` is a string).
     """
     folder = check_model_folder(path)
     f = folder / CONFIG_NAME
@@ -97,27 +97,25 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def _config_dtype(value: Any, file: Path, field: str) -> torch.dtype | None:
-    """The dtype a ``config.json`` field names (``None`` for ``"auto"``); CheckpointError otherwise."""
-    name = value.removeprefix("torch.") if isinstance(value, str) else None
-    name = _DTYPE_ALIASES.get(name, name)
-    if name == "auto":
-        return None
+def _config_dtype(value: Any, file: Path, field: str) -> torch.dtype:
+    """The dtype a ``config.json`` field names (transformers reads it as ``getattr(torch, value)``);
+    a :class:`oqcore.CheckpointError` naming the file and field for anything but a high-precision
+    floating dtype name."""
+    name = _DTYPE_ALIASES.get(value, value) if isinstance(value, str) else None
     if name not in HIGH_PRECISION_DTYPES:
         raise CheckpointError(
-            f"{file}: field {field!r} is {value!r}; valid: {', '.join(HIGH_PRECISION_DTYPES)} (or 'auto'): "
-            "online quantization reads a high-precision checkpoint"
+            f"{file}: field {field!r} is {value!r}; valid: {', '.join(HIGH_PRECISION_DTYPES)}: online "
+            "quantization reads a high-precision checkpoint"
         )
     return HIGH_PRECISION_DTYPES[name]
 
 
 def declared_dtype(raw: dict[str, Any], path: str | Path) -> torch.dtype:
-    """The dtype ``config.json`` declares (``dtype``, else ``torch_dtype``; bf16 if neither or ``auto``)."""
+    """The dtype ``config.json`` declares (``dtype``, else ``torch_dtype``; bf16 if neither)."""
     f = Path(path) / CONFIG_NAME
     for field in ("dtype", "torch_dtype"):
         if raw.get(field) is not None:
-            dt = _config_dtype(raw[field], f, field)
-            return dt if dt is not None else torch.bfloat16
+            return _config_dtype(raw[field], f, field)
     return torch.bfloat16
 
 
@@ -168,7 +166,7 @@ def resolve_model_dtype(dtype: Any, field: str = "dtype") -> torch.dtype:
         name = _DTYPE_ALIASES.get(name, name)
         if name in HIGH_PRECISION_DTYPES:
             return HIGH_PRECISION_DTYPES[name]
-        raise ConfigError(f"{dtype!r} is not a dtype name; valid: {', '.join(HIGH_PRECISION_DTYPES)} (or {valid})", field)
+        raise ConfigError(f"{dtype!r} is not a high-precision floating dtype name; valid: {', '.join(HIGH_PRECISION_DTYPES)} (or {valid})", field)
     raise ConfigError(f"expected a torch.dtype such as torch.bfloat16, got {type(dtype).__name__} {dtype!r}; valid: {valid}", field)
 
 
