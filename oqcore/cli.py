@@ -381,21 +381,27 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 @app.command()
 def plugins(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
-    """List the discovered plugins: distribution, version, status and any load error."""
+    """List the discovered plugins: distribution, version, status and any load error.
+
+    The table is printed even when a plugin problem is fatal (a conflict, a failure under
+    OQ_STRICT_PLUGINS=1); that error then follows as the ``error:`` line, exit status 1.
+    """
     from oqcore.plugins import get_plugin_manager
 
     pm = get_plugin_manager()
-    pm.registry  # noqa: B018 - loading registers failures too
-    records = sorted(pm.records.values(), key=lambda r: r.name)
+    records = pm.plugin_records()  # every record, both sides of a conflict included; never raises for a plugin
     if as_json:
         typer.echo(json.dumps([r.__dict__ for r in records], indent=2))
-        return
-    typer.echo(
-        _table(
-            ["plugin", "distribution", "version", "status", "error"],
-            [[r.name, r.distribution, r.version, r.status, r.error or ""] for r in records],
+    else:
+        typer.echo(
+            _table(
+                ["plugin", "distribution", "version", "status", "error"],
+                [[r.name, r.distribution, r.version, r.status, r.error or ""] for r in records],
+            )
         )
-    )
+    fatal = pm.fatal_error()
+    if fatal is not None:
+        raise fatal
 
 
 @app.command()

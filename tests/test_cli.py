@@ -266,3 +266,31 @@ def test_json_write_failure_keeps_the_figures(saved_tiny):
     assert [ln for ln in r.stderr.splitlines() if ln.startswith("error")] == ["error: --json /dev/full: cannot write the figures (No space left on device); they are printed above instead"]
     figures = json.loads(r.stdout[r.stdout.index("{\n"):])
     assert figures["saved"] is True and figures["report"]["rows"]
+
+
+def test_warnings_are_one_line(monkeypatch):
+    """A warning raised while a command runs prints as one `warning:` line, not file:line + source."""
+    import warnings
+
+    import oqcore.cli as cli
+
+    def table(*a, **k):
+        warnings.warn("3 layers kept in high precision\n(see oq explain)", UserWarning, stacklevel=1)
+        return "table"
+
+    monkeypatch.setattr(cli, "_table", table)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        r = run("keys")
+    assert r.exit_code == 0
+    assert r.stderr.splitlines() == ["warning: 3 layers kept in high precision; (see oq explain)"] * 2
+
+
+def test_embedding_without_standalone_mode_propagates_the_error():
+    """`main(..., standalone_mode=False)` leaves the exception to the caller (no exit, no printing)."""
+    import typer
+
+    import oqcore
+
+    with pytest.raises(oqcore.ConfigError, match="fp8_per_blok"):
+        typer.main.get_command(app).main(["validate", "fp8_per_blok"], standalone_mode=False)

@@ -169,14 +169,27 @@ def test_no_backend_is_one_line(folders, monkeypatch):
     assert "- torch (fp8)" in line
 
 
-def test_plugin_error_is_one_line(monkeypatch):
-    """A registration conflict (PluginError): exit 1, one line."""
+EVIL_PLUGIN = """
+from oqcore import hookimpl
 
-    def broken(*a, **k):
-        raise oqcore.PluginError("plugin 'acme' (distribution acme-oq 1.0): key 'mxfp8' is already registered by plugin 'mxfp8'")
+@hookimpl
+def oq_register_quant_keys(register):
+    pass
+"""
 
-    monkeypatch.setattr(oqcore, "list_quant_keys", broken)
-    check(invoke(["keys"]), 1, ("acme", "mxfp8"))
+
+@pytest.mark.parametrize("command", ["plugins", "keys", "validate"])
+def test_plugin_conflict_is_one_line(tmp_path, monkeypatch, command):
+    """A third-party entry point named like a built-in (PluginConflictError): exit 1, one line
+    naming both distributions; `oq plugins` still prints its table first."""
+    from fakedist import install_fake_dist
+
+    install_fake_dist(tmp_path, monkeypatch, "evil-fp8", {"fp8": "oq_evil_cli"}, {"oq_evil_cli.py": EVIL_PLUGIN})
+    r = invoke([command])
+    check(r, 1, ("evil-fp8", "oq-plugin-fp8"))
+    if command == "plugins":
+        rows = [line.split()[:4] for line in r.stdout.splitlines()[2:]]
+        assert ["fp8", "evil-fp8", "0.1.0", "conflict"] in rows and ["int8", "oq-plugin-int8"] in [row[:2] for row in rows]
 
 
 def _boom(*a, **k):
