@@ -179,6 +179,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: rich markup would eat [brackets] in the texts (ignore=[lm_head])
     help="oqcore: online quantization of PyTorch models.",
 )
 
@@ -195,7 +196,7 @@ def _root(
 OverridesArg = Annotated[
     Optional[list[str]],
     typer.Argument(
-        metavar="[CONFIG] [OVERRIDES]...",
+        metavar="[CONFIG] [KEY=VALUE]",
         help="Optional config (shorthand, key name or YAML/JSON file; same as --config), then dotted overrides: "
         "linear.activation=null moe=mxfp8 ignore=[lm_head] ...",
     ),
@@ -431,8 +432,8 @@ def explain(
 ) -> None:
     """Show, per layer, what the config does: scheme, backend, and why (no weights are read).
 
-    On a folder written by ``oq quantize --out`` (or ``oqcore.save_quantized``) it shows the saved
-    config and its plan.
+    On a folder written by oq quantize --out (or oqcore.save_quantized) it shows the saved config
+    and its plan.
     """
     import oqcore
     from oqcore.loading import build_meta_model, bundled_model_dir
@@ -465,7 +466,7 @@ def quantize(
 ) -> None:
     """Load a model, quantizing it while loading, and report sizes, time, memory and fidelity.
 
-    A folder written by ``--out`` is loaded back as saved (no re-quantizing, no fidelity check).
+    A folder written by --out is loaded back as saved (no re-quantizing, no fidelity check).
     """
     import torch
     from tqdm import tqdm
