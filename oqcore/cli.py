@@ -476,10 +476,11 @@ def quantize(
 
     config, overrides = _split_args(config, args)
     dev = _device(device)
-    _check_destination(out, "--out", folder=True)
-    _check_destination(json_file, "--json", folder=False)
     path = model if model is not None else bundled_model_dir()
     cfg, saved = resolve_config(path, config, overrides, interpolate)
+    # Destinations are checked before anything is loaded, so a bad one costs no time.
+    _check_destination(out, "--out", folder=True)
+    _check_destination(json_file, "--json", folder=False)
     if out is not None:
         _check_out(out, path)
     typer.echo(f"model: {path}")
@@ -508,18 +509,27 @@ def quantize(
         fid = compare(qmodel, reference_model(path, torch.bfloat16, dev), path)
         typer.echo(f"fidelity: {fid}")
         result["fidelity"] = fid.to_dict()
+    save_error: OqError | None = None
     if out is not None:
-        oqcore.save_quantized(qmodel, out)
-        typer.echo(f"saved: {out} (oqcore.load reads it back without re-quantizing)")
-        result["out"] = str(out)
+        try:
+            oqcore.save_quantized(qmodel, out)
+            typer.echo(f"saved: {out} (oqcore.load reads it back without re-quantizing)")
+            result["out"] = str(out)
+        except OqError as e:  # the figures are still written below before this is reported
+            save_error = e
     if json_file is not None:
         text = json.dumps(result, indent=2) + "\n"
         try:
             json_file.write_text(text)
+            typer.echo(f"figures written to {json_file}")
         except OSError as e:
             typer.echo(text, nl=False)  # the figures are not lost: they go to stdout instead
-            raise SaveError(f"--json {json_file}: cannot write the figures ({e.strerror or e}); they are printed above instead") from e
-        typer.echo(f"figures written to {json_file}")
+            json_error = SaveError(f"--json {json_file}: cannot write the figures ({e.strerror or e}); they are printed above instead")
+            if save_error is None:
+                raise json_error from e
+            typer.echo(f"error: {json_error}", err=True)  # both errors, one line each
+    if save_error is not None:
+        raise save_error
 
 
 _MIN_EXPERTS = 2  # every synthetic architecture routes each token to 2 experts

@@ -5,6 +5,7 @@ cases (exit status, one error line each) are in tests/battery/test_cli.py."""
 
 import json
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -266,6 +267,35 @@ def test_json_write_failure_keeps_the_figures(saved_tiny):
     assert [ln for ln in r.stderr.splitlines() if ln.startswith("error")] == ["error: --json /dev/full: cannot write the figures (No space left on device); they are printed above instead"]
     figures = json.loads(r.stdout[r.stdout.index("{\n"):])
     assert figures["saved"] is True and figures["report"]["rows"]
+
+
+@pytest.mark.parametrize("json_target", ["figures.json", "/dev/full"])
+def test_save_failure_after_the_work_keeps_the_figures(saved_tiny, monkeypatch, json_target):
+    """A SaveError at the very end (disk full while saving): the figures are still written (or, if
+    that fails too, printed), then one error line per failure, exit 1."""
+    import oqcore
+
+    _, tmp = saved_tiny
+
+    def full_disk(model, out):
+        raise oqcore.SaveError(f"cannot save to {out}: No space left on device")
+
+    monkeypatch.setattr(oqcore, "save_quantized", full_disk)
+    target = json_target if json_target.startswith("/") else str(tmp / json_target)
+    r = run("quantize", "--model", str(tmp / "q"), "--no-check", "--out", str(tmp / "q2"), "--json", target)
+    assert r.exit_code == 1
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error")]
+    if target == "/dev/full":
+        assert errors == [
+            "error: --json /dev/full: cannot write the figures (No space left on device); they are printed above instead",
+            f"error: cannot save to {tmp / 'q2'}: No space left on device",
+        ]
+        figures = json.loads(r.stdout[r.stdout.index("{\n"):])
+    else:
+        assert errors == [f"error: cannot save to {tmp / 'q2'}: No space left on device"]
+        figures = json.loads(Path(target).read_text())
+    assert figures["saved"] is True and "out" not in figures and figures["report"]["rows"]
+    assert not (tmp / "q2").exists()
 
 
 def test_warnings_are_one_line(monkeypatch):
