@@ -16,7 +16,6 @@ Everything here works on plain data (dicts, lists, strings, numbers) and raises
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -165,7 +164,7 @@ def apply_overrides(
     ``linear: mxfp8``) into a mapping, or returns it unchanged. Descending into anything that is not
     a mapping afterwards is a :class:`oqcore.ConfigError` naming the override.
     """
-    out = copy.deepcopy(dict(data))
+    out = _copy_tree(dict(data))
     for o in _override_list(overrides):
         parts, value = parse_override(o)
         node: dict[str, Any] = out
@@ -186,6 +185,18 @@ def apply_overrides(
             node = child
         node[parts[-1]] = value
     return out
+
+
+def _copy_tree(value: Any, _depth: int = 0) -> Any:
+    """Copy the dicts and lists of ``value`` (so overrides never touch the caller's data); other
+    objects (keys, specs, whatever a caller passed) are shared, never deep-copied."""
+    if _depth > 100:
+        raise ConfigError("the config is nested too deeply")
+    if isinstance(value, Mapping):
+        return {k: _copy_tree(v, _depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy_tree(v, _depth + 1) for v in value]
+    return value
 
 
 def _override_list(overrides: Any) -> list[Any]:

@@ -215,3 +215,21 @@ def test_no_backend_error_names_kind_weight_method_and_plugin(monkeypatch):
     with raises_naming(NoBackendError, "'layers.0.proj'", "linear layer", "weight key fp8_per_tensor_static", "method ", "plugin 'fp8'", "triton", "OQ_DISABLE_TRITON"):
         oqcore.plan(model, {"linear": "fp8_per_tensor_static", "backend": {"linear": "triton"}}, device="cpu")
     assert_unchanged(model, snap)
+
+
+def test_cyclic_config_is_a_config_error():
+    data: dict = {"linear": {}}
+    data["linear"]["weight"] = data
+    with raises_naming(ConfigError, "nested too deeply"):
+        QuantizationConfig.from_any(data, ["ignore=[lm_head]"])
+    with raises_naming(ConfigError, "linear.weight"):
+        QuantizationConfig.model_validate(data)
+
+
+def test_objects_that_cannot_be_copied_are_never_copied():
+    import threading
+
+    data = {"linear": "mxfp8", "lock": threading.Lock()}
+    with raises_naming(ConfigError, "unknown field 'lock'") as e:
+        QuantizationConfig.from_any(data, ["ignore=[lm_head]"])
+    assert e.value.field == "lock" and list(data) == ["linear", "lock"]
