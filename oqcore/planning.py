@@ -210,10 +210,12 @@ def plan(
     layers will run (default: the model's device, else CUDA if available, else CPU); it decides
     which backends are supported. Raises :class:`oqcore.ConfigError` for overlapping patterns, a
     target that cannot serve the layer it matches or that matches a module that cannot be
-    quantized, a device that does not exist,
+    quantized, a device that does not exist, a ``model`` that is not an ``nn.Module``,
     :class:`oqcore.UnsupportedLayerError` for shapes a method cannot handle, and
     :class:`oqcore.NoBackendError` when no backend can run a layer.
     """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"expected a torch.nn.Module to plan, got {type(model).__name__}", "model")
     config = QuantizationConfig.from_any(config)
     dev = resolve_device(device) if device is not None else _default_device(model)
     assert dev is not None

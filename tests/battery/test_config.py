@@ -233,3 +233,9 @@ def test_objects_that_cannot_be_copied_are_never_copied():
     with raises_naming(ConfigError, "unknown field 'lock'") as e:
         QuantizationConfig.from_any(data, ["ignore=[lm_head]"])
     assert e.value.field == "lock" and list(data) == ["linear", "lock"]
+
+
+def test_plan_of_something_that_is_not_a_module():
+    with raises_naming(ConfigError, "torch.nn.Module", "dict") as e:
+        oqcore.plan({"lin": nn.Linear(4, 4)}, "fp8_per_tensor")
+    assert e.value.field == "model"
