@@ -4,8 +4,6 @@ as it was, at the same address."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
@@ -13,7 +11,7 @@ from torch import nn
 
 import oqcore
 import toy_scheme
-from battery.test_quantize_inplace import FakeDevice, net
+from battery.tiny_models import FakeDevice, net
 from battery.util import assert_unchanged, raises_naming, snapshot
 from oqcore import CheckpointError, ConfigError, PluginError, UnsupportedLayerError
 from oqcore.loading.checkpoint import iter_checkpoint
@@ -66,10 +64,6 @@ def _generator_failing_after(n):
         return gen()
 
     return make
-
-
-class _Unhashable:
-    __hash__ = None
 
 
 # (weights from the good ones, error, culprits)
