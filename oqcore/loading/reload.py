@@ -236,11 +236,15 @@ class _Job:
         dropped and made again in the commit, so no high-precision copy is kept)."""
         staged: dict[str, nn.Module] = {}
         pending: dict[str, dict[str, torch.Tensor]] = {n: {} for n in self.touched_layers}
-        # model-named weights first (no conversion cost), then one group at a time; a plain
-        # checkpoint tensor of an unquantized parameter was fully checked in pass 1
-        batches = [lambda n=n: {n: incoming[n]} for n in self.direct] + [
-            lambda g=g: self._convert(g, incoming) for g in self.groups.values() if not self._plain_unquantized(g)
-        ]
+        # model-named weights first (no conversion cost), then one group at a time, the groups of
+        # one layer together (so converted high-precision tensors wait for one layer at most); a
+        # plain checkpoint tensor of an unquantized parameter was fully checked in pass 1
+        order = {name: i for i, name in enumerate(self.state.wrappers)}
+        groups = sorted(
+            (g for g in self.groups.values() if not self._plain_unquantized(g)),
+            key=lambda g: order.get(self.owner(g.target), -1),
+        )
+        batches = [lambda n=n: {n: incoming[n]} for n in self.direct] + [lambda g=g: self._convert(g, incoming) for g in groups]
         for batch in batches:
             for name, value in batch().items():
                 owner = self.owner(name)
