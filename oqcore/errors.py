@@ -63,7 +63,7 @@ class UnknownKeyError(ConfigError):
         close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         listing = ", ".join(valid) if valid else "(none registered: is a scheme plugin installed?)"
-        return cls(f"unknown {what} {name!r}{hint} Valid: {listing}", field)
+        return cls(f"unknown {what} {name!r}{hint}; valid: {listing}", field)
 
 
 class UnsupportedLayerError(OqError):
