@@ -117,3 +117,27 @@ def test_reference_quantizer_is_called_per_expert(monkeypatch):
     toy_scheme.register_toy()  # registers the spy as the toy's torch reference
     _moe_method().quantize_weight(torch.randn(3, 6, 8), "m.experts.down_proj")
     assert calls == [(6, 8)] * 3
+
+
+def test_flagged_quantizer_errors_follow_the_contract(flagged, monkeypatch):
+    """A ``ValueError`` of a flagged quantizer names the layer and the plugin; a bug is a PluginError."""
+    from oqcore import PluginError
+
+    reg = oqcore.get_registry()
+    fast = reg.quantizers[(TOY, "cpu")]
+    import dataclasses
+
+    def refuse(w, options):
+        raise ValueError("toy cpu kernel needs K <= 4")
+
+    reg.quantizers[(TOY, "cpu")] = dataclasses.replace(fast, quantize=refuse)
+    with pytest.raises(UnsupportedLayerError, match=r"^layer 'm.q_proj': .*plugin 'toy-flagged'.*K <= 4"):
+        oqcore.quantize_tensor(torch.randn(6, 8), TOY, backend="cpu", name="m.q_proj")
+
+    def crash(w, options):
+        raise RuntimeError("segfault avoided")
+
+    reg.quantizers[(TOY, "cpu")] = dataclasses.replace(fast, quantize=crash)
+    with pytest.raises(PluginError, match=r"^plugin 'toy-flagged': .*'m.q_proj'.*RuntimeError: segfault avoided") as e:
+        oqcore.quantize_tensor(torch.randn(6, 8), TOY, backend="cpu", name="m.q_proj")
+    assert isinstance(e.value.__cause__, RuntimeError)
