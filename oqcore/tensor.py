@@ -228,7 +228,8 @@ def _run_quantizer(q: Quantizer, w: torch.Tensor, opts: BaseModel | None, name: 
     key_name = reg.key_name(q.key)
     where = f"quantizer {key_name!r} (backend {q.backend!r}) of plugin {q.plugin!r}"
     try:
-        out = q.quantize(w, opts)
+        with torch.no_grad():  # not differentiable: a Parameter given in gets plain tensors out
+            out = q.quantize(w, opts)
     except OqError:
         raise
     except ValueError as e:

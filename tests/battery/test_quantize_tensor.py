@@ -168,3 +168,11 @@ def test_check_finite_skips_meta():
     require_finite(torch.empty(3, 4, device="meta"))
     with pytest.raises(UnsupportedLayerError, match="'m'"):
         check_finite(torch.tensor([[float("inf")]]), "m")
+
+
+@pytest.mark.parametrize("backend", [None, REFERENCE_BACKEND])
+def test_a_parameter_gives_plain_tensors(backend):
+    p = torch.nn.Parameter(torch.randn(32, 64))
+    qt = oqcore.quantize_tensor(p, "fp8_per_block_static", backend=backend)
+    assert not qt.qdata.requires_grad and not qt.scale.requires_grad
+    assert torch.equal(qt.qdata.view(torch.uint8), oqcore.quantize_tensor(p.detach(), "fp8_per_block_static").qdata.view(torch.uint8))
