@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from oqcore.errors import CheckpointError, OqError
+
 
 @dataclass
 class TargetGroup:
@@ -55,7 +57,16 @@ class TargetGroup:
         rule = deepcopy(self.rule)
         for key, pattern in zip(self.sources, self.source_patterns):
             rule.add_tensor(self.target, key, pattern, (lambda k=key: load(k)))
-        out = rule.convert(self.target, model=model, config=getattr(model, "config", None))
+        try:
+            out = rule.convert(self.target, model=model, config=getattr(model, "config", None))
+        except OqError:
+            raise
+        except Exception as e:  # transformers' conversion ops on tensors they cannot combine
+            shown = ", ".join(self.sources[:4]) + (" ..." if len(self.sources) > 4 else "")
+            raise CheckpointError(
+                f"checkpoint tensors {shown} cannot be converted into the model's {self.target!r} with "
+                f"transformers' {type(self.rule).__name__} ({type(e).__name__}: {e})"
+            ) from None
         return {name: (v[0] if isinstance(v, list) else v) for name, v in out.items()}
 
     def _fuse_in_place(
@@ -72,7 +83,8 @@ class TargetGroup:
         per_pattern = {p: [k for k, sp in zip(self.sources, self.source_patterns) if sp == p] for p in patterns}
         n_experts = len(per_pattern[patterns[0]])
         if any(len(v) != n_experts for v in per_pattern.values()):
-            raise ValueError(f"{self.target}: unequal expert counts per source pattern")
+            counts = ", ".join(f"{p!r}: {len(v)}" for p, v in per_pattern.items())
+            raise CheckpointError(f"{self.target!r}: the checkpoint has unequal expert counts per source pattern ({counts})")
         first_key = per_pattern[patterns[0]][0]
         if source_info is not None and load_into is not None:
             first_shape, dtype = source_info(first_key)
