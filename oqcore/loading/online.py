@@ -30,11 +30,11 @@ from oqcore.config import QuantizationConfig
 from oqcore.devices import resolve_device
 from oqcore.errors import CheckpointError, ConfigError
 from oqcore.loading.checkpoint import TensorReader, check_model_folder, checkpoint_entries
-from oqcore.loading.checks import check_against_model, check_expert_counts, check_quant_metadata
+from oqcore.loading.checks import check_against_model, check_quant_metadata
 from oqcore.loading.install import install_wrappers
 from oqcore.loading.memory import PeakRSS, release_free_memory, return_large_frees_to_os
 from oqcore.loading.meta import build_meta_model, read_model_config, resolve_model_dtype
-from oqcore.loading.names import NameMapper, TargetGroup, is_expert_fusion
+from oqcore.loading.names import NameMapper, is_expert_fusion
 from oqcore.loading.staging import StagingPool
 from oqcore.loading.state import LoadStats, OqState, tensor_bytes
 from oqcore.planning import plan
@@ -161,7 +161,8 @@ def load(
     checkpoint that already holds quantized tensors without declaring it in ``config.json`` is
     refused. Safe to call from several threads at once: a load changes no process-wide state
     except glibc's mmap threshold (see :func:`oqcore.loading.memory.return_large_frees_to_os`,
-    process-wide by design and harmless to other code).
+    process-wide by design and harmless to other code). The peak-memory figures in the report are
+    the process's: with loads running concurrently, each includes what the others hold.
 
     Returns the model in eval mode with ``model.oq_state`` set (see :func:`oqcore.report`).
     Raises :class:`oqcore.ConfigError` (a bad ``device``, ``dtype``, ``progress`` or config),
@@ -324,8 +325,3 @@ def _load_online(
         stats=stats,
     )
     return model
-
-
-def _check_expert_counts(model: nn.Module, groups: list[TargetGroup], path: Path) -> None:
-    """Kept for callers of the old name: see :func:`oqcore.loading.checks.check_expert_counts`."""
-    check_expert_counts(model, groups, path)

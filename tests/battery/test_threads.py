@@ -14,6 +14,7 @@ import shutil
 import threading
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -197,7 +198,8 @@ MODE_CASES = [
     ("explicit-float32", lambda: torch.zeros(2, dtype=torch.float32), torch.float32),
     ("explicit-cast", lambda: torch.arange(4).float(), torch.float32),
     ("explicit-to", lambda: torch.arange(4).to(torch.float32), torch.float32),
-    ("from-float32-tensor", lambda: torch.tensor(torch.zeros(2, dtype=torch.float32)), torch.float32),
+    ("from-float32-array", lambda: torch.tensor(np.zeros(2, dtype=np.float32)), torch.float32),
+    ("as-tensor-of-tensor", lambda: torch.as_tensor(torch.zeros(2, dtype=torch.float32)), torch.float32),
     ("like", lambda: torch.zeros_like(torch.zeros(2, dtype=torch.float64)), torch.float64),
     ("linear", lambda: torch.nn.Linear(3, 2).weight, torch.bfloat16),
 ]
