@@ -120,14 +120,14 @@ def find_prequantized(
     quant_extra = [k for k in unexpected if is_quant_name(k)]
 
     def sibling(name: str) -> str | None:
+        """A quantization tensor of the same module: its own scale (``weight`` -> ``weight_scale``)
+        first, else any other (``qweight`` -> ``qzeros``)."""
         prefix = name.rpartition(".")[0] + "."
         own = _last(name)
-        for k in quant_extra:
-            if k.startswith(prefix) and k != name:
-                rest = k[len(prefix) :]
-                if "." not in rest or rest.startswith(own):
-                    return rest
-        return None
+        rests = [k[len(prefix) :] for k in quant_extra if k.startswith(prefix) and k != name]
+        mine = [r for r in rests if r.startswith(own)]
+        others = [r for r in rests if "." not in r]
+        return (mine or others or [None])[0]
 
     def error(e: TensorEntry, what: str, sib: str | None) -> CheckpointError:
         with_ = f" with a {sib!r}" if sib else ""
