@@ -4,21 +4,35 @@ The folder holds ``model.safetensors`` (quantized weights and scales under the w
 everything else in high precision), the source ``config.json`` with a ``quantization_config``
 entry (``quant_method: "oqcore"``, the config, the format version) and the source folder's other
 small files (tokenizer, sentence-transformers metadata), so it is a complete model folder.
+
+Saves are atomic at folder level (:mod:`oqcore.atomic`): the folder is written as a hidden sibling,
+fsynced and renamed into place, swapping out an earlier export; a failed or killed save leaves the
+destination as it was. The source checkpoint is never written to, and a folder that is not an
+earlier export is never replaced.
+
+Loading checks the folder against what the saved config's methods produce (names, shapes and
+dtypes of every quantized tensor, derived by :mod:`oqcore.layer_tensors`) before reading any
+tensor, so a damaged or half-written folder is refused with a :class:`oqcore.CheckpointError`
+naming the file and tensor.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import struct
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from oqcore.atomic import stage, write_folder
 from oqcore.config import QuantizationConfig
-from oqcore.errors import CheckpointError, ConfigError
-from oqcore.loading.checkpoint import TensorReader, checkpoint_entries
+from oqcore.errors import CheckpointError, ConfigError, OqError, SaveError
+from oqcore.layer_tensors import TensorSpec, quantized_tensors
+from oqcore.loading.checkpoint import ST_DTYPES, TensorEntry, TensorReader, checkpoint_entries, checkpoint_files
 from oqcore.loading.install import install_wrappers
 from oqcore.loading.memory import PeakRSS
 from oqcore.loading.meta import build_meta_model, read_model_config
@@ -27,52 +41,340 @@ from oqcore.loading.state import LoadStats, OqState, get_state, tensor_bytes
 from oqcore.planning import plan
 
 FORMAT_VERSION = 1
+QUANT_METHOD = "oqcore"
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+_ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+_MAX_PROBLEMS = 8
+
+
+# ---- saving --------------------------------------------------------------------------------------
 
 
 def save_quantized(model: nn.Module, out: str | Path) -> Path:
     """Write ``model`` (from :func:`oqcore.load` / :func:`oqcore.quantize_`) to folder ``out``.
 
-    Shared storages (tied embeddings) are written once. Raises :class:`oqcore.OqError` for a model
-    oqcore did not produce, :class:`oqcore.CheckpointError` if the source ``config.json`` is unknown.
+    Writes ``model.safetensors`` (every quantized layer's tensors as its method leaves them, e.g.
+    ``weight`` fp8 ``[N, K]`` + ``weight_scale`` float32; everything else in the model's dtype;
+    tied weights once), ``config.json`` with ``quantization_config`` and the source folder's other
+    files. Returns ``out`` as an absolute path.
+
+    The write is atomic: a hidden sibling folder is written, fsynced and renamed into place. ``out``
+    may be a new path, an empty folder or an earlier oqcore export (replaced); anything else is
+    refused. Raises :class:`oqcore.SaveError` naming the path for: ``out`` being the model's source
+    checkpoint (or inside it, or containing it), a non-empty folder that is not an earlier export, a
+    file, a read-only or full disk, a model oqcore did not produce, tensors on the meta device, a
+    quantized layer whose tensors are not what its method produces. On any error ``out`` and the
+    source are exactly as before.
     """
-    from safetensors.torch import save_file
-
-    state = get_state(model)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, torch.Tensor] = {}
-    seen: set[tuple[int, int]] = set()
-    wrapper_buffers = {f"{n}.{b}" for n, w in state.wrappers.items() for b, _ in w.named_buffers(recurse=False)}
-    for name, t in model.state_dict().items():
-        if name in wrapper_buffers:  # backend repacks are rebuilt by the backend at load
-            continue
-        key = (t.untyped_storage().data_ptr(), t.storage_offset())
-        if key in seen:
-            continue
-        seen.add(key)
-        tensors[name] = t.detach().contiguous().cpu()
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "producer": "oqcore"})
-
+    try:
+        dest = Path(os.path.abspath(os.fspath(out)))
+    except TypeError:
+        raise SaveError(f"out must be a folder path (str or os.PathLike), got {type(out).__name__}") from None
+    try:
+        state = get_state(model)
+    except OqError as e:
+        raise SaveError(f"cannot save to {dest}: {e}") from None
+    if dest.is_symlink() and not dest.exists():
+        raise SaveError(f"cannot save to {dest}: it is a dangling symbolic link (to {os.readlink(dest)})")
+    dest = dest.resolve()  # a symlink to an earlier export: the export is what gets replaced
     if state.source is not None:
-        raw = read_model_config(state.source)
-        for f in state.source.iterdir():
-            if f.is_file() and f.name != "config.json" and not f.name.endswith(_SKIP_SUFFIXES):
-                shutil.copy2(f, out / f.name)
-            elif f.is_dir() and not (out / f.name).exists() and not any(f.rglob("*.safetensors")):
-                shutil.copytree(f, out / f.name)
+        _check_not_source(Path(state.source), dest)
+    tensors = _tensors_to_save(model, state, dest)
+    raw = _config_to_write(model, state, dest)
+    extras = _extra_files(Path(state.source), dest) if state.source is not None else []
+
+    def fill(tmp: Path) -> None:
+        write_safetensors(tmp / "model.safetensors", tensors, {"format": "pt", "producer": QUANT_METHOD})
+        stage("tensors_written")
+        for f in extras:
+            if f.is_dir():
+                shutil.copytree(f, tmp / f.name)
+            else:
+                shutil.copy2(f, tmp / f.name)
+        stage("files_copied")
+        _write_bytes(tmp / "config.json", (json.dumps(raw, indent=2) + "\n").encode())
+        stage("config_written")
+
+    return write_folder(dest, fill, replaceable=is_export)
+
+
+def is_export(folder: Path) -> bool:
+    """Whether ``folder`` holds a ``config.json`` written by :func:`save_quantized`
+    (``quantization_config.quant_method == "oqcore"``)."""
+    try:
+        raw = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    qc = raw.get("quantization_config") if isinstance(raw, dict) else None
+    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return a == b or os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_not_source(source: Path, dest: Path) -> None:
+    """Refuse a destination that is the source folder, inside it, or one of its ancestors (even
+    through another name: symlinks, bind mounts)."""
+    src = source.resolve()
+    if any(_same(p, dest) for p in (src, *src.parents)):
+        what = "the folder the model was loaded from" if _same(src, dest) else "a folder containing the source checkpoint"
+        raise SaveError(
+            f"cannot save to {dest}: it is {what} ({src}); saving would overwrite the source checkpoint. "
+            "Choose another folder"
+        )
+    if any(_same(p, src) for p in dest.parents):
+        raise SaveError(
+            f"cannot save to {dest}: it is inside the folder the model was loaded from ({src}); the source "
+            "checkpoint is never written to. Choose a folder outside it"
+        )
+
+
+def _tensors_to_save(model: nn.Module, state: OqState, dest: Path) -> dict[str, torch.Tensor]:
+    """Every tensor to write, by name, checked: quantized layers hold exactly what their method
+    produces, nothing is on the meta device, every dtype has a safetensors name."""
+    wrappers = state.wrappers
+    expected = quantized_tensors(wrappers)
+    for name, w in wrappers.items():
+        try:
+            current = model.get_submodule(name)
+        except AttributeError:
+            current = None
+        if current is not w:
+            raise SaveError(f"cannot save to {dest}: quantized layer {name!r} is no longer in the model as oqcore installed it")
+        have = {k: p for k, p in w._parameters.items() if p is not None}
+        problem = _layer_problem(have, expected[name], exact=True)
+        if problem or not getattr(w, "quantized", False):
+            raise SaveError(
+                f"cannot save to {dest}: layer {name!r} does not hold what {type(w.method).__name__} produces: "
+                f"{problem or 'it was never quantized'}"
+            )
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    seen: set[tuple] = set()
+    out: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        owner = param_owner(name, wrappers)
+        if owner is not None and name.rpartition(".")[2] not in expected[owner]:
+            continue  # a backend's repack (rebuilt by the backend at load)
+        if t.is_meta:
+            raise SaveError(f"cannot save to {dest}: tensor {name!r} is on the meta device (it holds no data)")
+        if t.dtype not in _ST_NAMES:
+            raise SaveError(f"cannot save to {dest}: tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
+        if t.numel():
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            if key in seen and name in tied:
+                continue  # a tied weight: transformers re-ties it at load
+            seen.add(key)
+        out[name] = t.detach()
+    return out
+
+
+def _config_to_write(model: nn.Module, state: OqState, dest: Path) -> dict:
+    if state.source is not None:
+        try:
+            raw = read_model_config(state.source)
+        except CheckpointError as e:
+            raise SaveError(f"cannot save to {dest}: the model's source folder is needed for its config.json: {e}") from None
+        if not isinstance(raw, dict):
+            raise SaveError(f"cannot save to {dest}: {Path(state.source) / 'config.json'} does not hold a JSON object")
     elif hasattr(model, "config") and hasattr(model.config, "to_dict"):
         raw = model.config.to_dict()
     else:
-        raise CheckpointError("cannot save: the model has no config.json source and no transformers config")
+        raise SaveError(f"cannot save to {dest}: the model has no source folder and no transformers config to write config.json from")
+    raw = dict(raw)
     raw["quantization_config"] = {
-        "quant_method": "oqcore",
+        "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,
         "config": state.config.to_dict(),
     }
     raw["dtype"] = str(state.dtype).removeprefix("torch.")
-    (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+    return raw
+
+
+def _extra_files(source: Path, dest: Path) -> list[Path]:
+    """The source folder's files and folders to copy along (tokenizer, sentence-transformers
+    modules): everything but weights and config.json."""
+    out = []
+    try:
+        for f in sorted(source.iterdir()):
+            if f.is_file():
+                if f.name != "config.json" and not f.name.endswith(_SKIP_SUFFIXES):
+                    out.append(f)
+            elif f.is_dir() and not any(f.rglob("*.safetensors")):
+                out.append(f)
+    except OSError as e:
+        raise SaveError(f"cannot save to {dest}: cannot list the source folder {source}: {e.strerror or e}") from None
     return out
+
+
+def _write_all(fd: int, buf: memoryview) -> None:
+    while buf:
+        n = os.write(fd, buf)
+        buf = buf[n:]
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        _write_all(fd, memoryview(data))
+    finally:
+        os.close(fd)
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write ``tensors`` (any device; copied to the CPU one at a time) as a safetensors file.
+
+    The format (https://github.com/huggingface/safetensors#format): an 8-byte little-endian header
+    length, the JSON header (``dtype``, ``shape``, ``data_offsets`` per tensor, padded with spaces to
+    a multiple of 8 bytes), then the bytes in header order. Streaming keeps the peak at one tensor,
+    not a second copy of the model; :class:`OSError` (full disk...) propagates.
+    """
+    header: dict[str, object] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        _write_all(fd, memoryview(struct.pack("<Q", len(hb)) + hb))
+        for i, t in enumerate(tensors.values()):
+            if t.numel():
+                data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+                _write_all(fd, memoryview(data.numpy()))
+                del data
+            if i == len(tensors) // 2:
+                stage("tensors_half")
+    finally:
+        os.close(fd)
+
+
+# ---- loading -------------------------------------------------------------------------------------
+
+
+def _saved_config(raw: object, cfg_file: Path) -> QuantizationConfig:
+    """The config saved in ``config.json``; :class:`oqcore.CheckpointError` naming the file and the
+    entry for anything missing or invalid."""
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{cfg_file}: must hold a JSON object, found {type(raw).__name__}")
+    qc = raw.get("quantization_config")
+    if not isinstance(qc, dict):
+        raise CheckpointError(f"{cfg_file}: quantization_config must be a JSON object, found {type(qc).__name__}")
+    if qc.get("quant_method") != QUANT_METHOD:
+        raise CheckpointError(
+            f"{cfg_file}: quantization_config.quant_method is {qc.get('quant_method')!r}, not {QUANT_METHOD!r}: "
+            "not a folder written by oqcore.save_quantized"
+        )
+    version = qc.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{cfg_file}: quantization_config.format_version is {version!r}; this oqcore reads format {FORMAT_VERSION}"
+        )
+    if "config" not in qc:
+        raise CheckpointError(f"{cfg_file}: quantization_config.config is missing (the config the folder was quantized with)")
+    if not isinstance(qc["config"], dict):
+        raise CheckpointError(f"{cfg_file}: quantization_config.config must be a JSON object, found {type(qc['config']).__name__}")
+    try:
+        return QuantizationConfig.model_validate(qc["config"])
+    except (ValueError, TypeError) as e:  # ConfigError is a ValueError
+        raise CheckpointError(f"{cfg_file}: quantization_config.config is not a valid oqcore config: {e}") from e
+
+
+def _layer_problem(have: dict[str, torch.Tensor | TensorEntry], want: dict[str, TensorSpec], exact: bool) -> str | None:
+    """What is wrong with one quantized layer's tensors, or ``None``."""
+    for k, spec in want.items():
+        if k not in have:
+            return f"missing tensor {k!r} ({spec.describe()})"
+    for k, t in have.items():
+        spec = want.get(k)
+        if spec is None:
+            return f"unexpected tensor {k!r}; the layer holds {', '.join(want) or 'nothing'}"
+        shape, dtype = tuple(t.shape), t.dtype
+        ok_dtype = dtype == spec.dtype or (not exact and spec.high_precision and dtype.is_floating_point)
+        if shape != spec.shape or not ok_dtype:
+            return f"tensor {k!r} is {str(dtype).removeprefix('torch.')} {list(shape)}, expected {spec.describe()}"
+    return None
+
+
+def _placeholder(model: nn.Module, name: str) -> torch.Tensor | None:
+    mod_name, _, attr = name.rpartition(".")
+    try:
+        module = model.get_submodule(mod_name) if mod_name else model
+    except AttributeError:
+        return None
+    if attr in module._parameters:
+        return module._parameters[attr]
+    return module._buffers.get(attr)
+
+
+def _check_saved_tensors(
+    model: nn.Module, wrappers: dict[str, nn.Module], expected: dict[str, dict[str, TensorSpec]], entries: list[TensorEntry], where: Path
+) -> None:
+    """Every tensor of the folder against the model and the quantized layers' specs, before any
+    tensor is read. One :class:`oqcore.CheckpointError` listing the problems (file and tensor)."""
+    problems: list[str] = []
+    per_layer: dict[str, dict[str, TensorEntry]] = {name: {} for name in wrappers}
+    present = set()
+    for e in entries:
+        present.add(e.name)
+        owner = param_owner(e.name, wrappers)
+        if owner is not None:
+            per_layer[owner][e.name.rpartition(".")[2]] = e
+            continue
+        old = _placeholder(model, e.name)
+        if old is None:
+            problems.append(f"{e.file}: unknown tensor {e.name!r} (the model has no parameter or buffer of that name)")
+        elif tuple(old.shape) != e.shape:
+            problems.append(f"{e.file}: tensor {e.name!r} has shape {list(e.shape)}, the model expects {list(old.shape)}")
+        elif old.is_floating_point() != e.dtype.is_floating_point:
+            problems.append(
+                f"{e.file}: tensor {e.name!r} is {str(e.dtype).removeprefix('torch.')}, the model expects "
+                f"{str(old.dtype).removeprefix('torch.')}"
+            )
+    for name, w in wrappers.items():
+        have = per_layer[name]
+        want = expected[name]
+        for k, spec in want.items():
+            if k not in have:
+                problems.append(f"{where}: missing tensor '{name}.{k}' ({spec.describe()}) of quantized layer {name!r}")
+        for k, e in have.items():
+            spec = want.get(k)
+            tname = f"{name}.{k}"
+            if spec is None:
+                problems.append(
+                    f"{e.file}: unexpected tensor {tname!r}: quantized layer {name!r} ({type(w.method).__name__}) "
+                    f"holds {', '.join(want) or 'nothing'}"
+                )
+                continue
+            ok_dtype = e.dtype == spec.dtype or (spec.high_precision and e.dtype.is_floating_point)
+            if e.shape != spec.shape or not ok_dtype:
+                hint = ""
+                layout = getattr(w, "layout", None)
+                if layout is not None and e.shape and spec.shape and e.shape[0] != spec.shape[0]:
+                    hint = f" ({e.shape[0]} experts, the layer has {spec.shape[0]})"
+                problems.append(
+                    f"{e.file}: tensor {tname!r} is {str(e.dtype).removeprefix('torch.')} {list(e.shape)}, quantized "
+                    f"layer {name!r} ({type(w.method).__name__}) expects {spec.describe()}{hint}"
+                )
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if param_owner(n, wrappers) is None and n not in present and n not in tied:
+            problems.append(f"{where}: missing tensor {n!r} ({str(p.dtype).removeprefix('torch.')} {list(p.shape)})")
+    if problems:
+        shown = "; ".join(problems[:_MAX_PROBLEMS])
+        more = f"; ... ({len(problems)} problems in all)" if len(problems) > _MAX_PROBLEMS else ""
+        raise CheckpointError(f"damaged oqcore export: {shown}{more}")
+
+
+def _checkpoint_label(path: Path) -> Path:
+    """The file to name for a missing tensor: the single file, or the shard index."""
+    files = checkpoint_files(path)
+    return files[0] if len(files) == 1 else path / "model.safetensors.index.json"
 
 
 def load_quantized(
@@ -86,30 +388,46 @@ def load_quantized(
     """Read a folder written by :func:`save_quantized` (called by :func:`oqcore.load`).
 
     ``config`` must be ``None`` or equal to the saved one: the weights are already quantized, so a
-    different config is a :class:`oqcore.ConfigError` telling the user to load the bf16 source instead.
+    different config is a :class:`oqcore.ConfigError` naming the folder and telling the user to load
+    the bf16 source instead. ``device``/``dtype``/``progress`` as for :func:`oqcore.load`.
+
+    Before any tensor is read, the folder is checked: ``config.json``'s ``quantization_config``
+    (present, right format version, a valid config that fits the model) and every tensor of the
+    safetensors file(s) against the model and against what each quantized layer's method produces
+    (names, shapes, dtypes; missing, extra, truncated). Any problem is a
+    :class:`oqcore.CheckpointError` naming the file and tensor; nothing half-built is returned.
     """
+    from oqcore.devices import resolve_device
+
     t0 = time.perf_counter()
     path = Path(path)
-    device = torch.device(device)
-    raw = read_model_config(path)
-    qc = raw["quantization_config"]
-    if qc.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path / 'config.json'}: oqcore format version {qc.get('format_version')!r}, this oqcore reads {FORMAT_VERSION}")
-    saved = QuantizationConfig.model_validate(qc["config"])
-    if config is not None and QuantizationConfig.from_any(config) != saved:
+    device = resolve_device(device)
+    cfg_file = path / "config.json"
+    saved = _saved_config(read_model_config(path), cfg_file)
+    # compared as written to disk: a shorthand and the linear/moe specs it expands to are the same config
+    if config is not None and QuantizationConfig.from_any(config).to_dict() != saved.to_dict():
         raise ConfigError(
             f"{path} is already quantized with {saved.to_dict()}; load it with config=None, or quantize the "
             "high-precision source with the new config"
         )
     stats = LoadStats()
     model = build_meta_model(path, dtype)
-    qplan = plan(model, saved, device=device)
+    try:
+        qplan = plan(model, saved, device=device)
+    except ConfigError as e:
+        raise CheckpointError(f"{cfg_file}: the saved quantization config does not fit the model: {e}") from e
+    wrappers = install_wrappers(model, qplan)
+    expected = quantized_tensors(wrappers)
+    entries = checkpoint_entries(path)
+    _check_saved_tensors(model, wrappers, expected, entries, _checkpoint_label(path))
     with PeakRSS() as mem:
-        wrappers = install_wrappers(model, qplan)
         for w in wrappers.values():
-            w._parameters.clear()  # the quantized tensors come from the file under their own names
-        entries = checkpoint_entries(path)
+            # drop only the meta high-precision placeholders: a ``bias=None`` entry must stay
+            for k in [k for k, p in w._parameters.items() if p is not None and p.is_meta]:
+                del w._parameters[k]
         total, done = sum(e.nbytes for e in entries), 0
+        if progress is not None:
+            progress(0, total)
         with TensorReader() as reader:
             for e in entries:
                 value = reader.read(e)
@@ -117,13 +435,15 @@ def load_quantized(
                 if owner is None:
                     assign_tensor(model, e.name, value, device)
                 else:
-                    wrappers[owner].register_parameter(e.name.rpartition(".")[2], nn.Parameter(value.to(device), requires_grad=False))
+                    attr = e.name.rpartition(".")[2]
+                    spec = expected[owner][attr]
+                    value = value.to(device=device, dtype=spec.dtype)
+                    wrappers[owner].register_parameter(attr, nn.Parameter(value, requires_grad=False))
+                del value
                 done += e.nbytes
                 if progress is not None:
                     progress(done, total)
-        for name, w in wrappers.items():
-            if not list(w.parameters(recurse=False)):
-                raise CheckpointError(f"{path}: no tensors for quantized layer {name!r}")
+        for w in wrappers.values():
             w.method._finish(w)
         stats.bytes_read = done
         finalize(model, device, wrappers, str(path))

@@ -1,0 +1,162 @@
+"""The tensors a quantized layer holds once its method has processed it, derived from the method.
+
+Nothing here is a table of schemes: a fresh copy of the wrapper (meta-device high-precision
+parameters, :func:`oqcore.modules.empty_like`) is put through its method's own
+``process_weights_after_loading`` on the meta device, with the ``torch`` reference quantizers and
+without the backend's ``prepare`` (backend repacks are rebuilt at load, never saved). The names,
+shapes and dtypes that come out are what a saved folder must hold for that layer, whatever plugin
+the method comes from. Layers of the same method and shapes are derived once.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from oqcore.errors import InternalError, OqError
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of a quantized layer: ``shape``, ``dtype``, and ``high_precision``: it is a
+    parameter the method keeps as loaded (a bias, in the model dtype), so any floating dtype in a
+    file is acceptable and is converted; every other tensor (qdata, scales) must match exactly."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    high_precision: bool
+
+    def describe(self) -> str:
+        """``"float8_e4m3fn [64, 160]"``."""
+        return f"{str(self.dtype).removeprefix('torch.')} {list(self.shape)}"
+
+
+class _ShapeOnly(torch.Tensor):
+    """A meta tensor whose truth value is ``True``.
+
+    Meta tensors have no values, so a method's NaN/Inf check (``bool(isfinite(...))``) cannot run
+    on them; every result of an op on this subclass is this subclass again, so such checks pass and
+    the quantization runs through for its shapes and dtypes.
+    """
+
+    def __bool__(self) -> bool:
+        return True
+
+
+def _signature(probe: nn.Module) -> tuple:
+    """What the derived tensors can depend on: the wrapper and method types, the method's state
+    (activation key, options...; not the backend) and the high-precision parameters' shapes."""
+    method = probe.method
+    state = tuple(sorted((k, repr(v)) for k, v in vars(method).items() if k != "backend"))
+    params = tuple((k, tuple(p.shape), p.dtype) for k, p in probe._parameters.items() if p is not None)
+    extra = (repr(getattr(probe, "layout", None)), getattr(probe, "params_dtype", None))
+    return (type(probe), type(method), state, params, extra)
+
+
+def _derive(wrapper: nn.Module, materialize, experts: int | None = None) -> dict[str, TensorSpec]:
+    """Run the method on a fresh probe of ``wrapper`` (with ``experts`` experts instead of the
+    layer's own count, if given) and describe the parameters it leaves."""
+    from oqcore.modules import empty_like
+
+    probe = empty_like(wrapper)
+    if experts is not None:
+        probe.layout = dataclasses.replace(probe.layout, num_experts=experts)
+        probe._parameters = {}
+        probe.method.create_weights(probe)
+    before = {k: (tuple(p.shape), p.dtype) for k, p in probe._parameters.items() if p is not None}
+    for k, p in list(probe._parameters.items()):
+        if p is not None:
+            probe._parameters[k] = nn.Parameter(materialize(p), requires_grad=False)
+    method = copy.copy(wrapper.method)
+    method.backend = dataclasses.replace(method.backend, prepare=None)
+    probe.method = method
+    method.process_weights_after_loading(probe)
+    out = {}
+    for k, p in probe._parameters.items():
+        if p is None:
+            continue
+        spec = (tuple(p.shape), p.dtype)
+        out[k] = TensorSpec(spec[0], spec[1], before.get(k) == spec)
+    return out
+
+
+def _extrapolate(a: dict[str, TensorSpec], b: dict[str, TensorSpec], experts: int) -> dict[str, TensorSpec] | None:
+    """The specs for ``experts`` experts from those for 2 (``a``) and 3 (``b``): a dim that is 2 in
+    ``a`` and 3 in ``b`` is the expert dim, every other dim must be equal. ``None`` if the two do
+    not fit that pattern (the caller then derives with the real count)."""
+    if a.keys() != b.keys():
+        return None
+    out = {}
+    for k, sa in a.items():
+        sb = b[k]
+        if sa.dtype != sb.dtype or sa.high_precision != sb.high_precision or len(sa.shape) != len(sb.shape):
+            return None
+        shape = []
+        for da, db in zip(sa.shape, sb.shape):
+            if da == db:
+                shape.append(da)
+            elif (da, db) == (2, 3):
+                shape.append(experts)
+            else:
+                return None
+        out[k] = TensorSpec(tuple(shape), sa.dtype, sa.high_precision)
+    return out
+
+
+def _derive_any(wrapper: nn.Module, materialize) -> dict[str, TensorSpec]:
+    """:func:`_derive`, for a fused-experts layer of many experts from probes of 2 and 3 experts
+    (its method quantizes expert by expert on the meta device: cost grows with the count)."""
+    layout = getattr(wrapper, "layout", None)
+    experts = getattr(layout, "num_experts", None)
+    if dataclasses.is_dataclass(layout) and isinstance(experts, int) and experts > 5:
+        try:
+            specs = _extrapolate(_derive(wrapper, materialize, 2), _derive(wrapper, materialize, 3), experts)
+        except Exception:
+            specs = None
+        if specs is not None:
+            return specs
+    return _derive(wrapper, materialize)
+
+
+def _on_meta(p: torch.Tensor) -> torch.Tensor:
+    return torch.empty(p.shape, dtype=p.dtype, device="meta").as_subclass(_ShapeOnly)
+
+
+def _on_cpu(p: torch.Tensor) -> torch.Tensor:
+    return torch.ones(p.shape, dtype=p.dtype)
+
+
+def quantized_tensors(wrappers: dict[str, nn.Module]) -> dict[str, dict[str, TensorSpec]]:
+    """``{layer name: {parameter name: TensorSpec}}`` for every quantized wrapper (a
+    :class:`oqcore.modules.QuantizedLinear` / :class:`~oqcore.modules.QuantizedMoE` whose method
+    is set; its current parameters are not read or changed).
+
+    Derived on the meta device; a method whose quantizer cannot run on meta tensors (it reads
+    values, e.g. ``.item()``) is derived once on a CPU tensor of ones of the layer's shape instead.
+    Raises :class:`oqcore.InternalError` naming the layer and method if neither works.
+    """
+    from oqcore.modules import empty_like
+
+    cache: dict[tuple, dict[str, TensorSpec]] = {}
+    out = {}
+    for name, w in wrappers.items():
+        key = _signature(empty_like(w))
+        if key not in cache:
+            try:
+                cache[key] = _derive_any(w, _on_meta)
+            except Exception:
+                try:
+                    cache[key] = _derive(w, _on_cpu)
+                except OqError:
+                    raise
+                except Exception as e:
+                    raise InternalError(
+                        f"layer {name!r}: cannot tell which tensors {type(w.method).__name__} leaves after "
+                        f"quantizing ({type(e).__name__}: {e})"
+                    ) from e
+        out[name] = cache[key]
+    return out
