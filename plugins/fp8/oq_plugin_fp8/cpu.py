@@ -780,6 +780,22 @@ def _scratch_for(numel: int, dtype: torch.dtype) -> torch.Tensor:
 def fp8_linear(
     x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, kind: int, gr: int, gc: int, ld: int
 ) -> torch.Tensor:
+    """:func:`fp8_linear_eager`; under ``torch.compile`` as the opaque op ``oq_fp8::linear``.
+
+    Dynamo cannot trace the ctypes call, and at the graph break it frees tensors whose
+    ``data_ptr()`` the call still needs (wrong results, see :mod:`oq_plugin_fp8.ops`): the op runs
+    the same function with live tensors and no graph break. Same arguments and result.
+    """
+    if torch.compiler.is_compiling():
+        from oq_plugin_fp8 import ops
+
+        return ops.linear(x, q, scale, kind, gr, gc, ld)
+    return fp8_linear_eager(x, q, scale, kind, gr, gc, ld)
+
+
+def fp8_linear_eager(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, kind: int, gr: int, gc: int, ld: int
+) -> torch.Tensor:
     """``y[m, n] = sum_k x[m, k] * fp8(q[n, k]) * s[(n // gr) * ld + k // gc]`` on the CPU.
 
     - ``x``: ``[M, K]`` activations (bf16, fp16 or float32), CPU.

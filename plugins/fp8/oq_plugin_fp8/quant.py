@@ -114,12 +114,36 @@ def _to_grid(scale: torch.Tensor, g: Grouping) -> torch.Tensor:
     return scale.unsqueeze(-1) if g.tensor_scale else scale
 
 
+def partial_groups(shape: torch.Size, g: Grouping) -> bool:
+    """True when a fixed-size group of ``g`` does not tile the last two dims of ``shape`` (partial
+    edge groups: 128x128 blocks or 1x128 groups on a dim that is not a multiple of 128)."""
+    return (g.rows > 1 and shape[-2] % g.rows != 0) or (g.cols > 1 and shape[-1] % g.cols != 0)
+
+
+def _opaque_under_compile(shape: torch.Size, g: Grouping) -> bool:
+    # Inductor's C++ loop split drops the tail of a loop indexed by k // 128 when K % 128 != 0
+    # (uninitialized output: NaN/garbage); such shapes run as an opaque op (oq_plugin_fp8.ops).
+    return len(shape) >= 2 and torch.compiler.is_compiling() and partial_groups(shape, g)
+
+
 def quantize_grouped(w: torch.Tensor, g: Grouping) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``w [..., R, C]`` (any float dtype; upcast to float32) with one scale per group.
 
     Returns ``(qdata float8_e4m3fn [..., R, C], scale float32)`` with the scale layout of the
-    module docstring. Formula: compressed-tensors ``calculate_qparams`` + ``_quantize``.
+    module docstring. Formula: compressed-tensors ``calculate_qparams`` + ``_quantize``. Under
+    ``torch.compile``, shapes with partial groups run this same function as the opaque op
+    ``oq_fp8::quantize_grouped`` (see :mod:`oq_plugin_fp8.ops`). Raises ``ValueError`` for fewer
+    than 2 dims.
     """
+    if _opaque_under_compile(w.shape, g):
+        from oq_plugin_fp8 import ops
+
+        return ops.quantize_grouped(w, g.rows, g.cols, g.tensor_scale)
+    return quantize_grouped_eager(w, g)
+
+
+def quantize_grouped_eager(w: torch.Tensor, g: Grouping) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_grouped` without the compile dispatch (the reference math itself)."""
     if w.dim() < 2:
         raise ValueError(f"expected at least a 2D tensor, got shape {tuple(w.shape)}")
     w = w.float()
@@ -133,7 +157,21 @@ def quantize_grouped(w: torch.Tensor, g: Grouping) -> tuple[torch.Tensor, torch.
 
 
 def dequantize_grouped(qdata: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, g: Grouping) -> torch.Tensor:
-    """``qdata.float() * scale`` broadcast over the groups, cast to ``dtype``: ``[..., R, C]``."""
+    """``qdata.float() * scale`` broadcast over the groups, cast to ``dtype``: ``[..., R, C]``.
+
+    ``qdata`` float8_e4m3fn ``[..., R, C]``, ``scale`` float32 in the layout of the module
+    docstring. Under ``torch.compile``, shapes with partial groups run as the opaque op
+    ``oq_fp8::dequantize_grouped`` (same function; see :mod:`oq_plugin_fp8.ops`).
+    """
+    if _opaque_under_compile(qdata.shape, g):
+        from oq_plugin_fp8 import ops
+
+        return ops.dequantize_grouped(qdata, scale, dtype, g.rows, g.cols, g.tensor_scale)
+    return dequantize_grouped_eager(qdata, scale, dtype, g)
+
+
+def dequantize_grouped_eager(qdata: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, g: Grouping) -> torch.Tensor:
+    """:func:`dequantize_grouped` without the compile dispatch."""
     s = expand_scale(_to_grid(scale, g).float(), qdata.shape, g)
     return (qdata.float() * s).to(dtype)
 

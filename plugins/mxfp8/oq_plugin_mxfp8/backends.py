@@ -87,8 +87,10 @@ def _cpu_supported(layer: torch.nn.Module, device: torch.device) -> tuple[bool, 
 def _cpu_linear(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     from oq_plugin_fp8 import cpu  # the same e4m3 elements: one kernel, owned by oq-plugin-fp8
 
-    # scale [N, K/32] e8m0 bytes, read as they are (no float32 copy: 1/32 byte per weight)
-    s = scale.contiguous().view(torch.uint8)
+    # scale [N, K/32] e8m0 bytes, read as they are (no float32 copy: 1/32 byte per weight). No
+    # .view(torch.uint8) here: under torch.compile an in-graph view of a float8_e8m0fnu tensor
+    # makes inductor's C++ backend fail (KeyError: torch.float8_e8m0fnu); the kernel reads bytes.
+    s = scale.contiguous()
     return cpu.fp8_linear(x2, q, s, cpu.SCALE_E8M0, 1, 32, s.shape[-1])
 
 

@@ -162,8 +162,15 @@ def dequantize_mxfp8(
 
     ``qdata`` float8_e4m3fn ``[..., K]``; ``scale`` float8_e8m0fnu (or its uint8 bytes) ``[..., K/32]``.
     Byte 0 means ``2**-126`` (see :func:`exponent_to_scale`), 255 NaN. Computed in float32.
+    Under ``torch.compile`` the bytes are decoded by the op ``oq_mxfp8::e8m0_to_float32`` (same
+    integer math; inductor cannot read e8m0 tensors on the CPU, see :mod:`oq_plugin_mxfp8.ops`).
     """
     shape = qdata.shape
-    s = exponent_to_scale(scale.view(torch.uint8))
+    if torch.compiler.is_compiling():
+        from oq_plugin_mxfp8 import ops
+
+        s = ops.e8m0_to_float32(scale.view(torch.uint8))
+    else:
+        s = exponent_to_scale(scale.view(torch.uint8))
     x = qdata.to(torch.float32).reshape(*shape[:-1], shape[-1] // MX_BLOCK, MX_BLOCK) * s.unsqueeze(-1)
     return x.reshape(shape).to(dtype)
