@@ -21,7 +21,7 @@ from functools import partial
 import torch
 
 from oqcore import Backend
-from oqcore.triton_support import triton_support
+from oqcore.triton_support import guard_driver, triton_support
 
 from oq_plugin_fp8 import keys as k
 
@@ -234,7 +234,7 @@ def cpu_forward_moe(method, layer, x: torch.Tensor, topk_ids: torch.Tensor, topk
 
 
 def _triton_supported(capability, layer, device):
-    return triton_support(device, capability)
+    return triton_support(device, capability, kernel_package="oq_plugin_fp8.kernels")
 
 
 def candidates(kind: str, weight_key) -> list[Backend]:
@@ -260,7 +260,7 @@ def candidates(kind: str, weight_key) -> list[Backend]:
                 activation_key=act,
                 is_supported=partial(_triton_supported, cap),
                 priority=100,
-                forward=linear_triton_forward if kind == "linear" else moe_triton_forward,
+                forward=guard_driver(linear_triton_forward if kind == "linear" else moe_triton_forward),
                 description=(
                     f"fp8 {label} Triton "
                     + ("scaled GEMM" if kind == "linear" else "fused MoE grouped GEMM")

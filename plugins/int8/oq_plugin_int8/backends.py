@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from oqcore import Backend, always_supported
-from oqcore.triton_support import triton_support
+from oqcore.triton_support import guard_driver, triton_support
 from oq_plugin_int8.keys import kInt8DynamicTokenSym
 
 TRITON_MIN_CAPABILITY = (8, 0)
@@ -123,7 +123,7 @@ def _cpu_int8_forward_moe(method, layer: torch.nn.Module, x: torch.Tensor, topk_
 
 
 def _triton_supported(layer: torch.nn.Module, device: torch.device) -> tuple[bool, str]:
-    return triton_support(device, TRITON_MIN_CAPABILITY)
+    return triton_support(device, TRITON_MIN_CAPABILITY, kernel_package="oq_plugin_int8.kernels")
 
 
 def _triton_quantize_act(x: torch.Tensor):
@@ -196,7 +196,7 @@ def candidates(kind: str) -> list[Backend]:
                 description=(
                     f"Triton {'W8A16' if act is None else 'W8A8'} int8 GEMM" if linear else f"Triton fused-MoE int8 grouped GEMM ({what})"
                 ),
-                forward=_triton_forward_linear if linear else _triton_forward_moe,
+                forward=guard_driver(_triton_forward_linear if linear else _triton_forward_moe),
             )
         )
     out.append(

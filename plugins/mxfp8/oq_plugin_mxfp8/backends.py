@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from oqcore import Backend, always_supported
-from oqcore.triton_support import triton_support
+from oqcore.triton_support import guard_driver, triton_support
 from oq_plugin_mxfp8.keys import kMxfp8Dynamic
 
 TRITON_MIN_CAPABILITY = (8, 9)
@@ -28,7 +28,7 @@ to the float32 partial products, not the native block-scaled MX dots of sm_100):
 
 
 def _triton_supported(layer: torch.nn.Module, device: torch.device) -> tuple[bool, str]:
-    ok, why = triton_support(device, TRITON_MIN_CAPABILITY)
+    ok, why = triton_support(device, TRITON_MIN_CAPABILITY, kernel_package="oq_plugin_mxfp8.kernels")
     what = "float8_e4m3fn tl.dot with per-32 e8m0 scales in the K loop (needs sm_89+)"
     return ok, f"{why}; {what}"
 
@@ -131,7 +131,7 @@ def candidates(kind: str) -> list[Backend]:
     activation ``None`` (W8A16) and ``mxfp8`` (W8A8), and cpu (W8A16 only)."""
     if kind not in ("linear", "moe"):
         return []
-    forward = _triton_forward_linear if kind == "linear" else _triton_forward_moe
+    forward = guard_driver(_triton_forward_linear if kind == "linear" else _triton_forward_moe)
     out = []
     for act in (None, kMxfp8Dynamic):
         mode = "W8A8 (mxfp8 activations)" if act is not None else "W8A16 (activations in the model dtype)"
