@@ -35,7 +35,7 @@ from oqcore.keys import GroupShape, KeyInfo, QuantKey, Role, ScaleDesc
 from oqcore.methods import NoOptions, OnlineLinearMethodBase, OnlineMethodBase, OnlineMoEMethodBase
 from oqcore.oracle import Backend, BackendChoice, Candidate, always_supported, select_backend
 from oqcore.planning import LayerPlan, QuantPlan, plan
-from oqcore.plugins import get_plugin_manager, get_registry
+from oqcore.plugins import PluginWarning, get_plugin_manager, get_registry
 from oqcore.tensor import QuantizedTensor, quantize_tensor
 from oqcore.loading.online import load
 from oqcore.loading.inplace import quantize_
@@ -101,6 +101,7 @@ __all__ = [
     "OqError",
     "PluginConflictError",
     "PluginError",
+    "PluginWarning",
     "QuantKey",
     "QuantPlan",
     "QuantSpec",
