@@ -48,7 +48,7 @@ def driver_status() -> tuple[bool, str]:
 
         target = driver.active.get_current_target()
     except Exception as e:  # RuntimeError("0 active drivers ..."), a driver library that fails to load
-        return False, f"Triton has no usable GPU driver ({type(e).__name__}: {e})"
+        return False, f"Triton has no usable GPU driver ({type(e).__name__}: {' '.join(str(e).split())})"
     return True, f"Triton driver {getattr(target, 'backend', type(target).__name__)}"
 
 
