@@ -7,8 +7,9 @@ even ``scale.view(torch.uint8)`` compiles to a kernel taking an e8m0 pointer, an
 fails with ``KeyError: torch.float8_e8m0fnu`` (the dtype has no C++ type there). Handed to an opaque
 op, the ``uint8`` view of the scale is a reinterpretation of the buffer (no kernel reads e8m0), for
 a weight's scale as for the activation scale a fake-quantization produces inside the graph; the op's
-output is float32 (1/32 of the weight's elements) and the rest of the dequantization stays fused. Exact: the same integer bit
-operations as eager. Imported only while Dynamo traces (``torch.compiler.is_compiling()``).
+output is float32 (1/32 of the weight's elements) and the rest of the dequantization stays fused.
+Exact: the same integer bit operations as eager. Imported only while Dynamo traces
+(``torch.compiler.is_compiling()``).
 """
 
 from __future__ import annotations
