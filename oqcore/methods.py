@@ -184,7 +184,9 @@ class OnlineLinearMethodBase(OnlineMethodBase):
 
     def reference_forward(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Emulation on any device: exactly the numbers a W8A8/W8A16 kernel with float32
-        accumulation computes, up to summation order."""
+        accumulation computes, up to summation order. Traces under ``torch.compile`` as one graph
+        (no graph break) whose results equal eager's; quantizers whose math inductor would
+        miscompile run there as opaque custom ops (e.g. ``oq_fp8::dequantize_grouped``)."""
         shape = x.shape
         x2 = self.fake_quantize_activation(x.reshape(-1, shape[-1])).float()
         w = self.dequantize_weight(layer.weight, layer.weight_scale, torch.float32)
@@ -261,7 +263,11 @@ class OnlineMoEMethodBase(OnlineMethodBase):
         self, layer: torch.nn.Module, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     ) -> torch.Tensor:
         """Per-expert loop (as transformers' eager experts): gate-up, the layer's gate function,
-        down, weighted sum over the top-k. float32 inside, ``x.dtype`` out."""
+        down, weighted sum over the top-k. float32 inside, ``x.dtype`` out.
+
+        Under ``torch.compile`` the loop over the experts that received tokens is data dependent:
+        Dynamo breaks the graph there (``tolist``, ``where``) and compiles the per-expert body, which
+        gives the eager numbers; ``fullgraph=True`` is not possible for MoE layers."""
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for e in torch.unique(topk_ids).tolist():
             if not 0 <= e < layer.layout.num_experts:
