@@ -185,8 +185,8 @@ class OnlineLinearMethodBase(OnlineMethodBase):
     def reference_forward(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Emulation on any device: exactly the numbers a W8A8/W8A16 kernel with float32
         accumulation computes, up to summation order. Traces under ``torch.compile`` as one graph
-        (no graph break) whose results equal eager's; quantizers whose math inductor would
-        miscompile run there as opaque custom ops (e.g. ``oq_fp8::dequantize_grouped``)."""
+        (no graph break) whose results equal eager's (a plugin's quantizers run there as
+        opaque ``torch.library`` custom ops where inductor would miscompile them)."""
         shape = x.shape
         x2 = self.fake_quantize_activation(x.reshape(-1, shape[-1])).float()
         w = self.dequantize_weight(layer.weight, layer.weight_scale, torch.float32)
