@@ -254,6 +254,16 @@ class QuantSpec(_OqModel):
     def __str__(self) -> str:
         return spec_str(self.to_dict())
 
+    # pydantic compares field values only, but an omitted activation (the method's default) and an
+    # explicit null (weight-only) are different specs.
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, QuantSpec):
+            return NotImplemented
+        return super().__eq__(other) and self.activation_given == other.activation_given
+
+    def __hash__(self) -> int:
+        return hash((self.weight, self.activation, self.activation_given, json.dumps(self.options, sort_keys=True, default=str)))
+
 
 def spec_str(spec: Any) -> str:
     """vLLM's text for a spec: the weight name alone when only ``weight`` is set, else compact JSON.

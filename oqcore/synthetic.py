@@ -37,13 +37,15 @@ def make_tiny_moe(
 
     Sizes are in elements; ``num_experts`` overrides the default 4. The weights are transformers'
     own random init under ``torch.manual_seed(seed)``, so the same arguments give the same bytes.
-    Raises ``ValueError`` for an unknown ``arch``.
+    Raises :class:`oqcore.UnknownKeyError` (a ``ValueError`` too) for an unknown ``arch``.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
+        from oqcore.errors import UnknownKeyError
+
+        raise UnknownKeyError.for_name(arch, ARCHS, what="architecture", field="arch")
     extra = dict(ARCHS[arch])
     if num_experts is not None:
         extra["num_local_experts" if "num_local_experts" in extra else "num_experts"] = num_experts

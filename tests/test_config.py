@@ -344,3 +344,12 @@ def test_backend_pin_checked_at_validation_against_the_configured_weight_keys():
     assert QuantizationConfig(targets={"re:.*proj": "toy_int4"}, backend={"moe": "toy-fast"}).backend == {"moe": "toy-fast"}
     with pytest.raises(ConfigError, match="^backend.linear: the config quantizes no linear layers"):
         QuantizationConfig(scheme="toy_moe_only", backend={"linear": "torch"})
+
+
+def test_omitted_and_null_activation_are_different_specs():
+    """An omitted activation means the method's default, an explicit null weight-only: not equal."""
+    default = QuantizationConfig.from_any("fp8_per_block")
+    weight_only = QuantizationConfig.from_any("fp8_per_block", ["linear.activation=null"])
+    assert default != weight_only
+    assert default == QuantizationConfig.from_any("fp8_per_block")
+    assert len({default.linear, weight_only.linear, QuantizationConfig.from_any("fp8_per_block").linear}) == 2
