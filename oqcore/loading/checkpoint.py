@@ -52,6 +52,8 @@ ST_DTYPES: dict[str, torch.dtype] = {
     "F8_E8M0": torch.float8_e8m0fnu,
 }
 ST_TAGS: dict[torch.dtype, str] = {v: k for k, v in ST_DTYPES.items()}
+FLOAT8_TAGS = frozenset({"F8_E4M3", "F8_E5M2", "F8_E8M0"})
+"""The 8-bit float storage tags: no high-precision checkpoint holds such a tensor."""
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 """The safetensors library's own limit on the JSON header."""
 INDEX_NAME = "model.safetensors.index.json"
@@ -76,6 +78,11 @@ class TensorEntry:
         for d in self.shape:
             n *= d
         return n
+
+    @property
+    def is_float8(self) -> bool:
+        """Whether the tensor is stored as an 8-bit float (:data:`FLOAT8_TAGS`)."""
+        return self.tag in FLOAT8_TAGS
 
     @property
     def tag(self) -> str:

@@ -38,7 +38,6 @@ QUANT_NAMES = frozenset(
     }
 )  # fmt: skip
 QUANT_SUFFIXES = ("_weight_scale", "_scale_inv", "_input_scale", "_blocks", "_scales", "_weight_packed", "_zero_point")
-_FP8 = {torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e8m0fnu}
 
 
 def check_quant_metadata(path: Path, raw: dict) -> None:
@@ -133,7 +132,7 @@ def find_prequantized(
         with_ = f" with a {sib!r}" if sib else ""
         return CheckpointError(f"{e.file} holds {what} {e.name!r}{with_}: {NOT_SUPPORTED}")
 
-    fp8 = [e for e in entries.values() if e.dtype in _FP8]
+    fp8 = [e for e in entries.values() if e.is_float8]
     if fp8:
         # the most telling one: a weight (not itself a scale) with its scale beside it
         fp8.sort(key=lambda e: (is_quant_name(e.name), sibling(e.name) is None))
