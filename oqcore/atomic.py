@@ -21,12 +21,17 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
+import functools
 import os
 import secrets
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no locks, so leftovers are never deleted
+    fcntl = None
 
 from oqcore.errors import SaveError
 
@@ -46,16 +51,23 @@ def stage(name: str) -> None:
         _STAGE_HOOK(name)
 
 
+@functools.cache
+def _renameat2_fn():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError, TypeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
 def _renameat2(src: Path, dst: Path, flags: int) -> bool:
     """``renameat2(src, dst, flags)``; ``False`` when the C library, kernel or file system does not
     support the call or flag (the caller falls back), :class:`OSError` for a real failure."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
+    fn = _renameat2_fn()
+    if fn is None:
         return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    fn.restype = ctypes.c_int
     if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
         return True
     err = ctypes.get_errno()
@@ -90,6 +102,8 @@ def fsync_tree(root: Path) -> None:
 def _lock(folder: Path) -> int | None:
     """An fd holding an exclusive non-blocking ``flock`` on ``folder``; ``None`` if another process
     holds it. Raises :class:`OSError` when the folder cannot be opened or locks are unsupported."""
+    if fcntl is None:
+        raise OSError(errno.ENOTSUP, "file locks are not supported here", str(folder))
     fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -177,7 +191,10 @@ def write_folder(dest: Path, fill: Callable[[Path], None], *, replaceable: Calla
             os.mkdir(tmp, 0o755)
         except OSError as e:
             raise _fail(dest, e, "cannot create the temporary folder") from None
-        lock = _lock(tmp)
+        try:
+            lock = _lock(tmp)
+        except OSError:
+            lock = None  # no locks here: clean_stale then never deletes this folder
         stage("temp_created")
         try:
             fill(tmp)
@@ -196,12 +213,22 @@ def write_folder(dest: Path, fill: Callable[[Path], None], *, replaceable: Calla
         if lock is not None:
             os.close(lock)
         raise
-    os.close(lock)
+    if lock is not None:
+        os.close(lock)
     stage("swapped")
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)  # if this fails, the next write's clean_stale retries
     clean_stale(dest)  # an ``oq-old`` left by a write killed in the two-rename window: now replaced
     return dest
+
+
+def _durable(parent: Path, undo: Callable[[], object]) -> None:
+    """fsync ``parent`` after a rename in it; on failure run ``undo`` and re-raise."""
+    try:
+        fsync_path(parent)
+    except OSError:
+        undo()
+        raise
 
 
 def _make_parents(parent: Path, dest: Path) -> list[Path]:
@@ -233,11 +260,14 @@ def _make_parents(parent: Path, dest: Path) -> list[Path]:
 
 
 def _swap_in(tmp: Path, dest: Path) -> Path | None:
-    """Put ``tmp`` at ``dest``; returns where the replaced folder now is (to delete), or ``None``."""
+    """Put ``tmp`` at ``dest``; returns where the replaced folder now is (to delete), or ``None``.
+
+    If the parent folder cannot be fsynced after the swap (the new entry would not be durable), the
+    swap is undone before the error is reported: a failure always leaves ``dest`` as it was."""
     try:
         if dest.is_dir():
             if exchange(tmp, dest):
-                fsync_path(dest.parent)
+                _durable(dest.parent, undo=lambda: exchange(tmp, dest))
                 return tmp
             old = dest.parent / f"{_prefix(dest)}{OLD_TAG}{secrets.token_hex(4)}"
             os.rename(dest, old)
@@ -247,11 +277,11 @@ def _swap_in(tmp: Path, dest: Path) -> Path | None:
             except OSError:
                 os.rename(old, dest)  # put the earlier folder back before reporting
                 raise
-            fsync_path(dest.parent)
+            _durable(dest.parent, undo=lambda: (os.rename(dest, tmp), os.rename(old, dest)))
             return old
         if not _renameat2(tmp, dest, _RENAME_NOREPLACE):
             os.rename(tmp, dest)
-        fsync_path(dest.parent)
+        _durable(dest.parent, undo=lambda: os.rename(dest, tmp))
         return None
     except OSError as e:
         if e.errno == errno.EEXIST or e.errno == errno.ENOTEMPTY:

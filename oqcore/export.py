@@ -42,7 +42,10 @@ from oqcore.planning import plan
 
 FORMAT_VERSION = 1
 QUANT_METHOD = "oqcore"
-_SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+# the source's weights (any framework's) are not copied: the quantized folder has its own
+_SKIP_SUFFIXES = (
+    ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json", ".onnx", ".onnx_data", ".gguf", ".h5", ".msgpack", ".ot",
+)
 _ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 _MAX_PROBLEMS = 8
 
@@ -76,9 +79,9 @@ def save_quantized(model: nn.Module, out: str | Path) -> Path:
         raise SaveError(f"cannot save to {dest}: {e}") from None
     if dest.is_symlink() and not dest.exists():
         raise SaveError(f"cannot save to {dest}: it is a dangling symbolic link (to {os.readlink(dest)})")
-    dest = dest.resolve()  # a symlink to an earlier export: the export is what gets replaced
+    given, dest = dest, dest.resolve()  # a symlink to an earlier export: the export is what gets replaced
     if state.source is not None:
-        _check_not_source(Path(state.source), dest)
+        _check_not_source(Path(state.source), dest, given)
     tensors = _tensors_to_save(model, state, dest)
     raw = _config_to_write(model, state, dest)
     extras = _extra_files(Path(state.source), dest) if state.source is not None else []
@@ -95,7 +98,7 @@ def save_quantized(model: nn.Module, out: str | Path) -> Path:
         _write_bytes(tmp / "config.json", (json.dumps(raw, indent=2) + "\n").encode())
         stage("config_written")
 
-    return write_folder(dest, fill, replaceable=is_export)
+    return write_folder(dest, fill, replaceable=is_export)  # SaveError names dest for any failure
 
 
 def is_export(folder: Path) -> bool:
@@ -116,19 +119,20 @@ def _same(a: Path, b: Path) -> bool:
         return False
 
 
-def _check_not_source(source: Path, dest: Path) -> None:
-    """Refuse a destination that is the source folder, inside it, or one of its ancestors (even
-    through another name: symlinks, bind mounts)."""
+def _check_not_source(source: Path, dest: Path, given: Path) -> None:
+    """Refuse a destination (``given`` by the user, ``dest`` resolved) that is the source folder,
+    inside it, or one of its ancestors (even through another name: symlinks, bind mounts)."""
     src = source.resolve()
+    label = f"{given} (= {dest})" if given != dest else str(dest)
     if any(_same(p, dest) for p in (src, *src.parents)):
         what = "the folder the model was loaded from" if _same(src, dest) else "a folder containing the source checkpoint"
         raise SaveError(
-            f"cannot save to {dest}: it is {what} ({src}); saving would overwrite the source checkpoint. "
+            f"cannot save to {label}: it is {what} ({src}); saving would overwrite the source checkpoint. "
             "Choose another folder"
         )
     if any(_same(p, src) for p in dest.parents):
         raise SaveError(
-            f"cannot save to {dest}: it is inside the folder the model was loaded from ({src}); the source "
+            f"cannot save to {label}: it is inside the folder the model was loaded from ({src}); the source "
             "checkpoint is never written to. Choose a folder outside it"
         )
 
@@ -203,8 +207,8 @@ def _extra_files(source: Path, dest: Path) -> list[Path]:
             if f.is_file():
                 if f.name != "config.json" and not f.name.endswith(_SKIP_SUFFIXES):
                     out.append(f)
-            elif f.is_dir() and not any(f.rglob("*.safetensors")):
-                out.append(f)
+            elif f.is_dir() and not f.name.startswith(".") and not any(g.name.endswith(_SKIP_SUFFIXES) for g in f.rglob("*")):
+                out.append(f)  # e.g. sentence-transformers' 1_Pooling/; not .git, .cache, onnx/
     except OSError as e:
         raise SaveError(f"cannot save to {dest}: cannot list the source folder {source}: {e.strerror or e}") from None
     return out

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -33,18 +35,6 @@ class TensorSpec:
     def describe(self) -> str:
         """``"float8_e4m3fn [64, 160]"``."""
         return f"{str(self.dtype).removeprefix('torch.')} {list(self.shape)}"
-
-
-class _ShapeOnly(torch.Tensor):
-    """A meta tensor whose truth value is ``True``.
-
-    Meta tensors have no values, so a method's NaN/Inf check (``bool(isfinite(...))``) cannot run
-    on them; every result of an op on this subclass is this subclass again, so such checks pass and
-    the quantization runs through for its shapes and dtypes.
-    """
-
-    def __bool__(self) -> bool:
-        return True
 
 
 def _signature(probe: nn.Module) -> tuple:
@@ -85,8 +75,8 @@ def _derive(wrapper: nn.Module, materialize, experts: int | None = None) -> dict
 
 
 def _extrapolate(a: dict[str, TensorSpec], b: dict[str, TensorSpec], experts: int) -> dict[str, TensorSpec] | None:
-    """The specs for ``experts`` experts from those for 2 (``a``) and 3 (``b``): a dim that is 2 in
-    ``a`` and 3 in ``b`` is the expert dim, every other dim must be equal. ``None`` if the two do
+    """The specs for ``experts`` experts from those for 1 (``a``) and 2 (``b``): a dim that is 1 in
+    ``a`` and 2 in ``b`` is the expert dim, every other dim must be equal. ``None`` if the two do
     not fit that pattern (the caller then derives with the real count)."""
     if a.keys() != b.keys():
         return None
@@ -99,7 +89,7 @@ def _extrapolate(a: dict[str, TensorSpec], b: dict[str, TensorSpec], experts: in
         for da, db in zip(sa.shape, sb.shape):
             if da == db:
                 shape.append(da)
-            elif (da, db) == (2, 3):
+            elif (da, db) == (1, 2):
                 shape.append(experts)
             else:
                 return None
@@ -108,13 +98,13 @@ def _extrapolate(a: dict[str, TensorSpec], b: dict[str, TensorSpec], experts: in
 
 
 def _derive_any(wrapper: nn.Module, materialize) -> dict[str, TensorSpec]:
-    """:func:`_derive`, for a fused-experts layer of many experts from probes of 2 and 3 experts
+    """:func:`_derive`, for a fused-experts layer of many experts from probes of 1 and 2 experts
     (its method quantizes expert by expert on the meta device: cost grows with the count)."""
     layout = getattr(wrapper, "layout", None)
     experts = getattr(layout, "num_experts", None)
-    if dataclasses.is_dataclass(layout) and isinstance(experts, int) and experts > 5:
+    if dataclasses.is_dataclass(layout) and isinstance(experts, int) and experts > 3:
         try:
-            specs = _extrapolate(_derive(wrapper, materialize, 2), _derive(wrapper, materialize, 3), experts)
+            specs = _extrapolate(_derive(wrapper, materialize, 1), _derive(wrapper, materialize, 2), experts)
         except Exception:
             specs = None
         if specs is not None:
@@ -123,11 +113,17 @@ def _derive_any(wrapper: nn.Module, materialize) -> dict[str, TensorSpec]:
 
 
 def _on_meta(p: torch.Tensor) -> torch.Tensor:
-    return torch.empty(p.shape, dtype=p.dtype, device="meta").as_subclass(_ShapeOnly)
+    # quantize_tensor dry-runs meta tensors through the torch reference (no values checked)
+    return torch.empty(p.shape, dtype=p.dtype, device="meta")
 
 
 def _on_cpu(p: torch.Tensor) -> torch.Tensor:
     return torch.ones(p.shape, dtype=p.dtype)
+
+
+_CACHE: OrderedDict[tuple, dict[str, TensorSpec]] = OrderedDict()
+_CACHE_SIZE = 256
+_CACHE_LOCK = threading.Lock()
 
 
 def quantized_tensors(wrappers: dict[str, nn.Module]) -> dict[str, dict[str, TensorSpec]]:
@@ -137,26 +133,40 @@ def quantized_tensors(wrappers: dict[str, nn.Module]) -> dict[str, dict[str, Ten
 
     Derived on the meta device; a method whose quantizer cannot run on meta tensors (it reads
     values, e.g. ``.item()``) is derived once on a CPU tensor of ones of the layer's shape instead.
+    Results are kept per signature (wrapper and method types, method state, shapes), so layers of
+    one shape, and later saves and loads of the same model, cost nothing more.
     Raises :class:`oqcore.InternalError` naming the layer and method if neither works.
     """
     from oqcore.modules import empty_like
 
-    cache: dict[tuple, dict[str, TensorSpec]] = {}
     out = {}
     for name, w in wrappers.items():
         key = _signature(empty_like(w))
-        if key not in cache:
-            try:
-                cache[key] = _derive_any(w, _on_meta)
-            except Exception:
-                try:
-                    cache[key] = _derive(w, _on_cpu)
-                except OqError:
-                    raise
-                except Exception as e:
-                    raise InternalError(
-                        f"layer {name!r}: cannot tell which tensors {type(w.method).__name__} leaves after "
-                        f"quantizing ({type(e).__name__}: {e})"
-                    ) from e
-        out[name] = cache[key]
+        with _CACHE_LOCK:
+            specs = _CACHE.get(key)
+            if specs is not None:
+                _CACHE.move_to_end(key)
+        if specs is None:
+            specs = _derive_checked(name, w)
+            with _CACHE_LOCK:
+                _CACHE[key] = specs
+                while len(_CACHE) > _CACHE_SIZE:
+                    _CACHE.popitem(last=False)
+        out[name] = specs
     return out
+
+
+def _derive_checked(name: str, w: nn.Module) -> dict[str, TensorSpec]:
+    try:
+        return _derive_any(w, _on_meta)
+    except Exception:
+        pass
+    try:
+        return _derive(w, _on_cpu)
+    except OqError:
+        raise
+    except Exception as e:
+        raise InternalError(
+            f"layer {name!r}: cannot tell which tensors {type(w.method).__name__} leaves after "
+            f"quantizing ({type(e).__name__}: {e})"
+        ) from e

@@ -13,11 +13,19 @@ from safetensors import safe_open
 
 import oqcore
 from oqcore.export import QUANT_METHOD
+from oqcore.layer_tensors import _derive, _derive_any, _on_meta, quantized_tensors
 from oqcore.methods import OnlineMethodBase
 
 ARCHS = ["mixtral", "qwen3_moe", "olmoe", "gpt_oss"]
 SHORTHANDS = ["fp8_per_tensor", "fp8_per_channel", "fp8_per_block", "mxfp8", "int8_per_channel_weight_only"]
 MOE_ONLY = {"int8_per_channel_weight_only"}
+
+
+@pytest.fixture(autouse=True)
+def _cpu_backends(monkeypatch):
+    """Saving and loading do not depend on the backend; the CPU backends keep these tests fast
+    (conftest turns Triton's interpreter on, which would otherwise be chosen and is slow)."""
+    monkeypatch.setenv("OQ_DISABLE_TRITON", "1")
 
 
 def _source(name, tiny_moe, minilm):
@@ -67,6 +75,10 @@ def test_roundtrip_bit_identical(model_name, shorthand, tiny_moe, minilm, tmp_pa
         assert wrappers == {}, "a moe-only scheme quantized layers of a model without experts"
     else:
         assert wrappers, f"{shorthand} quantized nothing in {model_name}"
+    # what the loader derives from each method (meta-device probe) is what the method really made
+    for name, specs in quantized_tensors(wrappers).items():
+        real = {k: (tuple(p.shape), p.dtype) for k, p in wrappers[name].named_parameters(recurse=False)}
+        assert {k: (s.shape, s.dtype) for k, s in specs.items()} == real, name
     kinds = {type(w).__name__ for w in wrappers.values()}
     if model_name != "minilm" and shorthand not in MOE_ONLY:
         assert kinds == {"QuantizedLinear", "QuantizedMoE"}, kinds
@@ -126,3 +138,15 @@ def test_resave_of_a_reloaded_export_is_identical(tiny_moe, tmp_path):
     for k, v in _state(original).items():
         assert torch.equal(_state(again)[k][2], v[2]), k
     assert torch.equal(_forward(again), _forward(original))
+
+
+@pytest.mark.parametrize("shorthand", ["fp8_per_tensor", "fp8_per_block", "mxfp8", "int8_per_channel_weight_only"])
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_expert_count_extrapolation_equals_the_full_derivation(arch, shorthand, tiny_moe):
+    """Fused experts are probed with 1 and 2 experts and extrapolated to E (the full per-expert
+    probe costs E quantizer calls on the meta device): the same specs as probing all E."""
+    model = oqcore.load(tiny_moe(arch), shorthand)
+    moe = [w for w in model.oq_state.wrappers.values() if type(w).__name__ == "QuantizedMoE"]
+    assert moe and all(w.layout.num_experts > 3 for w in moe)
+    for w in moe:
+        assert _derive_any(w, _on_meta) == _derive(w, _on_meta)

@@ -32,6 +32,13 @@ from oqcore.errors import SaveError
 from tests.battery.util import assert_unchanged, raises_naming, snapshot
 
 
+@pytest.fixture(autouse=True)
+def _cpu_backends(monkeypatch):
+    """Saving and loading do not depend on the backend; the CPU backends keep these tests fast
+    (conftest turns Triton's interpreter on, which would otherwise be chosen and is slow)."""
+    monkeypatch.setenv("OQ_DISABLE_TRITON", "1")
+
+
 def _tree(folder: Path) -> dict[str, bytes]:
     if not folder.exists():
         return {}
@@ -302,6 +309,36 @@ def test_failed_swap_keeps_the_earlier_export(model, earlier, monkeypatch, guard
     assert oqcore.load(earlier).oq_state.config.to_dict()["linear"]["weight"] == "mxfp8"
 
 
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
+def test_parent_not_durable_after_the_swap_undoes_it(model, earlier, monkeypatch, guard, exchange):
+    """The new folder is in place but its parent cannot be fsynced: the swap is undone."""
+    real = atomic.fsync_path
+
+    def fsync_path(path):
+        if Path(path) == earlier.parent:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return real(path)
+
+    monkeypatch.setattr(atomic, "fsync_path", fsync_path)
+    if not exchange:
+        monkeypatch.setattr(atomic, "exchange", lambda a, b: False)
+    _fails(model, earlier, str(earlier), "Input/output error")
+    _loads_as(earlier, "mxfp8")
+
+
+def test_parent_not_durable_for_a_new_folder(model, tmp_path, monkeypatch, guard):
+    real = atomic.fsync_path
+
+    def fsync_path(path):
+        if Path(path) == tmp_path:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return real(path)
+
+    monkeypatch.setattr(atomic, "fsync_path", fsync_path)
+    _fails(model, tmp_path / "new", str(tmp_path / "new"), "Input/output error")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_keyboard_interrupt_leaves_everything_as_it_was(model, earlier, monkeypatch, guard):
     def interrupt(*a, **k):
         raise KeyboardInterrupt
@@ -348,8 +385,8 @@ def test_a_quantized_layer_taken_out_of_the_model(src, tmp_path):
 
 def test_a_buffer_safetensors_cannot_store(src, tmp_path):
     m = oqcore.load(src, "fp8_per_channel")
-    m.model.norm.register_buffer("phase", torch.zeros(2, dtype=torch.complex64))
-    with raises_naming(SaveError, "model.norm.phase", "complex64"):
+    m.model.norm.register_buffer("phase", torch.zeros(2, dtype=torch.complex128))
+    with raises_naming(SaveError, "model.norm.phase", "complex128"):
         oqcore.save_quantized(m, tmp_path / "x")
 
 
@@ -435,3 +472,18 @@ def test_the_saved_file_is_standard_safetensors(model, tmp_path):
     assert tensors.keys() <= sd.keys()
     for k, t in tensors.items():
         assert t.dtype == sd[k].dtype and torch.equal(t.view(torch.uint8), sd[k].detach().contiguous().view(torch.uint8)), k
+
+
+def test_what_is_copied_from_the_source(tiny_moe, tmp_path):
+    """Small files and module folders come along; no weights of any framework, no hidden folders."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_moe("mixtral"), src)
+    for rel, data in {
+        "tokenizer.json": "{}", "1_Pooling/config.json": "{}", "tf_model.h5": "w", "flax_model.msgpack": "w",
+        "pytorch_model.bin": "w", "onnx/model.onnx": "w", ".cache/huggingface/x.lock": "",
+    }.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(data)
+    out = oqcore.save_quantized(oqcore.load(src, "fp8_per_channel"), tmp_path / "out")
+    copied = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert copied == sorted(["1_Pooling/config.json", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json"])

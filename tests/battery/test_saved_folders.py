@@ -30,6 +30,13 @@ K = f"{L0}.self_attn.k_proj"  # not square: [80, 160]
 EXP = f"{L0}.mlp.experts"
 
 
+@pytest.fixture(autouse=True)
+def _cpu_backends(monkeypatch):
+    """Saving and loading do not depend on the backend; the CPU backends keep these tests fast
+    (conftest turns Triton's interpreter on, which would otherwise be chosen and is slow)."""
+    monkeypatch.setenv("OQ_DISABLE_TRITON", "1")
+
+
 @pytest.fixture(scope="module")
 def good(tiny_moe, tmp_path_factory) -> Path:
     """A tiny Mixtral (linears without bias, fused experts), fp8 per-channel, saved."""
