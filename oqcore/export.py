@@ -70,18 +70,10 @@ def save_quantized(model: nn.Module, out: str | Path) -> Path:
     source are exactly as before.
     """
     try:
-        dest = Path(os.path.abspath(os.fspath(out)))
-    except TypeError:
-        raise SaveError(f"out must be a folder path (str or os.PathLike), got {type(out).__name__}") from None
-    try:
         state = get_state(model)
     except OqError as e:
-        raise SaveError(f"cannot save to {dest}: {e}") from None
-    if dest.is_symlink() and not dest.exists():
-        raise SaveError(f"cannot save to {dest}: it is a dangling symbolic link (to {os.readlink(dest)})")
-    given, dest = dest, dest.resolve()  # a symlink to an earlier export: the export is what gets replaced
-    if state.source is not None:
-        _check_not_source(Path(state.source), dest, given)
+        raise SaveError(f"cannot save to {out}: {e}") from None
+    dest = check_destination(out, state.source)
     tensors = _tensors_to_save(model, state, dest)
     raw = _config_to_write(model, state, dest)
     extras = _extra_files(Path(state.source), dest) if state.source is not None else []
@@ -99,6 +91,45 @@ def save_quantized(model: nn.Module, out: str | Path) -> Path:
         stage("config_written")
 
     return write_folder(dest, fill, replaceable=is_export)  # SaveError names dest for any failure
+
+
+def check_destination(out: str | os.PathLike, source: str | os.PathLike | None = None) -> Path:
+    """The folder :func:`save_quantized` would write for ``out`` (absolute, symlinks resolved),
+    after the checks it makes before writing anything; nothing is created.
+
+    ``source`` is the folder the model was loaded from (``model.oq_state.source``), if any. Raises
+    :class:`oqcore.SaveError` naming the path for: ``out`` not a path, a dangling symlink, the
+    source folder itself (or a folder inside it or around it, under any name), a file in the way
+    (at ``out`` or at one of its parents), a non-empty folder that is not an earlier export. (A
+    read-only or full disk shows only when writing.) Tools can call it before a long load.
+    """
+    try:
+        given = Path(os.path.abspath(os.fspath(out)))
+    except TypeError:
+        raise SaveError(f"out must be a folder path (str or os.PathLike), got {type(out).__name__}") from None
+    if given.is_symlink() and not given.exists():
+        raise SaveError(f"cannot save to {given}: it is a dangling symbolic link (to {os.readlink(given)})")
+    dest = given.resolve()  # a symlink to an earlier export: the export is what gets replaced
+    if source is not None:
+        _check_not_source(Path(source), dest, given)
+    if dest.exists() and not dest.is_dir():
+        raise SaveError(f"cannot save to {dest}: a file (not a folder) is in the way; remove it or choose another path")
+    for p in dest.parents:
+        if p.exists():
+            if not p.is_dir():
+                raise SaveError(f"cannot save to {dest}: {p} is a file, not a folder")
+            break
+    if dest.is_dir():
+        try:
+            empty = not any(dest.iterdir())
+        except OSError as e:
+            raise SaveError(f"cannot save to {dest}: cannot list it: {e.strerror or e}") from None
+        if not empty and not is_export(dest):
+            raise SaveError(
+                f"cannot save to {dest}: the folder exists and is not an earlier oqcore export; "
+                "refusing to replace it (choose a new or empty folder, or delete it yourself)"
+            )
+    return dest
 
 
 def is_export(folder: Path) -> bool:
@@ -119,11 +150,11 @@ def _same(a: Path, b: Path) -> bool:
         return False
 
 
-def _check_not_source(source: Path, dest: Path, given: Path) -> None:
+def _check_not_source(source: Path, dest: Path, given: Path | None = None) -> None:
     """Refuse a destination (``given`` by the user, ``dest`` resolved) that is the source folder,
     inside it, or one of its ancestors (even through another name: symlinks, bind mounts)."""
     src = source.resolve()
-    label = f"{given} (= {dest})" if given != dest else str(dest)
+    label = f"{given} (= {dest})" if given is not None and given != dest else str(dest)
     if any(_same(p, dest) for p in (src, *src.parents)):
         what = "the folder the model was loaded from" if _same(src, dest) else "a folder containing the source checkpoint"
         raise SaveError(
