@@ -59,9 +59,11 @@ def save_quantized(model: nn.Module, out: str | Path) -> Path:
     Writes ``model.safetensors`` (every quantized layer's tensors as its method leaves them, e.g.
     ``weight`` fp8 ``[N, K]`` + ``weight_scale`` float32; everything else in the model's dtype;
     tied weights once), ``config.json`` with ``quantization_config`` and the source folder's other
-    files. Returns ``out`` as an absolute path.
+    files. Returns the folder written (absolute, symlinks resolved; see :func:`check_destination`).
 
-    The write is atomic: a hidden sibling folder is written, fsynced and renamed into place. ``out``
+    The write is atomic: a hidden sibling folder (``.<name>.oq-tmp-*``) is written, fsynced and
+    renamed into place (see :mod:`oqcore.atomic`; leftovers of a killed save are removed by the
+    next save to the same folder and never read by :func:`oqcore.load`). ``out``
     may be a new path, an empty folder or an earlier oqcore export (replaced); anything else is
     refused. Raises :class:`oqcore.SaveError` naming the path for: ``out`` being the model's source
     checkpoint (or inside it, or containing it), a non-empty folder that is not an earlier export, a

@@ -60,6 +60,7 @@ def _no_requantize(monkeypatch):
     monkeypatch.setattr(OnlineMethodBase, "quantize_weight", guarded)
 
 
+@pytest.mark.filterwarnings("ignore:.*0 layers quantized")  # the moe-only scheme on MiniLM, asserted below
 @pytest.mark.parametrize("shorthand", SHORTHANDS)
 @pytest.mark.parametrize("model_name", [*ARCHS, "minilm"])
 def test_roundtrip_bit_identical(model_name, shorthand, tiny_moe, minilm, tmp_path, monkeypatch):

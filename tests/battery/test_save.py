@@ -487,3 +487,19 @@ def test_what_is_copied_from_the_source(tiny_moe, tmp_path):
     out = oqcore.save_quantized(oqcore.load(src, "fp8_per_channel"), tmp_path / "out")
     copied = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     assert copied == sorted(["1_Pooling/config.json", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json"])
+
+
+def test_check_destination_refuses_before_anything_is_written(src, tmp_path):
+    """The pre-write checks on their own (the CLI runs them before a long load): same refusals,
+    nothing created."""
+    from oqcore.export import check_destination
+
+    with raises_naming(SaveError, str(src), "loaded from"):
+        check_destination(src, src)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("x")
+    with raises_naming(SaveError, str(mine), "not an earlier oqcore export"):
+        check_destination(mine)
+    assert check_destination(tmp_path / "new" / "deeper", src) == (tmp_path / "new" / "deeper").resolve()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
