@@ -18,6 +18,7 @@ naming the file and tensor.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -282,9 +283,11 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
         _write_all(fd, memoryview(struct.pack("<Q", len(hb)) + hb))
         for i, t in enumerate(tensors.values()):
             if t.numel():
-                data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-                _write_all(fd, memoryview(data.numpy()))
-                del data
+                data = t.detach().to("cpu").contiguous()
+                # the tensor's bytes as they are in memory, without a copy (any dtype, fp8 included)
+                raw = (ctypes.c_char * (data.numel() * data.element_size())).from_address(data.data_ptr())
+                _write_all(fd, memoryview(raw).cast("B"))
+                del raw, data
             if i == len(tensors) // 2:
                 stage("tensors_half")
     finally:
