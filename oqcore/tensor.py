@@ -263,7 +263,8 @@ COMPILE_MIN_NUMEL = 1 << 26
 def quantizer_backend_for(key: QuantKey, device: torch.device | str, numel: int = 0, reg: Registry | None = None) -> str:
     """The quantizer backend for ``key`` on ``device`` for a tensor of ``numel`` elements.
 
-    CUDA: ``triton`` when a plugin registered one. CPU: a plugin's native ``cpu`` quantizer when
+    CUDA: ``triton`` when a plugin registered one and Triton can run there (a usable driver:
+    :func:`oqcore.triton_support.triton_support`), else the reference. CPU: a plugin's native ``cpu`` quantizer when
     registered (no compile cost); else ``compiled`` (torch.compile) for tensors or whole expert
     stacks of at least :data:`COMPILE_MIN_NUMEL` elements, unless ``OQ_COMPILE=0``. Otherwise the
     ``torch`` reference. All of them produce the same bytes (each plugin's tests check it).
@@ -273,7 +274,10 @@ def quantizer_backend_for(key: QuantKey, device: torch.device | str, numel: int 
     reg = reg or get_registry()
     dev = torch.device(device)
     if dev.type == "cuda" and (key, "triton") in reg.quantizers:
-        return "triton"
+        from oqcore.triton_support import triton_support
+
+        if triton_support(dev)[0]:
+            return "triton"
     if dev.type == "cpu":
         if (key, NATIVE_CPU_BACKEND) in reg.quantizers:
             return NATIVE_CPU_BACKEND
