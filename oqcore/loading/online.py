@@ -31,7 +31,7 @@ from oqcore.devices import resolve_device
 from oqcore.errors import CheckpointError, ConfigError
 from oqcore.loading.checkpoint import TensorReader, check_model_folder, checkpoint_entries
 from oqcore.loading.checks import check_against_model, check_quant_metadata
-from oqcore.loading.install import install_wrappers
+from oqcore.loading.install import install_wrappers, process_layer
 from oqcore.loading.memory import PeakRSS, release_free_memory, return_large_frees_to_os
 from oqcore.loading.meta import build_meta_model, read_model_config, resolve_model_dtype
 from oqcore.loading.names import NameMapper, is_expert_fusion
@@ -293,7 +293,7 @@ def _load_online(
                         reader.prefetch(entries[k] for h in groups[i + 1 : i + 1 + PREFETCH_GROUPS] for k in h.sources)
                         t = time.perf_counter()
                         w = wrappers[owner]
-                        w.method.process_weights_after_loading(w)
+                        process_layer(w)
                         pool.give_back(owner)
                         release_free_memory()
                         stats.seconds_quantize += time.perf_counter() - t
