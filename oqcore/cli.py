@@ -245,7 +245,8 @@ def saved_config(path: Path):
     Raises :class:`oqcore.CheckpointError` naming config.json when the folder is already quantized
     by another tool, or its saved oqcore config is unreadable.
     """
-    from oqcore.export import QUANT_METHOD, _saved_config
+    from oqcore.export import QUANT_METHOD
+    from oqcore.export import saved_config as read_saved_config
     from oqcore.loading.meta import read_model_config
 
     try:
@@ -260,7 +261,7 @@ def saved_config(path: Path):
             f"{path / 'config.json'}: the checkpoint is already quantized (quant_method={qc.get('quant_method', 'unknown')!r}); "
             "oq quantizes bf16/fp16/fp32 checkpoints. Load it with its own quantization method instead."
         )
-    return _saved_config(raw, path / "config.json")
+    return read_saved_config(raw, path / "config.json")
 
 
 def resolve_config(path: Path, config: str | None, overrides: list[str], interpolate: bool):
@@ -310,17 +311,10 @@ def _check_destination(path: Path | None, option: str, folder: bool) -> None:
 
 def _check_out(out: Path, source: Path) -> None:
     """Refuse, before the model is loaded, an ``--out`` that :func:`oqcore.save_quantized` would
-    refuse after it: the source checkpoint (or a folder around or inside it), or a non-empty folder
-    that is not an earlier export. Raises :class:`oqcore.SaveError` naming the folder."""
-    from oqcore.export import _check_not_source, is_export
+    refuse after it (:func:`oqcore.export.check_destination`). Raises :class:`oqcore.SaveError`."""
+    from oqcore.export import check_destination
 
-    dest = Path(os.path.abspath(out)).resolve()
-    _check_not_source(Path(source), dest)
-    if dest.is_dir() and any(dest.iterdir()) and not is_export(dest):
-        raise SaveError(
-            f"cannot save to {dest}: the folder exists and is not an earlier oqcore export; "
-            "refusing to replace it (choose a new or empty folder, or delete it yourself)"
-        )
+    check_destination(out, source)
 
 
 def _device(device: str | None):

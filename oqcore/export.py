@@ -297,9 +297,10 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
 # ---- loading -------------------------------------------------------------------------------------
 
 
-def _saved_config(raw: object, cfg_file: Path) -> QuantizationConfig:
-    """The config saved in ``config.json``; :class:`oqcore.CheckpointError` naming the file and the
-    entry for anything missing or invalid."""
+def saved_config(raw: object, cfg_file: Path) -> QuantizationConfig:
+    """The config an oqcore export was quantized with, from its parsed ``config.json`` (``raw``,
+    read from ``cfg_file``). Raises :class:`oqcore.CheckpointError` naming the file and the entry
+    for anything missing or invalid."""
     if not isinstance(raw, dict):
         raise CheckpointError(f"{cfg_file}: must hold a JSON object, found {type(raw).__name__}")
     qc = raw.get("quantization_config")
@@ -443,7 +444,7 @@ def load_quantized(
     path = Path(path)
     device = resolve_device(device)
     cfg_file = path / "config.json"
-    saved = _saved_config(read_model_config(path), cfg_file)
+    saved = saved_config(read_model_config(path), cfg_file)
     # compared as written to disk: a shorthand and the linear/moe specs it expands to are the same config
     if config is not None and QuantizationConfig.from_any(config).to_dict() != saved.to_dict():
         raise ConfigError(
