@@ -33,6 +33,7 @@ from oqcore.atomic import stage, write_folder
 from oqcore.config import QuantizationConfig
 from oqcore.errors import CheckpointError, ConfigError, OqError, SaveError
 from oqcore.layer_tensors import TensorSpec, quantized_tensors
+from oqcore.loading.checks import placeholder
 from oqcore.loading.checkpoint import ST_DTYPES, TensorEntry, TensorReader, checkpoint_entries, checkpoint_files
 from oqcore.loading.install import install_wrappers
 from oqcore.loading.memory import PeakRSS
@@ -342,17 +343,6 @@ def _layer_problem(have: dict[str, torch.Tensor | TensorEntry], want: dict[str, 
     return None
 
 
-def _placeholder(model: nn.Module, name: str) -> torch.Tensor | None:
-    mod_name, _, attr = name.rpartition(".")
-    try:
-        module = model.get_submodule(mod_name) if mod_name else model
-    except AttributeError:
-        return None
-    if attr in module._parameters:
-        return module._parameters[attr]
-    return module._buffers.get(attr)
-
-
 def _check_saved_tensors(
     model: nn.Module, wrappers: dict[str, nn.Module], expected: dict[str, dict[str, TensorSpec]], entries: list[TensorEntry], where: Path
 ) -> None:
@@ -367,7 +357,7 @@ def _check_saved_tensors(
         if owner is not None:
             per_layer[owner][e.name.rpartition(".")[2]] = e
             continue
-        old = _placeholder(model, e.name)
+        old = placeholder(model, e.name)
         if old is None:
             problems.append(f"{e.file}: unknown tensor {e.name!r} (the model has no parameter or buffer of that name)")
         elif tuple(old.shape) != e.shape:

@@ -30,7 +30,7 @@ from oqcore.config import QuantizationConfig
 from oqcore.devices import resolve_device
 from oqcore.errors import CheckpointError, ConfigError
 from oqcore.loading.checkpoint import TensorReader, check_model_folder, checkpoint_entries
-from oqcore.loading.checks import check_against_model, check_quant_metadata
+from oqcore.loading.checks import check_against_model, check_quant_metadata, placeholder
 from oqcore.loading.install import install_wrappers, process_layer
 from oqcore.loading.memory import PeakRSS, release_free_memory, return_large_frees_to_os
 from oqcore.loading.meta import build_meta_model, read_model_config, resolve_model_dtype
@@ -53,12 +53,7 @@ def param_owner(name: str, wrappers: dict[str, nn.Module]) -> str | None:
 
 def placeholder_dtype(model: nn.Module, name: str) -> torch.dtype | None:
     """The dtype of the (meta) parameter or buffer ``name`` if floating, else ``None``."""
-    mod_name, _, attr = name.rpartition(".")
-    try:
-        module = model.get_submodule(mod_name) if mod_name else model
-    except AttributeError:
-        return None
-    t = module._parameters.get(attr) if attr in module._parameters else module._buffers.get(attr)
+    t = placeholder(model, name)
     return t.dtype if t is not None and t.is_floating_point() else None
 
 
