@@ -122,7 +122,7 @@ def _message(e: Mapping[str, Any], loc: list[Any], model: type[BaseModel] | None
     if kind == "extra_forbidden":
         name = loc[-1] if loc else "?"
         valid = _field_names(model) if model is not None and len(loc) == 1 else []
-        listing = f" Valid fields: {', '.join(valid)}" if valid else ""
+        listing = f"; valid fields: {', '.join(valid)}" if valid else ""
         if model is not None and len(loc) == 1 and not valid:
             listing = f" ({model.__name__} has no fields to set)"
         return f"unknown field {name!r}{_did_you_mean(name, valid)}{listing}"

@@ -200,6 +200,8 @@ class KeyRegistry:
         """
         from oqcore.errors import ConfigError, UnknownKeyError
 
+        if not isinstance(name, str):
+            raise ConfigError(f"expected a quantization key name (a string), got {type(name).__name__} {name!r}", field)
         info = self._owner(name)
         if info is None:
             raise UnknownKeyError.for_name(name, self.names(role), f"{role} quantization key", field)

@@ -100,9 +100,17 @@ def select_backend(
     names keys in messages. ``kind``, ``weight_name``, ``method`` (class name) and ``plugin`` (the
     method's plugin) describe the layer in the error. Raises :class:`oqcore.NoBackendError` naming
     the layer, its kind, weight key, method and plugin, and listing every candidate with why it was
-    rejected; :class:`oqcore.ConfigError` (field ``backend.<kind>``) if ``pinned`` names no candidate.
+    rejected; :class:`oqcore.ConfigError` (field ``backend.<kind>``) if ``pinned`` names no candidate,
+    and (fields ``device`` / ``candidates``) for a device that does not exist or candidates that are
+    not :class:`Backend`\ s.
     """
-    device = torch.device(device)
+    from oqcore.devices import resolve_device
+
+    device = resolve_device(device)
+    if device is None:
+        raise ConfigError("expected a device such as 'cpu' or 'cuda:0', got None", "device")
+    if isinstance(candidates, (str, bytes)) or not all(isinstance(b, Backend) for b in candidates):
+        raise ConfigError("expected a sequence of oqcore.Backend", "candidates")
     ordered = sorted(candidates, key=lambda b: (-b.priority, b.name))
     if pinned is not None and all(b.name != pinned for b in ordered):
         names = ", ".join(sorted({b.name for b in ordered})) or "(none)"

@@ -332,7 +332,7 @@ def test_config_error_lists_every_error_with_its_path():
 def test_unknown_field_did_you_mean_lists_valid_fields():
     with pytest.raises(ConfigError) as e:
         QuantSpec.model_validate({"weigth": "toy_int4", "weight": "toy_int4"})
-    assert str(e.value) == "weigth: unknown field 'weigth'; did you mean 'weight'? Valid fields: weight, activation, options"
+    assert str(e.value) == "weigth: unknown field 'weigth'; did you mean 'weight'?; valid fields: weight, activation, options"
 
 
 def test_backend_pin_checked_at_validation_against_the_configured_weight_keys():
