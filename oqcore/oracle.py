@@ -102,7 +102,7 @@ def select_backend(
     the layer, its kind, weight key, method and plugin, and listing every candidate with why it was
     rejected; :class:`oqcore.ConfigError` (field ``backend.<kind>``) if ``pinned`` names no candidate,
     and (fields ``device`` / ``candidates``) for a device that does not exist or candidates that are
-    not :class:`Backend`\ s.
+    not :class:`Backend` objects.
     """
     from oqcore.devices import resolve_device
 
