@@ -54,7 +54,13 @@ class QuantizedLinear(nn.Module):
         return cls(layer_name, linear.in_features, linear.out_features, linear.bias is not None, method, linear.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [..., K] -> [..., N]`` through the method's backend."""
+        """``x [..., K] -> [..., N]`` through the method's backend.
+
+        Raises ``RuntimeError`` (the kind ``nn.Linear`` raises, naming the layer) for an input that
+        is not a floating-point tensor of at least one dimension with last dimension K; without this
+        check integer token ids would be silently cast and multiplied, and a backend would fail
+        with its own error kind (``IndexError``, ``ValueError``) for a 0-d or wrong-K input."""
+        _check_input(self.layer_name, x, self.in_features)
         return self.method.apply(self, x)
 
     def extra_repr(self) -> str:
@@ -107,6 +113,7 @@ class QuantizedMoE(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """Route ``hidden_states`` through the experts and combine with ``top_k_weights``."""
+        _check_input(self.layer_name, hidden_states, None)
         shape = hidden_states.shape
         out = self.method.apply(self, hidden_states.reshape(-1, shape[-1]), top_k_index, top_k_weights)
         return out.reshape(shape)
@@ -114,6 +121,22 @@ class QuantizedMoE(nn.Module):
     def extra_repr(self) -> str:
         """Layout, method and backend, for ``print(model)``."""
         return f"{self.layout}, method={type(self.method).__name__}, backend={self.method.backend.name}"
+
+
+def _check_input(layer: str, x: object, k: int | None) -> None:
+    """``RuntimeError`` (what ``nn.Linear`` raises for these) unless ``x`` is a floating-point
+    tensor of at least one dimension whose last dimension is ``k`` (any when ``None``)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"layer {layer!r}: input must be a torch.Tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise RuntimeError(f"layer {layer!r}: expected a floating-point input, got {x.dtype} (embed token ids first)")
+    if x.dim() == 0:
+        raise RuntimeError(f"layer {layer!r}: the input is 0-dimensional; expected [..., {k if k is not None else 'H'}]")
+    if k is not None and x.shape[-1] != k:
+        raise RuntimeError(
+            f"layer {layer!r}: input of shape {list(x.shape)} cannot be multiplied with the weight: last dimension "
+            f"must be in_features={k}"
+        )
 
 
 def empty_like(wrapper: nn.Module) -> nn.Module:

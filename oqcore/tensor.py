@@ -190,6 +190,9 @@ def check_quantizable(w: Any, name: str) -> None:
     tensor with at least one element in a high-precision dtype (:data:`HP_DTYPES`)."""
     if not isinstance(w, torch.Tensor):
         raise UnsupportedLayerError(name, f"expected a torch.Tensor, got {type(w).__name__}")
+    if w.layout != torch.strided:
+        # sparse/compressed layouts reach no quantizer (torch ops fail deep inside): say so here
+        raise UnsupportedLayerError(name, f"layout {w.layout} cannot be quantized; give a dense tensor (w.to_dense())")
     if w.dim() not in (2, 3):
         raise UnsupportedLayerError(name, f"expected a 2D [N, K] or 3D [E, N, K] tensor, got shape {list(w.shape)}")
     if w.numel() == 0:

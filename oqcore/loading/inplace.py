@@ -104,6 +104,7 @@ def quantize_(
             wrappers[lp.name] = w
         # Every layer succeeded: only now does the model change.
         for name, w in wrappers.items():
+            _carry_module_state(model.get_submodule(name), w)
             set_submodule(model, name, w)
     stats.baseline_rss, stats.peak_rss = mem.baseline, mem.peak
     stats.quantized_bytes = sum(tensor_bytes(w) for w in wrappers.values())
@@ -111,6 +112,30 @@ def quantize_(
     stats.seconds_total = time.perf_counter() - t0
     model.oq_state = OqState(cfg, qplan, wrappers, qplan.device, hp_dtype, stats=stats)
     return model
+
+
+# The hook tables a replaced layer hands to its wrapper, shared (not copied) so the handles the
+# user holds still remove them. Without this, a forward hook registered on a layer (an
+# activation probe, a LoRA-style output edit) would silently stop running after quantize_.
+_HOOK_TABLES = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+def _carry_module_state(module: nn.Module, wrapper: nn.Module) -> None:
+    """Give ``wrapper`` the train/eval mode and the forward/backward hooks of ``module``."""
+    wrapper.train(module.training)
+    for table in _HOOK_TABLES:
+        if hasattr(module, table):
+            setattr(wrapper, table, getattr(module, table))
+    if getattr(module, "_is_full_backward_hook", None) is not None:
+        wrapper._is_full_backward_hook = module._is_full_backward_hook
 
 
 def _refuse_quantized(model: nn.Module) -> None:

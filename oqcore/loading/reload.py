@@ -341,6 +341,9 @@ def _check_tensor(name: str, t: object, target: _Target, device: torch.device) -
         raise CheckpointError(f"reload: {name!r} must be a torch.Tensor, got {type(t).__name__}")
     if t.is_meta:
         raise CheckpointError(f"reload: {name!r} is on the meta device (no values); give a materialized tensor")
+    if t.layout != torch.strided:
+        # sparse/compressed layouts reach no quantizer (and fail deep inside torch ops): say so here
+        raise CheckpointError(f"reload: {name!r} has layout {t.layout}; give a dense tensor (t.to_dense())")
     if t.device.type != "cpu" and not _same_device(t.device, device):
         raise CheckpointError(f"reload: {name!r} is on {t.device}; give it on cpu or on the model's device ({device})")
     if t.dtype not in HP_DTYPES:

@@ -1,0 +1,192 @@
+"""More bad inputs for models oqcore quantized: sparse tensors given to ``reload_weights`` and
+``quantize_tensor``, odd strides (must give the contiguous bytes), hooks and train mode kept by
+``quantize_``, and forwards of quantized linears fed what a bf16 ``nn.Linear`` would refuse."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import oqcore
+from battery.tiny_models import net
+from battery.util import assert_unchanged, raises_naming, snapshot
+from oqcore import CheckpointError, UnsupportedLayerError
+
+SCHEMES = ["fp8_per_tensor", "fp8_per_channel", "fp8_per_block", "mxfp8"]
+KEYS = ["fp8_per_tensor_static", "fp8_per_channel_static", "fp8_per_block_static", "mxfp8", "int8_per_channel_static"]
+
+
+@pytest.fixture(autouse=True)
+def no_triton(monkeypatch):
+    monkeypatch.setenv("OQ_DISABLE_TRITON", "1")
+
+
+def new_weights(seed: int = 1) -> dict[str, torch.Tensor]:
+    return {k: v.detach().float() for k, v in net(seed, torch.float32).named_parameters()}
+
+
+def _state_bytes(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().view(torch.uint8).clone() for k, v in model.state_dict().items() if v.numel()}
+
+
+# ---- reload_weights: layouts --------------------------------------------------------------------
+
+SPARSE = {
+    "coo": lambda t: t.to_sparse(),
+    "csr": lambda t: t.to_sparse_csr(),
+}
+
+
+@pytest.mark.parametrize("layout", list(SPARSE))
+def test_reload_sparse_is_refused_unchanged(layout):
+    model = oqcore.quantize_(net(), "fp8_per_channel")
+    w = new_weights()
+    w["layers.3.weight"] = SPARSE[layout](w["layers.3.weight"])
+    snap = snapshot(model)
+    with raises_naming(CheckpointError, "layers.3.weight", "dense"):
+        oqcore.reload_weights(model, w)
+    assert_unchanged(model, snap)
+
+
+STRIDES = {
+    "transposed": lambda t: t.t().contiguous().t() if t.dim() == 2 else t,
+    "every_other": lambda t: torch.cat([t, t], -1)[..., ::2] if t.dim() == 2 else t,
+    "expanded_stride0": lambda t: t[:1].expand_as(t) if t.dim() == 2 else t,
+    "requires_grad_param": lambda t: nn.Parameter(t.clone()),
+    "float64": lambda t: t.double(),
+}
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("how", list(STRIDES))
+def test_reload_odd_strides_equal_contiguous(scheme, how):
+    """A non-contiguous / stride-0 / grad-requiring / float64 tensor reloads to the same bytes as its
+    contiguous float32 copy, into the same storages."""
+    w = {k: STRIDES[how](v) for k, v in new_weights().items()}
+    ref = oqcore.quantize_(net(), scheme)
+    oqcore.reload_weights(ref, {k: v.detach().float().contiguous() for k, v in w.items()})
+    model = oqcore.quantize_(net(), scheme)
+    ptrs = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    oqcore.reload_weights(model, w)
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == ptrs
+    got, want = _state_bytes(model), _state_bytes(ref)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+# ---- quantize_tensor ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", list(SPARSE))
+def test_quantize_tensor_sparse_is_refused(layout):
+    w = SPARSE[layout](torch.randn(64, 64))
+    with raises_naming(UnsupportedLayerError, "w_sparse", "dense"):
+        oqcore.quantize_tensor(w, "fp8_per_channel_static", name="w_sparse")
+
+
+def _inputs() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(64, 256, generator=g)
+    return {
+        "transposed": base.t().contiguous().t(),
+        "strided": torch.cat([base, base], -1)[:, ::2],
+        "expanded": base[:1].expand(64, 256),
+        "offset_view": torch.randn(65, 256, generator=g)[1:],
+        "stack_3d_transposed": torch.randn(3, 256, 64, generator=g).transpose(1, 2),
+        "bf16": base.bfloat16(),
+        "fp16_subnormal": (base * 1e-6).half(),
+        "fp32_subnormal": base * 1e-40,
+        "all_zero": base * 0,
+        "huge": base * 1e37,
+        "requires_grad": base.clone().requires_grad_(),
+    }
+
+
+@pytest.mark.parametrize("key", KEYS)
+@pytest.mark.parametrize("case", list(_inputs()))
+def test_quantize_tensor_default_equals_reference_bytes(key, case):
+    w = _inputs()[case]
+    got = oqcore.quantize_tensor(w, key)
+    ref = oqcore.quantize_tensor(w.detach().contiguous(), key, backend="torch")
+    for a, b in ((got.qdata, ref.qdata), (got.scale, ref.scale)):
+        assert (a.dtype, a.shape) == (b.dtype, b.shape)
+        assert torch.equal(a.detach().contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+# ---- quantize_: hooks and train mode --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quantize_keeps_hooks_and_mode(scheme):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)).bfloat16().train()
+    calls = []
+    model[0].register_forward_hook(lambda mod, inp, out: out * 2)
+    handle = model[2].register_forward_pre_hook(lambda mod, inp: calls.append(1))
+    x = torch.randn(3, 64).bfloat16()
+    with torch.no_grad():
+        ref = model(x)
+    oqcore.quantize_(model, scheme)
+    assert type(model[0]).__name__ == "QuantizedLinear" and model[0].training
+    with torch.no_grad():
+        out = model(x)
+    assert calls == [1, 1]  # the pre-hook still runs on the quantized layer
+    rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    assert rel < 0.1  # the x2 output hook still applies (else rel is ~0.5)
+    handle.remove()  # the user's handle still removes it
+    with torch.no_grad():
+        model(x)
+    assert calls == [1, 1]
+
+
+# ---- forwards of quantized linears --------------------------------------------------------------
+
+BAD_INPUTS = {
+    "int_token_ids": lambda: torch.randint(0, 5, (3, 64)),
+    "K_plus_1": lambda: torch.randn(3, 65).bfloat16(),
+    "zero_dim": lambda: torch.tensor(1.0).bfloat16(),
+}
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_forward_bad_input_same_kind_as_bf16(scheme, case):
+    base = nn.Sequential(nn.Linear(64, 128)).bfloat16()
+    qm = oqcore.quantize_(copy.deepcopy(base), scheme)
+    x = BAD_INPUTS[case]()
+    with pytest.raises(RuntimeError):
+        base(x)
+    with pytest.raises(RuntimeError, match="layer '0'"):
+        qm(x)
+
+
+GOOD_INPUTS = {
+    "empty_batch": lambda: torch.randn(0, 64).bfloat16(),
+    "empty_3d": lambda: torch.randn(2, 0, 64).bfloat16(),
+    "3d": lambda: torch.randn(2, 3, 64).bfloat16(),
+    "4d": lambda: torch.randn(2, 2, 3, 64).bfloat16(),
+    "1d": lambda: torch.randn(64).bfloat16(),
+    "non_contiguous": lambda: torch.randn(64, 3).bfloat16().t(),
+    "non_contiguous_3d": lambda: torch.randn(3, 64, 2).bfloat16().transpose(1, 2),
+}
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("case", list(GOOD_INPUTS))
+def test_forward_shapes_match_bf16(scheme, case):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(64, 128)).bfloat16()
+    qm = oqcore.quantize_(copy.deepcopy(base), scheme)
+    x = GOOD_INPUTS[case]()
+    with torch.no_grad():
+        ref, out = base(x), qm(x)
+    assert (out.shape, out.dtype) == (ref.shape, ref.dtype)
+    if ref.numel():
+        assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 0.1
+        # the same values as the contiguous input gives
+        with torch.no_grad():
+            assert torch.equal(qm(x.contiguous()), out)
