@@ -402,6 +402,35 @@ def _check_saved_tensors(
         raise CheckpointError(f"damaged oqcore export: {shown}{more}")
 
 
+def _check_quantized_values(e: TensorEntry, value: torch.Tensor) -> None:
+    """Refuse values save_quantized never writes, so a damaged export cannot load and then give
+    NaN/garbage at forward: a scale that is NaN, infinite, zero or negative (the quantizers clamp
+    every scale to a positive finite value, even for an all-zero weight), or float8 data holding
+    NaN bytes (the quantizers saturate, so e4m3fn NaN never occurs). vLLM and compressed-tensors
+    do not check this; we do, because a silently wrong model is worse than a clear error.
+    Raises :class:`oqcore.CheckpointError` naming the file and the tensor."""
+    if not value.numel():
+        return
+    attr = e.name.rpartition(".")[2]
+    if "scale" in attr and value.dtype.is_floating_point:
+        v = value.float()
+        bad = ~torch.isfinite(v) | (v <= 0)
+        n = int(bad.sum())
+        if n:
+            first = v[bad][0].item()
+            raise CheckpointError(
+                f"damaged oqcore export: {e.file}: tensor {e.name!r} holds {n} of {v.numel()} scale value(s) "
+                f"that are not finite and positive (e.g. {first}); scales written by save_quantized are always > 0"
+            )
+    elif value.dtype in (torch.float8_e4m3fn,):
+        n = int(((value.view(torch.uint8) & 0x7F) == 0x7F).sum())
+        if n:
+            raise CheckpointError(
+                f"damaged oqcore export: {e.file}: tensor {e.name!r} holds {n} NaN float8 value(s); "
+                "save_quantized never writes NaN"
+            )
+
+
 def _checkpoint_label(path: Path) -> Path:
     """The file to name for a missing tensor: the single file, or the shard index."""
     files = checkpoint_files(path)
@@ -469,6 +498,8 @@ def load_quantized(
                     attr = e.name.rpartition(".")[2]
                     spec = expected[owner][attr]
                     value = value.to(device=device, dtype=spec.dtype)
+                    if not spec.high_precision:
+                        _check_quantized_values(e, value)
                     wrappers[owner].register_parameter(attr, nn.Parameter(value, requires_grad=False))
                 del value
                 done += e.nbytes

@@ -1,0 +1,125 @@
+"""Battery: more model folders given to ``oqcore.load`` (bf16 checkpoints and save_quantized exports).
+
+Damaged exports whose values (not layout) are wrong: a scale that is NaN, infinite, zero or
+negative, or float8 data holding NaN, would load and give a silently wrong model; ``load`` refuses
+them with :class:`oqcore.CheckpointError` naming the file and the tensor, and never writes to the
+folder. vLLM/compressed-tensors do not check scale values; save_quantized never writes such values
+(every quantizer clamps its scales to a positive finite value), so refusing them is safe.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import oqcore
+from oqcore import CheckpointError
+from tests.battery.st_forge import header_of, replace_tensor
+from tests.battery.util import raises_naming
+
+F = "model.safetensors"
+Q = "model.layers.0.self_attn.q_proj"
+EXP = "model.layers.0.mlp.experts"
+
+
+@pytest.fixture(autouse=True)
+def _cpu_backends(monkeypatch):
+    monkeypatch.setenv("OQ_DISABLE_TRITON", "1")
+
+
+@pytest.fixture(scope="module")
+def saved(tiny_moe, tmp_path_factory) -> dict[str, Path]:
+    """Per scheme, a tiny Mixtral quantized and saved (built once)."""
+    out = {}
+    for scheme in ("fp8_per_channel", "mxfp8"):
+        model = oqcore.load(tiny_moe("mixtral"), scheme)
+        out[scheme] = oqcore.save_quantized(model, tmp_path_factory.mktemp("saved") / scheme)
+    return out
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _copy(src: Path, tmp_path: Path) -> Path:
+    d = tmp_path / "damaged"
+    shutil.copytree(src, d)
+    return d
+
+
+def _set(folder: Path, name: str, fill) -> None:
+    """Replace tensor ``name`` with a tensor of its dtype and shape, values from ``fill(float32 tensor)``."""
+    header, data = header_of(folder / F)
+    info = header[name]
+    start, end = info["data_offsets"]
+    dtype = {"F32": torch.float32, "F8_E8M0": torch.float8_e8m0fnu, "F8_E4M3": torch.float8_e4m3fn}[info["dtype"]]
+    old = torch.frombuffer(bytearray(data[start:end]), dtype=torch.uint8).view(dtype).reshape(info["shape"])
+    new = fill(old.float().clone()).to(dtype)
+    from tests.battery import st_forge
+
+    st_forge.TAGS.setdefault(torch.float8_e8m0fnu, "F8_E8M0")
+    replace_tensor(folder / F, name, new)
+
+
+def _first(t: torch.Tensor, v: float) -> torch.Tensor:
+    t.view(-1)[0] = v
+    return t
+
+
+SCALE_CASES = {
+    "nan": float("nan"),
+    "inf": float("inf"),
+    "neg_inf": float("-inf"),
+    "negative": -0.5,
+    "zero": 0.0,
+}
+
+
+@pytest.mark.parametrize("value", list(SCALE_CASES), ids=list(SCALE_CASES))
+@pytest.mark.parametrize("tensor", [f"{Q}.weight_scale", f"{EXP}.w2_weight_scale"], ids=["linear", "experts"])
+def test_bad_scale_value_fp8(saved, tmp_path, tensor, value):
+    d = _copy(saved["fp8_per_channel"], tmp_path)
+    _set(d, tensor, lambda t: _first(t, SCALE_CASES[value]))
+    before = _tree(d)
+    with raises_naming(CheckpointError, str(d / F), tensor, "finite and positive"):
+        oqcore.load(d)
+    assert _tree(d) == before
+
+
+@pytest.mark.parametrize("tensor", [f"{Q}.weight_scale", f"{EXP}.w13_weight_scale"], ids=["linear", "experts"])
+def test_nan_e8m0_scale_mxfp8(saved, tmp_path, tensor):
+    """e8m0 byte 0xFF is NaN (the only non-finite e8m0 value; e8m0 has no zero or sign)."""
+    d = _copy(saved["mxfp8"], tmp_path)
+    header, data = header_of(d / F)
+    start, _ = header[tensor]["data_offsets"]
+    blob = bytearray((d / F).read_bytes())
+    n = int.from_bytes(blob[:8], "little")
+    blob[8 + n + start] = 0xFF
+    (d / F).write_bytes(bytes(blob))
+    with raises_naming(CheckpointError, str(d / F), tensor, "finite and positive"):
+        oqcore.load(d)
+
+
+@pytest.mark.parametrize("tensor", [f"{Q}.weight", f"{EXP}.w2_weight"], ids=["linear", "experts"])
+def test_nan_float8_data(saved, tmp_path, tensor):
+    """e4m3fn has NaN at 0x7F/0xFF only; the quantizers saturate, so it never occurs in an export."""
+    d = _copy(saved["fp8_per_channel"], tmp_path)
+    header, _ = header_of(d / F)
+    start, _ = header[tensor]["data_offsets"]
+    blob = bytearray((d / F).read_bytes())
+    n = int.from_bytes(blob[:8], "little")
+    blob[8 + n + start + 3] = 0xFF
+    (d / F).write_bytes(bytes(blob))
+    with raises_naming(CheckpointError, str(d / F), tensor, "NaN"):
+        oqcore.load(d)
+
+
+def test_tiny_positive_scale_loads(saved, tmp_path):
+    """The check is on finiteness and sign only: a tiny positive scale is a valid export."""
+    d = _copy(saved["fp8_per_channel"], tmp_path)
+    _set(d, f"{Q}.weight_scale", lambda t: _first(t, 1e-30))
+    model = oqcore.load(d)
+    assert model.get_submodule(Q).weight_scale.view(-1)[0].item() == pytest.approx(1e-30)
