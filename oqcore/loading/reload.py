@@ -190,10 +190,14 @@ class _Job:
     def check(self, incoming: dict[str, torch.Tensor]) -> None:
         """Map every name, check every tensor and that every touched layer is complete."""
         claimed: dict[str, str] = {}  # parameter -> how it was given
+        self._map_unknown_names(incoming)
         for name, t in incoming.items():
             if name in self.source_to_group:
                 g = self.source_to_group[name]
-                target = _Target(tuple(self.state.source_shapes[name]), self.target_dtype(g.target), g)
+                # a group mapped here (not by the load) has no recorded source shape: the converted
+                # result is checked against the parameter's shape in pass 2 instead
+                shape = self.state.source_shapes.get(name, self.derived_shapes.get(name))
+                target = _Target(tuple(shape), self.target_dtype(g.target), g)
                 self.groups[g.target] = g
                 param, how = g.target, f"the checkpoint tensors {', '.join(repr(s) for s in g.sources[:3])}"
             elif name in self.hp or (name in self.params and self.owner(name) is None):
@@ -221,6 +225,33 @@ class _Job:
             missing = [p for p in self.layer_params[layer] if p not in provided]
             if missing:
                 raise CheckpointError(f"reload: layer {layer!r} is quantized as a whole; missing {', '.join(missing)}")
+
+    def _map_unknown_names(self, incoming: dict[str, torch.Tensor]) -> None:
+        """Map checkpoint names the load did not see (a model loaded from a saved quantized folder
+        knows only that folder's names, not the original per-expert ones) with transformers' own
+        conversion rules, as a load of the high-precision checkpoint would."""
+        self.derived_shapes: dict[str, tuple[int, ...]] = {}
+        unknown = [n for n in incoming if n not in self.source_to_group and n not in self.hp and n not in self.params]
+        if not unknown:
+            return
+        from oqcore.loading.names import NameMapper
+
+        targets = list(self.hp) + [n for n in self.params if self.owner(n) is None]
+        try:
+            groups, _ = NameMapper(self.model, targets).group(unknown)
+        except OqError:
+            raise
+        except Exception:  # names no rule maps stay unknown and are reported by name below
+            return
+        for g in groups:
+            # a target the load already mapped keeps the load's names (an unknown name reaching it,
+            # a typo'd expert index, stays unknown and is reported with a did-you-mean)
+            if (g.rule is None and g.target == g.sources[0]) or g.target in self.state.groups:
+                continue
+            for k in g.sources:
+                self.source_to_group[k] = g
+                t = incoming[k]
+                self.derived_shapes[k] = tuple(t.shape) if isinstance(t, torch.Tensor) else ()
 
     def _did_you_mean(self, name: str) -> str:
         known = list(self.source_to_group) + list(self.hp) + [n for n in self.params if self.owner(n) is None]
@@ -255,6 +286,11 @@ class _Job:
                             raise CheckpointError(f"reload: converting the checkpoint tensors gave {name!r}, not a weight of this model")
                         _check_tensor(name, value, _Target(tuple(p.shape), p.dtype), self.device)
                     continue
+                want = tuple(self.hp[name].shape) if name in self.hp else None
+                if want is not None and tuple(value.shape) != want:
+                    raise CheckpointError(
+                        f"reload: the given tensors make {name!r} of shape {list(value.shape)}, expected {list(want)}"
+                    )
                 pname = name.rpartition(".")[2]
                 if owner not in pending:  # a one-to-many rule reaching into another layer
                     pending[owner] = {}

@@ -190,3 +190,59 @@ def test_forward_shapes_match_bf16(scheme, case):
         # the same values as the contiguous input gives
         with torch.no_grad():
             assert torch.equal(qm(x.contiguous()), out)
+
+
+# ---- reload after save_quantized -> load: the original checkpoint names still map --------------
+
+
+@pytest.fixture(scope="module")
+def saved_mixtral(tmp_path_factory):
+    from oqcore.synthetic import make_tiny_moe
+
+    d = tmp_path_factory.mktemp("mixtral-saved")
+    kw = dict(hidden_size=64, intermediate_size=64, num_layers=1)
+    src = make_tiny_moe("mixtral", d / "src", seed=0, **kw)
+    new = make_tiny_moe("mixtral", d / "new", seed=1, **kw)
+    oqcore.save_quantized(oqcore.load(src, "fp8_per_channel"), d / "q")
+    return d / "q", new
+
+
+def _checkpoint(path) -> dict[str, torch.Tensor]:
+    from oqcore.loading.checkpoint import iter_checkpoint
+
+    return dict(iter_checkpoint(path))
+
+
+def test_reload_saved_folder_maps_checkpoint_names(saved_mixtral):
+    saved, new = saved_mixtral
+    model = oqcore.load(saved)
+    ptrs = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    touched = oqcore.reload_weights(model, _checkpoint(new))
+    assert touched
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == ptrs
+    want = _state_bytes(oqcore.load(new, "fp8_per_channel"))
+    got = _state_bytes(model)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+def _drop_expert(w):
+    key = next(k for k in w if ".experts.1.w1." in k)
+    return {k: v for k, v in w.items() if k != key}, "experts"
+
+
+def _bad_expert_shape(w):
+    key = next(k for k in w if ".experts.1.w2." in k)
+    return {**w, key: w[key][:, :-1].clone()}, "experts"
+
+
+@pytest.mark.parametrize("make", [_drop_expert, _bad_expert_shape])
+def test_reload_saved_folder_bad_experts_unchanged(saved_mixtral, make):
+    saved, new = saved_mixtral
+    model = oqcore.load(saved)
+    w, culprit = make(_checkpoint(new))
+    snap = snapshot(model)
+    with raises_naming(CheckpointError, culprit):
+        oqcore.reload_weights(model, w)
+    assert_unchanged(model, snap)
