@@ -397,9 +397,8 @@ def checkpoint_files(path: Path) -> list[Path]:
     (validated by :func:`read_index`), else ``model.safetensors``, else the folder's only
     ``*.safetensors`` file. Raises :class:`oqcore.CheckpointError` naming what is missing or wrong."""
     path = check_model_folder(path)
-    index = path / INDEX_NAME
     single = path / SINGLE_NAME
-    if index.exists():
+    if uses_index(path):
         return list(dict.fromkeys(read_index(path).values()))
     if single.exists():
         if not single.is_file():
@@ -408,10 +407,29 @@ def checkpoint_files(path: Path) -> list[Path]:
     others = sorted(p.name for p in path.glob("*.safetensors") if p.is_file())
     if len(others) == 1:
         return [path / others[0]]
+    if others:
+        raise CheckpointError(
+            f"{path}: no model.safetensors or model.safetensors.index.json (found {', '.join(others)}: "
+            "which one is meant? add a model.safetensors.index.json)"
+        )
+    legacy = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack") or p.name.endswith(".bin.index.json"))
     raise CheckpointError(
         f"{path}: no model.safetensors or model.safetensors.index.json"
-        + (f" (found {', '.join(others)}: which one is meant? add a model.safetensors.index.json)" if others else "")
+        + (
+            f" (found {', '.join(legacy)}: oqcore reads safetensors only, since pickled checkpoints can run "
+            "code; convert it, e.g. load it with transformers and save_pretrained(safe_serialization=True))"
+            if legacy
+            else ""
+        )
     )
+
+
+def uses_index(path: Path) -> bool:
+    """Whether the folder's weights are the shards of ``model.safetensors.index.json``: only when
+    there is no ``model.safetensors``. As in transformers (``_get_resolved_checkpoint_files``), a
+    single ``model.safetensors`` wins over an index next to it, which is then not read at all."""
+    path = Path(path)
+    return (path / INDEX_NAME).exists() and not (path / SINGLE_NAME).exists()
 
 
 def checkpoint_entries(path: Path) -> list[TensorEntry]:
@@ -422,7 +440,7 @@ def checkpoint_entries(path: Path) -> list[TensorEntry]:
     tensor a shard holds that the index does not list)."""
     path = check_model_folder(path)
     index = path / INDEX_NAME
-    weight_map = read_index(path) if index.exists() else None
+    weight_map = read_index(path) if uses_index(path) else None
     files = list(dict.fromkeys(weight_map.values())) if weight_map is not None else checkpoint_files(path)
     entries: list[TensorEntry] = []
     seen: dict[str, Path] = {}

@@ -183,6 +183,19 @@ def load(
     # every header and the shard index, before the model is even built
     entries = {e.name: e for e in checkpoint_entries(path)}
     model = _load_online(path, cfg, dev, dtype, progress, entries, t0)
+    unexpected = model.oq_state.stats.unexpected_keys
+    if unexpected:
+        # transformers logs these ("Some weights ... were not used") and loads on; so do we, with a
+        # warning (only once the load succeeded) naming the file(s) and the tensors skipped
+        files = sorted({str(entries[k].file) for k in unexpected})
+        shown = ", ".join(repr(k if len(k) <= 120 else k[:117] + "...") for k in unexpected[:5])
+        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
+        warnings.warn(
+            f"oqcore.load: {len(unexpected)} tensor(s) of {', '.join(files)} are not used by "
+            f"{type(model).__name__} and were skipped: {shown}{more}",
+            UserWarning,
+            stacklevel=3,
+        )
     if not model.oq_state.wrappers:
         why = "no config was given" if config is None else f"the config ({cfg.to_dict()}) matches no layer of this model"
         warnings.warn(
@@ -192,6 +205,25 @@ def load(
             stacklevel=3,
         )
     return model
+
+
+def _not_ignored(model: nn.Module, keys: list[str]) -> list[str]:
+    """``keys`` without those transformers itself ignores when unused: the model's
+    ``_keys_to_ignore_on_load_unexpected`` patterns (``re.search``), and stale ``rotary_emb.inv_freq``
+    / ``position_ids`` buffers of old checkpoints when the model has such buffers (as in
+    ``PreTrainedModel._adjust_missing_and_unexpected_keys``)."""
+    import re
+
+    patterns = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+    buffers = [n for n, _ in model.named_buffers()]
+    if any(n.endswith("rotary_emb.inv_freq") for n in buffers):
+        patterns.add(r"rotary_emb\.inv_freq")
+    if any(n.endswith("position_ids") for n in buffers):
+        patterns.add(r"(^|\.)position_ids$")
+    if not patterns:
+        return list(keys)
+    rx = re.compile("|".join(f"({p})" for p in patterns))
+    return [k for k in keys if rx.search(k) is None]
 
 
 def _load_online(
@@ -217,6 +249,7 @@ def _load_online(
         names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
         mapper = NameMapper(model, names)
         groups, unexpected = mapper.group(entries)
+        unexpected = _not_ignored(model, unexpected)
         stats.unexpected_keys = unexpected
         # headers against the model: already-quantized tensors, expert counts, kinds, shapes
         check_against_model(model, groups, unexpected, entries, path)

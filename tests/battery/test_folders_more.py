@@ -123,3 +123,74 @@ def test_tiny_positive_scale_loads(saved, tmp_path):
     _set(d, f"{Q}.weight_scale", lambda t: _first(t, 1e-30))
     model = oqcore.load(d)
     assert model.get_submodule(Q).weight_scale.view(-1)[0].item() == pytest.approx(1e-30)
+
+
+# ---- bf16 checkpoints: which file is read, unused tensors, pickled checkpoints ----------------
+
+
+@pytest.fixture
+def ckpt(tiny_moe, tmp_path) -> Path:
+    d = tmp_path / "m"
+    shutil.copytree(tiny_moe("mixtral"), d)
+    return d
+
+
+def _add(folder: Path, name: str, t: torch.Tensor) -> None:
+    from tests.battery.st_forge import add_tensors
+
+    add_tensors(folder / F, {name: t})
+
+
+UNUSED = {
+    "plain": "model.layers.0.not_a_weight.weight",
+    "zero_size": "model.layers.0.empty",
+    "unicode_long": "model." + "\u00e9" * 400,
+}
+
+
+@pytest.mark.parametrize("kind", list(UNUSED), ids=list(UNUSED))
+def test_unused_tensor_warns_and_loads(ckpt, kind):
+    """As transformers ("Some weights ... were not used"): the load goes on, and says which."""
+    name = UNUSED[kind]
+    _add(ckpt, name, torch.zeros(0 if kind == "zero_size" else 4, dtype=torch.bfloat16))
+    with pytest.warns(UserWarning, match="not used by MixtralForCausalLM") as rec:
+        model = oqcore.load(ckpt, "fp8_per_tensor")
+    msg = str(rec[0].message)
+    assert str(ckpt / F) in msg and name[:100] in msg
+    assert model.oq_state.stats.unexpected_keys == [name]
+
+
+def test_refused_load_does_not_warn_about_unused(ckpt):
+    """A load that fails says one thing: the error, not also a warning about skipped tensors."""
+    import warnings
+
+    _add(ckpt, "model.layers.0.extra", torch.zeros(2, dtype=torch.bfloat16))
+    header, _ = header_of(ckpt / F)
+    replace_tensor(ckpt / F, f"{Q}.weight", torch.zeros(3, 3, dtype=torch.bfloat16))
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        with raises_naming(CheckpointError, str(ckpt / F), f"{Q}.weight"):
+            oqcore.load(ckpt, "fp8_per_tensor")
+    assert not [w for w in rec if "not used" in str(w.message)]
+
+
+def test_single_file_wins_over_index(ckpt):
+    """transformers reads model.safetensors when present and ignores an index next to it; so does
+    oqcore (the index here names a shard that does not exist, and is not even read)."""
+    import json
+
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "missing.safetensors"}}))
+    model = oqcore.load(ckpt, "fp8_per_tensor")
+    assert len(model.oq_state.wrappers) > 0
+
+
+@pytest.mark.parametrize("legacy", ["pytorch_model.bin", "pytorch_model.bin.index.json"])
+def test_pickled_checkpoint_only_is_refused(ckpt, legacy):
+    from safetensors.torch import load_file
+
+    (ckpt / legacy).write_bytes(b"x" if legacy.endswith("json") else b"")
+    if legacy.endswith(".bin"):
+        torch.save(load_file(ckpt / F), ckpt / legacy)
+    (ckpt / F).unlink()
+    with raises_naming(CheckpointError, str(ckpt), legacy, "safetensors only"):
+        oqcore.load(ckpt, "fp8_per_tensor")
