@@ -17,7 +17,6 @@ problem found, each with its path.
 
 from __future__ import annotations
 
-import difflib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from pydantic import (
     model_validator,
 )
 
-from oqcore.errors import ConfigError, UnknownKeyError
+from oqcore.errors import ConfigError, UnknownKeyError, closest_name
 from oqcore.keys import QuantKey
 from oqcore.plugins import KINDS, Registry, get_plugin_manager, get_registry
 
@@ -74,10 +73,8 @@ def _is_internal_loc(part: Any) -> bool:
 
 
 def _did_you_mean(name: Any, valid: Iterable[str]) -> str:
-    if not isinstance(name, str):
-        return ""
-    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    close = closest_name(name, valid)
+    return f"; did you mean {close!r}?" if close else ""
 
 
 def _convert(err: ValidationError, prefix: str | None = None, model: type[BaseModel] | None = None) -> ConfigError:
@@ -698,8 +695,8 @@ class QuantizationConfig(_OqModel):
             raise ConfigError(f"config {obj!r} is neither a file (no such file) nor a shorthand or weight key name")
         names = sorted({*reg.shorthands, *reg.keys.names("weight"), ONLINE})
         raise ConfigError(
-            f"config {obj!r} is neither a file nor a shorthand or weight key name{_did_you_mean(obj, names)} "
-            f"Shorthands: {', '.join(sorted(reg.shorthands)) or '(none)'}; weight keys: "
+            f"config {_short(obj)} is neither a file nor a shorthand or weight key name{_did_you_mean(obj, names)}; "
+            f"shorthands: {', '.join(sorted(reg.shorthands)) or '(none)'}; weight keys: "
             f"{', '.join(reg.keys.names('weight')) or '(none)'}"
         )
 

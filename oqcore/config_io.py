@@ -68,6 +68,13 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
+def _short_path(p: Path, limit: int = 200) -> str:
+    """``p`` as text, cut in the middle when longer than ``limit`` characters (an error message
+    quoting a 5,000-character name helps nobody)."""
+    s = str(p)
+    return s if len(s) <= limit else f"{s[: limit // 2]}...{s[-limit // 2 :]}"
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The mapping held by a YAML or JSON config file (an empty file is ``{}``).
 
@@ -75,9 +82,14 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     not UTF-8, not valid YAML/JSON, or does not hold a mapping at the top.
     """
     p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
-    if p.is_dir():
+    try:
+        exists, is_dir = p.exists(), p.is_dir()
+    except (OSError, ValueError) as e:  # a name too long, with NUL bytes, in an unreadable folder
+        reason = getattr(e, "strerror", None) or str(e)
+        raise ConfigError(f"config file {_short_path(p)!r} cannot be opened: {reason}") from None
+    if not exists:
+        raise ConfigError(f"config file {_short_path(p)!r} does not exist")
+    if is_dir:
         raise ConfigError(f"config file {str(p)!r} is a directory, not a YAML/JSON file")
     try:
         raw = p.read_bytes()
@@ -123,6 +135,22 @@ def _no_duplicate_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 _BAD_KEY_CHARS = re.compile(r"[\s\[\]{}=]")
 
 
+_SPEC_FIELDS = ("weight", "activation", "options")
+
+
+def _targets_path(key: str) -> list[str]:
+    """The path of a ``targets.<pattern>[.weight|.activation|.options...]`` override key.
+
+    A ``targets`` key is a layer pattern, and patterns hold dots (``re:.*mlp.down_proj``,
+    ``model.layers.*.mlp``), so the pattern is everything after ``targets.`` up to the first part
+    that is a spec field (``weight``, ``activation``, ``options``), not one dotted part. The pattern
+    may hold brackets and dots (``targets.model.layers.[0-3].mlp=fp8_per_tensor``).
+    """
+    segs = key[len("targets.") :].split(".")
+    cut = next((i for i, p in enumerate(segs) if i > 0 and p in _SPEC_FIELDS), len(segs))
+    return ["targets", ".".join(segs[:cut]), *segs[cut:]]
+
+
 def parse_override(o: Any) -> tuple[list[str], Any]:
     """Split one ``dotted.key=value`` override into its key path and its YAML-parsed value.
 
@@ -137,10 +165,13 @@ def parse_override(o: Any) -> tuple[list[str], Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"override {o!r} has no key before '=' (e.g. moe.activation=mxfp8)")
-    parts = key.split(".")
+    if key.startswith("targets.") and len(key) > len("targets."):
+        parts = _targets_path(key)
+    else:
+        parts = key.split(".")
     if any(not p for p in parts):
         raise ConfigError(f"override {o!r}: key {key!r} has an empty part (write dotted names such as moe.activation)")
-    if _BAD_KEY_CHARS.search(key):
+    if any(_BAD_KEY_CHARS.search(p) for i, p in enumerate(parts) if not (i == 1 and parts[0] == "targets")):
         raise ConfigError(f"override {o!r}: key {key!r} may not hold spaces, brackets or '='; set a whole mapping or list as the value instead")
     if not value.strip():
         raise ConfigError(f"override {o!r} has no value after '=' (write null for none)")

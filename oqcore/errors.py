@@ -48,6 +48,19 @@ class ConfigError(OqError, ValueError):
         return type(self)(self.reason, join(self.field), errors=errors if len(errors) > 1 else None)
 
 
+def closest_name(name: object, valid: Iterable[str]) -> str | None:
+    """The valid name ``name`` most likely meant, or ``None``. Names are case-sensitive, so a
+    case-only difference (``FP8_PER_BLOCK``) is suggested first; else difflib's closest match."""
+    if not isinstance(name, str):
+        return None
+    valid = list(valid)
+    folded = [v for v in valid if v.casefold() == name.casefold()]
+    if folded:
+        return folded[0]
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 class UnknownKeyError(ConfigError):
     """A quantization key or shorthand name is not registered by any plugin.
 
@@ -60,8 +73,8 @@ class UnknownKeyError(ConfigError):
     ) -> UnknownKeyError:
         """Build the error for an unknown ``name`` among ``valid`` names, with a did-you-mean."""
         valid = sorted(valid)
-        close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        close = closest_name(name, valid)
+        hint = f"; did you mean {close!r}?" if close else ""
         listing = ", ".join(valid) if valid else "(none registered: is a scheme plugin installed?)"
         return cls(f"unknown {what} {name!r}{hint}; valid: {listing}", field)
 

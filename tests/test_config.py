@@ -264,7 +264,7 @@ def test_from_any_unknown_name_says_neither_file_nor_name():
         QuantizationConfig.from_any("toy_int5")
     msg = str(e.value)
     assert msg.startswith("config 'toy_int5' is neither a file nor a shorthand or weight key name; did you mean 'toy_int4'?")
-    assert "Shorthands: " in msg and "toy_moe_only" in msg
+    assert "shorthands: " in msg and "toy_moe_only" in msg
 
 
 def test_overrides_on_a_shorthand_base_merge_replace_and_keep_order():

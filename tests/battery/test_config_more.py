@@ -1,0 +1,171 @@
+"""More bad-input battery for configs (adversarial pass on issue 9): odd Python values in every
+field, odd files (encodings, tags, anchors, deep nesting, unopenable names), dotlist overrides
+with patterns as keys, and case variations. Each case asserts ConfigError (or its subclass
+UnknownKeyError) and that the message names the culprit; a few assert the valid result instead.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from oqcore import ConfigError, QuantizationConfig, QuantSpec, UnknownKeyError
+from oqcore.errors import InternalError
+
+from .util import raises_naming
+
+QC = QuantizationConfig
+FIELDS = ("linear", "moe", "targets", "ignore", "backend", "scheme", "quantization")
+ODD = {
+    "true": True, "int": 7, "float": 1.5, "nan": float("nan"), "bytes": b"fp8_per_tensor",
+    "tuple": ("fp8_per_tensor",), "frozenset": frozenset({"a"}), "object": object(),
+    "nested_list": [1, [2]],
+}
+
+
+@pytest.mark.parametrize("field", FIELDS)
+@pytest.mark.parametrize("value", list(ODD.values()), ids=list(ODD))
+def test_odd_value_in_every_field(field, value):
+    # 'ignore' alone quantizes nothing: the field's own error must still come first or alongside
+    with pytest.raises(ConfigError) as info:
+        QC(**{field: value})
+    assert not isinstance(info.value, InternalError)
+    msg = str(info.value)
+    assert field in msg or "quantizes nothing" in msg, msg
+
+
+@pytest.mark.parametrize("value", list(ODD.values()), ids=list(ODD))
+def test_odd_from_any(value):
+    with raises_naming(ConfigError, type(value).__name__, "expected a config"):
+        QC.from_any(value)
+
+
+@pytest.mark.parametrize("name, suggestion", [
+    ("FP8_PER_BLOCK", "fp8_per_block"), ("MXFP8", "mxfp8"), ("Fp8_Per_Tensor", "fp8_per_tensor"),
+])
+def test_case_variation_suggests_the_name(name, suggestion):
+    with raises_naming(ConfigError, repr(name), f"did you mean {suggestion!r}"):
+        QC.from_any(name)
+    with raises_naming(UnknownKeyError, "linear.weight", f"did you mean {suggestion!r}"):
+        QC(linear=name)
+
+
+def test_long_unknown_name_is_cut_in_the_message():
+    with raises_naming(ConfigError, "neither a file", "shorthands:") as info:
+        QC.from_any("x" * 5000)
+    assert len(str(info.value)) < 1000
+
+
+@pytest.mark.parametrize("path", ["a" * 5000, "a\0b"], ids=["too_long", "nul"])
+def test_unopenable_config_path(path):
+    with raises_naming(ConfigError, "config file"):
+        QC.from_yaml(path)
+
+
+@pytest.mark.parametrize("text, culprit", [
+    ("linear: fp8_per_tensor\nlinear: mxfp8\n", "duplicate key 'linear'"),
+    ("linear: !!python/object:os.system {}\n", "python/object"),
+    ("linear: !foo bar\n", "'!foo'"),
+    ("linear: !!binary aGVsbG8=\n", "bytes"),
+    ("linear: 2020-01-01\n", "date"),
+    ("linear:\n\tweight: mxfp8\n", "'\\t'"),
+    ("- a\n", "mapping at the top"),
+    ("1: mxfp8\n", "field names must be strings"),
+    ("? [a]\n: mxfp8\n", "unhashable key"),
+    ("a: &x mxfp8\nlinear: *x\n", "unknown field 'a'"),
+    ("linear: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+    ("", "quantizes nothing"),
+    ("# only a comment\n", "quantizes nothing"),
+])
+def test_odd_yaml_file(tmp_path, text, culprit):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with raises_naming(ConfigError, culprit, str(p)):
+        QC.from_yaml(p)
+
+
+@pytest.mark.parametrize("raw, culprit", [
+    (b"linear: \xff\xfe\n", "not UTF-8"),
+    ("linear: mxfp8".encode("utf-16"), "not UTF-8"),
+])
+def test_non_utf8_file(tmp_path, raw, culprit):
+    p = tmp_path / "c.yaml"
+    p.write_bytes(raw)
+    with raises_naming(ConfigError, culprit, str(p)):
+        QC.from_yaml(p)
+
+
+def test_bom_and_merge_keys_are_fine(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_bytes(b"\xef\xbb\xbflinear: &b {weight: mxfp8}\nmoe:\n  <<: *b\n")
+    cfg = QC.from_yaml(p)
+    assert str(cfg.linear) == "mxfp8" and str(cfg.moe) == "mxfp8"
+
+
+@pytest.mark.parametrize("text, culprit", [
+    ('{"linear": "mxfp8" // comment\n}', "not valid JSON"),
+    ('{"linear": "mxfp8", "linear": "mxfp8"}', "'linear' given twice"),
+    ('{"linear": NaN}', "float nan"),
+    ('{"linear": ' + "[" * 50000 + "]" * 50000 + "}", "nested too deeply"),
+])
+def test_odd_json_file(tmp_path, text, culprit):
+    p = tmp_path / "c.json"
+    p.write_text(text)
+    with raises_naming(ConfigError, culprit, str(p)):
+        QC.from_yaml(p)
+
+
+@pytest.mark.parametrize("override, culprit", [
+    ("a.b[0]=1", "brackets"),
+    ("linear..weight=x", "empty part"),
+    ("=x", "no key"),
+    ("linear", "key=value"),
+    ("linear= ", "no value"),
+    ("linear={a: [", "not valid YAML"),
+    ("linear=!!python/object:os.system {}", "python/object"),
+    ("linear=mxfp8\x00", "#x0000"),
+    ("ignore.0=x", "ignore"),
+    ("linear.weight.x=1", "linear.weight"),
+    ("targets.re:(=mxfp8", "re:("),
+    ("scheme=fp8", "did you mean 'mxfp8'"),
+])
+def test_bad_override(override, culprit):
+    with raises_naming(ConfigError, culprit):
+        QC.from_dotlist([override])
+
+
+@pytest.mark.parametrize("overrides, pattern, expected", [
+    (["targets.re:.*down_proj.*=mxfp8"], "re:.*down_proj.*", {"weight": "mxfp8"}),
+    (["targets.model.layers.[0-3].mlp.down_proj=fp8_per_tensor",
+      "targets.model.layers.[0-3].mlp.down_proj.activation=null"],
+     "model.layers.[0-3].mlp.down_proj", {"weight": "fp8_per_tensor", "activation": None}),
+    (["targets.re:.*x$.weight=mxfp8"], "re:.*x$", {"weight": "mxfp8"}),
+])
+def test_targets_override_keeps_dotted_pattern_whole(overrides, pattern, expected):
+    # a targets key is a layer pattern: its dots and brackets belong to the pattern, not the path
+    assert QC.from_dotlist(overrides).to_dict()["targets"] == {pattern: expected}
+
+
+@pytest.mark.parametrize("kwargs, culprit", [
+    ({"targets": {"re:(": "mxfp8"}}, "targets['re:(']"),
+    ({"linear": "mxfp8", "ignore": ["re:["]}, "ignore[0]"),
+    ({"linear": "mxfp8", "ignore": [1]}, "ignore[0]"),
+    ({"linear": {"weight": "fp8_per_tensor", "activation": "mxfp8"}}, "linear.activation"),
+    ({"linear": {"weight": "fp8_per_block", "options": {"block_size": "x"}}}, "linear.options.block_size"),
+    ({"linear": {"weight": "fp8_per_tensor", "options": {1: 1}}}, "linear.options"),
+    ({"linear": "fp8_per_tensor", "backend": {"moe": "torch"}}, "backend.moe"),
+    ({"linear": "fp8_per_tensor", "backend": {"linear": "nope"}}, "backend.linear"),
+    ({"linear": "fp8_per_tensor", "backend": {"fp8_per_tensor": "torch"}}, "backend.fp8_per_tensor"),
+    ({"scheme": "mxfp8", "quantization": "online", "linear": "mxfp8"}, "quantization"),
+])
+def test_bad_field_values(kwargs, culprit):
+    with raises_naming(ConfigError, culprit):
+        QC(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, culprit", [
+    ({"weight": None}, "weight"), ({"weight": True}, "weight"), ({"weight": "nope"}, "'nope'"),
+    ({"weight": "mxfp8", "activation": 3}, "activation"), ({"weight": "mxfp8", "options": 3}, "options"),
+])
+def test_bad_quantspec(kwargs, culprit):
+    with raises_naming(ConfigError, culprit):
+        QuantSpec(**kwargs)
