@@ -8,7 +8,8 @@ from typing import Any
 
 from torch import nn
 
-from oqcore.loading.state import get_state, tensor_bytes
+from oqcore.errors import ConfigError
+from oqcore.loading.state import OqState, get_state, tensor_bytes
 from oqcore.plugins import get_registry
 
 
@@ -83,8 +84,15 @@ def _mb(n: int) -> str:
 def report(model: nn.Module) -> Report:
     """The :class:`Report` of a model made by :func:`oqcore.load` or :func:`oqcore.quantize_`.
 
-    Raises :class:`oqcore.OqError` for a model oqcore did not produce.
+    Raises :class:`oqcore.ConfigError` (field ``model``, a subclass of :class:`oqcore.OqError`) for
+    anything oqcore did not produce.
     """
+    if not isinstance(getattr(model, "oq_state", None), OqState):
+        raise ConfigError(
+            f"{type(model).__name__} was not loaded or quantized by oqcore (no oq_state); use oqcore.load or "
+            "oqcore.quantize_ first",
+            "model",
+        )
     state = get_state(model)
     reg = get_registry()
     rows: dict[tuple, SchemeRow] = {}

@@ -102,10 +102,18 @@ def quantize_(
             process_layer(w)
             stats.seconds_quantize += time.perf_counter() - t
             wrappers[lp.name] = w
-        # Every layer succeeded: only now does the model change.
+        # Every layer succeeded: only now does the model change. A module reachable at several
+        # paths (one nn.Linear shared by two blocks) is replaced at every path by its one wrapper,
+        # else the other paths would keep running the high-precision original.
+        paths: dict[int, list[str]] = {}
+        for name, m in model.named_modules(remove_duplicate=False):
+            paths.setdefault(id(m), []).append(name)
         for name, w in wrappers.items():
-            _carry_module_state(model.get_submodule(name), w)
-            set_submodule(model, name, w)
+            module = model.get_submodule(name)
+            _carry_module_state(module, w)
+            w.oq_tied = _tied_names(model, name, module)
+            for path in paths.get(id(module), [name]):
+                set_submodule(model, path, w)
     stats.baseline_rss, stats.peak_rss = mem.baseline, mem.peak
     stats.quantized_bytes = sum(tensor_bytes(w) for w in wrappers.values())
     stats.model_bytes = tensor_bytes(model)
@@ -126,6 +134,21 @@ _HOOK_TABLES = (
     "_backward_hooks",
     "_backward_pre_hooks",
 )
+
+
+def _tied_names(model: nn.Module, name: str, module: nn.Module) -> dict[str, list[str]]:
+    """``{parameter of module: [the model's other names of that same tensor]}`` for weights tied
+    outside the module (an lm_head sharing the embedding's weight). :func:`oqcore.reload_weights`
+    feeds a new value given under one of those names to this layer too, so the quantized copy does
+    not silently keep the old weight while the tied tensor moves on."""
+    own = {id(p): pname for pname, p in module.named_parameters(recurse=False)}
+    out: dict[str, list[str]] = {}
+    prefix = name + "."
+    for full, p in model.named_parameters(remove_duplicate=False):
+        pname = own.get(id(p))
+        if pname is not None and not (full.startswith(prefix) and "." not in full[len(prefix):]):
+            out.setdefault(pname, []).append(full)
+    return out
 
 
 def _carry_module_state(module: nn.Module, wrapper: nn.Module) -> None:

@@ -68,7 +68,7 @@ def reload_weights(model: nn.Module, weights: Weights) -> list[str]:
       raises (:class:`oqcore.UnsupportedLayerError`) pass through.
     """
     state = _state_of(model)
-    incoming = _collect(weights)
+    incoming = _add_tied(state, _collect(weights))
     job = _Job(model, state)
     job.check(incoming)
     staged = job.quantize(incoming)
@@ -137,6 +137,22 @@ def _collect(weights: Weights) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"reload: weight {name!r} is given twice")
         out[name] = t
         i += 1
+    return out
+
+
+def _add_tied(state: OqState, incoming: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Give a quantized layer whose weight was tied to another parameter (an lm_head tied to the
+    embedding, recorded by :func:`oqcore.quantize_` as ``oq_tied``) the value given for that
+    parameter, unless the layer's own weight is given too. ``model.named_parameters()`` lists a
+    tied tensor once, so without this the lm_head would silently keep the old weight."""
+    out = incoming
+    for layer, w in state.wrappers.items():
+        for pname, others in (getattr(w, "oq_tied", None) or {}).items():
+            own = f"{layer}.{pname}"
+            given = next((o for o in others if o in incoming), None)
+            if own not in incoming and given is not None:
+                out = dict(out) if out is incoming else out
+                out[own] = incoming[given]
     return out
 
 

@@ -246,3 +246,65 @@ def test_reload_saved_folder_bad_experts_unchanged(saved_mixtral, make):
     with raises_naming(CheckpointError, culprit):
         oqcore.reload_weights(model, w)
     assert_unchanged(model, snap)
+
+
+# ---- quantize_ / reload: shared modules and tied weights ----------------------------------------
+
+
+class _Shared(nn.Module):
+    """One nn.Linear reachable at two paths."""
+
+    def __init__(self):
+        super().__init__()
+        shared = nn.Linear(64, 64)
+        self.a = shared
+        self.b = shared
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+class _Tied(nn.Module):
+    """An lm_head sharing the embedding's weight (tie_word_embeddings)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(16, 64)
+        self.mid = nn.Linear(64, 64)
+        self.lm_head = nn.Linear(64, 16, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.lm_head(self.mid(self.embed(ids)))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quantize_shared_module_replaced_at_every_path(scheme):
+    torch.manual_seed(0)
+    model = _Shared().bfloat16()
+    oqcore.quantize_(model, scheme)
+    assert model.a is model.b and type(model.b).__name__ == "QuantizedLinear"
+    with raises_naming(CheckpointError, "b.weight", "a.weight"):  # one layer, named once
+        oqcore.reload_weights(model, {"b.weight": torch.zeros(64, 64), "b.bias": torch.zeros(64)})
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_reload_tied_lm_head_follows_the_embedding(scheme):
+    """``named_parameters()`` lists a tied weight once (as embed.weight): reloading it must refresh
+    the quantized lm_head too, exactly as quantizing the new model does."""
+    torch.manual_seed(0)
+    model = oqcore.quantize_(_Tied().bfloat16(), scheme)
+    torch.manual_seed(1)
+    new = _Tied().bfloat16()
+    touched = oqcore.reload_weights(model, dict(new.named_parameters()))
+    assert "lm_head" in touched
+    want = _state_bytes(oqcore.quantize_(new, scheme))
+    got = _state_bytes(model)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+@pytest.mark.parametrize("bad", [nn.Linear(2, 2), None, "model"])
+def test_report_of_a_model_oqcore_did_not_make(bad):
+    with raises_naming(oqcore.ConfigError, "model", "oqcore.load"):
+        oqcore.report(bad)
