@@ -305,8 +305,28 @@ def _check_destination(path: Path | None, option: str, folder: bool) -> None:
         anc = anc.parent
     if not anc.is_dir():
         raise SaveError(f"{option} {path}: {anc} is a file, not a folder")
+    if not folder and anc != path.parent:
+        # the figures are written with one open(): their folder must exist already
+        raise SaveError(f"{option} {path}: folder {path.parent} does not exist; create it or give a path in an existing folder")
     if not os.access(anc, os.W_OK | os.X_OK):
         raise SaveError(f"{option} {path}: folder {anc} is not writable")
+    _probe_writable(anc, path, option)
+
+
+def _probe_writable(folder: Path, path: Path, option: str) -> None:
+    """Create and remove a scratch folder in ``folder``: ``os.access`` says yes to root everywhere
+    and knows nothing of read-only or virtual file systems (``/proc``), so only trying tells.
+    Raises :class:`oqcore.SaveError` naming the option and path."""
+    import tempfile
+
+    try:
+        probe = tempfile.mkdtemp(prefix=".oq-probe-", dir=folder)
+    except OSError as e:
+        raise SaveError(f"{option} {path}: cannot write in folder {folder} ({e.strerror or e})") from None
+    try:
+        os.rmdir(probe)
+    except OSError:  # a leftover empty scratch folder is harmless; the real write reports its own error
+        pass
 
 
 def _check_out(out: Path, source: Path) -> None:
