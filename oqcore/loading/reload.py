@@ -72,7 +72,7 @@ def reload_weights(model: nn.Module, weights: Weights) -> list[str]:
     job = _Job(model, state)
     job.check(incoming)
     staged = job.quantize(incoming)
-    job.commit(incoming, staged)
+    job.commit(_unalias(model, incoming), staged)
     return job.touched_layers
 
 
@@ -153,6 +153,19 @@ def _add_tied(state: OqState, incoming: dict[str, torch.Tensor]) -> dict[str, to
             if own not in incoming and given is not None:
                 out = dict(out) if out is incoming else out
                 out[own] = incoming[given]
+    return out
+
+
+def _unalias(model: nn.Module, incoming: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``incoming`` with a private copy of every tensor that shares storage with one of the
+    model's parameters or buffers. The commit copies one tensor after another, so a value read
+    from the model itself (its own parameters swapped, an overlapping or expanded view of one)
+    would otherwise be read after an earlier copy overwrote it: silently wrong values."""
+    storages = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers()) if not t.is_meta}
+    out = dict(incoming)
+    for name, t in incoming.items():
+        if t.device.type != "meta" and t.untyped_storage().data_ptr() in storages:
+            out[name] = t.detach().clone()
     return out
 
 

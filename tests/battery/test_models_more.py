@@ -308,3 +308,34 @@ def test_reload_tied_lm_head_follows_the_embedding(scheme):
 def test_report_of_a_model_oqcore_did_not_make(bad):
     with raises_naming(oqcore.ConfigError, "model", "oqcore.load"):
         oqcore.report(bad)
+
+
+# ---- reload: values read from the model's own storages ----------------------------------------
+
+
+def _own_swapped(model, w):
+    w["norm.weight"], w["norm.bias"] = model.norm.bias.detach(), model.norm.weight.detach()
+    return w
+
+
+def _own_overlapping(model, w):
+    w["embed.weight"] = torch.as_strided(model.embed.weight.detach(), (16, 64), (32, 1))
+    return w
+
+
+def _own_expanded(model, w):
+    w["embed.weight"] = model.embed.weight.detach()[3:4].expand(16, 64)
+    return w
+
+
+@pytest.mark.parametrize("make", [_own_swapped, _own_overlapping, _own_expanded])
+def test_reload_from_own_storages_reads_values_as_given(make):
+    """The new values are those the tensors held when reload_weights was called, even when they
+    are views of the model's own parameters that the commit overwrites."""
+    model = oqcore.quantize_(net(), "fp8_per_channel")
+    w = make(model, new_weights())
+    expected = {k: v.detach().clone() for k, v in w.items()}
+    oqcore.reload_weights(model, w)
+    params = dict(model.named_parameters())
+    for k in ("embed.weight", "norm.weight", "norm.bias"):
+        assert torch.equal(params[k].detach(), expected[k].to(params[k].dtype)), k
