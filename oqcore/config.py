@@ -494,7 +494,7 @@ class QuantizationConfig(_OqModel):
         out: dict[str, Any] = {}
         problems: list[ConfigError] = []
         for pattern, spec in v.items():
-            where = f"[{pattern!r}]"
+            where = f"[{_short(pattern, 120)}]"
             try:
                 check_pattern(pattern, where)
             except ConfigError as e:
@@ -828,7 +828,10 @@ def check_pattern(pattern: Any, field: str) -> None:
     if not isinstance(pattern, str) or not pattern:
         raise ConfigError(f"a layer pattern must be a non-empty string, got {type(pattern).__name__} {_short(pattern)}", field)
     if pattern.startswith("re:"):
+        if not pattern[3:]:
+            # an empty regex matches every layer (re.match), almost surely a slip: make it explicit
+            raise ConfigError("'re:' holds no regular expression; write re:.* to match every layer", field)
         try:
             re.compile(pattern[3:])
         except (re.error, RecursionError, OverflowError) as e:
-            raise ConfigError(f"invalid regular expression {pattern[3:]!r}: {e}", field) from None
+            raise ConfigError(f"invalid regular expression {_short(pattern[3:], 120)}: {e}", field) from None

@@ -169,3 +169,23 @@ def test_bad_field_values(kwargs, culprit):
 def test_bad_quantspec(kwargs, culprit):
     with raises_naming(ConfigError, culprit):
         QuantSpec(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, culprit", [
+    ({"targets": {"re:": "mxfp8"}}, "targets['re:']"),
+    ({"linear": "mxfp8", "ignore": ["re:"]}, "ignore[0]"),
+])
+def test_empty_regex_is_refused(kwargs, culprit):
+    # an empty re: matches every layer (re.match): refuse it and say how to ask for that
+    with raises_naming(ConfigError, culprit, "re:.*"):
+        QC(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, culprit", [
+    ({"targets": {"re:" + "a" * 5000 + "(": "mxfp8"}}, "targets['re:aaa"),
+    ({"linear": "mxfp8", "ignore": ["re:" + "a" * 5000 + "("]}, "ignore[0]"),
+])
+def test_long_bad_regex_is_cut_in_the_message(kwargs, culprit):
+    with raises_naming(ConfigError, culprit, "invalid regular expression") as info:
+        QC(**kwargs)
+    assert len(str(info.value)) < 1000
