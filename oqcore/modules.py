@@ -113,7 +113,8 @@ class QuantizedMoE(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """Route ``hidden_states`` through the experts and combine with ``top_k_weights``."""
-        _check_input(self.layer_name, hidden_states, None)
+        _check_input(self.layer_name, hidden_states, self.layout.hidden_size)
+        top_k_index, top_k_weights = _route(self.layer_name, top_k_index, top_k_weights, self.layout.num_experts)
         shape = hidden_states.shape
         out = self.method.apply(self, hidden_states.reshape(-1, shape[-1]), top_k_index, top_k_weights)
         return out.reshape(shape)
@@ -137,6 +138,24 @@ def _check_input(layer: str, x: object, k: int | None) -> None:
             f"layer {layer!r}: input of shape {list(x.shape)} cannot be multiplied with the weight: last dimension "
             f"must be in_features={k}"
         )
+
+
+def _route(layer: str, index: object, weights: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(index, weights)`` with every expert id outside ``[0, E)`` sent to expert 0 at weight 0.
+
+    transformers' experts skip such ids (expert parallelism marks experts of other ranks with
+    them), so the token gets no contribution from that slot; a fused kernel would instead read
+    past the expert stacks (garbage, NaN). Elementwise, so no host sync and compile-clean.
+    Raises ``IndexError`` (what indexing with them raises) for ids that are not integers."""
+    if not isinstance(index, torch.Tensor):
+        raise TypeError(f"layer {layer!r}: top_k_index must be a torch.Tensor, got {type(index).__name__}")
+    if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
+        raise IndexError(f"layer {layer!r}: top_k_index must hold integer expert ids, got {index.dtype}")
+    valid = (index >= 0) & (index < num_experts)
+    index = torch.where(valid, index, torch.zeros_like(index))
+    if isinstance(weights, torch.Tensor) and weights.shape == valid.shape:
+        weights = torch.where(valid, weights, torch.zeros_like(weights))
+    return index, weights
 
 
 def empty_like(wrapper: nn.Module) -> nn.Module:

@@ -339,3 +339,61 @@ def test_reload_from_own_storages_reads_values_as_given(make):
     params = dict(model.named_parameters())
     for k in ("embed.weight", "norm.weight", "norm.bias"):
         assert torch.equal(params[k].detach(), expected[k].to(params[k].dtype)), k
+
+
+# ---- forwards of quantized experts --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def moe_experts(tmp_path_factory):
+    """``{(arch, scheme): QuantizedMoE}`` of tiny loaded MoE models."""
+    from oqcore.synthetic import make_tiny_moe
+
+    out = {}
+    for arch in ("mixtral", "gpt_oss"):
+        src = make_tiny_moe(arch, tmp_path_factory.mktemp(arch), hidden_size=64, intermediate_size=64, num_layers=1)
+        for scheme in ("fp8_per_channel", "mxfp8"):
+            model = oqcore.load(src, scheme)
+            out[arch, scheme] = next(m for m in model.modules() if type(m).__name__ == "QuantizedMoE")
+    return out
+
+
+MOE_CASES = [(a, s) for a in ("mixtral", "gpt_oss") for s in ("fp8_per_channel", "mxfp8")]
+
+
+@pytest.mark.parametrize("arch,scheme", MOE_CASES)
+def test_moe_out_of_range_ids_contribute_nothing(moe_experts, arch, scheme):
+    """An expert id outside [0, E) (expert parallelism's 'not here') adds nothing; a fused kernel
+    must not read past the stacks (it gave NaN/garbage)."""
+    experts = moe_experts[arch, scheme]
+    torch.manual_seed(0)
+    h = torch.randn(4, 64).bfloat16()
+    idx = torch.tensor([[0, 4], [1, -1], [2, 3], [-5, 9]])
+    w = torch.rand(4, 2).bfloat16()
+    valid = (idx >= 0) & (idx < 4)
+    with torch.no_grad():
+        out = experts(h, idx, w)
+        want = experts(h, torch.where(valid, idx, 0), torch.where(valid, w, 0))
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, want)
+    assert not out[3].any()
+
+
+@pytest.mark.parametrize("arch,scheme", MOE_CASES)
+@pytest.mark.parametrize(
+    "case,exc",
+    [("float_ids", IndexError), ("hidden_plus_1", RuntimeError), ("int_hidden", RuntimeError), ("zero_dim", RuntimeError)],
+)
+def test_moe_bad_inputs_raise_torch_kind_naming_layer(moe_experts, arch, scheme, case, exc):
+    experts = moe_experts[arch, scheme]
+    h, idx, w = torch.randn(4, 64).bfloat16(), torch.randint(0, 4, (4, 2)), torch.rand(4, 2).bfloat16()
+    if case == "float_ids":
+        idx = idx.float()
+    elif case == "hidden_plus_1":
+        h = torch.randn(4, 65).bfloat16()
+    elif case == "int_hidden":
+        h = torch.randint(0, 3, (4, 64))
+    else:
+        h = torch.tensor(1.0).bfloat16()
+    with pytest.raises(exc, match="layer 'model.layers.0.mlp.experts'"):
+        experts(h, idx, w)
