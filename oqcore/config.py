@@ -671,7 +671,7 @@ class QuantizationConfig(_OqModel):
         if isinstance(obj, Mapping):
             return dict(obj), None
         if isinstance(obj, Path):
-            return config_io.read_config_file(obj), str(obj)
+            return _not_model_config(config_io.read_config_file(obj), str(obj)), str(obj)
         if not isinstance(obj, str):
             raise ConfigError(
                 f"expected a config: a mapping, a YAML/JSON file path, a shorthand or key name, got {type(obj).__name__} {_short(obj)}"
@@ -682,7 +682,7 @@ class QuantizationConfig(_OqModel):
         except (OSError, ValueError):  # a name too long or with NUL bytes is no file
             is_file = False
         if is_file:
-            return config_io.read_config_file(p), obj
+            return _not_model_config(config_io.read_config_file(p), obj), obj
         reg = get_registry()
         if obj == ONLINE:
             return {"quantization": ONLINE}, None
@@ -691,8 +691,18 @@ class QuantizationConfig(_OqModel):
         info = reg.keys.get(obj)
         if info is not None:
             return {kind: {"weight": obj} for kind in _kinds_for_key(obj, reg)}, None
+        # checked after the names, so a folder that happens to be named like a shorthand never shadows it
+        try:
+            is_dir = p.is_dir()
+        except (OSError, ValueError):
+            is_dir = False
+        if is_dir:
+            raise ConfigError(
+                f"config {_short(obj)} is a folder, not a YAML/JSON config file or a shorthand/key name "
+                "(a model folder goes to --model / oqcore.load's path)"
+            )
         if p.suffix.lower() in (".yaml", ".yml", ".json") or "/" in obj or "\\" in obj:
-            raise ConfigError(f"config {obj!r} is neither a file (no such file) nor a shorthand or weight key name")
+            raise ConfigError(f"config {_short(obj, 200)} is neither a file (no such file) nor a shorthand or weight key name")
         names = sorted({*reg.shorthands, *reg.keys.names("weight"), ONLINE})
         raise ConfigError(
             f"config {_short(obj)} is neither a file nor a shorthand or weight key name{_did_you_mean(obj, names)}; "
@@ -777,6 +787,26 @@ class QuantizationConfig(_OqModel):
         if self.backend:
             out["backend"] = dict(self.backend)
         return out
+
+
+_MODEL_CONFIG_KEYS = ("model_type", "architectures")
+
+
+def _not_model_config(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """``data`` unchanged, unless it is a model's ``config.json`` (``model_type`` /
+    ``architectures``) given where a quantization config goes: one clear ConfigError then, not one
+    'unknown field' per model setting."""
+    if any(k in data for k in _MODEL_CONFIG_KEYS) and not any(k in data for k in QuantizationConfig.model_fields):
+        hint = (
+            "; its 'quantization_config' entry is read when the folder is loaded (give the folder as the model)"
+            if "quantization_config" in data
+            else ""
+        )
+        raise ConfigError(
+            f"config file {source!r} is a model's config.json (it has {', '.join(k for k in _MODEL_CONFIG_KEYS if k in data)}), "
+            f"not a quantization config (fields: {', '.join(_field_names(QuantizationConfig))}){hint}"
+        )
+    return data
 
 
 def _kinds_for_key(name: str, reg: Registry) -> list[str]:

@@ -86,3 +86,9 @@ def test_config_file_bytes_not_utf8(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_bytes(b"linear: \xff\n")
     check(invoke(["validate", "-c", p]), 2, ("not UTF-8", str(p)))
+
+
+def test_model_folder_and_its_config_json_as_config(cfg_only):
+    check(invoke(["validate", "-c", cfg_only]), 2, ("is a folder", "--model"))
+    # one line, not one 'unknown field' line per model setting
+    check(invoke(["validate", "-c", cfg_only / "config.json"]), 2, ("model's config.json", "model_type"))

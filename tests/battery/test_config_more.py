@@ -189,3 +189,27 @@ def test_long_bad_regex_is_cut_in_the_message(kwargs, culprit):
     with raises_naming(ConfigError, culprit, "invalid regular expression") as info:
         QC(**kwargs)
     assert len(str(info.value)) < 1000
+
+
+def test_folder_as_config_says_folder(tmp_path, monkeypatch):
+    (tmp_path / "somemodel").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with raises_naming(ConfigError, "'somemodel'", "is a folder", "--model"):
+        QC.from_any("somemodel")
+
+
+def test_folder_named_like_a_shorthand_does_not_shadow_it(tmp_path, monkeypatch):
+    (tmp_path / "mxfp8").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert str(QC.from_any("mxfp8").linear) == "mxfp8"
+
+
+@pytest.mark.parametrize("extra, culprit", [({}, "model_type"), ({"quantization_config": {}}, "quantization_config")])
+def test_model_config_json_as_config_is_one_error(tmp_path, extra, culprit):
+    import json
+
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps({"model_type": "mixtral", "architectures": ["X"], "hidden_size": 8, **extra}))
+    with raises_naming(ConfigError, str(p), "model's config.json", culprit) as info:
+        QC.from_any(p)
+    assert len(info.value.errors) == 1
