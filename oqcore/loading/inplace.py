@@ -75,7 +75,22 @@ def quantize_(
                 f"the model itself is a {type(model).__name__}: quantize_ replaces layers inside a model and cannot "
                 "replace the object you hold; wrap it: quantize_(nn.Sequential(layer), config)[0] is the quantized layer",
             )
-        for pname, p in model.get_submodule(lp.name).named_parameters(recurse=False):
+        module = model.get_submodule(lp.name)
+        # the wrapper keeps only the weights its method knows: a buffer or a child holding
+        # tensors (an adapter) would silently vanish from the model
+        extra = [f"buffer {n!r}" for n, b in module.named_buffers(recurse=False) if b is not None]
+        extra += [f"submodule {n!r}" for n, c in module.named_children() if any(True for _ in c.parameters()) or any(True for _ in c.buffers())]
+        if extra:
+            raise UnsupportedLayerError(
+                lp.name,
+                f"{type(module).__name__} holds {', '.join(extra)} besides its weights; the quantized layer would drop "
+                "it: leave the layer unquantized (ignore) or merge it first",
+            )
+        for pname, p in module.named_parameters(recurse=False):
+            if p.layout != torch.strided:
+                raise UnsupportedLayerError(
+                    lp.name, f"parameter {pname!r} has layout {p.layout}; quantize_ takes dense weights (to_dense())"
+                )
             if p.dtype not in HP_DTYPES:
                 raise UnsupportedLayerError(
                     lp.name, f"parameter {pname!r} has dtype {p.dtype}; quantize_ takes weights in {dtype_names()}"

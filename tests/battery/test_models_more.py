@@ -397,3 +397,38 @@ def test_moe_bad_inputs_raise_torch_kind_naming_layer(moe_experts, arch, scheme,
         h = torch.tensor(1.0).bfloat16()
     with pytest.raises(exc, match="layer 'model.layers.0.mlp.experts'"):
         experts(h, idx, w)
+
+
+# ---- quantize_: what a wrapper would drop, sparse weights ----------------------------------------
+
+
+def _with_buffer():
+    model = nn.Sequential(nn.Linear(64, 64))
+    model[0].register_buffer("lora_scale", torch.ones(3))
+    return model, "lora_scale"
+
+
+def _with_adapter():
+    model = nn.Sequential(nn.Linear(64, 64))
+    model[0].adapter = nn.Linear(64, 4)
+    return model, "adapter"
+
+
+def _sparse_weight():
+    model = nn.Sequential(nn.Linear(64, 64))
+    model[0].weight = nn.Parameter(model[0].weight.detach().to_sparse())
+    return model, "sparse"
+
+
+@pytest.mark.parametrize("make", [_with_buffer, _with_adapter, _sparse_weight])
+def test_quantize_refuses_what_the_wrapper_would_drop(make):
+    model, culprit = make()
+    before = {id(m) for m in model.modules()}
+    with raises_naming(UnsupportedLayerError, "'0'", culprit):
+        oqcore.quantize_(model, "fp8_per_channel")
+    assert {id(m) for m in model.modules()} == before and not hasattr(model, "oq_state")
+    if culprit != "sparse":
+        snap = snapshot(model)
+        with pytest.raises(UnsupportedLayerError):
+            oqcore.quantize_(model, "fp8_per_channel")
+        assert_unchanged(model, snap)
