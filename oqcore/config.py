@@ -650,8 +650,8 @@ class QuantizationConfig(_OqModel):
         if isinstance(obj, QuantizationConfig) and not overrides:
             return obj
         base, source = cls._base_of(obj)
-        data = config_io.apply_overrides(base, overrides, _normalize_for_override)
         try:
+            data = config_io.apply_overrides(base, overrides, _normalize_for_override)
             return cls._validate_text(data, interpolate)
         except ConfigError as e:
             if source is None:

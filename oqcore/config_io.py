@@ -218,15 +218,30 @@ def apply_overrides(
     return out
 
 
-def _copy_tree(value: Any, _depth: int = 0) -> Any:
+MAX_NODES = 1_000_000  # far above any real config (a 100,000-entry ignore list is 100,001 nodes)
+
+
+def _copy_tree(value: Any, _depth: int = 0, _budget: list[int] | None = None) -> Any:
     """Copy the dicts and lists of ``value`` (so overrides never touch the caller's data); other
-    objects (keys, specs, whatever a caller passed) are shared, never deep-copied."""
+    objects (keys, specs, whatever a caller passed) are shared, never deep-copied.
+
+    Raises :class:`oqcore.ConfigError` past 100 levels of nesting or :data:`MAX_NODES` values in
+    all: YAML aliases share one list many times over ("billion laughs": 9 lines expand to 10^8
+    values), and copying that would hang and exhaust memory instead of failing.
+    """
+    if _budget is None:
+        _budget = [MAX_NODES]
+    _budget[0] -= 1
+    if _budget[0] < 0:
+        raise ConfigError(
+            f"the config holds more than {MAX_NODES:,} values (YAML aliases expanding a list many times over?)"
+        )
     if _depth > 100:
         raise ConfigError("the config is nested too deeply")
     if isinstance(value, Mapping):
-        return {k: _copy_tree(v, _depth + 1) for k, v in value.items()}
+        return {k: _copy_tree(v, _depth + 1, _budget) for k, v in value.items()}
     if isinstance(value, list):
-        return [_copy_tree(v, _depth + 1) for v in value]
+        return [_copy_tree(v, _depth + 1, _budget) for v in value]
     return value
 
 

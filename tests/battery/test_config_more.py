@@ -213,3 +213,19 @@ def test_model_config_json_as_config_is_one_error(tmp_path, extra, culprit):
     with raises_naming(ConfigError, str(p), "model's config.json", culprit) as info:
         QC.from_any(p)
     assert len(info.value.errors) == 1
+
+
+def test_billion_laughs_is_refused_not_expanded(tmp_path):
+    # 9 lines of YAML aliases stand for 9**8 = 43 million strings: refuse, do not hang
+    lines = ['l0: &l0 ["x","x","x","x","x","x","x","x","x"]']
+    lines += [f"l{i}: &l{i} [{','.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 8)]
+    p = tmp_path / "laughs.yaml"
+    p.write_text("\n".join(lines) + "\nignore: *l7\nlinear: mxfp8\n")
+    with raises_naming(ConfigError, "more than 1,000,000 values", str(p)):
+        QC.from_yaml(p)
+
+
+def test_shared_python_lists_count_too():
+    inner = ["x"] * 1000
+    with raises_naming(ConfigError, "more than 1,000,000 values"):
+        QC.from_any({"linear": "mxfp8", "ignore": [inner] * 1001})
