@@ -6,6 +6,8 @@ before the first weight is read.
 
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 
 import torch
@@ -167,7 +169,7 @@ def check_against_model(
     err = find_prequantized(entries, unexpected, targets)
     if err is not None:
         raise err
-    check_expert_counts(model, groups, path)
+    check_expert_counts(model, groups, path, entries)
     for g in groups:
         target = places[g.target]
         if target is None:  # pragma: no cover - groups only hold names the model has
@@ -220,7 +222,9 @@ def _check_kind(e: TensorEntry, target: torch.Tensor, target_name: str) -> None:
     )
 
 
-def check_expert_counts(model: nn.Module, groups: list[TargetGroup], path: Path) -> None:
+def check_expert_counts(
+    model: nn.Module, groups: list[TargetGroup], path: Path, entries: dict[str, TensorEntry] | None = None
+) -> None:
     """Before reading anything: each fused-experts target needs one tensor per expert per pattern."""
     for g in groups:
         if g.rule is None or not is_expert_fusion(g.rule):
@@ -233,3 +237,31 @@ def check_expert_counts(model: nn.Module, groups: list[TargetGroup], path: Path)
                     f"{path}: {g.target!r} fuses {experts} experts, but the checkpoint has {len(have)} tensors "
                     f"matching {pattern!r}: {', '.join(have[:6])}{' ...' if len(have) > 6 else ''}"
                 )
+            _check_expert_indices(g.target, pattern, have, experts, path, entries or {})
+
+
+def _check_expert_indices(
+    target: str, pattern: str, keys: list[str], experts: int, path: Path, entries: dict[str, TensorEntry]
+) -> None:
+    """The per-expert tensors are stacked in index order, so their indices must be exactly
+    0..experts-1: with ``experts.4`` in place of ``experts.3`` (E=4) the count is right but the
+    model would silently get no expert 3. Skipped for a pattern without one ``*`` (no index)."""
+    parts = pattern.split("*")
+    if len(parts) != 2:
+        return
+    rx = re.compile(re.escape(parts[0]) + r"(\d+)" + re.escape(parts[1]) + "$")
+    index: dict[int, str] = {}
+    for k in keys:
+        m = rx.search(k)
+        if m is None:
+            return  # a name transformers matched another way: nothing to say about its index
+        i = int(m.group(1))
+        where = entries[k].file if k in entries else path
+        if i >= experts:
+            raise CheckpointError(
+                f"{where}: tensor {k!r} is expert {i}, but {target!r} has {experts} experts (indices 0..{experts - 1})"
+            )
+        if i in index:
+            raise CheckpointError(f"{where}: tensors {index[i]!r} and {k!r} are both expert {i} of {target!r}")
+        index[i] = k
+    # the count equals ``experts`` and every index is in range and unique, so all of 0..experts-1 are there

@@ -194,3 +194,37 @@ def test_pickled_checkpoint_only_is_refused(ckpt, legacy):
     (ckpt / F).unlink()
     with raises_naming(CheckpointError, str(ckpt), legacy, "safetensors only"):
         oqcore.load(ckpt, "fp8_per_tensor")
+
+
+# ---- per-expert indices: the count is right but an index is out of range or repeated ---------
+
+EXPERT_ARCHS = {"mixtral": "block_sparse_moe.experts", "qwen3_moe": "mlp.experts", "olmoe": "mlp.experts"}
+
+
+def _rename_experts(folder: Path, old: str, new: str) -> str:
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(folder / F)
+    moved = [k for k in t if f".experts.{old}." in k]
+    for k in moved:
+        t[k.replace(f".experts.{old}.", f".experts.{new}.")] = t.pop(k)
+    save_file(t, folder / F)
+    return sorted(moved)[0].replace(f".experts.{old}.", f".experts.{new}.")
+
+
+@pytest.mark.parametrize("arch", list(EXPERT_ARCHS))
+def test_expert_index_out_of_range(tiny_moe, tmp_path, arch):
+    """experts.4 in place of experts.3 with E=4: same count, but expert 3 would be silently missing."""
+    d = tmp_path / "m"
+    shutil.copytree(tiny_moe(arch), d)
+    _rename_experts(d, "3", "4")
+    with raises_naming(CheckpointError, str(d / F), ".experts.4.", "expert 4", "4 experts"):
+        oqcore.load(d, "fp8_per_tensor")
+
+
+def test_expert_index_repeated(ckpt):
+    """experts.03 and experts.3 are both expert 3 (and expert 2 is missing)."""
+    name = _rename_experts(ckpt, "2", "03")
+    with raises_naming(CheckpointError, str(ckpt / F), "both expert 3"):
+        oqcore.load(ckpt, "fp8_per_tensor")
+    assert name.split(".experts.")[1].startswith("03.")
