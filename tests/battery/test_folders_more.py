@@ -228,3 +228,31 @@ def test_expert_index_repeated(ckpt):
     with raises_naming(CheckpointError, str(ckpt / F), "both expert 3"):
         oqcore.load(ckpt, "fp8_per_tensor")
     assert name.split(".experts.")[1].startswith("03.")
+
+
+# ---- config.json far bigger than the checkpoint: refused before the (slow) meta build ----------
+
+
+@pytest.mark.parametrize("layers", [100_000, 10**9])
+def test_huge_layer_count_is_refused_before_building(ckpt, layers):
+    """Building 100k layers on meta takes minutes; the header names say at once that it cannot fit."""
+    import json
+
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["num_hidden_layers"] = layers
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with raises_naming(CheckpointError, str(ckpt / "config.json"), "num_hidden_layers", str(layers), "layers 0..1"):
+        oqcore.load(ckpt, "fp8_per_tensor")
+
+
+def test_huge_layer_count_of_an_export_is_refused(saved, tmp_path):
+    import json
+
+    d = _copy(saved["fp8_per_channel"], tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["num_hidden_layers"] = 100_000
+    (d / "config.json").write_text(json.dumps(cfg))
+    before = _tree(d)
+    with raises_naming(CheckpointError, str(d / "config.json"), "num_hidden_layers"):
+        oqcore.load(d)
+    assert _tree(d) == before
