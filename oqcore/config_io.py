@@ -195,7 +195,8 @@ def apply_overrides(
     ``linear: mxfp8``) into a mapping, or returns it unchanged. Descending into anything that is not
     a mapping afterwards is a :class:`oqcore.ConfigError` naming the override.
     """
-    out = _copy_tree(dict(data))
+    budget = [MAX_NODES]  # shared: the data and every override value count towards one limit
+    out = _copy_tree(dict(data), 0, budget)
     for o in _override_list(overrides):
         parts, value = parse_override(o)
         node: dict[str, Any] = out
@@ -214,7 +215,12 @@ def apply_overrides(
             child = dict(child)
             node[part] = child
             node = child
-        node[parts[-1]] = value
+        # copied (and counted) too: a YAML value can hold aliases that expand a list many times over
+        try:
+            node[parts[-1]] = _copy_tree(value, len(parts), budget)
+        except ConfigError as e:
+            text = o if len(o) <= 80 else o[:77] + "..."
+            raise ConfigError(f"override {text!r}: {e}") from None
     return out
 
 

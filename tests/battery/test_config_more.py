@@ -229,3 +229,12 @@ def test_shared_python_lists_count_too():
     inner = ["x"] * 1000
     with raises_naming(ConfigError, "more than 1,000,000 values"):
         QC.from_any({"linear": "mxfp8", "ignore": [inner] * 1001})
+
+
+def test_billion_laughs_in_an_override_value():
+    expr = '&l0 ["x","x","x","x","x","x","x","x","x"]'
+    expr = "[" + expr + "," + ",".join(["*l0"] * 8) + "]"
+    for i in range(1, 8):
+        expr = "[" + f"&l{i} {expr}" + "," + ",".join([f"*l{i}"] * 8) + "]"
+    with raises_naming(ConfigError, "override 'ignore=", "more than 1,000,000 values"):
+        QC.from_dotlist(["linear=mxfp8", "ignore=" + expr])
