@@ -189,6 +189,15 @@ def check_against_model(
                     f"{list(target.shape)} for {g.target!r}"
                 )
         elif is_expert_fusion(g.rule):
+            direct = [k for k, p in zip(g.sources, g.source_patterns) if p not in g.rule.source_patterns]
+            if direct:
+                e = entries[direct[0]]
+                other = next(k for k in g.sources if k not in direct)
+                raise CheckpointError(
+                    f"{e.file}: tensor {e.name!r} is the model's fused {g.target!r}, but the checkpoint also holds "
+                    f"its per-expert tensors ({other!r}, in {entries[other].file}); a checkpoint must hold each "
+                    "weight once: either fused or per expert"
+                )
             n = len(g.rule.source_patterns)
             want = (target.shape[1] // n, *target.shape[2:]) if target.dim() >= 2 else None
             for k in g.sources:

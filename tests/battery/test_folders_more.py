@@ -256,3 +256,17 @@ def test_huge_layer_count_of_an_export_is_refused(saved, tmp_path):
     with raises_naming(CheckpointError, str(d / "config.json"), "num_hidden_layers"):
         oqcore.load(d)
     assert _tree(d) == before
+
+
+def test_fused_and_per_expert_tensors_both_present(ckpt):
+    """The fused ``experts.gate_up_proj`` (right shape) next to the per-expert w1/w3 it is made of."""
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(ckpt / F)
+    src = "model.layers.0.block_sparse_moe.experts.{}.{}.weight"
+    w1 = torch.stack([t[src.format(i, "w1")] for i in range(4)])
+    w3 = torch.stack([t[src.format(i, "w3")] for i in range(4)])
+    t["model.layers.0.mlp.experts.gate_up_proj"] = torch.cat([w1, w3], 1)
+    save_file(t, ckpt / F)
+    with raises_naming(CheckpointError, str(ckpt / F), "'model.layers.0.mlp.experts.gate_up_proj'", "per-expert", "w1.weight"):
+        oqcore.load(ckpt, "fp8_per_tensor")
