@@ -678,7 +678,7 @@ class QuantizationConfig(_OqModel):
             )
         p = Path(obj)
         try:
-            is_file = p.is_file()
+            is_file = p.exists() and not p.is_dir()  # pipes and devices too: read_config_file refuses them by name
         except (OSError, ValueError):  # a name too long or with NUL bytes is no file
             is_file = False
         if is_file:

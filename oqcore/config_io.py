@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import stat
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,9 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
+MAX_FILE_BYTES = 64 * 1024 * 1024  # a config is a few lines; more is a wrong file
+
+
 def _short_path(p: Path, limit: int = 200) -> str:
     """``p`` as text, cut in the middle when longer than ``limit`` characters (an error message
     quoting a 5,000-character name helps nobody)."""
@@ -91,6 +95,15 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {_short_path(p)!r} does not exist")
     if is_dir:
         raise ConfigError(f"config file {str(p)!r} is a directory, not a YAML/JSON file")
+    try:
+        st = p.stat()
+    except OSError as e:
+        raise ConfigError(f"config file {_short_path(p)!r} cannot be read: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        # a FIFO would block forever, /dev/zero would never end
+        raise ConfigError(f"config file {str(p)!r} is not a regular file (a pipe, device or socket); give a YAML/JSON file")
+    if st.st_size > MAX_FILE_BYTES:
+        raise ConfigError(f"config file {str(p)!r} is {st.st_size:,} bytes; a config file may hold at most {MAX_FILE_BYTES:,}")
     try:
         raw = p.read_bytes()
     except OSError as e:

@@ -238,3 +238,25 @@ def test_billion_laughs_in_an_override_value():
         expr = "[" + f"&l{i} {expr}" + "," + ",".join([f"*l{i}"] * 8) + "]"
     with raises_naming(ConfigError, "override 'ignore=", "more than 1,000,000 values"):
         QC.from_dotlist(["linear=mxfp8", "ignore=" + expr])
+
+
+@pytest.mark.parametrize("special", ["fifo", "/dev/zero"])
+def test_non_regular_file_is_refused_without_reading(tmp_path, special):
+    import os
+
+    if special == "fifo":
+        special = str(tmp_path / "fifo")
+        os.mkfifo(special)  # reading it would block forever
+    elif not os.path.exists(special):
+        pytest.skip("no /dev/zero")
+    for call in (QC.from_yaml, QC.from_any):
+        with raises_naming(ConfigError, special, "not a regular file"):
+            call(special)
+
+
+def test_oversized_config_file_is_refused(tmp_path):
+    p = tmp_path / "big.yaml"
+    with open(p, "wb") as f:  # sparse: no 64 MiB written
+        f.truncate(64 * 1024 * 1024 + 1)
+    with raises_naming(ConfigError, str(p), "at most"):
+        QC.from_yaml(p)
