@@ -260,3 +260,13 @@ def test_oversized_config_file_is_refused(tmp_path):
         f.truncate(64 * 1024 * 1024 + 1)
     with raises_naming(ConfigError, str(p), "at most"):
         QC.from_yaml(p)
+
+
+@pytest.mark.parametrize("options, culprit", [
+    ({"scale_mode": 5}, "'rceil' or 'floor'"), ({"scale_mode": "FLOOR"}, "'FLOOR'"),
+    ({"scale_mode": None}, "NoneType"), ({"scale_mode": ["floor"]}, "list"),
+    ({"scale_calculation_mode": "floor"}, "did you mean 'scale_mode'"),
+])
+def test_plugin_option_of_wrong_type(options, culprit):
+    with raises_naming(ConfigError, "linear.options.", culprit):
+        QC(linear={"weight": "mxfp8", "options": options})
