@@ -207,6 +207,35 @@ def load(
     return model
 
 
+def _tied_hint(model: nn.Module, names: list[str]) -> str:
+    """Why a quantized layer may have no tensor in the checkpoint: its weight is tied to another."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    pairs = [f"{n}.weight is tied to {tied[f'{n}.weight']}" for n in names if isinstance(tied, dict) and f"{n}.weight" in tied]
+    if not pairs:
+        return ""
+    return (
+        f" ({'; '.join(pairs)}, so the checkpoint holds it once, under the other name; a tied weight cannot "
+        "be quantized on its own: add the layer to 'ignore')"
+    )
+
+
+def _check_wrappers_fed(model: nn.Module, wrappers: dict, groups: list, path: Path) -> None:
+    """Before reading anything: every parameter of every quantized layer has a checkpoint tensor
+    (else the load would read and quantize everything, then fail). Skipped when a transformers rule
+    makes several parameters from one group (its other targets are not listed in the groups)."""
+    if any(len(getattr(g.rule, "target_patterns", None) or ()) > 1 for g in groups):
+        return
+    fed = {g.target for g in groups}
+    missing = [f"{n}.{k}" for n, w in wrappers.items() for k, p in w._parameters.items() if p is not None and f"{n}.{k}" not in fed]
+    if missing:
+        layers = list(dict.fromkeys(m.rpartition(".")[0] for m in missing))
+        shown = ", ".join(repr(m) for m in missing[:6]) + (f" (and {len(missing) - 6} more)" if len(missing) > 6 else "")
+        raise CheckpointError(
+            f"{path}: the checkpoint has no tensor for {len(missing)} weight(s) of quantized layer(s): {shown}"
+            + _tied_hint(model, layers)
+        )
+
+
 def _not_ignored(model: nn.Module, keys: list[str]) -> list[str]:
     """``keys`` without those transformers itself ignores when unused: the model's
     ``_keys_to_ignore_on_load_unexpected`` patterns (``re.search``), and stale ``rotary_emb.inv_freq``
@@ -253,6 +282,7 @@ def _load_online(
         stats.unexpected_keys = unexpected
         # headers against the model: already-quantized tensors, expert counts, kinds, shapes
         check_against_model(model, groups, unexpected, entries, path)
+        _check_wrappers_fed(model, wrappers, groups, path)
         # Elements each wrapper still waits for: it is quantized the moment this reaches zero.
         remaining = {name: sum(p.numel() for p in w.parameters(recurse=False)) for name, w in wrappers.items()}
         stats.hp_bytes = sum(remaining.values()) * dtype.itemsize
@@ -334,6 +364,7 @@ def _load_online(
         if incomplete:
             raise CheckpointError(
                 f"{path}: quantized layer(s) never received all their weights: {', '.join(incomplete)}"
+                + _tied_hint(model, incomplete)
             )
         finalize(model, device, wrappers, str(path))
     stats.baseline_rss, stats.peak_rss = mem.baseline, mem.peak

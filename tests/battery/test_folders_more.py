@@ -270,3 +270,37 @@ def test_fused_and_per_expert_tensors_both_present(ckpt):
     save_file(t, ckpt / F)
     with raises_naming(CheckpointError, str(ckpt / F), "'model.layers.0.mlp.experts.gate_up_proj'", "per-expert", "w1.weight"):
         oqcore.load(ckpt, "fp8_per_tensor")
+
+
+# ---- quantized layers with no tensor: refused before anything is read ---------------------------
+
+
+@pytest.mark.parametrize("header", [{}, {"__metadata__": {"format": "pt"}}], ids=["empty", "only_metadata"])
+def test_empty_checkpoint_is_refused_before_reading(ckpt, header):
+    from tests.battery.st_forge import forge
+
+    forge(ckpt / F, header)
+    with raises_naming(CheckpointError, str(ckpt), "no tensor for", f"'{Q}.weight'"):
+        oqcore.load(ckpt, "fp8_per_tensor")
+
+
+def test_quantized_tied_lm_head_missing_says_tied(tiny_moe, tmp_path):
+    """lm_head tied to the embeddings is stored once (as the embedding): quantizing it on its own
+    cannot work, and the error says so instead of 'never received its weights'."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_moe("qwen3_moe"), d)
+    t = load_file(d / F)
+    t.pop("lm_head.weight")
+    save_file(t, d / F)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["tie_word_embeddings"] = True
+    (d / "config.json").write_text(json.dumps(cfg))
+    with raises_naming(CheckpointError, str(d), "'lm_head.weight'", "tied to model.embed_tokens.weight", "ignore"):
+        oqcore.load(d, {"targets": {"re:.*proj": "fp8_per_tensor_static", "re:lm_head": "fp8_per_tensor_static"}})
+    # not quantized, the tied lm_head loads as transformers does: one tensor shared with the embedding
+    model = oqcore.load(d, "fp8_per_tensor")
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
