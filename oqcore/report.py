@@ -8,8 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from oqcore.errors import ConfigError
-from oqcore.loading.state import OqState, get_state, tensor_bytes
+from oqcore.loading.state import get_state, tensor_bytes
 from oqcore.plugins import get_registry
 
 
@@ -87,12 +86,6 @@ def report(model: nn.Module) -> Report:
     Raises :class:`oqcore.ConfigError` (field ``model``, a subclass of :class:`oqcore.OqError`) for
     anything oqcore did not produce.
     """
-    if not isinstance(getattr(model, "oq_state", None), OqState):
-        raise ConfigError(
-            f"{type(model).__name__} was not loaded or quantized by oqcore (no oq_state); use oqcore.load or "
-            "oqcore.quantize_ first",
-            "model",
-        )
     state = get_state(model)
     reg = get_registry()
     rows: dict[tuple, SchemeRow] = {}

@@ -74,14 +74,15 @@ class OqState:
 def get_state(model: nn.Module) -> OqState:
     """The :class:`OqState` of a model oqcore loaded or quantized.
 
-    Raises :class:`oqcore.OqError` if the model was not produced by oqcore.
+    Raises :class:`oqcore.ConfigError` (field ``model``) if the model was not produced by oqcore.
     """
-    from oqcore.errors import OqError
+    from oqcore.errors import ConfigError
 
     state = getattr(model, "oq_state", None)
     if not isinstance(state, OqState):
-        raise OqError(
-            f"{type(model).__name__} was not loaded or quantized by oqcore (no oq_state); use oqcore.load or oqcore.quantize_"
+        raise ConfigError(
+            f"{type(model).__name__} was not loaded or quantized by oqcore (no oq_state); use oqcore.load or oqcore.quantize_",
+            "model",
         )
     return state
 
