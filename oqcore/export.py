@@ -406,7 +406,7 @@ def _check_quantized_values(e: TensorEntry, value: torch.Tensor) -> None:
     """Refuse values save_quantized never writes, so a damaged export cannot load and then give
     NaN/garbage at forward: a scale that is NaN, infinite, zero or negative (the quantizers clamp
     every scale to a positive finite value, even for an all-zero weight), or float8 data holding
-    NaN bytes (the quantizers saturate, so e4m3fn NaN never occurs). vLLM and compressed-tensors
+    NaN bytes (the quantizers saturate, so a NaN byte never occurs). vLLM and compressed-tensors
     do not check this; we do, because a silently wrong model is worse than a clear error.
     Raises :class:`oqcore.CheckpointError` naming the file and the tensor."""
     if not value.numel():
@@ -422,12 +422,13 @@ def _check_quantized_values(e: TensorEntry, value: torch.Tensor) -> None:
                 f"damaged oqcore export: {e.file}: tensor {e.name!r} holds {n} of {v.numel()} scale value(s) "
                 f"that are not finite and positive (e.g. {first}); scales written by save_quantized are always > 0"
             )
-    elif value.dtype in (torch.float8_e4m3fn,):
-        n = int(((value.view(torch.uint8) & 0x7F) == 0x7F).sum())
+    elif value.dtype.is_floating_point and value.element_size() == 1:
+        # 8-bit float data (any format the plugins use): NaN after upcasting means a NaN byte.
+        n = int(torch.isnan(value.float()).sum())
         if n:
             raise CheckpointError(
-                f"damaged oqcore export: {e.file}: tensor {e.name!r} holds {n} NaN float8 value(s); "
-                "save_quantized never writes NaN"
+                f"damaged oqcore export: {e.file}: tensor {e.name!r} holds {n} NaN {str(value.dtype).removeprefix('torch.')} "
+                "value(s); save_quantized never writes NaN"
             )
 
 
