@@ -472,7 +472,8 @@ def test_config_matching_no_layer_warns(minilm):
 def test_quantizing_load_does_not_warn(tiny_moe):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        oqcore.load(tiny_moe("mixtral"), "fp8_per_block")
+        model = oqcore.load(tiny_moe("mixtral"), "fp8_per_block")
+    assert len(model.oq_state.wrappers) == 10
 
 
 def test_forged_minimal_checkpoint_loads(tmp_path, tiny_moe):

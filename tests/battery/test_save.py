@@ -106,7 +106,8 @@ def test_into_the_source_folder(model, src, guard):
 def test_into_the_source_folder_through_a_symlink(model, src, tmp_path, guard):
     link = tmp_path / "link"
     link.symlink_to(src)
-    _fails(model, link, str(src))
+    info = _fails(model, link, str(src))
+    assert "source" in str(info.value) and link.is_symlink()
 
 
 def test_into_a_subfolder_of_the_source(model, src, guard):
@@ -115,7 +116,8 @@ def test_into_a_subfolder_of_the_source(model, src, guard):
 
 
 def test_into_a_folder_containing_the_source(model, src, guard):
-    _fails(model, src.parent, str(src.parent), str(src))
+    info = _fails(model, src.parent, str(src.parent), str(src))
+    assert "source" in str(info.value) and (src / "config.json").is_file()
 
 
 def test_over_a_folder_that_is_not_an_export(model, tmp_path, guard):
@@ -123,6 +125,7 @@ def test_over_a_folder_that_is_not_an_export(model, tmp_path, guard):
     dest.mkdir()
     (dest / "notes.txt").write_text("precious")
     _fails(model, dest, str(dest), "not an earlier oqcore export")
+    assert (dest / "notes.txt").read_text() == "precious"
 
 
 def test_over_a_folder_with_a_broken_config(model, tmp_path, guard):
@@ -130,6 +133,7 @@ def test_over_a_folder_with_a_broken_config(model, tmp_path, guard):
     dest.mkdir()
     (dest / "config.json").write_text("{not json")
     _fails(model, dest, str(dest), "not an earlier oqcore export")
+    assert (dest / "config.json").read_text() == "{not json"
 
 
 def test_over_another_tools_quantized_folder(model, tmp_path, guard):
@@ -137,12 +141,14 @@ def test_over_another_tools_quantized_folder(model, tmp_path, guard):
     dest.mkdir()
     (dest / "config.json").write_text('{"quantization_config": {"quant_method": "compressed-tensors"}}')
     _fails(model, dest, str(dest), "not an earlier oqcore export")
+    assert "compressed-tensors" in (dest / "config.json").read_text()
 
 
 def test_onto_a_file(model, tmp_path, guard):
     dest = tmp_path / "file.bin"
     dest.write_bytes(b"data")
     _fails(model, dest, str(dest), "file")
+    assert dest.read_bytes() == b"data"
 
 
 def test_under_a_file(model, tmp_path, guard):
@@ -262,6 +268,7 @@ def test_full_disk_while_writing_tensors(model, earlier, monkeypatch, guard):
 
     monkeypatch.setattr(os, "write", write)
     _fails(model, earlier, str(earlier), "No space left on device")
+    assert written[0] > 3, "the simulated full disk was never hit"
 
 
 def test_full_disk_while_copying_the_source_files(model, earlier, monkeypatch, guard):
