@@ -587,6 +587,7 @@ def make_model(
     from oqcore.synthetic import make_tiny_moe
 
     def fill(tmp: Path) -> None:
+        """Write the model into the temporary sibling folder ``tmp`` (renamed into place after)."""
         make_tiny_moe(arch, tmp, hidden_size=hidden_size, intermediate_size=intermediate_size, num_layers=layers, num_experts=experts, seed=seed)
 
     # An existing non-empty folder is never replaced (SaveError); the model appears whole or not at all.

@@ -31,7 +31,8 @@ from oqcore.errors import ConfigError
 class _Loader(yaml.SafeLoader):
     """SafeLoader with OmegaConf's booleans (``true`` / ``false`` only) and duplicate-key detection."""
 
-    def construct_mapping(self, node, deep=False):  # noqa: D102 - yaml's hook
+    def construct_mapping(self, node, deep=False):
+        """yaml's mapping hook: merge keys expanded, a key given twice refused (:class:`_DuplicateKey`)."""
         if isinstance(node, yaml.MappingNode):
             self.flatten_mapping(node)
             seen: list[Any] = []
@@ -133,7 +134,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 class _DuplicateKey(ValueError):
-    pass
+    """A key given twice in one YAML/JSON mapping (turned into a ConfigError naming the file)."""
 
 
 def _no_duplicate_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -40,6 +40,7 @@ class ConfigError(OqError, ValueError):
         """Return a copy of this error whose field paths are prefixed by ``prefix``."""
 
         def join(f: str | None) -> str:
+            """``prefix`` joined to field path ``f`` (no dot before an index such as ``[0]``)."""
             if not f:
                 return prefix
             return f"{prefix}{'' if f.startswith('[') else '.'}{f}"

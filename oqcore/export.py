@@ -83,6 +83,7 @@ def save_quantized(model: nn.Module, out: str | Path) -> Path:
     extras = _extra_files(Path(state.source), dest) if state.source is not None else []
 
     def fill(tmp: Path) -> None:
+        """Write the export into the temporary sibling folder ``tmp`` (swapped into place after)."""
         write_safetensors(tmp / "model.safetensors", tensors, {"format": "pt", "producer": QUANT_METHOD})
         stage("tensors_written")
         for f in extras:

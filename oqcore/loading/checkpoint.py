@@ -98,7 +98,7 @@ class TensorEntry:
 
 
 class _BadJson(ValueError):
-    pass
+    """JSON that Python's parser accepts but the spec does not (NaN/Infinity, a key given twice)."""
 
 
 def _no_constant(name: str):

@@ -131,6 +131,7 @@ def find_prequantized(
         return (mine or others or [None])[0]
 
     def error(e: TensorEntry, what: str, sib: str | None) -> CheckpointError:
+        """The refusal naming the file, what was found in tensor ``e`` and its scale ``sib``."""
         with_ = f" with a {sib!r}" if sib else ""
         return CheckpointError(f"{e.file} holds {what} {e.name!r}{with_}: {NOT_SUPPORTED}")
 

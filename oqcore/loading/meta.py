@@ -246,6 +246,7 @@ def _keep_in_fp32(model: nn.Module, dtype: torch.dtype) -> None:
     globs = [(re.compile(g.replace("*", ".*")), dt) for g, dt in plan.items()]
 
     def wanted(name: str) -> torch.dtype | None:
+        """The dtype transformers keeps parameter ``name`` in (``_keep_in_fp32_modules``), or ``None``."""
         return next((dt for rx, dt in globs if rx.search(name)), None)
 
     for mod_name, module in model.named_modules():

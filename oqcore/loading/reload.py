@@ -344,6 +344,7 @@ class _Job:
         want = self.target_dtype(g.target) if g.rule is None or is_expert_fusion(g.rule) else None
 
         def load(key: str) -> torch.Tensor:
+            """Incoming tensor ``key``, detached, in the target's floating dtype when one is set."""
             t = incoming[key].detach()
             return t.to(want) if want is not None else t
 
