@@ -8,7 +8,11 @@ and what would be valid. Catch ``OqError`` to handle all of them.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel, ValidationError
 
 
 class OqError(Exception):
@@ -138,6 +142,104 @@ class InternalError(OqError):
     The public API converts any non-:class:`OqError` exception into this one, so callers only ever
     catch :class:`OqError`; please report it with the chained traceback.
     """
+
+
+# ---- pydantic validation errors -> ConfigError ------------------------------------------------
+
+
+def short_repr(v: Any, limit: int = 60) -> str:
+    try:
+        text = repr(v)
+    except Exception:  # a hostile __repr__ must not hide the real error
+        text = f"<{type(v).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _path(loc: Sequence[Any]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int) or not isinstance(part, str):
+            out += f"[{part!r}]" if not isinstance(part, int) else f"[{part}]"
+        elif out.endswith("targets"):
+            out += f"[{part!r}]"
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+def _is_internal_loc(part: Any) -> bool:
+    # pydantic adds validator and dict-key markers to locations; users never wrote those
+    return isinstance(part, str) and (part.startswith("function-") or part == "[key]")
+
+
+def did_you_mean(name: Any, valid: Iterable[str]) -> str:
+    close = closest_name(name, valid)
+    return f"; did you mean {close!r}?" if close else ""
+
+
+def from_validation_error(err: ValidationError, prefix: str | None = None, model: type[BaseModel] | None = None) -> ConfigError:
+    """Turn a pydantic ValidationError into one ConfigError listing every error with its field path.
+
+    A single error keeps its own type (e.g. :class:`oqcore.UnknownKeyError`); several become a
+    :class:`oqcore.ConfigError` whose ``errors`` has them all. ``model`` is the class validated
+    (for the valid field names of an unknown field).
+    """
+    found: list[ConfigError] = []
+    for e in err.errors(include_url=False):
+        raw_loc = list(e["loc"])
+        is_key = "[key]" in raw_loc
+        loc = [p for p in raw_loc if not _is_internal_loc(p)]
+        where = _path(loc) or None
+        if prefix:
+            where = f"{prefix}{'' if where and where.startswith('[') else '.'}{where}" if where else prefix
+        orig = (e.get("ctx") or {}).get("error")
+        if isinstance(orig, ConfigError):
+            found.append(orig.at(where) if where else orig)
+            continue
+        found.append(ConfigError(_message(e, loc, model, is_key), where))
+    unique: list[ConfigError] = []
+    seen: set[tuple] = set()
+    for f in found:
+        for pair in f.errors:
+            if pair not in seen:
+                seen.add(pair)
+                if len(f.errors) == 1:
+                    unique.append(f)
+                else:
+                    unique.append(ConfigError(pair[1], pair[0]))
+    if len(unique) == 1:
+        return unique[0]
+    first = unique[0]
+    return ConfigError(first.reason, first.field, errors=[(u.field, u.reason) for u in unique])
+
+
+def _message(e: Mapping[str, Any], loc: list[Any], model: type[BaseModel] | None, is_key: bool) -> str:
+    kind = e["type"]
+    value = e.get("input")
+    if kind == "extra_forbidden":
+        name = loc[-1] if loc else "?"
+        valid = field_names(model) if model is not None and len(loc) == 1 else []
+        listing = f"; valid fields: {', '.join(valid)}" if valid else ""
+        if model is not None and len(loc) == 1 and not valid:
+            listing = f" ({model.__name__} has no fields to set)"
+        return f"unknown field {name!r}{did_you_mean(name, valid)}{listing}"
+    if kind == "missing":
+        return "this field is required"
+    msg = e["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    if is_key:
+        return f"key {short_repr(value)}: {msg[0].lower()}{msg[1:]}"
+    if "input" in e and (kind.endswith("_type") or kind in ("is_instance_of", "literal_error", "enum")):
+        return f"{msg}, got {type(value).__name__} {short_repr(value)}"
+    return msg
+
+
+def field_names(model: type[BaseModel]) -> list[str]:
+    names = list(model.model_fields)
+    extra = getattr(model, "FIELD_ALIASES", {})
+    return names + [a for a in extra if a not in names]
+
 
 
 def public_api(fn):

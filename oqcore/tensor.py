@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from oqcore.errors import ConfigError, NonFiniteError, OqError, PluginError, UnsupportedLayerError
+from oqcore.errors import ConfigError, NonFiniteError, OqError, PluginError, UnsupportedLayerError, from_validation_error
 from oqcore.keys import QuantKey, Role
 from oqcore.plugins import Quantizer, Registry, get_registry
 
@@ -213,12 +213,10 @@ def _validate_options(k: QuantKey, options: Any, reg: Registry) -> BaseModel | N
         return None
     from pydantic import ValidationError
 
-    from oqcore.config import _convert
-
     try:
         return model.model_validate(dict(options or {}))
     except ValidationError as e:
-        raise _convert(e, "options") from None
+        raise from_validation_error(e, "options") from None
 
 
 def _run_quantizer(q: Quantizer, w: torch.Tensor, opts: BaseModel | None, name: str, reg: Registry) -> QuantizedTensor:
