@@ -16,6 +16,7 @@ The Python traceback is printed only with ``oq --debug ...`` or ``OQ_DEBUG=1``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Annotated, Any, Optional
 
 import typer
@@ -33,9 +35,25 @@ from oqcore.errors import CheckpointError, ConfigError, InternalError, OqError, 
 DEFAULT_SCHEME = "fp8_per_block"
 
 # Third-party import-time chatter (torchao's optional CUDA extensions, a torch deprecation notice)
-# would bury the report on a CPU machine; it says nothing about the user's model.
-for _noisy in ("torchao", "torch.utils._pytree"):
-    logging.getLogger(_noisy).setLevel(logging.ERROR)
+# would bury the report on a CPU machine; it says nothing about the user's model. Quieted only
+# while a command runs (see _quiet_noisy_loggers): importing this module changes no logger.
+NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
+@contextlib.contextmanager
+def _quiet_noisy_loggers() -> Iterator[None]:
+    """Raise :data:`NOISY_LOGGERS` to at least ``ERROR`` for the duration of a command, then put
+    back the levels they had: a command run from Python (``main([...])``) leaves logging as it
+    found it, even when it raises. (A logger created here keeps level ``NOTSET``, as if it had never
+    been asked for.)"""
+    saved = [(lg, lg.level) for lg in map(logging.getLogger, NOISY_LOGGERS)]
+    for lg, level in saved:
+        lg.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        for lg, level in saved:
+            lg.setLevel(level)
 
 
 # ---- error presentation ---------------------------------------------------------------------------
@@ -133,8 +151,16 @@ class OqGroup(TyperGroup):
         With ``standalone_mode=False`` exceptions propagate unchanged (for embedding).
         """
         if not standalone_mode:
-            return super().main(args, prog_name, complete_var, standalone_mode=False, windows_expand_args=windows_expand_args, **extra)
-        sys.exit(self._run(sys.argv[1:] if args is None else list(args), extra))
+            with _quiet_noisy_loggers():
+                return super().main(args, prog_name, complete_var, standalone_mode=False, windows_expand_args=windows_expand_args, **extra)
+        sys.exit(self.run(sys.argv[1:] if args is None else list(args), **extra))
+
+    def run(self, args: list[str], **extra: Any) -> int:
+        """Run the command line ``args`` and return its exit status (printing ``error:`` lines for
+        whatever it raised). Every process-wide setting the run changes (the warning printer, the
+        levels of :data:`NOISY_LOGGERS`) is put back before it returns."""
+        with _quiet_noisy_loggers():
+            return self._run(args, extra)
 
     def _run(self, args: list[str], extra: dict) -> int:
         ctx = None
@@ -595,22 +621,18 @@ def make_model(
     typer.echo(f"wrote {out}")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def bench(ctx: typer.Context) -> None:
-    """Run the benchmark suite (bench/ of a source checkout); arguments go to `python -m bench` (--quick, --out DIR)."""
-    root = Path(__file__).resolve().parent.parent
-    if not (root / "bench" / "__main__.py").is_file():
-        raise OqError(f"oq bench runs the bench/ folder of a source checkout; none beside {root / 'oqcore'}")
-    sys.path.insert(0, str(root))
-    import bench as suite
+def main(argv: list[str] | None = None) -> int:
+    """Run ``oq`` with the arguments ``argv`` (default ``sys.argv[1:]``) and return the exit status
+    described in the module docstring (the ``oq`` console script exits with it).
 
-    raise typer.Exit(suite.main(list(ctx.args)) or 0)
-
-
-def main() -> None:
-    """Entry point of the ``oq`` console script (exits with the status described in the module docstring)."""
-    app()
+    Callable from Python: ``oqcore.cli.main(["validate", "mxfp8"])`` prints what ``oq`` prints and
+    returns ``0``; errors are printed as ``error:`` lines, never raised. Nothing process-wide it
+    changes while running (the warning printer, third-party logger levels) stays changed after it
+    returns.
+    """
+    group: OqGroup = typer.main.get_command(app)  # type: ignore[assignment] - app is built with cls=OqGroup
+    return group.run(sys.argv[1:] if argv is None else list(argv))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

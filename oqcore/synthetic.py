@@ -36,7 +36,8 @@ def make_tiny_moe(
     """Build a random ``arch`` MoE causal LM (one of :data:`ARCHS`) and save it to ``out``.
 
     Sizes are in elements; ``num_experts`` overrides the default 4. The weights are transformers'
-    own random init under ``torch.manual_seed(seed)``, so the same arguments give the same bytes.
+    own random init from the CPU generator seeded with ``seed``, so the same arguments give the same
+    bytes; the caller's global random state is left as it was.
     Raises :class:`oqcore.UnknownKeyError` (a ``ValueError`` too) for an unknown ``arch``.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -65,8 +66,11 @@ def make_tiny_moe(
         tie_word_embeddings=False,
         **extra,
     )
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    # transformers initializes from the global CPU generator; seed it inside fork_rng so the
+    # caller's random state is back as it was when this returns (CPU only: the model is built there).
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     out = Path(out)
     was = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()

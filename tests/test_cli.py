@@ -324,3 +324,98 @@ def test_embedding_without_standalone_mode_propagates_the_error():
 
     with pytest.raises(oqcore.ConfigError, match="fp8_per_blok"):
         typer.main.get_command(app).main(["validate", "fp8_per_blok"], standalone_mode=False)
+
+
+# ---- a command leaves the process as it found it ----------------------------------------------
+
+
+def _global_state() -> dict:
+    """What a command may change for the whole process while it runs (and must put back)."""
+    import logging
+    import warnings
+
+    import oqcore.cli as cli
+
+    return {
+        "levels": {n: logging.getLogger(n).level for n in cli.NOISY_LOGGERS},
+        "showwarning": warnings.showwarning,
+        "excepthook": sys.excepthook,
+        "sys.path": list(sys.path),
+    }
+
+
+@pytest.fixture
+def noisy_levels():
+    """``noisy_levels(level)`` sets every logger of ``oqcore.cli.NOISY_LOGGERS`` to ``level`` (with
+    ``setLevel``, which also clears logging's cache); the test's end puts the old levels back."""
+    import logging
+
+    import oqcore.cli as cli
+
+    loggers = [logging.getLogger(n) for n in cli.NOISY_LOGGERS]
+    old = [lg.level for lg in loggers]
+
+    def set_all(level: int) -> None:
+        for lg in loggers:
+            lg.setLevel(level)
+
+    yield set_all
+    for lg, level in zip(loggers, old):
+        lg.setLevel(level)
+
+
+def _broken_table(*a, **k):
+    raise RuntimeError("broken table")
+
+
+@pytest.mark.parametrize(
+    ("argv", "status", "table"),
+    [
+        (["keys"], 0, None),  # success
+        (["keys", "surplus"], 2, None),  # usage error
+        (["validate", "fp8_per_blok"], 2, None),  # ConfigError
+        (["keys"], 1, _broken_table),  # an unexpected exception inside the command
+    ],
+    ids=["success", "usage-error", "config-error", "internal-error"],
+)
+@pytest.mark.parametrize("initial", [0, 10], ids=["levels-unset", "levels-debug"])  # NOTSET, DEBUG
+def test_main_restores_logger_levels(noisy_levels, monkeypatch, capsys, argv, status, table, initial):
+    """`oqcore.cli.main([...])` returns the exit status and leaves the noisy third-party loggers at
+    the levels it found (quieted to ERROR only while the command runs), the warning printer and
+    sys.excepthook as they were, whether the command succeeds or fails."""
+    import logging
+
+    import oqcore.cli as cli
+
+    noisy_levels(initial)
+    seen = {}
+    real_table = cli._table
+
+    def spy(*a, **k):
+        seen.update({n: logging.getLogger(n).level for n in cli.NOISY_LOGGERS})
+        return (table or real_table)(*a, **k)
+
+    monkeypatch.setattr(cli, "_table", spy)
+    before = _global_state()
+    assert cli.main(argv) == status
+    assert _global_state() == before
+    assert {n: logging.getLogger(n).level for n in cli.NOISY_LOGGERS} == {n: initial for n in cli.NOISY_LOGGERS}
+    if argv[0] == "keys" and len(argv) == 1:  # the command body ran: quieted meanwhile
+        assert seen == {n: logging.ERROR for n in cli.NOISY_LOGGERS}
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if not ln.startswith("warning: ")]
+    assert len(errors) == (status != 0) and all(ln.startswith("error: ") for ln in errors), errors
+
+
+def test_embedding_without_standalone_mode_restores_logger_levels(noisy_levels):
+    """The standalone_mode=False path (the exception propagates) restores the levels too."""
+    import logging
+
+    import typer
+
+    import oqcore
+    import oqcore.cli as cli
+
+    noisy_levels(logging.INFO)
+    with pytest.raises(oqcore.ConfigError, match="fp8_per_blok"):
+        typer.main.get_command(app).main(["validate", "fp8_per_blok"], standalone_mode=False)
+    assert {logging.getLogger(n).level for n in cli.NOISY_LOGGERS} == {logging.INFO}

@@ -105,6 +105,8 @@ def folders(tmp_path_factory):
 CASES = [
     # usage errors: typer/click's own, as one plain line
     ("unknown-command", ["quantise"], 2, ("quantise", "quantize"), 1),
+    # `oq bench` was dropped (it edited sys.path to import bench/ from a checkout): `python -m bench`
+    ("bench-is-not-a-command", ["bench", "--quick"], 2, ("'bench'",), 1),
     ("unknown-option", ["validate", "--bogus"], 2, ("--bogus", "oq validate --help"), 1),
     ("extra-argument", ["keys", "surplus"], 2, ("surplus",), 1),
     ("missing-argument", ["make-model"], 2, ("ARCH",), 1),
