@@ -1,4 +1,4 @@
-"""oqcore.native: build once, cache by content, honour OQ_COMPILE=0, report failures."""
+"""oq_toolkit.native: build once, cache by content, honour OQ_COMPILE=0, report failures."""
 
 import ctypes
 import os
@@ -7,8 +7,8 @@ import warnings
 
 import pytest
 
-from oqcore import native
-from oqcore.native import NativeLibrary
+from oq_toolkit import native
+from oq_toolkit.native import NativeLibrary
 
 SOURCE = "int oq_test_add(int a, int b) { return a + b; }\n"
 
@@ -86,3 +86,56 @@ def test_bind_failure_is_a_load_failure():
     with pytest.warns(UserWarning):
         assert lib.load() is None
     assert "oq_missing_function" in lib.status()[1]
+
+
+HEADER_SOURCE = '#include "oq_kernels.h"\n#include "oq_test_extra.h"\nfloat oq_test_half(unsigned h) { return half_to_f32(h) + OQ_TEST_OFFSET; }\n'
+
+
+def _bind_half(lib):
+    lib.oq_test_half.argtypes = [ctypes.c_uint]
+    lib.oq_test_half.restype = ctypes.c_float
+
+
+def test_source_file_and_headers(tmp_path):
+    """A source given as a file is read on first use; it includes the toolkit's oq_kernels.h (always on
+    the include path) and a header of its own include dir; editing that header changes the cache key
+    (a rebuild) while the same content keeps it."""
+    inc = tmp_path / "inc"
+    inc.mkdir()
+    (inc / "oq_test_extra.h").write_text("#define OQ_TEST_OFFSET 1.0f\n")
+    src = tmp_path / "k.c"
+    src.write_text(HEADER_SOURCE)
+    lib = NativeLibrary("oq_test_hdr", src, bind=_bind_half, include_dirs=(inc,))
+    assert lib.include_dirs == (native.INCLUDE_DIR, str(inc))
+    assert lib.load().oq_test_half(0x3C00) == 2.0  # fp16 1.0 + 1.0
+    first = lib.path()
+    (inc / "oq_test_extra.h").write_text("#define OQ_TEST_OFFSET 2.0f\n")
+    fresh = NativeLibrary("oq_test_hdr", src, bind=_bind_half, include_dirs=(inc,))
+    assert fresh.path() != first
+    assert fresh.load().oq_test_half(0x3C00) == 3.0
+    (inc / "oq_test_extra.h").write_text("#define OQ_TEST_OFFSET 1.0f\n")
+    assert NativeLibrary("oq_test_hdr", src, include_dirs=(inc,)).path() == first
+
+
+def test_toolkit_header_is_in_the_key(monkeypatch, tmp_path):
+    """oq_kernels.h is part of every library's key: an edited toolkit header rebuilds all kernels."""
+    key = NativeLibrary("x", SOURCE).cache_key()
+    inc = tmp_path / "inc"
+    inc.mkdir()
+    (inc / "oq_kernels.h").write_text(open(os.path.join(native.INCLUDE_DIR, "oq_kernels.h")).read() + "\n/* edited */\n")
+    monkeypatch.setattr(native, "INCLUDE_DIR", str(inc))
+    assert NativeLibrary("x", SOURCE).cache_key() != key
+
+
+def test_missing_source_file_is_a_load_failure(tmp_path):
+    lib = NativeLibrary("oq_test_missing", tmp_path / "nope.c")
+    with pytest.warns(UserWarning, match="nope.c"):
+        assert lib.load() is None
+    ok, reason = lib.status()
+    assert not ok and "FileNotFoundError" in reason and "nope.c" in reason
+
+
+def test_legacy_helpers_prefix_still_compiles():
+    """``C_HELPERS`` (prepended by sources written before oq_kernels.h) now just includes the header."""
+    lib = NativeLibrary("oq_test_legacy", native.C_HELPERS + "OQ_INLINE int one(void) { return 1; }\nint oq_test_add(int a, int b) { return a + b + one() - 1; }\n", bind=_bind)
+    assert lib.load().oq_test_add(2, 3) == 5

@@ -42,7 +42,7 @@ def oq_register_quantizers(register):
     bytes) for both keys: the block rule is the same for static weights and dynamic activations.
     Also the compiled (torch.compile, CPU) quantizer, same bytes, compiled on its first call, and
     the cpu one (C kernel shared with oq-plugin-fp8), same bytes."""
-    from oq_plugin_fp8.cpu import quantize_mxfp8_checked
+    from oq_plugin_mxfp8.cpu import quantize_mxfp8_checked
     from oq_plugin_mxfp8.compiled import quantize_mxfp8_compiled
     from oq_plugin_mxfp8.quant import dequantize_mxfp8, quantize_mxfp8
 

@@ -1,4 +1,4 @@
-"""The mxfp8 ``cpu`` quantizer (C kernel in :mod:`oq_plugin_fp8.cpu`): the same bytes as the torch
+"""The mxfp8 ``cpu`` quantizer (C kernel of :mod:`oq_plugin_mxfp8.cpu`): the same bytes as the torch
 reference :func:`oq_plugin_mxfp8.quant.quantize_mxfp8` (qdata and e8m0 scales), both scale modes,
 bf16/fp16/float32, including the exponent edges where torchao's float32 log2 rounds."""
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import oqcore
-from oq_plugin_fp8 import cpu
+from oq_plugin_mxfp8 import cpu
 from oq_plugin_mxfp8.quant import quantize_mxfp8
 
 lib = cpu.load_library()
@@ -137,3 +137,33 @@ def test_generic_build_matches_reference(tmp_path):
                     _assert_same(w, mode, lib=g)
                 except AssertionError as err:
                     raise AssertionError(f"generic {name} {dtype} {mode}") from err
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["kernel", "OQ_COMPILE=0"])
+def test_check_finite_raises_on_every_path(monkeypatch, compiled):
+    """``check_finite=True`` (the registered quantizer): NonFiniteError from the kernel's own amax,
+    and from the reference path too; finite input still gives the reference's bytes."""
+    if not compiled:
+        monkeypatch.setenv("OQ_COMPILE", "0")
+    x = torch.randn(64, 96)
+    q, e = cpu.quantize_mxfp8_checked(x)
+    rq, re = quantize_mxfp8(x)
+    assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(e.view(torch.uint8), re.view(torch.uint8))
+    x[0, 0] = float("inf")
+    with pytest.raises(oqcore.NonFiniteError, match=r"tensor of shape \[64, 96\] holds NaN/Inf"):
+        cpu.quantize_mxfp8(x, check_finite=True)
+    with pytest.raises(oqcore.UnsupportedLayerError, match=r"^layer 'a.b': weight holds 1 NaN/Inf value\(s\) of 6144;"):
+        oqcore.quantize_tensor(x, "mxfp8", backend="cpu", name="a.b")
+
+
+def test_own_library_and_sources():
+    """mxfp8 owns its quantizer: its own library and C file, which includes fp8's e4m3 encoder and
+    the toolkit's helpers instead of copying them; fp8's library no longer exports it."""
+    import oq_plugin_fp8.cpu as fp8_cpu
+
+    assert cpu.LIBRARY.name == "oq_mxfp8_cpu" and hasattr(lib, "oq_mxfp8_quantize")
+    assert not hasattr(fp8_cpu.load_library(), "oq_mxfp8_quantize")
+    src = cpu.LIBRARY.c_source
+    assert '#include "fp8_e4m3.h"' in src and '#include "oq_kernels.h"' in src
+    assert "f32_to_e4m3(float" not in src and "load16(const void" not in src
+    assert str(fp8_cpu.CSRC_DIR) in cpu.LIBRARY.include_dirs

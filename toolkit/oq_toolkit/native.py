@@ -1,22 +1,33 @@
 """Small native C kernels for plugins: compile once per machine, cache, load through ctypes.
 
-A plugin that ships a C kernel (a CPU quantizer, a fused GEMV) describes it with a
-:class:`NativeLibrary` and calls :meth:`NativeLibrary.load` when it first needs it::
+A plugin that ships a C kernel keeps its source as a file in its package (package data) and
+describes it with a :class:`NativeLibrary`; it calls :meth:`NativeLibrary.load` when it first
+needs it::
 
-    LIB = NativeLibrary("oq_myscheme_cpu", C_SOURCE, bind=_declare_argtypes)
+    from importlib.resources import files
+
+    LIB = NativeLibrary("oq_myscheme_cpu", files("oq_plugin_myscheme") / "csrc" / "myscheme_cpu.c",
+                        bind=_declare_argtypes)
     lib = LIB.load()            # ctypes.CDLL, or None -> run the eager torch path
     ok, reason = LIB.status()   # for backend reasons and reports
 
-The source is compiled with the system C compiler (``$CC``, default ``cc``; ``-O3 -march=native
--fopenmp -shared -fPIC``, plus ``extra_flags``) into ``$OQ_CPU_KERNEL_CACHE/cpu_kernels`` (default
-``~/.cache/oqcore/cpu_kernels``). The file name carries a hash of the source, compiler, flags and
-the CPU's feature flags, so an edited kernel, another compiler or another CPU (``-march=native``
-code is only valid where every feature it used exists) gets its own build and a cached library is
-never stale. ``OQ_COMPILE=0`` disables compiling and loading (``load()`` returns ``None``).
+A source includes the shared helpers with ``#include "oq_kernels.h"`` (:data:`INCLUDE_DIR`, always
+on the include path: exact fp16/bf16 -> float32 loads, AVX-512 masked loads, prefetch, the
+``OQ_AVX512`` switch) and any header of its own ``include_dirs``.
 
-Failures (no compiler, compile error, read-only cache, ...) are not errors: ``load()`` returns
-``None``, :meth:`NativeLibrary.status` gives the reason, and one warning is issued per library so
-the caller's eager fallback is not silent. The core knows nothing about what the kernels compute.
+The source is compiled with the system C compiler (``$CC``, default ``cc``; ``-O3 -march=native
+-fopenmp -shared -fPIC``, ``-I`` per include directory, plus ``extra_flags``) into
+``$OQ_CPU_KERNEL_CACHE/cpu_kernels`` (default ``~/.cache/oqcore/cpu_kernels``). The file name
+carries a hash of the source, every header (``*.h``) in the include directories, the compiler,
+the flags and the CPU's feature flags, so an edited kernel or header, another compiler or another
+CPU (``-march=native`` code is only valid where every feature it used exists) gets its own build
+and a cached library is never stale. ``OQ_COMPILE=0`` disables compiling and loading (``load()``
+returns ``None``).
+
+Failures (no compiler, compile error, missing source file, read-only cache, ...) are not errors:
+``load()`` returns ``None``, :meth:`NativeLibrary.status` gives the reason, and one warning is
+issued per library so the caller's eager fallback is not silent. Nothing here knows what the
+kernels compute.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ import tempfile
 import threading
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Protocol, Union
 
 BASE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 """Always passed to the compiler. No ``-ffast-math``: linking it would set flush-to-zero for the
@@ -37,24 +49,21 @@ whole process, and bit-exact kernels need IEEE division and rounding."""
 _STDERR_TAIL = 2000
 """Characters of compiler output kept in a failure reason (the end is where the errors are)."""
 
+INCLUDE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "include")
+"""The toolkit's C headers (``oq_kernels.h``): first on every :class:`NativeLibrary`'s include path."""
 
-C_HELPERS = r"""
-#include <stdint.h>
-#include <string.h>
-#define OQ_INLINE static inline __attribute__((always_inline))
+C_HELPERS = '#include "oq_kernels.h"\n'
+"""Kept for sources written before ``oq_kernels.h``: prepending it to a source includes the shared
+helpers (``OQ_INLINE``, the exact ``half_to_f32``, ``load1``, ...). New sources include the header."""
 
-/* fp16 bits -> float32, exact (integer only): IEEE 754 binary16 -> binary32, subnormals normalized */
-OQ_INLINE float half_to_f32(uint32_t h) {
-    uint32_t sign = (h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu, bits;
-    if (e == 0x1F) bits = sign | 0x7F800000u | (m << 13);
-    else if (e) bits = sign | ((e + 112u) << 23) | (m << 13);
-    else if (!m) bits = sign;
-    else { e = 113; while (!(m & 0x400u)) { m <<= 1; e--; } bits = sign | (e << 23) | ((m & 0x3FFu) << 13); }
-    float f; memcpy(&f, &bits, 4); return f;
-}
-"""
-"""C helpers several plugins' kernels need (prepend to a kernel source): ``OQ_INLINE`` and the
-exact ``half_to_f32``, so fp16 inputs convert the same way in every kernel."""
+
+class _Readable(Protocol):
+    def read_text(self, encoding: str | None = ...) -> str: ...
+
+
+Source = Union[str, "os.PathLike[str]", _Readable]
+"""A C translation unit: its text (``str``), or a file holding it (a path, or an
+``importlib.resources`` file such as ``files("pkg") / "csrc" / "k.c"``), read on first use."""
 
 
 def compile_disabled() -> bool:
@@ -81,9 +90,35 @@ def cpu_identity() -> str:
     return os.uname().machine
 
 
-def compile_shared(c_source: str, path: str, cc: str = "cc", extra_flags: Sequence[str] = (), stem: str = "kernel") -> None:
-    """Compile ``c_source`` into the shared library ``path``; raises ``RuntimeError`` with the
-    command and the compiler's output on failure.
+def headers_of(include_dirs: Sequence[str]) -> list[tuple[str, str]]:
+    """``(name, text)`` of every ``*.h`` file under each directory (recursively, sorted; ``name`` is
+    ``"<dir index>/<path relative to the dir>"``): what a build may include, for the cache key."""
+    out = []
+    for i, d in enumerate(include_dirs):
+        found = []
+        for root, dirs, files in os.walk(d):
+            dirs.sort()
+            for f in files:
+                if f.endswith(".h"):
+                    path = os.path.join(root, f)
+                    found.append((f"{i}/{os.path.relpath(path, d)}", path))
+        for name, path in sorted(found):
+            with open(path, encoding="utf-8") as fh:
+                out.append((name, fh.read()))
+    return out
+
+
+def compile_shared(
+    c_source: str,
+    path: str,
+    cc: str = "cc",
+    extra_flags: Sequence[str] = (),
+    stem: str = "kernel",
+    include_dirs: Sequence[str] = (INCLUDE_DIR,),
+) -> None:
+    """Compile ``c_source`` (the text) into the shared library ``path``, with ``-I`` for each of
+    ``include_dirs`` (default: the toolkit's headers); raises ``RuntimeError`` with the command and
+    the compiler's output on failure.
 
     The library is written next to ``path`` under a unique name and renamed into place, so a
     concurrent process never loads a half-written file (``os.replace`` is atomic within a
@@ -98,7 +133,8 @@ def compile_shared(c_source: str, path: str, cc: str = "cc", extra_flags: Sequen
         fd, tmp_out = tempfile.mkstemp(prefix=f".{stem}-", suffix=".so.tmp", dir=out_dir)
         os.close(fd)
         try:
-            cmd = [cc, *BASE_FLAGS, *extra_flags, src, "-o", tmp_out]
+            includes = [f"-I{d}" for d in include_dirs]
+            cmd = [cc, *BASE_FLAGS, *includes, *extra_flags, src, "-o", tmp_out]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:
                 raise RuntimeError(f"{' '.join(cmd)} failed: {(r.stderr or r.stdout).strip()[-_STDERR_TAIL:]}")
@@ -112,10 +148,15 @@ class NativeLibrary:
     """One C source compiled on first use into a cached shared library and loaded with ctypes.
 
     - ``name``: file-name stem of the cached library (e.g. ``"oq_fp8_cpu"``) and label in messages.
-    - ``c_source``: the complete C translation unit.
+    - ``c_source``: the complete C translation unit: its text, or the file holding it (a path or
+      an ``importlib.resources`` file, e.g. ``files("oq_plugin_fp8") / "csrc" / "fp8_cpu.c"``;
+      read once, on first use, so constructing a library at import time costs nothing).
     - ``extra_flags``: compiler flags after :data:`BASE_FLAGS` (part of the cache key).
     - ``bind``: called once with the freshly loaded ``ctypes.CDLL`` to declare ``argtypes`` /
       ``restype``; an exception there counts as a load failure.
+    - ``include_dirs``: header directories after :data:`INCLUDE_DIR` (paths, or
+      ``importlib.resources`` directories on the file system), e.g. another plugin's ``csrc``;
+      every ``*.h`` in them is part of the cache key.
 
     Thread-safe: the first ``load()`` compiles under a lock, later calls return the cached result.
     A failure is remembered (no retry per call); ``OQ_COMPILE=0`` is honoured on every call.
@@ -124,22 +165,44 @@ class NativeLibrary:
     def __init__(
         self,
         name: str,
-        c_source: str,
+        c_source: Source,
         extra_flags: Sequence[str] = (),
         bind: Callable[[ctypes.CDLL], None] | None = None,
+        include_dirs: Sequence[str | os.PathLike[str]] = (),
     ) -> None:
         self.name = name
-        self.c_source = c_source
+        self._source = c_source
+        self._text: str | None = c_source if isinstance(c_source, str) else None
         self.extra_flags = tuple(extra_flags)
+        self._include_dirs = tuple(include_dirs)
         self.bind = bind
         self._lock = threading.Lock()
         self._lib: ctypes.CDLL | None = None
         self._error: str | None = None
 
+    @property
+    def include_dirs(self) -> tuple[str, ...]:
+        """:data:`INCLUDE_DIR`, then the ``include_dirs`` given, as file-system paths (``TypeError``
+        for a directory that is not on the file system, e.g. inside a zip: a load failure)."""
+        return (INCLUDE_DIR, *(os.fspath(d) for d in self._include_dirs))
+
+    @property
+    def c_source(self) -> str:
+        """The C source text (read from its file on first access; raises ``OSError`` if missing)."""
+        if self._text is None:
+            src = self._source
+            if hasattr(src, "read_text"):
+                self._text = src.read_text(encoding="utf-8")
+            else:
+                with open(os.fspath(src), encoding="utf-8") as f:
+                    self._text = f.read()
+        return self._text
+
     def cache_key(self, cc: str | None = None) -> str:
-        """Hash of everything the compiled code depends on: source, compiler, flags, CPU."""
+        """Hash of everything the compiled code depends on: source, headers, compiler, flags, CPU."""
         cc = cc or os.environ.get("CC", "cc")
-        ident = "\0".join((self.c_source, cc, *BASE_FLAGS, *self.extra_flags, os.uname().machine, cpu_identity()))
+        headers = [part for h in headers_of(self.include_dirs) for part in h]
+        ident = "\0".join((self.c_source, *headers, cc, *BASE_FLAGS, *self.extra_flags, os.uname().machine, cpu_identity()))
         return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
     def path(self, cc: str | None = None) -> str:
@@ -150,7 +213,7 @@ class NativeLibrary:
         """Compile this source to ``path`` unconditionally (no cache, no binding): for tests that
         want a variant build, e.g. ``extra_flags=("-DOQ_GENERIC",)``. Raises on failure."""
         flags = self.extra_flags if extra_flags is None else tuple(extra_flags)
-        compile_shared(self.c_source, path, cc or os.environ.get("CC", "cc"), flags, stem=self.name)
+        compile_shared(self.c_source, path, cc or os.environ.get("CC", "cc"), flags, stem=self.name, include_dirs=self.include_dirs)
 
     def load(self) -> ctypes.CDLL | None:
         """The loaded library, compiling it into the cache first if needed; ``None`` when
@@ -166,7 +229,7 @@ class NativeLibrary:
             try:
                 path = self.path(cc)
                 if not os.path.exists(path):
-                    compile_shared(self.c_source, path, cc, self.extra_flags, stem=self.name)
+                    compile_shared(self.c_source, path, cc, self.extra_flags, stem=self.name, include_dirs=self.include_dirs)
                 lib = ctypes.CDLL(path)
                 if self.bind is not None:
                     self.bind(lib)
