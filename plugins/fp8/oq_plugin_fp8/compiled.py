@@ -117,13 +117,11 @@ def _quantizer(g: Grouping):
     """The registered compiled quantize function for grouping ``g``."""
 
     def quantize(w: torch.Tensor, options=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``w [N, K]`` / ``[E, N, K]`` -> ``(qdata float8_e4m3fn, scale float32)`` for grouping ``g``."""
+        """Compiled fp8 quantizer of one grouping: ``w [N, K]`` / ``[E, N, K]`` (float32/bf16/fp16)
+        -> ``(qdata float8_e4m3fn, scale float32)``, bytes equal to the torch reference (see
+        :func:`quantize_grouped_compiled`)."""
         return quantize_grouped_compiled(w, g)
 
-    quantize.__doc__ = (
-        f"Compiled fp8 quantizer for {g}: ``w [..., R, C] -> (q float8_e4m3fn, scale float32)``, "
-        "bytes equal to the torch reference (see :func:`quantize_grouped_compiled`)."
-    )
     return quantize
 
 
