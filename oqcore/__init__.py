@@ -4,7 +4,8 @@ Public API (stable names):
 
 - keys: :class:`GroupShape`, :class:`ScaleDesc`, :class:`QuantKey`, :func:`quant_key`, :func:`list_quant_keys`
 - config: :class:`QuantSpec`, :class:`QuantizationConfig`
-- contract: :class:`OnlineMethodBase`, :class:`OnlineLinearMethodBase`, :class:`OnlineMoEMethodBase`,
+- contract: :class:`Scheme`, :class:`KeyFormat`, :class:`QuantizerImpl`, :class:`OnlineMethodBase`,
+  :class:`OnlineLinearMethodBase`, :class:`OnlineMoEMethodBase`, :class:`MethodFormats`,
   :class:`Backend`, :data:`hookimpl`
 - plugins: :func:`get_plugin_manager`
 - planning: :func:`plan`, :class:`QuantPlan`
@@ -32,8 +33,19 @@ from oqcore.errors import (
 )
 from oqcore.hookspecs import hookimpl
 from oqcore.keys import GroupShape, KeyInfo, QuantKey, Role, ScaleDesc
-from oqcore.methods import NoOptions, OnlineLinearMethodBase, OnlineMethodBase, OnlineMoEMethodBase
-from oqcore.oracle import Backend, BackendChoice, Candidate, always_supported, select_backend
+from oqcore.formats import KeyFormat, QuantizerImpl, any_input
+from oqcore.methods import MethodFormats, NoOptions, OnlineLinearMethodBase, OnlineMethodBase, OnlineMoEMethodBase, expert_loop
+from oqcore.oracle import (
+    Backend,
+    BackendChoice,
+    Candidate,
+    QuantizerCandidate,
+    QuantizerChoice,
+    always_supported,
+    select_backend,
+    select_quantizer,
+)
+from oqcore.scheme import Scheme
 from oqcore.planning import LayerPlan, QuantPlan, plan
 from oqcore.plugins import PluginWarning, get_plugin_manager, get_registry
 from oqcore.tensor import QuantizedTensor, quantize_tensor
@@ -56,6 +68,9 @@ save_quantized = _public_api(save_quantized)
 plan = _public_api(plan)
 quantize_tensor = _public_api(quantize_tensor)
 select_backend = _public_api(select_backend)
+select_quantizer = _public_api(select_quantizer)
+any_input = _public_api(any_input)
+expert_loop = _public_api(expert_loop)
 get_registry = _public_api(get_registry)
 get_plugin_manager = _public_api(get_plugin_manager)
 always_supported = _public_api(always_supported)
@@ -90,11 +105,13 @@ __all__ = [
     "ConfigError",
     "GroupShape",
     "InternalError",
+    "KeyFormat",
     "KeyInfo",
     "LayerPlan",
+    "MethodFormats",
     "NoBackendError",
-    "NonFiniteError",
     "NoOptions",
+    "NonFiniteError",
     "OnlineLinearMethodBase",
     "OnlineMethodBase",
     "OnlineMoEMethodBase",
@@ -107,12 +124,18 @@ __all__ = [
     "QuantSpec",
     "QuantizationConfig",
     "QuantizedTensor",
+    "QuantizerCandidate",
+    "QuantizerChoice",
+    "QuantizerImpl",
     "Report",
     "SaveError",
     "ScaleDesc",
+    "Scheme",
     "UnknownKeyError",
     "UnsupportedLayerError",
     "always_supported",
+    "any_input",
+    "expert_loop",
     "get_plugin_manager",
     "get_registry",
     "hookimpl",
@@ -126,4 +149,5 @@ __all__ = [
     "report",
     "save_quantized",
     "select_backend",
+    "select_quantizer",
 ]

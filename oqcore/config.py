@@ -35,12 +35,15 @@ from pydantic import (
     model_validator,
 )
 
-from oqcore.errors import ConfigError, UnknownKeyError
+from oqcore.errors import ConfigError, PluginError, UnknownKeyError
 from oqcore.errors import did_you_mean as _did_you_mean
 from oqcore.errors import from_validation_error as _convert
 from oqcore.errors import field_names as _field_names
 from oqcore.errors import short_repr as _short
+from oqcore.formats import QuantizerImpl
 from oqcore.keys import QuantKey
+from oqcore.methods import MethodFormats
+from oqcore.oracle import Backend
 from oqcore.plugins import KINDS, Registry, get_plugin_manager, get_registry
 
 #: vLLM's ``--quantization`` value meaning "use quantization_config as given" (no shorthand).
@@ -199,6 +202,17 @@ class BoundSpec:
     activation_key: QuantKey | None
     options: BaseModel
     method_plugin: str
+    formats: MethodFormats | None = None
+
+    def make_method(self, backend: Backend, *, activation_key: Any = ..., quantizer: QuantizerImpl | None = None):
+        """A method instance for one layer: this spec's class with its activation key (or
+        ``activation_key``), options and formats, the forward ``backend`` and the planned
+        ``quantizer`` implementation (``None``: the oracle's choice per tensor)."""
+        act = self.activation_key if activation_key is ... else activation_key
+        formats = self.formats
+        if formats is not None and act != self.activation_key:
+            formats = get_registry().method_formats(self.spec.weight, act)
+        return self.method_cls(activation_key=act, options=self.options, backend=backend, formats=formats, quantizer=quantizer)
 
 
 def _spec_mapping(value: Any, kind: str | None, reg: Registry) -> dict[str, Any]:
@@ -270,7 +284,11 @@ def bind_spec(value: Any, kind: str, reg: Registry | None = None) -> BoundSpec:
         raise e.at("options") from None
     except Exception as e:  # a plugin's options model failing in its own way still names the field
         raise ConfigError(f"{cls.__name__} rejected the options: {type(e).__name__}: {e}", "options") from None
-    return BoundSpec(kind, spec, cls, act, options, entry.plugin)
+    try:
+        formats = reg.method_formats(spec.weight, act)
+    except PluginError:
+        formats = None  # a v1 plugin registered the method without a quantizer: an error when it quantizes
+    return BoundSpec(kind, spec, cls, act, options, entry.plugin, formats)
 
 
 def _normalize_slot(v: Any) -> Any:

@@ -35,6 +35,24 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
+def oq_register_schemes(register):
+    """Register schemes: call ``register(scheme)`` once per weight key with an :class:`oqcore.Scheme`.
+
+    The record states everything about the scheme once (kinds, activation keys and the default,
+    options model, each key's :class:`oqcore.KeyFormat` with its quantizer implementations, forward
+    backends, method classes for what differs from the base classes); the core derives the method
+    classes, the quantizer candidates and the reference ``torch`` forward backend. Name the keys in
+    ``oq_register_quant_keys`` first (the weight key must have a weight name). This is contract v2:
+    a scheme registered here needs none of ``oq_register_methods``, ``oq_register_quantizers`` or
+    ``oq_backend_candidates`` (v1 hooks, still supported, which a Scheme expands to).
+
+    A record that is not a well-formed :class:`oqcore.Scheme` fails the plugin (the message says which
+    field); a method, format, quantizer implementation or backend another plugin registered for the
+    same key is a :class:`oqcore.PluginConflictError` naming both plugins.
+    """
+
+
+@hookspec
 def oq_register_quant_keys(register):
     """Register quantization key names.
 

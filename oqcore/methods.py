@@ -1,8 +1,10 @@
 """The contract every online quantization method implements (linear and fused-MoE experts).
 
-A method class is registered by a plugin for one ``(kind, weight_key)`` pair. Its class attributes
-declare what it quantizes and which activation keys it can pair with; one instance is made per
-layer by the core with the activation key, options and backend the planner resolved.
+A method class serves one ``(kind, weight_key)`` pair. Its class attributes declare what it
+quantizes and which activation keys it can pair with (for a scheme registered with
+:class:`oqcore.Scheme`, the core derives them from the record); one instance is made per layer
+by the core with the activation key, options, forward backend, the keys' formats
+(:class:`MethodFormats`) and the quantizer implementation the planner resolved.
 
 Lifecycle of a layer (vLLM's online quantization, without the engine):
 
@@ -13,17 +15,34 @@ Lifecycle of a layer (vLLM's online quantization, without the engine):
    ``process_weights_after_loading(layer)`` quantizes them in place and frees the high-precision
    copies. It must be idempotent: calling it on an already-quantized layer changes nothing.
 3. ``apply(layer, x, ...)`` runs the forward through the chosen backend.
+
+The base classes store whatever tensors the weight key's :class:`oqcore.formats.KeyFormat` names
+(``qdata`` as ``weight``, the others as ``weight_<name>``): a format with a second-level scale or
+packed 4-bit ``qdata`` needs no change here.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from oqcore.formats import (
+    DATA,
+    KeyFormat,
+    QuantizedTensor,
+    QuantizerImpl,
+    check_quantizable,
+    dequantize,
+    run_quantizer,
+)
+from oqcore.errors import PluginError
 from oqcore.keys import QuantKey
+from oqcore.oracle import select_quantizer
 
 if TYPE_CHECKING:
     from oqcore.oracle import Backend
@@ -35,10 +54,46 @@ class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+@dataclass(frozen=True)
+class MethodFormats:
+    """The formats one method instance quantizes with: the weight key's (``weight``), the
+    activation key's (``activation``, ``None`` for weight-only) and their names for messages."""
+
+    weight: KeyFormat
+    activation: KeyFormat | None = None
+    weight_name: str = ""
+
+
+def expert_loop(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    num_experts: int,
+    expert_fn: Callable[[int, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """The routed-experts sum ``sum_k topk_weights[t, k] * expert_fn(topk_ids[t, k], x[t])`` in float32.
+
+    ``x [T, H]``, ``topk_ids [T, k]`` (ids outside ``[0, num_experts)`` are skipped, as vLLM's
+    expert-parallel masks do), ``topk_weights [T, k]``; ``expert_fn(e, x_e [T_e, H]) -> [T_e, H]``
+    runs one expert on the tokens routed to it. Returns ``[T, H]`` float32 (cast it to ``x.dtype``).
+    One loop over the experts that received tokens, as transformers' eager experts; under
+    ``torch.compile`` the loop is data dependent (a graph break) and each body compiles.
+    """
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in torch.unique(topk_ids).tolist():
+        if not 0 <= e < num_experts:
+            continue
+        tok, pos = torch.where(topk_ids == e)
+        y = expert_fn(e, x[tok])
+        out.index_add_(0, tok, y.float() * topk_weights[tok, pos, None].float())
+    return out
+
+
 class OnlineMethodBase(ABC):
     """Base of all online methods.
 
-    Class attributes (declared by each concrete method):
+    Class attributes (declared by a v1 method class, derived from the :class:`oqcore.Scheme` record
+    for a v2 scheme):
 
     - ``kind``: ``"linear"`` or ``"moe"`` (set by the two subclasses below).
     - ``weight_key``: the :class:`QuantKey` the weights are quantized to.
@@ -49,12 +104,13 @@ class OnlineMethodBase(ABC):
       ``scale_mode``); :class:`NoOptions` by default.
 
     Instance attributes: ``activation_key`` (resolved), ``options`` (validated model instance),
-    ``backend`` (the :class:`oqcore.Backend` the oracle chose).
+    ``backend`` (the forward :class:`oqcore.Backend` the oracle chose), ``formats``
+    (:class:`MethodFormats`) and ``quantizer`` (the planned :class:`oqcore.formats.QuantizerImpl`,
+    or ``None`` to let the oracle choose per tensor).
 
-    The base classes below implement the whole lifecycle in terms of the quantizers the plugin
-    registered for its keys (``oq_register_quantizers``) and a float32 dequantize-and-matmul
-    reference forward (the ``torch`` backend). A scheme overrides only what it does differently;
-    a backend with a ``forward`` replaces the reference forward.
+    The base classes implement the whole lifecycle with the formats' quantizers and dequantizers
+    and a float32 dequantize-and-matmul reference forward (the ``torch`` backend). A scheme
+    overrides only what it does differently; a backend with a ``forward`` replaces the reference.
     """
 
     kind: ClassVar[str]
@@ -63,10 +119,20 @@ class OnlineMethodBase(ABC):
     default_activation_key: ClassVar[QuantKey | None] = None
     options_model: ClassVar[type[BaseModel]] = NoOptions
 
-    def __init__(self, *, activation_key: QuantKey | None, options: BaseModel | None, backend: Backend):
+    def __init__(
+        self,
+        *,
+        activation_key: QuantKey | None,
+        options: BaseModel | None,
+        backend: Backend,
+        formats: MethodFormats | None,
+        quantizer: QuantizerImpl | None = None,
+    ):
         self.activation_key = activation_key
         self.options = options if options is not None else self.options_model()
         self.backend = backend
+        self.formats = formats
+        self.quantizer = quantizer
 
     @classmethod
     def check_layer(cls, name: str, layer: torch.nn.Module) -> None:
@@ -75,6 +141,12 @@ class OnlineMethodBase(ABC):
         Raises :class:`oqcore.UnsupportedLayerError` naming ``name`` and the shape at fault. The
         default accepts every layer of the method's kind.
         """
+
+    @classmethod
+    def weight_shapes(cls, layer: torch.nn.Module) -> list[tuple[int, ...]]:
+        """The shapes the layer's weights are quantized at (``[N, K]``, or the canonical expert
+        stacks ``[E, 2I, H]`` and ``[E, H, I]``): what the oracle judges quantizers on."""
+        raise NotImplementedError
 
     @abstractmethod
     def create_weights(self, layer: torch.nn.Module) -> None:
@@ -93,46 +165,79 @@ class OnlineMethodBase(ABC):
 
     # ---- helpers shared by the default implementations -----------------------------------------
 
-    def quantize_weight(self, w: torch.Tensor, layer_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Quantize a ``[N, K]`` or ``[E, N, K]`` weight with the plugin's quantizer for the layer's
-        device; returns ``(qdata, scale)``. Raises :class:`oqcore.UnsupportedLayerError` on NaN/Inf."""
-        from oqcore.tensor import find_quantizer, quantize_tensor, quantizer_backend_for
+    def quantizer_for(self, w: torch.Tensor, name: str) -> QuantizerImpl:
+        """The implementation quantizing ``w``: the planned one when it supports ``w`` 's device,
+        shape and dtype (judged on a whole expert stack: one compiled shape serves every expert),
+        else the oracle's choice for ``w``."""
+        impls = self.formats.weight.implementations
+        planned = self.quantizer
+        if planned is not None and not w.is_meta and planned in impls:
+            ok, _ = planned.is_supported(w.device, tuple(w.shape), w.dtype)
+            if ok:
+                return planned
+        return select_quantizer(impls, w.device, [tuple(w.shape)], w.dtype, what=name).impl
 
-        # Judged on the whole stack: one compiled shape serves every expert of every layer.
-        backend = quantizer_backend_for(self.weight_key, w.device, w.numel())
-        if w.dim() == 2 or (w.is_contiguous() and find_quantizer(self.weight_key, backend).whole_stack):
-            # A fused kernel writes the stack's final qdata/scale tensors directly: no per-expert
-            # outputs to copy, one fresh allocation (first-touch page faults cost ~0.3 s/GB here).
-            qt = quantize_tensor(w, self.weight_key, backend, self.options, name=layer_name)
-            return qt.qdata, qt.scale
+    def quantize_weight(self, w: torch.Tensor, layer_name: str) -> QuantizedTensor:
+        """Quantize a ``[N, K]`` or ``[E, N, K]`` weight to the weight key; returns the
+        :class:`oqcore.QuantizedTensor` (it unpacks to ``qdata, scale, ...``). Raises
+        :class:`oqcore.UnsupportedLayerError` naming the layer (and expert) on NaN/Inf."""
+        check_quantizable(w, layer_name)
+        if self.formats is None:
+            raise PluginError(f"{type(self).__name__}: no quantizer is registered for its weight key {self.weight_key}")
+        fmt, impl = self.formats.weight, self.quantizer_for(w, layer_name)
+        key_name = self.formats.weight_name or str(fmt.key)
+        if w.dim() == 2 or (w.is_contiguous() and impl.whole_stack):
+            # A fused kernel writes the stack's final tensors directly: no per-expert outputs to
+            # copy, one fresh allocation (first-touch page faults cost ~0.3 s/GB here).
+            return run_quantizer(fmt, impl, w, self.options, layer_name, key_name)
         # One expert at a time: the quantizer's float32 temporaries then scale with one expert, not
         # the whole stack (scales are per expert by contract, so the bytes are the same). A
         # transposed (GPT-OSS) stack also goes this way: each expert is made contiguous on its own.
-        first = quantize_tensor(w[0].contiguous(), self.weight_key, backend, self.options, name=f"{layer_name}[expert 0]")
-        qdata = first.qdata.new_empty((w.shape[0], *first.qdata.shape))
-        scale = first.scale.new_empty((w.shape[0], *first.scale.shape))
-        qdata[0], scale[0] = first.qdata, first.scale
+        first = run_quantizer(fmt, impl, w[0].contiguous(), self.options, f"{layer_name}[expert 0]", key_name)
+        tensors = {n: t.new_empty((w.shape[0], *t.shape)) for n, t in first.tensors.items()}
+        for n, t in first.tensors.items():
+            tensors[n][0] = t
         for e in range(1, w.shape[0]):
-            qt = quantize_tensor(w[e].contiguous(), self.weight_key, backend, self.options, name=f"{layer_name}[expert {e}]")
-            qdata[e], scale[e] = qt.qdata, qt.scale
-        return qdata, scale
+            qt = run_quantizer(fmt, impl, w[e].contiguous(), self.options, f"{layer_name}[expert {e}]", key_name)
+            for n, t in qt.tensors.items():
+                tensors[n][e] = t
+        return QuantizedTensor(tensors, fmt.key, w.shape, self.options, fmt)
 
-    def dequantize_weight(self, qdata: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Inverse of :meth:`quantize_weight` (reference dequantizer) in ``dtype``."""
-        from oqcore.tensor import find_quantizer
+    def dequantize_weight(self, *tensors_then_dtype: Any) -> torch.Tensor:
+        """``dequantize_weight(qdata, scale[, ...], dtype)``: the weight format's tensors in its
+        order, then the dtype; the reference dequantizer's result in ``dtype``."""
+        *tensors, dtype = tensors_then_dtype
+        fmt = self.formats.weight
+        return dequantize(fmt, dict(zip(fmt.tensors, tensors)), dtype, self.options)
 
-        return find_quantizer(self.weight_key).dequantize(qdata, scale, dtype, self.options)
+    def weight_tensors(self, layer: torch.nn.Module, prefix: str, expert: int | None = None) -> dict[str, torch.Tensor]:
+        """The quantized tensors of the weight called ``prefix`` (``"weight"``, ``"w13_weight"``),
+        by format name; ``expert`` selects one expert's slice of a stack."""
+        fmt = self.formats.weight
+        out = {n: getattr(layer, fmt.param_name(prefix, n)) for n in fmt.tensors}
+        return out if expert is None else {n: t[expert] for n, t in out.items()}
+
+    def dequantize_layer_weight(
+        self, layer: torch.nn.Module, prefix: str, dtype: torch.dtype, expert: int | None = None
+    ) -> torch.Tensor:
+        """The dequantized weight called ``prefix`` of ``layer`` (one expert's with ``expert``) in ``dtype``."""
+        return dequantize(self.formats.weight, self.weight_tensors(layer, prefix, expert), dtype, self.options)
 
     def fake_quantize_activation(self, x: torch.Tensor) -> torch.Tensor:
-        """Round ``x [M, K]`` through the activation key (quantize then dequantize) in float32;
-        ``x`` unchanged for weight-only methods."""
-        if self.activation_key is None:
+        """Round ``x [M, K]`` through the activation key (quantize then dequantize) in float32 with
+        its reference quantizer; ``x`` unchanged for weight-only methods."""
+        fmt = self.formats.activation
+        if self.activation_key is None or fmt is None:
             return x
-        from oqcore.tensor import find_quantizer
+        out = fmt.reference.quantize(x, self.options)
+        named = dict(out) if isinstance(out, dict) else dict(zip(fmt.tensors, out))
+        return dequantize(fmt, named, torch.float32, self.options)
 
-        q = find_quantizer(self.activation_key)
-        qdata, scale = q.quantize(x, self.options)
-        return q.dequantize(qdata, scale, torch.float32, self.options)
+    def store_weight(self, layer: torch.nn.Module, prefix: str, qt: QuantizedTensor) -> None:
+        """Register ``qt`` 's tensors as ``layer`` parameters named after ``prefix`` (``qdata`` as
+        ``prefix`` itself, the others as ``prefix_<name>``), replacing any of the same name."""
+        for n, t in qt.tensors.items():
+            _replace_param(layer, self.formats.weight.param_name(prefix, n), t)
 
     def _finish(self, layer: torch.nn.Module) -> None:
         layer.quantized = True
@@ -161,18 +266,22 @@ class OnlineLinearMethodBase(OnlineMethodBase):
 
     kind: ClassVar[str] = "linear"
 
+    @classmethod
+    def weight_shapes(cls, layer: torch.nn.Module) -> list[tuple[int, ...]]:
+        """``[(N, K)]``."""
+        return [(layer.out_features, layer.in_features)]
+
     def create_weights(self, layer: torch.nn.Module) -> None:
         """``weight [N, K]`` and ``bias [N]`` (if any) on the meta device, in ``layer.params_dtype``."""
         layer.register_parameter("weight", _meta_param((layer.out_features, layer.in_features), layer.params_dtype))
         layer.register_parameter("bias", _meta_param((layer.out_features,), layer.params_dtype) if layer.has_bias else None)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        """Quantize ``weight`` into ``weight`` (qdata) + ``weight_scale``; idempotent."""
+        """Quantize ``weight`` into the format's tensors (``weight`` = qdata, ``weight_scale``, ...); idempotent."""
         if layer.quantized:
             return
-        qdata, scale = self.quantize_weight(layer.weight.data, layer.layer_name)
-        _replace_param(layer, "weight", qdata)
-        _replace_param(layer, "weight_scale", scale)
+        qt = self.quantize_weight(layer.weight.data, layer.layer_name)
+        self.store_weight(layer, "weight", qt)
         self._finish(layer)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, *args: Any) -> torch.Tensor:
@@ -189,7 +298,7 @@ class OnlineLinearMethodBase(OnlineMethodBase):
         opaque ``torch.library`` custom ops where inductor would miscompile them)."""
         shape = x.shape
         x2 = self.fake_quantize_activation(x.reshape(-1, shape[-1])).float()
-        w = self.dequantize_weight(layer.weight, layer.weight_scale, torch.float32)
+        w = self.dequantize_layer_weight(layer, "weight", torch.float32)
         bias = layer.bias.float() if layer.bias is not None else None
         y = torch.nn.functional.linear(x2, w, bias)
         return y.to(x.dtype).reshape(*shape[:-1], layer.out_features)
@@ -208,6 +317,15 @@ class OnlineMoEMethodBase(OnlineMethodBase):
     """
 
     kind: ClassVar[str] = "moe"
+
+    @classmethod
+    def weight_shapes(cls, layer: torch.nn.Module) -> list[tuple[int, ...]]:
+        """``[(E, 2I, H), (E, H, I)]``: the canonical expert stacks."""
+        from oqcore.layers import moe_layout
+
+        lay = getattr(layer, "layout", None) or moe_layout(layer)
+        e, i, h = lay.num_experts, lay.intermediate_size, lay.hidden_size
+        return [(e, 2 * i, h), (e, h, i)]
 
     def create_weights(self, layer: torch.nn.Module) -> None:
         """``gate_up_proj``/``down_proj`` (+ biases) on the meta device, in the checkpoint's layout."""
@@ -231,14 +349,12 @@ class OnlineMoEMethodBase(OnlineMethodBase):
             return
         w13, w2 = self.canonical_weights(layer)
         # Transposed (GPT-OSS) stacks stay views: each expert is made contiguous on its own.
-        q13, s13 = self.quantize_weight(w13, f"{layer.layer_name}.gate_up_proj")
-        q2, s2 = self.quantize_weight(w2, f"{layer.layer_name}.down_proj")
+        q13 = self.quantize_weight(w13, f"{layer.layer_name}.gate_up_proj")
+        q2 = self.quantize_weight(w2, f"{layer.layer_name}.down_proj")
         _replace_param(layer, "gate_up_proj", None)
         _replace_param(layer, "down_proj", None)
-        _replace_param(layer, "w13_weight", q13)
-        _replace_param(layer, "w13_weight_scale", s13)
-        _replace_param(layer, "w2_weight", q2)
-        _replace_param(layer, "w2_weight_scale", s2)
+        self.store_weight(layer, "w13_weight", q13)
+        self.store_weight(layer, "w2_weight", q2)
         self._finish(layer)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, *args: Any) -> torch.Tensor:
@@ -250,9 +366,7 @@ class OnlineMoEMethodBase(OnlineMethodBase):
     def expert_linear(self, layer: torch.nn.Module, proj: str, expert: int, x: torch.Tensor) -> torch.Tensor:
         """``x [T, K] @ W[expert].T`` in float32 for ``proj`` in ``{"w13", "w2"}``, activation
         fake-quantized per the activation key, plus the expert's bias if the layer has one."""
-        w = self.dequantize_weight(
-            getattr(layer, f"{proj}_weight")[expert], getattr(layer, f"{proj}_weight_scale")[expert], torch.float32
-        )
+        w = self.dequantize_layer_weight(layer, f"{proj}_weight", torch.float32, expert)
         y = torch.nn.functional.linear(self.fake_quantize_activation(x).float(), w)
         if layer.layout.has_bias:
             bias = layer.gate_up_proj_bias if proj == "w13" else layer.down_proj_bias
@@ -268,14 +382,11 @@ class OnlineMoEMethodBase(OnlineMethodBase):
         Under ``torch.compile`` the loop over the experts that received tokens is data dependent:
         Dynamo breaks the graph there (``tolist``, ``where``) and compiles the per-expert body, which
         gives the eager numbers; ``fullgraph=True`` is not possible for MoE layers."""
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        for e in torch.unique(topk_ids).tolist():
-            if not 0 <= e < layer.layout.num_experts:
-                continue
-            tok, pos = torch.where(topk_ids == e)
-            h = layer.apply_gate(self.expert_linear(layer, "w13", e, x[tok]))
-            y = self.expert_linear(layer, "w2", e, h)
-            out.index_add_(0, tok, y * topk_weights[tok, pos, None].float())
+
+        def expert(e: int, xe: torch.Tensor) -> torch.Tensor:
+            return self.expert_linear(layer, "w2", e, layer.apply_gate(self.expert_linear(layer, "w13", e, xe)))
+
+        out = expert_loop(x, topk_ids, topk_weights, layer.layout.num_experts, expert)
         return out.to(x.dtype)
 
 

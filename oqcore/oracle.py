@@ -1,4 +1,9 @@
-"""The backend oracle: choose which implementation runs a quantized layer, and say why.
+"""The oracle: choose which implementation quantizes a tensor and which runs a layer, and say why.
+
+Two decisions, the same rules. **Quantizer implementations** (:class:`oqcore.formats.QuantizerImpl`)
+turn a high-precision weight into a key's tensors; every implementation of a key gives the same
+bytes, so the choice is about speed and where it runs (:func:`select_quantizer`). **Forward
+backends** (:class:`Backend`) run a quantized layer's forward (:func:`select_backend`).
 
 Plugins offer :class:`Backend` candidates for each ``(kind, weight_key)``. For one layer the oracle
 
@@ -20,7 +25,13 @@ from dataclasses import dataclass
 import torch
 
 from oqcore.errors import ConfigError, NoBackendError
+from oqcore.formats import REFERENCE, QuantizerImpl
 from oqcore.keys import QuantKey
+
+QUANTIZER_ENV = "OQ_QUANTIZER"
+"""Environment variable pinning the quantizer implementation by name for every key that has one
+(``OQ_QUANTIZER=torch``: the reference everywhere). Keys without an implementation of that name
+keep the oracle's choice."""
 
 SupportCheck = Callable[[torch.nn.Module, torch.device], "tuple[bool, str]"]
 
@@ -171,3 +182,85 @@ def resolve_activation_override(
         "remove the override or set it to the checkpoint's key",
         field,
     )
+
+
+@dataclass(frozen=True)
+class QuantizerCandidate:
+    """A quantizer implementation considered for one tensor and the oracle's verdict: ``reason`` is
+    why it was rejected, or ``None`` if it was viable."""
+
+    impl: QuantizerImpl
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class QuantizerChoice:
+    """The oracle's answer for one tensor (or a layer's weights): the chosen implementation and
+    every candidate with its verdict, best first."""
+
+    impl: QuantizerImpl
+    candidates: tuple[QuantizerCandidate, ...]
+
+
+def pinned_quantizer() -> str | None:
+    """The implementation name :data:`QUANTIZER_ENV` pins, or ``None`` (unset or blank)."""
+    import os
+
+    value = os.environ.get(QUANTIZER_ENV, "").strip()
+    return value or None
+
+
+def select_quantizer(
+    impls: Sequence[QuantizerImpl],
+    device: torch.device,
+    shapes: Sequence[tuple[int, ...]],
+    dtype: torch.dtype,
+    *,
+    pinned: str | None = None,
+    what: str = "this tensor",
+) -> QuantizerChoice:
+    """Choose the implementation that quantizes tensors of ``shapes`` (all of them: a MoE layer's
+    two expert stacks) in ``dtype`` on ``device``.
+
+    The meta device (a dry run for shapes) always gets the :data:`oqcore.formats.REFERENCE`.
+    Otherwise: ``pinned`` (an argument, else :data:`QUANTIZER_ENV`) keeps only that name when the
+    key has it; each candidate's ``is_supported(device, shape, dtype)`` must accept every shape; the
+    highest ``priority`` wins, ties by name. Raises :class:`oqcore.ConfigError` (field
+    ``quantizer``) when ``pinned`` was given as an argument and no implementation has that name, and
+    :class:`oqcore.NoBackendError` naming ``what`` when none is supported (a pinned one that cannot
+    run there).
+    """
+    env_pin = pinned is None
+    pinned = pinned if pinned is not None else pinned_quantizer()
+    names = {i.name for i in impls}
+    if pinned is not None and pinned not in names:
+        if not env_pin:
+            raise ConfigError(
+                f"no quantizer implementation {pinned!r} for {what}; implementations: {', '.join(sorted(names))}",
+                "quantizer",
+            )
+        pinned = None  # the environment pin applies to the keys that have that implementation
+    ordered = sorted(impls, key=lambda i: (-i.priority, i.name))
+    verdicts: list[QuantizerCandidate] = []
+    for impl in ordered:
+        if device.type == "meta":
+            reason = None if impl.name == REFERENCE else "a meta tensor (dry run) goes to the reference"
+        elif pinned is not None and impl.name != pinned:
+            reason = f"not the pinned implementation {pinned!r}"
+        else:
+            reason = None
+            for shape in shapes:
+                try:
+                    ok, why = impl.is_supported(device, tuple(shape), dtype)
+                except Exception as e:  # a buggy predicate rejects its own implementation
+                    ok, why = False, f"is_supported raised {type(e).__name__}: {e}"
+                if not ok:
+                    reason = why
+                    break
+        verdicts.append(QuantizerCandidate(impl, reason))
+    viable = [c for c in verdicts if c.reason is None]
+    if not viable:
+        lines = "\n".join(f"  - {c.impl.name} ({c.impl.plugin}): {c.reason}" for c in verdicts) or "  (none offered)"
+        raise NoBackendError(what, f"no quantizer implementation can run on {device}. Candidates:\n{lines}")
+    verdicts.sort(key=lambda c: c.reason is not None)
+    return QuantizerChoice(viable[0].impl, tuple(verdicts))

@@ -31,7 +31,8 @@ from oqcore.devices import resolve_device
 from oqcore.errors import ConfigError
 from oqcore.layers import is_router, layer_kind, layer_shape
 from oqcore.matching import matches
-from oqcore.oracle import Backend, Candidate, select_backend
+from oqcore.formats import QuantizerImpl
+from oqcore.oracle import Backend, Candidate, QuantizerCandidate, select_backend, select_quantizer
 from oqcore.plugins import get_plugin_manager
 
 
@@ -41,9 +42,11 @@ class LayerPlan:
 
     ``action`` is ``"quantize"`` or ``"skip"``; ``reason`` says which rule decided (``"linear"``,
     ``"targets['re:.*q_proj']"``, ``"ignored by 'lm_head'"``, ``"MoE router: kept in high precision"``).
-    For quantized layers ``bound`` holds the method class, activation key and options, ``backend``
-    the oracle's choice and ``candidates`` every backend considered with its verdict; ``target``
-    is the ``targets`` pattern that chose the spec (``None`` for the kind-wide spec).
+    For quantized layers ``bound`` holds the method class, activation key, options and formats,
+    ``backend`` the oracle's forward backend and ``candidates`` every backend considered with its
+    verdict, ``quantizer`` the quantizer implementation the oracle chose for the layer's weights
+    and ``quantizer_candidates`` every implementation with its verdict; ``target`` is the
+    ``targets`` pattern that chose the spec (``None`` for the kind-wide spec).
     """
 
     name: str
@@ -56,11 +59,19 @@ class LayerPlan:
     backend: Backend | None = None
     candidates: tuple[Candidate, ...] = ()
     target: str | None = None
+    quantizer: QuantizerImpl | None = None
+    quantizer_candidates: tuple[QuantizerCandidate, ...] = ()
 
     @property
     def quantized(self) -> bool:
         """True when the layer will be quantized."""
         return self.action == "quantize"
+
+    def make_method(self):
+        """A fresh method instance for this quantized layer: its class, activation key, options and
+        formats, the chosen forward backend and quantizer implementation."""
+        assert self.bound is not None and self.backend is not None
+        return self.bound.make_method(self.backend, quantizer=self.quantizer)
 
 
 @dataclass
@@ -123,7 +134,8 @@ class QuantPlan:
 
     def rows(self) -> list[dict[str, Any]]:
         """One plain dict per layer (JSON-ready): name, kind, shape, action, weight, activation,
-        method, backend, reason, and the rejected backends with their reasons."""
+        method, quantizer (implementation), backend (forward), reason, and the rejected backends
+        and quantizer implementations with their reasons."""
         out = []
         for lp in self.layers:
             row: dict[str, Any] = {
@@ -142,15 +154,19 @@ class QuantPlan:
                     activation=a,
                     options=lp.bound.options.model_dump(),
                     method=lp.bound.method_cls.__name__,
+                    quantizer=lp.quantizer.name if lp.quantizer is not None else None,
                     backend=lp.backend.name,
                     rejected={c.backend.name: c.reason for c in lp.candidates if c.reason is not None},
+                    rejected_quantizers={c.impl.name: c.reason for c in lp.quantizer_candidates if c.reason is not None},
                 )
             out.append(row)
         return out
 
     def explain(self, verbose: bool = False) -> str:
-        """A per-layer table and the summary line. ``verbose`` adds every rejected backend's reason."""
-        header = ("layer", "kind", "shape", "weight", "activation", "backend", "why")
+        """A per-layer table (the quantizer implementation that quantizes each layer's weights and the
+        forward backend that runs it) and the summary line. ``verbose`` adds every rejected
+        quantizer implementation's and backend's reason."""
+        header = ("layer", "kind", "shape", "weight", "activation", "quantizer", "backend", "why")
         table = [header]
         for row in self.rows():
             q = row["action"] == "quantize"
@@ -161,6 +177,7 @@ class QuantPlan:
                     row["shape"],
                     row.get("weight", "-") if q else "-",
                     row.get("activation", "-") if q else "-",
+                    (row.get("quantizer") or "-") if q else "-",
                     row.get("backend", "-") if q else "-",
                     row["reason"],
                 )
@@ -170,6 +187,9 @@ class QuantPlan:
         lines.insert(1, "  ".join("-" * w for w in widths))
         if verbose:
             for lp in self.quantized:
+                for qc in lp.quantizer_candidates:
+                    if qc.reason is not None:
+                        lines.append(f"  {lp.name}: quantizer {qc.impl.name} rejected: {qc.reason}")
                 for c in lp.candidates:
                     if c.reason is not None:
                         lines.append(f"  {lp.name}: backend {c.backend.name} rejected: {c.reason}")
@@ -287,6 +307,16 @@ def plan(
             method=bound.method_cls.__name__,
             plugin=bound.method_plugin,
         )
+        quantizer, quantizer_candidates = None, ()
+        if bound.formats is not None:
+            qchoice = select_quantizer(
+                bound.formats.weight.implementations,
+                dev,
+                bound.method_cls.weight_shapes(module),
+                _weight_dtype(module),
+                what=name,
+            )
+            quantizer, quantizer_candidates = qchoice.impl, qchoice.candidates
         layers.append(
             LayerPlan(
                 **base,
@@ -296,11 +326,21 @@ def plan(
                 backend=choice.backend,
                 candidates=choice.candidates,
                 target=target,
+                quantizer=quantizer,
+                quantizer_candidates=quantizer_candidates,
             )
         )
 
     unmatched = [p for p in (*config.ignore, *config.targets) if p not in used]
     return QuantPlan(config, dev, layers, unmatched)
+
+
+def _weight_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype the layer's weights arrive in (its first floating parameter's; bf16 if none yet)."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.bfloat16
 
 
 def _output_embedding(model: nn.Module) -> nn.Module | None:

@@ -620,8 +620,9 @@ class OqPluginManager:
     def _collect_candidates(self, reg: Registry, kind: str, weight_key: QuantKey) -> list[Backend]:
         key_name = reg.key_name(weight_key)
         where = f"in hook {CANDIDATES_HOOK}(kind={kind!r}, weight_key={key_name})"
-        offered: dict[tuple[str, QuantKey | None], str] = {}
-        out: list[Backend] = []
+        # a Scheme's backends (registered with the scheme), then each plugin's hook offers
+        out: list[Backend] = list(reg.backends.get((kind, weight_key), []))
+        offered: dict[tuple[str, QuantKey | None], str] = {(b.name, b.activation_key): b.plugin for b in out}
         trouble = False
         for impl in self._impls(CANDIDATES_HOOK):
             record = self.records[impl.plugin_name]

@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from oqcore.errors import PluginConflictError, PluginError
+from oqcore.formats import REFERENCE, KeyFormat, QuantizerImpl
 from oqcore.keys import ROLES, KeyInfo, KeyRegistry, QuantKey, Role
-from oqcore.methods import METHOD_BASES, OnlineMethodBase
+from oqcore.methods import METHOD_BASES, MethodFormats, OnlineMethodBase
 from oqcore.oracle import Backend
+from oqcore.scheme import Scheme, check_scheme, method_class, scheme_backends
 
 KINDS = tuple(METHOD_BASES)
 
@@ -55,24 +57,8 @@ class MethodEntry:
     plugin: str
 
 
-@dataclass(frozen=True)
-class Quantizer:
-    """A registered tensor quantizer for one weight key on one backend.
-
-    ``quantize(w, options) -> (qdata, scale)`` and ``dequantize(qdata, scale, dtype, options) -> w``.
-    ``checks_finite``: ``quantize`` raises :class:`oqcore.NonFiniteError` for NaN/Inf input (found
-    in its own pass), so the core does not read the tensor a second time to check.
-    ``whole_stack``: an ``[E, N, K]`` expert stack in one call needs no working memory beyond the
-    outputs (a fused kernel), so the core does not split it into per-expert calls.
-    """
-
-    key: QuantKey
-    backend: str
-    quantize: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    dequantize: Callable[..., torch.Tensor]
-    plugin: str
-    checks_finite: bool = False
-    whole_stack: bool = False
+Quantizer = QuantizerImpl
+"""The registry's record of one quantizer implementation (v1 name of :class:`oqcore.formats.QuantizerImpl`)."""
 
 
 @dataclass
@@ -83,7 +69,44 @@ class Registry:
     keys: KeyRegistry = field(default_factory=KeyRegistry)
     shorthands: dict[str, Shorthand] = field(default_factory=dict)
     methods: dict[tuple[str, QuantKey], MethodEntry] = field(default_factory=dict)
-    quantizers: dict[tuple[QuantKey, str], Quantizer] = field(default_factory=dict)
+    quantizers: dict[tuple[QuantKey, str], QuantizerImpl] = field(default_factory=dict)
+    declared_formats: dict[QuantKey, KeyFormat] = field(default_factory=dict)
+    schemes: dict[QuantKey, Scheme] = field(default_factory=dict)
+    backends: dict[tuple[str, QuantKey], list[Backend]] = field(default_factory=dict)
+
+    def format(self, key: QuantKey) -> KeyFormat | None:
+        """The :class:`oqcore.formats.KeyFormat` of ``key`` with every registered implementation
+        (stamped with key, plugin and dequantizer), or ``None`` when no plugin quantizes to it. A
+        key registered through the v1 ``oq_register_quantizers`` hook gets the v1 format:
+        ``(qdata, scale)``, unpacked, dequantized by its ``torch`` quantizer's dequantizer."""
+        # Built on every call (a dozen entries): the quantizers table stays the one source of truth.
+        impls = tuple(sorted((q for (k, _), q in self.quantizers.items() if k == key), key=lambda q: q.name))
+        if not impls:
+            return None
+        declared = self.declared_formats.get(key)
+        if declared is not None:
+            fmt = replace(declared, implementations=impls)
+        else:
+            ref = next((q for q in impls if q.name == REFERENCE), impls[0])
+            assert ref.dequantize is not None
+            fmt = KeyFormat(key, ref.dequantize, impls)
+        return fmt
+
+    def method_formats(self, weight_key: QuantKey, activation_key: QuantKey | None) -> MethodFormats:
+        """The :class:`oqcore.methods.MethodFormats` a method instance for these keys is made with.
+        Raises :class:`oqcore.PluginError` when a key has no quantizer (a plugin registered a
+        method without one)."""
+        weight = self.format(weight_key)
+        if weight is None:
+            raise PluginError(f"no plugin registered a quantizer for weight key {self.name_of(weight_key)!r}")
+        activation = None
+        if activation_key is not None:
+            activation = self.format(activation_key)
+            if activation is None:
+                raise PluginError(
+                    f"no plugin registered a quantizer for activation key {self.name_of(activation_key, 'activation')!r}"
+                )
+        return MethodFormats(weight, activation, self.name_of(weight_key, "weight"))
 
     def resolve_key(self, name: str | QuantKey, role: Role, field: str | None = None) -> QuantKey:
         """A key from a name (or a key passed through); see :meth:`KeyRegistry.resolve`."""
@@ -310,21 +333,7 @@ def method_registrar(reg: Registry, plugin: str, stage: Stage, label: Callable[[
                 f"the key it is registered for ({reg.name_of(key)})"
             )
 
-        def commit() -> None:
-            other = reg.methods.get((kind, key))
-            if other is not None:
-                what = f"{kind} method for weight key {reg.name_of(key)!r}"
-                if other.plugin == plugin:
-                    raise PluginError(f"registers the {what} twice ({other.cls.__name__}, {method_cls.__name__})")
-                raise conflict(
-                    f"{what} is registered twice: by plugin {label(other.plugin)}: {other.cls.__name__}, "
-                    f"and by plugin {label(plugin)}: {method_cls.__name__}",
-                    other.plugin,
-                    plugin,
-                )
-            reg.methods[(kind, key)] = MethodEntry(kind, key, method_cls, plugin)
-
-        stage.add(commit)
+        stage.add(lambda: _commit_method(reg, plugin, label, kind, key, method_cls))
 
     return register
 
@@ -340,6 +349,8 @@ def quantizer_registrar(reg: Registry, plugin: str, stage: Stage, label: Callabl
         *,
         checks_finite: bool = False,
         whole_stack: bool = False,
+        priority: int = 0,
+        is_supported: Callable | None = None,
     ) -> None:
         """Register a quantizer (see :func:`oqcore.hookspecs.oq_register_quantizers`); a key name
         registers for every key it means. Raises :class:`oqcore.PluginError` for an unknown name or
@@ -358,26 +369,101 @@ def quantizer_registrar(reg: Registry, plugin: str, stage: Stage, label: Callabl
         _check_callable(f"dequantize of the {backend!r} quantizer", dequantize)
         _check_bool(f"checks_finite of the {backend!r} quantizer", checks_finite)
         _check_bool(f"whole_stack of the {backend!r} quantizer", whole_stack)
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise PluginError(f"priority of the {backend!r} quantizer must be an int, got {_type_name(priority)} {priority!r}")
+        if is_supported is not None:
+            _check_callable(f"is_supported of the {backend!r} quantizer", is_supported)
+        extra = {} if is_supported is None else {"is_supported": is_supported}
         for k in keys:
-            _stage(Quantizer(k, backend, quantize, dequantize, plugin, checks_finite, whole_stack))
-
-    def _stage(q: Quantizer) -> None:
-        def commit() -> None:
-            other = reg.quantizers.get((q.key, q.backend))
-            if other is not None:
-                what = f"quantizer for {reg.name_of(q.key)!r} on backend {q.backend!r}"
-                if other.plugin == plugin:
-                    raise PluginError(f"registers the {what} twice")
-                raise conflict(
-                    f"{what} is registered twice: by plugin {label(other.plugin)} and by plugin {label(plugin)}",
-                    other.plugin,
-                    plugin,
-                )
-            reg.quantizers[(q.key, q.backend)] = q
-
-        stage.add(commit)
+            impl = QuantizerImpl(
+                backend, quantize, priority, checks_finite=checks_finite, whole_stack=whole_stack,
+                dequantize=dequantize, key=k, plugin=plugin, **extra,
+            )
+            stage.add(lambda impl=impl: _commit_quantizer(reg, plugin, label, impl))
 
     return register
+
+
+def _commit_quantizer(reg: Registry, plugin: str, label: Callable[[str], str], q: QuantizerImpl) -> None:
+    assert q.key is not None
+    other = reg.quantizers.get((q.key, q.name))
+    if other is not None:
+        # "on backend": the v1 hook's word for the implementation name, kept in this message
+        what = f"quantizer for {reg.name_of(q.key)!r} on backend {q.name!r}"
+        if other.plugin == plugin:
+            raise PluginError(f"registers the {what} twice")
+        raise conflict(
+            f"{what} is registered twice: by plugin {label(other.plugin)} and by plugin {label(plugin)}",
+            other.plugin,
+            plugin,
+        )
+    reg.quantizers[(q.key, q.name)] = q
+
+
+def _commit_method(reg: Registry, plugin: str, label: Callable[[str], str], kind: str, key: QuantKey, cls: type) -> None:
+    other = reg.methods.get((kind, key))
+    if other is not None:
+        what = f"{kind} method for weight key {reg.name_of(key)!r}"
+        if other.plugin == plugin:
+            raise PluginError(f"registers the {what} twice ({other.cls.__name__}, {cls.__name__})")
+        raise conflict(
+            f"{what} is registered twice: by plugin {label(other.plugin)}: {other.cls.__name__}, "
+            f"and by plugin {label(plugin)}: {cls.__name__}",
+            other.plugin,
+            plugin,
+        )
+    reg.methods[(kind, key)] = MethodEntry(kind, key, cls, plugin)
+
+
+REFERENCE_FORWARD = "float32 dequantize-and-matmul reference (any device)"
+
+
+def scheme_registrar(reg: Registry, plugin: str, stage: Stage, label: Callable[[str], str]) -> Callable[..., None]:
+    """The ``register`` of ``oq_register_schemes`` for ``plugin``: one :class:`oqcore.Scheme` per
+    call, expanded into the methods (derived per kind), the quantizer implementations of every
+    key format it declares (one format object may serve several schemes of the plugin) and the
+    forward backends. Clashes with other plugins are :class:`oqcore.PluginConflictError` s, as for
+    the v1 hooks."""
+
+    def register(scheme: Scheme) -> None:
+        """Register ``scheme`` (see :func:`oqcore.hookspecs.oq_register_schemes`)."""
+        scheme = check_scheme(scheme)
+        if reg.name_of(scheme.weight.key, "weight") == str(scheme.weight.key):
+            raise PluginError(
+                f"scheme {scheme.name!r}: its weight key {scheme.weight.key} has no name; register one in "
+                "oq_register_quant_keys (weight= or key=)"
+            )
+        backends = {
+            kind: [replace(b, plugin=plugin) for b in check_backends(scheme_backends(scheme, kind, REFERENCE_FORWARD), lambda k: reg.name_of(k, 'activation'))]
+            for kind in scheme.kinds
+        }
+        for kind in scheme.kinds:
+            cls = method_class(scheme, kind)
+            stage.add(lambda kind=kind, cls=cls: _commit_method(reg, plugin, label, kind, scheme.weight.key, cls))
+            stage.add(lambda kind=kind: reg.backends.__setitem__((kind, scheme.weight.key), backends[kind]))
+        stage.add(lambda: reg.schemes.__setitem__(scheme.weight.key, scheme))
+        for fmt in scheme.formats():
+            stage.add(lambda fmt=fmt: _commit_format(reg, plugin, label, fmt))
+
+    return register
+
+
+def _commit_format(reg: Registry, plugin: str, label: Callable[[str], str], fmt: KeyFormat) -> None:
+    declared = reg.declared_formats.get(fmt.key)
+    if declared is not None:
+        if declared is fmt or declared == fmt:
+            return  # the same format shared by two schemes of one plugin
+        owner = next((q.plugin for (k, _), q in reg.quantizers.items() if k == fmt.key), plugin)
+        if owner == plugin:
+            raise PluginError(f"declares two different formats for key {reg.key_name(fmt.key)!r}")
+        raise conflict(
+            f"the format of key {reg.key_name(fmt.key)!r} is declared twice: by plugin {label(owner)} and by plugin {label(plugin)}",
+            owner,
+            plugin,
+        )
+    reg.declared_formats[fmt.key] = fmt
+    for impl in fmt.implementations:
+        _commit_quantizer(reg, plugin, label, replace(impl, key=fmt.key, plugin=plugin, dequantize=fmt.dequantize))
 
 
 REGISTRARS: dict[str, Callable[[Registry, str, Stage, Callable[[str], str]], Callable[..., None]]] = {
@@ -385,6 +471,7 @@ REGISTRARS: dict[str, Callable[[Registry, str, Stage, Callable[[str], str]], Cal
     "oq_register_shorthands": shorthand_registrar,
     "oq_register_methods": method_registrar,
     "oq_register_quantizers": quantizer_registrar,
+    "oq_register_schemes": scheme_registrar,
 }
 """The registration hooks in the order they run (keys first: later hooks may name keys)."""
 

@@ -18,7 +18,7 @@ import oqcore.plugins  # noqa: E402
 @pytest.fixture(autouse=True)
 def _fresh_plugins(monkeypatch):
     """Every test starts from the installed entry points only (no plugin a previous test registered)."""
-    for var in ("OQ_PLUGINS", "OQ_DISABLE_PLUGINS", "OQ_STRICT_PLUGINS", "OQ_DISABLE_TRITON"):
+    for var in ("OQ_PLUGINS", "OQ_DISABLE_PLUGINS", "OQ_STRICT_PLUGINS", "OQ_DISABLE_TRITON", "OQ_QUANTIZER"):
         monkeypatch.delenv(var, raising=False)
     oqcore.plugins.reset_plugin_manager()
     yield

@@ -84,7 +84,7 @@ def test_explain_bundled_real_model():
     assert lines[1] == 'config: {"linear": {"weight": "toy_int4"}, "moe": {"weight": "toy_int4"}, "ignore": ["re:.*pooler.*"]}'
     rows = {line.split()[0]: line.split() for line in lines[4:-1]}
     assert rows["encoder.layer.0.attention.self.query"][1:4] == ["linear", "[384,", "384]"]
-    assert rows["encoder.layer.5.intermediate.dense"][1:] == ["linear", "[1536,", "384]", "toy_int4", "none", "toy-fast", "linear"]
+    assert rows["encoder.layer.5.intermediate.dense"][1:] == ["linear", "[1536,", "384]", "toy_int4", "none", "torch", "toy-fast", "linear"]
     assert rows["pooler.dense"][-3:] == ["ignored", "by", "'re:.*pooler.*'"]
     assert lines[-1].startswith("Quantized 36 layers of types: attention.self.query: 6 (from linear: toy_int4);")
 

@@ -239,12 +239,13 @@ def test_explain_table_and_rows():
     p = oqcore.plan(nn.Sequential(nn.Linear(32, 16), nn.Linear(16, 15)), {"linear": "toy_int4", "ignore": []})
     text = p.explain(verbose=True)
     lines = text.splitlines()
-    assert lines[0].split() == ["layer", "kind", "shape", "weight", "activation", "backend", "why"]
-    assert lines[2].split() == ["0", "linear", "[16,", "32]", "toy_int4", "none", "toy-fast", "linear"]
+    assert lines[0].split() == ["layer", "kind", "shape", "weight", "activation", "quantizer", "backend", "why"]
+    assert lines[2].split() == ["0", "linear", "[16,", "32]", "toy_int4", "none", "torch", "toy-fast", "linear"]
     assert "  1: backend toy-fast rejected: toy-fast needs an even N" in lines
     assert lines[-1] == "Quantized 2 layers of types: 0: 1 (from linear: toy_int4); 1: 1 (from linear: toy_int4)"
     row = p.rows()[1]
     assert row["backend"] == "torch" and row["rejected"]["toy-fast"] == "toy-fast needs an even N"
+    assert row["quantizer"] == "torch" and row["rejected_quantizers"] == {}
     assert row["options"] == {"qmax": 7} and row["method"] == "ToyLinear"
 
 

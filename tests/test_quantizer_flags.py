@@ -38,8 +38,8 @@ def flagged(monkeypatch):
     pm = toy_scheme.register_toy()
     pm.register(FlaggedToy(), "toy-flagged")
     passes = []
-    real = oqcore.tensor.check_finite
-    monkeypatch.setattr(oqcore.tensor, "check_finite", lambda w, name: (passes.append(name), real(w, name))[1])
+    real = oqcore.formats.check_finite
+    monkeypatch.setattr(oqcore.formats, "check_finite", lambda w, name: (passes.append(name), real(w, name))[1])
     return passes
 
 
@@ -87,7 +87,8 @@ def test_require_finite():
 def _moe_method(backend_name="torch"):
     from oqcore.oracle import Backend
 
-    return ToyMoE(activation_key=None, options=None, backend=Backend(backend_name, None))
+    formats = oqcore.get_registry().method_formats(TOY, None)
+    return ToyMoE(activation_key=None, options=None, backend=Backend(backend_name, None), formats=formats)
 
 
 def test_whole_stack_quantizer_gets_the_stack_in_one_call(flagged):

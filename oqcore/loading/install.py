@@ -11,9 +11,8 @@ from oqcore.planning import LayerPlan, QuantPlan
 
 
 def make_method(lp: LayerPlan):
-    """A fresh method instance for a planned layer (its resolved activation key, options, backend)."""
-    assert lp.bound is not None and lp.backend is not None
-    return lp.bound.method_cls(activation_key=lp.bound.activation_key, options=lp.bound.options, backend=lp.backend)
+    """A fresh method instance for a planned layer (see :meth:`oqcore.LayerPlan.make_method`)."""
+    return lp.make_method()
 
 
 def make_wrapper(lp: LayerPlan, module: nn.Module) -> nn.Module:

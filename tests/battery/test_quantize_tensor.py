@@ -11,7 +11,8 @@ import oqcore
 import toy_scheme
 from battery.util import raises_naming
 from oqcore import ConfigError, PluginError, UnknownKeyError, UnsupportedLayerError
-from oqcore.tensor import REFERENCE_BACKEND, quantizer_backend_for
+from oqcore.oracle import select_quantizer
+from oqcore.tensor import REFERENCE_BACKEND
 
 W = torch.randn(64, 96, generator=torch.Generator().manual_seed(0)).bfloat16()
 
@@ -137,7 +138,7 @@ def test_default_backend_gives_the_reference_bytes(key, dtype):
 def test_default_backend_is_the_one_a_load_uses(key, monkeypatch):
     reg = oqcore.get_registry()
     k = reg.resolve_key(key, "weight")
-    chosen = quantizer_backend_for(k, W.device, W.numel())
+    chosen = select_quantizer(reg.format(k).implementations, W.device, [tuple(W.shape)], W.dtype).impl.name
     assert chosen == "cpu"  # every built-in scheme has a native CPU quantizer
     calls = []
     q = reg.quantizers[(k, chosen)]
