@@ -121,7 +121,7 @@ def test_activation_override_vs_checkpoint_declared():
 
 
 def test_oq_disable_triton_turns_triton_backends_off(monkeypatch):
-    from oqcore.triton_support import triton_support
+    from oq_toolkit.triton_support import triton_support
 
     assert triton_support("cpu") == (True, "CPU under TRITON_INTERPRET=1 (testing only)")
     monkeypatch.setenv("OQ_DISABLE_TRITON", "1")

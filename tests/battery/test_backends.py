@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import oqcore
-import oqcore.triton_support as ts
+import oq_toolkit.triton_support as ts
 from battery.tiny_models import net
 from battery.util import assert_unchanged, raises_naming, snapshot
 from oqcore import ConfigError, NoBackendError, UnsupportedLayerError

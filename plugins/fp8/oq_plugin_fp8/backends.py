@@ -21,7 +21,7 @@ from functools import partial
 import torch
 
 from oqcore import Backend
-from oqcore.triton_support import guard_driver, triton_support
+from oq_toolkit.triton_support import guard_driver, triton_support
 
 from oq_plugin_fp8 import keys as k
 

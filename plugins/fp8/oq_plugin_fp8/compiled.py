@@ -24,7 +24,7 @@ Why the graph is written the way it is (each point keeps the bytes equal to the 
   from the graph is realized in its own loop and breaks inductor's per-row fusion (measured 1.7x
   slower on 4096x4096), while the copy computed inside the quantize loop is the identical expression.
 
-Compilation happens on the first call per input shape/dtype (:class:`oqcore.compiled.CompiledFn`),
+Compilation happens on the first call per input shape/dtype (:class:`oq_toolkit.compiled.CompiledFn`),
 never at import; tiny or empty inputs and non-float/odd ranks go to the reference directly.
 """
 
@@ -84,7 +84,7 @@ def _graph():
     # built lazily: importing this module must not touch torch.compile
     global _compiled_group_graph, _FP8_MAX_T
     if _compiled_group_graph is None:
-        from oqcore.compiled import CompiledFn
+        from oq_toolkit.compiled import CompiledFn
 
         _FP8_MAX_T = torch.tensor(FP8_MAX, dtype=torch.float32)
         _compiled_group_graph = CompiledFn(_group_graph)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from oqcore import Backend, always_supported
-from oqcore.triton_support import guard_driver, triton_support
+from oq_toolkit.triton_support import guard_driver, triton_support
 from oq_plugin_int8.keys import kInt8DynamicTokenSym
 
 TRITON_MIN_CAPABILITY = (8, 0)

@@ -47,7 +47,7 @@ _state: dict = {}
 def _graph():
     # built on first use: importing this module must not touch torch.compile
     if not _state:
-        from oqcore.compiled import CompiledFn
+        from oq_toolkit.compiled import CompiledFn
 
         _state["fn"] = CompiledFn(_rowwise_graph)
         _state["max"] = torch.tensor(float(INT8_MAX), dtype=torch.float32)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from oqcore import Backend, always_supported
-from oqcore.triton_support import guard_driver, triton_support
+from oq_toolkit.triton_support import guard_driver, triton_support
 from oq_plugin_mxfp8.keys import kMxfp8Dynamic
 
 TRITON_MIN_CAPABILITY = (8, 9)

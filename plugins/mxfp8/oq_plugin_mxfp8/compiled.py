@@ -64,7 +64,7 @@ _state: dict = {}
 def _graph():
     # built on first use: importing this module must not touch torch.compile
     if not _state:
-        from oqcore.compiled import CompiledFn
+        from oq_toolkit.compiled import CompiledFn
 
         _state["fn"] = CompiledFn(_mx_graph)
         _state["max"] = torch.tensor(F8_MAX, dtype=torch.float32)

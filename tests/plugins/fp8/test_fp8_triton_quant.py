@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import oqcore
-from oqcore.triton_support import interpreter_enabled
+from oq_toolkit.triton_support import interpreter_enabled
 
 from fp8_testutil import cases, gaussian, same_bytes
 from oq_plugin_fp8 import quant as Q

@@ -143,7 +143,7 @@ def _interpreting(t: torch.Tensor) -> bool:
     """Triton 3.9's interpreter computes bf16/fp16 ``tl.dot`` wrongly (numpy has no bf16): there
     the weight-only path upcasts both tiles to float32 (exact: bf16 and fp8 values are float32
     values) and uses an IEEE float32 dot."""
-    from oqcore.triton_support import interpreter_enabled
+    from oq_toolkit.triton_support import interpreter_enabled
 
     return t.device.type == "cpu" and interpreter_enabled()
 

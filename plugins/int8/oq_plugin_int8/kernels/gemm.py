@@ -117,7 +117,7 @@ def dot_precision(dtype: torch.dtype):
 def interpret_bf16(dtype: torch.dtype) -> bool:
     """Under ``TRITON_INTERPRET=1`` bf16 dots are computed wrong by Triton 3.9's interpreter (it
     multiplies the raw bit patterns): the kernels then upcast the tiles to fp32 first."""
-    from oqcore.triton_support import interpreter_enabled
+    from oq_toolkit.triton_support import interpreter_enabled
 
     return dtype == torch.bfloat16 and interpreter_enabled()
 

@@ -20,7 +20,7 @@ def f32_dot(dtype: torch.dtype) -> bool:
     is the reference's up to summation order), and for bf16 under TRITON_INTERPRET=1, whose bf16
     ``tl.dot`` returns garbage in Triton 3.9 (bf16 x bf16 products are exact in float32, so this
     computes the same numbers the bf16 tensor-core dot with float32 accumulation does on a GPU)."""
-    from oqcore.triton_support import interpreter_enabled
+    from oq_toolkit.triton_support import interpreter_enabled
 
     return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreter_enabled())
 
