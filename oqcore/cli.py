@@ -23,8 +23,8 @@ import os
 import sys
 import traceback
 import warnings
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
@@ -628,7 +628,8 @@ def main(argv: list[str] | None = None) -> int:
     Callable from Python: ``oqcore.cli.main(["validate", "mxfp8"])`` prints what ``oq`` prints and
     returns ``0``; errors are printed as ``error:`` lines, never raised. Nothing process-wide it
     changes while running (the warning printer, third-party logger levels) stays changed after it
-    returns.
+    returns; and unlike calling ``app()``, it installs no ``sys.excepthook`` (typer's ``Typer.__call__``
+    does, for good).
     """
     group: OqGroup = typer.main.get_command(app)  # type: ignore[assignment] - app is built with cls=OqGroup
     return group.run(sys.argv[1:] if argv is None else list(argv))
