@@ -4,6 +4,7 @@
 name       priority  activation          how
 =========  ========  ==================  =====================================================
 torch      0         none, int8_per_token the core's float32 dequantize-and-matmul reference
+                                         (added by the core from the scheme record)
 cpu-int8   50        none                ``torch._weight_int8pack_mm`` (CPU, weight-only)
 triton     100       none, int8_per_token Triton W8A16 / W8A8 GEMMs and fused-MoE grouped GEMM
 =========  ========  ==================  =====================================================
@@ -15,9 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from oqcore import Backend, always_supported
+from oqcore import Backend, expert_loop
 from oq_toolkit.triton_support import guard_driver, triton_support
-from oq_plugin_int8.keys import kInt8DynamicTokenSym
 
 TRITON_MIN_CAPABILITY = (8, 0)
 """int8 tensor-core dots (``mma`` s8) and bf16 dots: Ampere and newer."""
@@ -102,20 +102,16 @@ def _cpu_int8_forward_moe(method, layer: torch.nn.Module, x: torch.Tensor, topk_
     s13 = getattr(layer, f"w13_{CPU_INT8_SCALE}")
     s2 = getattr(layer, f"w2_{CPU_INT8_SCALE}")
     has_bias = layer.layout.has_bias
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    for e in torch.unique(topk_ids).tolist():
-        if not 0 <= e < layer.layout.num_experts:
-            continue
-        tok, pos = torch.where(topk_ids == e)
+
+    def expert(e: int, xe: torch.Tensor) -> torch.Tensor:
         # Bias and gate in float32 (as the reference); the op itself takes bf16.
-        h = _int8pack_mm(x[tok], layer.w13_weight[e], s13[e]).float()
+        h = _int8pack_mm(xe, layer.w13_weight[e], s13[e]).float()
         if has_bias:
             h = h + layer.gate_up_proj_bias[e].float()
-        h = layer.apply_gate(h)
-        y = _int8pack_mm(h, layer.w2_weight[e], s2[e]).float()
-        if has_bias:
-            y = y + layer.down_proj_bias[e].float()
-        out.index_add_(0, tok, y * topk_weights[tok, pos, None].float())
+        y = _int8pack_mm(layer.apply_gate(h), layer.w2_weight[e], s2[e]).float()
+        return y + layer.down_proj_bias[e].float() if has_bias else y
+
+    out = expert_loop(x, topk_ids, topk_weights, layer.layout.num_experts, expert)
     return out.to(x.dtype)
 
 
@@ -170,44 +166,33 @@ def _triton_forward_moe(method, layer: torch.nn.Module, x: torch.Tensor, topk_id
 # ---- candidates -----------------------------------------------------------------------------------
 
 
-def candidates(kind: str) -> list[Backend]:
-    """The :class:`oqcore.Backend` records for ``kind`` (``"linear"`` or ``"moe"``) and int8
-    per-channel weights."""
-    if kind not in ("linear", "moe"):
-        return []
+def backends(kind: str, activation_key) -> list[Backend]:
+    """The forward backends for ``kind`` (``"linear"`` or ``"moe"``) and one activation key (``None``
+    or ``int8_per_token``) of the int8 scheme; the core adds the ``torch`` reference."""
     linear = kind == "linear"
-    out: list[Backend] = []
-    for act, what in ((None, "weight-only"), (kInt8DynamicTokenSym, "W8A8, per-token int8 activations")):
-        out.append(
-            Backend(
-                name="torch",
-                activation_key=act,
-                is_supported=always_supported,
-                priority=0,
-                description=f"float32 dequantize-and-matmul reference ({what}); runs anywhere",
-            )
-        )
-        out.append(
-            Backend(
-                name="triton",
-                activation_key=act,
-                is_supported=_triton_supported,
-                priority=100,
-                description=(
-                    f"Triton {'W8A16' if act is None else 'W8A8'} int8 GEMM" if linear else f"Triton fused-MoE int8 grouped GEMM ({what})"
-                ),
-                forward=guard_driver(_triton_forward_linear if linear else _triton_forward_moe),
-            )
-        )
-    out.append(
+    what = "weight-only" if activation_key is None else "W8A8, per-token int8 activations"
+    out = [
         Backend(
-            name="cpu-int8",
-            activation_key=None,
-            is_supported=_cpu_int8_supported,
-            priority=50,
-            description="torch._weight_int8pack_mm on CPU (int8 weight-only" + (")" if linear else ", loop over experts)"),
-            forward=_cpu_int8_forward_linear if linear else _cpu_int8_forward_moe,
-            prepare=_cpu_int8_prepare_linear if linear else _cpu_int8_prepare_moe,
+            name="triton",
+            activation_key=activation_key,
+            is_supported=_triton_supported,
+            priority=100,
+            description=(
+                f"Triton {'W8A16' if activation_key is None else 'W8A8'} int8 GEMM" if linear else f"Triton fused-MoE int8 grouped GEMM ({what})"
+            ),
+            forward=guard_driver(_triton_forward_linear if linear else _triton_forward_moe),
         )
-    )
+    ]
+    if activation_key is None:
+        out.append(
+            Backend(
+                name="cpu-int8",
+                activation_key=None,
+                is_supported=_cpu_int8_supported,
+                priority=50,
+                description="torch._weight_int8pack_mm on CPU (int8 weight-only" + (")" if linear else ", loop over experts)"),
+                forward=_cpu_int8_forward_linear if linear else _cpu_int8_forward_moe,
+                prepare=_cpu_int8_prepare_linear if linear else _cpu_int8_prepare_moe,
+            )
+        )
     return out

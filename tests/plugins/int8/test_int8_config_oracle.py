@@ -10,8 +10,6 @@ from torch import nn
 
 import oqcore
 from oq_plugin_int8.keys import kInt8DynamicTokenSym, kInt8StaticChannelSym
-from oq_plugin_int8.linear import Int8LinearMethod
-from oq_plugin_int8.moe import Int8MoEMethod
 
 
 def test_shorthand_is_moe_only_and_weight_only():
@@ -36,9 +34,11 @@ def test_linear_with_explicit_weight_key():
 
 def test_methods_registered():
     reg = oqcore.get_registry()
-    assert reg.method("linear", kInt8StaticChannelSym).cls is Int8LinearMethod
-    assert reg.method("moe", kInt8StaticChannelSym).cls is Int8MoEMethod
-    for cls in (Int8LinearMethod, Int8MoEMethod):
+    linear, moe = reg.method("linear", kInt8StaticChannelSym).cls, reg.method("moe", kInt8StaticChannelSym).cls
+    # derived by the core from the int8 Scheme record
+    assert (linear.__name__, moe.__name__) == ("Int8LinearMethod", "Int8MoEMethod")
+    assert issubclass(linear, oqcore.OnlineLinearMethodBase) and issubclass(moe, oqcore.OnlineMoEMethodBase)
+    for cls in (linear, moe):
         assert cls.supported_activation_keys == (None, kInt8DynamicTokenSym)
         assert cls.default_activation_key is None
 
@@ -95,9 +95,13 @@ def test_triton_rejected_without_interpreter(monkeypatch):
     assert "TRITON_INTERPRET" in reasons["triton"]
 
 
-def test_cpu_int8_says_why_not_on_other_devices():
-    from oq_plugin_int8.backends import candidates
+def candidates(kind):
+    """Every forward backend the plugins offer for int8 per-channel weights (the scheme's and the
+    core's ``torch`` reference)."""
+    return oqcore.get_plugin_manager().backend_candidates(kind, kInt8StaticChannelSym)
 
+
+def test_cpu_int8_says_why_not_on_other_devices():
     cpu_int8 = [b for b in candidates("linear") if b.name == "cpu-int8"][0]
     ok, why = cpu_int8.is_supported(nn.Linear(64, 4), torch.device("cuda"))
     assert not ok and "CPU" in why and "cuda" in why
@@ -106,17 +110,16 @@ def test_cpu_int8_says_why_not_on_other_devices():
 
 
 def test_moe_plan_weight_only():
-    from oq_plugin_int8.backends import candidates
-
     names = sorted((b.name, b.priority) for b in candidates("moe") if b.activation_key is None)
     assert names == [("cpu-int8", 50), ("torch", 0), ("triton", 100)]
-    assert candidates("attention") == []
+    with pytest.raises(oqcore.ConfigError, match="unknown layer kind 'attention'"):
+        candidates("attention")
 
 
 def test_plugin_module_import_is_cheap():
     code = (
         "import sys, oq_plugin_int8.plugin, oqcore; oqcore.get_registry(); "
-        "from oq_plugin_int8.backends import candidates; candidates('linear'); "
+        "oqcore.get_plugin_manager().backend_candidates('linear', oqcore.quant_key('int8_per_channel_static')); "
         "print('triton' in sys.modules)"
     )
     # only this plugin: another scheme importing triton must not mask a regression here
@@ -138,8 +141,6 @@ def test_cpu_int8_rejects_k_not_multiple_of_16(k):
 
 
 def test_cpu_int8_moe_checks_both_reduction_dims():
-    from oq_plugin_int8.backends import candidates
-
     class Experts(nn.Module):
         def __init__(self, h, i):
             super().__init__()

@@ -21,7 +21,7 @@ def make_layer(lin: nn.Linear, cfg: dict, backend: str, name: str = NAME) -> Qua
     lp = oqcore.plan(nn.Sequential(lin), cfg)["0"]
     bound = lp.bound
     b = next(c.backend for c in lp.candidates if c.backend.name == backend and c.backend.activation_key == bound.activation_key)
-    method = bound.method_cls(activation_key=bound.activation_key, options=bound.options, backend=b)
+    method = bound.make_method(b)
     layer = QuantizedLinear.from_linear(name, lin, method)
     layer.weight = nn.Parameter(lin.weight.detach().clone(), requires_grad=False)
     if lin.bias is not None:

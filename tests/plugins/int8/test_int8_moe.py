@@ -43,7 +43,7 @@ def make_moe(model, experts, backend: str, cfg=None) -> QuantizedMoE:
     lp = oqcore.plan(model, cfg or {"moe": "int8_per_channel_weight_only"})[NAME]
     bound = lp.bound
     b = next(c.backend for c in lp.candidates if c.backend.name == backend and c.backend.activation_key == bound.activation_key)
-    method = bound.method_cls(activation_key=bound.activation_key, options=bound.options, backend=b)
+    method = bound.make_method(b)
     qm = QuantizedMoE(NAME, experts, method)
     for pname, p in experts.named_parameters():
         setattr(qm, pname, nn.Parameter(p.detach().clone(), requires_grad=False))
