@@ -3,7 +3,8 @@
 ======  ========  ============  ================================================================
 name    priority  activation    how
 ======  ========  ============  ================================================================
-torch   0         none, mxfp8   the core's float32 dequantize-and-matmul reference (runs anywhere)
+torch   0         none, mxfp8   the core's float32 dequantize-and-matmul reference (runs anywhere;
+                                added by the core from the scheme record)
 cpu     50        none          :mod:`oq_plugin_fp8.cpu`: fused dequantize-and-GEMV C kernel (fp8
                                 bytes and e8m0 scale bytes read once, decoded in registers), tiled
                                 dequantize + ``torch.mm`` for large batches; per-expert loop for MoE
@@ -18,9 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from oqcore import Backend, always_supported
+from oqcore import Backend, expert_loop
 from oq_toolkit.triton_support import guard_driver, triton_support
-from oq_plugin_mxfp8.keys import kMxfp8Dynamic
 
 TRITON_MIN_CAPABILITY = (8, 9)
 """The kernels load float8_e4m3fn and, for W8A8, run fp8 x fp8 ``tl.dot`` (per-32 scales applied
@@ -110,55 +110,43 @@ def _cpu_forward_moe(
     """Weight-only MoE on the CPU: loop over the experts that received tokens (gate-up, the layer's
     ``apply_gate`` in float32, down, routing-weighted float32 sum)."""
     has_bias = layer.layout.has_bias
-    out = torch.zeros(x.shape, dtype=torch.float32)
-    for e in torch.unique(topk_ids).tolist():
-        if not 0 <= e < layer.layout.num_experts:
-            continue
-        tok, pos = torch.where(topk_ids == e)
-        h = _cpu_linear(x[tok], layer.w13_weight[e], layer.w13_weight_scale[e])
+
+    def expert(e: int, xe: torch.Tensor) -> torch.Tensor:
+        h = _cpu_linear(xe, layer.w13_weight[e], layer.w13_weight_scale[e])
         if has_bias:
             h = h + layer.gate_up_proj_bias[e].float()
-        h = layer.apply_gate(h).float()
-        y = _cpu_linear(h, layer.w2_weight[e], layer.w2_weight_scale[e])
-        if has_bias:
-            y = y + layer.down_proj_bias[e].float()
-        out.index_add_(0, tok, y * topk_weights[tok, pos, None].float())
+        y = _cpu_linear(layer.apply_gate(h).float(), layer.w2_weight[e], layer.w2_weight_scale[e])
+        return y + layer.down_proj_bias[e].float() if has_bias else y
+
+    out = expert_loop(x, topk_ids, topk_weights, layer.layout.num_experts, expert)
     return out.to(x.dtype)
 
 
-def candidates(kind: str) -> list[Backend]:
-    """The backends for ``kind`` (``"linear"`` or ``"moe"``): torch and triton, each for
-    activation ``None`` (W8A16) and ``mxfp8`` (W8A8), and cpu (W8A16 only)."""
-    if kind not in ("linear", "moe"):
-        return []
-    forward = guard_driver(_triton_forward_linear if kind == "linear" else _triton_forward_moe)
-    out = []
-    for act in (None, kMxfp8Dynamic):
-        mode = "W8A8 (mxfp8 activations)" if act is not None else "W8A16 (activations in the model dtype)"
-        out.append(
-            Backend(
-                "torch", act, always_supported, 0, description=f"float32 dequantize-and-matmul reference, {mode}"
-            )
-        )
-        out.append(
-            Backend(
-                "triton",
-                act,
-                _triton_supported,
-                100,
-                description=f"Triton mxfp8 {'GEMM' if kind == 'linear' else 'fused-MoE grouped GEMM'}, {mode}",
-                forward=forward,
-            )
-        )
-    out.append(
+def backends(kind: str, activation_key) -> list[Backend]:
+    """The forward backends for ``kind`` (``"linear"`` or ``"moe"``) and one activation key
+    (``None``: W8A16, or mxfp8: W8A8): triton for both, cpu for W8A16. The core adds the ``torch``
+    reference."""
+    mode = "W8A8 (mxfp8 activations)" if activation_key is not None else "W8A16 (activations in the model dtype)"
+    out = [
         Backend(
-            "cpu",
-            None,
-            _cpu_supported,
-            50,
-            description="mxfp8 weight-only on the CPU: fused dequantize-and-GEMV C kernel"
-            + ("" if kind == "linear" else ", loop over experts"),
-            forward=_cpu_forward_linear if kind == "linear" else _cpu_forward_moe,
+            "triton",
+            activation_key,
+            _triton_supported,
+            100,
+            description=f"Triton mxfp8 {'GEMM' if kind == 'linear' else 'fused-MoE grouped GEMM'}, {mode}",
+            forward=guard_driver(_triton_forward_linear if kind == "linear" else _triton_forward_moe),
         )
-    )
+    ]
+    if activation_key is None:
+        out.append(
+            Backend(
+                "cpu",
+                None,
+                _cpu_supported,
+                50,
+                description="mxfp8 weight-only on the CPU: fused dequantize-and-GEMV C kernel"
+                + ("" if kind == "linear" else ", loop over experts"),
+                forward=_cpu_forward_linear if kind == "linear" else _cpu_forward_moe,
+            )
+        )
     return out

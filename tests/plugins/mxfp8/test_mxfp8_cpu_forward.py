@@ -18,10 +18,16 @@ from torch import nn
 import oqcore
 from oqcore.modules import QuantizedLinear, QuantizedMoE
 from oq_plugin_fp8 import cpu
-from oq_plugin_mxfp8.backends import _cpu_supported, candidates
+from oq_plugin_mxfp8.backends import _cpu_supported
+from oq_plugin_mxfp8.keys import kMxfp8Static
 
 NAME = "model.layers.0.q_proj"
 NON_NAN_CODES = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8)
+
+
+def candidates(kind):
+    """Every forward backend offered for mxfp8 weights (the scheme's and the core's ``torch`` reference)."""
+    return oqcore.get_plugin_manager().backend_candidates(kind, kMxfp8Static)
 
 
 def _backend(kind):
@@ -32,7 +38,7 @@ def _linear(n, k, seed=0, bias=True):
     torch.manual_seed(seed)
     lin = nn.Linear(k, n, bias=bias)
     bound = oqcore.plan(nn.Sequential(lin), {"linear": {"weight": "mxfp8", "activation": None}})["0"].bound
-    m = bound.method_cls(activation_key=None, options=bound.options, backend=_backend("linear"))
+    m = bound.make_method(_backend("linear"), activation_key=None)
     ql = QuantizedLinear.from_linear(NAME, lin, m)
     ql.load_state_dict(lin.state_dict(), assign=True)
     m.process_weights_after_loading(ql)
@@ -102,7 +108,7 @@ def test_moe_matches_reference(arch):
         for pn, p in experts.named_parameters():
             p.normal_(0, 0.02 if "bias" in pn else 0.1)
     bound = oqcore.plan(model, {"moe": {"weight": "mxfp8", "activation": None}})["model.layers.0.mlp.experts"].bound
-    method = bound.method_cls(activation_key=None, options=bound.options, backend=_backend("moe"))
+    method = bound.make_method(_backend("moe"), activation_key=None)
     layer = QuantizedMoE("model.layers.0.mlp.experts", experts, method)
     layer.load_state_dict(experts.state_dict(), assign=True, strict=False)
     method.process_weights_after_loading(layer)

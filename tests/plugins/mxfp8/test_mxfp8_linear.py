@@ -8,11 +8,15 @@ from torch import nn
 import oqcore
 from oqcore.metrics import sqnr
 from oqcore.modules import QuantizedLinear
-from oq_plugin_mxfp8.backends import candidates
 from oq_plugin_mxfp8.keys import kMxfp8Dynamic, kMxfp8Static
-from oq_plugin_mxfp8.linear import Mxfp8LinearMethod
+from oq_plugin_mxfp8.scheme import Mxfp8Linear
 
 NAME = "model.layers.0.q_proj"
+
+
+def candidates(kind):
+    """Every forward backend offered for mxfp8 weights (the scheme's and the core's ``torch`` reference)."""
+    return oqcore.get_plugin_manager().backend_candidates(kind, kMxfp8Static)
 
 
 def backend(name: str, act):
@@ -22,7 +26,7 @@ def backend(name: str, act):
 def build(lin: nn.Linear, backend_name: str = "torch", act=kMxfp8Dynamic, options=None) -> QuantizedLinear:
     """A QuantizedLinear named NAME holding ``lin``'s weights, quantized."""
     bound = oqcore.plan(nn.Sequential(lin), {"linear": {"weight": "mxfp8", "options": options or {}}})["0"].bound
-    m = bound.method_cls(activation_key=act, options=bound.options, backend=backend(backend_name, act))
+    m = bound.make_method(backend(backend_name, act), activation_key=act)
     ql = QuantizedLinear.from_linear(NAME, lin, m)
     ql.load_state_dict(lin.state_dict(), assign=True)
     m.process_weights_after_loading(ql)
@@ -35,6 +39,8 @@ def test_role_aware_key_names():
 
 
 def test_method_declarations_and_plan():
+    Mxfp8LinearMethod = oqcore.get_registry().method("linear", kMxfp8Static).cls  # derived from the Scheme
+    assert Mxfp8LinearMethod.__name__ == "Mxfp8LinearMethod" and issubclass(Mxfp8LinearMethod, Mxfp8Linear)
     assert Mxfp8LinearMethod.weight_key == kMxfp8Static
     assert Mxfp8LinearMethod.supported_activation_keys == (None, kMxfp8Dynamic)
     lp = oqcore.plan(nn.Sequential(nn.Linear(64, 32)), {"linear": "mxfp8"})["0"]
@@ -159,10 +165,8 @@ def test_mxfp8_gemm_kernel_direct():
     assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
-def test_backend_candidates_hook():
-    from oq_plugin_mxfp8 import plugin
-
-    got = {(b.name, b.activation_key, b.priority) for b in plugin.oq_backend_candidates("moe", kMxfp8Static)}
+def test_backend_candidates_of_the_scheme():
+    got = {(b.name, b.activation_key, b.priority) for b in candidates("moe")}
     assert got == {
         ("torch", None, 0),
         ("torch", kMxfp8Dynamic, 0),
@@ -170,7 +174,7 @@ def test_backend_candidates_hook():
         ("triton", kMxfp8Dynamic, 100),
         ("cpu", None, 50),
     }
-    assert plugin.oq_backend_candidates("linear", oqcore.quant_key("fp8_per_tensor_static")) == []
+    assert all(b.plugin == "mxfp8" for b in candidates("moe"))
 
 
 def test_plugin_import_does_not_import_triton():
@@ -178,8 +182,8 @@ def test_plugin_import_does_not_import_triton():
     import sys
 
     code = (
-        "import sys, oq_plugin_mxfp8.plugin as p, oq_plugin_mxfp8.backends, oq_plugin_mxfp8.linear, "
-        "oq_plugin_mxfp8.moe, oq_plugin_mxfp8.quant; print('triton' in sys.modules)"
+        "import sys, oq_plugin_mxfp8.plugin as p, oq_plugin_mxfp8.backends, oq_plugin_mxfp8.scheme, "
+        "oq_plugin_mxfp8.quant; print('triton' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

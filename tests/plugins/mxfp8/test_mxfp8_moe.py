@@ -8,11 +8,14 @@ import torch
 import oqcore
 from oqcore.metrics import sqnr
 from oqcore.modules import QuantizedMoE
-from oq_plugin_mxfp8.backends import candidates
-from oq_plugin_mxfp8.keys import kMxfp8Dynamic
-from oq_plugin_mxfp8.moe import Mxfp8MoEMethod
+from oq_plugin_mxfp8.keys import kMxfp8Dynamic, kMxfp8Static
 
 transformers = pytest.importorskip("transformers")
+
+
+def candidates(kind):
+    """Every forward backend offered for mxfp8 weights (the scheme's and the core's ``torch`` reference)."""
+    return oqcore.get_plugin_manager().backend_candidates(kind, kMxfp8Static)
 
 E, H, I, T, TOPK = 4, 64, 96, 24, 2
 NAME = "model.layers.0.mlp.experts"
@@ -37,7 +40,7 @@ def tiny_model(arch: str, **over):
 def build(model, experts, backend_name: str, act, options=None) -> QuantizedMoE:
     bound = oqcore.plan(model, {"moe": {"weight": "mxfp8", "options": options or {}}})[NAME].bound
     b = next(c for c in candidates("moe") if c.name == backend_name and c.activation_key == act)
-    m = bound.method_cls(activation_key=act, options=bound.options, backend=b)
+    m = bound.make_method(b, activation_key=act)
     q = QuantizedMoE(NAME, experts, m)
     q.load_state_dict(experts.state_dict(), assign=True, strict=False)
     m.process_weights_after_loading(q)
@@ -61,7 +64,8 @@ def arch(request):
 def test_plan_binds_the_method(arch):
     model, _ = tiny_model(arch)
     lp = oqcore.plan(model, {"moe": "mxfp8"})[NAME]
-    assert lp.kind == "moe" and lp.bound.method_cls is Mxfp8MoEMethod
+    assert lp.kind == "moe" and lp.bound.method_cls is oqcore.get_registry().method("moe", kMxfp8Static).cls
+    assert lp.bound.method_cls.__name__ == "Mxfp8MoEMethod"
     assert lp.bound.activation_key == kMxfp8Dynamic and lp.backend.name == "triton"
 
 

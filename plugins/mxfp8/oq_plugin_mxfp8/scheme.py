@@ -1,0 +1,85 @@
+"""The mxfp8 scheme record: OCP MX v1.0 fp8 (e4m3, one e8m0 exponent per 32 values along K).
+
+One :class:`oqcore.Scheme` states every fact once; the core derives the method classes, the
+quantizer candidates and the reference forward backend. What mxfp8 does differently from the
+base methods is one shape rule (:func:`check_k`): every reduction dim is a multiple of 32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from oqcore import KeyFormat, OnlineLinearMethodBase, OnlineMoEMethodBase, QuantizerImpl, Scheme, UnsupportedLayerError
+from oq_toolkit.quantizers import compiled_quantizer, native_cpu_quantizer, triton_quantizer
+
+from oq_plugin_mxfp8 import keys as k
+from oq_plugin_mxfp8.backends import backends
+from oq_plugin_mxfp8.compiled import quantize_mxfp8_compiled
+from oq_plugin_mxfp8.cpu import quantize_mxfp8_checked
+from oq_plugin_mxfp8.quant import MX_BLOCK, Mxfp8Options, dequantize_mxfp8, quantize_mxfp8
+
+
+def _triton_quantize(x, options=None):
+    from oq_plugin_mxfp8.kernels.quant import quantize_mxfp8_triton
+
+    return quantize_mxfp8_triton(x, options)
+
+
+def check_k(cls, name: str, layer: torch.nn.Module) -> None:
+    """Every weight's reduction dim (K of a linear; H of gate-up and I of down for experts) must be
+    a multiple of 32, the MX block. Raises :class:`oqcore.UnsupportedLayerError` naming the layer."""
+    if cls.kind == "linear":
+        n, kk = layer.out_features, layer.in_features
+        if kk % MX_BLOCK:
+            raise UnsupportedLayerError(
+                name,
+                f"mxfp8 needs in_features K divisible by {MX_BLOCK}; weight [N, K] = [{n}, {kk}] has K={kk}. "
+                "Leave the layer unquantized (ignore) or use another scheme",
+            )
+        return
+    (_, _, h), (_, _, i) = cls.weight_shapes(layer)
+    bad = [f"{what}={v}" for what, v in (("H", h), ("I", i)) if v % MX_BLOCK]
+    if bad:
+        raise UnsupportedLayerError(
+            name,
+            f"mxfp8 experts need the hidden size H (K of gate_up_proj) and the intermediate size I "
+            f"(K of down_proj) divisible by {MX_BLOCK}; the experts have {', '.join(bad)}",
+        )
+
+
+class Mxfp8Linear(OnlineLinearMethodBase):
+    """mxfp8's difference from the base linear method: :func:`check_k`."""
+
+    check_layer = classmethod(check_k)
+
+
+class Mxfp8MoE(OnlineMoEMethodBase):
+    """mxfp8's difference from the base MoE method: :func:`check_k`."""
+
+    check_layer = classmethod(check_k)
+
+
+# The block rule is the same for static weights and dynamic activations: one set of
+# implementations (same bytes as the torch reference, :mod:`oq_plugin_mxfp8.quant`) for both keys.
+IMPLEMENTATIONS = (
+    QuantizerImpl("torch", quantize_mxfp8, description="OCP MX v1.0 blocks, torchao to_mx's rules, float32"),
+    triton_quantizer(_triton_quantize, "oq_plugin_mxfp8.kernels", "one-pass Triton mxfp8 quantizer"),
+    native_cpu_quantizer(quantize_mxfp8_checked, "C mxfp8 quantizer (oq_plugin_mxfp8.cpu)"),
+    compiled_quantizer(quantize_mxfp8_compiled, "torch.compile of the mxfp8 graph"),
+)
+
+WEIGHT = KeyFormat(k.kMxfp8Static, dequantize_mxfp8, IMPLEMENTATIONS, element="e4m3fn")
+"""``weight [N, K]`` float8_e4m3fn + ``weight_scale [N, K/32]`` float8_e8m0fnu."""
+DYNAMIC = KeyFormat(k.kMxfp8Dynamic, dequantize_mxfp8, IMPLEMENTATIONS, element="e4m3fn")
+"""Activations ``[M, K]`` quantized on every call to the same layout."""
+
+SCHEME = Scheme(
+    "mxfp8",
+    WEIGHT,
+    activations=(None, DYNAMIC),
+    default_activation=k.kMxfp8Dynamic,  # W8A8, as vLLM's online mxfp8
+    options_model=Mxfp8Options,
+    backends=backends,
+    methods={"linear": Mxfp8Linear, "moe": Mxfp8MoE},
+    description="mxfp8 weights (OCP MX v1.0), mxfp8 activations by default",
+)
