@@ -1,7 +1,7 @@
 """Backend candidates of oq-plugin-fp8, per (layer kind, weight key, activation key).
 
 - ``torch`` (priority 0): the float32 dequantize-and-matmul reference of the method base classes;
-  runs anywhere.
+  runs anywhere (added by the core from the scheme record).
 - ``triton`` (priority 100): the kernels in :mod:`oq_plugin_fp8.kernels`. W8A8 needs fp8
   tensor-core dots (CUDA capability >= 8.9); weight-only (W8A16) kernels upcast the fp8 tile and
   run on >= 8.0. On the CPU only under ``TRITON_INTERPRET=1`` (tests).
@@ -20,7 +20,7 @@ from functools import partial
 
 import torch
 
-from oqcore import Backend
+from oqcore import Backend, expert_loop
 from oq_toolkit.triton_support import guard_driver, triton_support
 
 from oq_plugin_fp8 import keys as k
@@ -28,35 +28,32 @@ from oq_plugin_fp8 import keys as k
 W8A8_CAPABILITY = (8, 9)
 W8A16_CAPABILITY = (8, 0)
 
-WEIGHT_KEYS = (k.kFp8StaticTensorSym, k.kFp8StaticChannelSym, k.kFp8Static128BlockSym)
 
-ACTIVATIONS = {
-    k.kFp8StaticTensorSym: (None, k.kFp8DynamicTensorSym, k.kFp8DynamicTokenSym),
-    k.kFp8StaticChannelSym: (None, k.kFp8DynamicTokenSym, k.kFp8DynamicTensorSym),
-    k.kFp8Static128BlockSym: (None, k.kFp8Dynamic128Sym),
-}
-"""Weight key -> activation keys its methods support (``None`` = weight-only)."""
+def _gemm_mode(key, operand: str) -> int:
+    """The Triton GEMM's scale mode of ``key`` as operand ``"a"`` (activations) or ``"b"`` (weights),
+    derived from the key's grouping."""
+    from oq_plugin_fp8.kernels import gemm
+    from oq_plugin_fp8.quant import grouping_of
+
+    g = grouping_of(key)
+    if g.tensor_scale:
+        return gemm.A_TENSOR if operand == "a" else gemm.B_TENSOR
+    if (g.rows, g.cols) == (1, -1):
+        return gemm.A_TOKEN if operand == "a" else gemm.B_CHANNEL
+    return gemm.A_GROUP if operand == "a" else gemm.B_BLOCK
 
 
 def _b_mode(weight_key) -> int:
-    from oq_plugin_fp8.kernels.gemm import B_BLOCK, B_CHANNEL, B_TENSOR
-
-    return {k.kFp8StaticTensorSym: B_TENSOR, k.kFp8StaticChannelSym: B_CHANNEL, k.kFp8Static128BlockSym: B_BLOCK}[
-        weight_key
-    ]
+    return _gemm_mode(weight_key, "b")
 
 
 def _quantize_rows(x: torch.Tensor, act_key) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Dynamically quantize activations ``x [M, K]`` with the Triton quantizer: ``(q, scale, a_mode)``."""
-    from oq_plugin_fp8.kernels import gemm
     from oq_plugin_fp8.kernels.quantize import quantize_grouped
     from oq_plugin_fp8.quant import grouping_of
 
     q, s = quantize_grouped(x, grouping_of(act_key))
-    mode = {k.kFp8DynamicTensorSym: gemm.A_TENSOR, k.kFp8DynamicTokenSym: gemm.A_TOKEN, k.kFp8Dynamic128Sym: gemm.A_GROUP}[
-        act_key
-    ]
-    return q, s, mode
+    return q, s, _gemm_mode(act_key, "a")
 
 
 def linear_triton_forward(method, layer, x: torch.Tensor) -> torch.Tensor:
@@ -179,13 +176,12 @@ SCALED_MM_ACTIVATIONS = (k.kFp8DynamicTensorSym, k.kFp8DynamicTokenSym)
 
 
 def _cpu_grid(weight_key, q: torch.Tensor, scale: torch.Tensor) -> tuple[int, int, int]:
-    """``(gr, gc, ld)`` of :func:`oq_plugin_fp8.cpu.fp8_linear` for one ``[N, K]`` weight and its scale."""
-    n, kk = q.shape
-    if weight_key == k.kFp8StaticTensorSym:
-        return n, kk, 1
-    if weight_key == k.kFp8StaticChannelSym:
-        return 1, kk, 1
-    return 128, 128, scale.shape[-1]  # 128x128 blocks: scale grid [ceil(N/128), ceil(K/128)]
+    """``(gr, gc, ld)`` of :func:`oq_plugin_fp8.cpu.fp8_linear` for one ``[N, K]`` weight and its
+    scale: the group extents (from the key's grouping) and the scale grid's row stride."""
+    from oq_plugin_fp8.quant import grouping_of
+
+    gr, gc = grouping_of(weight_key).extents(*q.shape)
+    return gr, gc, scale.shape[-1] if scale.dim() == 2 else 1
 
 
 def _cpu_supported(layer, device) -> tuple[bool, str]:
@@ -217,19 +213,15 @@ def cpu_forward_moe(method, layer, x: torch.Tensor, topk_ids: torch.Tensor, topk
     """Weight-only MoE on the CPU: loop over the experts that received tokens (gate-up through the
     kernel, ``layer.apply_gate`` in float32, down through the kernel, routing-weighted float32 sum)."""
     has_bias = layer.layout.has_bias
-    out = torch.zeros(x.shape, dtype=torch.float32)
-    for e in torch.unique(topk_ids).tolist():
-        if not 0 <= e < layer.layout.num_experts:
-            continue
-        tok, pos = torch.where(topk_ids == e)
-        h = _cpu_linear(method.weight_key, x[tok], layer.w13_weight[e], layer.w13_weight_scale[e])
+
+    def expert(e: int, xe: torch.Tensor) -> torch.Tensor:
+        h = _cpu_linear(method.weight_key, xe, layer.w13_weight[e], layer.w13_weight_scale[e])
         if has_bias:
             h = h + layer.gate_up_proj_bias[e].float()
-        h = layer.apply_gate(h).float()
-        y = _cpu_linear(method.weight_key, h, layer.w2_weight[e], layer.w2_weight_scale[e])
-        if has_bias:
-            y = y + layer.down_proj_bias[e].float()
-        out.index_add_(0, tok, y * topk_weights[tok, pos, None].float())
+        y = _cpu_linear(method.weight_key, layer.apply_gate(h).float(), layer.w2_weight[e], layer.w2_weight_scale[e])
+        return y + layer.down_proj_bias[e].float() if has_bias else y
+
+    out = expert_loop(x, topk_ids, topk_weights, layer.layout.num_experts, expert)
     return out.to(x.dtype)
 
 
@@ -237,58 +229,48 @@ def _triton_supported(capability, layer, device):
     return triton_support(device, capability, kernel_package="oq_plugin_fp8.kernels")
 
 
-def candidates(kind: str, weight_key) -> list[Backend]:
-    """Every backend for ``(kind, weight_key)``: a ``torch`` and a ``triton`` one per supported
-    activation key, ``cpu`` for weight-only, ``scaled-mm`` for W8A8 per-tensor/channel linears; empty for keys that are not this plugin's weight keys."""
-    if weight_key not in ACTIVATIONS or kind not in ("linear", "moe"):
-        return []
-    out = []
-    for act in ACTIVATIONS[weight_key]:
-        label = "weight-only" if act is None else "W8A8"
+def backends(weight_key, kind: str, act) -> list[Backend]:
+    """The forward backends for ``kind`` and one activation key ``act`` of the scheme whose weight
+    key is ``weight_key`` (bind it with ``functools.partial``): ``triton`` always, ``cpu`` for
+    weight-only, ``scaled-mm`` for W8A8 per-tensor/per-channel linears with per-tensor/per-token
+    activations. The core adds the ``torch`` reference."""
+    label = "weight-only" if act is None else "W8A8"
+    cap = W8A16_CAPABILITY if act is None else W8A8_CAPABILITY
+    out = [
+        Backend(
+            name="triton",
+            activation_key=act,
+            is_supported=partial(_triton_supported, cap),
+            priority=100,
+            forward=guard_driver(linear_triton_forward if kind == "linear" else moe_triton_forward),
+            description=(
+                f"fp8 {label} Triton "
+                + ("scaled GEMM" if kind == "linear" else "fused MoE grouped GEMM")
+                + f" (CUDA capability >= {cap[0]}.{cap[1]})"
+            ),
+        )
+    ]
+    if act is None:
         out.append(
             Backend(
-                name="torch",
-                activation_key=act,
-                priority=0,
-                description=f"fp8 {label}: float32 dequantize-and-matmul reference (any device)",
+                name="cpu",
+                activation_key=None,
+                is_supported=_cpu_supported,
+                priority=50,
+                forward=cpu_forward_linear if kind == "linear" else cpu_forward_moe,
+                description="fp8 weight-only on the CPU: fused dequantize-and-GEMV C kernel"
+                + ("" if kind == "linear" else ", loop over experts"),
             )
         )
-        cap = W8A16_CAPABILITY if act is None else W8A8_CAPABILITY
+    if kind == "linear" and weight_key != k.kFp8Static128BlockSym and act in SCALED_MM_ACTIVATIONS:
         out.append(
             Backend(
-                name="triton",
+                name="scaled-mm",
                 activation_key=act,
-                is_supported=partial(_triton_supported, cap),
-                priority=100,
-                forward=guard_driver(linear_triton_forward if kind == "linear" else moe_triton_forward),
-                description=(
-                    f"fp8 {label} Triton "
-                    + ("scaled GEMM" if kind == "linear" else "fused MoE grouped GEMM")
-                    + f" (CUDA capability >= {cap[0]}.{cap[1]})"
-                ),
+                is_supported=_scaled_mm_supported,
+                priority=50,
+                forward=scaled_mm_forward,
+                description="fp8 W8A8 through torch._scaled_mm (CUDA capability >= 8.9)",
             )
         )
-        if act is None:
-            out.append(
-                Backend(
-                    name="cpu",
-                    activation_key=None,
-                    is_supported=_cpu_supported,
-                    priority=50,
-                    forward=cpu_forward_linear if kind == "linear" else cpu_forward_moe,
-                    description="fp8 weight-only on the CPU: fused dequantize-and-GEMV C kernel"
-                    + ("" if kind == "linear" else ", loop over experts"),
-                )
-            )
-        if kind == "linear" and weight_key != k.kFp8Static128BlockSym and act in SCALED_MM_ACTIVATIONS:
-            out.append(
-                Backend(
-                    name="scaled-mm",
-                    activation_key=act,
-                    is_supported=_scaled_mm_supported,
-                    priority=50,
-                    forward=scaled_mm_forward,
-                    description="fp8 W8A8 through torch._scaled_mm (CUDA capability >= 8.9)",
-                )
-            )
     return out

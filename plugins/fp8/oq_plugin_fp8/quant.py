@@ -68,8 +68,7 @@ class Grouping:
 
 
 PER_TENSOR = Grouping(-1, -1, tensor_scale=True)
-PER_CHANNEL = Grouping(1, -1)  # one row of W [N, K] = one output channel
-PER_TOKEN = Grouping(1, -1)  # one row of x [M, K] = one token
+PER_CHANNEL = PER_TOKEN = Grouping(1, -1)  # one row: an output channel of W [N, K], a token of x [M, K]
 BLOCK_128x128 = Grouping(BLOCK, BLOCK)
 GROUP_1x128 = Grouping(1, BLOCK)
 
@@ -176,70 +175,55 @@ def dequantize_grouped_eager(qdata: torch.Tensor, scale: torch.Tensor, dtype: to
     return (qdata.float() * s).to(dtype)
 
 
-def _pair(g: Grouping):
+def grouping_of(key) -> Grouping:
+    """The :class:`Grouping` of an fp8 :class:`oqcore.QuantKey`, read from its group shape (the one
+    place the two conventions meet): per tensor -> the whole ``[R, C]``; per channel (vLLM's
+    ``GroupShape(-1, 1)``: one scale per output channel of ``W [N, K]``) and per token
+    (``GroupShape(1, -1)``) -> one row; a ``GroupShape(r, c)`` block or group -> ``r x c``."""
+    gs = key.scale.group_shape
+    if gs.is_per_tensor:
+        return PER_TENSOR
+    if gs.is_per_channel or gs.is_per_token:
+        return Grouping(1, -1)
+    return Grouping(gs.row, gs.col)
+
+
+def reference_quantizer(g: Grouping):
+    """The torch reference ``quantize(w, options) -> (qdata, scale)`` of grouping ``g``."""
+
     def quantize(w: torch.Tensor, options=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reference quantizer for grouping ``g``."""
+        """``w [..., R, C]`` -> ``(qdata float8_e4m3fn, scale float32)`` for this grouping (see the module docstring)."""
         return quantize_grouped(w, g)
 
-    def dequantize(qdata: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, options=None) -> torch.Tensor:
-        """Reference dequantizer for grouping ``g``."""
+    return quantize
+
+
+def reference_dequantizer(g: Grouping):
+    """The reference ``dequantize(qdata, scale, dtype, options)`` of grouping ``g``."""
+
+    def dequantize(qdata: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32, options=None) -> torch.Tensor:
+        """``qdata.float() * scale`` broadcast over this grouping's groups, cast to ``dtype``."""
         return dequantize_grouped(qdata, scale, dtype, g)
 
-    return quantize, dequantize
+    return dequantize
 
 
-# The public quantizer pairs, ``quantize(w, options) -> (qdata, scale)`` and
-# ``dequantize(qdata, scale, dtype, options) -> Tensor`` (``options`` is unused: fp8 has none).
-quantize_per_tensor, dequantize_per_tensor = _pair(PER_TENSOR)
-quantize_per_channel, dequantize_per_channel = _pair(PER_CHANNEL)
-quantize_per_block, dequantize_per_block = _pair(BLOCK_128x128)
-quantize_per_token, dequantize_per_token = _pair(PER_TOKEN)
-quantize_per_group, dequantize_per_group = _pair(GROUP_1x128)
-
-for _f, _doc in (
-    (quantize_per_tensor, "Per-tensor: ``w [N, K] -> (q, scale [1])``; ``[E, N, K] -> scale [E, 1]``."),
-    (quantize_per_channel, "Per output channel: ``w [N, K] -> (q, scale [N, 1])``; 3D: ``[E, N, 1]``."),
-    (quantize_per_block, "128x128 blocks: ``w [N, K] -> (q, scale [ceil(N/128), ceil(K/128)])``; 3D: ``[E, ...]``."),
-    (quantize_per_token, "Per token (dynamic): ``x [M, K] -> (q, scale [M, 1])``."),
-    (quantize_per_group, "1x128 groups (dynamic): ``x [M, K] -> (q, scale [M, ceil(K/128)])``."),
-):
-    _f.__doc__ = _doc + " float32 math; see the module docstring for the formula."
-
-for _f in (dequantize_per_tensor, dequantize_per_channel, dequantize_per_block, dequantize_per_token, dequantize_per_group):
-    _f.__doc__ = "``qdata.float() * scale`` broadcast over the key's groups, cast to ``dtype``."
-
-GROUPINGS = {
-    "fp8_per_tensor_static": PER_TENSOR,
-    "fp8_per_tensor_dynamic": PER_TENSOR,
-    "fp8_per_channel_static": PER_CHANNEL,
-    "fp8_per_token": PER_TOKEN,
-    "fp8_per_block_static": BLOCK_128x128,
-    "fp8_per_block_dynamic": GROUP_1x128,
-}
-"""Key name -> :class:`Grouping`."""
+# The reference quantizers by grouping (public names the tests and benchmarks use).
+quantize_per_tensor, dequantize_per_tensor = reference_quantizer(PER_TENSOR), reference_dequantizer(PER_TENSOR)
+quantize_per_channel, dequantize_per_channel = reference_quantizer(PER_CHANNEL), reference_dequantizer(PER_CHANNEL)
+quantize_per_block, dequantize_per_block = reference_quantizer(BLOCK_128x128), reference_dequantizer(BLOCK_128x128)
+quantize_per_token, dequantize_per_token = reference_quantizer(PER_TOKEN), reference_dequantizer(PER_TOKEN)
+quantize_per_group, dequantize_per_group = reference_quantizer(GROUP_1x128), reference_dequantizer(GROUP_1x128)
 
 
-def grouping_of(key) -> Grouping:
-    """The :class:`Grouping` of one of this plugin's :class:`oqcore.QuantKey` s."""
-    from oq_plugin_fp8 import keys as k
+def _by_name():
+    from oq_plugin_fp8.keys import KEYS
 
-    table = {
-        k.kFp8StaticTensorSym: PER_TENSOR,
-        k.kFp8DynamicTensorSym: PER_TENSOR,
-        k.kFp8StaticChannelSym: PER_CHANNEL,
-        k.kFp8DynamicTokenSym: PER_TOKEN,
-        k.kFp8Static128BlockSym: BLOCK_128x128,
-        k.kFp8Dynamic128Sym: GROUP_1x128,
-    }
-    return table[key]
+    return {name: grouping_of(key) for name, (key, _, _) in KEYS.items()}
 
 
-TORCH_QUANTIZERS = {
-    "fp8_per_tensor_static": (quantize_per_tensor, dequantize_per_tensor),
-    "fp8_per_tensor_dynamic": (quantize_per_tensor, dequantize_per_tensor),
-    "fp8_per_channel_static": (quantize_per_channel, dequantize_per_channel),
-    "fp8_per_token": (quantize_per_token, dequantize_per_token),
-    "fp8_per_block_static": (quantize_per_block, dequantize_per_block),
-    "fp8_per_block_dynamic": (quantize_per_group, dequantize_per_group),
-}
-"""Key name -> ``(quantize, dequantize)`` torch reference pair, as registered under ``"torch"``."""
+GROUPINGS: dict[str, Grouping] = _by_name()
+"""Key name -> :class:`Grouping` (derived from the keys)."""
+
+TORCH_QUANTIZERS = {name: (reference_quantizer(g), reference_dequantizer(g)) for name, g in GROUPINGS.items()}
+"""Key name -> ``(quantize, dequantize)`` torch reference pair (derived)."""

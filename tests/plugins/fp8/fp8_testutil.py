@@ -95,7 +95,7 @@ def build_linear(w, bias, spec, backend=None, name="model.layers.0.q_proj"):
     if backend is not None:
         cfg["backend"] = {"linear": backend}
     lp = oqcore.plan(model, cfg, device="cpu")["0"]
-    method = lp.bound.method_cls(activation_key=lp.bound.activation_key, options=lp.bound.options, backend=lp.backend)
+    method = lp.bound.make_method(lp.backend)
     layer = QuantizedLinear(name, k, n, bias is not None, method, w.dtype)
     layer.weight = torch.nn.Parameter(w.clone(), requires_grad=False)
     if bias is not None:

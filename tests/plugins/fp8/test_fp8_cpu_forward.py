@@ -139,7 +139,7 @@ def test_moe_matches_reference(arch, weight):
     model = torch.nn.ModuleDict({"experts": experts})
     lp = oqcore.plan(model, {"moe": {"weight": weight, "activation": None}, "backend": {"moe": "cpu"}}, device="cpu")["experts"]
     assert lp.backend.name == "cpu"
-    method = lp.bound.method_cls(activation_key=None, options=lp.bound.options, backend=lp.backend)
+    method = lp.bound.make_method(lp.backend, activation_key=None)
     layer = QuantizedMoE("model.layers.0.mlp.experts", experts, method)
     for pname, p in experts.named_parameters():
         setattr(layer, pname, torch.nn.Parameter(p.detach().clone(), requires_grad=False))

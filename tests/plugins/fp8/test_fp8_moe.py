@@ -41,7 +41,7 @@ def _quantized(experts, spec, backend=None, name="model.layers.0.mlp.experts"):
     if backend:
         cfg["backend"] = {"moe": backend}
     lp = oqcore.plan(model, cfg, device="cpu")["experts"]
-    method = lp.bound.method_cls(activation_key=lp.bound.activation_key, options=lp.bound.options, backend=lp.backend)
+    method = lp.bound.make_method(lp.backend)
     layer = QuantizedMoE(name, experts, method)
     for pname, p in experts.named_parameters():
         setattr(layer, pname, torch.nn.Parameter(p.detach().clone(), requires_grad=False))

@@ -71,13 +71,15 @@ def test_plugin_import_and_registration_do_not_import_triton():
         "import oq_plugin_fp8.plugin as p\n"
         "calls = []\n"
         "p.oq_register_quant_keys(lambda *a, **k: calls.append(a))\n"
-        "p.oq_register_methods(lambda *a, **k: calls.append(a))\n"
-        "p.oq_register_quantizers(lambda *a, **k: calls.append(a))\n"
+        "p.oq_register_schemes(lambda *a, **k: calls.append(a))\n"
         "from oq_plugin_fp8 import keys\n"
-        "assert p.oq_backend_candidates('linear', keys.kFp8Static128BlockSym)\n"
+        "scheme = calls[-1][0]\n"
+        "assert scheme.backends('linear', None)\n"
         "assert 'triton' not in sys.modules, 'triton imported'\n"
-        "print(len(calls))\n"
+        "print(len(calls), sum(len(f.implementations) for s in calls[6:] for f in s[0].formats()))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert int(out.stdout.strip()) == 6 + 6 + 24  # keys, methods, quantizers (torch + triton + compiled + cpu)
+    # 6 keys + 3 schemes; each scheme's formats (weight + activations: 3 + 3 + 2) carry 4 implementations
+    # (torch + triton + cpu + compiled)
+    assert out.stdout.split() == [str(6 + 3), str(4 * (3 + 3 + 2))]

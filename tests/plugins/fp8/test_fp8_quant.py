@@ -131,7 +131,7 @@ def test_non_finite_weight_names_the_layer(weight, bad):
     model = torch.nn.Sequential(torch.nn.Linear(64, 32))
     bound = oqcore.plan(model, {"linear": weight}, device="cpu")["0"].bound
     backend = oqcore.Backend(name="torch", activation_key=bound.activation_key)
-    method = bound.method_cls(activation_key=bound.activation_key, options=bound.options, backend=backend)
+    method = bound.make_method(backend)
     layer = QuantizedLinear("model.layers.0.q_proj", 64, 32, False, method, torch.float32)
     w = gaussian(32, 64)
     w[3, 5] = bad
