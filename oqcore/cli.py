@@ -271,8 +271,8 @@ def saved_config(path: Path):
     Raises :class:`oqcore.CheckpointError` naming config.json when the folder is already quantized
     by another tool, or its saved oqcore config is unreadable.
     """
-    from oqcore.export import QUANT_METHOD
-    from oqcore.export import saved_config as read_saved_config
+    from oqcore.loading.saved import saved_config as read_saved_config
+    from oqcore.saved_format import QUANT_METHOD
     from oqcore.loading.meta import read_model_config
 
     try:

@@ -1,19 +1,17 @@
-"""Saving a quantized model, and loading it back without re-quantizing.
+"""Saving a quantized model as a complete model folder (reading it back: :mod:`oqcore.loading.saved`).
 
 The folder holds ``model.safetensors`` (quantized weights and scales under the wrappers' names,
 everything else in high precision), the source ``config.json`` with a ``quantization_config``
-entry (``quant_method: "oqcore"``, the config, the format version) and the source folder's other
-small files (tokenizer, sentence-transformers metadata), so it is a complete model folder.
+entry (``quant_method: "oqcore"``, the config, the format version: :mod:`oqcore.saved_format`) and
+the source folder's other small files (tokenizer, sentence-transformers metadata), so it is a
+complete model folder.
 
 Saves are atomic at folder level (:mod:`oqcore.atomic`): the folder is written as a hidden sibling,
 fsynced and renamed into place, swapping out an earlier export; a failed or killed save leaves the
 destination as it was. The source checkpoint is never written to, and a folder that is not an
 earlier export is never replaced.
 
-Loading checks the folder against what the saved config's methods produce (names, shapes and
-dtypes of every quantized tensor, derived by :mod:`oqcore.layer_tensors`) before reading any
-tensor, so a damaged or half-written folder is refused with a :class:`oqcore.CheckpointError`
-naming the file and tensor.
+This module only writes: nothing under :mod:`oqcore.loading` imports it.
 """
 
 from __future__ import annotations
@@ -23,33 +21,28 @@ import json
 import os
 import shutil
 import struct
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from oqcore.atomic import stage, write_folder
-from oqcore.config import QuantizationConfig
-from oqcore.errors import CheckpointError, ConfigError, OqError, SaveError
+from oqcore.errors import CheckpointError, OqError, SaveError
 from oqcore.layer_tensors import TensorSpec, quantized_tensors
-from oqcore.loading.checks import placeholder
-from oqcore.loading.checkpoint import ST_DTYPES, TensorEntry, TensorReader, checkpoint_entries, checkpoint_files
-from oqcore.loading.install import install_wrappers
-from oqcore.loading.memory import PeakRSS
-from oqcore.loading.meta import build_meta_model, read_model_config
-from oqcore.loading.online import assign_tensor, finalize, param_owner
-from oqcore.loading.state import LoadStats, OqState, get_state, tensor_bytes
-from oqcore.planning import plan
+from oqcore.loading.checkpoint import ST_DTYPES
+from oqcore.loading.meta import read_model_config
+from oqcore.loading.place import param_owner
+from oqcore.loading.state import OqState, get_state
+from oqcore.saved_format import FORMAT_VERSION, QUANT_METHOD, is_export
+from oqcore.torch_compat import own_parameters
 
-FORMAT_VERSION = 1
-QUANT_METHOD = "oqcore"
+__all__ = ["FORMAT_VERSION", "QUANT_METHOD", "check_destination", "is_export", "save_quantized", "write_safetensors"]
+
 # the source's weights (any framework's) are not copied: the quantized folder has its own
 _SKIP_SUFFIXES = (
     ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json", ".onnx", ".onnx_data", ".gguf", ".h5", ".msgpack", ".ot",
 )
 _ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
-_MAX_PROBLEMS = 8
 
 
 # ---- saving --------------------------------------------------------------------------------------
@@ -137,17 +130,6 @@ def check_destination(out: str | os.PathLike, source: str | os.PathLike | None =
     return dest
 
 
-def is_export(folder: Path) -> bool:
-    """Whether ``folder`` holds a ``config.json`` written by :func:`save_quantized`
-    (``quantization_config.quant_method == "oqcore"``)."""
-    try:
-        raw = json.loads((Path(folder) / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    qc = raw.get("quantization_config") if isinstance(raw, dict) else None
-    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
-
-
 def _same(a: Path, b: Path) -> bool:
     try:
         return a == b or os.path.samefile(a, b)
@@ -185,8 +167,7 @@ def _tensors_to_save(model: nn.Module, state: OqState, dest: Path) -> dict[str, 
             current = None
         if current is not w:
             raise SaveError(f"cannot save to {dest}: quantized layer {name!r} is no longer in the model as oqcore installed it")
-        have = {k: p for k, p in w._parameters.items() if p is not None}
-        problem = _layer_problem(have, expected[name], exact=True)
+        problem = _layer_problem(own_parameters(w), expected[name])
         if problem or not getattr(w, "quantized", False):
             raise SaveError(
                 f"cannot save to {dest}: layer {name!r} does not hold what {type(w.method).__name__} produces: "
@@ -296,40 +277,8 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
         os.close(fd)
 
 
-# ---- loading -------------------------------------------------------------------------------------
-
-
-def saved_config(raw: object, cfg_file: Path) -> QuantizationConfig:
-    """The config an oqcore export was quantized with, from its parsed ``config.json`` (``raw``,
-    read from ``cfg_file``). Raises :class:`oqcore.CheckpointError` naming the file and the entry
-    for anything missing or invalid."""
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{cfg_file}: must hold a JSON object, found {type(raw).__name__}")
-    qc = raw.get("quantization_config")
-    if not isinstance(qc, dict):
-        raise CheckpointError(f"{cfg_file}: quantization_config must be a JSON object, found {type(qc).__name__}")
-    if qc.get("quant_method") != QUANT_METHOD:
-        raise CheckpointError(
-            f"{cfg_file}: quantization_config.quant_method is {qc.get('quant_method')!r}, not {QUANT_METHOD!r}: "
-            "not a folder written by oqcore.save_quantized"
-        )
-    version = qc.get("format_version")
-    if type(version) is not int or version != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{cfg_file}: quantization_config.format_version is {version!r}; this oqcore reads format {FORMAT_VERSION}"
-        )
-    if "config" not in qc:
-        raise CheckpointError(f"{cfg_file}: quantization_config.config is missing (the config the folder was quantized with)")
-    if not isinstance(qc["config"], dict):
-        raise CheckpointError(f"{cfg_file}: quantization_config.config must be a JSON object, found {type(qc['config']).__name__}")
-    try:
-        return QuantizationConfig.model_validate(qc["config"])
-    except (ValueError, TypeError) as e:  # ConfigError is a ValueError
-        raise CheckpointError(f"{cfg_file}: quantization_config.config is not a valid oqcore config: {e}") from e
-
-
-def _layer_problem(have: dict[str, torch.Tensor | TensorEntry], want: dict[str, TensorSpec], exact: bool) -> str | None:
-    """What is wrong with one quantized layer's tensors, or ``None``."""
+def _layer_problem(have: dict[str, torch.Tensor], want: dict[str, TensorSpec]) -> str | None:
+    """What is wrong with one quantized layer's tensors (exact names, shapes and dtypes), or ``None``."""
     for k, spec in want.items():
         if k not in have:
             return f"missing tensor {k!r} ({spec.describe()})"
@@ -338,183 +287,6 @@ def _layer_problem(have: dict[str, torch.Tensor | TensorEntry], want: dict[str, 
         if spec is None:
             return f"unexpected tensor {k!r}; the layer holds {', '.join(want) or 'nothing'}"
         shape, dtype = tuple(t.shape), t.dtype
-        ok_dtype = dtype == spec.dtype or (not exact and spec.high_precision and dtype.is_floating_point)
-        if shape != spec.shape or not ok_dtype:
+        if shape != spec.shape or dtype != spec.dtype:
             return f"tensor {k!r} is {str(dtype).removeprefix('torch.')} {list(shape)}, expected {spec.describe()}"
     return None
-
-
-def _check_saved_tensors(
-    model: nn.Module, wrappers: dict[str, nn.Module], expected: dict[str, dict[str, TensorSpec]], entries: list[TensorEntry], where: Path
-) -> None:
-    """Every tensor of the folder against the model and the quantized layers' specs, before any
-    tensor is read. One :class:`oqcore.CheckpointError` listing the problems (file and tensor)."""
-    problems: list[str] = []
-    per_layer: dict[str, dict[str, TensorEntry]] = {name: {} for name in wrappers}
-    present = set()
-    for e in entries:
-        present.add(e.name)
-        owner = param_owner(e.name, wrappers)
-        if owner is not None:
-            per_layer[owner][e.name.rpartition(".")[2]] = e
-            continue
-        old = placeholder(model, e.name)
-        if old is None:
-            problems.append(f"{e.file}: unknown tensor {e.name!r} (the model has no parameter or buffer of that name)")
-        elif tuple(old.shape) != e.shape:
-            problems.append(f"{e.file}: tensor {e.name!r} has shape {list(e.shape)}, the model expects {list(old.shape)}")
-        elif old.is_floating_point() != e.dtype.is_floating_point:
-            problems.append(
-                f"{e.file}: tensor {e.name!r} is {str(e.dtype).removeprefix('torch.')}, the model expects "
-                f"{str(old.dtype).removeprefix('torch.')}"
-            )
-    for name, w in wrappers.items():
-        have = per_layer[name]
-        want = expected[name]
-        for k, spec in want.items():
-            if k not in have:
-                problems.append(f"{where}: missing tensor '{name}.{k}' ({spec.describe()}) of quantized layer {name!r}")
-        for k, e in have.items():
-            spec = want.get(k)
-            tname = f"{name}.{k}"
-            if spec is None:
-                problems.append(
-                    f"{e.file}: unexpected tensor {tname!r}: quantized layer {name!r} ({type(w.method).__name__}) "
-                    f"holds {', '.join(want) or 'nothing'}"
-                )
-                continue
-            ok_dtype = e.dtype == spec.dtype or (spec.high_precision and e.dtype.is_floating_point)
-            if e.shape != spec.shape or not ok_dtype:
-                hint = ""
-                layout = getattr(w, "layout", None)
-                if layout is not None and e.shape and spec.shape and e.shape[0] != spec.shape[0]:
-                    hint = f" ({e.shape[0]} experts, the layer has {spec.shape[0]})"
-                problems.append(
-                    f"{e.file}: tensor {tname!r} is {str(e.dtype).removeprefix('torch.')} {list(e.shape)}, quantized "
-                    f"layer {name!r} ({type(w.method).__name__}) expects {spec.describe()}{hint}"
-                )
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    for n, p in model.named_parameters(remove_duplicate=False):
-        if param_owner(n, wrappers) is None and n not in present and n not in tied:
-            problems.append(f"{where}: missing tensor {n!r} ({str(p.dtype).removeprefix('torch.')} {list(p.shape)})")
-    if problems:
-        shown = "; ".join(problems[:_MAX_PROBLEMS])
-        more = f"; ... ({len(problems)} problems in all)" if len(problems) > _MAX_PROBLEMS else ""
-        raise CheckpointError(f"damaged oqcore export: {shown}{more}")
-
-
-def _check_quantized_values(e: TensorEntry, value: torch.Tensor) -> None:
-    """Refuse values save_quantized never writes, so a damaged export cannot load and then give
-    NaN/garbage at forward: a scale that is NaN, infinite, zero or negative (the quantizers clamp
-    every scale to a positive finite value, even for an all-zero weight), or float8 data holding
-    NaN bytes (the quantizers saturate, so a NaN byte never occurs). vLLM and compressed-tensors
-    do not check this; we do, because a silently wrong model is worse than a clear error.
-    Raises :class:`oqcore.CheckpointError` naming the file and the tensor."""
-    if not value.numel():
-        return
-    attr = e.name.rpartition(".")[2]
-    if "scale" in attr and value.dtype.is_floating_point:
-        v = value.float()
-        bad = ~torch.isfinite(v) | (v <= 0)
-        n = int(bad.sum())
-        if n:
-            first = v[bad][0].item()
-            raise CheckpointError(
-                f"damaged oqcore export: {e.file}: tensor {e.name!r} holds {n} of {v.numel()} scale value(s) "
-                f"that are not finite and positive (e.g. {first}); scales written by save_quantized are always > 0"
-            )
-    elif value.dtype.is_floating_point and value.element_size() == 1:
-        # 8-bit float data (any format the plugins use): NaN after upcasting means a NaN byte.
-        n = int(torch.isnan(value.float()).sum())
-        if n:
-            raise CheckpointError(
-                f"damaged oqcore export: {e.file}: tensor {e.name!r} holds {n} NaN {str(value.dtype).removeprefix('torch.')} "
-                "value(s); save_quantized never writes NaN"
-            )
-
-
-def _checkpoint_label(path: Path) -> Path:
-    """The file to name for a missing tensor: the single file, or the shard index."""
-    files = checkpoint_files(path)
-    return files[0] if len(files) == 1 else path / "model.safetensors.index.json"
-
-
-def load_quantized(
-    path: str | Path,
-    config: QuantizationConfig | dict | str | None = None,
-    *,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.bfloat16,
-    progress=None,
-) -> nn.Module:
-    """Read a folder written by :func:`save_quantized` (called by :func:`oqcore.load`).
-
-    ``config`` must be ``None`` or equal to the saved one: the weights are already quantized, so a
-    different config is a :class:`oqcore.ConfigError` naming the folder and telling the user to load
-    the bf16 source instead. ``device``/``dtype``/``progress`` as for :func:`oqcore.load`.
-
-    Before any tensor is read, the folder is checked: ``config.json``'s ``quantization_config``
-    (present, right format version, a valid config that fits the model) and every tensor of the
-    safetensors file(s) against the model and against what each quantized layer's method produces
-    (names, shapes, dtypes; missing, extra, truncated). Any problem is a
-    :class:`oqcore.CheckpointError` naming the file and tensor; nothing half-built is returned.
-    """
-    from oqcore.devices import resolve_device
-
-    t0 = time.perf_counter()
-    path = Path(path)
-    device = resolve_device(device)
-    cfg_file = path / "config.json"
-    saved = saved_config(read_model_config(path), cfg_file)
-    # compared as written to disk: a shorthand and the linear/moe specs it expands to are the same config
-    if config is not None and QuantizationConfig.from_any(config).to_dict() != saved.to_dict():
-        raise ConfigError(
-            f"{path} is already quantized with {saved.to_dict()}; load it with config=None, or quantize the "
-            "high-precision source with the new config"
-        )
-    stats = LoadStats()
-    model = build_meta_model(path, dtype)
-    try:
-        qplan = plan(model, saved, device=device)
-    except ConfigError as e:
-        raise CheckpointError(f"{cfg_file}: the saved quantization config does not fit the model: {e}") from e
-    wrappers = install_wrappers(model, qplan)
-    expected = quantized_tensors(wrappers)
-    entries = checkpoint_entries(path)
-    _check_saved_tensors(model, wrappers, expected, entries, _checkpoint_label(path))
-    with PeakRSS() as mem:
-        for w in wrappers.values():
-            # drop only the meta high-precision placeholders: a ``bias=None`` entry must stay
-            for k in [k for k, p in w._parameters.items() if p is not None and p.is_meta]:
-                del w._parameters[k]
-        total, done = sum(e.nbytes for e in entries), 0
-        if progress is not None:
-            progress(0, total)
-        with TensorReader() as reader:
-            for e in entries:
-                value = reader.read(e)
-                owner = param_owner(e.name, wrappers)
-                if owner is None:
-                    assign_tensor(model, e.name, value, device)
-                else:
-                    attr = e.name.rpartition(".")[2]
-                    spec = expected[owner][attr]
-                    value = value.to(device=device, dtype=spec.dtype)
-                    if not spec.high_precision:
-                        _check_quantized_values(e, value)
-                    wrappers[owner].register_parameter(attr, nn.Parameter(value, requires_grad=False))
-                del value
-                done += e.nbytes
-                if progress is not None:
-                    progress(done, total)
-        for w in wrappers.values():
-            w.method._finish(w)
-        stats.bytes_read = done
-        finalize(model, device, wrappers, str(path))
-    stats.baseline_rss, stats.peak_rss = mem.baseline, mem.peak
-    stats.quantized_bytes = sum(tensor_bytes(w) for w in wrappers.values())
-    stats.model_bytes = tensor_bytes(model)
-    stats.seconds_total = time.perf_counter() - t0
-    model.eval()
-    model.oq_state = OqState(saved, qplan, wrappers, device, dtype, source=path, stats=stats)
-    return model

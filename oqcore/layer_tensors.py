@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from oqcore.errors import InternalError, OqError
+from oqcore.torch_compat import clear_parameters, own_parameters, set_parameter
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ def _signature(probe: nn.Module) -> tuple:
     (activation key, options...; not the backend) and the high-precision parameters' shapes."""
     method = probe.method
     state = tuple(sorted((k, repr(v)) for k, v in vars(method).items() if k != "backend"))
-    params = tuple((k, tuple(p.shape), p.dtype) for k, p in probe._parameters.items() if p is not None)
+    params = tuple((k, tuple(p.shape), p.dtype) for k, p in own_parameters(probe).items())
     extra = (repr(getattr(probe, "layout", None)), getattr(probe, "params_dtype", None))
     return (type(probe), type(method), state, params, extra)
 
@@ -55,20 +56,17 @@ def _derive(wrapper: nn.Module, materialize, experts: int | None = None) -> dict
     probe = empty_like(wrapper)
     if experts is not None:
         probe.layout = dataclasses.replace(probe.layout, num_experts=experts)
-        probe._parameters = {}
+        clear_parameters(probe)
         probe.method.create_weights(probe)
-    before = {k: (tuple(p.shape), p.dtype) for k, p in probe._parameters.items() if p is not None}
-    for k, p in list(probe._parameters.items()):
-        if p is not None:
-            probe._parameters[k] = nn.Parameter(materialize(p), requires_grad=False)
+    before = {k: (tuple(p.shape), p.dtype) for k, p in own_parameters(probe).items()}
+    for k, p in own_parameters(probe).items():
+        set_parameter(probe, k, nn.Parameter(materialize(p), requires_grad=False))
     method = copy.copy(wrapper.method)
     method.backend = dataclasses.replace(method.backend, prepare=None)
     probe.method = method
     method.process_weights_after_loading(probe)
     out = {}
-    for k, p in probe._parameters.items():
-        if p is None:
-            continue
+    for k, p in own_parameters(probe).items():
         spec = (tuple(p.shape), p.dtype)
         out[k] = TensorSpec(spec[0], spec[1], before.get(k) == spec)
     return out

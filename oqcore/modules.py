@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from oqcore.layers import MoELayout, moe_layout
+from oqcore.torch_compat import bare_copy, experts_gate
 
 if TYPE_CHECKING:
     from oqcore.methods import OnlineMethodBase
@@ -99,17 +100,14 @@ class QuantizedMoE(nn.Module):
         for k, child in experts.named_children():
             if not any(True for _ in child.parameters()):
                 self.add_module(k, child)
-        self._gate_fn = getattr(type(experts), "_apply_gate", None)
+        self._gate_fn = experts_gate(experts)  # transformers' own gate function (torch_compat)
         self.method = method
         self.quantized = False
         method.create_weights(self)
 
     def apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
         """The original module's gated activation: ``[T, 2I] -> [T, I]``."""
-        if self._gate_fn is not None:
-            return self._gate_fn(self, gate_up)
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.act_fn(gate) * up
+        return self._gate_fn(self, gate_up)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """Route ``hidden_states`` through the experts and combine with ``top_k_weights``."""
@@ -162,12 +160,7 @@ def empty_like(wrapper: nn.Module) -> nn.Module:
     """A new wrapper of the same type, shapes, attributes and method, with fresh meta-device
     high-precision parameters (what :func:`oqcore.reload_weights` quantizes into before copying
     the results into the live wrapper's storages)."""
-    new = type(wrapper).__new__(type(wrapper))
-    new.__dict__ = dict(wrapper.__dict__)
-    new._parameters = {}
-    new._buffers = {}
-    new._non_persistent_buffers_set = set()
-    new._modules = dict(wrapper._modules)
+    new = bare_copy(wrapper)
     new.quantized = False
     wrapper.method.create_weights(new)
     return new

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 import oqcore
-from oqcore.export import QUANT_METHOD
+from oqcore.saved_format import QUANT_METHOD
 from oqcore.layer_tensors import _derive, _derive_any, _on_meta, quantized_tensors
 from oqcore.methods import OnlineMethodBase
 

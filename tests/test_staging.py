@@ -9,9 +9,10 @@ from safetensors.torch import load_file, save_file
 import oqcore
 from oqcore.errors import CheckpointError
 from oqcore.loading.checkpoint import TensorReader, file_entries
-from oqcore.loading.staging import StagingPool, _use_count
+from oqcore.loading.staging import StagingPool
+from oqcore.torch_compat import storage_use_count
 
-needs_use_count = pytest.mark.skipif(_use_count(torch.empty(1)) is None, reason="torch does not expose storage use counts")
+needs_use_count = pytest.mark.skipif(storage_use_count(torch.empty(1)) is None, reason="torch does not expose storage use counts")
 
 
 @needs_use_count

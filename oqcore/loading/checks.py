@@ -7,7 +7,6 @@ before the first weight is read.
 from __future__ import annotations
 
 import re
-
 from pathlib import Path
 
 import torch
@@ -16,6 +15,8 @@ from torch import nn
 from oqcore.errors import CheckpointError
 from oqcore.loading.checkpoint import TensorEntry, read_json_object
 from oqcore.loading.names import TargetGroup, is_expert_fusion
+from oqcore.saved_format import QUANT_METHOD
+from oqcore.torch_compat import get_buffer, get_parameter, has_parameter
 
 NOT_SUPPORTED = (
     "already quantized; reading such checkpoints is not supported yet (online quantization needs a "
@@ -47,7 +48,7 @@ def check_quant_metadata(path: Path, raw: dict) -> None:
     ``config.json`` (other than oqcore's own, which the caller routes to the saved-folder reader),
     or another tool's quantization file beside it (:data:`QUANT_METADATA_FILES`)."""
     qc = raw.get("quantization_config")
-    if qc and qc.get("quant_method") != "oqcore":
+    if qc and qc.get("quant_method") != QUANT_METHOD:
         method = qc.get("quant_method", "unknown")
         raise CheckpointError(
             f"{path / 'config.json'}: the checkpoint is already quantized (quant_method={method!r}); online "
@@ -102,9 +103,9 @@ def placeholder(model: nn.Module, name: str) -> torch.Tensor | None:
         module = model.get_submodule(mod_name) if mod_name else model
     except AttributeError:
         return None
-    if attr in module._parameters:
-        return module._parameters[attr]
-    return module._buffers.get(attr)
+    if has_parameter(module, attr):
+        return get_parameter(module, attr)
+    return get_buffer(module, attr)
 
 
 def find_prequantized(

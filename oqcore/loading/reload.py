@@ -32,6 +32,7 @@ from oqcore.loading.names import TargetGroup, is_expert_fusion
 from oqcore.loading.state import OqState
 from oqcore.modules import empty_like
 from oqcore.tensor import HP_DTYPES, check_finite, dtype_names
+from oqcore.torch_compat import get_buffer, get_parameter, own_buffers, own_parameters, set_parameter
 
 Weights = Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor]
 
@@ -365,8 +366,8 @@ class _Job:
             # popped: the unconverted value is freed as soon as its converted copy exists
             value = hp.pop(pname).detach()
             with torch.no_grad():
-                value = value.to(self.device, scratch._parameters[pname].dtype)
-            scratch._parameters[pname] = nn.Parameter(value, requires_grad=False)
+                value = value.to(self.device, get_parameter(scratch, pname).dtype)
+            set_parameter(scratch, pname, nn.Parameter(value, requires_grad=False))
             del value
         process_layer(scratch)
         _check_layout(live, scratch)
@@ -380,10 +381,10 @@ class _Job:
             with torch.no_grad():
                 for owner, scratch in staged.items():
                     live = self.state.wrappers[owner]
-                    for kind in ("_parameters", "_buffers"):
-                        for pname, new in getattr(scratch, kind).items():
-                            if new is not None:
-                                getattr(live, kind)[pname].copy_(new)
+                    for pname, new in own_parameters(scratch).items():
+                        get_parameter(live, pname).copy_(new)
+                    for bname, new in own_buffers(scratch).items():
+                        get_buffer(live, bname).copy_(new)
                 for name in self.direct:
                     if self.owner(name) is None:
                         self.params[name].copy_(incoming[name])
@@ -438,9 +439,8 @@ def _check_tensor(name: str, t: object, target: _Target, device: torch.device) -
 
 def _check_layout(live: nn.Module, scratch: nn.Module) -> None:
     """The re-quantized tensors must fit the live storages exactly (same names, shapes, dtypes)."""
-    for kind in ("_parameters", "_buffers"):
-        old = {k: v for k, v in getattr(live, kind).items() if v is not None}
-        new = {k: v for k, v in getattr(scratch, kind).items() if v is not None}
+    for kind, own in (("parameter", own_parameters), ("buffer", own_buffers)):
+        old, new = own(live), own(scratch)
         for pname in sorted(old.keys() | new.keys()):
             a, b = old.get(pname), new.get(pname)
             if a is None or b is None or a.shape != b.shape or a.dtype != b.dtype:
@@ -449,7 +449,7 @@ def _check_layout(live: nn.Module, scratch: nn.Module) -> None:
 
                 raise PluginError(
                     f"plugin {method_plugin(live.method)!r}: re-quantizing layer {live.layer_name!r} gave "
-                    f"{kind.strip('_')[:-1]} {pname!r} as {show(b)}, the model holds {show(a)}; "
+                    f"{kind} {pname!r} as {show(b)}, the model holds {show(a)}; "
                     f"{type(live.method).__name__}.process_weights_after_loading must give the same layout every time"
                 )
 

@@ -9,23 +9,15 @@ already resident pages. Resident memory is unchanged (one layer's high-precision
 at the peak anyway); at the end of the load the pool is emptied.
 
 A buffer is only reused when nothing else still holds its storage (a method that kept a view of
-its high-precision weight, e.g. an unquantized bias): checked with the storage's reference count.
+its high-precision weight, e.g. an unquantized bias): checked with the storage's reference count
+(:func:`oqcore.torch_compat.storage_use_count`; where torch does not tell, nothing is reused).
 """
 
 from __future__ import annotations
 
 import torch
 
-
-def _use_count(t: torch.Tensor) -> int | None:
-    """References to ``t``'s storage (tensors and views), or ``None`` where torch does not tell."""
-    fn = getattr(torch._C, "_storage_Use_Count", None)
-    if fn is None:
-        return None
-    try:
-        return int(fn(t.untyped_storage()._cdata))
-    except (AttributeError, RuntimeError, TypeError):
-        return None
+from oqcore.torch_compat import storage_use_count
 
 
 class StagingPool:
@@ -41,7 +33,7 @@ class StagingPool:
         self._free: dict[tuple[torch.dtype, tuple[int, ...]], list[torch.Tensor]] = {}
         self._lent: dict[str, list[torch.Tensor]] = {}
         self._free_bytes = 0
-        self._alone = _use_count(torch.empty(1))  # the count of a storage held by one tensor only
+        self._alone = storage_use_count(torch.empty(1))  # the count of a storage held by one tensor only
         self.reused_bytes = 0
 
     def take(self, owner: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -59,7 +51,7 @@ class StagingPool:
     def give_back(self, owner: str) -> None:
         """Take back what ``owner`` borrowed; buffers still referenced elsewhere are left to them."""
         for buf in self._lent.pop(owner, []):
-            if self._alone is None or _use_count(buf) != self._alone:
+            if self._alone is None or storage_use_count(buf) != self._alone:
                 continue
             if self._free_bytes + buf.nbytes > self.cap_bytes:
                 continue

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import oqcore
 from oqcore.errors import CheckpointError, ConfigError
-from oqcore.export import load_quantized
+from oqcore.loading.saved import load_quantized
 from tests.battery.util import raises_naming
 
 L0 = "model.layers.0"

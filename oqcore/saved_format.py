@@ -1,0 +1,34 @@
+"""What marks a folder as an oqcore export: the facts both the writer (:mod:`oqcore.export`) and the
+reader (:mod:`oqcore.loading.saved`) need, in a leaf module so that neither imports the other.
+
+An export's ``config.json`` carries ``quantization_config = {"quant_method": QUANT_METHOD,
+"format_version": FORMAT_VERSION, "config": <QuantizationConfig.to_dict()>}``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+FORMAT_VERSION = 1
+"""The layout version :func:`oqcore.save_quantized` writes and :func:`oqcore.load` reads."""
+
+QUANT_METHOD = "oqcore"
+"""``quantization_config.quant_method`` of an export (what transformers and others key on)."""
+
+
+def is_export(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a ``config.json`` written by :func:`oqcore.save_quantized`
+    (``quantization_config.quant_method == "oqcore"``). Never raises: an unreadable or
+    malformed file is simply not an export."""
+    try:
+        raw = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return declares_export(raw)
+
+
+def declares_export(raw: object) -> bool:
+    """Whether a parsed ``config.json`` (``raw``) declares an oqcore export."""
+    qc = raw.get("quantization_config") if isinstance(raw, dict) else None
+    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
