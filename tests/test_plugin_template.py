@@ -29,7 +29,7 @@ def test_template_plugin_end_to_end(tmp_path, monkeypatch):
     assert p.summary() == "Quantized 2 layers of types: 0: 1 (from linear: int4_g32); 2: 1 (from linear: int4_g32)"
 
     lp = p["0"]
-    method = lp.bound.method_cls(activation_key=lp.bound.activation_key, options=lp.bound.options, backend=lp.backend)
+    method = lp.bound.make_method(lp.backend)
     q = QuantizedLinear.from_linear("0", model[0], method)
     q.weight = nn.Parameter(model[0].weight.detach().clone(), requires_grad=False)
     q.bias = nn.Parameter(model[0].bias.detach().clone(), requires_grad=False)
@@ -49,3 +49,17 @@ def test_template_shape_limit(tmp_path, monkeypatch):
 
     with pytest.raises(oqcore.UnsupportedLayerError, match="layer '1': int4_g32 needs in_features divisible by 32, got 48"):
         oqcore.plan(nn.Sequential(nn.Linear(64, 48), nn.Linear(48, 8)), {"linear": "int4_g32"})
+
+
+def test_the_templates_own_tests_pass():
+    """The testing recipe the template ships (tests/conftest.py: the plugin loaded through its entry
+    point) runs as a plugin author would run it."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(TEMPLATE / "tests")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "4 passed" in out.stdout

@@ -3,6 +3,7 @@ mode, conflicts naming both distributions, check_pending, and a third-party sche
 exactly like a built-in."""
 
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -284,12 +285,16 @@ def test_every_hook_is_documented_and_exercised():
         "oq_register_methods",
         "oq_register_quantizers",
         "oq_backend_candidates",
+        "oq_register_schemes",
     }
     assert all(len(getattr(hookspecs, n).__doc__) > 100 for n in specs)
-    # each hook has a test in this file or test_config/test_planning through the toy scheme
+    # each hook has a test: the v1 hooks through the toy scheme (this file, test_config,
+    # test_planning), oq_register_schemes through the packed toy4 plugin (test_toy4_scheme.py)
     from toy_scheme import ToyScheme
 
-    assert specs <= {n for n in dir(ToyScheme) if n.startswith("oq_")}
+    toy4 = (Path(__file__).parent / "toy4_plugin.py").read_text()
+    exercised = {n for n in dir(ToyScheme) if n.startswith("oq_")} | {n for n in specs if f"def {n}(" in toy4}
+    assert specs <= exercised
 
 
 def test_a_plugin_failing_in_backend_candidates_keeps_nothing(tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
-"""Hook implementations (the module the ``oqcore`` entry point names)."""
+"""Hook implementations (the module the ``oqcore`` entry point names). Cheap to import: the scheme
+module is imported inside the hooks."""
 
 from oqcore import hookimpl
 
@@ -12,24 +13,9 @@ def oq_register_quant_keys(register):
 
 
 @hookimpl
-def oq_register_methods(register):
-    """One linear method for the key."""
-    from oq_plugin_template.scheme import Int4G32LinearMethod, kInt4G32
+def oq_register_schemes(register):
+    """The whole scheme, one record (the core derives the method, the quantizer candidates and the
+    reference forward backend from it)."""
+    from oq_plugin_template.scheme import SCHEME
 
-    register("linear", kInt4G32, Int4G32LinearMethod)
-
-
-@hookimpl
-def oq_register_quantizers(register):
-    """The torch reference quantizer (the definition of the numbers)."""
-    from oq_plugin_template.scheme import dequantize, kInt4G32, quantize
-
-    register(kInt4G32, "torch", quantize, dequantize)
-
-
-@hookimpl
-def oq_backend_candidates(kind, weight_key):
-    """The reference backend for linear layers of this key."""
-    from oq_plugin_template.scheme import TORCH_BACKEND, kInt4G32
-
-    return [TORCH_BACKEND] if (kind, weight_key) == ("linear", kInt4G32) else []
+    register(SCHEME)

@@ -1,4 +1,4 @@
-"""The int4_g32 scheme: key, reference quantizer, method and backend.
+"""The int4_g32 scheme: its key, reference quantizer, and the one Scheme record that states the rest.
 
 ``w ≈ q * scale`` with ``q`` in [-7, 7] (symmetric int4 without -8, stored in int8) and one float32
 ``scale = amax / 7`` per group of 32 consecutive input features; all-zero groups get
@@ -7,7 +7,7 @@
 
 import torch
 
-from oqcore import Backend, GroupShape, OnlineLinearMethodBase, QuantKey, ScaleDesc, UnsupportedLayerError
+from oqcore import GroupShape, KeyFormat, OnlineLinearMethodBase, QuantizerImpl, QuantKey, ScaleDesc, Scheme, UnsupportedLayerError
 
 GROUP = 32
 QMAX = 7
@@ -15,7 +15,12 @@ kInt4G32 = QuantKey(torch.int4, ScaleDesc(torch.float32, True, GroupShape(1, GRO
 
 
 def quantize(w: torch.Tensor, options) -> tuple[torch.Tensor, torch.Tensor]:
-    """``w [..., N, K]`` (K divisible by 32) -> ``(q int8 [..., N, K], scale float32 [..., N, K/32])``."""
+    """``w [..., N, K]`` (K divisible by 32) -> ``(q int8 [..., N, K], scale float32 [..., N, K/32])``.
+
+    Raises ``ValueError`` (the core turns it into an UnsupportedLayerError naming the tensor) when
+    K is not a multiple of 32."""
+    if w.shape[-1] % GROUP:
+        raise ValueError(f"int4_g32 needs K divisible by {GROUP}, got shape {tuple(w.shape)}")
     g = w.float().unflatten(-1, (-1, GROUP))
     scale = g.abs().amax(-1) / QMAX
     scale = torch.where(scale == 0, torch.finfo(torch.float32).eps, scale)
@@ -28,12 +33,9 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, options
     return (q.float().unflatten(-1, (-1, GROUP)) * scale.unsqueeze(-1)).flatten(-2).to(dtype)
 
 
-class Int4G32LinearMethod(OnlineLinearMethodBase):
-    """Weight-only int4 linear. The base class does create/process/apply through the quantizer."""
-
-    weight_key = kInt4G32
-    supported_activation_keys = (None,)
-    default_activation_key = None
+class Int4G32Linear(OnlineLinearMethodBase):
+    """What this scheme does differently from the base linear method: a shape rule. The base class
+    does create / process / apply through the format's quantizer and dequantizer."""
 
     @classmethod
     def check_layer(cls, name, layer):
@@ -42,4 +44,19 @@ class Int4G32LinearMethod(OnlineLinearMethodBase):
             raise UnsupportedLayerError(name, f"int4_g32 needs in_features divisible by {GROUP}, got {layer.in_features}")
 
 
-TORCH_BACKEND = Backend("torch", None, description="dequantize to float32 and matmul (reference, any device)")
+FORMAT = KeyFormat(
+    kInt4G32,
+    dequantize,
+    (QuantizerImpl("torch", quantize, description="float32 reference (the definition of the numbers)"),),
+    tensors=("qdata", "scale"),  # stored as `weight` and `weight_scale`
+    element="int4",
+)
+
+SCHEME = Scheme(
+    "int4_g32",  # the core derives Int4G32LinearMethod from this record
+    FORMAT,
+    activations=(None,),  # weight-only: activations stay in the model dtype
+    kinds=("linear",),
+    methods={"linear": Int4G32Linear},
+    description="int4 weight-only, symmetric, 1x32 groups",
+)
