@@ -10,6 +10,8 @@ quantizers and forward backends need, so the core names no kernel technology.
 - :mod:`oq_toolkit.compiled`: ``torch.compile`` (inductor) with an eager fallback (``OQ_COMPILE``).
 - :mod:`oq_toolkit.triton_support`: whether Triton kernels can run on a device, and a guard that
   turns a missing Triton driver at run time into :class:`oqcore.NoBackendError` (``OQ_DISABLE_TRITON``).
+- :mod:`oq_toolkit.quantizers`: the quantizer implementation records (``triton``, ``cpu``,
+  ``compiled``) with their shared support rules and priorities.
 
 Importing this package imports none of them (each is imported where it is used).
 """
