@@ -134,19 +134,26 @@ def set_buffer(module: nn.Module, name: str, value: torch.Tensor) -> torch.Tenso
 
 def bare_copy(module: nn.Module) -> nn.Module:
     """A new module of ``module``'s type sharing its attributes and child modules (the same
-    objects), with no parameters or buffers of its own; ``__init__`` is not run.
+    objects), with no parameters or buffers of its own; ``__init__`` is not run and ``module`` is
+    not changed.
 
     Relies on nn.Module keeping parameters, buffers and children in the dicts ``_parameters``,
     ``_buffers`` (with ``_non_persistent_buffers_set``) and ``_modules`` of the instance
-    ``__dict__``: a copy of that ``__dict__`` with fresh such dicts is a fresh module, and the
-    original is untouched. Fallback (a Module kept otherwise): a shallow ``copy.copy`` whose own
-    parameters and buffers are removed by name."""
+    ``__dict__``: a copy of that ``__dict__`` with fresh such dicts is a fresh module. Fallback (a
+    Module kept otherwise): ``copy.deepcopy`` that shares every child module and every attribute
+    that is not a container, and copies the containers with the module's own tensors left out
+    (so nothing of the original is shared that the copy could change)."""
     if any(_dict_of(module, k) is None for k in ("_parameters", "_buffers", "_modules")):
         import copy
 
-        new = copy.copy(module)
-        for name in [*own_parameters(new), *own_buffers(new)]:
-            delattr(new, name)
+        own = [*own_parameters(module).values(), *own_buffers(module).values()]
+        memo: dict[int, object] = {id(t): None for t in own}
+        memo.update({id(c): c for c in module.children()})
+        memo.update({id(v): v for v in vars(module).values() if not isinstance(v, (dict, list, set))})
+        new = copy.deepcopy(module, memo)
+        for name in [*own_parameters(module), *own_buffers(module)]:
+            if hasattr(new, name):
+                delattr(new, name)
         return new
     new = type(module).__new__(type(module))
     new.__dict__ = dict(module.__dict__)
