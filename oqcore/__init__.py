@@ -17,7 +17,7 @@ Public API (stable names):
 
 from __future__ import annotations
 
-from oqcore.config import BoundSpec, QuantizationConfig, QuantSpec
+from oqcore.config import BoundSpec, QuantizationConfig, QuantSpec, ResolvedConfig, resolve
 from oqcore.errors import (
     CheckpointError,
     InternalError,
@@ -69,6 +69,7 @@ plan = _public_api(plan)
 quantize_tensor = _public_api(quantize_tensor)
 select_backend = _public_api(select_backend)
 select_quantizer = _public_api(select_quantizer)
+resolve = _public_api(resolve)
 any_input = _public_api(any_input)
 expert_loop = _public_api(expert_loop)
 get_registry = _public_api(get_registry)
@@ -122,6 +123,7 @@ __all__ = [
     "QuantKey",
     "QuantPlan",
     "QuantSpec",
+    "ResolvedConfig",
     "QuantizationConfig",
     "QuantizedTensor",
     "QuantizerCandidate",
@@ -147,6 +149,7 @@ __all__ = [
     "quantize_tensor",
     "reload_weights",
     "report",
+    "resolve",
     "save_quantized",
     "select_backend",
     "select_quantizer",

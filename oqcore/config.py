@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -48,6 +50,41 @@ from oqcore.plugins import KINDS, Registry, get_plugin_manager, get_registry
 
 #: vLLM's ``--quantization`` value meaning "use quantization_config as given" (no shorthand).
 ONLINE = "online"
+
+
+@dataclass
+class _Validation:
+    """One QuantizationConfig validation: the registry it resolves names against and every slot it
+    bound (kept so the resolution is done once, see :func:`resolve`)."""
+
+    registry: Registry
+    kinds: dict[str, BoundSpec] = field(default_factory=dict)
+    targets: dict[str, dict[str, BoundSpec | ConfigError]] = field(default_factory=dict)
+
+
+_ACTIVE: ContextVar[_Validation | None] = ContextVar("oqcore_config_validation", default=None)
+
+
+@contextmanager
+def _validating(registry: Registry | None):
+    active = _ACTIVE.get()
+    if active is not None and (registry is None or registry is active.registry):
+        # pydantic runs a model with a custom __init__ through __init__ from model_validate: one
+        # validation, one session
+        yield
+        return
+    token = _ACTIVE.set(_Validation(registry if registry is not None else get_registry()))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def _registry() -> Registry:
+    """The registry names are resolved against: the one the current config validation was given
+    (``context={"registry": reg}``), else the process registry. The only place validators get it."""
+    active = _ACTIVE.get()
+    return active.registry if active is not None else get_registry()
 
 
 def _is_none_word(v: Any) -> bool:
@@ -85,7 +122,7 @@ def _key_value(v: Any, role: str) -> Any:
     if isinstance(v, QuantKey):
         return v
     if isinstance(v, str):
-        return get_registry().resolve_key(v, role)  # type: ignore[arg-type]
+        return _registry().resolve_key(v, role)  # type: ignore[arg-type]
     raise ConfigError(
         f"expected a {role} key name (a string such as {'fp8_per_block_static' if role == 'weight' else 'fp8_per_token'!r}), "
         f"got {type(v).__name__} {_short(v)}"
@@ -148,11 +185,11 @@ class QuantSpec(_OqModel):
 
     @field_serializer("weight")
     def _ser_weight(self, k: QuantKey) -> str:
-        return get_registry().name_of(k, "weight")
+        return _registry().name_of(k, "weight")
 
     @field_serializer("activation")
     def _ser_activation(self, k: QuantKey | None) -> str | None:
-        return None if k is None else get_registry().name_of(k, "activation")
+        return None if k is None else _registry().name_of(k, "activation")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict with key names (``activation`` only when given), fit for YAML/JSON."""
@@ -183,7 +220,7 @@ def spec_str(spec: Any) -> str:
     if isinstance(spec, QuantSpec):
         return str(spec)
     if isinstance(spec, QuantKey):
-        return get_registry().name_of(spec, "weight")
+        return _registry().name_of(spec, "weight")
     if not isinstance(spec, Mapping):
         return str(spec)
     d = _jsonable_spec(spec)
@@ -257,7 +294,7 @@ def bind_spec(value: Any, kind: str, reg: Registry | None = None) -> BoundSpec:
     validates ``options`` with the method's options model. Raises :class:`oqcore.ConfigError` with
     a field path relative to the slot (``weight``, ``activation``, ``options.scale_mode``).
     """
-    reg = reg or get_registry()
+    reg = reg or _registry()
     spec = QuantSpec.model_validate(_spec_mapping(value, kind, reg))
     entry = reg.method(kind, spec.weight)
     if entry is None:
@@ -346,6 +383,18 @@ class QuantizationConfig(_OqModel):
     KINDS: ClassVar[tuple[str, ...]] = KINDS
     FIELD_ALIASES: ClassVar[dict[str, str]] = {"quantization": "scheme"}
 
+    def __init__(self, /, **data: Any) -> None:
+        with _validating(None):
+            super().__init__(**data)
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any):
+        """Validate ``obj`` (raising :class:`oqcore.ConfigError` with field paths), resolving names
+        against ``context={"registry": reg}`` when given, else the process registry."""
+        context = kwargs.get("context") or {}
+        with _validating(context.get("registry") if isinstance(context, Mapping) else None):
+            return super().model_validate(obj, **kwargs)
+
     scheme: StrictStr | None = None
     linear: QuantSpec | None = None
     moe: QuantSpec | None = None
@@ -374,7 +423,7 @@ class QuantizationConfig(_OqModel):
             raise ConfigError(f"expected a shorthand name or 'online', got {type(scheme).__name__} {_short(scheme)}", field)
         if scheme == ONLINE:
             scheme = data["scheme"] = None
-        reg = get_registry()
+        reg = _registry()
         if scheme is not None and scheme not in reg.shorthands:
             raise UnknownKeyError.for_name(scheme, [*reg.shorthands, ONLINE], "shorthand", field)
         sh = reg.shorthands[scheme] if scheme is not None else None
@@ -409,7 +458,11 @@ class QuantizationConfig(_OqModel):
     def _bind(cls, v: Any, info: ValidationInfo) -> Any:
         if v is None:
             return None
-        return bind_spec(v, info.field_name).spec
+        bound = bind_spec(v, info.field_name, _registry())
+        active = _ACTIVE.get()
+        if active is not None:
+            active.kinds[info.field_name] = bound
+        return bound.spec
 
     @field_validator("targets", mode="before")
     @classmethod
@@ -418,7 +471,8 @@ class QuantizationConfig(_OqModel):
             return {}
         if not isinstance(v, Mapping):
             raise ConfigError(f"expected a mapping of layer patterns to specs, got {type(v).__name__} {_short(v)}")
-        reg = get_registry()
+        reg = _registry()
+        active = _ACTIVE.get()
         out: dict[str, Any] = {}
         problems: list[ConfigError] = []
         for pattern, spec in v.items():
@@ -434,14 +488,18 @@ class QuantizationConfig(_OqModel):
             # A target may be bound to either kind (resolved per layer at plan time); reject it now
             # only if it can serve neither.
             errors: list[ConfigError] = []
+            bound: dict[str, BoundSpec | ConfigError] = {}
             for kind in KINDS:
                 try:
-                    bind_spec(spec, kind, reg)
+                    bound[kind] = bind_spec(spec, kind, reg)
                 except ConfigError as e:
                     errors.append(e)
+                    bound[kind] = e
             if len(errors) == len(KINDS):
                 problems.append(errors[0].at(where))
                 continue
+            if active is not None:
+                active.targets[pattern] = bound
             out[pattern] = _normalize_slot(spec) if not isinstance(spec, QuantSpec) else spec
         _raise_all(problems)
         return out
@@ -486,6 +544,9 @@ class QuantizationConfig(_OqModel):
                 "the config quantizes nothing: give a shorthand (scheme / quantization), linear, moe or targets "
                 "(as in vLLM, a config with none of them is an error)"
             )
+        active = _ACTIVE.get()
+        if active is not None:  # every slot was bound once, above: that is the resolution
+            _remember(ResolvedConfig(self, active.registry, dict(active.kinds), dict(active.targets)))
         self._check_backend_pins()
         return self
 
@@ -493,10 +554,11 @@ class QuantizationConfig(_OqModel):
         if not self.backend:
             return
         pm = get_plugin_manager()
-        reg = pm.registry
+        resolved = resolve(self, _registry())
+        reg = resolved.registry
         problems: list[ConfigError] = []
         for kind, pinned in self.backend.items():
-            weights = self._weight_keys(kind, reg)
+            weights = resolved.weight_keys(kind)
             if not weights:
                 problems.append(
                     ConfigError(f"the config quantizes no {kind} layers, so there is nothing to pin; remove this pin", f"backend.{kind}")
@@ -516,20 +578,6 @@ class QuantizationConfig(_OqModel):
                     )
                 )
         _raise_all(problems)
-
-    def _weight_keys(self, kind: str, reg: Registry) -> list[QuantKey]:
-        out: list[QuantKey] = []
-        spec = self.spec_for(kind)
-        if spec is not None:
-            out.append(spec.weight)
-        for target in self.targets.values():
-            try:
-                w = bind_spec(target, kind, reg).spec.weight
-            except ConfigError:
-                continue
-            if w not in out:
-                out.append(w)
-        return out
 
     # ---- constructors -------------------------------------------------------------------------
 
@@ -768,7 +816,7 @@ def _raise_all(problems: list[ConfigError]) -> None:
 
 
 def _jsonable_spec(m: Mapping[str, Any]) -> dict[str, Any]:
-    reg = get_registry()
+    reg = _registry()
     out = dict(m)
     for field, role in (("weight", "weight"), ("activation", "activation")):
         if isinstance(out.get(field), QuantKey):
@@ -793,3 +841,80 @@ def check_pattern(pattern: Any, field: str) -> None:
             re.compile(pattern[3:])
         except (re.error, RecursionError, OverflowError) as e:
             raise ConfigError(f"invalid regular expression {_short(pattern[3:], 120)}: {e}", field) from None
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """A config resolved against one plugin registry: every slot bound once to its method.
+
+    ``kinds``: kind -> :class:`BoundSpec` for the kind-wide specs the config has; ``targets``:
+    pattern -> kind -> :class:`BoundSpec`, or the :class:`oqcore.ConfigError` saying why the target
+    cannot serve that kind (a target is bound per layer kind; it must serve at least one).
+    """
+
+    config: QuantizationConfig
+    registry: Registry
+    kinds: Mapping[str, BoundSpec]
+    targets: Mapping[str, Mapping[str, BoundSpec | ConfigError]]
+
+    def kind(self, kind: str) -> BoundSpec | None:
+        """The kind-wide bound spec, or ``None`` when the config leaves ``kind`` unquantized."""
+        return self.kinds.get(kind)
+
+    def target(self, pattern: str, kind: str) -> BoundSpec:
+        """The target's spec bound to ``kind``; raises the :class:`oqcore.ConfigError` binding gave
+        (field relative to the target) when the target cannot serve that kind."""
+        got = self.targets[pattern][kind]
+        if isinstance(got, ConfigError):
+            raise got
+        return got
+
+    def weight_keys(self, kind: str) -> list[QuantKey]:
+        """The weight keys layers of ``kind`` can be quantized to under this config."""
+        out: list[QuantKey] = []
+        bound = [self.kinds.get(kind), *(t.get(kind) for t in self.targets.values())]
+        for b in bound:
+            if isinstance(b, BoundSpec) and b.spec.weight not in out:
+                out.append(b.spec.weight)
+        return out
+
+
+_RESOLVED: dict[int, ResolvedConfig] = {}
+_RESOLVED_MAX = 64
+
+
+def _remember(resolved: ResolvedConfig) -> None:
+    # keyed by identity (configs with dict fields are not hashable); holds the config, so an id is
+    # never reused while its entry lives; bounded, oldest out first
+    _RESOLVED.pop(id(resolved.config), None)
+    _RESOLVED[id(resolved.config)] = resolved
+    while len(_RESOLVED) > _RESOLVED_MAX:
+        _RESOLVED.pop(next(iter(_RESOLVED)))
+
+
+def resolve(config: QuantizationConfig, registry: Registry | None = None) -> ResolvedConfig:
+    """Resolve ``config`` against ``registry`` (default: the process registry): bind each kind-wide
+    spec and each target (per kind) to its method, activation key, options and formats, once.
+
+    A config validated against the same registry was resolved during its validation and is returned
+    from there; otherwise (``QuantizationConfig.none()``, another plugin set) it is bound now.
+    Raises :class:`oqcore.ConfigError` when a kind-wide spec no longer binds.
+    """
+    if not isinstance(config, QuantizationConfig):
+        raise ConfigError(f"expected a QuantizationConfig, got {type(config).__name__}", "config")
+    reg = registry if registry is not None else get_registry()
+    hit = _RESOLVED.get(id(config))
+    if hit is not None and hit.config is config and hit.registry is reg:
+        return hit
+    kinds = {k: bind_spec(spec, k, reg) for k in KINDS if (spec := config.spec_for(k)) is not None}
+    targets: dict[str, dict[str, BoundSpec | ConfigError]] = {}
+    for pattern, spec in config.targets.items():
+        targets[pattern] = {}
+        for k in KINDS:
+            try:
+                targets[pattern][k] = bind_spec(spec, k, reg)
+            except ConfigError as e:
+                targets[pattern][k] = e
+    resolved = ResolvedConfig(config, reg, kinds, targets)
+    _remember(resolved)
+    return resolved

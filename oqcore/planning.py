@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from oqcore.config import BoundSpec, QuantizationConfig, bind_spec, spec_str
+from oqcore.config import BoundSpec, QuantizationConfig, resolve, spec_str
 from oqcore.devices import resolve_device
 from oqcore.errors import ConfigError
 from oqcore.layers import is_router, layer_kind, layer_shape
@@ -241,6 +241,7 @@ def plan(
     assert dev is not None
     pm = get_plugin_manager()
     reg = pm.registry
+    resolved = resolve(config, reg)  # every spec bound once, not once per layer
     modules = dict(model.named_modules())
     output_embedding = _output_embedding(model)
     used: set[str] = set()
@@ -273,7 +274,7 @@ def plan(
         if hits:
             where = f"targets[{hits[0]!r}]"
             try:
-                bound = bind_spec(config.targets[hits[0]], kind, reg)
+                bound = resolved.target(hits[0], kind)
             except ConfigError as e:
                 raise ConfigError(f"cannot apply to {kind} layer {name!r}: {e.reason}", f"{where}.{e.field}" if e.field else where) from None
             reason = where
@@ -287,11 +288,11 @@ def plan(
             if module is output_embedding:
                 layers.append(LayerPlan(**base, action="skip", reason="output embedding: kept in high precision"))
                 continue
-            spec = config.spec_for(kind)
-            if spec is None:
+            kind_bound = resolved.kind(kind)
+            if kind_bound is None:
                 layers.append(LayerPlan(**base, action="skip", reason=f"no {kind} spec in the config"))
                 continue
-            bound = bind_spec(spec, kind, reg)
+            bound = kind_bound
             reason = kind
         bound.method_cls.check_layer(name, module)
         choice = select_backend(

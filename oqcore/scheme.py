@@ -169,7 +169,8 @@ def method_class(scheme: Scheme, kind: str) -> type[OnlineMethodBase]:
         "default_activation_key": scheme.default_activation,
         "options_model": scheme.options_model,
         "scheme": scheme,
-        "__module__": base.__module__,
+        # the plugin's module (its own method class's, else its dequantizer's), not oqcore's
+        "__module__": scheme.methods[kind].__module__ if kind in scheme.methods else getattr(scheme.weight.dequantize, "__module__", base.__module__),
         "__doc__": f"{scheme.description or scheme.name} ({kind}); derived by oqcore from the Scheme record.",
     }
     return type(f"{_camel(scheme.name)}{suffix}", (base,), attrs)

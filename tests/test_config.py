@@ -353,3 +353,40 @@ def test_omitted_and_null_activation_are_different_specs():
     assert default != weight_only
     assert default == QuantizationConfig.from_any("fp8_per_block")
     assert len({default.linear, weight_only.linear, QuantizationConfig.from_any("fp8_per_block").linear}) == 2
+
+
+def test_each_spec_is_bound_once_from_validation_to_plan(monkeypatch):
+    """resolve(): validation binds every slot once; plan reuses that resolution (no per-layer binding)."""
+    import oqcore.config as C
+    from torch import nn
+
+    calls = []
+    real = C.bind_spec
+    monkeypatch.setattr(C, "bind_spec", lambda v, kind, reg=None: (calls.append(kind), real(v, kind, reg))[1])
+    c = QuantizationConfig(linear="fp8_per_tensor", moe="mxfp8")
+    assert sorted(calls) == ["linear", "moe"]
+    oqcore.plan(nn.Sequential(*[nn.Linear(64, 64) for _ in range(5)]), c)
+    assert sorted(calls) == ["linear", "moe"]
+    r = oqcore.resolve(c)
+    assert r is oqcore.resolve(c) and r.kind("linear").spec is c.linear and r.kind("moe").spec is c.moe
+    assert r.weight_keys("linear") == [c.linear.weight]
+
+
+def test_resolution_against_an_explicit_registry():
+    """A registry given as validation context is the one names resolve against, not the process one."""
+    from toy_scheme import ToyScheme
+
+    from oqcore.plugins import OqPluginManager
+
+    pm = OqPluginManager()
+    pm.register(ToyScheme(), "toy")
+    reg = pm.registry
+    if "toy" in oqcore.get_plugin_manager().records:  # this module's fixture registers it globally
+        oqcore.get_plugin_manager().unregister("toy")
+    with pytest.raises(oqcore.UnknownKeyError, match="toy_int4"):
+        QuantizationConfig(linear="toy_int4")  # the process registry has no toy plugin
+    c = QuantizationConfig.model_validate({"linear": "toy_int4"}, context={"registry": reg})
+    r = oqcore.resolve(c, reg)
+    assert r.registry is reg and r.kind("linear").method_cls.__name__ == "ToyLinear"
+    with pytest.raises(oqcore.ConfigError, match="expected a QuantizationConfig"):
+        oqcore.resolve({"linear": "toy_int4"})
