@@ -43,6 +43,7 @@ from oqcore.formats import (
 from oqcore.errors import PluginError
 from oqcore.keys import QuantKey
 from oqcore.oracle import select_quantizer
+from oqcore.torch_compat import delete_parameter, set_parameter
 
 if TYPE_CHECKING:
     from oqcore.oracle import Backend
@@ -246,10 +247,10 @@ class OnlineMethodBase(ABC):
 
 
 def _replace_param(layer: torch.nn.Module, name: str, value: torch.Tensor | None) -> None:
-    if name in layer._parameters:
-        del layer._parameters[name]
+    # removed then added last: the parameter order state_dicts and saved exports have always had
+    delete_parameter(layer, name)
     if value is not None:
-        layer.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
+        set_parameter(layer, name, value)
 
 
 def _meta_param(shape: tuple[int, ...], dtype: torch.dtype) -> torch.nn.Parameter:
