@@ -46,7 +46,8 @@ from oqcore.formats import QuantizerImpl
 from oqcore.keys import QuantKey
 from oqcore.methods import MethodFormats
 from oqcore.oracle import Backend
-from oqcore.plugins import KINDS, Registry, get_plugin_manager, get_registry
+from oqcore.kinds import KINDS
+from oqcore.plugins import Registry, get_plugin_manager, get_registry
 
 #: vLLM's ``--quantization`` value meaning "use quantization_config as given" (no shorthand).
 ONLINE = "online"

@@ -42,6 +42,7 @@ from oqcore.formats import (
 )
 from oqcore.errors import PluginError
 from oqcore.keys import QuantKey
+from oqcore.kinds import KINDS
 from oqcore.oracle import select_quantizer
 from oqcore.torch_compat import delete_parameter, set_parameter
 
@@ -391,7 +392,5 @@ class OnlineMoEMethodBase(OnlineMethodBase):
         return out.to(x.dtype)
 
 
-METHOD_BASES: dict[str, type[OnlineMethodBase]] = {
-    "linear": OnlineLinearMethodBase,
-    "moe": OnlineMoEMethodBase,
-}
+METHOD_BASES: dict[str, type[OnlineMethodBase]] = dict(zip(KINDS, (OnlineLinearMethodBase, OnlineMoEMethodBase)))
+"""The base method class of each layer kind (:data:`oqcore.kinds.KINDS` order)."""

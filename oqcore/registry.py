@@ -22,11 +22,11 @@ import torch
 from oqcore.errors import PluginConflictError, PluginError
 from oqcore.formats import REFERENCE, KeyFormat, QuantizerImpl
 from oqcore.keys import ROLES, KeyInfo, KeyRegistry, QuantKey, Role
+from oqcore.kinds import KINDS
 from oqcore.methods import METHOD_BASES, MethodFormats, OnlineMethodBase
 from oqcore.oracle import Backend
 from oqcore.scheme import Scheme, check_scheme, method_class, scheme_backends
 
-KINDS = tuple(METHOD_BASES)
 
 # Names users type in configs and `key=value` CLI overrides: no spaces, '=', ',' or ':'.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")

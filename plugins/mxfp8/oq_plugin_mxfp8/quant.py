@@ -34,7 +34,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
-MX_BLOCK = 32
+from oq_plugin_mxfp8.keys import MX_BLOCK  # the block size is the keys' group shape, stated there
+
 F8_MAX = 448.0
 E8M0_BIAS = 127
 E8M0_NAN = 255
