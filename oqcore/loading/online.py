@@ -14,6 +14,10 @@ high-precision model never sits in memory whole.
    reads overlap quantization.
 4. Anything never loaded is an error listing the names; buffers and tied weights are finalized as
    transformers does. A failure at any step raises and returns nothing.
+
+:func:`load` checks its arguments and the headers; the steps are the methods of one
+``_OnlineLoader`` per load. A folder written by :func:`oqcore.save_quantized` is read by
+:mod:`oqcore.loading.saved` instead (no re-quantization).
 """
 
 from __future__ import annotations
