@@ -141,10 +141,6 @@ PRIVATE = {
     "_apply_gate", "_is_hf_initialized",  # transformers
 }  # fmt: skip
 
-# Files still being switched to the helpers (the contract rewrite): remove each entry once done.
-PENDING = {"methods.py"}
-
-
 def _private_uses(source: str) -> list[tuple[int, str]]:
     """``(line, name)`` of every private name of :data:`PRIVATE` used in ``source``."""
     out = []
@@ -157,7 +153,7 @@ def _private_uses(source: str) -> list[tuple[int, str]]:
 
 
 def test_private_apis_are_used_only_in_torch_compat():
-    files = [p for p in sorted(ROOT.rglob("*.py")) if p.name != "torch_compat.py" and str(p.relative_to(ROOT)) not in PENDING]
+    files = [p for p in sorted(ROOT.rglob("*.py")) if p.name != "torch_compat.py"]
     uses = [f"oqcore/{p.relative_to(ROOT)}:{line}: {name}" for p in files for line, name in _private_uses(p.read_text())]
     assert uses == [], "use oqcore.torch_compat instead:\n" + "\n".join(uses)
 
