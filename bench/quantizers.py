@@ -2,7 +2,7 @@
 
 For every weight key a plugin registered a quantizer for, on a 4096x4096 bf16 matrix and a
 ``[8, 1024, 2048]`` expert stack: each oqcore quantizer backend usable on this machine (through
-``oqcore.quantize_tensor(w, key, backend=...)``; the first call, which compiles for the ``compiled``
+``oqcore.quantize_tensor(w, key, quantizer=...)``; the first call, which compiles for the ``compiled``
 backend, is reported apart from the steady state), the peers' eager formulas (:mod:`bench.eager`),
 and a bf16 ``copy_`` of the same tensor as the memory-bandwidth ceiling.
 """
@@ -98,9 +98,9 @@ def run(budget: Budget, shapes: dict[str, tuple[int, ...]] | None = None, quick:
                 log(f"quantizer {shape_name} {key} {impl}")
                 try:
                     t = time.perf_counter()
-                    out = oqcore.quantize_tensor(w, key, backend=backend)
+                    out = oqcore.quantize_tensor(w, key, quantizer=backend)
                     first = time.perf_counter() - t
-                    m = measure(lambda: oqcore.quantize_tensor(w, key, backend=backend), budget)
+                    m = measure(lambda: oqcore.quantize_tensor(w, key, quantizer=backend), budget)
                 except Exception as e:  # a backend that breaks is a finding, not a crash
                     rows.append(_row(shape_name, key, impl, nbytes, status=not_available(e)))
                     continue

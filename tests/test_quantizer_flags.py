@@ -54,14 +54,14 @@ def test_flags_are_recorded():
 
 def test_checking_quantizer_skips_the_core_pass_and_errors_name_the_layer(flagged):
     w = torch.randn(6, 8)
-    qt = oqcore.quantize_tensor(w, TOY, backend="cpu", name="m.q_proj")
-    ref = oqcore.quantize_tensor(w, TOY, backend="torch", name="m.q_proj")
+    qt = oqcore.quantize_tensor(w, TOY, quantizer="cpu", name="m.q_proj")
+    ref = oqcore.quantize_tensor(w, TOY, quantizer="torch", name="m.q_proj")
     assert torch.equal(qt.qdata, ref.qdata)
     assert flagged == ["m.q_proj"]  # only the reference backend ran the separate pass
     w[2, 3] = float("nan")
     w[4, 0] = float("-inf")
     with pytest.raises(UnsupportedLayerError) as e:
-        oqcore.quantize_tensor(w, TOY, backend="cpu", name="m.q_proj")
+        oqcore.quantize_tensor(w, TOY, quantizer="cpu", name="m.q_proj")
     assert str(e.value) == "layer 'm.q_proj': weight holds 2 NaN/Inf value(s) of 48; refusing to quantize"
     assert e.value.layer == "m.q_proj"
 

@@ -48,6 +48,11 @@ BAD = {
     "options not a mapping": (W, "mxfp8", {"options": ["floor"]}, ConfigError, ["options", "list"]),
     "options model of another method": (W, "fp8_per_tensor_static", {"options": toy_scheme.ToyOptions()}, ConfigError, ["options", "ToyOptions"]),
     "meta on a native backend": (torch.empty(4, 32, device="meta"), "mxfp8", {"backend": "cpu"}, ConfigError, ["backend", "meta", "'torch'"]),
+    # the v2 name of the argument (backend= above is its v1 alias; errors name the one given)
+    "unknown quantizer": (W, "mxfp8", {"quantizer": "cuda-magic"}, ConfigError, ["quantizer", "cuda-magic", "cpu", "torch"]),
+    "quantizer of the wrong type": (W, "mxfp8", {"quantizer": 3}, ConfigError, ["quantizer", "int"]),
+    "meta on a native quantizer": (torch.empty(4, 32, device="meta"), "mxfp8", {"quantizer": "cpu"}, ConfigError, ["quantizer", "meta", "'torch'"]),
+    "quantizer and backend disagree": (W, "mxfp8", {"quantizer": "cpu", "backend": "torch"}, ConfigError, ["quantizer", "'cpu'", "'torch'"]),
 }
 
 

@@ -46,7 +46,7 @@ def adversarial(dtype: torch.dtype) -> torch.Tensor:
 def check(w: torch.Tensor, key: str) -> None:
     ref = TORCH_QUANTIZERS[key][0]
     q_ref, s_ref = ref(w)
-    qt = oqcore.quantize_tensor(w, key, backend="compiled", role="activation" if "dynamic" in key or "token" in key else "weight")
+    qt = oqcore.quantize_tensor(w, key, quantizer="compiled", role="activation" if "dynamic" in key or "token" in key else "weight")
     q, s = qt.qdata, qt.scale
     assert q.dtype == torch.float8_e4m3fn and q.shape == w.shape and q.is_contiguous()
     assert s.dtype == torch.float32 and s.shape == s_ref.shape

@@ -155,8 +155,8 @@ def test_registered_as_cpu_backend_for_every_key():
     w = torch.randn(130, 260).bfloat16()
     for key in KEYS:
         role = "weight" if key.endswith("static") else "activation"
-        a = oqcore.quantize_tensor(w, key, backend="cpu", role=role)
-        b = oqcore.quantize_tensor(w, key, backend="torch", role=role)
+        a = oqcore.quantize_tensor(w, key, quantizer="cpu", role=role)
+        b = oqcore.quantize_tensor(w, key, quantizer="torch", role=role)
         assert same_bytes(a.qdata, b.qdata) and torch.equal(a.scale, b.scale)
 
 
@@ -169,8 +169,8 @@ def test_eager_fallback_without_compile(monkeypatch):
     real = quant.quantize_grouped
     monkeypatch.setattr(quant, "quantize_grouped", lambda w, g: called.append(1) or real(w, g))
     w = torch.randn(64, 96).bfloat16()
-    a = oqcore.quantize_tensor(w, "fp8_per_block_static", backend="cpu")
-    b = oqcore.quantize_tensor(w, "fp8_per_block_static", backend="torch")
+    a = oqcore.quantize_tensor(w, "fp8_per_block_static", quantizer="cpu")
+    b = oqcore.quantize_tensor(w, "fp8_per_block_static", quantizer="torch")
     assert called and same_bytes(a.qdata, b.qdata) and torch.equal(a.scale, b.scale)
 
 

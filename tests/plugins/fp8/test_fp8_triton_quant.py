@@ -90,6 +90,6 @@ def test_registered_triton_quantizer(name):
     role = "weight" if name.endswith("static") else "activation"
     w = gaussian(150, 260) * 3
     a = oqcore.tensor.quantize_tensor(w, name, role=role)
-    b = oqcore.tensor.quantize_tensor(w, name, backend="triton", role=role)
+    b = oqcore.tensor.quantize_tensor(w, name, quantizer="triton", role=role)
     assert same_bytes(a.qdata, b.qdata) and torch.equal(a.scale, b.scale)
     assert torch.equal(a.dequantize(torch.float32), b.dequantize(torch.float32))

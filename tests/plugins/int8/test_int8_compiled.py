@@ -34,7 +34,7 @@ def adversarial(dtype: torch.dtype) -> torch.Tensor:
 
 def check(x: torch.Tensor, key: str) -> None:
     q_ref, s_ref = quantize_int8_rowwise(x)
-    qt = oqcore.quantize_tensor(x, key, backend="compiled", role="activation" if key == "int8_per_token" else "weight")
+    qt = oqcore.quantize_tensor(x, key, quantizer="compiled", role="activation" if key == "int8_per_token" else "weight")
     assert qt.qdata.dtype == torch.int8 and qt.qdata.shape == x.shape
     assert qt.scale.shape == s_ref.shape and torch.equal(qt.scale, s_ref)
     assert torch.equal(qt.qdata, q_ref), f"{int((qt.qdata != q_ref).sum())} values differ"

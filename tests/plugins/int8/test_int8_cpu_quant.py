@@ -78,8 +78,8 @@ def test_expert_stack_and_non_contiguous():
 def test_registered_backend_matches_torch():
     x = torch.randn(130, 260).bfloat16()
     for key, role in (("int8_per_channel_static", "weight"), ("int8_per_token", "activation")):
-        a = oqcore.quantize_tensor(x, key, backend="cpu", role=role)
-        b = oqcore.quantize_tensor(x, key, backend="torch", role=role)
+        a = oqcore.quantize_tensor(x, key, quantizer="cpu", role=role)
+        b = oqcore.quantize_tensor(x, key, quantizer="torch", role=role)
         assert torch.equal(a.qdata, b.qdata) and torch.equal(a.scale, b.scale)
 
 
@@ -119,8 +119,8 @@ def test_eager_fallback_without_compile(monkeypatch):
     assert not ok and "OQ_COMPILE=0" in reason
     called = _spy(monkeypatch)
     x = torch.randn(64, 96).bfloat16()
-    a = oqcore.quantize_tensor(x, "int8_per_channel_static", backend="cpu")
-    b = oqcore.quantize_tensor(x, "int8_per_channel_static", backend="torch")
+    a = oqcore.quantize_tensor(x, "int8_per_channel_static", quantizer="cpu")
+    b = oqcore.quantize_tensor(x, "int8_per_channel_static", quantizer="torch")
     assert called and torch.equal(a.qdata, b.qdata) and torch.equal(a.scale, b.scale)
 
 
@@ -162,4 +162,4 @@ def test_check_finite_raises_on_every_path(monkeypatch, compiled):
     with pytest.raises(oqcore.NonFiniteError, match=r"tensor of shape \[3, 16, 32\] holds NaN/Inf"):
         cpu.quantize_int8_rowwise_cpu(x, check_finite=True)
     with pytest.raises(oqcore.UnsupportedLayerError, match=r"^layer 'e.w2\[expert 2\]': weight holds 1 NaN/Inf value\(s\) of 512;"):
-        oqcore.quantize_tensor(x, "int8_per_channel_static", backend="cpu", name="e.w2")
+        oqcore.quantize_tensor(x, "int8_per_channel_static", quantizer="cpu", name="e.w2")

@@ -193,6 +193,6 @@ def test_triton_quantizer_registered_for_both_keys():
     for key in (kInt8StaticChannelSym, kInt8DynamicTokenSym):
         assert (key, "torch") in reg.quantizers and (key, "triton") in reg.quantizers
     w = CASES["3d_bf16"]
-    a = oqcore.quantize_tensor(w, "int8_per_channel_static", backend="triton")
-    b = oqcore.quantize_tensor(w, "int8_per_channel_static", backend="torch")
+    a = oqcore.quantize_tensor(w, "int8_per_channel_static", quantizer="triton")
+    b = oqcore.quantize_tensor(w, "int8_per_channel_static", quantizer="torch")
     assert torch.equal(a.qdata, b.qdata) and torch.equal(a.scale, b.scale)

@@ -41,7 +41,7 @@ def adversarial(dtype: torch.dtype) -> torch.Tensor:
 def check(x: torch.Tensor, mode: str) -> None:
     opts = Mxfp8Options(scale_mode=mode)
     q_ref, s_ref = quantize_mxfp8(x, opts)
-    qt = oqcore.quantize_tensor(x, "mxfp8", backend="compiled", options=opts)
+    qt = oqcore.quantize_tensor(x, "mxfp8", quantizer="compiled", options=opts)
     assert qt.qdata.dtype == torch.float8_e4m3fn and qt.scale.dtype == torch.float8_e8m0fnu
     assert qt.qdata.shape == x.shape and qt.scale.shape == s_ref.shape
     assert torch.equal(qt.scale.view(torch.uint8), s_ref.view(torch.uint8)), "scale bytes differ"
@@ -59,7 +59,7 @@ def test_compiled_3d_expert_stack_and_activation_key():
     w = adversarial(torch.bfloat16).reshape(3, 32, 160)
     w[1] = 0.0
     check(w, "rceil")
-    q = oqcore.quantize_tensor(w[0], "mxfp8", backend="compiled", role="activation")
+    q = oqcore.quantize_tensor(w[0], "mxfp8", quantizer="compiled", role="activation")
     r = quantize_mxfp8(w[0])
     assert torch.equal(q.qdata.view(torch.uint8), r[0].view(torch.uint8))
 

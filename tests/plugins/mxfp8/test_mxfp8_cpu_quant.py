@@ -107,8 +107,8 @@ def test_registered_as_cpu_backend():
     w = torch.randn(64, 128).bfloat16()
     for mode in MODES:
         opts = {"scale_mode": mode}
-        a = oqcore.quantize_tensor(w, "mxfp8", backend="cpu", options=opts)
-        b = oqcore.quantize_tensor(w, "mxfp8", backend="torch", options=opts)
+        a = oqcore.quantize_tensor(w, "mxfp8", quantizer="cpu", options=opts)
+        b = oqcore.quantize_tensor(w, "mxfp8", quantizer="torch", options=opts)
         assert torch.equal(a.qdata.view(torch.uint8), b.qdata.view(torch.uint8))
         assert torch.equal(a.scale.view(torch.uint8), b.scale.view(torch.uint8))
 
@@ -117,8 +117,8 @@ def test_eager_fallback_without_compile(monkeypatch):
     monkeypatch.setenv("OQ_COMPILE", "0")
     assert cpu.load_library() is None
     w = torch.randn(16, 64).bfloat16()
-    a = oqcore.quantize_tensor(w, "mxfp8", backend="cpu")
-    b = oqcore.quantize_tensor(w, "mxfp8", backend="torch")
+    a = oqcore.quantize_tensor(w, "mxfp8", quantizer="cpu")
+    b = oqcore.quantize_tensor(w, "mxfp8", quantizer="torch")
     assert torch.equal(a.qdata.view(torch.uint8), b.qdata.view(torch.uint8))
 
 
@@ -153,7 +153,7 @@ def test_check_finite_raises_on_every_path(monkeypatch, compiled):
     with pytest.raises(oqcore.NonFiniteError, match=r"tensor of shape \[64, 96\] holds NaN/Inf"):
         cpu.quantize_mxfp8(x, check_finite=True)
     with pytest.raises(oqcore.UnsupportedLayerError, match=r"^layer 'a.b': weight holds 1 NaN/Inf value\(s\) of 6144;"):
-        oqcore.quantize_tensor(x, "mxfp8", backend="cpu", name="a.b")
+        oqcore.quantize_tensor(x, "mxfp8", quantizer="cpu", name="a.b")
 
 
 def test_own_library_and_sources():

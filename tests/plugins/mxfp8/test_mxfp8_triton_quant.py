@@ -75,8 +75,8 @@ def test_carry_values_really_cross_an_exponent():
 def test_triton_quantizer_through_the_registry_3d():
     w = torch.randn(4, 32, 64)
     w[2] = 0.0
-    a = oqcore.quantize_tensor(w, "mxfp8", backend="triton", options={"scale_mode": "floor"})
-    b = oqcore.quantize_tensor(w, "mxfp8", backend="torch", options={"scale_mode": "floor"})
+    a = oqcore.quantize_tensor(w, "mxfp8", quantizer="triton", options={"scale_mode": "floor"})
+    b = oqcore.quantize_tensor(w, "mxfp8", quantizer="torch", options={"scale_mode": "floor"})
     assert torch.equal(a.qdata.view(torch.uint8), b.qdata.view(torch.uint8))
     assert torch.equal(a.scale.view(torch.uint8), b.scale.view(torch.uint8))
     assert torch.equal(a.dequantize(torch.float32)[2], torch.zeros(32, 64))
