@@ -451,9 +451,9 @@ def scheme_registrar(reg: Registry, plugin: str, stage: Stage, label: Callable[[
 def _commit_format(reg: Registry, plugin: str, label: Callable[[str], str], fmt: KeyFormat) -> None:
     declared = reg.declared_formats.get(fmt.key)
     if declared is not None:
-        if declared is fmt or declared == fmt:
-            return  # the same format shared by two schemes of one plugin
         owner = next((q.plugin for (k, _), q in reg.quantizers.items() if k == fmt.key), plugin)
+        if owner == plugin and declared == fmt:
+            return  # the same format shared by two schemes of one plugin
         if owner == plugin:
             raise PluginError(f"declares two different formats for key {reg.key_name(fmt.key)!r}")
         raise conflict(
