@@ -80,7 +80,7 @@ def oq_register_shorthands(register):
 
 @hookspec
 def oq_register_methods(register):
-    """Register online quantization methods.
+    """v1: register online quantization methods (derived from a :class:`oqcore.Scheme` in v2).
 
     Call ``register(kind, weight_key, method_cls)`` with ``kind`` in ``{"linear", "moe"}``,
     ``weight_key`` a :class:`oqcore.QuantKey` (or a registered weight key name) and ``method_cls`` a
@@ -92,15 +92,19 @@ def oq_register_methods(register):
 
 @hookspec
 def oq_register_quantizers(register):
-    """Register tensor quantizers (the functions behind :func:`oqcore.quantize_tensor`).
+    """v1: register tensor quantizers (a :class:`oqcore.Scheme` 's :class:`oqcore.KeyFormat` declares them in v2).
 
-    Call ``register(key, backend, quantize, dequantize)``: ``key`` a :class:`oqcore.QuantKey` (weight
-    or activation) or a registered name (then every key it means, in either role), ``backend`` a name (``"torch"`` is the reference every other backend must match byte for byte),
+    Call ``register(key, name, quantize, dequantize)``: ``key`` a :class:`oqcore.QuantKey` (weight
+    or activation) or a registered name (then every key it means, in either role), ``name`` the
+    implementation's name (``"torch"`` is the reference every other implementation must match byte
+    for byte; the v1 contract called it the backend),
     ``quantize(w, options) -> (qdata, scale)`` for ``w`` of shape ``[N, K]`` or ``[E, N, K]`` and
     ``dequantize(qdata, scale, dtype, options) -> Tensor``. ``options`` is the method's validated
     options model instance or ``None``.
 
-    Keyword flags (plain facts about the quantizer, default ``False``): ``checks_finite=True`` when
+    ``priority=0`` and ``is_supported(device, shape, dtype) -> (ok, reason)`` (default: any input)
+    make it an oracle candidate like a v2 :class:`oqcore.QuantizerImpl`. Keyword flags (plain facts
+    about the quantizer, default ``False``): ``checks_finite=True`` when
     ``quantize`` itself raises :class:`oqcore.NonFiniteError` for NaN/Inf input (the core then
     skips its own full pass over the tensor); ``whole_stack=True`` when an ``[E, N, K]`` stack in
     one call needs no memory beyond the outputs (the core otherwise calls it once per expert, so a
@@ -131,7 +135,8 @@ def oq_register_quantizers(register):
 
 @hookspec
 def oq_backend_candidates(kind, weight_key):
-    """Return the :class:`oqcore.Backend` records this plugin offers for ``(kind, weight_key)``.
+    """v1: return the :class:`oqcore.Backend` records this plugin offers for ``(kind, weight_key)``
+    (a :class:`oqcore.Scheme` 's ``backends`` in v2; both are offered to the oracle).
 
     ``kind`` is ``"linear"`` or ``"moe"``; ``weight_key`` a :class:`oqcore.QuantKey`. Return a list
     (empty, or ``None``, when the plugin has nothing for that pair). Each record names the
