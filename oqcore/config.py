@@ -903,6 +903,8 @@ def resolve(config: QuantizationConfig, registry: Registry | None = None) -> Res
     """
     if not isinstance(config, QuantizationConfig):
         raise ConfigError(f"expected a QuantizationConfig, got {type(config).__name__}", "config")
+    if registry is not None and not isinstance(registry, Registry):
+        raise ConfigError(f"expected an oqcore plugin Registry, got {type(registry).__name__}", "registry")
     reg = registry if registry is not None else get_registry()
     hit = _RESOLVED.get(id(config))
     if hit is not None and hit.config is config and hit.registry is reg:

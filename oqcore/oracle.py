@@ -226,10 +226,27 @@ def select_quantizer(
     Otherwise: ``pinned`` (an argument, else :data:`QUANTIZER_ENV`) keeps only that name when the
     key has it; each candidate's ``is_supported(device, shape, dtype)`` must accept every shape; the
     highest ``priority`` wins, ties by name. Raises :class:`oqcore.ConfigError` (field
-    ``quantizer``) when ``pinned`` was given as an argument and no implementation has that name, and
+    ``quantizer``) when ``pinned`` was given as an argument and no implementation has that name (and
+    fields ``device``, ``impls``, ``shapes``, ``dtype`` for arguments of the wrong kind), and
     :class:`oqcore.NoBackendError` naming ``what`` when none is supported (a pinned one that cannot
     run there).
     """
+    from oqcore.devices import resolve_device
+
+    device = resolve_device(device)
+    if device is None:
+        raise ConfigError("expected a device such as 'cpu' or 'cuda:0', got None", "device")
+    if isinstance(impls, (str, bytes)) or not isinstance(impls, Sequence) or not all(isinstance(i, QuantizerImpl) for i in impls):
+        raise ConfigError("expected a sequence of oqcore.QuantizerImpl", "impls")
+    if isinstance(shapes, (str, bytes)) or not isinstance(shapes, Sequence) or not shapes or not all(
+        isinstance(sh, (tuple, list, torch.Size)) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in sh)
+        for sh in shapes
+    ):
+        raise ConfigError(f"expected a non-empty sequence of shapes (tuples of ints >= 0), got {shapes!r}", "shapes")
+    if not isinstance(dtype, torch.dtype):
+        raise ConfigError(f"expected a torch.dtype, got {type(dtype).__name__}", "dtype")
+    if pinned is not None and not isinstance(pinned, str):
+        raise ConfigError(f"expected an implementation name (str), got {type(pinned).__name__}", "quantizer")
     env_pin = pinned is None
     pinned = pinned if pinned is not None else pinned_quantizer()
     names = {i.name for i in impls}

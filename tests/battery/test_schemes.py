@@ -168,3 +168,31 @@ def test_unsupported_everywhere_pinned_is_a_no_backend_error(monkeypatch):
         oqcore.quantize_tensor(torch.randn(4, 32), "bs_key", name="m.proj")
     # keys without that implementation keep the oracle's choice
     assert oqcore.quantize_tensor(torch.randn(4, 32), "fp8_per_tensor_static").qdata.dtype == torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize(
+    "args, field",
+    [
+        ((None, "cpu", [(4, 8)], torch.float32), "impls"),
+        (([QuantizerImpl("torch", quantize)], None, [(4, 8)], torch.float32), "device"),
+        (([QuantizerImpl("torch", quantize)], "tpu", [(4, 8)], torch.float32), "device"),
+        (([QuantizerImpl("torch", quantize)], "cpu", [], torch.float32), "shapes"),
+        (([QuantizerImpl("torch", quantize)], "cpu", [(4, -1)], torch.float32), "shapes"),
+        (([QuantizerImpl("torch", quantize)], "cpu", "4x8", torch.float32), "shapes"),
+        (([QuantizerImpl("torch", quantize)], "cpu", [(4, 8)], "bf16"), "dtype"),
+        (([QuantizerImpl("torch", quantize)], "cpu", [(4, 8)], torch.float32, 3), "quantizer"),
+    ],
+)
+def test_select_quantizer_bad_arguments_are_config_errors(args, field):
+    *pos, = args
+    kwargs = {"pinned": pos.pop()} if len(pos) == 5 else {}
+    with pytest.raises(oqcore.ConfigError) as e:
+        oqcore.select_quantizer(*pos, **kwargs)
+    assert e.value.field == field
+
+
+def test_resolve_bad_arguments_are_config_errors():
+    cfg = oqcore.QuantizationConfig(linear="fp8_per_tensor")
+    with pytest.raises(oqcore.ConfigError) as e:
+        oqcore.resolve(cfg, registry="default")
+    assert e.value.field == "registry"
