@@ -14,12 +14,14 @@ from oqcore.plugins import get_registry
 
 @dataclass
 class SchemeRow:
-    """Layers of one kind quantized one way: ``count`` layers, ``bytes_before`` (high precision)
-    and ``bytes_after`` (quantized data + scales), in bytes."""
+    """Layers of one kind quantized one way (weight and activation keys, the quantizer
+    implementation that quantized the weights and the forward backend that runs them): ``count``
+    layers, ``bytes_before`` (high precision) and ``bytes_after`` (quantized data + scales), in bytes."""
 
     kind: str
     weight: str
     activation: str
+    quantizer: str
     backend: str
     count: int = 0
     bytes_before: int = 0
@@ -53,12 +55,12 @@ class Report:
 
     def __str__(self) -> str:
         lines = [self.summary, ""]
-        header = ["kind", "weight", "activation", "backend", "layers", "before", "after", "ratio"]
+        header = ["kind", "weight", "activation", "quantizer", "backend", "layers", "before", "after", "ratio"]
         table = [header]
         for r in self.rows:
             ratio = f"{r.bytes_after / r.bytes_before:.2f}x" if r.bytes_before else "-"
             table.append(
-                [r.kind, r.weight, r.activation, r.backend, str(r.count), _mb(r.bytes_before), _mb(r.bytes_after), ratio]
+                [r.kind, r.weight, r.activation, r.quantizer, r.backend, str(r.count), _mb(r.bytes_before), _mb(r.bytes_after), ratio]
             )
         widths = [max(len(row[i]) for row in table) for i in range(len(header))]
         for i, row in enumerate(table):
@@ -92,7 +94,14 @@ def report(model: nn.Module) -> Report:
     before = defaultdict(int)
     for lp in state.plan.quantized:
         w = state.wrappers[lp.name]
-        key = (lp.kind, reg.name_of(lp.bound.spec.weight, "weight"), reg.name_of(lp.bound.activation_key, "activation"), lp.backend.name)
+        quantizer = lp.quantizer.name if lp.quantizer is not None else "-"
+        key = (
+            lp.kind,
+            reg.name_of(lp.bound.spec.weight, "weight"),
+            reg.name_of(lp.bound.activation_key, "activation"),
+            quantizer,
+            lp.backend.name,
+        )
         row = rows.setdefault(key, SchemeRow(*key))
         row.count += 1
         row.bytes_after += tensor_bytes(w)
