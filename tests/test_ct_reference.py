@@ -8,9 +8,8 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from ct_reference import SCHEMES, quantization_scheme, write_ct_checkpoint
+from safetensors.torch import load_file
 
 MOE_ARCHS = ["mixtral", "qwen3_moe", "olmoe", "gpt_oss"]
 # tiny-MoE sizes (hidden 160, intermediate 96) are not multiples of 128: group-128 cannot apply
@@ -191,8 +190,10 @@ def test_moe_reads_back(arch, scheme, tiny_moe, tmp_path_factory):
     got = load_file(out / "model.safetensors")
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert "re:.*mlp\\.gate$" in qc["ignore"] and "lm_head" in qc["ignore"]
-    router = "model.layers.0.mlp.router" if arch == "gpt_oss" else (
-        "model.layers.0.block_sparse_moe.gate" if arch == "mixtral" else "model.layers.0.mlp.gate"
+    router = (
+        "model.layers.0.mlp.router"
+        if arch == "gpt_oss"
+        else ("model.layers.0.block_sparse_moe.gate" if arch == "mixtral" else "model.layers.0.mlp.gate")
     )
     assert torch.equal(got[f"{router}.weight"], src[f"{router}.weight"])  # routers stay high precision
     assert not any(k.endswith("experts.gate_up_proj") for k in got)  # no fused 3D experts left
@@ -226,7 +227,9 @@ def test_static_activations_on_moe_are_refused(tiny_moe, tmp_path):
 # branch: `dense = quant.to(float32) * scale.to(float32)` broadcasts the scale as stored, which
 # works for [1] and [N, 1] scales only; block [ceil(N/128), ceil(K/128)] and MX [N, K/32] (U8
 # exponents, not even decoded) fail with a size mismatch while fusing the experts.
-_TF_MOE_BLOCK = "transformers' compressed-tensors expert converter multiplies quant * scale without expanding block/group scales"
+_TF_MOE_BLOCK = (
+    "transformers' compressed-tensors expert converter multiplies quant * scale without expanding block/group scales"
+)
 # transformers has no conversion mapping from per-expert names to gpt-oss' fused experts: its real
 # checkpoints are fused on disk, so per-expert tensors are 'unexpected' and the experts stay random.
 _TF_GPT_OSS = "transformers cannot map per-expert gpt-oss tensors into GptOssExperts (no reverse mapping)"
@@ -236,7 +239,9 @@ def _tf_case(arch, scheme):
     if arch == "gpt_oss":
         return pytest.param(arch, scheme, marks=pytest.mark.xfail(reason=_TF_GPT_OSS, strict=True))
     if scheme in ("FP8_BLOCK", "MXFP8", "MXFP8A16"):
-        return pytest.param(arch, scheme, marks=pytest.mark.xfail(reason=_TF_MOE_BLOCK, strict=True, raises=RuntimeError))
+        return pytest.param(
+            arch, scheme, marks=pytest.mark.xfail(reason=_TF_MOE_BLOCK, strict=True, raises=RuntimeError)
+        )
     return pytest.param(arch, scheme)
 
 
@@ -258,7 +263,7 @@ def test_transformers_loads_moe(arch, scheme, tiny_moe, tmp_path_factory):
     ref = ct_decompress(got, "model.layers.0.self_attn.q_proj", scheme, torch.bfloat16)
     assert torch.equal(model.get_submodule("model.layers.0.self_attn.q_proj").weight.detach(), ref)
     # the fused experts hold the per-expert dequantized weights (transformers dequantizes in f32)
-    experts = model.get_submodule("model.layers.0.mlp.experts" if arch != "mixtral" else "model.layers.0.mlp.experts")
+    experts = model.get_submodule("model.layers.0.mlp.experts")
     names = ("w1", "w3", "w2") if arch == "mixtral" else ("gate_proj", "up_proj", "down_proj")
     prefix = "model.layers.0.block_sparse_moe.experts.1" if arch == "mixtral" else "model.layers.0.mlp.experts.1"
     gate = ct_decompress(got, f"{prefix}.{names[0]}", scheme, torch.bfloat16)
