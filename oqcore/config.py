@@ -17,6 +17,7 @@ problem found, each with its path.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
@@ -867,7 +868,7 @@ class ResolvedConfig:
         (field relative to the target) when the target cannot serve that kind."""
         got = self.targets[pattern][kind]
         if isinstance(got, ConfigError):
-            raise got
+            raise copy.copy(got)  # a fresh exception each time: the stored one keeps no traceback
         return got
 
     def weight_keys(self, kind: str) -> list[QuantKey]:

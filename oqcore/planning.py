@@ -29,9 +29,9 @@ from torch import nn
 from oqcore.config import BoundSpec, QuantizationConfig, resolve, spec_str
 from oqcore.devices import resolve_device
 from oqcore.errors import ConfigError
+from oqcore.formats import QuantizerImpl
 from oqcore.layers import is_router, layer_kind, layer_shape
 from oqcore.matching import matches
-from oqcore.formats import QuantizerImpl
 from oqcore.oracle import Backend, Candidate, QuantizerCandidate, select_backend, select_quantizer
 from oqcore.plugins import get_plugin_manager
 
