@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -820,9 +820,9 @@ def _raise_all(problems: list[ConfigError]) -> None:
 def _jsonable_spec(m: Mapping[str, Any]) -> dict[str, Any]:
     reg = _registry()
     out = dict(m)
-    for field, role in (("weight", "weight"), ("activation", "activation")):
-        if isinstance(out.get(field), QuantKey):
-            out[field] = reg.name_of(out[field], role)
+    for role in ("weight", "activation"):
+        if isinstance(out.get(role), QuantKey):
+            out[role] = reg.name_of(out[role], role)
     if "options" in out and not out["options"]:
         out.pop("options")
     return out

@@ -32,7 +32,6 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from oqcore.formats import (
-    DATA,
     KeyFormat,
     QuantizedTensor,
     QuantizerImpl,

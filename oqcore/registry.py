@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import torch
 
 from oqcore.errors import PluginConflictError, PluginError
 from oqcore.formats import REFERENCE, KeyFormat, QuantizerImpl

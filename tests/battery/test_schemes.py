@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import oqcore
-from oqcore import GroupShape, KeyFormat, OnlineLinearMethodBase, OnlineMoEMethodBase, QuantizerImpl, QuantKey, ScaleDesc, Scheme, hookimpl
+from oqcore import GroupShape, KeyFormat, OnlineMoEMethodBase, QuantizerImpl, QuantKey, ScaleDesc, Scheme, hookimpl
 from oqcore.plugins import PluginWarning
 
 KEY = QuantKey(torch.uint8, ScaleDesc(torch.float32, True, GroupShape(1, 8)), symmetric=False)

@@ -7,7 +7,16 @@
 
 import torch
 
-from oqcore import GroupShape, KeyFormat, OnlineLinearMethodBase, QuantizerImpl, QuantKey, ScaleDesc, Scheme, UnsupportedLayerError
+from oqcore import (
+    GroupShape,
+    KeyFormat,
+    OnlineLinearMethodBase,
+    QuantizerImpl,
+    QuantKey,
+    ScaleDesc,
+    Scheme,
+    UnsupportedLayerError,
+)
 
 GROUP = 32
 QMAX = 7
