@@ -103,6 +103,10 @@ class KeyFormat:
     - ``implementations``: the :class:`QuantizerImpl` s, one of them named :data:`REFERENCE`.
     - ``element``: the element format's standard name (``"e4m3fn"``, ``"int8"``, ``"e2m1"``), for
       documentation and serialization.
+    - ``compressed_tensors``: the key as compressed-tensors' ``QuantizationArgs`` fields (as
+      ``weights`` or ``input_activations`` of a config group), e.g. ``{"num_bits": 8, "type":
+      "float", "symmetric": True, "strategy": "channel", "dynamic": False}``; ``None`` when the
+      serving format has no equivalent.
     """
 
     key: QuantKey
@@ -111,6 +115,7 @@ class KeyFormat:
     tensors: tuple[str, ...] = (DATA, "scale")
     values_per_element: int = 1
     element: str = ""
+    compressed_tensors: Mapping[str, Any] | None = None
 
     @property
     def reference(self) -> QuantizerImpl:

@@ -48,6 +48,9 @@ class Scheme:
     - ``methods``: ``kind -> class`` for what the scheme does differently from
       :class:`oqcore.OnlineLinearMethodBase` / :class:`oqcore.OnlineMoEMethodBase` (a subclass
       of the kind's base that states no key facts: those come from this record).
+    - ``compressed_tensors_format``: activation key (``None`` for weight-only) -> the
+      compressed-tensors ``CompressionFormat`` value its layers are stored in (``"float-quantized"``,
+      ``"mxfp8-quantized"``, ``"pack-quantized"``, ...); empty when the scheme has no such format.
     - ``description``: one line for ``oq plugins`` / ``oq keys``.
     """
 
@@ -59,6 +62,7 @@ class Scheme:
     options_model: type[BaseModel] = NoOptions
     backends: BackendsFn | None = None
     methods: Mapping[str, type[OnlineMethodBase]] = field(default_factory=dict)
+    compressed_tensors_format: Mapping[QuantKey | None, str] = field(default_factory=dict)
     description: str = ""
 
     @property
@@ -107,6 +111,12 @@ def check_scheme(scheme: object) -> Scheme:
             raise PluginError(f"{where}: methods has kind {kind!r}, which the scheme does not serve")
         if not (isinstance(cls, type) and issubclass(cls, base)):
             raise PluginError(f"{where}: the {kind} method {cls!r} must subclass {base.__name__}")
+    ct = scheme.compressed_tensors_format
+    if not isinstance(ct, Mapping) or not all(isinstance(v, str) for v in ct.values()):
+        raise PluginError(f"{where}: compressed_tensors_format must map activation keys to format names (str)")
+    unknown = [k for k in ct if k not in scheme.activation_keys]
+    if unknown:
+        raise PluginError(f"{where}: compressed_tensors_format names activation {unknown[0]}, which the scheme does not serve")
     for fmt in scheme.formats():
         check_format(fmt, where)
     return scheme
@@ -126,6 +136,9 @@ def check_format(fmt: KeyFormat, where: str) -> None:
         raise PluginError(f"{what}: tensors {names!r} repeat a name")
     if isinstance(fmt.values_per_element, bool) or not isinstance(fmt.values_per_element, int) or fmt.values_per_element < 1:
         raise PluginError(f"{what}: values_per_element must be a positive int, got {fmt.values_per_element!r}")
+    ct = fmt.compressed_tensors
+    if ct is not None and not (isinstance(ct, Mapping) and all(isinstance(k, str) for k in ct)):
+        raise PluginError(f"{what}: compressed_tensors must be a mapping of QuantizationArgs field names, got {type(ct).__name__}")
     seen: set[str] = set()
     for impl in fmt.implementations:
         check_impl(impl, what)

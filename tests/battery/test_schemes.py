@@ -74,6 +74,15 @@ BAD = {
         dataclasses.replace(GOOD, weight=dataclasses.replace(FMT, implementations=(QuantizerImpl("torch", quantize, priority="high"),))),
         "priority",
     ),
+    "serving format not a name": (dataclasses.replace(GOOD, compressed_tensors_format={None: 3}), "compressed_tensors_format"),
+    "serving format for an unserved activation": (
+        dataclasses.replace(GOOD, compressed_tensors_format={KEY: "float-quantized"}),
+        "compressed_tensors_format names activation",
+    ),
+    "serving args not a mapping": (
+        dataclasses.replace(GOOD, weight=dataclasses.replace(FMT, compressed_tensors=["num_bits", 8])),
+        "compressed_tensors must be a mapping",
+    ),
     "backends raising": (dataclasses.replace(GOOD, backends=lambda kind, act: 1 / 0), "ZeroDivisionError"),
     "backend for another activation": (
         dataclasses.replace(GOOD, backends=lambda kind, act: [oqcore.Backend("bs-fast", ACT)] if act is None else []),

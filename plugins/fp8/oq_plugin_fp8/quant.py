@@ -188,6 +188,24 @@ def grouping_of(key) -> Grouping:
     return Grouping(gs.row, gs.col)
 
 
+def compressed_tensors_args(key) -> dict:
+    """The fp8 ``key`` as compressed-tensors ``QuantizationArgs`` fields: float 8-bit symmetric, the
+    strategy of its grouping (``tensor``, ``channel`` for weights / ``token`` for activations,
+    ``block`` 128x128, ``group`` 128), ``dynamic`` for keys whose scales are computed per call."""
+    g = grouping_of(key)
+    dynamic = not key.scale.static
+    args: dict = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": dynamic}
+    if g.tensor_scale:
+        args["strategy"] = "tensor"
+    elif (g.rows, g.cols) == (1, -1):
+        args["strategy"] = "token" if dynamic else "channel"
+    elif g.rows == 1:
+        args.update(strategy="group", group_size=g.cols)
+    else:
+        args.update(strategy="block", block_structure=[g.rows, g.cols])
+    return args
+
+
 def reference_quantizer(g: Grouping):
     """The torch reference ``quantize(w, options) -> (qdata, scale)`` of grouping ``g``."""
 

@@ -18,7 +18,7 @@ from oq_plugin_fp8 import keys as k
 from oq_plugin_fp8.backends import backends
 from oq_plugin_fp8.compiled import quantize_grouped_compiled
 from oq_plugin_fp8.cpu import quantize_fp8_grouped
-from oq_plugin_fp8.quant import Grouping, grouping_of, reference_dequantizer, reference_quantizer
+from oq_plugin_fp8.quant import Grouping, compressed_tensors_args, grouping_of, reference_dequantizer, reference_quantizer
 
 
 def _triton(g: Grouping):
@@ -56,7 +56,9 @@ def _format(key) -> KeyFormat:
         native_cpu_quantizer(_cpu(g), "C fp8 quantizer (oq_plugin_fp8.cpu)"),
         compiled_quantizer(_compiled(g), "torch.compile of the fp8 graph"),
     )
-    return KeyFormat(key, reference_dequantizer(g), implementations, element="e4m3fn")
+    return KeyFormat(
+        key, reference_dequantizer(g), implementations, element="e4m3fn", compressed_tensors=compressed_tensors_args(key)
+    )
 
 
 FORMATS: dict = {key: _format(key) for key, _, _ in k.KEYS.values()}
@@ -78,6 +80,9 @@ SCHEMES = tuple(
         activations=tuple(None if a is None else FORMATS[a] for a in acts),
         default_activation=default,
         backends=partial(backends, weight),
+        # compressed-tensors stores fp8 W8A8 as float-quantized and weight-only as naive-quantized
+        # (its infer_module_format; the same bytes either way)
+        compressed_tensors_format={a: "naive-quantized" if a is None else "float-quantized" for a in acts},
         description=f"fp8 weights ({FORMATS[weight].key.scale.group_shape} scales)",
     )
     for weight, (name, acts, default) in PAIRINGS.items()

@@ -31,9 +31,17 @@ IMPLEMENTATIONS = (
     compiled_quantizer(quantize_int8_rowwise_compiled, "torch.compile of the row-wise graph"),
 )
 
-WEIGHT = KeyFormat(k.kInt8StaticChannelSym, dequantize_int8, IMPLEMENTATIONS, element="int8")
+_CT = {"num_bits": 8, "type": "int", "symmetric": True}  # compressed-tensors QuantizationArgs fields
+
+WEIGHT = KeyFormat(
+    k.kInt8StaticChannelSym, dequantize_int8, IMPLEMENTATIONS, element="int8",
+    compressed_tensors={**_CT, "strategy": "channel", "dynamic": False},
+)
 """``weight [N, K]`` int8 + ``weight_scale [N, 1]`` float32 (``[E, N, 1]`` per expert stack)."""
-PER_TOKEN = KeyFormat(k.kInt8DynamicTokenSym, dequantize_int8, IMPLEMENTATIONS, element="int8")
+PER_TOKEN = KeyFormat(
+    k.kInt8DynamicTokenSym, dequantize_int8, IMPLEMENTATIONS, element="int8",
+    compressed_tensors={**_CT, "strategy": "token", "dynamic": True},
+)
 """Dynamic activations ``[M, K]`` -> int8 + ``[M, 1]`` float32 scales, on every call."""
 
 SCHEME = Scheme(
@@ -42,5 +50,7 @@ SCHEME = Scheme(
     activations=(None, PER_TOKEN),
     default_activation=None,  # weight-only, as vLLM's online int8
     backends=backends,
+    # weight-only: int8 packed four per int32 (W8A16); with int8 activations: int8 as stored (W8A8)
+    compressed_tensors_format={None: "pack-quantized", k.kInt8DynamicTokenSym: "int-quantized"},
     description="int8 per-channel weights (W8A16 by default, W8A8 with int8_per_token)",
 )

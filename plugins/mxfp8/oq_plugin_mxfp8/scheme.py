@@ -68,9 +68,12 @@ IMPLEMENTATIONS = (
     compiled_quantizer(quantize_mxfp8_compiled, "torch.compile of the mxfp8 graph"),
 )
 
-WEIGHT = KeyFormat(k.kMxfp8Static, dequantize_mxfp8, IMPLEMENTATIONS, element="e4m3fn")
+# compressed-tensors' MXFP8: float 8-bit groups of 32 along K, e8m0 scales stored as uint8 exponents
+_CT = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "group", "group_size": MX_BLOCK, "scale_dtype": "torch.uint8"}
+
+WEIGHT = KeyFormat(k.kMxfp8Static, dequantize_mxfp8, IMPLEMENTATIONS, element="e4m3fn", compressed_tensors={**_CT, "dynamic": False})
 """``weight [N, K]`` float8_e4m3fn + ``weight_scale [N, K/32]`` float8_e8m0fnu."""
-DYNAMIC = KeyFormat(k.kMxfp8Dynamic, dequantize_mxfp8, IMPLEMENTATIONS, element="e4m3fn")
+DYNAMIC = KeyFormat(k.kMxfp8Dynamic, dequantize_mxfp8, IMPLEMENTATIONS, element="e4m3fn", compressed_tensors={**_CT, "dynamic": True})
 """Activations ``[M, K]`` quantized on every call to the same layout."""
 
 SCHEME = Scheme(
@@ -81,5 +84,6 @@ SCHEME = Scheme(
     options_model=Mxfp8Options,
     backends=backends,
     methods={"linear": Mxfp8Linear, "moe": Mxfp8MoE},
+    compressed_tensors_format={None: "mxfp8-quantized", k.kMxfp8Dynamic: "mxfp8-quantized"},
     description="mxfp8 weights (OCP MX v1.0), mxfp8 activations by default",
 )
