@@ -27,13 +27,13 @@ import torch
 from torch import nn
 
 from oqcore.atomic import stage, write_folder
-from oqcore.errors import CheckpointError, OqError, SaveError
+from oqcore.errors import CheckpointError, ConfigError, OqError, SaveError
 from oqcore.layer_tensors import TensorSpec, quantized_tensors
 from oqcore.loading.checkpoint import ST_DTYPES
 from oqcore.loading.meta import read_model_config
 from oqcore.loading.place import param_owner
 from oqcore.loading.state import OqState, get_state
-from oqcore.saved_format import FORMAT_VERSION, QUANT_METHOD, is_export
+from oqcore.saved_format import FORMAT_VERSION, PRODUCER, QUANT_METHOD, is_export
 from oqcore.torch_compat import own_parameters
 
 __all__ = ["FORMAT_VERSION", "QUANT_METHOD", "check_destination", "is_export", "save_quantized", "write_safetensors"]
@@ -48,13 +48,19 @@ _ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 # ---- saving --------------------------------------------------------------------------------------
 
 
-def save_quantized(model: nn.Module, out: str | Path) -> Path:
+FORMATS = ("oqcore", "compressed-tensors")
+
+
+def save_quantized(model: nn.Module, out: str | Path, format: str = "oqcore") -> Path:
     """Write ``model`` (from :func:`oqcore.load` / :func:`oqcore.quantize_`) to folder ``out``.
 
-    Writes ``model.safetensors`` (every quantized layer's tensors as its method leaves them, e.g.
-    ``weight`` fp8 ``[N, K]`` + ``weight_scale`` float32; everything else in the model's dtype;
-    tied weights once), ``config.json`` with ``quantization_config`` and the source folder's other
-    files. Returns the folder written (absolute, symlinks resolved; see :func:`check_destination`).
+    ``format="oqcore"`` writes ``model.safetensors`` (every quantized layer's tensors as its
+    method leaves them, e.g. ``weight`` fp8 ``[N, K]`` + ``weight_scale`` float32; everything else
+    in the model's dtype; tied weights once), ``config.json`` with ``quantization_config`` and the
+    source folder's other files. ``format="compressed-tensors"`` writes the format llm-compressor
+    writes and vLLM serves instead (:mod:`oqcore.export_ct`: the checkpoint's own tensor names,
+    experts per expert, a compressed-tensors ``quantization_config``). Returns the folder written
+    (absolute, symlinks resolved; see :func:`check_destination`).
 
     The write is atomic: a hidden sibling folder (``.<name>.oq-tmp-*``) is written, fsynced and
     renamed into place (see :mod:`oqcore.atomic`; leftovers of a killed save are removed by the
@@ -66,6 +72,8 @@ def save_quantized(model: nn.Module, out: str | Path) -> Path:
     quantized layer whose tensors are not what its method produces. On any error ``out`` and the
     source are exactly as before.
     """
+    if format not in FORMATS:
+        raise ConfigError(f"unknown export format {format!r}; formats: {', '.join(FORMATS)}", "format")
     try:
         state = get_state(model)
     except OqError as e:
@@ -73,6 +81,11 @@ def save_quantized(model: nn.Module, out: str | Path) -> Path:
     dest = check_destination(out, state.source)
     tensors = _tensors_to_save(model, state, dest)
     raw = _config_to_write(model, state, dest)
+    if format == "compressed-tensors":
+        from oqcore.export_ct import compressed_tensors_checkpoint
+
+        tensors, qc = compressed_tensors_checkpoint(model, state, tensors, str(dest))
+        raw["quantization_config"] = {**qc, "producer": PRODUCER}
     extras = _extra_files(Path(state.source), dest) if state.source is not None else []
 
     def fill(tmp: Path) -> None:

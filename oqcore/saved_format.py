@@ -17,15 +17,21 @@ QUANT_METHOD = "oqcore"
 """``quantization_config.quant_method`` of an export (what transformers and others key on)."""
 
 
+PRODUCER = "oqcore"
+"""``quantization_config.producer`` of a compressed-tensors folder oqcore wrote (an extra key
+compressed-tensors' config model ignores): what lets a later save replace it."""
+
+
 def is_export(folder: str | Path) -> bool:
-    """Whether ``folder`` holds a ``config.json`` written by :func:`oqcore.save_quantized`
-    (``quantization_config.quant_method == "oqcore"``). Never raises: an unreadable or
-    malformed file is simply not an export."""
+    """Whether ``folder`` holds a ``config.json`` written by :func:`oqcore.save_quantized`, in either
+    format (``quant_method == "oqcore"``, or compressed-tensors with ``producer == "oqcore"``).
+    Never raises: an unreadable or malformed file is simply not an export."""
     try:
         raw = json.loads((Path(folder) / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    return declares_export(raw)
+    qc = raw.get("quantization_config") if isinstance(raw, dict) else None
+    return declares_export(raw) or (isinstance(qc, dict) and qc.get("producer") == PRODUCER)
 
 
 def declares_export(raw: object) -> bool:

@@ -1,0 +1,170 @@
+"""``save_quantized(model, out, format="compressed-tensors")``: what llm-compressor writes and vLLM
+serves, checked with the other tools in the loop: compressed-tensors' own config model and
+decompressors give exactly oqcore's dequantized weights, transformers loads the folder and runs it,
+and the tensor names are the source checkpoint's (experts per expert, Mixtral's renamed blocks)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import oqcore
+
+pytest.importorskip("compressed_tensors")
+transformers = pytest.importorskip("transformers")
+
+DENSE = [
+    "fp8_per_tensor",
+    "fp8_per_channel",
+    "fp8_per_block",
+    "mxfp8",
+    {"linear": {"weight": "fp8_per_channel_static", "activation": None}},
+    {"linear": {"weight": "mxfp8", "activation": None}},
+    {"linear": {"weight": "int8_per_channel_static"}},
+    {"linear": {"weight": "int8_per_channel_static", "activation": "int8_per_token"}},
+]
+DENSE_IDS = ["fp8-tensor", "fp8-channel", "fp8-block", "mxfp8", "fp8-channel-w8a16", "mxfp8-w8a16", "int8-w8a16", "int8-w8a8"]
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, "pt") as h:
+            for k in h.keys():
+                out[k] = h.get_tensor(k)
+    return out
+
+
+def _config(folder: Path):
+    from compressed_tensors.quantization import QuantizationConfig
+
+    raw = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert raw["quant_method"] == "compressed-tensors" and raw["quantization_status"] == "compressed"
+    return QuantizationConfig.model_validate(raw), raw
+
+
+def ct_decompress(tensors: dict, module: str, qscheme, dtype=torch.float32) -> torch.Tensor:
+    """The weight compressed-tensors' own decompressor gives for ``module`` of the file, with the
+    scheme the file's config declares for it."""
+    from compressed_tensors.compressors import compress_module, decompress_module
+    from compressed_tensors.quantization import QuantizationStatus, initialize_module_for_quantization
+
+    local = {k[len(module) + 1 :]: v for k, v in tensors.items() if k.rpartition(".")[0] == module}
+    n, k = (int(x) for x in local["weight_shape"]) if "weight_shape" in local else local["weight"].shape
+    lin = torch.nn.Linear(k, n, bias="bias" in local, dtype=dtype)
+    initialize_module_for_quantization(lin, qscheme, force_zero_point=False)
+    lin.quantization_status = QuantizationStatus.FROZEN
+    compress_module(lin)
+    lin.load_state_dict({kk: v for kk, v in local.items()}, strict=True, assign=True)
+    decompress_module(lin)
+    return lin.weight.detach()
+
+
+@pytest.mark.parametrize("config", DENSE, ids=DENSE_IDS)
+def test_dense_export_decompresses_to_oqcore_and_loads_in_transformers(config, minilm, tmp_path):
+    model = oqcore.load(minilm, config)
+    out = oqcore.save_quantized(model, tmp_path / "ct", format="compressed-tensors")
+    cfg, raw = _config(out)
+    assert raw["producer"] == "oqcore" and list(cfg.config_groups) == ["group_0"]
+    group = cfg.config_groups["group_0"]
+    assert group.targets == ["Linear"]
+    tensors = _tensors(out)
+    wrappers = model.oq_state.wrappers
+    assert len(wrappers) == 37
+    # every layer kind of the model (attention, MLP in / out, pooler): decompressing all 37 is slow
+    for name in ("encoder.layer.0.attention.self.query", "encoder.layer.3.intermediate.dense", "encoder.layer.5.output.dense", "pooler.dense"):
+        w = wrappers[name]
+        ours = w.method.dequantize_layer_weight(w, "weight", torch.float32)
+        theirs = ct_decompress(tensors, name, group)
+        assert torch.equal(ours, theirs), name
+    # everything else is the model's own bytes under its own names
+    src = _tensors(Path(minilm))
+    modules = lambda names: {n.rpartition(".")[0] for n in names if n != "embeddings.position_ids"}  # noqa: E731
+    assert modules(src) == modules(tensors)  # (position_ids: a buffer transformers rebuilds)
+    for k, v in src.items():
+        if k in tensors and (k.rpartition(".")[0] not in wrappers or k.endswith(".bias")):
+            assert torch.equal(tensors[k], v.to(tensors[k].dtype)), k
+    # transformers loads the folder; its compressed-tensors hook decompresses at the first forward to
+    # oqcore's dequantized weights within bf16 rounding (it multiplies in the model dtype, bf16 here:
+    # at most one rounding of the scale and one of the product; checked on two formats)
+    if DENSE_IDS[DENSE.index(config)] in ("fp8-channel-w8a16", "int8-w8a16"):
+        hf = transformers.AutoModel.from_pretrained(out)
+        with torch.no_grad():
+            hf(input_ids=torch.tensor([[101, 2023, 102]]))
+        got = hf.encoder.layer[3].intermediate.dense.weight
+        w = wrappers["encoder.layer.3.intermediate.dense"]
+        ours = w.method.dequantize_layer_weight(w, "weight", torch.float32)
+        torch.testing.assert_close(got.float(), ours, rtol=2**-7, atol=0)
+
+
+MOE = [("mixtral", "fp8_per_tensor_static"), ("qwen3_moe", "fp8_per_channel_static"), ("olmoe", "int8_per_channel_static"), ("mixtral", "mxfp8")]
+
+
+@pytest.mark.parametrize("arch, weight", MOE, ids=[f"{a}-{w}" for a, w in MOE])
+def test_moe_export_uses_the_checkpoint_names_per_expert(arch, weight, tiny_moe, tmp_path):
+    src = Path(tiny_moe(arch))
+    config = {"linear": {"weight": weight, "activation": None}, "moe": {"weight": weight, "activation": None}}
+    model = oqcore.load(src, config)
+    out = oqcore.save_quantized(model, tmp_path / "ct", format="compressed-tensors")
+    cfg, raw = _config(out)
+    group = cfg.config_groups["group_0"]
+    tensors, source = _tensors(out), _tensors(src)
+    mods = lambda names: {n.rpartition(".")[0] for n in names}  # noqa: E731
+    assert mods(tensors) == mods(source)  # every module under the checkpoint's own name
+    routers = [m for m in mods(source) if m.endswith((".gate", ".router")) and ".experts." not in m]
+    assert routers and set(routers) <= set(cfg.ignore)
+    # each expert's projection decompresses to oqcore's expert weights
+    moe = next(w for w in model.oq_state.wrappers.values() if type(w).__name__ == "QuantizedMoE")
+    e, i = 1, moe.layout.intermediate_size
+    w13 = moe.method.dequantize_layer_weight(moe, "w13_weight", torch.float32, expert=e)
+    w2 = moe.method.dequantize_layer_weight(moe, "w2_weight", torch.float32, expert=e)
+    expert_mods = sorted(m for m in mods(tensors) if f".experts.{e}." in m and ".layers.0." in m)
+    by_role = {m.rpartition(".")[2]: m for m in expert_mods}
+    gate, up, down = (by_role["w1"], by_role["w3"], by_role["w2"]) if "w1" in by_role else (
+        by_role["gate_proj"], by_role["up_proj"], by_role["down_proj"])
+    assert torch.equal(ct_decompress(tensors, gate, group), w13[:i])
+    assert torch.equal(ct_decompress(tensors, up, group), w13[i:])
+    assert torch.equal(ct_decompress(tensors, down, group), w2)
+    if weight != "mxfp8":
+        # transformers 5 dequantizes compressed experts while fusing them back (its
+        # integrations/compressed_tensors.py CompressedTensorsDequantize: quant * scale in float32, which
+        # handles per-tensor and per-channel scales; block and MX scales it does not expand): to
+        # oqcore's dequantized experts within bf16 rounding
+        hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=model.dtype)
+        fused = hf.model.layers[0].mlp.experts
+        torch.testing.assert_close(fused.gate_up_proj[e].detach().float(), w13, rtol=2**-7, atol=0)
+        torch.testing.assert_close(fused.down_proj[e].detach().float(), w2, rtol=2**-7, atol=0)
+
+
+def test_blocks_straddling_gate_and_up_are_refused(tiny_moe, tmp_path):
+    model = oqcore.load(tiny_moe("qwen3_moe"), "fp8_per_block")  # I = 96: 128-row blocks straddle gate/up
+    with pytest.raises(oqcore.SaveError, match=r"needs I % 128 == 0\). Save with format='oqcore'"):
+        oqcore.save_quantized(model, tmp_path / "ct", format="compressed-tensors")
+    assert not (tmp_path / "ct").exists()
+
+
+def test_gpt_oss_experts_are_refused(tiny_moe, tmp_path):
+    model = oqcore.load(tiny_moe("gpt_oss"), {"moe": "int8_per_channel_static"})
+    with pytest.raises(oqcore.SaveError, match="GPT-OSS-style fused and interleaved"):
+        oqcore.save_quantized(model, tmp_path / "ct", format="compressed-tensors")
+
+
+def test_unknown_format_is_a_config_error(minilm, tmp_path):
+    model = oqcore.load(minilm, "fp8_per_tensor")
+    with pytest.raises(oqcore.ConfigError) as e:
+        oqcore.save_quantized(model, tmp_path / "x", format="gguf")
+    assert e.value.field == "format" and "compressed-tensors" in str(e.value)
+
+
+def test_a_compressed_tensors_export_can_be_replaced(minilm, tmp_path):
+    model = oqcore.load(minilm, "fp8_per_tensor")
+    oqcore.save_quantized(model, tmp_path / "ct", format="compressed-tensors")
+    oqcore.save_quantized(model, tmp_path / "ct", format="compressed-tensors")  # an earlier export: replaced
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "f.txt").write_text("x")
+    with pytest.raises(oqcore.SaveError, match="not an earlier oqcore export"):
+        oqcore.save_quantized(model, tmp_path / "other", format="compressed-tensors")
