@@ -499,6 +499,7 @@ def quantize(
     model: Annotated[Optional[Path], typer.Option(help="Hugging Face model folder (config.json + safetensors), or a folder oq quantize --out wrote. Default: the bundled all-MiniLM-L6-v2.")] = None,
     config: ConfigOpt = None,
     out: Annotated[Optional[Path], typer.Option(help="Save the quantized model to this folder (oqcore.load reads it back).")] = None,
+    out_format: Annotated[str, typer.Option("--format", help="Format --out writes: oqcore, or compressed-tensors (what llm-compressor writes and vLLM serves).")] = "oqcore",
     json_file: Annotated[Optional[Path], typer.Option("--json", help="Write the figures to this JSON file.")] = None,
     device: Annotated[str, typer.Option(help="Device to load onto.")] = "cpu",
     interpolate: InterpolateOpt = False,
@@ -515,6 +516,10 @@ def quantize(
     from oqcore.loading import bundled_model_dir
 
     config, overrides = _split_args(config, args)
+    from oqcore.export import FORMATS
+
+    if out_format not in FORMATS:
+        raise ConfigError(f"unknown format {out_format!r}; formats: {', '.join(FORMATS)}", "--format")
     dev = _device(device)
     path = model if model is not None else bundled_model_dir()
     cfg, saved = resolve_config(path, config, overrides, interpolate)
@@ -552,8 +557,11 @@ def quantize(
     save_error: OqError | None = None
     if out is not None:
         try:
-            oqcore.save_quantized(qmodel, out)
-            typer.echo(f"saved: {out} (oqcore.load reads it back without re-quantizing)")
+            oqcore.save_quantized(qmodel, out, format=out_format)
+            if out_format == "oqcore":
+                typer.echo(f"saved: {out} (oqcore.load reads it back without re-quantizing)")
+            else:
+                typer.echo(f"saved: {out} ({out_format}: vLLM and transformers load it)")
             result["out"] = str(out)
         except OqError as e:  # the figures are still written below before this is reported
             save_error = e

@@ -168,3 +168,15 @@ def test_a_compressed_tensors_export_can_be_replaced(minilm, tmp_path):
     (tmp_path / "other" / "f.txt").write_text("x")
     with pytest.raises(oqcore.SaveError, match="not an earlier oqcore export"):
         oqcore.save_quantized(model, tmp_path / "other", format="compressed-tensors")
+
+
+def test_cli_writes_compressed_tensors_and_refuses_an_unknown_format(tmp_path, capsys):
+    from oqcore.cli import main
+
+    assert main(["quantize", "--out", str(tmp_path / "ct"), "--format", "compressed-tensors", "--no-check"]) == 0
+    assert "saved:" in capsys.readouterr().out
+    cfg, raw = _config(tmp_path / "ct")
+    assert raw["producer"] == "oqcore" and cfg.config_groups["group_0"].format == "float-quantized"
+    assert main(["quantize", "--out", str(tmp_path / "x"), "--format", "gguf"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --format: unknown format 'gguf'") and not (tmp_path / "x").exists()
