@@ -45,7 +45,7 @@ KNOWN_FAILURES: dict[str, tuple[str, str]] = {}
 REQUIRED = {"q.yaml", "config-api", "make-model", "forward-generate", "compile", "save-load", "reload"}
 
 # Packages the user install must not pull (requirements.txt and oqcore's own dependencies).
-TEST_AND_BENCH_ONLY = ("triton", "torchao", "compressed-tensors", "matplotlib", "pytest", "hypothesis")
+TEST_AND_BENCH_ONLY = ("triton", "torchao", "matplotlib", "pytest", "hypothesis")
 
 _MARKER = re.compile(r"^<!--\s*test\s+(\S+)\s*-->\s*$")
 _FENCE = re.compile(r"^```(\w*)\s*$")
@@ -275,9 +275,10 @@ def test_user_install_pulls_no_test_or_bench_extras():
         assert pkg not in user, f"the user install (requirements.txt, oqcore's dependencies) pulls {pkg}"
     assert "[" not in " ".join(_requirements("requirements.txt")), "requirements.txt must not name extras"
     assert any(d.startswith("transformers") for d in project["dependencies"]), "oqcore.load needs transformers"
+    assert any(d.startswith("compressed-tensors") for d in project["dependencies"]), "the serving format needs compressed-tensors"
     dev = _requirements("requirements-dev.txt")
     assert "-r requirements.txt" in dev
     test_extra = " ".join(project["optional-dependencies"]["test"]).lower()
-    for pkg in ("pytest", "hypothesis", "triton", "torchao", "compressed-tensors"):
+    for pkg in ("pytest", "hypothesis", "triton", "torchao"):
         assert pkg in test_extra, f"the [test] extra must name {pkg}"
     assert any(re.fullmatch(r"-e \.\[(\w+,)*test(,\w+)*\]", d) for d in dev), "requirements-dev.txt must install .[test]"
