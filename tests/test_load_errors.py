@@ -81,9 +81,9 @@ def test_unbuildable_config(ckpt):
 
 def test_already_quantized_checkpoint(ckpt):
     cfg = json.loads((ckpt / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "compressed-tensors", "format": "float-quantized"}
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
     (ckpt / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"already quantized \(quant_method='compressed-tensors'\); online quantization needs a bf16/fp16/fp32 checkpoint"):
+    with pytest.raises(CheckpointError, match=r"already quantized \(quant_method='gptq'\), in a format oqcore cannot run"):
         oqcore.load(ckpt, "fp8_per_block")
 
 

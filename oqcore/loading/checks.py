@@ -18,6 +18,9 @@ from oqcore.loading.names import TargetGroup, is_expert_fusion
 from oqcore.saved_format import QUANT_METHOD
 from oqcore.torch_compat import get_buffer, get_parameter, has_parameter
 
+CT_QUANT_METHOD = "compressed-tensors"
+"""``quant_method`` of compressed-tensors checkpoints (read by :mod:`oqcore.loading.compressed`)."""
+
 NOT_SUPPORTED = (
     "already quantized; reading such checkpoints is not supported yet (online quantization needs a "
     "bf16/fp16/fp32 checkpoint: load the high-precision original, or this one with the tool that wrote it)"
@@ -44,15 +47,17 @@ QUANT_SUFFIXES = ("_weight_scale", "_scale_inv", "_input_scale", "_blocks", "_sc
 
 
 def check_quant_metadata(path: Path, raw: dict) -> None:
-    """Refuse a checkpoint whose metadata says it is quantized: a ``quantization_config`` in
-    ``config.json`` (other than oqcore's own, which the caller routes to the saved-folder reader),
-    or another tool's quantization file beside it (:data:`QUANT_METADATA_FILES`)."""
+    """Refuse a checkpoint whose metadata says it is quantized in a way oqcore cannot run: a
+    ``quantization_config`` in ``config.json`` other than oqcore's own and compressed-tensors' (the
+    caller routes those to :mod:`oqcore.loading.saved` / :mod:`oqcore.loading.compressed`), naming
+    its ``quant_method``, or another tool's quantization file beside it (:data:`QUANT_METADATA_FILES`)."""
     qc = raw.get("quantization_config")
-    if qc and qc.get("quant_method") != QUANT_METHOD:
+    if qc and qc.get("quant_method") not in (QUANT_METHOD, CT_QUANT_METHOD):
         method = qc.get("quant_method", "unknown")
         raise CheckpointError(
-            f"{path / 'config.json'}: the checkpoint is already quantized (quant_method={method!r}); online "
-            "quantization needs a bf16/fp16/fp32 checkpoint. Load it with its own quantization method instead."
+            f"{path / 'config.json'}: the checkpoint is already quantized (quant_method={method!r}), in a format oqcore "
+            f"cannot run; oqcore reads {CT_QUANT_METHOD!r} checkpoints and its own exports, and quantizes "
+            "bf16/fp16/fp32 checkpoints online. Load this one with its own quantization method instead."
         )
     for name, tool in QUANT_METADATA_FILES.items():
         f = path / name

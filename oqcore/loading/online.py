@@ -17,7 +17,8 @@ high-precision model never sits in memory whole.
 
 :func:`load` checks its arguments and the headers; the steps are the methods of one
 ``_OnlineLoader`` per load. A folder written by :func:`oqcore.save_quantized` is read by
-:mod:`oqcore.loading.saved` instead (no re-quantization).
+:mod:`oqcore.loading.saved` instead (no re-quantization), a compressed-tensors checkpoint by
+:mod:`oqcore.loading.compressed`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from oqcore.devices import resolve_device
 from oqcore.errors import CheckpointError, ConfigError
 from oqcore.loading.checkpoint import TensorReader, check_model_folder, checkpoint_entries
 from oqcore.loading.checks import check_against_model, check_quant_metadata
+from oqcore.loading.compressed import declares_compressed_tensors, load_compressed
 from oqcore.loading.install import install_wrappers, process_layer
 from oqcore.loading.memory import PeakRSS, release_free_memory
 from oqcore.loading.meta import build_meta_model, read_model_config, resolve_model_dtype
@@ -71,7 +73,8 @@ def load(
     ``torch.float16``, ``torch.float32``, ``torch.float64`` or their names (``"bfloat16"``).
     ``progress(done_bytes, total_bytes)`` is called as tensors are read. A folder written by
     :func:`oqcore.save_quantized` is read back without re-quantizing (``config`` must then be
-    ``None`` or equal to the saved one).
+    ``None`` or equal to the saved one), and so is a compressed-tensors checkpoint
+    (``quant_method: compressed-tensors``, :mod:`oqcore.loading.compressed`).
 
     Before any weight is read, the folder, ``config.json``, the shard index and every safetensors
     header are checked (and against the model: tensor kinds, shapes, expert counts), and a
@@ -99,6 +102,8 @@ def load(
     raw = read_model_config(path)
     if declares_export(raw):
         return load_quantized(path, config, device=dev, dtype=dtype, progress=progress)
+    if declares_compressed_tensors(raw):
+        return load_compressed(path, config, device=dev, dtype=dtype, progress=progress)
     check_quant_metadata(path, raw)
     # every header and the shard index, before the model is even built
     entries = {e.name: e for e in checkpoint_entries(path)}

@@ -122,16 +122,17 @@ def _check_saved_tensors(
         raise CheckpointError(f"damaged oqcore export: {shown}{more}")
 
 
-def _check_quantized_values(e: TensorEntry, value: torch.Tensor) -> None:
-    """Refuse values save_quantized never writes, so a damaged export cannot load and then give
+def check_quantized_values(file: Path, name: str, value: torch.Tensor, what: str = "oqcore export") -> None:
+    """Refuse stored values no quantizer writes, so a damaged folder cannot load and then give
     NaN/garbage at forward: a scale that is NaN, infinite, zero or negative (the quantizers clamp
-    every scale to a positive finite value, even for an all-zero weight), or float8 data holding
-    NaN bytes (the quantizers saturate, so a NaN byte never occurs). vLLM and compressed-tensors
-    do not check this; we do, because a silently wrong model is worse than a clear error.
-    Raises :class:`oqcore.CheckpointError` naming the file and the tensor."""
+    every scale to a positive finite value, even for an all-zero weight; so does compressed-tensors),
+    or float8 data holding NaN bytes (the quantizers saturate, so a NaN byte never occurs). vLLM and
+    compressed-tensors do not check this; we do, because a silently wrong model is worse than a
+    clear error. ``what`` names the kind of folder. Raises :class:`oqcore.CheckpointError` naming
+    the file and the tensor ``name``."""
     if not value.numel():
         return
-    attr = e.name.rpartition(".")[2]
+    attr = name.rpartition(".")[2]
     if "scale" in attr and value.dtype.is_floating_point:
         v = value.float()
         bad = ~torch.isfinite(v) | (v <= 0)
@@ -139,16 +140,16 @@ def _check_quantized_values(e: TensorEntry, value: torch.Tensor) -> None:
         if n:
             first = v[bad][0].item()
             raise CheckpointError(
-                f"damaged oqcore export: {e.file}: tensor {e.name!r} holds {n} of {v.numel()} scale value(s) "
-                f"that are not finite and positive (e.g. {first}); scales written by save_quantized are always > 0"
+                f"damaged {what}: {file}: tensor {name!r} holds {n} of {v.numel()} scale value(s) "
+                f"that are not finite and positive (e.g. {first}); quantizers always write scales > 0"
             )
     elif value.dtype.is_floating_point and value.element_size() == 1:
         # 8-bit float data (any format the plugins use): NaN after upcasting means a NaN byte.
         n = int(torch.isnan(value.float()).sum())
         if n:
             raise CheckpointError(
-                f"damaged oqcore export: {e.file}: tensor {e.name!r} holds {n} NaN {str(value.dtype).removeprefix('torch.')} "
-                "value(s); save_quantized never writes NaN"
+                f"damaged {what}: {file}: tensor {name!r} holds {n} NaN {str(value.dtype).removeprefix('torch.')} "
+                "value(s); quantizers never write NaN"
             )
 
 
@@ -199,31 +200,64 @@ def load_quantized(
     expected = quantized_tensors(wrappers)
     entries = checkpoint_entries(path)
     _check_saved_tensors(model, wrappers, expected, entries, _checkpoint_label(path))
+    for w in wrappers.values():
+        # drop only the meta high-precision placeholders: a ``bias=None`` entry must stay
+        for k in [k for k, p in own_parameters(w).items() if p.is_meta]:
+            delete_parameter(w, k)
+
+    def run(reader: TensorReader, tick) -> None:
+        for e in entries:
+            value = reader.read(e)
+            owner = param_owner(e.name, wrappers)
+            if owner is None:
+                assign_tensor(model, e.name, value, device)
+            else:
+                attr = e.name.rpartition(".")[2]
+                spec = expected[owner][attr]
+                value = value.to(device=device, dtype=spec.dtype)
+                if not spec.high_precision:
+                    check_quantized_values(e.file, e.name, value)
+                set_parameter(wrappers[owner], attr, nn.Parameter(value, requires_grad=False))
+            del value
+            tick(e.nbytes)
+
+    total = sum(e.nbytes for e in entries)
+    return finish_stored_load(model, run, total, saved, qplan, wrappers, path, device, dtype, stats, t0, progress)
+
+
+def finish_stored_load(
+    model: nn.Module,
+    run,
+    total: int,
+    config: QuantizationConfig,
+    qplan,
+    wrappers: dict[str, nn.Module],
+    path: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    stats: LoadStats,
+    t0: float,
+    progress=None,
+) -> nn.Module:
+    """The common end of reading an already-quantized folder (an oqcore export, a
+    compressed-tensors checkpoint): ``run(reader, tick)`` reads every tensor into place with the
+    open :class:`TensorReader`, calling ``tick(nbytes)`` as it goes (``progress(done, total)`` is
+    called from it); then each quantized layer is finished by its method (no quantization: the
+    backend's ``prepare`` only), the model finalized (:func:`oqcore.loading.place.finalize`) and
+    ``model.oq_state`` set. Returns the model in eval mode; raises what ``run`` and ``finalize`` raise."""
+    done = 0
+
+    def tick(nbytes: int) -> None:
+        nonlocal done
+        done += nbytes
+        if progress is not None:
+            progress(done, total)
+
     with PeakRSS() as mem:
-        for w in wrappers.values():
-            # drop only the meta high-precision placeholders: a ``bias=None`` entry must stay
-            for k in [k for k, p in own_parameters(w).items() if p.is_meta]:
-                delete_parameter(w, k)
-        total, done = sum(e.nbytes for e in entries), 0
         if progress is not None:
             progress(0, total)
         with TensorReader() as reader:
-            for e in entries:
-                value = reader.read(e)
-                owner = param_owner(e.name, wrappers)
-                if owner is None:
-                    assign_tensor(model, e.name, value, device)
-                else:
-                    attr = e.name.rpartition(".")[2]
-                    spec = expected[owner][attr]
-                    value = value.to(device=device, dtype=spec.dtype)
-                    if not spec.high_precision:
-                        _check_quantized_values(e, value)
-                    set_parameter(wrappers[owner], attr, nn.Parameter(value, requires_grad=False))
-                del value
-                done += e.nbytes
-                if progress is not None:
-                    progress(done, total)
+            run(reader, tick)
         for w in wrappers.values():
             w.method._finish(w)
         stats.bytes_read = done
@@ -233,5 +267,5 @@ def load_quantized(
     stats.model_bytes = tensor_bytes(model)
     stats.seconds_total = time.perf_counter() - t0
     model.eval()
-    model.oq_state = OqState(saved, qplan, wrappers, device, dtype, source=path, stats=stats)
+    model.oq_state = OqState(config, qplan, wrappers, device, dtype, source=path, stats=stats)
     return model

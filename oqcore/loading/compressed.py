@@ -1,0 +1,820 @@
+"""Reading a compressed-tensors checkpoint (llm-compressor's format, what vLLM serves) as stored.
+
+:func:`oqcore.load` routes a folder whose ``config.json`` declares ``quantization_config.quant_method
+== "compressed-tensors"`` here. Nothing is re-quantized: every quantized layer gets the stored
+bytes and runs through the oqcore method of the matching plugin scheme and the oracle's forward
+backends, exactly as a folder written by :func:`oqcore.save_quantized` does
+(:mod:`oqcore.loading.saved`).
+
+No scheme knowledge lives here. ``quantization_config`` is parsed with compressed-tensors' own
+pydantic models; each config group's ``weights`` / ``input_activations`` args are compared with
+what every registered :class:`oqcore.Scheme` declares (:attr:`oqcore.KeyFormat.compressed_tensors`),
+and the layers a group covers are found with compressed-tensors' own matcher
+(``compressed_tensors.utils.is_match``). The tensors a quantized layer must hold come from its
+method (:func:`oqcore.layer_tensors.quantized_tensors`); stored tensors are converted to them by
+dtype only (``weight_packed`` int32 words -> the 1-byte integers compressed-tensors'
+``unpack_from_int32`` gives, unsigned bytes -> the expected 1-byte float dtype reinterpreted (e8m0
+exponents), bf16/f16 scales -> float32, exactly). Per-expert tensors of MoE
+checkpoints are mapped to the fused experts with transformers' own conversion mapping
+(:class:`oqcore.loading.names.NameMapper`) and stacked into the wrapper's ``w13_*`` (gate then up)
+and ``w2_*`` tensors.
+
+compressed-tensors is imported only when such a checkpoint is loaded.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from oqcore.config import QuantizationConfig
+from oqcore.devices import resolve_device
+from oqcore.errors import CheckpointError, ConfigError, OqError
+from oqcore.layer_tensors import TensorSpec, quantized_tensors
+from oqcore.layers import layer_kind
+from oqcore.loading.checkpoint import TensorEntry, TensorReader, checkpoint_entries
+from oqcore.loading.checks import CT_QUANT_METHOD, _check_expert_indices, check_against_model, is_quant_name
+from oqcore.loading.install import install_wrappers
+from oqcore.loading.meta import build_meta_model, read_model_config
+from oqcore.loading.names import NameMapper, TargetGroup, is_expert_fusion
+from oqcore.loading.place import assign_tensor
+from oqcore.loading.saved import check_quantized_values, finish_stored_load
+from oqcore.loading.state import LoadStats
+from oqcore.planning import plan
+
+QUANT_METHOD = CT_QUANT_METHOD
+"""``quantization_config.quant_method`` of a compressed-tensors checkpoint."""
+
+ARGS_NOT_COMPARED = frozenset({"zp_dtype", "observer", "observer_kwargs"})
+"""QuantizationArgs fields left out when a group's args are compared with a scheme's: ``zp_dtype``
+is in-memory only (never written), the observer is how llm-compressor calibrated the scales, not
+what the stored tensors mean."""
+
+# The fused experts' high-precision parameters (transformers' names) -> the prefix of the quantized
+# tensors the MoE method stores for them (oqcore.methods.OnlineMoEMethodBase.process_weights_after_loading).
+_MOE_PREFIX = {"gate_up_proj": "w13_weight", "down_proj": "w2_weight"}
+
+_PACKED, _PACKED_SHAPE = "weight_packed", "weight_shape"
+
+_EXPERT_PROBE = nn.Linear(1, 1, device="meta")  # what a per-expert projection is to compressed-tensors' matcher
+
+
+def declares_compressed_tensors(raw: object) -> bool:
+    """Whether a parsed ``config.json`` declares a compressed-tensors checkpoint."""
+    qc = raw.get("quantization_config") if isinstance(raw, dict) else None
+    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
+
+
+# -- the config ---------------------------------------------------------------------------------------
+
+
+def _pydantic_problem(e: Exception) -> str:
+    """The first problem of a pydantic ValidationError as ``field.path: message``."""
+    errors = getattr(e, "errors", None)
+    if callable(errors):
+        try:
+            first = errors()[0]
+            loc = ".".join(str(p) for p in first.get("loc", ()) if not str(p).startswith(("function-", "list[")))
+            return f"{loc}: {first.get('msg')} (got {first.get('input')!r})"[:400]
+        except (IndexError, KeyError, TypeError):  # pragma: no cover - a ValidationError always has errors()
+            return str(e).splitlines()[0][:400]
+    return str(e).splitlines()[0][:400]
+
+
+def ct_config(raw: dict, cfg_file: Path) -> Any:
+    """``config.json``'s ``quantization_config`` as a ``compressed_tensors.QuantizationConfig``.
+
+    Raises :class:`oqcore.CheckpointError` naming ``cfg_file`` and the field for a config that
+    compressed-tensors itself refuses, or that holds what oqcore does not run: a status other
+    than ``compressed``, a KV-cache scheme, sparsity or transforms, output activations.
+    """
+    from compressed_tensors import QuantizationConfig as CTConfig
+
+    qc = raw["quantization_config"]
+    for key, what in (("sparsity_config", "sparsity"), ("transform_config", "transforms")):
+        if qc.get(key):
+            raise CheckpointError(
+                f"{cfg_file}: quantization_config.{key} is set: compressed-tensors {what} is not something oqcore can run; "
+                "oqcore reads quantized (not sparse or transformed) compressed-tensors checkpoints"
+            )
+    if not isinstance(qc.get("config_groups"), dict) or not qc["config_groups"]:
+        raise CheckpointError(
+            f"{cfg_file}: quantization_config.config_groups must be a non-empty JSON object of compressed-tensors "
+            f"config groups, found {qc.get('config_groups')!r}"
+        )
+    try:
+        cfg = CTConfig.model_validate(qc)
+    except Exception as e:  # noqa: BLE001 - pydantic's ValidationError, or a preset name compressed-tensors does not know
+        raise CheckpointError(
+            f"{cfg_file}: quantization_config is not a valid compressed-tensors config: {_pydantic_problem(e)}"
+        ) from None
+    status = getattr(cfg.quantization_status, "value", cfg.quantization_status)
+    if status != "compressed":
+        raise CheckpointError(
+            f"{cfg_file}: quantization_config.quantization_status is {status!r}; oqcore reads checkpoints stored "
+            "'compressed' (as llm-compressor saves them)"
+        )
+    if cfg.kv_cache_scheme is not None:
+        raise CheckpointError(
+            f"{cfg_file}: quantization_config.kv_cache_scheme is set; oqcore does not quantize the KV cache "
+            "(remove kv_cache_scheme, or serve the checkpoint with vLLM)"
+        )
+    for name, group in cfg.config_groups.items():
+        if group.output_activations is not None:
+            raise CheckpointError(
+                f"{cfg_file}: quantization_config.config_groups.{name}.output_activations is set; oqcore quantizes "
+                "weights and input activations only"
+            )
+        if group.weights is None:
+            raise CheckpointError(
+                f"{cfg_file}: quantization_config.config_groups.{name} has no weights args; oqcore's schemes "
+                "quantize weights (activation-only groups are not supported)"
+            )
+    return cfg
+
+
+def _written(args: Any) -> dict | None:
+    """QuantizationArgs as compared: ``model_dump`` without :data:`ARGS_NOT_COMPARED`."""
+    return None if args is None else args.model_dump(exclude=set(ARGS_NOT_COMPARED))
+
+
+def _declared(fmt: Any) -> dict | None:
+    """A KeyFormat's declared compressed-tensors args, validated and dumped like a group's."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    if fmt is None or fmt.compressed_tensors is None:
+        return None
+    return _written(QuantizationArgs.model_validate(dict(fmt.compressed_tensors)))
+
+
+@dataclass(frozen=True)
+class GroupScheme:
+    """What one config group is in oqcore terms: the weight and activation key names (for the
+    config), the scheme, and the weights' ``num_bits`` (for unpacking)."""
+
+    group: str
+    weight: str
+    activation: str | None
+    scheme: Any
+    num_bits: int
+
+    def spec(self) -> dict:
+        return {"weight": self.weight, "activation": self.activation}
+
+
+def _readable(reg) -> str:
+    """Every (weights, input_activations) pair oqcore reads, for an error message."""
+    out = []
+    for scheme in reg.schemes.values():
+        w = _declared(scheme.weight)
+        if w is None:
+            continue
+        acts = [
+            "none" if a is None else _short_args(_declared(a))
+            for a in scheme.activations
+            if a is None or a.compressed_tensors
+        ]
+        out.append(f"{scheme.name}: weights {_short_args(w)} with input_activations {' or '.join(acts)}")
+    return "; ".join(out)
+
+
+def _short_args(d: dict | None) -> str:
+    if d is None:
+        return "none"
+    return "{" + ", ".join(f"{k}: {v}" for k, v in d.items() if v is not None and v != {}) + "}"
+
+
+def match_group(name: str, group: Any, cfg_file: Path, reg) -> GroupScheme:
+    """The registered scheme whose declared weights args equal group ``name``'s (as written, but
+    :data:`ARGS_NOT_COMPARED`), with the activation key whose args equal its ``input_activations``.
+    Raises :class:`oqcore.CheckpointError` naming the group, its args and what oqcore can read."""
+    w, a = _written(group.weights), _written(group.input_activations)
+    where = f"{cfg_file}: quantization_config.config_groups.{name}"
+    for scheme in reg.schemes.values():
+        if _declared(scheme.weight) != w:
+            continue
+        for fmt in scheme.activations:
+            if (fmt is None and a is None) or (fmt is not None and a is not None and _declared(fmt) == a):
+                return GroupScheme(
+                    name,
+                    reg.name_of(scheme.weight.key, "weight"),
+                    None if fmt is None else reg.name_of(fmt.key, "activation"),
+                    scheme,
+                    int(group.weights.num_bits),
+                )
+        acts = ", ".join("none" if f is None else _short_args(_declared(f)) for f in scheme.activations)
+        static = (
+            " (static input activation scales: oqcore quantizes activations dynamically)"
+            if a is not None and not a.get("dynamic")
+            else ""
+        )
+        raise CheckpointError(
+            f"{where}: oqcore reads these weights as scheme {scheme.name!r}, but not with input_activations "
+            f"{_short_args(a)}{static}; {scheme.name!r} runs with input_activations {acts}"
+        )
+    hint = ""
+    if group.weights.symmetric is False:
+        hint = " (asymmetric weights with zero points: oqcore's schemes are symmetric)"
+    elif a is not None and not group.input_activations.dynamic:
+        hint = " (static input activation scales: oqcore quantizes activations dynamically)"
+    raise CheckpointError(
+        f"{where}: no oqcore scheme reads weights {_short_args(w)} with input_activations {_short_args(a)}{hint}; "
+        f"oqcore reads: {_readable(reg)}"
+    )
+
+
+# -- which layers the groups quantize -------------------------------------------------------------------
+
+
+@dataclass
+class Feed:
+    """The stored modules that feed one quantized layer: ``prefixes`` maps each quantized weight's
+    prefix (``weight``; ``w13_weight`` / ``w2_weight`` for experts) to one list per expert (a single
+    list for a linear) of the checkpoint modules stacked along rows (gate then up)."""
+
+    layer: str
+    kind: str
+    group: GroupScheme
+    prefixes: dict[str, list[list[str]]] = field(default_factory=dict)
+
+    def modules(self) -> list[str]:
+        return [m for lists in self.prefixes.values() for mods in lists for m in mods]
+
+
+@dataclass
+class _Expert:
+    module: str  # checkpoint module name, e.g. model.layers.0.mlp.experts.3.gate_proj
+    fused: str  # the fused experts module, e.g. model.layers.0.mlp.experts
+    param: str  # its high-precision parameter this one fills: gate_up_proj / down_proj
+    shard: int  # position among the rule's source patterns (gate 0, up 1)
+    pattern: str
+    expert: int = -1
+
+
+def _ckpt_modules(entries: dict[str, TensorEntry]) -> dict[str, dict[str, TensorEntry]]:
+    """Checkpoint module name -> {local tensor name: entry}."""
+    out: dict[str, dict[str, TensorEntry]] = defaultdict(dict)
+    for name, e in entries.items():
+        mod, _, attr = name.rpartition(".")
+        out[mod][attr] = e
+    return out
+
+
+def _quantized_locals(local: dict[str, TensorEntry]) -> bool:
+    return any(is_quant_name(n) or e.is_float8 for n, e in local.items())
+
+
+def plan_feeds(
+    model: nn.Module, cfg: Any, schemes: dict[str, GroupScheme], entries: dict[str, TensorEntry], path: Path
+) -> tuple[list[Feed], set[str]]:
+    """The quantized layers of ``model`` (built on meta, not yet wrapped) and the checkpoint
+    modules feeding them, by compressed-tensors' own matching of each group's ``targets`` and the
+    config's ``ignore`` against the module names (the checkpoint's and the model's; a per-expert
+    projection as an ``nn.Linear`` named ``<experts>.<e>.<proj>``). Returns ``(feeds, checkpoint
+    modules they read)``. Raises :class:`oqcore.CheckpointError` for a layer two groups match,
+    experts of one fused module quantized differently (or partly), or quantized tensors of a module
+    this model cannot place (e.g. per-expert gpt-oss tensors, fused on disk)."""
+    from compressed_tensors.utils import is_match
+
+    cfg_file = path / "config.json"
+    ignore = list(cfg.ignore or [])
+    names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+    mapper = NameMapper(model, names)
+    modules = dict(model.named_modules())
+    by_module = _ckpt_modules(entries)
+    linears: dict[str, str] = {}  # model linear -> checkpoint module
+    experts: dict[str, _Expert] = {}
+    for mod, local in by_module.items():
+        target, pattern = mapper.target_of(f"{mod}.weight")
+        rule = mapper._pattern_to_converter.get(pattern) if pattern is not None else None
+        if rule is not None and is_expert_fusion(rule):
+            fused, _, param = target.rpartition(".")
+            experts[mod] = _Expert(mod, fused, param, list(rule.source_patterns).index(pattern), pattern)
+            continue
+        owner = target.rpartition(".")[0] if target.endswith(".weight") else None
+        if owner in modules and layer_kind(modules[owner]) == "linear" and pattern is None:
+            linears[owner] = mod
+        elif _quantized_locals(local) and (owner not in modules or layer_kind(modules[owner]) != "linear"):
+            e = next(e for n, e in local.items() if is_quant_name(n) or e.is_float8)
+            raise CheckpointError(
+                f"{e.file}: tensor {e.name!r} is quantized, but module {mod!r} is not a linear layer of "
+                f"{type(model).__name__} and transformers' conversion mapping places it nowhere in the model "
+                "(per-expert tensors of a model whose checkpoints keep the experts fused, such as gpt-oss, cannot be read)"
+            )
+    # expert indices, in natural order per (fused parameter, pattern), checked 0..E-1
+    per_source: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for x in experts.values():
+        per_source[(f"{x.fused}.{x.param}", x.pattern)].append(x.module)
+    for (target, pattern), mods in per_source.items():
+        mods.sort(key=lambda m: [(0, int(p)) if p.isdigit() else (1, p) for p in m.split(".")])
+        n_exp = _num_experts(modules[target.rpartition(".")[0]])
+        keys = [f"{m}.weight" for m in mods]
+        if len(mods) != n_exp:
+            raise CheckpointError(
+                f"{path}: {target!r} fuses {n_exp} experts, but the checkpoint has {len(mods)} modules matching "
+                f"{pattern!r}: {', '.join(mods[:6])}{' ...' if len(mods) > 6 else ''}"
+            )
+        _check_expert_indices(target, pattern, keys, n_exp, path, {})
+        for i, m in enumerate(mods):
+            experts[m].expert = i
+
+    def group_of(names_: set[str], module: nn.Module, what: str) -> GroupScheme | None:
+        hits = [g for g, s in cfg.config_groups.items() if any(is_match(n, module, s.targets) for n in names_)]
+        if any(is_match(n, module, ignore) for n in names_):
+            return None
+        if len(hits) > 1:
+            raise CheckpointError(
+                f"{cfg_file}: {what} is matched by config groups {hits[0]!r} and {hits[1]!r} "
+                "(quantization_config.config_groups.*.targets); a layer has one scheme"
+            )
+        return schemes[hits[0]] if hits else None
+
+    feeds: list[Feed] = []
+    used: set[str] = set()
+    for name, module in modules.items():
+        kind = layer_kind(module)
+        if kind == "linear":
+            ck = linears.get(name, name)
+            g = group_of({name, ck}, module, f"layer {name!r}")
+            if g is not None:
+                feeds.append(Feed(name, "linear", g, {"weight": [[ck]]}))
+                used.add(ck)
+        elif kind == "moe":
+            mine = [x for x in experts.values() if x.fused == name]
+            if not mine:
+                continue
+            got = {}
+            for x in mine:
+                last = x.module.rpartition(".")[2]
+                got[x.module] = group_of(
+                    {x.module, f"{name}.{x.expert}.{last}"}, _EXPERT_PROBE, f"expert projection {x.module!r}"
+                )
+            distinct = {None if g is None else g.group for g in got.values()}
+            if distinct == {None}:
+                continue
+            if len(distinct) > 1:
+                by = defaultdict(list)
+                for m, g in got.items():
+                    by["not quantized (ignored or matched by no group)" if g is None else f"group {g.group!r}"].append(
+                        m
+                    )
+                shown = "; ".join(
+                    f"{k}: {v[0]}" + (f" and {len(v) - 1} more" if len(v) > 1 else "") for k, v in by.items()
+                )
+                raise CheckpointError(
+                    f"{cfg_file}: the experts fused into {name!r} are not all quantized with one scheme ({shown}); "
+                    "oqcore quantizes a fused experts module as a whole"
+                )
+            g = next(iter(got.values()))
+            feed = Feed(name, "moe", g)
+            n_exp = _num_experts(module)
+            for param, prefix in _MOE_PREFIX.items():
+                shards = sorted({x.shard for x in mine if x.param == param})
+                lists = [[""] * len(shards) for _ in range(n_exp)]
+                for x in mine:
+                    if x.param == param:
+                        lists[x.expert][shards.index(x.shard)] = x.module
+                feed.prefixes[prefix] = lists
+            if any(not m for lists in feed.prefixes.values() for mods in lists for m in mods):
+                raise CheckpointError(
+                    f"{path}: the checkpoint lacks per-expert projections of {name!r} (gate, up and down per expert)"
+                )
+            feeds.append(feed)
+            used.update(feed.modules())
+    return feeds, used
+
+
+def _num_experts(module: nn.Module) -> int:
+    from oqcore.layers import moe_layout
+
+    return moe_layout(module).num_experts
+
+
+# -- the tensors ---------------------------------------------------------------------------------------
+
+
+def _dtype(d: torch.dtype) -> str:
+    return str(d).removeprefix("torch.")
+
+
+def _convertible(stored: torch.dtype, spec: TensorSpec) -> bool:
+    """Whether a stored dtype becomes the expected one by :func:`_convert` (exactly)."""
+    if stored == spec.dtype or (spec.high_precision and stored.is_floating_point):
+        return True
+    if _raw_bytes(stored, spec.dtype):
+        return True  # compressed-tensors stores e8m0 exponents as uint8
+    return spec.dtype == torch.float32 and stored in (torch.bfloat16, torch.float16)
+
+
+def _raw_bytes(stored: torch.dtype, want: torch.dtype) -> bool:
+    """Unsigned bytes stored for a 1-byte float dtype safetensors or the writer has no tag for:
+    reinterpreted, not converted."""
+    return (
+        not stored.is_floating_point and not stored.is_signed and stored != torch.bool and stored.itemsize == 1
+        and want.is_floating_point and want.itemsize == 1
+    )  # fmt: skip
+
+
+def _small_int(d: torch.dtype) -> bool:
+    """A signed 1-byte integer dtype: what ``unpack_from_int32`` gives."""
+    return not d.is_floating_point and d.is_signed and d != torch.bool and d.itemsize == 1
+
+
+_WORD = torch.int32
+"""The word ``pack-quantized`` packs values into."""
+_WORD_BITS = torch.iinfo(_WORD).bits
+
+
+def _convert(value: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
+    if _raw_bytes(value.dtype, spec.dtype):
+        return value.view(spec.dtype)
+    return value.to(spec.dtype)
+
+
+def _shape_ok(have: tuple[int, ...], want: tuple[int, ...]) -> bool:
+    return have == want or (_numel(have) == 1 and _numel(want) == 1)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+@dataclass
+class _Part:
+    """One stored module's share of one quantized tensor: ``rows`` of expert ``expert`` (``None``:
+    the whole tensor of a linear), or the whole per-expert tensor when ``shared`` (one value per
+    expert that every shard must hold identically: a per-tensor w13 scale)."""
+
+    param: str
+    module: str
+    local: str
+    expert: int | None
+    rows: slice | None
+    shared: bool
+    shape: tuple[int, ...]
+
+
+def plan_parts(
+    feed: Feed,
+    wrapper: nn.Module,
+    specs: dict[str, TensorSpec],
+    by_module: dict[str, dict[str, TensorEntry]],
+    path: Path,
+) -> list[_Part]:
+    """Every stored tensor a quantized layer reads and where it goes, checked against the
+    layer's expected tensors from the headers alone. Raises :class:`oqcore.CheckpointError` naming
+    the file, tensor and layer for a missing, extra, wrongly shaped or wrongly typed tensor."""
+    method = type(wrapper.method).__name__
+    layer = feed.layer
+    parts: list[_Part] = []
+    covered: set[str] = set()
+    for prefix, lists in feed.prefixes.items():
+        params = {p: s for p, s in specs.items() if p == prefix or p.startswith(prefix + "_")}
+        covered.update(params)
+        for e_idx, mods in enumerate(lists):
+            expert = None if feed.kind == "linear" else e_idx
+            n = len(mods)
+            for shard, mod in enumerate(mods):
+                local = dict(by_module.get(mod, {}))
+                extra_hp = {}
+                if feed.kind == "linear":  # the linear's high-precision tensors (bias) sit beside its weight
+                    for p, s in specs.items():
+                        if s.high_precision and p not in params and p in local:
+                            extra_hp[p] = local.pop(p)
+                            covered.add(p)
+                packed = local.pop(_PACKED, None)
+                packed_shape = local.pop(_PACKED_SHAPE, None)
+                want_local = {"weight" + p[len(prefix) :]: p for p in params}
+                have = set(local) | ({"weight"} if packed is not None else set())
+                for lname, param in want_local.items():
+                    spec = params[param]
+                    full = spec.shape if expert is None else spec.shape[1:]
+                    if lname not in have:
+                        raise CheckpointError(
+                            f"{path}: missing tensor '{mod}.{lname}' ({_dtype(spec.dtype)}) of quantized layer {layer!r} "
+                            f"({method}, quantization_config group {feed.group.group!r})"
+                        )
+                    rows, shared, want = _share(full, n, shard, wrapper, layer, mods, param, prefix, params[prefix])
+                    if lname == "weight" and packed is not None:
+                        e = packed
+                        cols = -(-want[-1] * feed.group.num_bits // _WORD_BITS)
+                        if e.dtype != _WORD or e.shape != (*want[:-1], cols) or not _small_int(spec.dtype):
+                            raise CheckpointError(
+                                f"{e.file}: tensor {e.name!r} is {e.describe()}; quantized layer {layer!r} ({method}) expects "
+                                f"int32 {[*want[:-1], cols]} ({feed.group.num_bits}-bit values packed into int32, "
+                                f"unpacking to {spec.describe() if expert is None else _dtype(spec.dtype) + ' ' + str(list(want))})"
+                            )
+                        if packed_shape is None:
+                            raise CheckpointError(
+                                f"{path}: missing tensor '{mod}.{_PACKED_SHAPE}' beside {e.name!r} (the unpacked shape)"
+                            )
+                        if packed_shape.dtype.is_floating_point or packed_shape.shape != (len(want),):
+                            raise CheckpointError(
+                                f"{packed_shape.file}: tensor {packed_shape.name!r} is {packed_shape.describe()}; expected an "
+                                f"integer tensor [{len(want)}] holding the unpacked shape {list(want)}"
+                            )
+                        parts.append(_Part(param, mod, _PACKED, expert, rows, shared, want))
+                        continue
+                    e = local.pop(lname)
+                    if not _shape_ok(e.shape, want) or not _convertible(e.dtype, spec):
+                        raise CheckpointError(
+                            f"{e.file}: tensor {e.name!r} is {e.describe()}, quantized layer {layer!r} ({method}) expects "
+                            f"{_dtype(spec.dtype)} {list(want)}"
+                            + (f" for expert {expert}" if expert is not None else "")
+                            + (
+                                " (or its bytes as uint8)"
+                                if spec.dtype.is_floating_point and spec.dtype.itemsize == 1
+                                else ""
+                            )
+                            + (
+                                " (or bfloat16 / float16 scales, converted exactly)"
+                                if spec.dtype == torch.float32
+                                else ""
+                            )
+                        )
+                    parts.append(_Part(param, mod, lname, expert, rows, shared, want))
+                if packed_shape is not None and packed is None:
+                    local[_PACKED_SHAPE] = packed_shape
+                for lname, e in local.items():
+                    if lname in want_local:
+                        continue
+                    why = ""
+                    if "zero_point" in lname:
+                        why = "; zero points mean asymmetric quantization, oqcore's schemes are symmetric"
+                    elif lname == "input_scale":
+                        why = "; static input scales are not read: oqcore quantizes activations dynamically"
+                    raise CheckpointError(
+                        f"{e.file}: unexpected tensor {e.name!r}: quantized layer {layer!r} ({method}, quantization_config "
+                        f"group {feed.group.group!r}) holds {', '.join(sorted(want_local))}{why}"
+                    )
+                for p, e in extra_hp.items():
+                    spec = specs[p]
+                    if e.shape != spec.shape or not e.dtype.is_floating_point:
+                        raise CheckpointError(
+                            f"{e.file}: tensor {e.name!r} is {e.describe()}, quantized layer {layer!r} ({method}) expects a "
+                            f"floating tensor {list(spec.shape)}"
+                        )
+                    parts.append(_Part(p, mod, p, None, None, False, spec.shape))
+    missing = [p for p in specs if p not in covered]
+    if missing:
+        p = missing[0]
+        where = feed.prefixes.get("weight", [[layer]])[0][0]
+        what = "a bias (the stored layer has none)" if specs[p].high_precision else "a tensor"
+        raise CheckpointError(
+            f"{path}: missing tensor '{where}.{p}' ({specs[p].describe()}) of quantized layer {layer!r} ({method}): {what} "
+            "the layer holds"
+        )
+    return parts
+
+
+def _share(
+    full: tuple[int, ...],
+    n: int,
+    shard: int,
+    wrapper: nn.Module,
+    layer: str,
+    mods: list[str],
+    param: str,
+    prefix: str,
+    qdata: TensorSpec,
+):
+    """``(rows, shared, shard shape)`` of shard ``shard`` of ``n`` stacked along rows into a
+    per-expert tensor of shape ``full``."""
+    if n == 1:
+        return None, False, full
+    qrows = qdata.shape[1] // n
+    group_rows = getattr(wrapper.method.weight_key.scale.group_shape, "row", 1)
+    if group_rows > 1 and qrows % group_rows:
+        raise CheckpointError(
+            f"quantized layer {layer!r}: its scales cover blocks of {group_rows} rows, and the {n} projections fused "
+            f"into {prefix} ({', '.join(mods)}) have {qrows} rows each, not a multiple of {group_rows}: a block would "
+            "straddle two of them, so they cannot be stacked into one tensor as stored"
+        )
+    if full and full[0] >= n and full[0] % n == 0:  # rows split evenly: stack the shards
+        r = full[0] // n
+        return slice(shard * r, (shard + 1) * r), False, (r, *full[1:])
+    if _numel(full) == 1:
+        return None, True, full
+    raise CheckpointError(
+        f"quantized layer {layer!r}: {param} is {list(full)} per expert, which the {n} stored projections "
+        f"({', '.join(mods)}) cannot be stacked into"
+    )
+
+
+def read_parts(
+    feed: Feed,
+    wrapper: nn.Module,
+    specs: dict[str, TensorSpec],
+    parts: list[_Part],
+    by_module: dict[str, dict[str, TensorEntry]],
+    reader: TensorReader,
+    device: torch.device,
+) -> int:
+    """Read, convert and stack one quantized layer's stored tensors into its parameters (checked
+    values); returns the bytes read."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    out: dict[str, torch.Tensor] = {}
+    shared_seen: dict[tuple[str, int], tuple[str, torch.Tensor]] = {}
+    nbytes = 0
+    for pt in parts:
+        spec = specs[pt.param]
+        local = by_module[pt.module]
+        if pt.local == _PACKED:
+            e, es = local[_PACKED], local[_PACKED_SHAPE]
+            stored_shape = tuple(int(x) for x in reader.read(es).tolist())
+            nbytes += es.nbytes
+            if stored_shape != pt.shape:
+                raise CheckpointError(
+                    f"{es.file}: tensor {es.name!r} says {list(stored_shape)}, the layer {feed.layer!r} expects {list(pt.shape)}"
+                )
+            value = unpack_from_int32(reader.read(e), feed.group.num_bits, torch.Size(pt.shape))
+        else:
+            e = local[pt.local]
+            value = reader.read(e)
+            value = value if spec.high_precision else _convert(value, spec).reshape(pt.shape)
+        nbytes += e.nbytes
+        if not spec.high_precision:
+            check_quantized_values(e.file, e.name, value, "compressed-tensors checkpoint")
+        if pt.expert is None:
+            out[pt.param] = value
+            continue
+        if pt.param not in out:
+            out[pt.param] = torch.empty(spec.shape, dtype=spec.dtype)
+        if pt.shared:
+            key = (pt.param, pt.expert)
+            if key in shared_seen:
+                first_name, first = shared_seen[key]
+                if not torch.equal(first, value):
+                    raise CheckpointError(
+                        f"quantized layer {feed.layer!r}, expert {pt.expert}: {first_name!r} = {first.float().flatten().tolist()} "
+                        f"and {e.name!r} = {value.float().flatten().tolist()}: gate and up per-tensor scales differ; oqcore "
+                        "keeps one w13 scale per expert"
+                    )
+                continue
+            shared_seen[key] = (e.name, value)
+            out[pt.param][pt.expert].copy_(value.reshape(spec.shape[1:]))
+        elif pt.rows is None:
+            out[pt.param][pt.expert].copy_(value)
+        else:
+            out[pt.param][pt.expert, pt.rows].copy_(value)
+    from oqcore.torch_compat import delete_parameter, own_parameters, set_parameter
+
+    for k in [k for k, p in own_parameters(wrapper).items() if p.is_meta]:
+        delete_parameter(wrapper, k)
+    for param, value in out.items():
+        spec = specs[param]
+        set_parameter(wrapper, param, nn.Parameter(value.to(device=device, dtype=spec.dtype), requires_grad=False))
+    return nbytes
+
+
+# -- the load --------------------------------------------------------------------------------------------
+
+
+def oq_config(feeds: list[Feed], ct_ignore: list[str], model: nn.Module) -> QuantizationConfig:
+    """The oqcore config of what the checkpoint holds: one exact-name target per quantized layer
+    with its group's weight and activation keys, and the checkpoint's ``ignore`` patterns that
+    oqcore reads the same way (exact names and ``re:`` patterns that match no quantized layer)."""
+    from oqcore.matching import matches
+
+    targets = {f.layer: f.group.spec() for f in feeds}
+    names = set(targets)
+    ignore = [
+        p for p in ct_ignore
+        if (p.startswith("re:") or not set("*?[") & set(p)) and not any(matches(p, n) for n in names) and _compiles(p)
+    ]  # fmt: skip
+    return QuantizationConfig.model_validate({"targets": targets, "ignore": ignore})
+
+
+def _compiles(p: str) -> bool:
+    if not p.startswith("re:"):
+        return True
+    try:
+        re.compile(p[3:])
+    except re.error:
+        return False
+    return True
+
+
+def load_compressed(
+    path: str | Path,
+    config: QuantizationConfig | dict | str | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    progress=None,
+) -> nn.Module:
+    """Read a compressed-tensors checkpoint as stored (called by :func:`oqcore.load`).
+
+    ``config`` must be ``None`` or equal to the config the checkpoint reads as (one target per
+    quantized layer, see :func:`oq_config`): the weights are already quantized, so anything else
+    is a :class:`oqcore.ConfigError`. ``device``/``dtype``/``progress`` as for :func:`oqcore.load`.
+
+    Before any tensor is read: ``config.json``'s ``quantization_config`` is parsed by
+    compressed-tensors, every config group is matched to a registered scheme, its targets to the
+    model's layers, and every stored tensor of each quantized layer is checked (names, shapes,
+    dtypes) against what the layer's method holds; the other tensors as for a high-precision
+    checkpoint. Raises :class:`oqcore.CheckpointError` naming config.json and the field, or the
+    file, tensor and layer; nothing half-built is returned.
+    """
+    from oqcore.plugins import get_registry
+
+    t0 = time.perf_counter()
+    path = Path(path)
+    device = resolve_device(device)
+    cfg_file = path / "config.json"
+    raw = read_model_config(path)
+    cfg = ct_config(raw, cfg_file)
+    reg = get_registry()
+    schemes = {name: match_group(name, g, cfg_file, reg) for name, g in cfg.config_groups.items()}
+    entries = {e.name: e for e in checkpoint_entries(path)}
+    model = build_meta_model(path, dtype)
+    feeds, used = plan_feeds(model, cfg, schemes, entries, path)
+    if not feeds:
+        raise CheckpointError(
+            f"{cfg_file}: quantization_config's config groups ({', '.join(cfg.config_groups)}) match no layer of "
+            f"{type(model).__name__} (targets {[t for g in cfg.config_groups.values() for t in g.targets]}, "
+            f"ignore {cfg.ignore})"
+        )
+    oq_cfg = oq_config(feeds, list(cfg.ignore or []), model)
+    if config is not None and QuantizationConfig.from_any(config).to_dict() != oq_cfg.to_dict():
+        raise ConfigError(
+            f"{path} is a compressed-tensors checkpoint, already quantized as {oq_cfg.to_dict()}; load it with "
+            "config=None, or quantize the high-precision source with the new config"
+        )
+    try:
+        qplan = plan(model, oq_cfg, device=device)
+    except ConfigError as e:
+        raise CheckpointError(f"{cfg_file}: the checkpoint's quantization does not fit the model: {e}") from e
+    except OqError as e:
+        if type(e).__name__ == "NoBackendError":
+            raise
+        raise CheckpointError(f"{cfg_file}: the checkpoint's quantization does not fit the model: {e}") from e
+    wrappers = install_wrappers(model, qplan)
+    expected = quantized_tensors(wrappers)
+    by_module = _ckpt_modules(entries)
+    plans = {f.layer: plan_parts(f, wrappers[f.layer], expected[f.layer], by_module, path) for f in feeds}
+    # everything else: the high-precision tensors, mapped with transformers' rules
+    rest = {k: e for k, e in entries.items() if k.rpartition(".")[0] not in used}
+    for k, e in rest.items():
+        if is_quant_name(k) or e.is_float8:
+            raise CheckpointError(
+                f"{e.file}: tensor {k!r} ({e.describe()}) is quantized, but config.json's quantization_config does "
+                f"not quantize layer {k.rpartition('.')[0]!r} (ignored, or matched by no config group)"
+            )
+    names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+    groups, unexpected = NameMapper(model, names).group(rest)
+    check_against_model(model, groups, unexpected, rest, path)
+    _check_fed(model, wrappers, groups, path)
+    stats = LoadStats()
+    total = sum(e.nbytes for e in entries.values())
+
+    def run(reader: TensorReader, tick) -> None:
+        for f in feeds:
+            tick(read_parts(f, wrappers[f.layer], expected[f.layer], plans[f.layer], by_module, reader, device))
+        for g in groups:
+            converted = g.convert(model, lambda k: reader.read(rest[k]))
+            for name in list(converted):
+                assign_tensor(model, name, converted.pop(name), device)
+            tick(sum(rest[k].nbytes for k in g.sources))
+
+    model = finish_stored_load(model, run, total, oq_cfg, qplan, wrappers, path, device, dtype, stats, t0, progress)
+    if unexpected:
+        shown = ", ".join(repr(k) for k in unexpected[:5]) + (
+            f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
+        )
+        warnings.warn(
+            f"oqcore.load: {len(unexpected)} tensor(s) of {path} are not used by {type(model).__name__} and were skipped: {shown}",
+            UserWarning,
+            stacklevel=3,
+        )
+    return model
+
+
+def _check_fed(model: nn.Module, wrappers: dict[str, nn.Module], groups: list[TargetGroup], path: Path) -> None:
+    """Before reading: every parameter outside the quantized layers has a checkpoint tensor
+    (skipped when a transformers rule makes several parameters from one group)."""
+    if any(len(getattr(g.rule, "target_patterns", None) or ()) > 1 for g in groups):
+        return
+    fed = {g.target for g in groups}
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    missing = [
+        n for n, _ in model.named_parameters(remove_duplicate=False)
+        if n.rpartition(".")[0] not in wrappers and n not in fed and n not in tied
+    ]  # fmt: skip
+    if missing:
+        shown = ", ".join(repr(m) for m in missing[:6]) + (
+            f" (and {len(missing) - 6} more)" if len(missing) > 6 else ""
+        )
+        raise CheckpointError(f"{path}: the checkpoint has no tensor for {len(missing)} model weight(s): {shown}")
