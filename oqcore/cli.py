@@ -283,9 +283,15 @@ def saved_config(path: Path):
     if qc is None:
         return None
     if isinstance(qc, dict) and qc.get("quant_method") != QUANT_METHOD:
+        method = qc.get("quant_method", "unknown")
+        hint = (
+            "oqcore.load(path) reads it as stored; oq quantize / oq explain do not take one yet"
+            if method == "compressed-tensors"
+            else "Load it with its own quantization method instead."
+        )
         raise CheckpointError(
-            f"{path / 'config.json'}: the checkpoint is already quantized (quant_method={qc.get('quant_method', 'unknown')!r}); "
-            "oq quantizes bf16/fp16/fp32 checkpoints. Load it with its own quantization method instead."
+            f"{path / 'config.json'}: the checkpoint is already quantized (quant_method={method!r}); "
+            f"oq quantizes bf16/fp16/fp32 checkpoints. {hint}"
         )
     return read_saved_config(raw, path / "config.json")
 
