@@ -277,7 +277,7 @@ def test_save_failure_after_the_work_keeps_the_figures(saved_tiny, monkeypatch, 
 
     _, tmp = saved_tiny
 
-    def full_disk(model, out):
+    def full_disk(model, out, **kwargs):
         raise oqcore.SaveError(f"cannot save to {out}: No space left on device")
 
     monkeypatch.setattr(oqcore, "save_quantized", full_disk)
