@@ -264,9 +264,9 @@ def build_config(config: str | None, overrides: list[str], interpolate: bool = F
 
 
 def saved_config(path: Path):
-    """The config a folder written by :func:`oqcore.save_quantized` was quantized with, or ``None``
-    for a high-precision checkpoint (or a folder whose config.json cannot be read: the model build
-    reports that with the file named).
+    """The config a folder written by :func:`oqcore.save_quantized` was quantized with (or the one a
+    compressed-tensors checkpoint reads as), or ``None`` for a high-precision checkpoint (or a folder
+    whose config.json cannot be read: the model build reports that with the file named).
 
     Raises :class:`oqcore.CheckpointError` naming config.json when the folder is already quantized
     by another tool, or its saved oqcore config is unreadable.
@@ -282,16 +282,15 @@ def saved_config(path: Path):
     qc = raw.get("quantization_config") if isinstance(raw, dict) else None
     if qc is None:
         return None
+    from oqcore.loading.compressed import declares_compressed_tensors, stored_config
+
+    if declares_compressed_tensors(raw):
+        return stored_config(path)  # read as stored, like an oqcore export
     if isinstance(qc, dict) and qc.get("quant_method") != QUANT_METHOD:
-        method = qc.get("quant_method", "unknown")
-        hint = (
-            "oqcore.load(path) reads it as stored; oq quantize / oq explain do not take one yet"
-            if method == "compressed-tensors"
-            else "Load it with its own quantization method instead."
-        )
         raise CheckpointError(
-            f"{path / 'config.json'}: the checkpoint is already quantized (quant_method={method!r}); "
-            f"oq quantizes bf16/fp16/fp32 checkpoints. {hint}"
+            f"{path / 'config.json'}: the checkpoint is already quantized (quant_method={qc.get('quant_method', 'unknown')!r}); "
+            "oq quantizes bf16/fp16/fp32 checkpoints and reads oqcore exports and compressed-tensors checkpoints. "
+            "Load it with its own quantization method instead."
         )
     return read_saved_config(raw, path / "config.json")
 

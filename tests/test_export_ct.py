@@ -205,3 +205,19 @@ def test_oqcore_reads_its_compressed_tensors_export_bit_identical(arch, config, 
     # the same layers with the same keys (the config read back names each layer as a target)
     rows = lambda m: [(r["name"], r["weight"], r["activation"]) for r in m.oq_state.plan.rows() if r["action"] == "quantize"]  # noqa: E731
     assert rows(back) == rows(model)
+
+
+def test_cli_takes_a_compressed_tensors_folder_as_saved(tiny_moe, tmp_path, capsys):
+    from oqcore.cli import main
+
+    model = oqcore.load(tiny_moe("mixtral"), "fp8_per_channel")
+    out = oqcore.save_quantized(model, tmp_path / "ct", format="compressed-tensors")
+    assert main(["explain", "--model", str(out), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["saved"] is True
+    rows = {r["name"]: r for r in data["layers"]}
+    assert rows["model.layers.0.mlp.experts"]["weight"] == "fp8_per_channel_static"
+    assert rows["model.layers.0.self_attn.q_proj"]["activation"] == "fp8_per_token"
+    assert main(["quantize", "--model", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "(saved with the model)" in text and "fidelity: not checked" in text

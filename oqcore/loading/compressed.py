@@ -707,6 +707,35 @@ def _compiles(p: str) -> bool:
     return True
 
 
+def _read_plan(path: Path, dtype: torch.dtype):
+    """Everything decided before a tensor is read: ``(ct config, header entries, meta model, feeds,
+    used modules, the oqcore config)``."""
+    from oqcore.plugins import get_registry
+
+    cfg_file = path / "config.json"
+    raw = read_model_config(path)
+    cfg = ct_config(raw, cfg_file)
+    reg = get_registry()
+    schemes = {name: match_group(name, g, cfg_file, reg) for name, g in cfg.config_groups.items()}
+    entries = {e.name: e for e in checkpoint_entries(path)}
+    model = build_meta_model(path, dtype)
+    feeds, used = plan_feeds(model, cfg, schemes, entries, path)
+    if not feeds:
+        raise CheckpointError(
+            f"{cfg_file}: quantization_config's config groups ({', '.join(cfg.config_groups)}) match no layer of "
+            f"{type(model).__name__} (targets {[t for g in cfg.config_groups.values() for t in g.targets]}, "
+            f"ignore {cfg.ignore})"
+        )
+    return cfg, entries, model, feeds, used, oq_config(feeds, list(cfg.ignore or []), model)
+
+
+def stored_config(path: str | Path) -> QuantizationConfig:
+    """The oqcore config a compressed-tensors checkpoint reads as (one target per quantized layer,
+    see :func:`oq_config`), from its config.json and tensor headers only: no tensor is read.
+    Raises :class:`oqcore.CheckpointError` as :func:`load_compressed` does before reading."""
+    return _read_plan(Path(path), torch.bfloat16)[-1]
+
+
 def load_compressed(
     path: str | Path,
     config: QuantizationConfig | dict | str | None = None,
@@ -728,26 +757,11 @@ def load_compressed(
     checkpoint. Raises :class:`oqcore.CheckpointError` naming config.json and the field, or the
     file, tensor and layer; nothing half-built is returned.
     """
-    from oqcore.plugins import get_registry
-
     t0 = time.perf_counter()
     path = Path(path)
     device = resolve_device(device)
     cfg_file = path / "config.json"
-    raw = read_model_config(path)
-    cfg = ct_config(raw, cfg_file)
-    reg = get_registry()
-    schemes = {name: match_group(name, g, cfg_file, reg) for name, g in cfg.config_groups.items()}
-    entries = {e.name: e for e in checkpoint_entries(path)}
-    model = build_meta_model(path, dtype)
-    feeds, used = plan_feeds(model, cfg, schemes, entries, path)
-    if not feeds:
-        raise CheckpointError(
-            f"{cfg_file}: quantization_config's config groups ({', '.join(cfg.config_groups)}) match no layer of "
-            f"{type(model).__name__} (targets {[t for g in cfg.config_groups.values() for t in g.targets]}, "
-            f"ignore {cfg.ignore})"
-        )
-    oq_cfg = oq_config(feeds, list(cfg.ignore or []), model)
+    _, entries, model, feeds, used, oq_cfg = _read_plan(path, dtype)
     if config is not None and QuantizationConfig.from_any(config).to_dict() != oq_cfg.to_dict():
         raise ConfigError(
             f"{path} is a compressed-tensors checkpoint, already quantized as {oq_cfg.to_dict()}; load it with "
