@@ -221,3 +221,14 @@ def test_cli_takes_a_compressed_tensors_folder_as_saved(tiny_moe, tmp_path, caps
     assert main(["quantize", "--model", str(out)]) == 0
     text = capsys.readouterr().out
     assert "(saved with the model)" in text and "fidelity: not checked" in text
+
+
+def test_a_scheme_without_a_compressed_tensors_form_is_refused(minilm, tmp_path):
+    from toy_scheme import register_toy
+
+    register_toy()  # a v1 plugin: methods and quantizers, no Scheme record
+    model = oqcore.load(minilm, {"linear": "toy_int4"})
+    with pytest.raises(oqcore.SaveError, match=r"layer 'encoder\.layer\.0\.attention\.self\.query' \(toy_int4, activation none\): its plugin declares no compressed-tensors form"):
+        oqcore.save_quantized(model, tmp_path / "ct", format="compressed-tensors")
+    assert not (tmp_path / "ct").exists()
+    oqcore.save_quantized(model, tmp_path / "oq")  # its own format still works
