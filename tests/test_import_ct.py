@@ -247,12 +247,31 @@ def test_moe_per_tensor_with_equal_gate_and_up_scales(tiny_moe, tmp_path_factory
 # -- refusals ----------------------------------------------------------------------------------------
 
 
-def test_moe_per_tensor_gate_and_up_scales_differ(tiny_moe, tmp_path_factory):
+def test_moe_per_tensor_gate_and_up_scales_differ_are_requantized_as_vllm_does(tiny_moe, tmp_path_factory):
+    """llm-compressor quantizes gate and up apart (two per-tensor scales); oqcore keeps one w13 scale
+    per expert, so it dequantizes both shards and quantizes the expert's w13 again (vLLM requantizes
+    both shards to one scale too). The only lossy read; down_proj stays as stored."""
+    from safetensors.torch import load_file
+
     folder = _write(tiny_moe("qwen3_moe"), "FP8_W8A16", tmp_path_factory)
-    with pytest.raises(CheckpointError, match=r"quantized layer 'model.layers.0.mlp.experts', expert 0: ") as e:
-        oqcore.load(folder)
-    assert "gate and up per-tensor scales differ; oqcore keeps one w13 scale per expert" in str(e.value)
-    assert "experts.0.gate_proj.weight_scale" in str(e.value) and "experts.0.up_proj.weight_scale" in str(e.value)
+    model = oqcore.load(folder)
+    stored = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        stored.update(load_file(f))
+    moe = model.oq_state.wrappers["model.layers.0.mlp.experts"]
+    base = "model.layers.0.mlp.experts"
+    differ = 0
+    for e in range(moe.layout.num_experts):
+        sg, su = (stored[f"{base}.{e}.{p}.weight_scale"].float() for p in ("gate_proj", "up_proj"))
+        differ += int(not torch.equal(sg, su))
+        g = stored[f"{base}.{e}.gate_proj.weight"].float() * sg
+        u = stored[f"{base}.{e}.up_proj.weight"].float() * su
+        ref = oqcore.quantize_tensor(torch.cat([g, u]), "fp8_per_tensor_static", quantizer="torch")
+        assert torch.equal(moe.w13_weight[e].view(torch.uint8), ref.qdata.view(torch.uint8)), e
+        assert torch.equal(moe.w13_weight_scale[e], ref.scale), e
+        torch.testing.assert_close(moe.w13_weight_scale[e], torch.maximum(sg, su), rtol=2**-20, atol=0)  # vLLM's max scale
+        assert torch.equal(moe.w2_weight[e].view(torch.uint8), stored[f"{base}.{e}.down_proj.weight"].view(torch.uint8))
+    assert differ  # the case is real: llm-compressor's scales differ
 
 
 def test_moe_blocks_straddling_gate_and_up(tiny_moe, tmp_path_factory):

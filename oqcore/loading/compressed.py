@@ -627,6 +627,8 @@ def read_parts(
 
     out: dict[str, torch.Tensor] = {}
     shared_seen: dict[tuple[str, int], tuple[str, torch.Tensor]] = {}
+    shards: dict[tuple[str, int], dict[str, torch.Tensor]] = {}  # per-tensor scale of each stored shard
+    differing: set[tuple[str, int]] = set()
     nbytes = 0
     for pt in parts:
         spec = specs[pt.param]
@@ -654,14 +656,11 @@ def read_parts(
             out[pt.param] = torch.empty(spec.shape, dtype=spec.dtype)
         if pt.shared:
             key = (pt.param, pt.expert)
+            shards.setdefault(key, {})[pt.module] = value
             if key in shared_seen:
                 first_name, first = shared_seen[key]
                 if not torch.equal(first, value):
-                    raise CheckpointError(
-                        f"quantized layer {feed.layer!r}, expert {pt.expert}: {first_name!r} = {first.float().flatten().tolist()} "
-                        f"and {e.name!r} = {value.float().flatten().tolist()}: gate and up per-tensor scales differ; oqcore "
-                        "keeps one w13 scale per expert"
-                    )
+                    differing.add(key)
                 continue
             shared_seen[key] = (e.name, value)
             out[pt.param][pt.expert].copy_(value.reshape(spec.shape[1:]))
@@ -669,6 +668,8 @@ def read_parts(
             out[pt.param][pt.expert].copy_(value)
         else:
             out[pt.param][pt.expert, pt.rows].copy_(value)
+    for key in sorted(differing):
+        _requantize_shards(feed, wrapper, parts, out, key, shards[key])
     from oqcore.torch_compat import delete_parameter, own_parameters, set_parameter
 
     for k in [k for k, p in own_parameters(wrapper).items() if p.is_meta]:
@@ -677,6 +678,39 @@ def read_parts(
         spec = specs[param]
         set_parameter(wrapper, param, nn.Parameter(value.to(device=device, dtype=spec.dtype), requires_grad=False))
     return nbytes
+
+
+def _requantize_shards(
+    feed: Feed, wrapper: nn.Module, parts: list[_Part], out: dict[str, torch.Tensor], key: tuple[str, int], scales: dict[str, torch.Tensor]
+) -> None:
+    """Gate and up of one expert stored with different per-tensor scales, where oqcore keeps one
+    w13 scale per expert: dequantize each shard with its own scale (the format's reference
+    dequantizer, float32) and quantize the expert's w13 again with the scheme's reference quantizer,
+    as vLLM requantizes both shards to one scale when it loads such a checkpoint. The one lossy step
+    of reading a checkpoint; anything but a (qdata, per-tensor scale) format is refused."""
+    from oqcore.formats import DATA, dequantize, run_quantizer
+
+    param, expert = key
+    fmt = wrapper.method.formats.weight
+    where = next(((p, n) for p in ("w13_weight", "w2_weight") for n in fmt.tensors if fmt.param_name(p, n) == param), None)
+    if where is None or len(fmt.tensors) != 2:
+        listed = ", ".join(f"{m}: {v.float().flatten().tolist()}" for m, v in scales.items())
+        raise CheckpointError(
+            f"quantized layer {feed.layer!r}, expert {expert}: the shards' per-tensor {param} differ ({listed}) and "
+            f"this format ({', '.join(fmt.tensors)}) cannot be requantized to one"
+        )
+    prefix, tensor = where
+    qparam = fmt.param_name(prefix, DATA)
+    rows = {pt.module: pt.rows for pt in parts if pt.param == qparam and pt.expert == expert}
+    pieces = []
+    for module, rs in sorted(rows.items(), key=lambda kv: kv[1].start):
+        q = out[qparam][expert, rs]
+        pieces.append(dequantize(fmt, {DATA: q, tensor: scales[module].reshape(out[param].shape[1:])}, torch.float32, wrapper.method.options))
+    w = torch.cat(pieces)
+    name = f"{feed.layer}[expert {expert}]"
+    qt = run_quantizer(fmt, fmt.reference, w, wrapper.method.options, name, wrapper.method.formats.weight_name or str(fmt.key))
+    out[qparam][expert].copy_(qt.qdata)
+    out[param][expert].copy_(qt[tensor].reshape(out[param].shape[1:]))
 
 
 # -- the load --------------------------------------------------------------------------------------------
