@@ -189,14 +189,19 @@ ROUNDTRIP = [
     ("mixtral", "fp8_per_tensor"),
     ("qwen3_moe", "mxfp8"),
     ("olmoe", "int8_per_channel_static"),
+    # two schemes: two config groups, the dense layers by name, each experts module by a re: pattern
+    ("mixtral", {"linear": "fp8_per_channel", "moe": {"weight": "int8_per_channel_static"}}),
 ]
+ROUNDTRIP_IDS = ["minilm-fp8_per_block", "minilm-mxfp8", "minilm-int8", "mixtral-fp8_per_tensor", "qwen3_moe-mxfp8", "olmoe-int8", "mixtral-two-schemes"]
 
 
-@pytest.mark.parametrize("arch, config", ROUNDTRIP, ids=[f"{a}-{c if isinstance(c, str) else 'int8'}" for a, c in ROUNDTRIP])
+@pytest.mark.parametrize("arch, config", ROUNDTRIP, ids=ROUNDTRIP_IDS)
 def test_oqcore_reads_its_compressed_tensors_export_bit_identical(arch, config, minilm, tiny_moe, tmp_path):
     src = minilm if arch == "minilm" else tiny_moe(arch)
     model = oqcore.load(src, config)
     out = oqcore.save_quantized(model, tmp_path / "ct", format="compressed-tensors")
+    cfg, _ = _config(out)
+    assert len(cfg.config_groups) == (2 if arch == "mixtral" and not isinstance(config, str) else 1)
     back = oqcore.load(out)  # read as stored: no re-quantizing
     a, b = model.state_dict(), back.state_dict()
     assert a.keys() == b.keys()
