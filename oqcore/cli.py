@@ -282,7 +282,8 @@ def saved_config(path: Path):
     qc = raw.get("quantization_config") if isinstance(raw, dict) else None
     if qc is None:
         return None
-    from oqcore.loading.compressed import declares_compressed_tensors, stored_config
+    from oqcore.loading.compressed import stored_config
+    from oqcore.loading.ct_config import declares_compressed_tensors
 
     if declares_compressed_tensors(raw):
         return stored_config(path)  # read as stored, like an oqcore export

@@ -36,7 +36,8 @@ from oqcore.devices import resolve_device
 from oqcore.errors import CheckpointError, ConfigError
 from oqcore.loading.checkpoint import TensorReader, check_model_folder, checkpoint_entries
 from oqcore.loading.checks import check_against_model, check_quant_metadata
-from oqcore.loading.compressed import declares_compressed_tensors, load_compressed
+from oqcore.loading.compressed import load_compressed
+from oqcore.loading.ct_config import declares_compressed_tensors
 from oqcore.loading.install import install_wrappers, process_layer
 from oqcore.loading.memory import PeakRSS, release_free_memory
 from oqcore.loading.meta import build_meta_model, read_model_config, resolve_model_dtype
