@@ -36,6 +36,7 @@ from torch import nn
 from oqcore.errors import SaveError
 from oqcore.formats import DATA
 from oqcore.loading.state import OqState
+from oqcore.methods import OnlineMoEMethodBase
 from oqcore.planning import LayerPlan
 from oqcore.plugins import get_registry
 
@@ -191,15 +192,16 @@ def _experts(
             "(gate_up_proj [E, H, 2I]); compressed-tensors stores experts as per-expert linears that transformers cannot "
             "load back for this architecture. Save with format='oqcore'"
         )
-    w13 = _format_tensors(wrapper, "w13_weight", out, name)
-    w2 = _format_tensors(wrapper, "w2_weight", out, name)
+    (hp13, p13), (hp2, p2) = OnlineMoEMethodBase.QUANTIZED_NAMES.items()
+    w13 = _format_tensors(wrapper, p13, out, name)
+    w2 = _format_tensors(wrapper, p2, out, name)
     i_size = lay.intermediate_size
     per_expert: dict[str, dict[str, torch.Tensor]] = {}
     for n in w13:
         a, b = w13[n], w2[n]
         if n != DATA:
             a = _splittable_w13(a, wrapper.method.weight_key.scale.group_shape.row, i_size, name, n, dest)
-        fake = {f"{name}.gate_up_proj": a, f"{name}.down_proj": b}
+        fake = {f"{name}.{hp13}": a, f"{name}.{hp2}": b}
         for key, t in revert_weight_conversion(model, fake).items():
             module, _, _ = key.rpartition(".")
             per_expert.setdefault(module, {})[n] = t

@@ -318,6 +318,9 @@ class OnlineMoEMethodBase(OnlineMethodBase):
     """
 
     kind: ClassVar[str] = "moe"
+    QUANTIZED_NAMES: ClassVar[dict[str, str]] = {"gate_up_proj": "w13_weight", "down_proj": "w2_weight"}
+    """The fused experts' high-precision parameters (transformers' names, the checkpoint's layout)
+    -> the prefix of the quantized tensors stored for them (canonical layout)."""
 
     @classmethod
     def weight_shapes(cls, layer: torch.nn.Module) -> list[tuple[int, ...]]:
@@ -352,10 +355,10 @@ class OnlineMoEMethodBase(OnlineMethodBase):
         # Transposed (GPT-OSS) stacks stay views: each expert is made contiguous on its own.
         q13 = self.quantize_weight(w13, f"{layer.layer_name}.gate_up_proj")
         q2 = self.quantize_weight(w2, f"{layer.layer_name}.down_proj")
-        _replace_param(layer, "gate_up_proj", None)
-        _replace_param(layer, "down_proj", None)
-        self.store_weight(layer, "w13_weight", q13)
-        self.store_weight(layer, "w2_weight", q2)
+        for hp in self.QUANTIZED_NAMES:
+            _replace_param(layer, hp, None)
+        for prefix, qt in zip(self.QUANTIZED_NAMES.values(), (q13, q2)):
+            self.store_weight(layer, prefix, qt)
         self._finish(layer)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, *args: Any) -> torch.Tensor:

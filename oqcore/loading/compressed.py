@@ -49,11 +49,10 @@ from oqcore.loading.names import NameMapper, TargetGroup, is_expert_fusion
 from oqcore.loading.place import assign_tensor
 from oqcore.loading.saved import check_quantized_values, finish_stored_load
 from oqcore.loading.state import LoadStats
+from oqcore.methods import OnlineMoEMethodBase
 from oqcore.planning import plan
 
-# The fused experts' high-precision parameters (transformers' names) -> the prefix of the quantized
-# tensors the MoE method stores for them (oqcore.methods.OnlineMoEMethodBase.process_weights_after_loading).
-_MOE_PREFIX = {"gate_up_proj": "w13_weight", "down_proj": "w2_weight"}
+_MOE_PREFIX = OnlineMoEMethodBase.QUANTIZED_NAMES  # fused experts' parameters -> their quantized tensors' prefix
 
 _PACKED, _PACKED_SHAPE = "weight_packed", "weight_shape"
 
