@@ -281,6 +281,7 @@ def test_full_disk_while_copying_the_source_files(model, earlier, monkeypatch, g
 
     monkeypatch.setattr(shutil, "copy2", copy2)
     _fails(model, earlier, str(earlier), "tokenizer.json", "No space left on device")
+    assert _saved_weight(earlier) == "mxfp8"  # the earlier export is intact and loads
 
 
 def test_io_error_on_fsync(model, earlier, monkeypatch, guard):
@@ -289,6 +290,8 @@ def test_io_error_on_fsync(model, earlier, monkeypatch, guard):
 
     monkeypatch.setattr(os, "fsync", fsync)
     _fails(model, earlier, str(earlier), "Input/output error")
+    monkeypatch.undo()
+    assert _saved_weight(earlier) == "mxfp8"  # the earlier export is intact and loads
 
 
 @pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
@@ -330,7 +333,7 @@ def test_parent_not_durable_after_the_swap_undoes_it(model, earlier, monkeypatch
     if not exchange:
         monkeypatch.setattr(atomic, "exchange", lambda a, b: False)
     _fails(model, earlier, str(earlier), "Input/output error")
-    _loads_as(earlier, "mxfp8")
+    assert _saved_weight(earlier) == "mxfp8"
 
 
 def test_parent_not_durable_for_a_new_folder(model, tmp_path, monkeypatch, guard):
@@ -410,13 +413,14 @@ def test_source_folder_gone(tiny_moe, tmp_path):
 # ---- what must work ------------------------------------------------------------------------------
 
 
-def _loads_as(folder: Path, weight: str) -> None:
-    assert oqcore.load(folder).oq_state.config.to_dict()["linear"]["weight"] == weight
+def _saved_weight(folder: Path) -> str:
+    """The linear weight key of the export in ``folder``, read back by oqcore.load."""
+    return oqcore.load(folder).oq_state.config.to_dict()["linear"]["weight"]
 
 
 def test_over_an_earlier_export(model, earlier, guard):
     oqcore.save_quantized(model, earlier)
-    _loads_as(earlier, "fp8_per_channel_static")
+    assert _saved_weight(earlier) == "fp8_per_channel_static"
     assert _siblings(earlier) == []
     assert (earlier / "tokenizer.json").read_text() == '{"tok": 1}'
 
@@ -424,7 +428,7 @@ def test_over_an_earlier_export(model, earlier, guard):
 def test_over_an_earlier_export_without_rename_exchange(model, earlier, monkeypatch, guard):
     monkeypatch.setattr(atomic, "exchange", lambda a, b: False)
     oqcore.save_quantized(model, earlier)
-    _loads_as(earlier, "fp8_per_channel_static")
+    assert _saved_weight(earlier) == "fp8_per_channel_static"
     assert _siblings(earlier) == []
 
 
@@ -433,7 +437,7 @@ def test_into_an_empty_folder_and_a_new_nested_path(model, tmp_path, guard):
     oqcore.save_quantized(model, tmp_path / "empty")
     oqcore.save_quantized(model, tmp_path / "a" / "b" / "c")
     for d in (tmp_path / "empty", tmp_path / "a" / "b" / "c"):
-        _loads_as(d, "fp8_per_channel_static")
+        assert _saved_weight(d) == "fp8_per_channel_static"
 
 
 def test_through_a_symlink_to_an_earlier_export(model, earlier, tmp_path, guard):
@@ -441,7 +445,7 @@ def test_through_a_symlink_to_an_earlier_export(model, earlier, tmp_path, guard)
     link.symlink_to(earlier)
     oqcore.save_quantized(model, link)
     assert link.is_symlink()
-    _loads_as(earlier, "fp8_per_channel_static")
+    assert _saved_weight(earlier) == "fp8_per_channel_static"
 
 
 def test_stale_temporary_folders_are_cleaned_but_live_ones_kept(model, earlier, guard):
@@ -460,14 +464,14 @@ def test_stale_temporary_folders_are_cleaned_but_live_ones_kept(model, earlier, 
     finally:
         os.close(fd)
     assert not stale.exists() and live.exists() and unrelated.exists()
-    _loads_as(earlier, "fp8_per_channel_static")
+    assert _saved_weight(earlier) == "fp8_per_channel_static"
 
 
 def test_stale_folders_do_not_confuse_load(other, earlier):
     stale = earlier.parent / f".{earlier.name}{atomic.TMP_TAG}dead0002"
     shutil.copytree(earlier, stale)
     (stale / "model.safetensors").write_bytes(b"garbage")
-    _loads_as(earlier, "mxfp8")
+    assert _saved_weight(earlier) == "mxfp8"
 
 
 def test_the_saved_file_is_standard_safetensors(model, tmp_path):
