@@ -148,6 +148,8 @@ class InternalError(OqError):
 
 
 def short_repr(v: Any, limit: int = 60) -> str:
+    """``repr(v)`` cut to ``limit`` characters (``...`` marks the cut), for quoting a bad value in a
+    message; an object whose ``__repr__`` raises shows as ``<TypeName>``. Never raises."""
     try:
         text = repr(v)
     except Exception:  # a hostile __repr__ must not hide the real error
@@ -173,6 +175,8 @@ def _is_internal_loc(part: Any) -> bool:
 
 
 def did_you_mean(name: Any, valid: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` for the entry of ``valid`` closest to ``name`` (see
+    :func:`closest_name`), or ``""`` when none is close: a suffix for an error message."""
     close = closest_name(name, valid)
     return f"; did you mean {close!r}?" if close else ""
 
@@ -236,6 +240,8 @@ def _message(e: Mapping[str, Any], loc: list[Any], model: type[BaseModel] | None
 
 
 def field_names(model: type[BaseModel]) -> list[str]:
+    """The field names a user may write for pydantic ``model``: its fields, then the aliases its
+    ``FIELD_ALIASES`` class attribute declares (``quantization`` for ``scheme``)."""
     names = list(model.model_fields)
     extra = getattr(model, "FIELD_ALIASES", {})
     return names + [a for a in extra if a not in names]
@@ -254,6 +260,7 @@ def public_api(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        """``fn(*args, **kwargs)``, any exception that is not an :class:`OqError` raised as an :class:`InternalError`."""
         try:
             return fn(*args, **kwargs)
         except OqError:

@@ -144,10 +144,11 @@ class OnlineMethodBase(ABC):
         """
 
     @classmethod
+    @abstractmethod
     def weight_shapes(cls, layer: torch.nn.Module) -> list[tuple[int, ...]]:
         """The shapes the layer's weights are quantized at (``[N, K]``, or the canonical expert
-        stacks ``[E, 2I, H]`` and ``[E, H, I]``): what the oracle judges quantizers on."""
-        raise NotImplementedError
+        stacks ``[E, 2I, H]`` and ``[E, H, I]``): what the oracle judges quantizers on. Each
+        kind's base class implements it."""
 
     @abstractmethod
     def create_weights(self, layer: torch.nn.Module) -> None:

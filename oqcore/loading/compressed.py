@@ -74,6 +74,7 @@ class Feed:
     prefixes: dict[str, list[list[str]]] = field(default_factory=dict)
 
     def modules(self) -> list[str]:
+        """Every stored (checkpoint) module name feeding this layer, in order."""
         return [m for lists in self.prefixes.values() for mods in lists for m in mods]
 
 
@@ -155,6 +156,9 @@ def plan_feeds(
             experts[m].expert = i
 
     def group_of(names_: set[str], module: nn.Module, what: str) -> GroupScheme | None:
+        """The one config group whose targets match ``module`` under any of ``names_`` (its
+        checkpoint and model names), ``None`` when ignored or unmatched; two groups is a
+        :class:`oqcore.CheckpointError` naming ``what``."""
         hits = [g for g, s in cfg.config_groups.items() if any(is_match(n, module, s.targets) for n in names_)]
         if any(is_match(n, module, ignore) for n in names_):
             return None
@@ -657,6 +661,8 @@ def load_compressed(
     total = sum(e.nbytes for e in entries.values())
 
     def run(reader: TensorReader, tick) -> None:
+        """Read every quantized layer's stored tensors, then the high-precision ones, calling
+        ``tick(bytes)`` after each (progress)."""
         for f in feeds:
             tick(read_parts(f, wrappers[f.layer], expected[f.layer], plans[f.layer], by_module, reader, device))
         for g in groups:

@@ -121,6 +121,7 @@ class GroupScheme:
     num_bits: int
 
     def spec(self) -> dict:
+        """The oqcore spec mapping of this group: ``{"weight": name, "activation": name or None}``."""
         return {"weight": self.weight, "activation": self.activation}
 
 
