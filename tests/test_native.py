@@ -139,3 +139,16 @@ def test_legacy_helpers_prefix_still_compiles():
     """``C_HELPERS`` (prepended by sources written before oq_kernels.h) now just includes the header."""
     lib = NativeLibrary("oq_test_legacy", native.C_HELPERS + "OQ_INLINE int one(void) { return 1; }\nint oq_test_add(int a, int b) { return a + b + one() - 1; }\n", bind=_bind)
     assert lib.load().oq_test_add(2, 3) == 5
+
+
+def test_describe_says_what_runs_instead_and_why(monkeypatch):
+    from oq_toolkit import native
+
+    lib = native.NativeLibrary("oq_describe_probe", "int probe(void) { return 1; }")
+    monkeypatch.setenv("OQ_COMPILE", "0")
+    assert lib.describe("kernel", "the reference") == (False, "OQ_COMPILE=0: the reference")
+    monkeypatch.setattr(lib, "status", lambda: (False, "unavailable (no cc)"))
+    monkeypatch.delenv("OQ_COMPILE")
+    assert lib.describe("kernel", "the reference") == (False, "C kernel unavailable (no cc): the reference")
+    monkeypatch.setattr(lib, "status", lambda: (True, "compiled (oq_describe_probe)"))
+    assert lib.describe("kernel", "the reference") == (True, "kernel")

@@ -249,6 +249,17 @@ class NativeLibrary:
             return True, f"compiled ({self.name})"
         return False, f"unavailable ({self._error})"
 
+    def describe(self, available: str, fallback: str) -> tuple[bool, str]:
+        """``(available, text)`` for a backend's reason or a report: ``available`` when the library
+        loads, else what runs instead (``fallback``) and why (``OQ_COMPILE=0``, or the build or load
+        error). Loads (compiles) if needed."""
+        ok, reason = self.status()
+        if ok:
+            return True, available
+        if compile_disabled():
+            return False, f"OQ_COMPILE=0: {fallback}"
+        return False, f"C kernel {reason}: {fallback}"
+
     def reset(self) -> None:
         """Forget the loaded library and any remembered failure (the next ``load()`` retries)."""
         with self._lock:

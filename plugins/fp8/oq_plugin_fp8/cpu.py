@@ -49,7 +49,7 @@ from importlib.resources import files
 
 import torch
 
-from oq_toolkit.native import NativeLibrary, compile_disabled
+from oq_toolkit.native import NativeLibrary
 
 GEMV_MAX_M = 4
 """Batches up to this size run the fused GEMV (register-blocked over 4 tokens); larger ones the
@@ -96,12 +96,9 @@ def load_library():
 
 def kernel_status() -> tuple[bool, str]:
     """``(compiled kernel available, description)`` for backend reasons and reports."""
-    ok, reason = LIBRARY.status()
-    if ok:
-        return True, "compiled C kernel (fused fp8 dequantize-and-GEMV, tiled dequantize + torch.mm)"
-    if compile_disabled():
-        return False, "OQ_COMPILE=0: eager torch tiles (slow)"
-    return False, f"C kernel {reason}: eager torch tiles (slow)"
+    return LIBRARY.describe(
+        "compiled C kernel (fused fp8 dequantize-and-GEMV, tiled dequantize + torch.mm)", "eager torch tiles (slow)"
+    )
 
 
 def _check(q: torch.Tensor, scale: torch.Tensor, kind: int, gr: int, gc: int, ld: int) -> None:

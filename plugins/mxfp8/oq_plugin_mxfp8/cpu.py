@@ -26,7 +26,7 @@ from importlib.resources import files
 import torch
 
 from oq_plugin_fp8.cpu import CSRC_DIR as FP8_CSRC_DIR
-from oq_toolkit.native import NativeLibrary, compile_disabled
+from oq_toolkit.native import NativeLibrary
 
 _DT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -55,12 +55,7 @@ def load_library():
 
 def kernel_status() -> tuple[bool, str]:
     """``(compiled quantizer available, description)`` for reasons and reports; compiles on first call."""
-    ok, reason = LIBRARY.status()
-    if ok:
-        return True, "compiled C kernel (mxfp8 quantizer)"
-    if compile_disabled():
-        return False, "OQ_COMPILE=0: torch reference quantizer"
-    return False, f"C kernel {reason}: torch reference quantizer"
+    return LIBRARY.describe("compiled C kernel (mxfp8 quantizer)", "torch reference quantizer")
 
 
 def _require_finite(w: torch.Tensor) -> None:
