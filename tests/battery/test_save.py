@@ -120,28 +120,20 @@ def test_into_a_folder_containing_the_source(model, src, guard):
     assert "source" in str(info.value) and (src / "config.json").is_file()
 
 
-def test_over_a_folder_that_is_not_an_export(model, tmp_path, guard):
+NOT_EXPORTS = [
+    ("user-files", "notes.txt", "precious"),
+    ("broken-config", "config.json", "{not json"),
+    ("other-tool", "config.json", '{"quantization_config": {"quant_method": "compressed-tensors"}}'),  # not written by oqcore
+]
+
+
+@pytest.mark.parametrize("file, text", [c[1:] for c in NOT_EXPORTS], ids=[c[0] for c in NOT_EXPORTS])
+def test_over_a_folder_that_is_not_an_export(model, tmp_path, guard, file, text):
     dest = tmp_path / "mine"
     dest.mkdir()
-    (dest / "notes.txt").write_text("precious")
+    (dest / file).write_text(text)
     _fails(model, dest, str(dest), "not an earlier oqcore export")
-    assert (dest / "notes.txt").read_text() == "precious"
-
-
-def test_over_a_folder_with_a_broken_config(model, tmp_path, guard):
-    dest = tmp_path / "mine"
-    dest.mkdir()
-    (dest / "config.json").write_text("{not json")
-    _fails(model, dest, str(dest), "not an earlier oqcore export")
-    assert (dest / "config.json").read_text() == "{not json"
-
-
-def test_over_another_tools_quantized_folder(model, tmp_path, guard):
-    dest = tmp_path / "ct"
-    dest.mkdir()
-    (dest / "config.json").write_text('{"quantization_config": {"quant_method": "compressed-tensors"}}')
-    _fails(model, dest, str(dest), "not an earlier oqcore export")
-    assert "compressed-tensors" in (dest / "config.json").read_text()
+    assert (dest / file).read_text() == text
 
 
 def test_onto_a_file(model, tmp_path, guard):
