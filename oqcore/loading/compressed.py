@@ -56,7 +56,6 @@ _MOE_PREFIX = OnlineMoEMethodBase.QUANTIZED_NAMES  # fused experts' parameters -
 
 _PACKED, _PACKED_SHAPE = "weight_packed", "weight_shape"
 
-_EXPERT_PROBE = nn.Linear(1, 1, device="meta")  # what a per-expert projection is to compressed-tensors' matcher
 
 
 # -- which layers the groups quantize -------------------------------------------------------------------
@@ -155,6 +154,10 @@ def plan_feeds(
         for i, m in enumerate(mods):
             experts[m].expert = i
 
+    # what a per-expert projection is to compressed-tensors' matcher (a Linear), built per call: no
+    # module is made at import time
+    expert_probe = nn.Linear(1, 1, device="meta")
+
     def group_of(names_: set[str], module: nn.Module, what: str) -> GroupScheme | None:
         """The one config group whose targets match ``module`` under any of ``names_`` (its
         checkpoint and model names), ``None`` when ignored or unmatched; two groups is a
@@ -187,7 +190,7 @@ def plan_feeds(
             for x in mine:
                 last = x.module.rpartition(".")[2]
                 got[x.module] = group_of(
-                    {x.module, f"{name}.{x.expert}.{last}"}, _EXPERT_PROBE, f"expert projection {x.module!r}"
+                    {x.module, f"{name}.{x.expert}.{last}"}, expert_probe, f"expert projection {x.module!r}"
                 )
             distinct = {None if g is None else g.group for g in got.values()}
             if distinct == {None}:
