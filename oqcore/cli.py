@@ -265,7 +265,7 @@ def build_config(config: str | None, overrides: list[str], interpolate: bool = F
 
 def saved_config(path: Path):
     """The config a folder written by :func:`oqcore.save_quantized` was quantized with (or the one a
-    compressed-tensors checkpoint reads as), or ``None`` for a high-precision checkpoint (or a folder
+    compressed-tensors, FineGrainedFP8 or ModelOpt FP8 checkpoint reads as), or ``None`` for a high-precision checkpoint (or a folder
     whose config.json cannot be read: the model build reports that with the file named).
 
     Raises :class:`oqcore.CheckpointError` naming config.json when the folder is already quantized
@@ -279,18 +279,21 @@ def saved_config(path: Path):
         raw = read_model_config(path)
     except CheckpointError:
         return None
+    from oqcore.loading.compressed import stored_config
+    from oqcore.loading.ct_config import declares_compressed_tensors
+    from oqcore.loading.peer_configs import declares_peer_format
+
+    if declares_compressed_tensors(raw) or declares_peer_format(path, raw):
+        return stored_config(path)  # read as stored, like an oqcore export
     qc = raw.get("quantization_config") if isinstance(raw, dict) else None
     if qc is None:
         return None
-    from oqcore.loading.compressed import stored_config
-    from oqcore.loading.ct_config import declares_compressed_tensors
-
-    if declares_compressed_tensors(raw):
-        return stored_config(path)  # read as stored, like an oqcore export
     if isinstance(qc, dict) and qc.get("quant_method") != QUANT_METHOD:
+        from oqcore.loading.checks import READ_FORMATS
+
         raise CheckpointError(
             f"{path / 'config.json'}: the checkpoint is already quantized (quant_method={qc.get('quant_method', 'unknown')!r}); "
-            "oq quantizes bf16/fp16/fp32 checkpoints and reads oqcore exports and compressed-tensors checkpoints. "
+            f"oq quantizes bf16/fp16/fp32 checkpoints and reads {READ_FORMATS}. "
             "Load it with its own quantization method instead."
         )
     return read_saved_config(raw, path / "config.json")

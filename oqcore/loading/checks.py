@@ -21,14 +21,31 @@ from oqcore.torch_compat import get_buffer, get_parameter, has_parameter
 CT_QUANT_METHOD = "compressed-tensors"
 """``quant_method`` of compressed-tensors checkpoints (read by :mod:`oqcore.loading.compressed`)."""
 
+FP8_QUANT_METHOD = "fp8"
+"""``quant_method`` of transformers FineGrainedFP8 / vLLM fp8 checkpoints (read through
+:mod:`oqcore.loading.peer_configs`)."""
+
+MODELOPT_QUANT_METHOD = "modelopt"
+"""``quant_method`` (prefix, any case) of NVIDIA ModelOpt checkpoints that say so in config.json."""
+
+MODELOPT_FILE = "hf_quant_config.json"
+"""The file in which NVIDIA ModelOpt keeps its quantization metadata (read through
+:mod:`oqcore.loading.peer_configs`)."""
+
+READ_FORMATS = (
+    f"{CT_QUANT_METHOD!r}, transformers FineGrainedFP8 ({FP8_QUANT_METHOD!r}) and NVIDIA ModelOpt FP8 "
+    f"({MODELOPT_QUANT_METHOD!r} or {MODELOPT_FILE}) checkpoints and its own exports"
+)
+"""What oqcore reads already quantized, for messages."""
+
 NOT_SUPPORTED = (
     "already quantized; reading such checkpoints is not supported yet (online quantization needs a "
     "bf16/fp16/fp32 checkpoint: load the high-precision original, or this one with the tool that wrote it)"
 )
 
-# Files in which other tools keep quantization metadata outside config.json.
+# Files in which other tools keep quantization metadata outside config.json (ModelOpt's
+# MODELOPT_FILE is read, not refused: :func:`oqcore.loading.peer_configs.declares_peer_format`).
 QUANT_METADATA_FILES = {
-    "hf_quant_config.json": "NVIDIA ModelOpt",
     "quantize_config.json": "GPTQ / AutoGPTQ",
     "quant_config.json": "AWQ",
 }
@@ -48,16 +65,21 @@ QUANT_SUFFIXES = ("_weight_scale", "_scale_inv", "_input_scale", "_blocks", "_sc
 
 def check_quant_metadata(path: Path, raw: dict) -> None:
     """Refuse a checkpoint whose metadata says it is quantized in a way oqcore cannot run: a
-    ``quantization_config`` in ``config.json`` other than oqcore's own and compressed-tensors' (the
-    caller routes those to :mod:`oqcore.loading.saved` / :mod:`oqcore.loading.compressed`), naming
-    its ``quant_method``, or another tool's quantization file beside it (:data:`QUANT_METADATA_FILES`)."""
+    ``quantization_config`` in ``config.json`` other than oqcore's own, compressed-tensors' and the
+    peer formats oqcore reads (the caller routes those to :mod:`oqcore.loading.saved` /
+    :mod:`oqcore.loading.compressed`), naming its ``quant_method``, or another tool's quantization
+    file beside it (:data:`QUANT_METADATA_FILES`)."""
     qc = raw.get("quantization_config")
-    if qc and qc.get("quant_method") not in (QUANT_METHOD, CT_QUANT_METHOD):
+    method = qc.get("quant_method") if qc else None
+    readable = method in (QUANT_METHOD, CT_QUANT_METHOD, FP8_QUANT_METHOD) or (
+        isinstance(method, str) and method.lower().startswith(MODELOPT_QUANT_METHOD)
+    )
+    if qc and not readable:
         method = qc.get("quant_method", "unknown")
         raise CheckpointError(
             f"{path / 'config.json'}: the checkpoint is already quantized (quant_method={method!r}), in a format oqcore "
-            f"cannot run; oqcore reads {CT_QUANT_METHOD!r} checkpoints and its own exports, and quantizes "
-            "bf16/fp16/fp32 checkpoints online. Load this one with its own quantization method instead."
+            f"cannot run; oqcore reads {READ_FORMATS}, and quantizes bf16/fp16/fp32 checkpoints online. Load this one "
+            "with its own quantization method instead."
         )
     for name, tool in QUANT_METADATA_FILES.items():
         f = path / name

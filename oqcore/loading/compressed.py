@@ -46,6 +46,7 @@ from oqcore.loading.checks import _check_expert_indices, check_against_model, is
 from oqcore.loading.install import install_wrappers
 from oqcore.loading.meta import build_meta_model, read_model_config
 from oqcore.loading.names import NameMapper, TargetGroup, is_expert_fusion
+from oqcore.loading.peer_configs import peer_view
 from oqcore.loading.place import assign_tensor
 from oqcore.loading.saved import check_quantized_values, finish_stored_load
 from oqcore.loading.state import LoadStats
@@ -578,16 +579,25 @@ def _compiles(p: str) -> bool:
 
 def _read_plan(path: Path, dtype: torch.dtype):
     """Everything decided before a tensor is read: ``(ct config, header entries, meta model, feeds,
-    used modules, the oqcore config)``."""
+    used modules, the oqcore config)``. A peer's FP8 checkpoint (FineGrainedFP8, ModelOpt) is read
+    through its compressed-tensors view (:func:`oqcore.loading.peer_configs.peer_view`): its
+    config, its tensors under compressed-tensors' names."""
     from oqcore.plugins import get_registry
 
     cfg_file = path / "config.json"
     raw = read_model_config(path)
-    cfg = ct_config(raw, cfg_file)
     reg = get_registry()
+    peer = peer_view(path, raw, reg)
+    if peer is not None:
+        raw, cfg_file = peer.config_json(), peer.source
+    cfg = ct_config(raw, cfg_file)
     schemes = {name: match_group(name, g, cfg_file, reg) for name, g in cfg.config_groups.items()}
     entries = {e.name: e for e in checkpoint_entries(path)}
+    if peer is not None:
+        entries = peer.tensor_entries(entries)
     model = build_meta_model(path, dtype)
+    if peer is not None:
+        cfg.ignore = [*(cfg.ignore or []), *peer.model_ignore(model)]
     feeds, used = plan_feeds(model, cfg, schemes, entries, path)
     if not feeds:
         raise CheckpointError(

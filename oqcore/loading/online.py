@@ -42,6 +42,7 @@ from oqcore.loading.install import install_wrappers, process_layer
 from oqcore.loading.memory import PeakRSS, release_free_memory
 from oqcore.loading.meta import build_meta_model, read_model_config, resolve_model_dtype
 from oqcore.loading.names import NameMapper, is_expert_fusion
+from oqcore.loading.peer_configs import declares_peer_format
 from oqcore.loading.place import assign_tensor, finalize, param_owner, placeholder_dtype
 from oqcore.loading.saved import load_quantized
 from oqcore.loading.staging import StagingPool
@@ -75,7 +76,9 @@ def load(
     ``progress(done_bytes, total_bytes)`` is called as tensors are read. A folder written by
     :func:`oqcore.save_quantized` is read back without re-quantizing (``config`` must then be
     ``None`` or equal to the saved one), and so is a compressed-tensors checkpoint
-    (``quant_method: compressed-tensors``, :mod:`oqcore.loading.compressed`).
+    (``quant_method: compressed-tensors``, :mod:`oqcore.loading.compressed`), a transformers
+    FineGrainedFP8 one (``quant_method: fp8``) and an NVIDIA ModelOpt FP8 one
+    (``hf_quant_config.json`` or ``quant_method: modelopt``; :mod:`oqcore.loading.peer_configs`).
 
     Before any weight is read, the folder, ``config.json``, the shard index and every safetensors
     header are checked (and against the model: tensor kinds, shapes, expert counts), and a
@@ -103,7 +106,7 @@ def load(
     raw = read_model_config(path)
     if declares_export(raw):
         return load_quantized(path, config, device=dev, dtype=dtype, progress=progress)
-    if declares_compressed_tensors(raw):
+    if declares_compressed_tensors(raw) or declares_peer_format(path, raw):
         return load_compressed(path, config, device=dev, dtype=dtype, progress=progress)
     check_quant_metadata(path, raw)
     # every header and the shard index, before the model is even built
