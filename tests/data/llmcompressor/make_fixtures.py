@@ -46,39 +46,39 @@ HERE = Path(__file__).resolve().parent
 SEED = 0
 
 # transformers config arguments of the two source models (bf16, random init from SEED)
-DENSE_SOURCE = dict(
-    model_type="llama",
-    hidden_size=128,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=1,
-    head_dim=32,
-    vocab_size=64,
-    tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
+DENSE_SOURCE = {
+    "model_type": "llama",
+    "hidden_size": 128,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 1,
+    "head_dim": 32,
+    "vocab_size": 64,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+}
 # Every in-features is a multiple of 128: model_free_ptq 0.14.0.1 crashes on FP8_BLOCK when K % 128
 # != 0 (it saves the un-padded weight as a non-contiguous slice: safetensors refuses it).
-MOE_SOURCE = dict(
-    model_type="qwen3_moe",
-    hidden_size=128,
-    intermediate_size=128,
-    moe_intermediate_size=128,
-    num_experts=2,
-    num_experts_per_tok=1,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=1,
-    head_dim=32,
-    vocab_size=64,
-    tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
+MOE_SOURCE = {
+    "model_type": "qwen3_moe",
+    "hidden_size": 128,
+    "intermediate_size": 128,
+    "moe_intermediate_size": 128,
+    "num_experts": 2,
+    "num_experts_per_tok": 1,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 1,
+    "head_dim": 32,
+    "vocab_size": 64,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+}
 
 DENSE_IGNORE = ["model.embed_tokens", "lm_head"]
 MOE_IGNORE = ["model.embed_tokens", "lm_head", "re:.*mlp.gate$"]
