@@ -663,7 +663,7 @@ def load_compressed(
     for k, e in rest.items():
         if is_quant_name(k) or e.is_float8:
             raise CheckpointError(
-                f"{e.file}: tensor {k!r} ({e.describe()}) is quantized, but config.json's quantization_config does "
+                f"{e.file}: tensor {e.name!r} ({e.describe()}) is quantized, but config.json's quantization_config does "
                 f"not quantize layer {k.rpartition('.')[0]!r} (ignored, or matched by no config group)"
             )
     names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
