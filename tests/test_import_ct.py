@@ -321,7 +321,7 @@ def test_asymmetric_weights_are_refused(minilm, tmp_path_factory, tmp_path):
     assert "asymmetric weights with zero points" in str(e.value)
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq", "bitsandbytes", "fp8"])
+@pytest.mark.parametrize("method", ["gptq", "awq", "bitsandbytes", "torchao"])
 def test_other_quant_methods_are_refused(method, minilm, tmp_path):
     folder = _copy(minilm, tmp_path)
     cfg = json.loads((folder / "config.json").read_text())
@@ -330,8 +330,10 @@ def test_other_quant_methods_are_refused(method, minilm, tmp_path):
     with pytest.raises(
         CheckpointError,
         match=rf"config.json: the checkpoint is already quantized \(quant_method='{method}'\), in a format oqcore cannot run",
-    ):
+    ) as e:
         oqcore.load(folder)
+    # what oqcore does read, by name (FineGrainedFP8 and ModelOpt: tests/test_import_peers.py)
+    assert "'compressed-tensors', transformers FineGrainedFP8 ('fp8') and NVIDIA ModelOpt FP8" in str(e.value)
 
 
 MALFORMED = [

@@ -385,11 +385,10 @@ def test_lone_scale_tensor_is_refused(ckpt):
 @pytest.mark.parametrize(
     "name,content,culprits",
     [
-        ("hf_quant_config.json", {"producer": {"name": "modelopt"}, "quantization": {"quant_algo": "FP8"}}, ["ModelOpt", "quant_algo='FP8'"]),
         ("quantize_config.json", {"bits": 4, "group_size": 128, "desc_act": False}, ["GPTQ", "bits=4", "group_size=128"]),
         ("quant_config.json", {"w_bit": 4, "q_group_size": 128}, ["AWQ", "w_bit=4"]),
     ],
-    ids=["modelopt", "gptq", "awq"],
+    ids=["gptq", "awq"],
 )
 def test_quantization_metadata_outside_config_json_is_refused(ckpt, name, content, culprits):
     (ckpt / name).write_text(json.dumps(content))
@@ -398,9 +397,29 @@ def test_quantization_metadata_outside_config_json_is_refused(ckpt, name, conten
 
 
 def test_declared_quant_method_is_still_refused(ckpt):
-    _edit_config(ckpt, lambda c: c.update(quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]}))
-    with raises_naming(CheckpointError, str(ckpt / "config.json"), "quant_method='fp8'"):
+    _edit_config(ckpt, lambda c: c.update(quantization_config={"quant_method": "gptq", "bits": 4}))
+    with raises_naming(CheckpointError, str(ckpt / "config.json"), "quant_method='gptq'", "transformers FineGrainedFP8 ('fp8')"):
         oqcore.load(ckpt, "fp8_per_block")
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        ("config.json", {"quant_method": "fp8", "weight_block_size": [128, 128]}),
+        ("hf_quant_config.json", {"producer": {"name": "modelopt"}, "quantization": {"quant_algo": "FP8"}}),
+    ],
+    ids=["finegrained-fp8", "modelopt"],
+)
+def test_fp8_metadata_on_a_high_precision_checkpoint_names_the_weight(ckpt, metadata):
+    """FineGrainedFP8 and ModelOpt checkpoints are read as stored (tests/test_import_peers.py); their
+    metadata over bf16 tensors is a CheckpointError naming the first quantized layer's weight."""
+    name, content = metadata
+    if name == "config.json":
+        _edit_config(ckpt, lambda c: c.update(quantization_config=content))
+    else:
+        (ckpt / name).write_text(json.dumps(content))
+    with raises_naming(CheckpointError, str(ckpt / F), "tensor 'model.layers.0.self_attn.q_proj.weight' is BF16 [160, 160]", "expects float8_e4m3fn"):
+        oqcore.load(ckpt)
 
 
 def test_prequantized_detection_reads_no_tensor(ckpt, monkeypatch):
