@@ -43,8 +43,8 @@ from oqcore import CheckpointError
 from oqcore.loading.peer_configs import modelopt_exclude_patterns, transformers_skip_patterns
 
 pytest.importorskip("compressed_tensors")
-from test_import_ct import _fake_quant_inputs, _rel_err, _same  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
+from test_import_ct import _fake_quant_inputs, _rel_err, _same
+from typer.testing import CliRunner
 
 F = "model.safetensors"
 FP8 = torch.float8_e4m3fn
@@ -183,7 +183,9 @@ def _assert_stored_bytes(model, folder: Path, requantized_w13: bool = False) -> 
         w, e, shard = model.oq_state.wrappers[fused], int(m.group(2)), _SHARD[m.group(3)]
         seen.add(fused)
         if shard is None:
-            assert _same(w.w2_weight[e], q) and torch.equal(w.w2_weight_scale[e], s.reshape(w.w2_weight_scale[e].shape)), mod
+            assert _same(w.w2_weight[e], q) and torch.equal(
+                w.w2_weight_scale[e], s.reshape(w.w2_weight_scale[e].shape)
+            ), mod
             continue
         if requantized_w13:
             continue
@@ -280,7 +282,9 @@ def test_finegrained_modules_to_not_convert_keep_transformers_meaning(minilm, tm
     folder = _folder("fg", minilm, tmp_path_factory, skip=skip)
     model = oqcore.load(folder, dtype=torch.float32)
     wrapped = _assert_stored_bytes(model, folder)
-    assert not any(n.endswith("attention.output.dense") or n.startswith(("encoder.layer.4.", "encoder.layer.5.")) for n in wrapped)
+    assert not any(
+        n.endswith("attention.output.dense") or n.startswith(("encoder.layer.4.", "encoder.layer.5.")) for n in wrapped
+    )
     assert "encoder.layer.0.attention.self.query" in wrapped and "pooler.dense" in wrapped
     assert len(wrapped) == 37 - 2 * 6 - 4  # layers 4 and 5 (6 linears each), attention.output.dense of layers 0-3
 
@@ -341,7 +345,9 @@ def test_finegrained_gpt_oss_fused_experts_are_refused(tiny_moe, tmp_path):
     for k in [k for k in t if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
         t.update(Fp8Quantize(SimpleNamespace(quantization_config=qc)).convert({k: t.pop(k)}))
     save_file(t, folder / F, metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor 'model.layers.0.mlp.experts.(gate_up|down)_proj") as e:
+    with pytest.raises(
+        CheckpointError, match=r"model.safetensors: tensor 'model.layers.0.mlp.experts.(gate_up|down)_proj"
+    ) as e:
         oqcore.load(folder)
     assert "GptOssForCausalLM" in str(e.value) and "fused" in str(e.value)
 
@@ -385,7 +391,10 @@ def test_modelopt_moe_gate_and_up_scales_requantized_as_vllm_does(tiny_moe, tmp_
     moe = model.oq_state.wrappers["model.layers.1.mlp.experts"]
     base = "model.layers.1.mlp.experts"
     for e in range(moe.layout.num_experts):
-        g, u = (_dequant(stored[f"{base}.{e}.{p}.weight"], stored[f"{base}.{e}.{p}.weight_scale"]) for p in ("gate_proj", "up_proj"))
+        g, u = (
+            _dequant(stored[f"{base}.{e}.{p}.weight"], stored[f"{base}.{e}.{p}.weight_scale"])
+            for p in ("gate_proj", "up_proj")
+        )
         ref = oqcore.quantize_tensor(torch.cat([g, u]), "fp8_per_tensor_static", quantizer="torch")
         assert _same(moe.w13_weight[e], ref.qdata) and torch.equal(moe.w13_weight_scale[e], ref.scale), e
     assert _targets(model) == {("fp8_per_tensor_static", "fp8_per_tensor_dynamic")}
@@ -404,7 +413,11 @@ def test_oq_explain_reads_the_stored_config(kind, minilm, tmp_path_factory):
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
     assert data["saved"] is True
-    want = ("fp8_per_block_static", "fp8_per_block_dynamic") if kind == "fg" else ("fp8_per_tensor_static", "fp8_per_tensor_dynamic")
+    want = (
+        ("fp8_per_block_static", "fp8_per_block_dynamic")
+        if kind == "fg"
+        else ("fp8_per_tensor_static", "fp8_per_tensor_dynamic")
+    )
     rows = [row for row in data["layers"] if row["kind"] == "linear" and row.get("weight")]
     assert len(rows) == (37 if kind == "fg" else 36)
     assert all((row["weight"], row["activation"]) == want for row in rows)
@@ -510,8 +523,13 @@ def test_modelopt_bad_inputs(where, edit, culprits, minilm, tmp_path_factory, tm
 def test_modelopt_metadata_on_a_bf16_checkpoint_names_the_weight(minilm, tmp_path):
     """hf_quant_config.json says FP8, the tensors are bf16/f32: the first quantized layer's weight is named."""
     folder = _copy(minilm, tmp_path)
-    (folder / "hf_quant_config.json").write_text(json.dumps({"producer": {"name": "modelopt"}, "quantization": {"quant_algo": "FP8"}}))
-    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor '.*\.weight' is F32 \[\d+, \d+\], quantized layer .* expects float8_e4m3fn"):
+    (folder / "hf_quant_config.json").write_text(
+        json.dumps({"producer": {"name": "modelopt"}, "quantization": {"quant_algo": "FP8"}})
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"model.safetensors: tensor '.*\.weight' is F32 \[\d+, \d+\], quantized layer .* expects float8_e4m3fn",
+    ):
         oqcore.load(folder)
 
 
@@ -524,7 +542,9 @@ NAMES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("key", ["lm_head", "mlp.gate", "model.layers.1", r"model.layers.*", "fc1", "experts", "dense", "q_proj"])
+@pytest.mark.parametrize(
+    "key", ["lm_head", "mlp.gate", "model.layers.1", r"model.layers.*", "fc1", "experts", "dense", "q_proj"]
+)
 def test_transformers_skip_patterns_match_should_convert_module(key):
     from compressed_tensors.utils import match_name
     from transformers.quantizers.quantizers_utils import should_convert_module
@@ -537,7 +557,9 @@ def test_transformers_skip_patterns_match_should_convert_module(key):
         assert ours == (theirs or not should_convert_module(owner, [key])), (key, name)
 
 
-@pytest.mark.parametrize("pattern", ["lm_head", "model.layers.1*", "model.layers.1.*", "*mlp.gate", "*.q_proj", "vision_tower*"])
+@pytest.mark.parametrize(
+    "pattern", ["lm_head", "model.layers.1*", "model.layers.1.*", "*mlp.gate", "*.q_proj", "vision_tower*"]
+)
 def test_modelopt_exclude_patterns_match_vllm_is_layer_excluded(pattern):
     from compressed_tensors.utils import match_name
 

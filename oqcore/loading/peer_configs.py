@@ -54,9 +54,10 @@ import dataclasses
 import fnmatch
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from oqcore.errors import CheckpointError
 from oqcore.loading.checkpoint import TensorEntry, read_json_object
@@ -145,7 +146,11 @@ class PeerView:
         for mod, local in modules.items():
             w = local.get("weight")
             if w is not None and w.is_float8 and _STORED_SCALE not in local:
-                names = " or ".join(repr(f"{mod}.{n}") for n, to in [*self.renames.items(), (_STORED_SCALE, _STORED_SCALE)] if to == _STORED_SCALE)
+                names = " or ".join(
+                    repr(f"{mod}.{n}")
+                    for n, to in [*self.renames.items(), (_STORED_SCALE, _STORED_SCALE)]
+                    if to == _STORED_SCALE
+                )
                 raise CheckpointError(
                     f"{w.file}: tensor {w.name!r} is {w.describe()}, but its scale ({names}) is missing: a {self.format} "
                     "checkpoint stores one beside each quantized weight"
@@ -171,7 +176,9 @@ def declares_peer_format(path: Path, raw: object) -> bool:
     qc = raw.get("quantization_config") if isinstance(raw, dict) else None
     if isinstance(qc, dict):
         method = qc.get("quant_method")
-        return isinstance(method, str) and (method == FP8_QUANT_METHOD or method.lower().startswith(MODELOPT_QUANT_METHOD))
+        return isinstance(method, str) and (
+            method == FP8_QUANT_METHOD or method.lower().startswith(MODELOPT_QUANT_METHOD)
+        )
     return qc is None and (Path(path) / MODELOPT_FILE).is_file()
 
 
@@ -198,7 +205,15 @@ def peer_view(path: Path, raw: dict, registry: Any = None) -> PeerView | None:
         q = obj.get("quantization")
         if not isinstance(q, dict):
             raise CheckpointError(f"{f}: field 'quantization' must be an object with 'quant_algo', found {q!r}")
-        view = _modelopt(f, "quantization", q.get("quant_algo"), q.get("kv_cache_quant_algo"), "kv_cache_quant_algo", q.get("exclude_modules"), "exclude_modules")
+        view = _modelopt(
+            f,
+            "quantization",
+            q.get("quant_algo"),
+            q.get("kv_cache_quant_algo"),
+            "kv_cache_quant_algo",
+            q.get("exclude_modules"),
+            "exclude_modules",
+        )
     if registry is not None:
         _check_readable(view, registry)
     return view
@@ -235,7 +250,9 @@ def _finegrained(cfg_file: Path, qc: dict) -> PeerView:
         if qc.get(name, want) != want:
             raise bad(name, qc[name], f"oqcore reads {want!r} (float32 block scales, fp8 experts) only")
     if qc.get("modules_to_convert"):
-        raise bad("modules_to_convert", qc["modules_to_convert"], "oqcore does not quantize embeddings; it must be empty")
+        raise bad(
+            "modules_to_convert", qc["modules_to_convert"], "oqcore does not quantize embeddings; it must be empty"
+        )
     block = qc.get("weight_block_size")
     if block is not None and not (
         isinstance(block, list) and len(block) == 2 and all(type(b) is int and b > 0 for b in block)
@@ -250,7 +267,9 @@ def _finegrained(cfg_file: Path, qc: dict) -> PeerView:
         try:
             re.compile(s)
         except re.error as e:
-            raise bad(skip_field, skip, f"entry {s!r} is not a regular expression transformers can match ({e})") from None
+            raise bad(
+                skip_field, skip, f"entry {s!r} is not a regular expression transformers can match ({e})"
+            ) from None
         ignore += transformers_skip_patterns(s)
     if block is None:
         weights = _fp8_args("tensor", False)
@@ -310,7 +329,9 @@ def _modelopt(src: Path, where: str, algo: Any, kv: Any, kv_field: str, exclude:
             "oqcore does not do; export without KV-cache quantization, or serve the checkpoint with vLLM"
         )
     if exclude is not None and not (isinstance(exclude, list) and all(isinstance(s, str) for s in exclude)):
-        raise CheckpointError(f"{src}: {where}.{exclude_field} is {exclude!r}; it must be a list of module names or wildcards")
+        raise CheckpointError(
+            f"{src}: {where}.{exclude_field} is {exclude!r}; it must be a list of module names or wildcards"
+        )
     weights, acts, skipped, reshape = _MODELOPT_ALGOS[algo.upper()]
     ignore = [p for s in exclude or [] for p in modelopt_exclude_patterns(s)]
     return PeerView(
@@ -351,4 +372,6 @@ def _check_readable(view: PeerView, registry: Any) -> None:
             match_group(name, group, view.source, registry)
         except CheckpointError as e:
             why = str(e).split(": ", 2)[-1]
-            raise CheckpointError(f"{view.source}: {view.field}: no registered oqcore scheme reads this {view.format} layout: {why}") from None
+            raise CheckpointError(
+                f"{view.source}: {view.field}: no registered oqcore scheme reads this {view.format} layout: {why}"
+            ) from None
