@@ -31,6 +31,7 @@ import typer
 from typer.core import TyperGroup
 
 from oqcore.errors import CheckpointError, ConfigError, InternalError, OqError, SaveError, UnknownKeyError
+from oqcore.saved_format import DEFAULT_FORMAT, EXPORT_FORMATS
 
 DEFAULT_SCHEME = "fp8_per_block"
 
@@ -508,7 +509,7 @@ def quantize(
     model: Annotated[Optional[Path], typer.Option(help="Hugging Face model folder (config.json + safetensors), or a folder oq quantize --out wrote. Default: the bundled all-MiniLM-L6-v2.")] = None,
     config: ConfigOpt = None,
     out: Annotated[Optional[Path], typer.Option(help="Save the quantized model to this folder (oqcore.load reads it back).")] = None,
-    out_format: Annotated[str, typer.Option("--format", help="Format --out writes: oqcore, or compressed-tensors (what llm-compressor writes and vLLM serves).")] = "oqcore",
+    out_format: Annotated[str, typer.Option("--format", help="Format --out writes: compressed-tensors (what llm-compressor writes and vLLM serves; the default), or oqcore (oqcore's own layout, for what compressed-tensors cannot hold).")] = DEFAULT_FORMAT,
     json_file: Annotated[Optional[Path], typer.Option("--json", help="Write the figures to this JSON file.")] = None,
     device: Annotated[str, typer.Option(help="Device to load onto.")] = "cpu",
     interpolate: InterpolateOpt = False,
@@ -525,10 +526,8 @@ def quantize(
     from oqcore.loading import bundled_model_dir
 
     config, overrides = _split_args(config, args)
-    from oqcore.export import FORMATS
-
-    if out_format not in FORMATS:
-        raise ConfigError(f"unknown format {out_format!r}; formats: {', '.join(FORMATS)}", "--format")
+    if out_format not in EXPORT_FORMATS:
+        raise ConfigError(f"unknown format {out_format!r}; formats: {', '.join(EXPORT_FORMATS)}", "--format")
     dev = _device(device)
     path = model if model is not None else bundled_model_dir()
     cfg, saved = resolve_config(path, config, overrides, interpolate)
@@ -613,7 +612,7 @@ def make_model(
     arch: Annotated[str, typer.Argument(help="mixtral, qwen3_moe, olmoe or gpt_oss.")],
     out: Annotated[Path, typer.Argument(help="Folder to write (config.json + model.safetensors); must not exist or be empty.")],
     hidden_size: Annotated[int, typer.Option(help="Hidden size H.")] = 160,
-    intermediate_size: Annotated[int, typer.Option(help="Expert intermediate size I.")] = 96,
+    intermediate_size: Annotated[int, typer.Option(help="Expert intermediate size I (a multiple of 128, as in real models, lets every scheme export to compressed-tensors).")] = 128,
     layers: Annotated[int, typer.Option(help="Decoder layers.")] = 2,
     experts: Annotated[Optional[int], typer.Option(help="Experts per layer (default 4).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed of the init.")] = 0,

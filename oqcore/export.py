@@ -1,10 +1,10 @@
 """Saving a quantized model as a complete model folder (reading it back: :mod:`oqcore.loading.saved`).
 
-The folder holds ``model.safetensors`` (quantized weights and scales under the wrappers' names,
-everything else in high precision), the source ``config.json`` with a ``quantization_config``
-entry (``quant_method: "oqcore"``, the config, the format version: :mod:`oqcore.saved_format`) and
-the source folder's other small files (tokenizer, sentence-transformers metadata), so it is a
-complete model folder.
+The folder holds ``model.safetensors``, the source ``config.json`` with a ``quantization_config``
+entry and the source folder's other small files (tokenizer, sentence-transformers metadata), so it
+is a complete model folder. By default the tensors and the entry are compressed-tensors'
+(:mod:`oqcore.export_ct`); ``format="oqcore"`` keeps the wrappers' names and writes
+``quant_method: "oqcore"`` with the config and the format version (:mod:`oqcore.saved_format`).
 
 Saves are atomic at folder level (:mod:`oqcore.atomic`): the folder is written as a hidden sibling,
 fsynced and renamed into place, swapping out an earlier export; a failed or killed save leaves the
@@ -33,7 +33,7 @@ from oqcore.loading.checkpoint import ST_DTYPES
 from oqcore.loading.meta import read_model_config
 from oqcore.loading.place import param_owner
 from oqcore.loading.state import OqState, get_state
-from oqcore.saved_format import FORMAT_VERSION, PRODUCER, QUANT_METHOD, is_export
+from oqcore.saved_format import DEFAULT_FORMAT, EXPORT_FORMATS, FORMAT_VERSION, PRODUCER, PRODUCER_CONFIG, QUANT_METHOD, is_export
 from oqcore.torch_compat import own_parameters
 
 __all__ = ["FORMAT_VERSION", "QUANT_METHOD", "check_destination", "is_export", "save_quantized", "write_safetensors"]
@@ -48,18 +48,22 @@ _ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 # ---- saving --------------------------------------------------------------------------------------
 
 
-FORMATS = ("oqcore", "compressed-tensors")
+FORMATS = EXPORT_FORMATS
 
 
-def save_quantized(model: nn.Module, out: str | Path, format: str = "oqcore") -> Path:
+def save_quantized(model: nn.Module, out: str | Path, format: str = DEFAULT_FORMAT) -> Path:
     """Write ``model`` (from :func:`oqcore.load` / :func:`oqcore.quantize_`) to folder ``out``.
 
-    ``format="oqcore"`` writes ``model.safetensors`` (every quantized layer's tensors as its
-    method leaves them, e.g. ``weight`` fp8 ``[N, K]`` + ``weight_scale`` float32; everything else
-    in the model's dtype; tied weights once), ``config.json`` with ``quantization_config`` and the
-    source folder's other files. ``format="compressed-tensors"`` writes the format llm-compressor
-    writes and vLLM serves instead (:mod:`oqcore.export_ct`: the checkpoint's own tensor names,
-    experts per expert, a compressed-tensors ``quantization_config``). Returns the folder written
+    ``format="compressed-tensors"`` (the default) writes the format llm-compressor writes and vLLM
+    serves (:mod:`oqcore.export_ct`: the checkpoint's own tensor names, experts per expert, a
+    compressed-tensors ``quantization_config``), which transformers, vLLM and :func:`oqcore.load`
+    read. ``format="oqcore"`` writes ``model.safetensors`` with every quantized layer's tensors as
+    its method leaves them (e.g. ``weight`` fp8 ``[N, K]`` + ``weight_scale`` float32; fused
+    experts as ``w13_weight`` ...), everything else in the model's dtype (tied weights once) and
+    ``quantization_config = {quant_method: oqcore, ...}``: only :func:`oqcore.load` reads it, but
+    it holds what compressed-tensors cannot (GPT-OSS's fused experts, 128-row blocks straddling
+    gate and up, a scheme declaring no compressed-tensors form). Both copy the source folder's other
+    files (tokenizer, sentence-transformers modules). Returns the folder written
     (absolute, symlinks resolved; see :func:`check_destination`).
 
     The write is atomic: a hidden sibling folder (``.<name>.oq-tmp-*``) is written, fsynced and
@@ -69,7 +73,9 @@ def save_quantized(model: nn.Module, out: str | Path, format: str = "oqcore") ->
     refused. Raises :class:`oqcore.SaveError` naming the path for: ``out`` being the model's source
     checkpoint (or inside it, or containing it), a non-empty folder that is not an earlier export, a
     file, a read-only or full disk, a model oqcore did not produce, tensors on the meta device, a
-    quantized layer whose tensors are not what its method produces. On any error ``out`` and the
+    quantized layer whose tensors are not what its method produces, and (compressed-tensors) a layer
+    that format cannot hold, naming it and pointing at ``format="oqcore"``; a ``format`` not in
+    ``("compressed-tensors", "oqcore")`` is a :class:`oqcore.ConfigError`. On any error ``out`` and the
     source are exactly as before.
     """
     if format not in FORMATS:
@@ -85,7 +91,7 @@ def save_quantized(model: nn.Module, out: str | Path, format: str = "oqcore") ->
         from oqcore.export_ct import compressed_tensors_checkpoint
 
         tensors, qc = compressed_tensors_checkpoint(model, state, tensors, str(dest))
-        raw["quantization_config"] = {**qc, "producer": PRODUCER}
+        raw["quantization_config"] = {**qc, "producer": PRODUCER, PRODUCER_CONFIG: state.config.to_dict()}
     extras = _extra_files(Path(state.source), dest) if state.source is not None else []
 
     def fill(tmp: Path) -> None:

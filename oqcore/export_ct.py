@@ -41,6 +41,7 @@ from oqcore.planning import LayerPlan
 from oqcore.plugins import get_registry
 
 QUANT_METHOD = "compressed-tensors"
+_OTHER_FORMAT = "save with format='oqcore' (oq quantize --format oqcore), which oqcore.load reads back"
 PACKED = "pack-quantized"
 
 
@@ -130,13 +131,13 @@ def _declared(reg, lp: LayerPlan, dest: str) -> tuple[Mapping[str, Any], Mapping
     scheme = reg.schemes.get(weight_key)
     what = f"layer {lp.name!r} ({reg.name_of(weight_key, 'weight')}, activation {reg.name_of(act, 'activation')})"
     if scheme is None or scheme.weight.compressed_tensors is None:
-        raise SaveError(f"cannot save {dest} as compressed-tensors: {what}: its plugin declares no compressed-tensors form")
+        raise SaveError(f"cannot save {dest} as compressed-tensors: {what}: its plugin declares no compressed-tensors form; {_OTHER_FORMAT}")
     fmt_name = scheme.compressed_tensors_format.get(act)
     act_fmt = scheme.activation_format(act)
     if fmt_name is None or (act is not None and (act_fmt is None or act_fmt.compressed_tensors is None)):
         raise SaveError(
             f"cannot save {dest} as compressed-tensors: {what}: compressed-tensors has no format for this pairing "
-            "(save with format='oqcore')"
+            f"({_OTHER_FORMAT})"
         )
     return scheme.weight.compressed_tensors, None if act is None else act_fmt.compressed_tensors, fmt_name
 
@@ -190,7 +191,7 @@ def _experts(
         raise SaveError(
             f"cannot save {dest} as compressed-tensors: experts {name!r} are GPT-OSS-style fused and interleaved "
             "(gate_up_proj [E, H, 2I]); compressed-tensors stores experts as per-expert linears that transformers cannot "
-            "load back for this architecture. Save with format='oqcore'"
+            f"load back for this architecture; {_OTHER_FORMAT}"
         )
     (hp13, p13), (hp2, p2) = OnlineMoEMethodBase.QUANTIZED_NAMES.items()
     w13 = _format_tensors(wrapper, p13, out, name)
@@ -220,7 +221,7 @@ def _splittable_w13(scale: torch.Tensor, rows_per_group: int, i_size: int, name:
         raise SaveError(
             f"cannot save {dest} as compressed-tensors: the {tensor} of experts {name!r} has groups of "
             f"{rows_per_group} rows and I = {i_size}: the groups straddle the gate/up boundary, so gate and up cannot "
-            f"be stored apart (needs I % {rows_per_group} == 0). Save with format='oqcore'"
+            f"be stored apart (needs I % {rows_per_group} == 0); {_OTHER_FORMAT}"
         )
     return scale
 

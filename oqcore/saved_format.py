@@ -17,9 +17,25 @@ QUANT_METHOD = "oqcore"
 """``quantization_config.quant_method`` of an export (what transformers and others key on)."""
 
 
+EXPORT_FORMATS = ("compressed-tensors", "oqcore")
+"""What :func:`oqcore.save_quantized` can write (``format=``), the default first: compressed-tensors
+(what llm-compressor writes and vLLM serves), or ``oqcore`` (the wrappers' own tensors, for what
+compressed-tensors cannot hold: GPT-OSS's fused experts, 128-row blocks straddling gate and up, a
+scheme without a compressed-tensors form)."""
+
+DEFAULT_FORMAT = EXPORT_FORMATS[0]
+
+
 PRODUCER = "oqcore"
 """``quantization_config.producer`` of a compressed-tensors folder oqcore wrote (an extra key
 compressed-tensors' config model ignores): what lets a later save replace it."""
+
+
+PRODUCER_CONFIG = "oqcore_config"
+"""``quantization_config`` key of a compressed-tensors folder oqcore wrote holding the oqcore config
+the model was quantized with (:meth:`oqcore.QuantizationConfig.to_dict`): scheme options and
+backend pins that compressed-tensors' args do not carry. Read back only when it plans exactly the
+layers and keys the config groups declare (the groups are what other tools read)."""
 
 
 def is_export(folder: str | Path) -> bool:

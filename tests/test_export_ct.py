@@ -142,7 +142,7 @@ def test_moe_export_uses_the_checkpoint_names_per_expert(arch, weight, tiny_moe,
 
 def test_blocks_straddling_gate_and_up_are_refused(tiny_moe, tmp_path):
     model = oqcore.load(tiny_moe("qwen3_moe"), "fp8_per_block")  # I = 96: 128-row blocks straddle gate/up
-    with pytest.raises(oqcore.SaveError, match=r"needs I % 128 == 0\). Save with format='oqcore'"):
+    with pytest.raises(oqcore.SaveError, match=r"needs I % 128 == 0\); save with format='oqcore'"):
         oqcore.save_quantized(model, tmp_path / "ct", format="compressed-tensors")
     assert not (tmp_path / "ct").exists()
 
@@ -236,4 +236,4 @@ def test_a_scheme_without_a_compressed_tensors_form_is_refused(minilm, tmp_path)
     with pytest.raises(oqcore.SaveError, match=r"layer 'encoder\.layer\.0\.attention\.self\.query' \(toy_int4, activation none\): its plugin declares no compressed-tensors form"):
         oqcore.save_quantized(model, tmp_path / "ct", format="compressed-tensors")
     assert not (tmp_path / "ct").exists()
-    oqcore.save_quantized(model, tmp_path / "oq")  # its own format still works
+    oqcore.save_quantized(model, tmp_path / "oq", format="oqcore")  # its own format still works

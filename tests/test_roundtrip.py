@@ -1,5 +1,6 @@
-"""Round trip: load(bf16, shorthand) -> save_quantized -> load(saved) -> forward, for every
-`oq make-model` layout and the real MiniLM, under every shorthand.
+"""Round trip of oqcore's own export format (``format="oqcore"``): load(bf16, shorthand) ->
+save_quantized -> load(saved) -> forward, for every `oq make-model` layout and the real MiniLM, under
+every shorthand (the compressed-tensors default: tests/test_export_matrix.py).
 
 The reloaded model must hold the same tensors bit for bit (same names, dtypes, shapes, bytes),
 give bit-identical forward outputs, and never re-quantize anything (its tensors come from the file).
@@ -86,7 +87,7 @@ def test_roundtrip_bit_identical(model_name, shorthand, tiny_moe, minilm, tmp_pa
     if model_name in ("mixtral", "qwen3_moe", "olmoe") and shorthand not in MOE_ONLY:
         assert any(w.bias is None for w in wrappers.values() if type(w).__name__ == "QuantizedLinear")
 
-    out = oqcore.save_quantized(original, tmp_path / "q")
+    out = oqcore.save_quantized(original, tmp_path / "q", format="oqcore")
     assert out == (tmp_path / "q").resolve()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"], "temporary folders left behind"
 
@@ -114,10 +115,11 @@ def test_roundtrip_bit_identical(model_name, shorthand, tiny_moe, minilm, tmp_pa
                 assert torch.equal(f.get_tensor(f"{name}.{pname}").view(torch.uint8), p.detach().view(torch.uint8))
 
 
-def test_reload_with_the_saved_config_is_fine_and_another_is_a_config_error(tiny_moe, tmp_path):
+@pytest.mark.parametrize("fmt", ["oqcore", "compressed-tensors"])
+def test_reload_with_the_saved_config_is_fine_and_another_is_a_config_error(fmt, tiny_moe, tmp_path):
     src = tiny_moe("mixtral")
     original = oqcore.load(src, "fp8_per_channel")
-    oqcore.save_quantized(original, tmp_path / "q")
+    oqcore.save_quantized(original, tmp_path / "q", format=fmt)
     for same_config in ("fp8_per_channel", original.oq_state.config, original.oq_state.config.to_dict()):
         same = oqcore.load(tmp_path / "q", same_config)
         assert torch.equal(_forward(same), _forward(original))
@@ -131,9 +133,9 @@ def test_reload_with_the_saved_config_is_fine_and_another_is_a_config_error(tiny
 def test_resave_of_a_reloaded_export_is_identical(tiny_moe, tmp_path):
     """A reloaded export saved again (to a new folder) gives the same tensors."""
     original = oqcore.load(tiny_moe("gpt_oss"), "mxfp8")
-    oqcore.save_quantized(original, tmp_path / "a")
+    oqcore.save_quantized(original, tmp_path / "a", format="oqcore")  # gpt-oss's fused experts
     back = oqcore.load(tmp_path / "a")
-    oqcore.save_quantized(back, tmp_path / "b")
+    oqcore.save_quantized(back, tmp_path / "b", format="oqcore")
     again = oqcore.load(tmp_path / "b")
     assert _state(again).keys() == _state(original).keys()
     for k, v in _state(original).items():

@@ -605,7 +605,37 @@ def _read_plan(path: Path, dtype: torch.dtype):
             f"{type(model).__name__} (targets {[t for g in cfg.config_groups.values() for t in g.targets]}, "
             f"ignore {cfg.ignore})"
         )
-    return cfg, entries, model, feeds, used, oq_config(feeds, list(cfg.ignore or []), model)
+    recorded = _recorded_config(raw, feeds, model)
+    return cfg, entries, model, feeds, used, recorded or oq_config(feeds, list(cfg.ignore or []), model)
+
+
+def _recorded_config(raw: dict, feeds: list[Feed], model: nn.Module) -> QuantizationConfig | None:
+    """The oqcore config an oqcore export recorded beside its config groups
+    (:data:`oqcore.saved_format.PRODUCER_CONFIG`: scheme options, backend pins), when it quantizes
+    exactly the layers the groups do with the same weight and activation keys; ``None`` otherwise
+    (not an oqcore export, or edited since: the groups are what every tool reads, so they win)."""
+    from oqcore.plugins import get_registry
+    from oqcore.saved_format import PRODUCER, PRODUCER_CONFIG
+
+    qc = raw["quantization_config"]
+    if qc.get("producer") != PRODUCER or not isinstance(qc.get(PRODUCER_CONFIG), dict):
+        return None
+    try:
+        cfg = QuantizationConfig.from_any(qc[PRODUCER_CONFIG])
+        layers = plan(model, cfg, device="meta").quantized
+    except OqError:
+        return None
+    reg = get_registry()
+    planned = {
+        lp.name: {
+            "weight": reg.name_of(lp.bound.spec.weight, "weight"),
+            "activation": None if lp.bound.activation_key is None else reg.name_of(lp.bound.activation_key, "activation"),
+        }
+        for lp in layers
+        if lp.bound is not None
+    }
+    grouped = {f.layer: f.group.spec() for f in feeds}
+    return cfg if planned == grouped else None
 
 
 def stored_config(path: str | Path) -> QuantizationConfig:

@@ -41,14 +41,14 @@ def _cpu_backends(monkeypatch):
 def good(tiny_moe, tmp_path_factory) -> Path:
     """A tiny Mixtral (linears without bias, fused experts), fp8 per-channel, saved."""
     model = oqcore.load(tiny_moe("mixtral"), "fp8_per_channel")
-    return oqcore.save_quantized(model, tmp_path_factory.mktemp("saved") / "good")
+    return oqcore.save_quantized(model, tmp_path_factory.mktemp("saved") / "good", format="oqcore")
 
 
 @pytest.fixture(scope="module")
 def good_mx(tiny_moe, tmp_path_factory) -> Path:
     """A tiny GPT-OSS (linears and experts with biases, transposed expert storage), mxfp8, saved."""
     model = oqcore.load(tiny_moe("gpt_oss"), "mxfp8")
-    return oqcore.save_quantized(model, tmp_path_factory.mktemp("saved") / "good_mx")
+    return oqcore.save_quantized(model, tmp_path_factory.mktemp("saved") / "good_mx", format="oqcore")
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
