@@ -62,6 +62,7 @@ class _Validation:
     registry: Registry
     kinds: dict[str, BoundSpec] = field(default_factory=dict)
     targets: dict[str, dict[str, BoundSpec | ConfigError]] = field(default_factory=dict)
+    overlay: bool = False  # an activation-only kind spec was seen: resolved (and refused) at plan time
 
 
 _ACTIVE: ContextVar[_Validation | None] = ContextVar("oqcore_config_validation", default=None)
@@ -131,10 +132,18 @@ def _key_value(v: Any, role: str) -> Any:
     )
 
 
+_OMITTED = object()
+"""Marks the weight of an activation-only spec while it is validated."""
+
+
 class QuantSpec(_OqModel):
     """What one layer (or kind of layer) is quantized to.
 
     - ``weight``: a :class:`QuantKey` or a registered weight key name (``"fp8_per_block_static"``).
+      **Omitted** with an ``activation`` given, the spec is activation-only (vLLM's override of an
+      already-quantized checkpoint, PR 41566: ``moe: {activation: mxfp8}`` keeps the stored weights
+      and serves them with that activation); binding it to a layer that is not stored quantized is
+      a :class:`oqcore.ConfigError` (a weight key is needed to quantize).
     - ``activation``: a key or name; **omitted** means "the method's default" (see
       :attr:`activation_given`), an explicit ``None`` / ``null`` means "no activation
       quantization" (weight-only).
@@ -147,13 +156,33 @@ class QuantSpec(_OqModel):
     Raises :class:`oqcore.UnknownKeyError` for unknown names, :class:`oqcore.ConfigError` otherwise.
     """
 
-    weight: QuantKey
+    weight: QuantKey | None  # required; None only for an activation-only spec (see _activation_only)
     activation: QuantKey | None = None
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _activation_only(cls, data: Any) -> Any:
+        # an omitted weight stays a "missing" error unless an activation is given: then the spec is
+        # an activation-only overlay (the marker lets the weight validator tell it from weight: null)
+        if isinstance(data, Mapping) and "weight" not in data and "activation" in data:
+            return {**data, "weight": _OMITTED}
+        return data
+
+    @model_validator(mode="after")
+    def _overlay_options(self) -> QuantSpec:
+        if self.weight is None and self.options:
+            raise ConfigError(
+                "options belong to a weight key: an activation-only spec keeps the checkpoint's weights as stored",
+                "options",
+            )
+        return self
 
     @field_validator("weight", mode="before")
     @classmethod
     def _weight(cls, v: Any) -> Any:
+        if v is _OMITTED:
+            return None
         if v is None or _is_none_word(v):
             raise ConfigError(
                 "a weight key is required here (to leave a kind unquantized, set linear/moe: {weight: null} "
@@ -181,13 +210,19 @@ class QuantSpec(_OqModel):
         return dict(v)
 
     @property
+    def activation_only(self) -> bool:
+        """True for an activation-only spec (``weight`` omitted): an override of an
+        already-quantized checkpoint's activation, see the class docstring."""
+        return self.weight is None
+
+    @property
     def activation_given(self) -> bool:
         """True when ``activation`` was set explicitly (to a key or to ``None``)."""
         return "activation" in self.model_fields_set
 
     @field_serializer("weight")
-    def _ser_weight(self, k: QuantKey) -> str:
-        return _registry().name_of(k, "weight")
+    def _ser_weight(self, k: QuantKey | None) -> str | None:
+        return None if k is None else _registry().name_of(k, "weight")
 
     @field_serializer("activation")
     def _ser_activation(self, k: QuantKey | None) -> str | None:
@@ -196,6 +231,8 @@ class QuantSpec(_OqModel):
     def to_dict(self) -> dict[str, Any]:
         """Plain dict with key names (``activation`` only when given), fit for YAML/JSON."""
         d = self.model_dump(exclude_unset=True)
+        if d.get("weight", "") is None:  # activation-only
+            del d["weight"]
         if not d.get("options"):
             d.pop("options", None)
         return d
@@ -260,7 +297,7 @@ def _spec_mapping(value: Any, kind: str | None, reg: Registry) -> dict[str, Any]
     Explicit fields win over the shorthand's (vLLM's merge rule).
     """
     if isinstance(value, QuantSpec):
-        return {k: getattr(value, k) for k in value.model_fields_set}
+        return {k: getattr(value, k) for k in value.model_fields_set if not (k == "weight" and value.activation_only)}
     if isinstance(value, (str, QuantKey)):
         value = {"weight": value}
     if not isinstance(value, Mapping):
@@ -298,6 +335,14 @@ def bind_spec(value: Any, kind: str, reg: Registry | None = None) -> BoundSpec:
     """
     reg = reg or _registry()
     spec = QuantSpec.model_validate(_spec_mapping(value, kind, reg))
+    if spec.activation_only:
+        raise ConfigError(
+            f"{kind}: {spec} gives an activation but no weight key: an activation-only spec overrides the activation "
+            f"of {kind} layers a checkpoint stores already quantized; to quantize {kind} layers of a high-precision "
+            f"checkpoint a weight key is needed (weight keys with a {kind} method: "
+            f"{', '.join(reg.method_weight_names(kind)) or '(none)'})",
+            "weight",
+        )
     entry = reg.method(kind, spec.weight)
     if entry is None:
         valid = ", ".join(reg.method_weight_names(kind)) or "(none: is a scheme plugin installed?)"
@@ -460,7 +505,14 @@ class QuantizationConfig(_OqModel):
     def _bind(cls, v: Any, info: ValidationInfo) -> Any:
         if v is None:
             return None
-        bound = bind_spec(v, info.field_name, _registry())
+        reg = _registry()
+        spec = QuantSpec.model_validate(_spec_mapping(v, info.field_name, reg))
+        if spec.activation_only:  # valid as an overlay; bound (and refused) only where a layer needs a weight
+            active = _ACTIVE.get()
+            if active is not None:
+                active.overlay = True
+            return spec
+        bound = bind_spec(spec, info.field_name, reg)
         active = _ACTIVE.get()
         if active is not None:
             active.kinds[info.field_name] = bound
@@ -547,7 +599,7 @@ class QuantizationConfig(_OqModel):
                 "(as in vLLM, a config with none of them is an error)"
             )
         active = _ACTIVE.get()
-        if active is not None:  # every slot was bound once, above: that is the resolution
+        if active is not None and not active.overlay:  # every slot was bound once, above: that is the resolution
             _remember(ResolvedConfig(self, active.registry, dict(active.kinds), dict(active.targets)))
         self._check_backend_pins()
         return self
