@@ -612,7 +612,7 @@ def make_model(
     arch: Annotated[str, typer.Argument(help="mixtral, qwen3_moe, olmoe or gpt_oss.")],
     out: Annotated[Path, typer.Argument(help="Folder to write (config.json + model.safetensors); must not exist or be empty.")],
     hidden_size: Annotated[int, typer.Option(help="Hidden size H.")] = 160,
-    intermediate_size: Annotated[int, typer.Option(help="Expert intermediate size I (a multiple of 128, as in real models, lets every scheme export to compressed-tensors).")] = 128,
+    intermediate_size: Annotated[int, typer.Option(help="Expert intermediate size I (a multiple of every scheme's block rows, as in real models, so every scheme exports to compressed-tensors).")] = 256,
     layers: Annotated[int, typer.Option(help="Decoder layers.")] = 2,
     experts: Annotated[Optional[int], typer.Option(help="Experts per layer (default 4).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed of the init.")] = 0,

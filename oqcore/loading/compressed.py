@@ -43,9 +43,10 @@ from oqcore.layers import layer_kind
 from oqcore.loading.checkpoint import TensorEntry, TensorReader, checkpoint_entries
 from oqcore.loading.ct_config import GroupScheme, ct_config, match_group
 from oqcore.loading.checks import _check_expert_indices, check_against_model, is_quant_name
-from oqcore.loading.install import install_wrappers
+from oqcore.loading.install import OnlineFeed, install_wrappers
 from oqcore.loading.meta import build_meta_model, read_model_config
 from oqcore.loading.names import NameMapper, TargetGroup, is_expert_fusion
+from oqcore.loading.overlay import overlay, stored_specs
 from oqcore.loading.peer_configs import peer_view
 from oqcore.loading.place import assign_tensor
 from oqcore.loading.saved import check_quantized_values, finish_stored_load
@@ -655,9 +656,13 @@ def load_compressed(
 ) -> nn.Module:
     """Read a compressed-tensors checkpoint as stored (called by :func:`oqcore.load`).
 
-    ``config`` must be ``None`` or equal to the config the checkpoint reads as (one target per
-    quantized layer, see :func:`oq_config`): the weights are already quantized, so anything else
-    is a :class:`oqcore.ConfigError`. ``device``/``dtype``/``progress`` as for :func:`oqcore.load`.
+    ``config`` is ``None`` (as stored: one target per quantized layer, see :func:`oq_config`) or
+    a config overlaid on it with vLLM's rules (:mod:`oqcore.loading.overlay`: the checkpoint's own
+    weight key or an activation-only spec keep the stored bytes, an activation the checkpoint does
+    not declare is applied, layers stored in high precision are quantized online as the config
+    says); a conflicting weight key or activation, or a target naming a stored layer, is a
+    :class:`oqcore.ConfigError` naming both. ``device``/``dtype``/``progress`` as for
+    :func:`oqcore.load`.
 
     Before any tensor is read: ``config.json``'s ``quantization_config`` is parsed by
     compressed-tensors, every config group is matched to a registered scheme, its targets to the
@@ -671,21 +676,21 @@ def load_compressed(
     device = resolve_device(device)
     cfg_file = path / "config.json"
     _, entries, model, feeds, used, oq_cfg = _read_plan(path, dtype)
-    if config is not None and QuantizationConfig.from_any(config).to_dict() != oq_cfg.to_dict():
-        raise ConfigError(
-            f"{path} is a compressed-tensors checkpoint, already quantized as {oq_cfg.to_dict()}; load it with "
-            "config=None, or quantize the high-precision source with the new config"
-        )
+    user = None if config is None else QuantizationConfig.from_any(config)
     try:
-        qplan = plan(model, oq_cfg, device=device)
+        per_layer = stored_specs(model, oq_cfg, device)
     except ConfigError as e:
         raise CheckpointError(f"{cfg_file}: the checkpoint's quantization does not fit the model: {e}") from e
     except OqError as e:
         if type(e).__name__ == "NoBackendError":
             raise
         raise CheckpointError(f"{cfg_file}: the checkpoint's quantization does not fit the model: {e}") from e
+    ov = overlay(model, oq_cfg, per_layer, user, device, f"compressed-tensors checkpoint {path}")
+    qplan = plan(model, ov.config, device=device)
     wrappers = install_wrappers(model, qplan)
-    expected = quantized_tensors(wrappers)
+    stored = {n: w for n, w in wrappers.items() if n in ov.stored}
+    online = {n: w for n, w in wrappers.items() if n in ov.online}
+    expected = quantized_tensors(stored)
     by_module = _ckpt_modules(entries)
     plans = {f.layer: plan_parts(f, wrappers[f.layer], expected[f.layer], by_module, path) for f in feeds}
     # everything else: the high-precision tensors, mapped with transformers' rules
@@ -699,22 +704,26 @@ def load_compressed(
     names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
     groups, unexpected = NameMapper(model, names).group(rest)
     check_against_model(model, groups, unexpected, rest, path)
-    _check_fed(model, wrappers, groups, path)
+    _check_fed(model, stored, groups, path)
     stats = LoadStats()
     total = sum(e.nbytes for e in entries.values())
+    feed_online = OnlineFeed(model, online)
 
     def run(reader: TensorReader, tick) -> None:
-        """Read every quantized layer's stored tensors, then the high-precision ones, calling
-        ``tick(bytes)`` after each (progress)."""
+        """Read every quantized layer's stored tensors, then the high-precision ones (quantizing
+        the layers the user's config adds as each is complete), calling ``tick(bytes)`` after each
+        (progress)."""
         for f in feeds:
             tick(read_parts(f, wrappers[f.layer], expected[f.layer], plans[f.layer], by_module, reader, device))
         for g in groups:
             converted = g.convert(model, lambda k: reader.read(rest[k]))
             for name in list(converted):
                 assign_tensor(model, name, converted.pop(name), device)
+                feed_online.placed(name)
             tick(sum(rest[k].nbytes for k in g.sources))
+        feed_online.check_complete(path)
 
-    model = finish_stored_load(model, run, total, oq_cfg, qplan, wrappers, path, device, dtype, stats, t0, progress)
+    model = finish_stored_load(model, run, total, ov.config, qplan, wrappers, path, device, dtype, stats, t0, progress)
     if unexpected:
         shown = ", ".join(repr(k) for k in unexpected[:5]) + (
             f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""

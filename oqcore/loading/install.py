@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from oqcore.errors import InternalError, OqError, PluginError
+from oqcore.errors import CheckpointError, InternalError, OqError, PluginError
+from oqcore.loading.memory import release_free_memory
+from oqcore.loading.place import param_owner
 from oqcore.modules import QuantizedLinear, QuantizedMoE
 from oqcore.planning import LayerPlan, QuantPlan
 
@@ -74,3 +76,32 @@ def install_wrappers(model: nn.Module, plan: QuantPlan) -> dict[str, nn.Module]:
     for name, w in wrappers.items():
         set_submodule(model, name, w)
     return wrappers
+
+
+class OnlineFeed:
+    """Quantizes wrappers as their high-precision parameters arrive, when a load that reads
+    stored quantized layers also quantizes others online (a config composed with a partly
+    quantized checkpoint, :mod:`oqcore.loading.overlay`): call :meth:`placed` after each parameter
+    is assigned; a wrapper is processed the moment its last element is in (the streaming load's
+    rule, so each layer's high-precision weights live only until then)."""
+
+    def __init__(self, model: nn.Module, wrappers: dict[str, nn.Module]):
+        self.model, self.wrappers = model, wrappers
+        self.remaining = {n: sum(p.numel() for p in w.parameters(recurse=False)) for n, w in wrappers.items()}
+
+    def placed(self, name: str) -> None:
+        """Parameter ``name`` (a model name) was assigned: count it, quantize its layer when complete."""
+        owner = param_owner(name, self.wrappers)
+        if owner is None:
+            return
+        self.remaining[owner] -= self.model.get_parameter(name).numel()
+        if self.remaining[owner] == 0:
+            process_layer(self.wrappers[owner])
+            release_free_memory()
+
+    def check_complete(self, source: object) -> None:
+        """Raise :class:`oqcore.CheckpointError` naming ``source`` for a wrapper that never got all
+        its weights."""
+        missing = [n for n, left in self.remaining.items() if left]
+        if missing:
+            raise CheckpointError(f"{source}: layer(s) to quantize never received all their weights: {', '.join(missing)}")

@@ -22,9 +22,10 @@ from oqcore.errors import CheckpointError, ConfigError
 from oqcore.layer_tensors import TensorSpec, quantized_tensors
 from oqcore.loading.checkpoint import TensorEntry, TensorReader, checkpoint_entries, checkpoint_files
 from oqcore.loading.checks import placeholder
-from oqcore.loading.install import install_wrappers
+from oqcore.loading.install import OnlineFeed, install_wrappers
 from oqcore.loading.memory import PeakRSS
 from oqcore.loading.meta import build_meta_model, read_model_config
+from oqcore.loading.overlay import overlay, stored_specs
 from oqcore.loading.place import assign_tensor, finalize, param_owner
 from oqcore.loading.state import LoadStats, OqState, tensor_bytes
 from oqcore.planning import plan
@@ -169,9 +170,12 @@ def load_quantized(
 ) -> nn.Module:
     """Read a folder written by :func:`oqcore.save_quantized` (called by :func:`oqcore.load`).
 
-    ``config`` must be ``None`` or equal to the saved one: the weights are already quantized, so a
-    different config is a :class:`oqcore.ConfigError` naming the folder and telling the user to load
-    the bf16 source instead. ``device``/``dtype``/``progress`` as for :func:`oqcore.load`.
+    ``config`` is ``None`` (as saved) or a config overlaid on the saved one with vLLM's rules
+    (:mod:`oqcore.loading.overlay`: the saved scheme's own weight key or an activation-only spec
+    keep the stored bytes, an activation the saved layers do not declare is applied, layers saved
+    in high precision are quantized online as the config says); a conflicting weight key or
+    activation is a :class:`oqcore.ConfigError` naming both. ``device``/``dtype``/``progress`` as
+    for :func:`oqcore.load`.
 
     Before any tensor is read, the folder is checked: ``config.json``'s ``quantization_config``
     (present, right format version, a valid config that fits the model) and every tensor of the
@@ -184,23 +188,22 @@ def load_quantized(
     device = resolve_device(device)
     cfg_file = path / "config.json"
     saved = saved_config(read_model_config(path), cfg_file)
-    # compared as written to disk: a shorthand and the linear/moe specs it expands to are the same config
-    if config is not None and QuantizationConfig.from_any(config).to_dict() != saved.to_dict():
-        raise ConfigError(
-            f"{path} is already quantized with {saved.to_dict()}; load it with config=None, or quantize the "
-            "high-precision source with the new config"
-        )
+    user = None if config is None else QuantizationConfig.from_any(config)
     stats = LoadStats()
     model = build_meta_model(path, dtype)
     try:
-        qplan = plan(model, saved, device=device)
+        per_layer = stored_specs(model, saved, device)
     except ConfigError as e:
         raise CheckpointError(f"{cfg_file}: the saved quantization config does not fit the model: {e}") from e
+    ov = overlay(model, saved, per_layer, user, device, f"oqcore export {path}")
+    qplan = plan(model, ov.config, device=device)
     wrappers = install_wrappers(model, qplan)
-    expected = quantized_tensors(wrappers)
+    stored = {n: w for n, w in wrappers.items() if n in ov.stored}
+    feed_online = OnlineFeed(model, {n: w for n, w in wrappers.items() if n in ov.online})
+    expected = quantized_tensors(stored)
     entries = checkpoint_entries(path)
-    _check_saved_tensors(model, wrappers, expected, entries, _checkpoint_label(path))
-    for w in wrappers.values():
+    _check_saved_tensors(model, stored, expected, entries, _checkpoint_label(path))
+    for w in stored.values():
         # drop only the meta high-precision placeholders: a ``bias=None`` entry must stay
         for k in [k for k, p in own_parameters(w).items() if p.is_meta]:
             delete_parameter(w, k)
@@ -208,9 +211,10 @@ def load_quantized(
     def run(reader: TensorReader, tick) -> None:
         for e in entries:
             value = reader.read(e)
-            owner = param_owner(e.name, wrappers)
+            owner = param_owner(e.name, stored)
             if owner is None:
                 assign_tensor(model, e.name, value, device)
+                feed_online.placed(e.name)
             else:
                 attr = e.name.rpartition(".")[2]
                 spec = expected[owner][attr]
@@ -220,9 +224,10 @@ def load_quantized(
                 set_parameter(wrappers[owner], attr, nn.Parameter(value, requires_grad=False))
             del value
             tick(e.nbytes)
+        feed_online.check_complete(path)
 
     total = sum(e.nbytes for e in entries)
-    return finish_stored_load(model, run, total, saved, qplan, wrappers, path, device, dtype, stats, t0, progress)
+    return finish_stored_load(model, run, total, ov.config, qplan, wrappers, path, device, dtype, stats, t0, progress)
 
 
 def finish_stored_load(
@@ -259,7 +264,8 @@ def finish_stored_load(
         with TensorReader() as reader:
             run(reader, tick)
         for w in wrappers.values():
-            w.method._finish(w)
+            if not w.quantized:  # layers quantized online while loading are finished already
+                w.method._finish(w)
         stats.bytes_read = done
         finalize(model, device, wrappers, str(path))
     stats.baseline_rss, stats.peak_rss = mem.baseline, mem.peak

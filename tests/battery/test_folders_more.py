@@ -36,7 +36,7 @@ def saved(tiny_moe, tmp_path_factory) -> dict[str, Path]:
     out = {}
     for scheme in ("fp8_per_channel", "mxfp8"):
         model = oqcore.load(tiny_moe("mixtral"), scheme)
-        out[scheme] = oqcore.save_quantized(model, tmp_path_factory.mktemp("saved") / scheme)
+        out[scheme] = oqcore.save_quantized(model, tmp_path_factory.mktemp("saved") / scheme, format="oqcore")
     return out
 
 
