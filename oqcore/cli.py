@@ -300,26 +300,38 @@ def saved_config(path: Path):
     return read_saved_config(raw, path / "config.json")
 
 
-def resolve_config(path: Path, config: str | None, overrides: list[str], interpolate: bool):
-    """``(config, saved)`` for model folder ``path``: the saved config of an oqcore export (where
-    ``--config``/overrides must give exactly that config), else ``config`` + ``overrides`` on the
-    default scheme."""
+def _config_origin(saved: bool, user) -> str:
+    """How the printed config came about, for ``config:`` lines."""
+    if not saved:
+        return ""
+    return " (saved with the model)" if user is None else " (the checkpoint's, overlaid with --config/overrides)"
+
+
+def resolve_config(path: Path, config: str | None, overrides: list[str], interpolate: bool, device=None):
+    """``(config, saved, user)`` for model folder ``path``. A high-precision folder: ``config`` +
+    ``overrides`` on the default scheme, ``saved`` False, ``user`` that same config. A folder
+    holding quantized weights (an oqcore export, a compressed-tensors / FineGrainedFP8 / ModelOpt
+    checkpoint): its stored config, or, with ``--config``/overrides (applied on nothing, e.g.
+    ``moe.activation=mxfp8``), the stored config overlaid with them by vLLM's rules
+    (:mod:`oqcore.loading.overlay`); ``saved`` True; ``user`` what to pass to :func:`oqcore.load`
+    (``None``: as stored)."""
     saved = saved_config(path)
     if saved is None:
-        return build_config(config, overrides, interpolate), False
+        cfg = build_config(config, overrides, interpolate)
+        return cfg, False, cfg
     if config is None and not overrides:
-        return saved, True
-    asked = build_config(config, overrides, interpolate, base=saved.to_dict())
-    # to_dict, not ==: pydantic equality ignores whether an activation was given (null = weight-only)
-    # or left to the method's default, and those plan differently.
-    if asked.to_dict() != saved.to_dict():
-        raise ConfigError(
-            f"{path} is already quantized with {json.dumps(saved.to_dict())}, but --config/overrides give "
-            f"{json.dumps(asked.to_dict())}; drop --config and the overrides to use the saved config, or quantize "
-            "the high-precision source with the new config",
-            "--config",
-        )
-    return saved, True
+        return saved, True, None
+    from oqcore.loading import build_meta_model
+    from oqcore.loading.overlay import overlay, stored_specs
+
+    user = build_config(config, overrides, interpolate, base=None)
+    meta = build_meta_model(path)
+    dev = device if device is not None else "cpu"
+    try:
+        ov = overlay(meta, saved, stored_specs(meta, saved, dev), user, dev, str(path))
+    except ConfigError as e:  # named as the option it came from, the checkpoint's state first
+        raise ConfigError(f"{path} is already quantized, and --config/overrides do not fit it: {e}", "--config") from None
+    return ov.config, True, user
 
 
 def _check_destination(path: Path | None, option: str, folder: bool) -> None:
@@ -491,7 +503,7 @@ def explain(
     config, overrides = _split_args(config, args)
     dev = _device(device)
     path = model if model is not None else bundled_model_dir()
-    cfg, saved = resolve_config(path, config, overrides, interpolate)
+    cfg, saved, user = resolve_config(path, config, overrides, interpolate, dev)
     meta = build_meta_model(path)
     p = oqcore.plan(meta, cfg, device=dev)
     if as_json:
@@ -499,7 +511,7 @@ def explain(
         typer.echo(json.dumps(out, indent=2))
         return
     typer.echo(f"model: {path} ({type(meta).__name__}), device: {p.device}")
-    typer.echo(f"config: {json.dumps(cfg.to_dict())}{' (saved with the model)' if saved else ''}")
+    typer.echo(f"config: {json.dumps(cfg.to_dict())}{_config_origin(saved, user)}")
     typer.echo(p.explain(verbose=verbose))
 
 
@@ -530,14 +542,14 @@ def quantize(
         raise ConfigError(f"unknown format {out_format!r}; formats: {', '.join(EXPORT_FORMATS)}", "--format")
     dev = _device(device)
     path = model if model is not None else bundled_model_dir()
-    cfg, saved = resolve_config(path, config, overrides, interpolate)
+    cfg, saved, user = resolve_config(path, config, overrides, interpolate, dev)
     # Destinations are checked before anything is loaded, so a bad one costs no time.
     _check_destination(out, "--out", folder=True)
     _check_destination(json_file, "--json", folder=False)
     if out is not None:
         _check_out(out, path)
     typer.echo(f"model: {path}")
-    typer.echo(f"config: {json.dumps(cfg.to_dict())}{' (saved with the model)' if saved else ''}")
+    typer.echo(f"config: {json.dumps(cfg.to_dict())}{_config_origin(saved, user)}")
     bars: list = []  # created on the first call, when reading starts and the total is known
 
     def progress(done: int, total: int) -> None:
@@ -547,7 +559,7 @@ def quantize(
         bars[0].update(done - bars[0].n)
 
     try:
-        qmodel = oqcore.load(path, None if saved else cfg, device=dev, progress=progress)
+        qmodel = oqcore.load(path, user, device=dev, progress=progress)
     finally:
         for b in bars:
             b.close()

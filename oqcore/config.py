@@ -962,7 +962,13 @@ def resolve(config: QuantizationConfig, registry: Registry | None = None) -> Res
     hit = _RESOLVED.get(id(config))
     if hit is not None and hit.config is config and hit.registry is reg:
         return hit
-    kinds = {k: bind_spec(spec, k, reg) for k in KINDS if (spec := config.spec_for(k)) is not None}
+    kinds = {}
+    for k in KINDS:
+        if (spec := config.spec_for(k)) is not None:
+            try:
+                kinds[k] = bind_spec(spec, k, reg)
+            except ConfigError as e:
+                raise e.at(k) from None
     targets: dict[str, dict[str, BoundSpec | ConfigError]] = {}
     for pattern, spec in config.targets.items():
         targets[pattern] = {}

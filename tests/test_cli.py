@@ -241,11 +241,13 @@ def test_explain_a_saved_folder_shows_the_saved_config(saved_tiny):
     assert moe and all(row["weight"] == "int8_per_channel_static" for row in moe)
     text = run("explain", "--model", str(tmp / "q")).stdout.splitlines()
     assert text[1].endswith("(saved with the model)")
-    # the saved config itself, spelled another way, is fine; anything else is a ConfigError
+    # the saved scheme itself, spelled another way, overlays nothing; another weight key for a
+    # stored layer is a ConfigError naming both (vLLM's overlay rules, tests/test_overlay.py)
     same = run("explain", "--model", str(tmp / "q"), "linear=fp8_per_block_static")
     assert same.exit_code == 0, same.output
     other = run("explain", "--model", str(tmp / "q"), "--config", "fp8_per_block")
-    assert other.exit_code == 2 and other.stderr.startswith("error: --config: ") and "already quantized" in other.stderr
+    assert other.exit_code == 2 and other.stderr.startswith(f"error: --config: {tmp / 'q'} is already quantized, and --config/overrides do not fit it: moe.weight: moe weight fp8_per_block_static conflicts with ")
+    assert "already quantized as int8_per_channel_static" in other.stderr
 
 
 def test_quantize_a_saved_folder_loads_it_back(saved_tiny):
