@@ -415,5 +415,5 @@ def test_ignored_layer_holding_quantized_tensors(minilm, tmp_path_factory, tmp_p
 
 def test_a_different_config_is_refused(minilm, tmp_path_factory):
     folder = _write(minilm, "FP8_DYNAMIC", tmp_path_factory)
-    with pytest.raises(oqcore.ConfigError, match=r"linear weight mxfp8 conflicts with compressed-tensors checkpoint .*, which stores layer 'encoder\.layer\.0\.attention\.self\.query' quantized as fp8_per_channel_static"):
+    with pytest.raises(oqcore.ConfigError, match=r"linear weight mxfp8 conflicts with compressed-tensors checkpoint .*, which stores layer 'encoder\.layer\.0\.attention\.self\.query' already quantized as fp8_per_channel_static"):
         oqcore.load(folder, "mxfp8")

@@ -42,7 +42,7 @@ from oqcore.layer_tensors import TensorSpec, quantized_tensors
 from oqcore.layers import layer_kind
 from oqcore.loading.checkpoint import TensorEntry, TensorReader, checkpoint_entries
 from oqcore.loading.ct_config import GroupScheme, ct_config, match_group
-from oqcore.loading.checks import _check_expert_indices, check_against_model, is_quant_name
+from oqcore.loading.checks import CT_QUANT_METHOD, _check_expert_indices, check_against_model, is_quant_name
 from oqcore.loading.install import OnlineFeed, install_wrappers
 from oqcore.loading.meta import build_meta_model, read_model_config
 from oqcore.loading.names import NameMapper, TargetGroup, is_expert_fusion
@@ -580,7 +580,7 @@ def _compiles(p: str) -> bool:
 
 def _read_plan(path: Path, dtype: torch.dtype):
     """Everything decided before a tensor is read: ``(ct config, header entries, meta model, feeds,
-    used modules, the oqcore config)``. A peer's FP8 checkpoint (FineGrainedFP8, ModelOpt) is read
+    used modules, the oqcore config, what the checkpoint is for messages)``. A peer's FP8 checkpoint (FineGrainedFP8, ModelOpt) is read
     through its compressed-tensors view (:func:`oqcore.loading.peer_configs.peer_view`): its
     config, its tensors under compressed-tensors' names."""
     from oqcore.plugins import get_registry
@@ -607,7 +607,8 @@ def _read_plan(path: Path, dtype: torch.dtype):
             f"ignore {cfg.ignore})"
         )
     recorded = _recorded_config(raw, feeds, model)
-    return cfg, entries, model, feeds, used, recorded or oq_config(feeds, list(cfg.ignore or []), model)
+    what = f"{peer.format if peer is not None else CT_QUANT_METHOD} checkpoint {path}"
+    return cfg, entries, model, feeds, used, recorded or oq_config(feeds, list(cfg.ignore or []), model), what
 
 
 def _recorded_config(raw: dict, feeds: list[Feed], model: nn.Module) -> QuantizationConfig | None:
@@ -643,7 +644,7 @@ def stored_config(path: str | Path) -> QuantizationConfig:
     """The oqcore config a compressed-tensors checkpoint reads as (one target per quantized layer,
     see :func:`oq_config`), from its config.json and tensor headers only: no tensor is read.
     Raises :class:`oqcore.CheckpointError` as :func:`load_compressed` does before reading."""
-    return _read_plan(Path(path), torch.bfloat16)[-1]
+    return _read_plan(Path(path), torch.bfloat16)[5]
 
 
 def load_compressed(
@@ -675,7 +676,7 @@ def load_compressed(
     path = Path(path)
     device = resolve_device(device)
     cfg_file = path / "config.json"
-    _, entries, model, feeds, used, oq_cfg = _read_plan(path, dtype)
+    _, entries, model, feeds, used, oq_cfg, what = _read_plan(path, dtype)
     user = None if config is None else QuantizationConfig.from_any(config)
     try:
         per_layer = stored_specs(model, oq_cfg, device)
@@ -685,7 +686,7 @@ def load_compressed(
         if type(e).__name__ == "NoBackendError":
             raise
         raise CheckpointError(f"{cfg_file}: the checkpoint's quantization does not fit the model: {e}") from e
-    ov = overlay(model, oq_cfg, per_layer, user, device, f"compressed-tensors checkpoint {path}")
+    ov = overlay(model, oq_cfg, per_layer, user, device, what)
     qplan = plan(model, ov.config, device=device)
     wrappers = install_wrappers(model, qplan)
     stored = {n: w for n, w in wrappers.items() if n in ov.stored}
