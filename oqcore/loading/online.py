@@ -73,12 +73,18 @@ def load(
     runs (checked first: :func:`oqcore.devices.resolve_device`); ``dtype`` the high-precision dtype
     of everything not quantized (and of the weights before quantization): ``torch.bfloat16``,
     ``torch.float16``, ``torch.float32``, ``torch.float64`` or their names (``"bfloat16"``).
-    ``progress(done_bytes, total_bytes)`` is called as tensors are read. A folder written by
-    :func:`oqcore.save_quantized` is read back without re-quantizing (``config`` must then be
-    ``None`` or equal to the saved one), and so is a compressed-tensors checkpoint
+    ``progress(done_bytes, total_bytes)`` is called as tensors are read. A folder that holds
+    quantized weights is read as stored, without re-quantizing: a folder written by
+    :func:`oqcore.save_quantized` (either format), a compressed-tensors checkpoint
     (``quant_method: compressed-tensors``, :mod:`oqcore.loading.compressed`), a transformers
     FineGrainedFP8 one (``quant_method: fp8``) and an NVIDIA ModelOpt FP8 one
     (``hf_quant_config.json`` or ``quant_method: modelopt``; :mod:`oqcore.loading.peer_configs`).
+    With such a folder ``config`` is ``None`` (as stored) or an overlay with vLLM's semantics
+    (:mod:`oqcore.loading.overlay`): the checkpoint's own scheme or an activation-only spec
+    (``{"moe": {"activation": "mxfp8"}}``) keeps the stored bytes and may add the activation the
+    checkpoint does not declare, and the layers it stores in high precision are quantized online
+    as ``config`` says; a conflicting weight key or activation, or a target naming a stored layer,
+    is a :class:`oqcore.ConfigError` naming both.
 
     Before any weight is read, the folder, ``config.json``, the shard index and every safetensors
     header are checked (and against the model: tensor kinds, shapes, expert counts), and a
