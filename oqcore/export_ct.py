@@ -58,6 +58,12 @@ def compressed_tensors_checkpoint(
     """
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme, QuantizationStatus
 
+    if not state.plan.quantized:
+        raise SaveError(
+            f"cannot save {dest} as compressed-tensors: no layer of the model is quantized (the config "
+            f"{state.config.to_dict()} matches none), and a compressed-tensors config needs at least one config group; "
+            f"{_OTHER_FORMAT}, or save the high-precision model with transformers' save_pretrained"
+        )
     reg = get_registry()
     out = dict(tensors)
     groups: dict[tuple, list[LayerPlan]] = {}

@@ -203,3 +203,15 @@ def test_a_scheme_without_a_compressed_tensors_form_is_refused(minilm, tmp_path)
         oqcore.save_quantized(model, tmp_path / "ct", format="compressed-tensors")
     assert not (tmp_path / "ct").exists()
     oqcore.save_quantized(model, tmp_path / "oq", format="oqcore")  # its own format still works
+
+
+def test_a_model_with_no_quantized_layer_is_refused(minilm, tmp_path):
+    """compressed-tensors has no config for "nothing quantized" (config_groups must be non-empty, and
+    oqcore would refuse to read it back): a SaveError pointing at format='oqcore'."""
+    with pytest.warns(UserWarning, match="0 layers quantized"):
+        model = oqcore.load(minilm, {"moe": "mxfp8"})  # MiniLM has no experts
+    with pytest.raises(oqcore.SaveError, match=r"no layer of the model is quantized .*save with format='oqcore'"):
+        oqcore.save_quantized(model, tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()
+    oqcore.save_quantized(model, tmp_path / "oq", format="oqcore")
+    assert oqcore.load(tmp_path / "oq").oq_state.wrappers == {}
