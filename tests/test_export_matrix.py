@@ -19,13 +19,13 @@ The refusals are cells too, asserted exactly: GPT-OSS experts (fused and interle
 exercised end to end on MoE, the configs whose expert scale groups span several rows also run on
 each architecture built with the next multiple of that row count as intermediate size.
 
-Each (layout, config) is quantized and exported once per module (configs that resolve to the same
-quantization, such as ``fp8_per_block`` and ``fp8_per_block_static``, share one export).
+Each (layout, config) is quantized and exported once per module, and the three checks reuse it;
+names that resolve to the same config (a shorthand and the weight key it names, such as
+``fp8_per_block`` and ``fp8_per_block_static``) are one cell, ``fp8_per_block+fp8_per_block_static``.
 """
 
 from __future__ import annotations
 
-import copy
 import inspect
 import json
 import math
@@ -66,13 +66,20 @@ _PLUGIN_ENV = ("OQ_PLUGINS", "OQ_DISABLE_PLUGINS", "OQ_STRICT_PLUGINS")
 
 @dataclass(frozen=True)
 class ConfigInfo:
-    """What collection needs to know of one whole-model config name."""
+    """What collection needs to know of one whole-model config: the registered names that resolve
+    to it (a shorthand and the weight key it names, such as ``fp8_per_block`` and
+    ``fp8_per_block_static``, quantize identically: one cell, named after both)."""
 
-    name: str
-    resolved: str  # the resolved config as JSON: equal strings quantize identically
+    names: tuple[str, ...]
+    resolved: str  # the resolved config as JSON
+    quantizes_linear: bool
     quantizes_moe: bool
     moe_rows_per_group: int  # the experts' weight scale group row extent (-1: whole, 1: per row)
     moe_ct_weights: dict | None  # the experts' compressed-tensors weights args, as the scheme declares
+
+    @property
+    def name(self) -> str:
+        return "+".join(self.names)
 
 
 def _registry_configs() -> list[ConfigInfo]:
@@ -83,16 +90,21 @@ def _registry_configs() -> list[ConfigInfo]:
         oqcore.plugins.reset_plugin_manager()
         reg = oqcore.plugins.get_registry()
         names = sorted(set(reg.shorthands) | set(reg.keys.names("weight")))
-        out = []
+        by_config: dict[str, list[str]] = {}
         for name in names:
-            cfg = QuantizationConfig.from_any(name)
+            resolved = json.dumps(QuantizationConfig.from_any(name).to_dict(), sort_keys=True)
+            by_config.setdefault(resolved, []).append(name)
+        out = []
+        for resolved, same in by_config.items():
+            cfg = QuantizationConfig.from_any(same[0])
             moe = cfg.moe
             key = None if moe is None else moe.weight
             scheme = None if key is None else reg.schemes.get(key)
             out.append(
                 ConfigInfo(
-                    name=name,
-                    resolved=json.dumps(cfg.to_dict(), sort_keys=True),
+                    names=tuple(same),
+                    resolved=resolved,
+                    quantizes_linear=cfg.linear is not None,
                     quantizes_moe=moe is not None,
                     moe_rows_per_group=1 if key is None else key.scale.group_shape.row,
                     moe_ct_weights=None
@@ -124,6 +136,9 @@ class Layout:
 
 def _expected_refusal(layout: Layout, info: ConfigInfo) -> str | None:
     """The SaveError text (a regex) the export of this cell must raise, None when it must export."""
+    if not (info.quantizes_linear or (layout.moe and info.quantizes_moe)):
+        # a MoE-only config on MiniLM: nothing to write a config group for
+        return r"no layer of the model is quantized \(the config .* matches none\), and a compressed-tensors config needs at least one config group"
     if not (layout.moe and info.quantizes_moe):
         return None
     if layout.arch == "gpt_oss":
@@ -160,16 +175,6 @@ def _transformers_refuses(layout: Layout, info: ConfigInfo) -> bool:
         and w.get("num_bits") == 8
         and w.get("strategy") not in ("tensor", "channel")
     )
-
-
-# A config that quantizes nothing on this model (a MoE-only shorthand on MiniLM) exports a folder
-# with `config_groups: {}` (oqcore/export_ct.py compressed_tensors_checkpoint builds the config from
-# the plan's quantized layers, here none), which transformers and compressed-tensors accept, but
-# oqcore's own reader refuses: oqcore/loading/ct_config.py requires a non-empty config_groups.
-_EMPTY_GROUPS = (
-    "oqcore.load refuses the compressed-tensors export of a model with no quantized layer: save_quantized writes "
-    "quantization_config.config_groups = {} and the reader (oqcore/loading/ct_config.py) requires a non-empty object"
-)
 
 
 def _cells() -> list[tuple[Layout, ConfigInfo]]:
@@ -210,6 +215,7 @@ class Cell:
     dest: Path | None = None
     tensors: dict = field(default_factory=dict)
     raw: dict = field(default_factory=dict)
+    dequantized: dict = field(default_factory=dict)  # _dequantized(model)
 
 
 class Matrix:
@@ -233,7 +239,7 @@ class Matrix:
             with warnings.catch_warnings():
                 # a config that quantizes nothing here (a MoE-only shorthand on MiniLM) says so
                 warnings.filterwarnings("ignore", message=r".*0 layers quantized", category=UserWarning)
-                model = oqcore.load(self.source(layout), info.name)
+                model = oqcore.load(self.source(layout), info.names[0])
             c = Cell(model)
             c.dest = self.tmp.mktemp(f"x-{layout.id}-{info.name}") / "ct"
             try:
@@ -243,6 +249,7 @@ class Matrix:
             else:
                 c.tensors = tensors_of(c.out)
                 c.raw = ct_config(c.out)[1]
+                c.dequantized = _dequantized(model)
             self.cells[key] = c
         return self.cells[key]
 
@@ -255,15 +262,12 @@ class Matrix:
         fuses back at load are dequantized weights run in high precision, with no activation
         quantization. So: the export read by oqcore in float32, or, when the cell quantizes expert
         activations, the source quantized again in float32 with the experts' activation left out
-        (the tiny MoE checkpoints are bf16, so the same bytes). A model with nothing quantized: its
-        own float32 copy."""
+        (the tiny MoE checkpoints are bf16, so the same bytes)."""
         key = (layout, info.resolved)
         if key not in self.references:
             c = self.cell(layout, info)
             rows = _quantized_rows(c.model)
-            if not rows:
-                ref = _cast(copy.deepcopy(c.model), torch.float32)
-            elif any(r["kind"] == "moe" and r["activation"] != "none" for r in rows):
+            if any(r["kind"] == "moe" and r["activation"] != "none" for r in rows):
                 spec = {}
                 for r in rows:
                     s = {"weight": r["weight"], "activation": None if r["kind"] == "moe" else r["activation"]}
@@ -322,27 +326,43 @@ def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.detach().reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8))
 
 
-def _expected_weights(layout: Layout, model) -> dict[str, torch.Tensor]:
-    """oqcore's dequantized weights (float32) under the checkpoint's module names: each linear by
-    its own name, each expert's gate / up / down under the architecture's per-expert names."""
+def _dequantized(model) -> dict[str, torch.Tensor | tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """oqcore's dequantized weights (float32, the scheme's own dequantizer) by wrapper name: a
+    linear's weight, or an experts module's (w13 per expert, w2 per expert)."""
     out = {}
     for name, w in model.oq_state.wrappers.items():
-        if not _is_moe(w):
-            out[name] = w.method.dequantize_layer_weight(w, "weight", torch.float32)
+        deq = w.method.dequantize_layer_weight
+        if _is_moe(w):
+            experts = range(w.layout.num_experts)
+            out[name] = (
+                [deq(w, "w13_weight", torch.float32, expert=e) for e in experts],
+                [deq(w, "w2_weight", torch.float32, expert=e) for e in experts],
+            )
+        else:
+            out[name] = deq(w, "weight", torch.float32)
+    return out
+
+
+def _expected_weights(layout: Layout, cell: Cell) -> dict[str, torch.Tensor]:
+    """:func:`_dequantized` under the checkpoint's module names: each linear by its own name, each
+    expert's gate / up / down under the architecture's per-expert names."""
+    out = {}
+    for name, deq in cell.dequantized.items():
+        if isinstance(deq, torch.Tensor):
+            out[name] = deq
             continue
         where, (gate, up, down) = EXPERTS_ON_DISK[layout.arch]
         prefix = name.removesuffix(".mlp.experts") + where
-        i = w.layout.intermediate_size
-        for e in range(w.layout.num_experts):
-            w13 = w.method.dequantize_layer_weight(w, "w13_weight", torch.float32, expert=e)
+        i = cell.model.oq_state.wrappers[name].layout.intermediate_size
+        for e, (w13, w2) in enumerate(zip(*deq)):
             out[f"{prefix}.{e}.{gate}"] = w13[:i]
             out[f"{prefix}.{e}.{up}"] = w13[i:]
-            out[f"{prefix}.{e}.{down}"] = w.method.dequantize_layer_weight(w, "w2_weight", torch.float32, expert=e)
+            out[f"{prefix}.{e}.{down}"] = w2
     return out
 
 
 def _linear_skeleton(tensors: dict[str, torch.Tensor], not_linear: set[str]) -> nn.Module:
-    """A module tree with one float32 ``nn.Linear`` per module of the file holding a 2-D weight
+    """A module tree with one float32 ``nn.Linear`` (meta device) per module of the file holding a 2-D weight
     (``weight`` or a packed weight with its ``weight_shape``), embeddings (``not_linear``) aside:
     the linears a compressed-tensors reader sees, per expert and routers included."""
     root = nn.Module()
@@ -362,7 +382,9 @@ def _linear_skeleton(tensors: dict[str, torch.Tensor], not_linear: set[str]) -> 
             if not hasattr(parent, part):
                 parent.add_module(part, nn.Module())
             parent = getattr(parent, part)
-        parent.add_module(last, nn.Linear(k, n, bias=f"{module}.bias" in tensors, dtype=torch.float32))
+        # on the meta device: compress_model then only lays out the parameters (no arithmetic on
+        # init values); load_state_dict(assign=True) puts the stored tensors in
+        parent.add_module(last, nn.Linear(k, n, bias=f"{module}.bias" in tensors, dtype=torch.float32, device="meta"))
     return root
 
 
@@ -399,8 +421,9 @@ def _exported(matrix: Matrix, layout: Layout, info: ConfigInfo) -> Cell:
 
 @pytest.mark.parametrize("layout, info", _params(REFUSED))
 def test_export_is_refused(layout, info, matrix):
-    """GPT-OSS experts and block experts with I % 128 != 0: a SaveError naming the experts module
-    and why, telling the user to save with format='oqcore', and nothing written."""
+    """GPT-OSS experts, block experts with I % 128 != 0, a config that quantizes no layer of the
+    model: a SaveError naming the experts module / the config and why, telling the user to save
+    with format='oqcore', and nothing written."""
     c = matrix.cell(layout, info)
     assert isinstance(c.error, oqcore.SaveError), f"expected a SaveError, the export gave {c.out or c.error!r}"
     msg = str(c.error)
@@ -428,7 +451,7 @@ def test_compressed_tensors_decompresses_to_oqcore(layout, info, matrix):
     linears = {n for n, m in skel.named_modules() if isinstance(m, nn.Linear)}
     apply_quantization_config(skel, compressor.quantization_config, run_compressed=False, show_progress=False)
     targeted = {n for n, m in skel.named_modules() if getattr(m, "quantization_scheme", None) is not None}
-    expected = _expected_weights(layout, c.model)
+    expected = _expected_weights(layout, c)
     assert targeted == set(expected)  # so the routers and lm_head (linears of the file too) are left alone
     compressor.compress_model(skel)
     skel.load_state_dict(
@@ -478,34 +501,21 @@ def test_transformers_runs_the_export(layout, info, matrix):
     ids = _ids_for(layout)
     _output(hf, layout, ids)  # the first forward decompresses the linears
     _cast(hf, torch.float32)
-    for name, w in c.model.oq_state.wrappers.items():
-        if _is_moe(w):
-            experts = hf.get_submodule(name)
-            for e in range(w.layout.num_experts):
-                w13 = w.method.dequantize_layer_weight(w, "w13_weight", torch.float32, expert=e)
-                w2 = w.method.dequantize_layer_weight(w, "w2_weight", torch.float32, expert=e)
-                assert torch.equal(experts.gate_up_proj[e].detach(), w13), f"{name} expert {e} gate_up_proj"
-                assert torch.equal(experts.down_proj[e].detach(), w2), f"{name} expert {e} down_proj"
-        else:
-            ours = w.method.dequantize_layer_weight(w, "weight", torch.float32)
-            assert torch.equal(hf.get_submodule(name).weight.detach(), ours), name
+    for name, deq in c.dequantized.items():
+        if isinstance(deq, torch.Tensor):
+            assert torch.equal(hf.get_submodule(name).weight.detach(), deq), name
+            continue
+        experts = hf.get_submodule(name)
+        for e, (w13, w2) in enumerate(zip(*deq)):
+            assert torch.equal(experts.gate_up_proj[e].detach(), w13), f"{name} expert {e} gate_up_proj"
+            assert torch.equal(experts.down_proj[e].detach(), w2), f"{name} expert {e} down_proj"
     y_tf = _output(hf, layout, ids)
     y_oq = _output(matrix.float32_reference(layout, info), layout, ids)
     err = float((y_oq - y_tf).norm() / y_tf.norm())
     assert err <= 2**-6, f"relative error {err:.4g}"
 
 
-def _reload_marks(layout, info):
-    if not layout.moe and not _quantizes_a_linear(info):
-        return pytest.mark.xfail(reason=_EMPTY_GROUPS, strict=True, raises=oqcore.CheckpointError)
-    return ()
-
-
-def _quantizes_a_linear(info: ConfigInfo) -> bool:
-    return "linear" in json.loads(info.resolved)
-
-
-@pytest.mark.parametrize("layout, info", _params(EXPORTED, _reload_marks))
+@pytest.mark.parametrize("layout, info", _params(EXPORTED))
 def test_oqcore_reads_the_export_back_bit_identical(layout, info, matrix):
     """(c) ``oqcore.load(folder)`` (no config: read as stored, no re-quantizing): every parameter
     and buffer (persistent or not) with the same name, dtype, shape and bytes; the same plan (per
