@@ -150,8 +150,11 @@ def test_full_lifecycle(toy4, arch, tiny_moe, tmp_path):
     qn, sn, gn = toy4.quantize(new[lin.layer_name + ".weight"].to(lin.params_dtype))
     assert torch.equal(lin.weight, qn) and torch.equal(lin.weight_scale, sn) and torch.equal(lin.weight_global_scale, gn)
 
+    # the toy declares no compressed-tensors form: the default export says so, oqcore's layout holds it
+    with pytest.raises(oqcore.SaveError, match="its plugin declares no compressed-tensors form; save with format='oqcore'"):
+        oqcore.save_quantized(model, tmp_path / "ct")
     # save, load back: every tensor bit for bit, forward identical, no re-quantization
-    oqcore.save_quantized(model, tmp_path / "q")
+    oqcore.save_quantized(model, tmp_path / "q", format="oqcore")
     back = oqcore.load(tmp_path / "q")
     a = {k: v for k, v in model.state_dict().items()}
     b = {k: v for k, v in back.state_dict().items()}
