@@ -214,6 +214,33 @@ def _experts(
             per_expert.setdefault(module, {})[n] = t
     for module, named in per_expert.items():
         out.update(_encode(module, named, weights, fmt_name))
+    _expert_input_state(model, out, wrapper, name, p13, p2)
+
+
+def _expert_input_state(model: nn.Module, out: dict[str, torch.Tensor], wrapper: nn.Module, name: str, p13: str, p2: str) -> None:
+    """The experts' static activation state (one ``w13_input_scale`` / ``w2_input_scale`` per
+    layer) written per expert projection as compressed-tensors stores it (``input_scale`` beside
+    each gate, up and down): the layer's value for every expert, which vLLM's fp8 MoE reads back
+    as the same one value (the max over experts)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from oqcore.formats import input_param
+
+    state = wrapper.method.activation_state()
+    if not state:
+        return
+    (hp13, _), (hp2, _) = OnlineMoEMethodBase.QUANTIZED_NAMES.items()
+    e = wrapper.layout.num_experts
+    fmt = wrapper.method.formats.activation
+    for n in fmt.activation_state():
+        s13 = out.pop(f"{name}.{input_param(p13, n)}")
+        s2 = out.pop(f"{name}.{input_param(p2, n)}")
+        # shaped as a per-tensor weight scale of the stacks ([E, 2] gate/up, [E, 1] down), which the
+        # reverse conversion splits per expert and projection as it does the weight scales
+        fake = {f"{name}.{hp13}": s13.reshape(1, 1).expand(e, 2).contiguous(), f"{name}.{hp2}": s2.reshape(1, 1).expand(e, 1).contiguous()}
+        for key, t in revert_weight_conversion(model, fake).items():
+            module, _, _ = key.rpartition(".")
+            out[f"{module}.input_{n}"] = t.reshape(1).clone()
 
 
 def _splittable_w13(scale: torch.Tensor, rows_per_group: int, i_size: int, name: str, tensor: str, dest: str) -> torch.Tensor:

@@ -107,6 +107,13 @@ class KeyFormat:
       ``weights`` or ``input_activations`` of a config group), e.g. ``{"num_bits": 8, "type":
       "float", "symmetric": True, "strategy": "channel", "dynamic": False}``; ``None`` when the
       serving format has no equivalent.
+    - ``static_quantize(x, state, options) -> qdata``: for a key with static scales used as an
+      *activation* key (calibrated input scales, e.g. llm-compressor's FP8 preset): quantize
+      ``x [M, K]`` with the stored ``state`` (``{name: tensor}`` for every tensor but ``qdata``,
+      float32 ``[1]`` each: a static activation scale is per tensor, it cannot depend on the
+      number of tokens). ``None``: the key cannot be a static activation. A layer running such a
+      key holds the state as parameters (:func:`input_param`), read from the checkpoint, saved
+      with the layer and kept by :func:`oqcore.reload_weights`.
     """
 
     key: QuantKey
@@ -116,6 +123,26 @@ class KeyFormat:
     values_per_element: int = 1
     element: str = ""
     compressed_tensors: Mapping[str, Any] | None = None
+    static_quantize: Callable[..., torch.Tensor] | None = None
+
+    @property
+    def is_static_activation(self) -> bool:
+        """Whether this key, used as an activation key, quantizes with stored (calibrated) scales."""
+        return bool(self.key.scale.static)
+
+    def activation_state(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """``{tensor name: (shape, dtype)}`` a layer keeps for this key as a static activation
+        (every tensor but ``qdata``, ``[1]`` in the scale dtype); empty for a dynamic key."""
+        if not self.is_static_activation:
+            return {}
+        return {n: ((1,), self.key.scale.dtype) for n in self.tensors if n != DATA}
+
+    def fake_quantize_static(self, x: torch.Tensor, state: Mapping[str, torch.Tensor], options: BaseModel | None) -> torch.Tensor:
+        """``x [M, K]`` quantized with the stored ``state`` and dequantized, in float32."""
+        if self.static_quantize is None:
+            raise PluginError(f"the format of key {self.key} has no static_quantize: it cannot be a static activation key")
+        q = self.static_quantize(x, state, options)
+        return self.dequantize(q, *(state[n] for n in self.tensors if n != DATA), torch.float32, options)
 
     @property
     def reference(self) -> QuantizerImpl:
@@ -138,6 +165,14 @@ class KeyFormat:
         """The layer parameter holding ``tensor`` of a weight called ``prefix``: ``weight`` for
         ``qdata``, ``weight_scale`` for ``scale``."""
         return prefix if tensor == DATA else f"{prefix}_{tensor}"
+
+
+def input_param(prefix: str, tensor: str) -> str:
+    """The layer parameter holding static-activation ``tensor`` of the input of the weight called
+    ``prefix``: ``weight`` -> ``input_scale``, ``w13_weight`` -> ``w13_input_scale`` (vLLM's and
+    compressed-tensors' names)."""
+    base = prefix[: -len("weight")] if prefix.endswith("weight") else f"{prefix}_"
+    return f"{base}input_{tensor}"
 
 
 @dataclass

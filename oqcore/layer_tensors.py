@@ -27,11 +27,15 @@ from oqcore.torch_compat import clear_parameters, own_parameters, set_parameter
 class TensorSpec:
     """One tensor of a quantized layer: ``shape``, ``dtype``, and ``high_precision``: it is a
     parameter the method keeps as loaded (a bias, in the model dtype), so any floating dtype in a
-    file is acceptable and is converted; every other tensor (qdata, scales) must match exactly."""
+    file is acceptable and is converted; every other tensor (qdata, scales) must match exactly.
+    ``state``: a static activation state tensor (a calibrated ``input_scale``,
+    :meth:`oqcore.OnlineMethodBase.activation_state`): read from a stored checkpoint, never
+    computed from the weights, kept by :func:`oqcore.reload_weights`."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
     high_precision: bool
+    state: bool = False
 
     def describe(self) -> str:
         """``"float8_e4m3fn [64, 160]"``."""
@@ -61,6 +65,10 @@ def _derive(wrapper: nn.Module, materialize, experts: int | None = None) -> dict
     before = {k: (tuple(p.shape), p.dtype) for k, p in own_parameters(probe).items()}
     for k, p in own_parameters(probe).items():
         set_parameter(probe, k, nn.Parameter(materialize(p), requires_grad=False))
+    # the static activation state comes from the checkpoint, as the weights do: stand-ins here
+    state = probe.method.activation_state()
+    for k, (shape, dtype) in state.items():
+        set_parameter(probe, k, nn.Parameter(materialize(torch.empty(shape, dtype=dtype, device="meta")), requires_grad=False))
     method = copy.copy(wrapper.method)
     method.backend = dataclasses.replace(method.backend, prepare=None)
     probe.method = method
@@ -68,7 +76,7 @@ def _derive(wrapper: nn.Module, materialize, experts: int | None = None) -> dict
     out = {}
     for k, p in own_parameters(probe).items():
         spec = (tuple(p.shape), p.dtype)
-        out[k] = TensorSpec(spec[0], spec[1], before.get(k) == spec)
+        out[k] = TensorSpec(spec[0], spec[1], before.get(k) == spec, k in state)
     return out
 
 
@@ -81,7 +89,7 @@ def _extrapolate(a: dict[str, TensorSpec], b: dict[str, TensorSpec], experts: in
     out = {}
     for k, sa in a.items():
         sb = b[k]
-        if sa.dtype != sb.dtype or sa.high_precision != sb.high_precision or len(sa.shape) != len(sb.shape):
+        if sa.dtype != sb.dtype or sa.high_precision != sb.high_precision or sa.state != sb.state or len(sa.shape) != len(sb.shape):
             return None
         shape = []
         for da, db in zip(sa.shape, sb.shape):
@@ -91,7 +99,7 @@ def _extrapolate(a: dict[str, TensorSpec], b: dict[str, TensorSpec], experts: in
                 shape.append(experts)
             else:
                 return None
-        out[k] = TensorSpec(tuple(shape), sa.dtype, sa.high_precision)
+        out[k] = TensorSpec(tuple(shape), sa.dtype, sa.high_precision, sa.state)
     return out
 
 

@@ -37,9 +37,10 @@ from oqcore.formats import (
     QuantizerImpl,
     check_quantizable,
     dequantize,
+    input_param,
     run_quantizer,
 )
-from oqcore.errors import PluginError
+from oqcore.errors import ConfigError, PluginError
 from oqcore.keys import QuantKey
 from oqcore.kinds import KINDS
 from oqcore.oracle import select_quantizer
@@ -116,6 +117,9 @@ class OnlineMethodBase(ABC):
 
     kind: ClassVar[str]
     weight_key: ClassVar[QuantKey]
+    WEIGHT_PREFIXES: ClassVar[tuple[str, ...]] = ()
+    """The prefixes of the quantized weights a layer of this kind holds (``weight``; ``w13_weight``,
+    ``w2_weight``): each input of one has its own static activation state (:meth:`activation_state`)."""
     supported_activation_keys: ClassVar[tuple[QuantKey | None, ...]] = (None,)
     default_activation_key: ClassVar[QuantKey | None] = None
     options_model: ClassVar[type[BaseModel]] = NoOptions
@@ -225,12 +229,57 @@ class OnlineMethodBase(ABC):
         """The dequantized weight called ``prefix`` of ``layer`` (one expert's with ``expert``) in ``dtype``."""
         return dequantize(self.formats.weight, self.weight_tensors(layer, prefix, expert), dtype, self.options)
 
-    def fake_quantize_activation(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def static_activation(self) -> bool:
+        """Whether the activation key quantizes inputs with stored (calibrated) scales."""
+        fmt = self.formats.activation if self.formats is not None else None
+        return self.activation_key is not None and fmt is not None and fmt.is_static_activation
+
+    def activation_state(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """``{parameter name: (shape, dtype)}`` of the static activation state a layer of this
+        method holds beside its quantized weights: for a static activation key, the key format's
+        state (:meth:`oqcore.KeyFormat.activation_state`, a float32 ``[1]`` scale) per weight input
+        (``input_scale``; ``w13_input_scale`` and ``w2_input_scale`` for experts: one per layer,
+        as vLLM keeps after taking the max over experts). Empty for dynamic or no activation
+        quantization. The state is calibrated, so it comes only from a stored checkpoint; it is
+        saved with the layer and kept by :func:`oqcore.reload_weights`."""
+        if not self.static_activation:
+            return {}
+        state = self.formats.activation.activation_state()
+        return {input_param(p, n): spec for p in self.WEIGHT_PREFIXES for n, spec in state.items()}
+
+    def check_activation_state(self, layer: torch.nn.Module) -> None:
+        """Raise :class:`oqcore.ConfigError` (field ``<kind>.activation``) if the method runs a static
+        activation key and ``layer`` lacks its stored state: online quantization from a
+        high-precision checkpoint has no calibration to produce a static input scale (vLLM's
+        online quantization is dynamic too)."""
+        missing = [n for n in self.activation_state() if getattr(layer, n, None) is None]
+        if missing:
+            raise ConfigError(
+                f"layer {getattr(layer, 'layer_name', '?')!r}: activation {self.activation_key} uses static input scales "
+                f"({', '.join(missing)}), which come from a calibrated checkpoint (e.g. llm-compressor's FP8 preset); "
+                "quantizing a high-precision checkpoint online cannot produce them: use a dynamic activation key "
+                "(or omit activation for the scheme's default)",
+                f"{self.kind}.activation",
+            )
+
+    def input_state(self, layer: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+        """The static activation state of the input of weight ``prefix``, by format tensor name."""
+        fmt = self.formats.activation
+        return {n: getattr(layer, input_param(prefix, n)) for n in fmt.activation_state()}
+
+    def fake_quantize_activation(self, x: torch.Tensor, layer: torch.nn.Module | None = None, prefix: str = "weight") -> torch.Tensor:
         """Round ``x [M, K]`` through the activation key (quantize then dequantize) in float32 with
-        its reference quantizer; ``x`` unchanged for weight-only methods."""
+        its reference quantizer; ``x`` unchanged for weight-only methods. A static activation key
+        quantizes with the stored state of the input of weight ``prefix`` of ``layer``
+        (``x / input_scale``, saturated, rounded; :attr:`oqcore.KeyFormat.static_quantize`)."""
         fmt = self.formats.activation
         if self.activation_key is None or fmt is None:
             return x
+        if fmt.is_static_activation:
+            if layer is None:
+                raise PluginError(f"{type(self).__name__}: a static activation key needs the layer holding its input scale")
+            return fmt.fake_quantize_static(x, self.input_state(layer, prefix), self.options)
         out = fmt.reference.quantize(x, self.options)
         named = dict(out) if isinstance(out, dict) else dict(zip(fmt.tensors, out))
         return dequantize(fmt, named, torch.float32, self.options)
@@ -267,6 +316,7 @@ class OnlineLinearMethodBase(OnlineMethodBase):
     """
 
     kind: ClassVar[str] = "linear"
+    WEIGHT_PREFIXES: ClassVar[tuple[str, ...]] = ("weight",)
 
     @classmethod
     def weight_shapes(cls, layer: torch.nn.Module) -> list[tuple[int, ...]]:
@@ -282,6 +332,7 @@ class OnlineLinearMethodBase(OnlineMethodBase):
         """Quantize ``weight`` into the format's tensors (``weight`` = qdata, ``weight_scale``, ...); idempotent."""
         if layer.quantized:
             return
+        self.check_activation_state(layer)
         qt = self.quantize_weight(layer.weight.data, layer.layer_name)
         self.store_weight(layer, "weight", qt)
         self._finish(layer)
@@ -299,7 +350,7 @@ class OnlineLinearMethodBase(OnlineMethodBase):
         (no graph break) whose results equal eager's (a plugin's quantizers run there as
         opaque ``torch.library`` custom ops where inductor would miscompile them)."""
         shape = x.shape
-        x2 = self.fake_quantize_activation(x.reshape(-1, shape[-1])).float()
+        x2 = self.fake_quantize_activation(x.reshape(-1, shape[-1]), layer, "weight").float()
         w = self.dequantize_layer_weight(layer, "weight", torch.float32)
         bias = layer.bias.float() if layer.bias is not None else None
         y = torch.nn.functional.linear(x2, w, bias)
@@ -319,6 +370,7 @@ class OnlineMoEMethodBase(OnlineMethodBase):
     """
 
     kind: ClassVar[str] = "moe"
+    WEIGHT_PREFIXES: ClassVar[tuple[str, ...]] = ("w13_weight", "w2_weight")
     QUANTIZED_NAMES: ClassVar[dict[str, str]] = {"gate_up_proj": "w13_weight", "down_proj": "w2_weight"}
     """The fused experts' high-precision parameters (transformers' names, the checkpoint's layout)
     -> the prefix of the quantized tensors stored for them (canonical layout)."""
@@ -352,6 +404,7 @@ class OnlineMoEMethodBase(OnlineMethodBase):
         """Quantize both expert stacks per expert into ``w13_*`` / ``w2_*``; idempotent."""
         if layer.quantized:
             return
+        self.check_activation_state(layer)
         w13, w2 = self.canonical_weights(layer)
         # Transposed (GPT-OSS) stacks stay views: each expert is made contiguous on its own.
         q13 = self.quantize_weight(w13, f"{layer.layer_name}.gate_up_proj")
@@ -372,7 +425,7 @@ class OnlineMoEMethodBase(OnlineMethodBase):
         """``x [T, K] @ W[expert].T`` in float32 for ``proj`` in ``{"w13", "w2"}``, activation
         fake-quantized per the activation key, plus the expert's bias if the layer has one."""
         w = self.dequantize_layer_weight(layer, f"{proj}_weight", torch.float32, expert)
-        y = torch.nn.functional.linear(self.fake_quantize_activation(x).float(), w)
+        y = torch.nn.functional.linear(self.fake_quantize_activation(x, layer, f"{proj}_weight").float(), w)
         if layer.layout.has_bias:
             bias = layer.gate_up_proj_bias if proj == "w13" else layer.down_proj_bias
             y = y + bias[expert].float()

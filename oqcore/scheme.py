@@ -119,6 +119,18 @@ def check_scheme(scheme: object) -> Scheme:
         raise PluginError(f"{where}: compressed_tensors_format names activation {unknown[0]}, which the scheme does not serve")
     for fmt in scheme.formats():
         check_format(fmt, where)
+    for fmt in scheme.activations:
+        if fmt is not None and fmt.is_static_activation:
+            if fmt.static_quantize is None:
+                raise PluginError(
+                    f"{where}: activation key {fmt.key} has static scales, and its format declares no static_quantize "
+                    "(quantizing an input with the stored scale)"
+                )
+            if not fmt.key.scale.group_shape.is_per_tensor:
+                raise PluginError(
+                    f"{where}: static activation key {fmt.key} must be per tensor (a stored input scale cannot depend "
+                    "on the number of tokens)"
+                )
     return scheme
 
 
@@ -136,6 +148,8 @@ def check_format(fmt: KeyFormat, where: str) -> None:
         raise PluginError(f"{what}: tensors {names!r} repeat a name")
     if isinstance(fmt.values_per_element, bool) or not isinstance(fmt.values_per_element, int) or fmt.values_per_element < 1:
         raise PluginError(f"{what}: values_per_element must be a positive int, got {fmt.values_per_element!r}")
+    if fmt.static_quantize is not None and not callable(fmt.static_quantize):
+        raise PluginError(f"{what}: static_quantize must be callable")
     ct = fmt.compressed_tensors
     if ct is not None and not (isinstance(ct, Mapping) and all(isinstance(k, str) for k in ct)):
         raise PluginError(f"{what}: compressed_tensors must be a mapping of QuantizationArgs field names, got {type(ct).__name__}")

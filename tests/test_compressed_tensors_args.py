@@ -21,8 +21,8 @@ PRESETS = [
     ({"weight": "mxfp8", "activation": "mxfp8"}, "MXFP8", True),
     ({"weight": "mxfp8", "activation": None}, "MXFP8A16", True),
     ({"weight": "int8_per_channel_static", "activation": "int8_per_token"}, "W8A8", True),
-    # compressed-tensors' FP8 calibrates static activation scales; oqcore's activations are dynamic
-    ({"weight": "fp8_per_tensor_static"}, "FP8", False),
+    # compressed-tensors' FP8: static (calibrated) per-tensor input scales, read from checkpoints
+    ({"weight": "fp8_per_tensor_static", "activation": "fp8_per_tensor_static"}, "FP8", True),
 ]
 
 
@@ -32,8 +32,9 @@ def _args(fmt) -> QuantizationArgs | None:
 
 def _written(args: QuantizationArgs | None) -> dict | None:
     """The args as a checkpoint's config carries them: zp_dtype is in-memory only (never written;
-    these schemes are symmetric, without zero points)."""
-    return None if args is None else args.model_dump(exclude={"zp_dtype"})
+    these schemes are symmetric, without zero points); the observer is how llm-compressor calibrates
+    (FP8's ``static_minmax``), which oqcore's group matching does not compare either."""
+    return None if args is None else args.model_dump(exclude={"zp_dtype", "observer", "observer_kwargs"})
 
 
 @pytest.mark.parametrize("spec, preset, with_activation", PRESETS, ids=[p for _, p, _ in PRESETS])
@@ -54,10 +55,10 @@ def _pairs():
             yield scheme, act
 
 
-@pytest.mark.parametrize("pair", list(range(12)))
+@pytest.mark.parametrize("pair", list(range(13)))
 def test_declared_format_is_the_one_compressed_tensors_infers(pair):
     pairs = list(_pairs())
-    assert len(pairs) == 12  # fp8: 3 + 3 + 2, mxfp8: 2, int8: 2
+    assert len(pairs) == 13  # fp8: 4 (static activations too) + 3 + 2, mxfp8: 2, int8: 2
     scheme, act = pairs[pair]
     weights = _args(scheme.weight)
     activations = _args(scheme.activation_format(act))

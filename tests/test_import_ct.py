@@ -157,9 +157,14 @@ def _fake_quant_inputs(ref, model):
         if fmt is None:
             continue
 
-        def hook(mod, args, fmt=fmt):
+        static = w.input_scale.detach().clone() if fmt.key.scale.static else None
+
+        def hook(mod, args, fmt=fmt, static=static):
             x = args[0]
             flat = x.reshape(-1, x.shape[-1]).float()
+            if static is not None:  # the stored input scale: clamp(x / s, +-448) to e4m3, times s
+                q = (flat / static).clamp(-448, 448).to(torch.float8_e4m3fn)
+                return ((q.float() * static).reshape(x.shape).to(x.dtype),)
             out = fmt.reference.quantize(flat, None)
             named = dict(out) if isinstance(out, dict) else dict(zip(fmt.tensors, out))
             return (fmt.dequantize(*(named[n] for n in fmt.tensors), torch.float32, None).reshape(x.shape).to(x.dtype),)
@@ -304,13 +309,14 @@ def test_group128_int8_is_refused(minilm, tmp_path_factory):
     )
 
 
-def test_static_fp8_activations_are_refused(minilm, tmp_path_factory):
-    folder = _write(minilm, "FP8", tmp_path_factory)
-    with pytest.raises(
-        CheckpointError, match=r"config_groups.group_0: oqcore reads these weights as scheme 'fp8_per_tensor', but not"
-    ) as e:
+def test_input_scale_of_a_dynamic_group_is_refused(minilm, tmp_path_factory, tmp_path):
+    """An FP8 checkpoint whose config says dynamic input activations but stores input_scale tensors:
+    the tensor is named, and so is what reads it (static input_activations)."""
+    folder = _copy(_write(minilm, "FP8", tmp_path_factory), tmp_path)
+    _edit_qc(folder, lambda qc: qc["config_groups"]["group_0"]["input_activations"].update(dynamic=True))
+    with pytest.raises(CheckpointError, match=r"unexpected tensor '.*\.input_scale'") as e:
         oqcore.load(folder)
-    assert "dynamic: False" in str(e.value) and "static input activation scales" in str(e.value)
+    assert "static input activation scale" in str(e.value) and "dynamic: false" in str(e.value)
 
 
 def test_asymmetric_weights_are_refused(minilm, tmp_path_factory, tmp_path):
@@ -374,7 +380,7 @@ TENSORS = [
     ("extra-zero-point", "W8A16_CHANNEL", lambda t: t.__setitem__(f"{LAYER}.weight_zero_point", torch.zeros(384, 1, dtype=torch.int8)),
      [f"unexpected tensor '{LAYER}.weight_zero_point'", "asymmetric"]),
     ("extra-input-scale", "FP8_DYNAMIC", lambda t: t.__setitem__(f"{LAYER}.input_scale", torch.ones(1)),
-     [f"unexpected tensor '{LAYER}.input_scale'", "static input scales"]),
+     [f"unexpected tensor '{LAYER}.input_scale'", "static input activation scale"]),
     ("scale-int32", "FP8_DYNAMIC", lambda t: t.__setitem__(f"{LAYER}.weight_scale", torch.ones(384, 1, dtype=torch.int32)),
      [f"tensor '{LAYER}.weight_scale' is I32 [384, 1]", "expects float32 [384, 1]"]),
     ("weight-bf16", "FP8_W8A16", lambda t: t.__setitem__(f"{LAYER}.weight", torch.ones(384, 384, dtype=torch.bfloat16)),

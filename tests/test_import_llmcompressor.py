@@ -59,6 +59,8 @@ LOADABLE = {
     }.items()
     if (DATA / f"{model}_{scheme}").is_dir()
 }
+# oneshot FP8: per-tensor weights and STATIC per-tensor input activations (calibrated input_scale)
+LOADABLE["dense_FP8"] = ("fp8_per_tensor_static", "fp8_per_tensor_static")
 DENSE_LAYERS = [f"model.layers.{i}.{p}" for i in range(2) for p in
                 ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]  # fmt: skip
@@ -72,7 +74,7 @@ def test_the_fixtures_are_what_the_script_says():
     assert VERSIONS["llmcompressor"] == "0.14.0.1" and VERSIONS["compressed_tensors"] == "0.19.0"
     listed = set(VERSIONS["fixtures"])
     assert listed == {p.parent.name for p in DATA.glob("*/config.json")}
-    assert listed == set(LOADABLE) | {"dense_W8A16", "dense_FP8"}
+    assert listed == set(LOADABLE) | {"dense_W8A16"}
     for name in listed:
         qc = json.loads((DATA / name / "config.json").read_text())["quantization_config"]
         assert qc["quant_method"] == "compressed-tensors" and qc["version"] == "0.19.0", name
@@ -150,6 +152,11 @@ def test_loads_stored_bytes_with_the_matching_scheme(name, loaded):
             for attr in ("weight", "weight_scale"):
                 got = getattr(w, attr)
                 assert _same(got, _expected(stored, layer, got.dtype, attr)), (layer, attr)
+            if act_key == "fp8_per_tensor_static":  # the calibrated input scale, bf16 -> float32 exactly
+                assert w.input_scale.dtype == torch.float32 and w.input_scale.shape == (1,)
+                assert torch.equal(w.input_scale, stored[f"{layer}.input_scale"].float().reshape(1)), layer
+            else:
+                assert not hasattr(w, "input_scale"), layer
             continue
         experts = _expert_modules(stored, layer.rpartition(".")[0])
         assert sorted(experts) == list(range(w.layout.num_experts)) == [0, 1]
@@ -183,11 +190,15 @@ def test_per_tensor_experts_were_requantized_because_the_stored_scales_differ():
 # -- forward --------------------------------------------------------------------------------------
 
 
-def _fake_quant(x: torch.Tensor, act_key: str | None) -> torch.Tensor:
+def _fake_quant(x: torch.Tensor, act_key: str | None, input_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` rounded through the activation key (quantize then dequantize, float32) by its reference
-    quantizer; unchanged for weight-only."""
+    quantizer; unchanged for weight-only. A static key uses the STORED ``input_scale``
+    (compressed-tensors' fake quantization: ``clamp(x / s, +-448)`` to e4m3, times ``s``)."""
     if act_key is None:
         return x
+    if input_scale is not None:
+        s = input_scale.float()
+        return ((x.float() / s).clamp(-448, 448).to(torch.float8_e4m3fn).float() * s).to(x.dtype)
     flat = x.reshape(-1, x.shape[-1]).float()
     qt = oqcore.quantize_tensor(flat, act_key, quantizer="torch", role="activation")
     return qt.dequantize(torch.float32).reshape(x.shape)
@@ -218,7 +229,8 @@ def _reference(name: str, model) -> torch.nn.Module:
             if not layer.endswith("experts"):
                 params[f"{layer}.weight"].copy_(_dequantized(stored, layer))
                 filled.add(f"{layer}.weight")
-                ref.get_submodule(layer).register_forward_pre_hook(lambda m, a: (_fake_quant(a[0], act_key),))
+                s = stored[f"{layer}.input_scale"] if act_key == "fp8_per_tensor_static" else None
+                ref.get_submodule(layer).register_forward_pre_hook(lambda m, a, s=s: (_fake_quant(a[0], act_key, s),))
                 continue
             experts = ref.get_submodule(layer)
             for e, mods in _expert_modules(stored, layer.rpartition(".")[0]).items():
@@ -290,15 +302,23 @@ def test_group128_int8_is_refused_by_name():
         oqcore.load(DATA / "dense_W8A16")
 
 
-def test_static_fp8_activations_are_refused_by_name():
-    with raises_naming(
-        CheckpointError,
-        str(DATA / "dense_FP8" / "config.json"),
-        "config_groups.group_0: oqcore reads these weights as scheme 'fp8_per_tensor', but not with input_activations",
-        "dynamic: False",
-        "static input activation scales",
-    ):
-        oqcore.load(DATA / "dense_FP8")
+def test_static_fp8_runs_with_the_stored_input_scale_not_a_dynamic_one(monkeypatch):
+    """The FP8 (static activations) fixture's forward differs from a reference quantizing each
+    input with a per-call (dynamic) per-tensor scale by far more than the bound above: the forward
+    test can tell the stored input scale from a dynamic one."""
+    monkeypatch.setenv("OQ_DISABLE_TRITON", "1")
+    name = "dense_FP8"
+    model = oqcore.load(DATA / name, dtype=torch.float32)
+    saved = LOADABLE[name]
+    try:
+        LOADABLE[name] = ("fp8_per_tensor_static", "fp8_per_tensor_dynamic")
+        ref = _reference(name, model)
+    finally:
+        LOADABLE[name] = saved
+    ids = torch.randint(3, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = model(input_ids=ids).logits, ref(input_ids=ids).logits
+    assert _rel_err(got, want) > 2**-7, _rel_err(got, want)
 
 
 # -- the sources and llm-compressor's arithmetic ----------------------------------------------------

@@ -362,11 +362,13 @@ def test_modelopt_fp8_minilm(where, minilm, tmp_path_factory, monkeypatch):
     model, warned = _load(folder, dtype=torch.float32)
     wrapped = _assert_stored_bytes(model, folder)
     assert len(wrapped) == 36 and "pooler.dense" not in wrapped
-    assert _targets(model) == {("fp8_per_tensor_static", "fp8_per_tensor_dynamic")}
-    # one warning for the 36 static input scales, naming them and what oqcore does instead
-    mine = [w for w in warned if "input_scale" in w]
-    assert len(mine) == 1 and "36 'input_scale' tensor(s)" in mine[0] and "NVIDIA ModelOpt FP8" in mine[0]
-    assert "STATIC activation scales" in mine[0] and "dynamically (one scale per tensor" in mine[0]
+    # static per-tensor activations with the stored input_scale, as vLLM's ModelOptFp8LinearMethod runs them
+    assert _targets(model) == {("fp8_per_tensor_static", "fp8_per_tensor_static")}
+    assert not any("input_scale" in w for w in warned)
+    stored = load_file(folder / F)
+    for mod in wrapped:
+        w = model.oq_state.wrappers[mod]
+        assert w.input_scale.shape == (1,) and torch.equal(w.input_scale, stored[f"{mod}.input_scale"].reshape(1)), mod
     assert _forward_vs_fake_quant(model, minilm, folder) < 2**-6
 
 
@@ -397,8 +399,17 @@ def test_modelopt_moe_gate_and_up_scales_requantized_as_vllm_does(tiny_moe, tmp_
         )
         ref = oqcore.quantize_tensor(torch.cat([g, u]), "fp8_per_tensor_static", quantizer="torch")
         assert _same(moe.w13_weight[e], ref.qdata) and torch.equal(moe.w13_weight_scale[e], ref.scale), e
-    assert _targets(model) == {("fp8_per_tensor_static", "fp8_per_tensor_dynamic")}
-    assert sum("input_scale" in w for w in warned) == 1
+    assert _targets(model) == {("fp8_per_tensor_static", "fp8_per_tensor_static")}
+    assert not any("input_scale" in w for w in warned)
+    # one input scale per layer and projection: the max over the experts (and over gate / up), as
+    # vLLM's process_fp8_input_tensor_strategy_moe keeps it
+    for layer, w in model.oq_state.wrappers.items():
+        if not layer.endswith("experts"):
+            continue
+        n = w.layout.num_experts
+        s13 = torch.stack([stored[f"{layer}.{e}.{p}.input_scale"] for e in range(n) for p in ("gate_proj", "up_proj")])
+        s2 = torch.stack([stored[f"{layer}.{e}.down_proj.input_scale"] for e in range(n)])
+        assert torch.equal(w.w13_input_scale, s13.max().reshape(1)) and torch.equal(w.w2_input_scale, s2.max().reshape(1)), layer
 
 
 # -- oq explain --------------------------------------------------------------------------------------------
@@ -416,7 +427,7 @@ def test_oq_explain_reads_the_stored_config(kind, minilm, tmp_path_factory):
     want = (
         ("fp8_per_block_static", "fp8_per_block_dynamic")
         if kind == "fg"
-        else ("fp8_per_tensor_static", "fp8_per_tensor_dynamic")
+        else ("fp8_per_tensor_static", "fp8_per_tensor_static")
     )
     rows = [row for row in data["layers"] if row["kind"] == "linear" and row.get("weight")]
     assert len(rows) == (37 if kind == "fg" else 36)

@@ -300,6 +300,7 @@ class _Part:
     rows: slice | None
     shared: bool
     shape: tuple[int, ...]
+    reduce: bool = False  # static activation state: one value per layer, the max over every stored copy
 
 
 def plan_parts(
@@ -383,6 +384,7 @@ def plan_parts(
                     parts.append(_Part(param, mod, lname, expert, rows, shared, want))
                 if packed_shape is not None and packed is None:
                     local[_PACKED_SHAPE] = packed_shape
+                parts.extend(_state_parts(prefix, mod, local, specs, covered, layer, method, feed, path))
                 for lname, e in local.items():
                     if lname in want_local:
                         continue
@@ -390,7 +392,10 @@ def plan_parts(
                     if "zero_point" in lname:
                         why = "; zero points mean asymmetric quantization, oqcore's schemes are symmetric"
                     elif lname == "input_scale":
-                        why = "; static input scales are not read: oqcore quantizes activations dynamically"
+                        why = (
+                            "; input_scale is a static input activation scale, read only for a config group whose "
+                            "input_activations are static (dynamic: false)"
+                        )
                     raise CheckpointError(
                         f"{e.file}: unexpected tensor {e.name!r}: quantized layer {layer!r} ({method}, quantization_config "
                         f"group {feed.group.group!r}) holds {', '.join(sorted(want_local))}{why}"
@@ -413,6 +418,43 @@ def plan_parts(
             "the layer holds"
         )
     return parts
+
+
+def _state_parts(
+    prefix: str,
+    mod: str,
+    local: dict[str, TensorEntry],
+    specs: dict[str, TensorSpec],
+    covered: set[str],
+    layer: str,
+    method: str,
+    feed: Feed,
+    path: Path,
+) -> list[_Part]:
+    """The static activation state (``input_scale``) stored beside one module feeding weight
+    ``prefix``, taken out of ``local``. Every stored copy (gate and up, every expert) goes into the
+    layer's one value by their max, as vLLM's fp8 MoE keeps one input scale per layer."""
+    base = prefix[: -len("weight")] if prefix.endswith("weight") else f"{prefix}_"
+    out = []
+    for q, spec in specs.items():
+        if not (spec.state and q.startswith(base + "input_")):
+            continue
+        lname = q[len(base) :]
+        covered.add(q)
+        e = local.pop(lname, None)
+        if e is None:
+            raise CheckpointError(
+                f"{path}: missing tensor '{mod}.{lname}' ({spec.describe()}): quantized layer {layer!r} ({method}, "
+                f"quantization_config group {feed.group.group!r}) runs static input activations, which need the "
+                "calibrated input scale"
+            )
+        if not _shape_ok(e.shape, spec.shape) or not _convertible(e.dtype, spec):
+            raise CheckpointError(
+                f"{e.file}: tensor {e.name!r} is {e.describe()}, quantized layer {layer!r} ({method}) expects "
+                f"{_dtype(spec.dtype)} {list(spec.shape)} (one static input scale)"
+            )
+        out.append(_Part(q, mod, lname, None, None, False, spec.shape, reduce=True))
+    return out
 
 
 def _share(
@@ -486,6 +528,10 @@ def read_parts(
         nbytes += e.nbytes
         if not spec.high_precision:
             check_quantized_values(e.file, e.name, value, "compressed-tensors checkpoint")
+        if pt.reduce:
+            value = value.reshape(spec.shape)
+            out[pt.param] = value if pt.param not in out else torch.maximum(out[pt.param], value)
+            continue
         if pt.expert is None:
             out[pt.param] = value
             continue

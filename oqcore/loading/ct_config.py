@@ -166,20 +166,13 @@ def match_group(name: str, group: Any, cfg_file: Path, reg) -> GroupScheme:
                     int(group.weights.num_bits),
                 )
         acts = ", ".join("none" if f is None else _short_args(_declared(f)) for f in scheme.activations)
-        static = (
-            " (static input activation scales: oqcore quantizes activations dynamically)"
-            if a is not None and not a.get("dynamic")
-            else ""
-        )
         raise CheckpointError(
             f"{where}: oqcore reads these weights as scheme {scheme.name!r}, but not with input_activations "
-            f"{_short_args(a)}{static}; {scheme.name!r} runs with input_activations {acts}"
+            f"{_short_args(a)}; {scheme.name!r} runs with input_activations {acts}"
         )
     hint = ""
     if group.weights.symmetric is False:
         hint = " (asymmetric weights with zero points: oqcore's schemes are symmetric)"
-    elif a is not None and not group.input_activations.dynamic:
-        hint = " (static input activation scales: oqcore quantizes activations dynamically)"
     raise CheckpointError(
         f"{where}: no oqcore scheme reads weights {_short_args(w)} with input_activations {_short_args(a)}{hint}; "
         f"oqcore reads: {_readable(reg)}"

@@ -38,8 +38,11 @@ flat with ``ignore`` / ``kv_cache_scheme`` as newer exports write it; vLLM
 ``torch/export/unified_export_hf.py::_export_quantized_weight``):
 
 - ``FP8``: ``weight`` float8, ``weight_scale`` float32 scalar (amax / fp8_max), ``input_scale``
-  float32 scalar (a STATIC activation scale). oqcore reads the weights and quantizes activations
-  dynamically per tensor: the ``input_scale`` tensors are not read (one ``UserWarning`` says so).
+  float32 scalar (a STATIC, calibrated activation scale). Read as compressed-tensors' FP8 preset
+  (weights fp8 per tensor, input activations fp8 per tensor ``dynamic: false``): every quantized
+  layer runs with its stored ``input_scale``, as vLLM's ``ModelOptFp8LinearMethod`` /
+  ``ModelOptFp8MoEMethod`` serve it (experts: one input scale per layer and projection, the max
+  over the experts).
 - ``FP8_PER_CHANNEL_PER_TOKEN``: ``weight_scale`` ``[N]`` (read as ``[N, 1]``, the same bytes),
   dynamic per-token activations.
 - any other ``quant_algo`` (NVFP4, W4A8_AWQ, MXFP8, FP8_PB_WO, ...) and any KV-cache quantization
@@ -299,12 +302,6 @@ def _modelopt_config_json(cfg_file: Path, qc: dict) -> PeerView:
                      qc.get("ignore"), "ignore")  # fmt: skip
 
 
-_INPUT_SCALE_NOT_READ = (
-    "these are STATIC activation scales, and oqcore quantizes activations dynamically (one scale per tensor "
-    "per call), so the weights are read as stored and the input scales are ignored"
-)
-
-
 def _per_channel_scale(shape: tuple[int, ...]) -> tuple[int, ...]:
     """ModelOpt's per-channel ``weight_scale [N]`` as compressed-tensors' ``[N, 1]``."""
     return (*shape, 1) if len(shape) == 1 else shape
@@ -312,7 +309,7 @@ def _per_channel_scale(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 # quant_algo -> (weights args, input-activation args, skipped tensors, scale reshape)
 _MODELOPT_ALGOS: dict[str, tuple[dict, dict | None, dict[str, str], Callable | None]] = {
-    "FP8": (_fp8_args("tensor", False), _fp8_args("tensor", True), {"input_scale": _INPUT_SCALE_NOT_READ}, None),
+    "FP8": (_fp8_args("tensor", False), _fp8_args("tensor", False), {}, None),  # static input_scale, read
     "FP8_PER_CHANNEL_PER_TOKEN": (_fp8_args("channel", False), _fp8_args("token", True), {}, _per_channel_scale),
 }
 

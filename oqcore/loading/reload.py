@@ -369,6 +369,10 @@ class _Job:
                 value = value.to(self.device, get_parameter(scratch, pname).dtype)
             set_parameter(scratch, pname, nn.Parameter(value, requires_grad=False))
             del value
+        # the static activation state (a calibrated input_scale) is not computed from the weights:
+        # the layer keeps it while its weights are quantized again
+        for pname in live.method.activation_state():
+            set_parameter(scratch, pname, nn.Parameter(get_parameter(live, pname).detach().clone(), requires_grad=False))
         process_layer(scratch)
         _check_layout(live, scratch)
         return scratch

@@ -234,6 +234,10 @@ def backends(weight_key, kind: str, act) -> list[Backend]:
     key is ``weight_key`` (bind it with ``functools.partial``): ``triton`` always, ``cpu`` for
     weight-only, ``scaled-mm`` for W8A8 per-tensor/per-channel linears with per-tensor/per-token
     activations. The core adds the ``torch`` reference."""
+    if act is not None and act.scale.static:
+        # static (calibrated) input scales: only the torch reference, which the core adds, reads the
+        # stored input_scale; the kernels here compute activation scales per call
+        return []
     label = "weight-only" if act is None else "W8A8"
     cap = W8A16_CAPABILITY if act is None else W8A8_CAPABILITY
     out = [

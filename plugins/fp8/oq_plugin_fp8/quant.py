@@ -226,6 +226,15 @@ def reference_dequantizer(g: Grouping):
     return dequantize
 
 
+def quantize_static_tensor(x: torch.Tensor, state, options=None) -> torch.Tensor:
+    """``x [M, K]`` quantized with a stored per-tensor scale (``state["scale"]``, float32 ``[1]``):
+    ``clamp(x / scale + 0.0, ±448)`` cast to float8_e4m3fn in float32, compressed-tensors' ``_quantize``
+    with a calibrated ``input_scale`` (what vLLM's static ``scaled_fp8_quant`` computes, up to its
+    multiplication by ``1 / scale``). Returns qdata float8_e4m3fn ``[M, K]``."""
+    scale = state["scale"].float().reshape(())
+    return (x.float() / scale + 0.0).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
 # The reference quantizers by grouping (public names the tests and benchmarks use).
 quantize_per_tensor, dequantize_per_tensor = reference_quantizer(PER_TENSOR), reference_dequantizer(PER_TENSOR)
 quantize_per_channel, dequantize_per_channel = reference_quantizer(PER_CHANNEL), reference_dequantizer(PER_CHANNEL)

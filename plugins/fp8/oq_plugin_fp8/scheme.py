@@ -18,7 +18,14 @@ from oq_plugin_fp8 import keys as k
 from oq_plugin_fp8.backends import backends
 from oq_plugin_fp8.compiled import quantize_grouped_compiled
 from oq_plugin_fp8.cpu import quantize_fp8_grouped
-from oq_plugin_fp8.quant import Grouping, compressed_tensors_args, grouping_of, reference_dequantizer, reference_quantizer
+from oq_plugin_fp8.quant import (
+    Grouping,
+    compressed_tensors_args,
+    grouping_of,
+    quantize_static_tensor,
+    reference_dequantizer,
+    reference_quantizer,
+)
 
 
 def _triton(g: Grouping):
@@ -57,7 +64,13 @@ def _format(key) -> KeyFormat:
         compiled_quantizer(_compiled(g), "torch.compile of the fp8 graph"),
     )
     return KeyFormat(
-        key, reference_dequantizer(g), implementations, element="e4m3fn", compressed_tensors=compressed_tensors_args(key)
+        key,
+        reference_dequantizer(g),
+        implementations,
+        element="e4m3fn",
+        compressed_tensors=compressed_tensors_args(key),
+        # the per-tensor static key is also a static activation key (calibrated input_scale)
+        static_quantize=quantize_static_tensor if key == k.kFp8StaticTensorSym else None,
     )
 
 
@@ -66,11 +79,17 @@ FORMATS: dict = {key: _format(key) for key, _, _ in k.KEYS.values()}
 
 PAIRINGS = {
     # weight key: (scheme name, supported activation keys, default), as vLLM pairs them
-    k.kFp8StaticTensorSym: ("fp8_per_tensor", (None, k.kFp8DynamicTensorSym, k.kFp8DynamicTokenSym), k.kFp8DynamicTensorSym),
+    k.kFp8StaticTensorSym: (
+        "fp8_per_tensor",
+        (None, k.kFp8DynamicTensorSym, k.kFp8DynamicTokenSym, k.kFp8StaticTensorSym),
+        k.kFp8DynamicTensorSym,
+    ),
     k.kFp8StaticChannelSym: ("fp8_per_channel", (None, k.kFp8DynamicTokenSym, k.kFp8DynamicTensorSym), k.kFp8DynamicTokenSym),
     k.kFp8Static128BlockSym: ("fp8_per_block", (None, k.kFp8Dynamic128Sym), k.kFp8Dynamic128Sym),
 }
-"""Per tensor: per-tensor dynamic activations by default (vLLM's ``Fp8LinearMethod``); per channel:
+"""Per tensor: per-tensor dynamic activations by default (vLLM's ``Fp8LinearMethod``), or static
+per-tensor activations with a calibrated ``input_scale`` read from a checkpoint (llm-compressor's FP8
+preset, ModelOpt FP8; vLLM's ``CompressedTensorsW8A8Fp8`` / fp8 MoE with static input scales); per channel:
 per-token (FP8_DYNAMIC); 128x128 blocks: 1x128 groups (DeepSeek-V3). ``None``: weight-only (W8A16)."""
 
 SCHEMES = tuple(

@@ -10,7 +10,8 @@ import torch
 import oqcore
 
 WEIGHTS = {
-    "fp8_per_tensor_static": {None, "fp8_per_tensor_dynamic", "fp8_per_token"},
+    # + static per-tensor activations (a calibrated input_scale read from a checkpoint)
+    "fp8_per_tensor_static": {None, "fp8_per_tensor_dynamic", "fp8_per_token", "fp8_per_tensor_static"},
     "fp8_per_channel_static": {None, "fp8_per_token", "fp8_per_tensor_dynamic"},
     "fp8_per_block_static": {None, "fp8_per_block_dynamic"},
 }
@@ -38,9 +39,12 @@ def test_backend_candidates_cover_every_activation_with_reasons():
         for name, acts in WEIGHTS.items():
             cands = [b for b in pm.backend_candidates(kind, oqcore.quant_key(name)) if b.plugin == "fp8"]
             by = {(b.name, None if b.activation_key is None else reg.name_of(b.activation_key, "activation")): b for b in cands}
-            expected = {(n, a) for n in ("torch", "triton") for a in acts} | {("cpu", None)}
+            # static input scales: only the torch reference reads the stored input_scale
+            dynamic = {a for a in acts if a != "fp8_per_tensor_static"}
+            expected = {(n, a) for n in ("torch", "triton") for a in dynamic} | {("cpu", None)}
+            expected |= {("torch", a) for a in acts - dynamic}
             if kind == "linear" and name != "fp8_per_block_static":
-                expected |= {("scaled-mm", a) for a in acts if a is not None}
+                expected |= {("scaled-mm", a) for a in dynamic if a is not None}
             assert set(by) == expected
             for (bname, act), b in by.items():
                 ok, why = b.is_supported(None, torch.device("cpu"))
@@ -82,4 +86,4 @@ def test_plugin_import_and_registration_do_not_import_triton():
     assert out.returncode == 0, out.stderr
     # 6 keys + 3 schemes; each scheme's formats (weight + activations: 3 + 3 + 2) carry 4 implementations
     # (torch + triton + cpu + compiled)
-    assert out.stdout.split() == [str(6 + 3), str(4 * (3 + 3 + 2))]
+    assert out.stdout.split() == [str(6 + 3), str(4 * (4 + 3 + 2))]  # per tensor: 3 dynamic pairings + static
