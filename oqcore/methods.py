@@ -64,6 +64,7 @@ class MethodFormats:
     weight: KeyFormat
     activation: KeyFormat | None = None
     weight_name: str = ""
+    activation_name: str = ""
 
 
 def expert_loop(
@@ -255,11 +256,9 @@ class OnlineMethodBase(ABC):
         online quantization is dynamic too)."""
         missing = [n for n in self.activation_state() if getattr(layer, n, None) is None]
         if missing:
+            name = self.formats.activation_name or str(self.activation_key)
             raise ConfigError(
-                f"layer {getattr(layer, 'layer_name', '?')!r}: activation {self.activation_key} uses static input scales "
-                f"({', '.join(missing)}), which come from a calibrated checkpoint (e.g. llm-compressor's FP8 preset); "
-                "quantizing a high-precision checkpoint online cannot produce them: use a dynamic activation key "
-                "(or omit activation for the scheme's default)",
+                f"layer {getattr(layer, 'layer_name', '?')!r}: activation {name} ({', '.join(missing)}) {STATIC_ONLINE}",
                 f"{self.kind}.activation",
             )
 
@@ -446,6 +445,30 @@ class OnlineMoEMethodBase(OnlineMethodBase):
 
         out = expert_loop(x, topk_ids, topk_weights, layer.layout.num_experts, expert)
         return out.to(x.dtype)
+
+
+STATIC_ONLINE = (
+    "uses static input scales, which come from a calibrated checkpoint (llm-compressor's FP8 preset, "
+    "ModelOpt FP8); quantizing high-precision weights online cannot produce them (vLLM's online "
+    "quantization is dynamic too): use a dynamic activation key, or omit activation for the scheme's default"
+)
+"""Why a static activation key cannot be planned on a layer quantized online (message tail)."""
+
+
+def refuse_static_online(layers: Any) -> None:
+    """Raise :class:`oqcore.ConfigError` (field ``<kind>.activation``, or the layer's target) for
+    the first of ``layers`` (planned :class:`oqcore.planning.LayerPlan` s that will be quantized
+    online from high-precision weights) whose activation key has static scales: no calibration
+    runs online, so there is no input scale to store. Called by every online entry point right
+    after planning, before a weight is touched."""
+    for lp in layers:
+        bound = getattr(lp, "bound", None)
+        fmt = None if bound is None or bound.formats is None else bound.formats.activation
+        if fmt is None or bound.activation_key is None or not fmt.is_static_activation:
+            continue
+        name = bound.formats.activation_name or str(bound.activation_key)
+        field = f"targets[{lp.target!r}].activation" if getattr(lp, "target", None) else f"{lp.kind}.activation"
+        raise ConfigError(f"layer {lp.name!r}: activation {name} {STATIC_ONLINE}", field)
 
 
 METHOD_BASES: dict[str, type[OnlineMethodBase]] = dict(zip(KINDS, (OnlineLinearMethodBase, OnlineMoEMethodBase)))

@@ -105,7 +105,8 @@ class Registry:
                 raise PluginError(
                     f"no plugin registered a quantizer for activation key {self.name_of(activation_key, 'activation')!r}"
                 )
-        return MethodFormats(weight, activation, self.name_of(weight_key, "weight"))
+        act_name = "" if activation_key is None else self.name_of(activation_key, "activation")
+        return MethodFormats(weight, activation, self.name_of(weight_key, "weight"), act_name)
 
     def resolve_key(self, name: str | QuantKey, role: Role, field: str | None = None) -> QuantKey:
         """A key from a name (or a key passed through); see :meth:`KeyRegistry.resolve`."""

@@ -15,6 +15,7 @@ from oqcore.errors import ConfigError, UnsupportedLayerError
 from oqcore.loading.install import make_wrapper, process_layer, quantized_layers, set_submodule
 from oqcore.loading.memory import PeakRSS
 from oqcore.loading.state import LoadStats, OqState, tensor_bytes
+from oqcore.methods import refuse_static_online
 from oqcore.planning import plan
 from oqcore.tensor import HP_DTYPES, check_finite, dtype_names
 from oqcore.torch_compat import set_parameter
@@ -69,6 +70,7 @@ def quantize_(
         )
     qplan = plan(model, cfg, device=dev or model_dev)
     planned = qplan.quantized
+    refuse_static_online(planned)
     for lp in planned:
         if lp.name == "":
             raise UnsupportedLayerError(

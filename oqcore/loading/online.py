@@ -47,6 +47,7 @@ from oqcore.loading.place import assign_tensor, finalize, param_owner, placehold
 from oqcore.loading.saved import load_quantized
 from oqcore.loading.staging import StagingPool
 from oqcore.loading.state import LoadStats, OqState, tensor_bytes
+from oqcore.methods import refuse_static_online
 from oqcore.planning import plan
 from oqcore.saved_format import declares_export
 from oqcore.torch_compat import own_parameters
@@ -250,6 +251,7 @@ class _OnlineLoader:
         # first build of an architecture also imports its modeling code (tens of MB of Python objects).
         self.model = build_meta_model(self.path, self.dtype)
         self.qplan = plan(self.model, self.cfg, device=self.device)
+        refuse_static_online(self.qplan.quantized)
         self.stats.seconds_build = time.perf_counter() - self.t0
 
     def _map_and_check(self) -> None:

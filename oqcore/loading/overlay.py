@@ -32,6 +32,7 @@ from oqcore.config import KINDS, QuantizationConfig, QuantSpec, bind_spec
 from oqcore.errors import ConfigError
 from oqcore.layers import layer_kind
 from oqcore.matching import matches
+from oqcore.methods import STATIC_ONLINE, refuse_static_online
 from oqcore.planning import plan
 from oqcore.plugins import get_registry
 
@@ -129,9 +130,16 @@ def overlay(
         if act != s.activation:
             changed = True
             try:
-                bind_spec(spec, kind)
+                bound = bind_spec(spec, kind)
             except ConfigError as e:
                 raise ConfigError(f"layer {name!r} of {where} ({_describe(s)}): {e.reason}", f"{kind}.activation") from None
+            fmt = bound.formats.activation if bound.formats is not None else None
+            if fmt is not None and fmt.is_static_activation:
+                raise ConfigError(
+                    f"layer {name!r} of {where} ({_describe(s)}) stores no input scale: activation "
+                    f"{_name(act, 'activation')} {STATIC_ONLINE}",
+                    f"{kind}.activation",
+                )
         targets[name] = spec
 
     online = _online_specs(model, user, per_layer, device)
@@ -158,4 +166,6 @@ def _online_specs(
         return {}
     data["ignore"] = [*data.get("ignore", []), *stored]
     cfg = QuantizationConfig.model_validate(data)
-    return {lp.name: _explicit(lp) for lp in plan(model, cfg, device=device).quantized}
+    layers = plan(model, cfg, device=device).quantized
+    refuse_static_online(layers)
+    return {lp.name: _explicit(lp) for lp in layers}
