@@ -28,7 +28,7 @@ class OqcoreConfig(QuantizationConfigMixin):
     override) at fault, so a bad config never reaches ``from_pretrained``.
 
     ``oq_config`` is the resolved :class:`oqcore.QuantizationConfig`. :meth:`to_dict` gives
-    ``{"quant_method": "oqcore", "config": <QuantizationConfig.to_dict()>}`` (what transformers
+    ``{"quant_method": "oqcore", "config": <QuantizationConfig.to_dict() + scheme>}`` (what transformers
     writes into ``model.config.quantization_config``); ``OqcoreConfig.from_dict`` of it gives an
     equal config.
     """
@@ -58,8 +58,13 @@ class OqcoreConfig(QuantizationConfigMixin):
         self.oq_config: QuantizationConfig = QuantizationConfig.from_any(config, overrides)
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"quant_method": "oqcore", "config": {...}}`` (plain JSON-able values)."""
-        return {"quant_method": QUANT_METHOD, "config": self.oq_config.to_dict()}
+        """``{"quant_method": "oqcore", "config": {...}}`` (plain JSON-able values; ``config`` keeps
+        the shorthand the config came from as ``scheme``, so :meth:`from_dict` rebuilds an equal
+        :class:`oqcore.QuantizationConfig`)."""
+        data = self.oq_config.to_dict()
+        if self.oq_config.scheme is not None:
+            data = {"scheme": self.oq_config.scheme, **data}
+        return {"quant_method": QUANT_METHOD, "config": data}
 
     def to_diff_dict(self) -> dict[str, Any]:
         return self.to_dict()

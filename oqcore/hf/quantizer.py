@@ -29,6 +29,7 @@ stops there) and step 3 raises it, so ``from_pretrained`` fails with the same ty
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -200,6 +201,14 @@ class OqcoreHfQuantizer(HfQuantizer):
             raise CheckpointError(
                 f"{self.source}: quantized layer(s) never received all their weights: {', '.join(incomplete)}"
                 + (f" ({'; '.join(hint)}: a tied weight cannot be quantized on its own: add the layer to 'ignore')" if hint else "")
+            )
+        if not self.wrappers:
+            cfg = self.quantization_config.oq_config
+            warnings.warn(
+                f"OqcoreConfig: 0 layers quantized: the config ({cfg.to_dict()}) matches no layer of "
+                f"{type(model).__name__}, so every layer stays in {str(self.dtype).removeprefix('torch.')}",
+                UserWarning,
+                stacklevel=2,
             )
         for w in self.wrappers.values():
             # transformers replaced every non-persistent buffer (the backends' repacks) with empty_like

@@ -1,0 +1,249 @@
+"""transformers integration (:mod:`oqcore.hf`): ``from_pretrained(..., quantization_config=OqcoreConfig(...))``
+with the real transformers gives the model :func:`oqcore.load` gives, bit for bit."""
+
+import json
+import shutil
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import oqcore
+from oqcore.errors import CheckpointError, ConfigError, NoBackendError, SaveError, UnsupportedLayerError
+from oqcore.plugins import get_registry
+from tests.battery.util import raises_naming
+
+transformers = pytest.importorskip("transformers")
+from oqcore.hf import OqcoreConfig  # noqa: E402
+
+ARCHS = ["mixtral", "qwen3_moe", "olmoe", "gpt_oss"]
+SHORTHANDS = sorted(n for n, s in get_registry().shorthands.items() if not s.plugin.startswith("toy"))
+IDS = torch.tensor([[1, 5, 9, 2, 7, 3]])
+
+
+@pytest.fixture(autouse=True)
+def _no_triton(monkeypatch):
+    # Triton through its CPU interpreter is slow; every other backend is what users get on the CPU.
+    monkeypatch.setenv("OQ_DISABLE_TRITON", "1")
+
+
+def _hf(src, config, auto=transformers.AutoModelForCausalLM, **kw):
+    return auto.from_pretrained(src, quantization_config=config, dtype=torch.bfloat16, **kw)
+
+
+def _bytes(t):
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def assert_same_tensors(a, b):
+    """Same names, dtypes, shapes and bytes."""
+    assert list(a) == list(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert torch.equal(_bytes(a[k]), _bytes(b[k])), k
+
+
+def assert_same_model(m, r):
+    assert_same_tensors(m.state_dict(), r.state_dict())
+    # every buffer, the backends' non-persistent repacks included
+    assert_same_tensors(dict(m.named_buffers()), dict(r.named_buffers()))
+
+
+def _layer_names(model):
+    return sorted(model.oq_state.wrappers)
+
+
+def test_shorthands_collected():
+    assert {"fp8_per_block", "fp8_per_tensor", "mxfp8", "int8_per_channel_weight_only"} <= set(SHORTHANDS)
+
+
+@pytest.mark.parametrize("shorthand", SHORTHANDS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_from_pretrained_equals_load(tiny_moe, arch, shorthand):
+    src = tiny_moe(arch)
+    m = _hf(src, OqcoreConfig(shorthand))
+    r = oqcore.load(src, shorthand)
+    assert _layer_names(m) == _layer_names(r) and _layer_names(m)
+    assert all(type(w) is type(r.oq_state.wrappers[n]) for n, w in m.oq_state.wrappers.items())
+    assert_same_model(m, r)
+    with torch.no_grad():
+        lm, lr = m(IDS).logits, r(IDS).logits
+    assert torch.isfinite(lm).all() and torch.equal(lm, lr)
+    rep_m, rep_r = oqcore.report(m), oqcore.report(r)
+    assert rep_m.rows == rep_r.rows and rep_m.skipped == rep_r.skipped and rep_m.model_bytes == rep_r.model_bytes
+    assert isinstance(m.config.quantization_config, OqcoreConfig)
+    assert m.config.quantization_config.oq_config == OqcoreConfig(shorthand).oq_config
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generate_and_reload(tiny_moe, arch):
+    src = tiny_moe(arch)
+    sh = "fp8_per_block"
+    m, r = _hf(src, OqcoreConfig(sh)), oqcore.load(src, sh)
+    gen = m.generate(IDS, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert gen.shape == (1, IDS.shape[1] + 4)
+    assert torch.equal(gen, r.generate(IDS, max_new_tokens=4, min_new_tokens=4, do_sample=False))
+    # reload new weights in checkpoint naming (per-expert names): same layers, same bytes as oqcore.load's model
+    new = {k: (v.float() * 0.5 + 0.01).to(v.dtype) for k, v in load_file(str(src / "model.safetensors")).items()}
+    before = m.state_dict()
+    before = {k: v.clone() for k, v in before.items()}
+    done_m, done_r = oqcore.reload_weights(m, new), oqcore.reload_weights(r, new)
+    assert done_m == done_r and sorted(done_m) == _layer_names(m)
+    assert_same_model(m, r)
+    changed = [k for k, v in m.state_dict().items() if not torch.equal(_bytes(v), _bytes(before[k]))]
+    assert any(".experts." in k for k in changed) and any("embed_tokens" in k for k in changed)
+    with torch.no_grad():
+        assert torch.equal(m(IDS).logits, r(IDS).logits)
+
+
+def test_repacked_buffers_rebuilt_after_load(tiny_moe):
+    """The cpu-int8 backend keeps its scales in non-persistent buffers, which transformers
+    re-creates with empty_like after loading: they must hold the repacked scales, not garbage."""
+    src = tiny_moe("mixtral")
+    m = _hf(src, OqcoreConfig("int8_per_channel_weight_only"))
+    experts = [w for w in m.oq_state.wrappers.values()]
+    assert experts and all(w.method.backend.name == "cpu-int8" for w in experts)
+    for w in experts:
+        for proj in ("w13", "w2"):
+            s = getattr(w, f"{proj}_weight_scale")
+            buf = getattr(w, f"{proj}_weight_scale_int8pack")
+            assert torch.equal(buf, s.reshape(s.shape[0], -1).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("shorthand", SHORTHANDS)
+def test_minilm_automodel(minilm, shorthand):
+    text = torch.tensor([[101, 7592, 2088, 2003, 1037, 3231, 102]])
+    moe_only = get_registry().shorthands[shorthand].linear is None
+    if moe_only:
+        # a MoE-only scheme quantizes nothing in a dense model: said as oqcore.load says it, model unchanged
+        with pytest.warns(UserWarning, match="0 layers quantized"):
+            m = _hf(minilm, OqcoreConfig(shorthand), auto=transformers.AutoModel)
+        with pytest.warns(UserWarning, match="0 layers quantized"):
+            r = oqcore.load(minilm, shorthand)
+        assert m.oq_state.wrappers == {}
+        plain = transformers.AutoModel.from_pretrained(minilm, dtype=torch.bfloat16)
+        assert_same_tensors(m.state_dict(), plain.state_dict())
+    else:
+        m = _hf(minilm, OqcoreConfig(shorthand), auto=transformers.AutoModel)
+        r = oqcore.load(minilm, shorthand)
+        assert len(m.oq_state.wrappers) == 37  # 6 blocks x (q, k, v, o, up, down) + the pooler
+    assert _layer_names(m) == _layer_names(r)
+    assert_same_model(m, r)
+    with torch.no_grad():
+        hm, hr = m(text).last_hidden_state, r(text).last_hidden_state
+    assert torch.isfinite(hm).all() and torch.equal(hm, hr)
+    oqcore.report(m)
+
+
+# ---- config -------------------------------------------------------------------------------------
+
+
+def test_config_forms_and_round_trip(tmp_path):
+    c = OqcoreConfig("fp8_per_block", ["moe=mxfp8"])
+    d = c.to_dict()
+    assert d["quant_method"] == "oqcore" and d["config"]["moe"]["weight"] == "mxfp8"
+    assert d["config"]["linear"]["weight"] == "fp8_per_block_static"
+    json.dumps(d)
+    back = OqcoreConfig.from_dict(d)
+    assert back == c and back.oq_config == c.oq_config and back.to_dict() == d
+    # through transformers' own dispatch on quant_method
+    from transformers.quantizers.auto import AutoQuantizationConfig
+
+    via = AutoQuantizationConfig.from_dict(d)
+    assert isinstance(via, OqcoreConfig) and via == c
+    # the other forms QuantizationConfig.from_any takes
+    y = tmp_path / "q.yaml"
+    y.write_text("linear: {weight: fp8_per_block_static}\nmoe: {weight: mxfp8}\n")
+    assert OqcoreConfig(str(y)).oq_config.to_dict() == c.oq_config.to_dict()
+    assert OqcoreConfig(d["config"]) == c and d["config"]["scheme"] == "fp8_per_block"
+    assert OqcoreConfig(c.oq_config) == c
+    assert OqcoreConfig(None, ["linear.weight=fp8_per_block_static", "moe.weight=mxfp8"]).oq_config.to_dict() == c.oq_config.to_dict()
+
+
+def test_config_errors():
+    with raises_naming(ConfigError, "fp8_per_blok", "did you mean"):
+        OqcoreConfig("fp8_per_blok")
+    with raises_naming(ConfigError, "int") as e:
+        OqcoreConfig(42)
+    assert e.value.field == "config"
+    with raises_naming(ConfigError, "'gptq'") as e:
+        OqcoreConfig("fp8_per_block", quant_method="gptq")
+    assert e.value.field == "quant_method"
+    with raises_naming(ConfigError, "'bits'"):
+        OqcoreConfig("fp8_per_block", bits=4)
+    with raises_naming(ConfigError, "overrides"):
+        OqcoreConfig("fp8_per_block", 5)
+
+
+def test_import_oqcore_does_not_load_transformers_quantizers():
+    code = (
+        "import sys, oqcore\n"
+        "bad = [m for m in sys.modules if m == 'oqcore.hf' or m.startswith('transformers.quantizers')]\n"
+        "assert not bad, bad\n"
+        "import oqcore.hf\n"
+        "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, AUTO_QUANTIZATION_CONFIG_MAPPING\n"
+        "assert AUTO_QUANTIZER_MAPPING['oqcore'].__name__ == 'OqcoreHfQuantizer'\n"
+        "assert AUTO_QUANTIZATION_CONFIG_MAPPING['oqcore'] is oqcore.hf.OqcoreConfig\n"
+        "import importlib; oqcore.hf._register()\n"  # idempotent
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+# ---- errors inside from_pretrained surface as oqcore.load's -------------------------------------
+
+
+def _same_error(src, config, exc_type, *culprits, **kw):
+    with raises_naming(exc_type, *culprits) as e_hf:
+        _hf(src, OqcoreConfig(config), **kw)
+    with raises_naming(exc_type, *culprits) as e_oq:
+        oqcore.load(src, config)
+    assert type(e_hf.value) is type(e_oq.value)
+    return e_hf.value, e_oq.value
+
+
+def test_planning_error_surfaces(tiny_moe):
+    # the triton backend pinned while it is disabled: no backend for any layer, found at plan time
+    src = tiny_moe("mixtral")
+    hf, oq = _same_error(
+        src, {"moe": "fp8_per_block_static", "backend": {"moe": "triton"}}, NoBackendError, "model.layers.0.mlp.experts", "triton"
+    )
+    assert str(hf) == str(oq)
+
+
+def test_error_while_quantizing_surfaces(tiny_moe, tmp_path):
+    """A NaN in one expert is found by the method while transformers streams the weights (inside
+    its ConversionOps, which would turn it into a RuntimeError): the same typed error as oqcore.load."""
+    src = tmp_path / "nan"
+    shutil.copytree(tiny_moe("olmoe"), src)
+    sd = load_file(str(src / "model.safetensors"))
+    key = next(k for k in sd if ".experts.1." in k and k.startswith("model.layers.1.") and "down_proj" in k)
+    sd[key] = sd[key].clone()
+    sd[key][0, 0] = float("nan")
+    save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
+    _same_error(src, "fp8_per_channel", UnsupportedLayerError, "model.layers.1.mlp.experts")
+
+
+def test_unsupported_uses_refused(tiny_moe, tmp_path):
+    src = tiny_moe("mixtral")
+    m = _hf(src, OqcoreConfig("fp8_per_block"))
+    out = tmp_path / "saved"
+    with raises_naming(SaveError, "save_pretrained", "oqcore.save_quantized"):
+        m.save_pretrained(out)
+    assert not out.exists()
+    # a checkpoint that already declares quant_method "oqcore": refused, not silently re-quantized
+    pre = tmp_path / "pre"
+    shutil.copytree(src, pre)
+    cfg = json.loads((pre / "config.json").read_text())
+    cfg["quantization_config"] = OqcoreConfig("fp8_per_block").to_dict()
+    (pre / "config.json").write_text(json.dumps(cfg))
+    with raises_naming(CheckpointError, "quant_method 'oqcore'", "oqcore.load"):
+        transformers.AutoModelForCausalLM.from_pretrained(pre, dtype=torch.bfloat16)
+
+
+def test_no_warning_on_normal_load(tiny_moe):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        _hf(tiny_moe("gpt_oss"), OqcoreConfig("fp8_per_tensor"))
