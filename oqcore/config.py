@@ -607,6 +607,10 @@ class QuantizationConfig(_OqModel):
     def _check_backend_pins(self) -> None:
         if not self.backend:
             return
+        if any(spec is not None and spec.activation_only for spec in map(self.spec_for, KINDS)):
+            # an overlay: the weight keys come from the checkpoint, and the config the overlay
+            # resolves to (oqcore.loading.overlay) checks the pins against them
+            return
         pm = get_plugin_manager()
         resolved = resolve(self, _registry())
         reg = resolved.registry

@@ -244,3 +244,13 @@ def test_cli_overlays_overrides_on_a_stored_checkpoint(experts_only, tmp_path):
     r = runner.invoke(app, ["explain", "--model", str(experts_only), "moe.activation=fp8_per_token"])
     assert r.exit_code == 2
     assert r.stderr.startswith(f"error: --config: {experts_only} is already quantized, and --config/overrides do not fit it: moe.activation: layer 'model.layers.0.mlp.experts'"), r.stderr
+
+
+def test_backend_pins_of_the_overlay_apply_to_stored_layers(experts_only):
+    model = oqcore.load(experts_only, {"moe": {"activation": "mxfp8"}, "backend": {"moe": "torch"}})
+    assert {w.method.backend.name for n, w in model.oq_state.wrappers.items() if n.endswith("experts")} == {"torch"}
+    plain = oqcore.load(experts_only, {"moe": {"activation": "mxfp8"}})
+    assert model.oq_state.config.backend == {"moe": "torch"} and plain.oq_state.config.backend == {}
+    with pytest.raises(ConfigError) as e:
+        oqcore.load(experts_only, {"moe": {"activation": "mxfp8"}, "backend": {"moe": "nope"}})
+    assert e.value.field == "backend.moe" and "unknown backend 'nope' for moe layers with weight mxfp8" in str(e.value)

@@ -144,7 +144,7 @@ def overlay(
 
     online = _online_specs(model, user, per_layer, device)
     targets.update(online)
-    if not changed and not online:
+    if not changed and not online and not user.backend:
         return Overlay(stored, frozenset(per_layer), frozenset())
     data = {"targets": {n: s.to_dict() for n, s in targets.items()}}
     backend = {**stored.backend, **user.backend}
