@@ -247,3 +247,12 @@ def test_no_warning_on_normal_load(tiny_moe):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         _hf(tiny_moe("gpt_oss"), OqcoreConfig("fp8_per_tensor"))
+
+
+def test_missing_weight_of_quantized_layer(tiny_moe, tmp_path):
+    src = tmp_path / "missing"
+    shutil.copytree(tiny_moe("qwen3_moe"), src)
+    sd = load_file(str(src / "model.safetensors"))
+    del sd["model.layers.1.self_attn.o_proj.weight"]
+    save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
+    _same_error(src, "fp8_per_tensor", CheckpointError, "model.layers.1.self_attn.o_proj")
