@@ -506,6 +506,10 @@ def explain(
     cfg, saved, user = resolve_config(path, config, overrides, interpolate, dev)
     meta = build_meta_model(path)
     p = oqcore.plan(meta, cfg, device=dev)
+    if not saved:  # what oq quantize would refuse before reading a weight, explain refuses too
+        from oqcore.methods import refuse_static_online
+
+        refuse_static_online(p.quantized)
     if as_json:
         out = {"model": str(path), "saved": saved, "config": cfg.to_dict(), "device": str(p.device), "layers": p.rows(), "summary": p.summary()}
         typer.echo(json.dumps(out, indent=2))

@@ -283,3 +283,14 @@ def test_reload_requantizes_the_weights_and_keeps_the_calibrated_scale(dense, mi
         assert torch.equal(w.input_scale, scales[n][0]) and w.input_scale.data_ptr() == scales[n][1], n
         ref = oqcore.quantize_tensor(new[f"{n}.weight"], STATIC, quantizer="torch")
         assert _same(w.weight, ref.qdata) and torch.equal(w.weight_scale, ref.scale), n
+
+
+def test_oq_explain_refuses_a_static_activation_on_a_bf16_checkpoint(tiny_moe):
+    """What `oq quantize` would refuse before reading a weight, `oq explain` refuses as well."""
+    from typer.testing import CliRunner
+
+    from oqcore.cli import app
+
+    r = CliRunner().invoke(app, ["explain", "--model", str(tiny_moe("mixtral")), "linear.weight=fp8_per_tensor_static", "linear.activation=fp8_per_tensor_static"])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.startswith("error: linear.activation: layer 'model.layers.0.self_attn.q_proj': activation fp8_per_tensor_static uses static input scales")
