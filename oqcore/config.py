@@ -40,14 +40,14 @@ from pydantic import (
 
 from oqcore.errors import ConfigError, PluginError, UnknownKeyError
 from oqcore.errors import did_you_mean as _did_you_mean
-from oqcore.errors import from_validation_error as _convert
 from oqcore.errors import field_names as _field_names
+from oqcore.errors import from_validation_error as _convert
 from oqcore.errors import short_repr as _short
 from oqcore.formats import QuantizerImpl
 from oqcore.keys import QuantKey
+from oqcore.kinds import KINDS
 from oqcore.methods import MethodFormats
 from oqcore.oracle import Backend
-from oqcore.kinds import KINDS
 from oqcore.plugins import Registry, get_plugin_manager, get_registry
 
 #: vLLM's ``--quantization`` value meaning "use quantization_config as given" (no shorthand).

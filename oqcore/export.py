@@ -33,7 +33,15 @@ from oqcore.loading.checkpoint import ST_DTYPES
 from oqcore.loading.meta import read_model_config
 from oqcore.loading.place import param_owner
 from oqcore.loading.state import OqState, get_state
-from oqcore.saved_format import DEFAULT_FORMAT, EXPORT_FORMATS, FORMAT_VERSION, PRODUCER, PRODUCER_CONFIG, QUANT_METHOD, is_export
+from oqcore.saved_format import (
+    DEFAULT_FORMAT,
+    EXPORT_FORMATS,
+    FORMAT_VERSION,
+    PRODUCER,
+    PRODUCER_CONFIG,
+    QUANT_METHOD,
+    is_export,
+)
 from oqcore.torch_compat import own_parameters
 
 __all__ = ["FORMAT_VERSION", "QUANT_METHOD", "check_destination", "is_export", "save_quantized", "write_safetensors"]

@@ -56,7 +56,12 @@ def compressed_tensors_checkpoint(
     expert layout compressed-tensors cannot hold (GPT-OSS's fused, interleaved experts), or a w13
     scale grid that does not split between gate and up.
     """
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme, QuantizationStatus
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        QuantizationStatus,
+    )
 
     if not state.plan.quantized:
         raise SaveError(

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from oqcore.errors import ConfigError, PluginError
 from oqcore.formats import (
     KeyFormat,
     QuantizedTensor,
@@ -40,7 +41,6 @@ from oqcore.formats import (
     input_param,
     run_quantizer,
 )
-from oqcore.errors import ConfigError, PluginError
 from oqcore.keys import QuantKey
 from oqcore.kinds import KINDS
 from oqcore.oracle import select_quantizer

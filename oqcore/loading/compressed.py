@@ -41,8 +41,8 @@ from oqcore.errors import CheckpointError, ConfigError, OqError
 from oqcore.layer_tensors import TensorSpec, quantized_tensors
 from oqcore.layers import layer_kind
 from oqcore.loading.checkpoint import TensorEntry, TensorReader, checkpoint_entries
-from oqcore.loading.ct_config import GroupScheme, ct_config, match_group
 from oqcore.loading.checks import CT_QUANT_METHOD, _check_expert_indices, check_against_model, is_quant_name
+from oqcore.loading.ct_config import GroupScheme, ct_config, match_group
 from oqcore.loading.install import OnlineFeed, install_wrappers
 from oqcore.loading.meta import build_meta_model, read_model_config
 from oqcore.loading.names import NameMapper, TargetGroup, is_expert_fusion
