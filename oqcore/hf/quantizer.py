@@ -108,6 +108,9 @@ class OqcoreHfQuantizer(HfQuantizer):
     # -- before loading -----------------------------------------------------------------------------
 
     def validate_environment(self, *args, device_map=None, **kwargs):
+        """Refuse an already-quantized checkpoint (:class:`oqcore.CheckpointError`) and settle the
+        device from ``device_map`` (:class:`oqcore.ConfigError`, field ``device_map``, for more
+        than one device). Called by transformers before the model is built."""
         if self.pre_quantized:
             raise CheckpointError(
                 "this checkpoint's config.json declares quant_method 'oqcore': from_pretrained quantizes high-precision "
@@ -116,9 +119,16 @@ class OqcoreHfQuantizer(HfQuantizer):
         self.device = _device_of(device_map)
 
     def update_device_map(self, device_map):
+        """``device_map`` unchanged (the base class would do the same; kept explicit: oqcore needs
+        no accelerate dispatch)."""
         return device_map
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs):
+        """Plan the meta-device ``model`` and install the wrappers (step 1 of the module
+        docstring). ``kwargs`` from transformers: ``dtype`` (the high-precision dtype),
+        ``checkpoint_files`` (safetensors files; their folder's headers are read, as
+        :func:`oqcore.load` reads them). Raises what :func:`oqcore.plan` raises, and
+        :class:`oqcore.CheckpointError` for unreadable headers."""
         self._t0 = time.perf_counter()
         self.error = None
         self.dtype = resolve_model_dtype(kwargs.get("dtype") or torch.get_default_dtype())
@@ -148,9 +158,12 @@ class OqcoreHfQuantizer(HfQuantizer):
         self.source_shapes = {k: entries[k].shape for g in self.groups for k in g.sources}
 
     def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs) -> bool:
+        """Whether ``param_name`` (a model parameter name, after transformers' renames) belongs to
+        a quantized layer: then transformers hands it to :meth:`get_quantize_ops`."""
         return param_owner(param_name, self.wrappers) is not None
 
     def get_quantize_ops(self):
+        """The :class:`OqFeed` op transformers runs on each such parameter."""
         return OqFeed(self)
 
     # -- while loading (called by OqFeed) -----------------------------------------------------------
@@ -188,6 +201,9 @@ class OqcoreHfQuantizer(HfQuantizer):
     # -- after loading ------------------------------------------------------------------------------
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs):
+        """Step 3 of the module docstring. Raises the first error recorded while loading, or
+        :class:`oqcore.CheckpointError` naming the layers that never got all their weights; warns
+        (``UserWarning``, as :func:`oqcore.load`) when the config quantized no layer."""
         mem, self._mem = self._mem, None
         if mem is not None:
             mem.__exit__(None, None, None)
@@ -234,7 +250,16 @@ class OqcoreHfQuantizer(HfQuantizer):
         )
         return model
 
+    def __del__(self):
+        # a load that transformers aborted between our hooks leaves the memory sampler running
+        mem, self._mem = getattr(self, "_mem", None), None
+        if mem is not None:
+            mem.__exit__(None, None, None)
+
     def is_serializable(self):
+        """Raises :class:`oqcore.SaveError` (transformers asks this first in ``save_pretrained``,
+        before writing anything): writing compressed-tensors from ``save_pretrained`` is not
+        implemented yet."""
         from oqcore.errors import SaveError
 
         raise SaveError(
