@@ -9,15 +9,14 @@ import warnings
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 import oqcore
 from oqcore.errors import CheckpointError, ConfigError, NoBackendError, SaveError, UnsupportedLayerError
+from oqcore.hf import OqcoreConfig
 from oqcore.plugins import get_registry
 from tests.battery.util import raises_naming
-
-transformers = pytest.importorskip("transformers")
-from oqcore.hf import OqcoreConfig  # noqa: E402
 
 ARCHS = ["mixtral", "qwen3_moe", "olmoe", "gpt_oss"]
 SHORTHANDS = sorted(n for n, s in get_registry().shorthands.items() if not s.plugin.startswith("toy"))

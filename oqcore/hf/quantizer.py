@@ -193,7 +193,7 @@ class OqcoreHfQuantizer(HfQuantizer):
                 self.stats.seconds_quantize += time.perf_counter() - t
         except OqError as e:
             self.error = e
-        except Exception as e:  # a bug of ours: still typed, never transformers' RuntimeError
+        except Exception as e:  # noqa: BLE001 - a bug of ours: still typed, never transformers' RuntimeError
             err = InternalError(f"oqcore.hf: loading {name!r} failed: {type(e).__name__}: {e}")
             err.__cause__ = e
             self.error = err
