@@ -255,3 +255,16 @@ def test_missing_weight_of_quantized_layer(tiny_moe, tmp_path):
     del sd["model.layers.1.self_attn.o_proj.weight"]
     save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
     _same_error(src, "fp8_per_tensor", CheckpointError, "model.layers.1.self_attn.o_proj")
+
+
+@pytest.mark.parametrize(("arch", "fmt"), [("mixtral", "compressed-tensors"), ("gpt_oss", "oqcore")])
+def test_save_quantized_equals_load(tiny_moe, tmp_path, arch, fmt):
+    """oqcore.save_quantized (what the save_pretrained refusal points to) writes the same files
+    for the transformers-loaded model as for oqcore.load's, and they load back to the same model."""
+    src = tiny_moe(arch)
+    m, r = _hf(src, OqcoreConfig("fp8_per_channel")), oqcore.load(src, "fp8_per_channel")
+    a, b = oqcore.save_quantized(m, tmp_path / "hf", format=fmt), oqcore.save_quantized(r, tmp_path / "oq", format=fmt)
+    files = sorted(p.name for p in a.iterdir())
+    assert "model.safetensors" in files and files == sorted(p.name for p in b.iterdir())
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    assert_same_tensors(oqcore.load(a).state_dict(), r.state_dict())
