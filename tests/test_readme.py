@@ -42,7 +42,7 @@ BLOCK_TIMEOUT = 900  # seconds per block: torch.compile of the tiny model takes 
 KNOWN_FAILURES: dict[str, tuple[str, str]] = {}
 
 # The blocks this file exists for: removing their markers must not make the test vacuous.
-REQUIRED = {"q.yaml", "config-api", "make-model", "forward-generate", "compile", "save-load", "save-compressed-tensors", "overlay", "reload"}
+REQUIRED = {"q.yaml", "config-api", "make-model", "forward-generate", "compile", "save-load", "save-compressed-tensors", "overlay", "transformers", "reload"}
 
 # Packages the user install must not pull (requirements.txt and oqcore's own dependencies).
 TEST_AND_BENCH_ONLY = ("triton", "torchao", "matplotlib", "pytest", "hypothesis")
