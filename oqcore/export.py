@@ -44,7 +44,15 @@ from oqcore.saved_format import (
 )
 from oqcore.torch_compat import own_parameters
 
-__all__ = ["FORMAT_VERSION", "QUANT_METHOD", "check_destination", "is_export", "save_quantized", "write_safetensors"]
+__all__ = [
+    "FORMAT_VERSION",
+    "QUANT_METHOD",
+    "check_destination",
+    "compressed_tensors_export",
+    "is_export",
+    "save_quantized",
+    "write_safetensors",
+]
 
 # the source's weights (any framework's) are not copied: the quantized folder has its own
 _SKIP_SUFFIXES = (
@@ -93,13 +101,13 @@ def save_quantized(model: nn.Module, out: str | Path, format: str = DEFAULT_FORM
     except OqError as e:
         raise SaveError(f"cannot save to {out}: {e}") from None
     dest = check_destination(out, state.source)
-    tensors = _tensors_to_save(model, state, dest)
-    raw = _config_to_write(model, state, dest)
     if format == "compressed-tensors":
-        from oqcore.export_ct import compressed_tensors_checkpoint
-
-        tensors, qc = compressed_tensors_checkpoint(model, state, tensors, str(dest))
-        raw["quantization_config"] = {**qc, "producer": PRODUCER, PRODUCER_CONFIG: state.config.to_dict()}
+        tensors, qc = compressed_tensors_export(model, state, dest)
+        raw = _config_to_write(model, state, dest)
+        raw["quantization_config"] = qc
+    else:
+        tensors = _tensors_to_save(model, state, dest)
+        raw = _config_to_write(model, state, dest)
     extras = _extra_files(Path(state.source), dest) if state.source is not None else []
 
     def fill(tmp: Path) -> None:
@@ -116,6 +124,23 @@ def save_quantized(model: nn.Module, out: str | Path, format: str = DEFAULT_FORM
         stage("config_written")
 
     return write_folder(dest, fill, replaceable=is_export)  # SaveError names dest for any failure
+
+
+def compressed_tensors_export(
+    model: nn.Module, state: OqState, dest: str | Path, checkpoint_names: bool = True
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and the ``quantization_config`` entry :func:`save_quantized` writes in the
+    compressed-tensors format (``model.safetensors``' tensors by name, and the compressed-tensors
+    config with ``producer`` and the oqcore config added); nothing is written. ``dest`` names the
+    destination in errors. ``checkpoint_names=False``: the tensors before transformers' reverse
+    renaming (see :func:`oqcore.export_ct.compressed_tensors_checkpoint`), for
+    ``save_pretrained``, which applies it. Raises :class:`oqcore.SaveError` as :func:`save_quantized`
+    does for the tensors and for a layer compressed-tensors cannot hold."""
+    from oqcore.export_ct import compressed_tensors_checkpoint
+
+    tensors = _tensors_to_save(model, state, dest)
+    tensors, qc = compressed_tensors_checkpoint(model, state, tensors, str(dest), checkpoint_names)
+    return tensors, {**qc, "producer": PRODUCER, PRODUCER_CONFIG: state.config.to_dict()}
 
 
 def check_destination(out: str | os.PathLike, source: str | os.PathLike | None = None) -> Path:

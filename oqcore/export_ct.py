@@ -46,10 +46,13 @@ PACKED = "pack-quantized"
 
 
 def compressed_tensors_checkpoint(
-    model: nn.Module, state: OqState, tensors: dict[str, torch.Tensor], dest: str
+    model: nn.Module, state: OqState, tensors: dict[str, torch.Tensor], dest: str, checkpoint_names: bool = True
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``tensors`` (what oqcore would save, in the model's own names) -> ``(checkpoint tensors in
     compressed-tensors naming, quantization_config dict)``. ``dest`` names the folder in errors.
+    ``checkpoint_names=False`` stops before the last renaming step (transformers'
+    ``revert_weight_conversion`` of the whole dict, which leaves the per-expert tensors, already in
+    checkpoint naming, as they are): what ``save_pretrained`` takes, as it runs that step itself.
 
     Raises :class:`oqcore.SaveError` for a quantized layer whose scheme declares no
     compressed-tensors form (a v1 plugin, or a pairing compressed-tensors has no format for), an
@@ -83,7 +86,8 @@ def compressed_tensors_checkpoint(
         else:
             _experts(model, out, wrapper, lp.name, weights, fmt_name, dest)
         groups.setdefault(key, []).append(lp)
-    out = _to_checkpoint_names(model, out)
+    if checkpoint_names:
+        out = _to_checkpoint_names(model, out)
 
     schemes = {}
     for i, (key, members) in enumerate(groups.items()):

@@ -3,7 +3,9 @@ quantize a model online with oqcore (``quant_method: "oqcore"``)."""
 
 from __future__ import annotations
 
+import copy
 import os
+import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -60,11 +62,35 @@ class OqcoreConfig(QuantizationConfigMixin):
     def to_dict(self) -> dict[str, Any]:
         """``{"quant_method": "oqcore", "config": {...}}`` (plain JSON-able values; ``config`` keeps
         the shorthand the config came from as ``scheme``, so :meth:`from_dict` rebuilds an equal
-        :class:`oqcore.QuantizationConfig`)."""
+        :class:`oqcore.QuantizationConfig`).
+
+        Except inside ``save_pretrained`` of the model this config quantized: there (and only
+        there: the call stack holds that model's ``PreTrainedModel.save_pretrained`` frame) it
+        returns the compressed-tensors ``quantization_config`` of the folder being written, so
+        ``config.json`` declares what the folder holds and loads without oqcore. Nothing is changed
+        on the config for this: after ``save_pretrained`` it gives the oqcore dict again."""
+        saving = self._saving()
+        if saving is not None:
+            return copy.deepcopy(saving)
         data = self.oq_config.to_dict()
         if self.oq_config.scheme is not None:
             data = {"scheme": self.oq_config.scheme, **data}
         return {"quant_method": QUANT_METHOD, "config": data}
+
+    def _saving(self) -> dict[str, Any] | None:
+        """The compressed-tensors config of the folder that the ``save_pretrained`` on the call
+        stack writes, if that model's ``config.quantization_config`` is this config."""
+        from transformers.modeling_utils import PreTrainedModel
+
+        code = PreTrainedModel.save_pretrained.__code__
+        frame = sys._getframe(1)
+        while frame is not None:
+            if frame.f_code is code:
+                model = frame.f_locals.get("self")
+                if getattr(getattr(model, "config", None), "quantization_config", None) is self:
+                    return getattr(getattr(model, "hf_quantizer", None), "saved_config", None)
+            frame = frame.f_back
+        return None
 
     def to_diff_dict(self) -> dict[str, Any]:
         return self.to_dict()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import time
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -39,16 +40,17 @@ from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.base import HfQuantizer
 
 from oqcore.devices import resolve_device
-from oqcore.errors import CheckpointError, ConfigError, InternalError, OqError
+from oqcore.errors import CheckpointError, ConfigError, InternalError, OqError, SaveError
 from oqcore.loading.checkpoint import checkpoint_entries
 from oqcore.loading.install import install_wrappers, process_layer
 from oqcore.loading.memory import PeakRSS, release_free_memory
 from oqcore.loading.meta import resolve_model_dtype
 from oqcore.loading.names import NameMapper
 from oqcore.loading.place import assign_tensor, param_owner
-from oqcore.loading.state import LoadStats, OqState, tensor_bytes
+from oqcore.loading.state import LoadStats, OqState, get_state, tensor_bytes
 from oqcore.methods import refuse_static_online
 from oqcore.planning import plan
+from oqcore.saved_format import QUANT_METHOD as PRODUCER_METADATA
 from oqcore.torch_compat import mark_initialized
 
 
@@ -85,8 +87,8 @@ class OqcoreHfQuantizer(HfQuantizer):
 
     Quantizes online only: a checkpoint whose ``config.json`` already declares ``quant_method:
     "oqcore"`` is refused with :class:`oqcore.CheckpointError` (read folders oqcore wrote with
-    :func:`oqcore.load`). ``save_pretrained`` is refused with :class:`oqcore.SaveError` (use
-    :func:`oqcore.save_quantized`)."""
+    :func:`oqcore.load`). ``save_pretrained`` writes the compressed-tensors folder
+    :func:`oqcore.save_quantized` writes (see :meth:`get_state_dict_and_metadata`)."""
 
     requires_calibration = False
 
@@ -104,6 +106,9 @@ class OqcoreHfQuantizer(HfQuantizer):
         self.stats = LoadStats()
         self._mem: PeakRSS | None = None
         self._t0 = 0.0
+        self._model: weakref.ref | None = None
+        self._pending: tuple | None = None
+        self.saved_config: dict | None = None
 
     # -- before loading -----------------------------------------------------------------------------
 
@@ -248,6 +253,7 @@ class OqcoreHfQuantizer(HfQuantizer):
             source_shapes=self.source_shapes,
             stats=stats,
         )
+        self._model = weakref.ref(model)
         return model
 
     def __del__(self):
@@ -257,15 +263,50 @@ class OqcoreHfQuantizer(HfQuantizer):
             mem.__exit__(None, None, None)
 
     def is_serializable(self):
-        """Raises :class:`oqcore.SaveError` (transformers asks this first in ``save_pretrained``,
-        before writing anything): writing compressed-tensors from ``save_pretrained`` is not
-        implemented yet."""
-        from oqcore.errors import SaveError
+        """Whether ``save_pretrained`` can write the model: transformers asks this first, before it
+        creates the folder, so this is where a model compressed-tensors cannot hold is refused:
+        :class:`oqcore.SaveError` as :func:`oqcore.save_quantized` raises it (GPT-OSS experts,
+        128-row expert blocks with I % 128 != 0, a scheme without a compressed-tensors form, a
+        model whose quantized layers were replaced), nothing written. The checkpoint is built here
+        and handed to :meth:`get_state_dict_and_metadata`."""
+        model = self._model() if self._model is not None else None
+        if model is None:
+            raise SaveError(
+                "save_pretrained: this OqcoreConfig quantizer holds no loaded model (from_pretrained did not finish); "
+                "nothing to save"
+            )
+        self._pending = (self._model, *self._export(model))
+        return True
 
-        raise SaveError(
-            "save_pretrained of a model quantized with OqcoreConfig is not supported yet; save it with "
-            "oqcore.save_quantized(model, folder)"
-        )
+    def get_state_dict_and_metadata(self, model: nn.Module):
+        """``(tensors, safetensors metadata)`` for ``save_pretrained``: the tensors of
+        :func:`oqcore.save_quantized`'s compressed-tensors folder under the model's names except the
+        experts (per expert, already in checkpoint naming); transformers' ``revert_weight_conversion``
+        then gives every name the checkpoint's (``save_original_format=False`` keeps the model's
+        names, which no reader expects). The compressed-tensors ``quantization_config`` is kept
+        for :meth:`oqcore.hf.OqcoreConfig.to_dict`, which returns it while this model's
+        ``save_pretrained`` writes ``config.json``."""
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0]() is model:
+            tensors, qc = pending[1], pending[2]
+        else:
+            tensors, qc = self._export(model)
+        self.saved_config = qc
+        return tensors, {"producer": PRODUCER_METADATA}
+
+    def _export(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+        from oqcore.export import compressed_tensors_export
+
+        try:
+            state = get_state(model)
+            return compressed_tensors_export(model, state, "model.save_pretrained(...)", checkpoint_names=False)
+        except SaveError as e:
+            hint = "" if "format='oqcore'" not in str(e) else (
+                " (save_pretrained writes compressed-tensors only: use oqcore.save_quantized(model, folder, format='oqcore'))"
+            )
+            raise SaveError(f"{e}{hint}") from None
+        except OqError as e:
+            raise SaveError(f"cannot save with model.save_pretrained(...): {e}") from None
 
     @property
     def is_trainable(self) -> bool:
@@ -273,7 +314,9 @@ class OqcoreHfQuantizer(HfQuantizer):
 
     @property
     def is_compileable(self) -> bool:
-        return False
+        """True: the wrappers' forwards are what :func:`oqcore.load`'s model runs under
+        ``torch.compile`` (transformers asks this before compiling in ``generate``)."""
+        return True
 
 
 class OqFeed(ConversionOps):
