@@ -343,3 +343,56 @@ def test_save_pretrained_minilm(minilm, tmp_path, shorthand):
     r = oqcore.load(minilm, shorthand)
     hf = _check_save_pretrained(m, r, tmp_path, shorthand, transformers.AutoModel, moe=False)
     assert hf is not None
+
+
+# ---- torch.compile ----------------------------------------------------------------------------
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def _out(o):
+    return o.logits if hasattr(o, "logits") else o.last_hidden_state
+
+
+@pytest.mark.parametrize("which", ["mixtral", "minilm"])
+def test_torch_compile_matches_load(tiny_moe, minilm, which):
+    """``torch.compile`` (inductor, CPU) of the from_pretrained model runs the same graph as
+    ``torch.compile`` of ``oqcore.load``'s model: outputs bit-identical.
+
+    Against the eager forward, fp8_per_channel (dynamic per-token fp8 activations): inductor fuses
+    the bf16 elementwise ops around the linears (norms, residual adds, softmax) and skips their
+    intermediate bf16 roundings, so an activation one bf16 ulp away rounds to the neighbouring fp8
+    value (e4m3: a 2^-3 relative step). Bound: ||compiled - eager|| <= 2^-3 ||eager||, one fp8 step;
+    measured 3.3 % (mixtral) and 5.9 % (MiniLM). The same model without activation quantization
+    stays within bf16 rounding: :func:`test_torch_compile_weight_only_within_bf16`."""
+    torch._dynamo.reset()
+    if which == "minilm":
+        src, auto, ids = minilm, transformers.AutoModel, torch.tensor([[101, 7592, 2088, 2003, 1037, 3231, 102]])
+    else:
+        src, auto, ids = tiny_moe("mixtral"), transformers.AutoModelForCausalLM, IDS
+    m, r = _hf(src, OqcoreConfig("fp8_per_channel"), auto=auto), oqcore.load(src, "fp8_per_channel")
+    assert m.hf_quantizer.is_compileable
+    with torch.no_grad():
+        eager = _out(m(ids))
+        cm, cr = _out(torch.compile(m)(ids)), _out(torch.compile(r)(ids))
+    torch._dynamo.reset()
+    assert torch.isfinite(cm).all() and torch.equal(cm, cr)
+    assert _rel(cm, eager) <= 2**-3
+
+
+def test_torch_compile_weight_only_within_bf16(tiny_moe):
+    """Weight-only fp8_per_channel (activation quantization off): compiled within bf16 rounding of
+    eager. Bound: ||compiled - eager|| <= 2^-6 ||eager|| (four bf16 unit roundoffs, 2^-8 each: the
+    roundings inductor skips, through two decoder layers); measured 0.48 %, the same as transformers'
+    own compiled-vs-eager gap of the unquantized bf16 model (0.59 %)."""
+    torch._dynamo.reset()
+    src = tiny_moe("mixtral")
+    cfg = OqcoreConfig("fp8_per_channel", ["linear.activation=null", "moe.activation=null"])
+    m = _hf(src, cfg)
+    assert m.oq_state.plan.quantized and all(lp.bound.activation_key is None for lp in m.oq_state.plan.quantized)
+    with torch.no_grad():
+        eager, compiled = m(IDS).logits, torch.compile(m)(IDS).logits
+    torch._dynamo.reset()
+    assert torch.isfinite(compiled).all() and _rel(compiled, eager) <= 2**-6

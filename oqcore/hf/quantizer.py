@@ -20,6 +20,18 @@ Where it hooks into transformers (5.x, ``transformers.modeling_utils`` / ``core_
    scales into garbage), and attach ``model.oq_state`` so :func:`oqcore.report`,
    :func:`oqcore.reload_weights` and :func:`oqcore.save_quantized` work on the model.
 
+4. ``save_pretrained``: ``is_serializable`` (asked before transformers creates the folder) builds
+   the compressed-tensors checkpoint :func:`oqcore.save_quantized` writes, or raises its
+   :class:`oqcore.SaveError` (GPT-OSS experts, expert blocks straddling gate and up, ...);
+   ``get_state_dict_and_metadata`` hands transformers the tensors under the model's names (experts
+   per expert), which its ``revert_weight_conversion`` renames to the checkpoint's; while
+   ``save_pretrained`` writes ``config.json``, :meth:`oqcore.hf.OqcoreConfig.to_dict` returns the
+   compressed-tensors ``quantization_config``. The folder has the same tensors (name, dtype,
+   shape, bytes) and the same ``quantization_config`` as ``save_quantized``'s; it loads in
+   transformers through its compressed-tensors support without oqcore, and in :func:`oqcore.load`
+   bit-identical. Unlike ``save_quantized``, ``save_pretrained`` writes in place (not atomically)
+   and copies no tokenizer files, as for any transformers model.
+
 Errors: transformers catches every exception a ``ConversionOps`` raises, logs it and ends the load
 with a ``RuntimeError``; the op therefore records the first :class:`oqcore.OqError` (quantizing
 stops there) and step 3 raises it, so ``from_pretrained`` fails with the same typed error
