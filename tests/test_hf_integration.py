@@ -396,3 +396,41 @@ def test_torch_compile_weight_only_within_bf16(tiny_moe):
         eager, compiled = m(IDS).logits, torch.compile(m)(IDS).logits
     torch._dynamo.reset()
     assert torch.isfinite(compiled).all() and _rel(compiled, eager) <= 2**-6
+
+
+# ---- device_map -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device_map", ["cpu", {"": "cpu"}])
+def test_device_map_cpu(tiny_moe, device_map):
+    """``device_map="cpu"`` (transformers' accelerate path: accelerate is a test extra) gives the
+    model from_pretrained gives without it, which is oqcore.load's: every tensor and buffer, the logits."""
+    import accelerate  # noqa: F401  (the path under test needs it; a missing test extra fails here, loudly)
+
+    src = tiny_moe("mixtral")
+    m = _hf(src, OqcoreConfig("fp8_per_block"), device_map=device_map)
+    r = oqcore.load(src, "fp8_per_block")
+    assert m.oq_state.device == torch.device("cpu")
+    assert all(t.device.type == "cpu" for t in [*m.parameters(), *m.buffers()])
+    assert_same_model(m, r)
+    with torch.no_grad():
+        assert torch.equal(m(IDS).logits, r(IDS).logits)
+
+
+@pytest.mark.parametrize(
+    ("device_map", "culprit"),
+    [
+        ("auto", "'auto' is not supported"),
+        ("balanced", "'balanced' is not supported"),
+        ({"model.embed_tokens": "cpu", "model.layers": "disk", "model.norm": "cpu", "lm_head": "cpu"}, "['cpu', 'disk']"),
+        ({"": "meta"}, "not 'meta'"),
+    ],
+)
+def test_device_map_spread_refused(tiny_moe, device_map, culprit):
+    """A map spreading or offloading the model is a ConfigError naming device_map, raised before
+    the model is built (the quantizer's _device_of)."""
+    import accelerate  # noqa: F401
+
+    with raises_naming(ConfigError, "device_map", culprit) as e:
+        _hf(tiny_moe("mixtral"), OqcoreConfig("fp8_per_block"), device_map=device_map)
+    assert e.value.field == "device_map"
