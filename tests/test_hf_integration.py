@@ -292,7 +292,7 @@ def _check_save_pretrained(m, r, tmp_path, shorthand, auto, moe):
         expected = str(e_sq).replace(str(ref.resolve()), "model.save_pretrained(...)")
         assert str(e_sp.value).startswith(expected), (str(e_sp.value), expected)
         assert "oqcore.save_quantized(model, folder, format='oqcore')" in str(e_sp.value)
-        return None
+        return "refused"
     m.save_pretrained(out)
     # the model's config is as it was: the compressed-tensors dict was only what config.json got
     assert isinstance(m.config.quantization_config, OqcoreConfig) and m.config.quantization_config.to_dict() == before
@@ -322,17 +322,24 @@ def _check_save_pretrained(m, r, tmp_path, shorthand, auto, moe):
 
 
 @pytest.mark.parametrize("shorthand", SHORTHANDS)
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [*ARCHS, "mixtral-i128"])
 def test_save_pretrained_writes_compressed_tensors(tiny_moe, tmp_path, arch, shorthand):
-    src = tiny_moe(arch)
+    """Every make-model layout x shorthand: save_quantized's folder, or its SaveError (GPT-OSS;
+    128-row expert blocks with I = 96). ``mixtral-i128`` (I = 128): the 128x128 block experts that
+    compressed-tensors can hold."""
+    arch, _, i = arch.partition("-i")
+    src = tiny_moe(arch, intermediate_size=int(i)) if i else tiny_moe(arch)
     m, r = _hf(src, OqcoreConfig(shorthand)), oqcore.load(src, shorthand)
     hf = _check_save_pretrained(m, r, tmp_path, shorthand, transformers.AutoModelForCausalLM, moe=True)
-    if hf is not None and getattr(hf, "hf_quantizer", None) is not None:
+    assert (hf == "refused") == (arch == "gpt_oss" or (shorthand == "fp8_per_block" and not i))
+    if getattr(hf, "hf_quantizer", None) is not None:
         with torch.no_grad():
             lt, lr = hf(IDS).logits.float(), r(IDS).logits.float()
         # transformers decompresses to bf16 and quantizes activations from bf16 inputs of its own
-        # rounding: the exact comparison is tests/test_export_matrix.py's on byte-identical folders
-        assert torch.isfinite(lt).all() and float((lt - lr).norm() / lr.norm()) < 0.25
+        # rounding, so an activation can round to the neighbouring fp8 value: bound one e4m3 step,
+        # 2^-3 relative; measured 3.5-5.5 % (dynamic fp8 activations), 0.4-0.5 % (int8 weight-only).
+        # The exact comparison is tests/test_export_matrix.py's (float32), on byte-identical folders.
+        assert torch.isfinite(lt).all() and _rel(lt, lr) <= 2**-3
 
 
 @pytest.mark.parametrize("shorthand", SHORTHANDS)
@@ -342,7 +349,7 @@ def test_save_pretrained_minilm(minilm, tmp_path, shorthand):
     m = _hf(minilm, OqcoreConfig(shorthand), auto=transformers.AutoModel)
     r = oqcore.load(minilm, shorthand)
     hf = _check_save_pretrained(m, r, tmp_path, shorthand, transformers.AutoModel, moe=False)
-    assert hf is not None
+    assert type(hf.hf_quantizer).__name__ == "CompressedTensorsHfQuantizer"
 
 
 # ---- torch.compile ----------------------------------------------------------------------------
