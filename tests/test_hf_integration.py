@@ -441,3 +441,16 @@ def test_device_map_spread_refused(tiny_moe, device_map, culprit):
     with raises_naming(ConfigError, "device_map", culprit) as e:
         _hf(tiny_moe("mixtral"), OqcoreConfig("fp8_per_block"), device_map=device_map)
     assert e.value.field == "device_map"
+
+
+def test_save_pretrained_never_overwrites_the_source(tiny_moe, tmp_path):
+    """save_pretrained into the folder the model was loaded from (or a folder inside it): the
+    SaveError save_quantized gives, before anything is written; the source is unchanged."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_moe("mixtral"), src)
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    m = _hf(src, OqcoreConfig("fp8_per_channel"))
+    for out, culprit in [(src, "the folder the model was loaded from"), (src / "sub", "inside the folder the model was loaded from")]:
+        with raises_naming(SaveError, str(out), culprit, "source checkpoint"):
+            m.save_pretrained(out)
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -80,17 +79,10 @@ class OqcoreConfig(QuantizationConfigMixin):
     def _saving(self) -> dict[str, Any] | None:
         """The compressed-tensors config of the folder that the ``save_pretrained`` on the call
         stack writes, if that model's ``config.quantization_config`` is this config."""
-        from transformers.modeling_utils import PreTrainedModel
+        from oqcore.hf.frames import save_pretrained_locals
 
-        code = PreTrainedModel.save_pretrained.__code__
-        frame = sys._getframe(1)
-        while frame is not None:
-            if frame.f_code is code:
-                model = frame.f_locals.get("self")
-                if getattr(getattr(model, "config", None), "quantization_config", None) is self:
-                    return getattr(getattr(model, "hf_quantizer", None), "saved_config", None)
-            frame = frame.f_back
-        return None
+        call = save_pretrained_locals(lambda m: getattr(getattr(m, "config", None), "quantization_config", None) is self)
+        return None if call is None else getattr(getattr(call["self"], "hf_quantizer", None), "saved_config", None)
 
     def to_diff_dict(self) -> dict[str, Any]:
         return self.to_dict()

@@ -40,6 +40,7 @@ stops there) and step 3 raises it, so ``from_pretrained`` fails with the same ty
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 import weakref
@@ -53,6 +54,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from oqcore.devices import resolve_device
 from oqcore.errors import CheckpointError, ConfigError, InternalError, OqError, SaveError
+from oqcore.hf.frames import save_pretrained_locals
 from oqcore.loading.checkpoint import checkpoint_entries
 from oqcore.loading.install import install_wrappers, process_layer
 from oqcore.loading.memory import PeakRSS, release_free_memory
@@ -279,7 +281,8 @@ class OqcoreHfQuantizer(HfQuantizer):
         creates the folder, so this is where a model compressed-tensors cannot hold is refused:
         :class:`oqcore.SaveError` as :func:`oqcore.save_quantized` raises it (GPT-OSS experts,
         128-row expert blocks with I % 128 != 0, a scheme without a compressed-tensors form, a
-        model whose quantized layers were replaced), nothing written. The checkpoint is built here
+        model whose quantized layers were replaced; the folder the model was loaded from, or one
+        inside or around it: the source checkpoint is never overwritten), nothing written. The checkpoint is built here
         and handed to :meth:`get_state_dict_and_metadata`."""
         model = self._model() if self._model is not None else None
         if model is None:
@@ -287,6 +290,17 @@ class OqcoreHfQuantizer(HfQuantizer):
                 "save_pretrained: this OqcoreConfig quantizer holds no loaded model (from_pretrained did not finish); "
                 "nothing to save"
             )
+        source = getattr(getattr(model, "oq_state", None), "source", None)
+        call = save_pretrained_locals(lambda m: m is model)
+        if call is not None and source is not None:
+            from oqcore.export import _check_not_source
+
+            try:
+                given = Path(os.path.abspath(os.fspath(call["save_directory"])))
+            except (KeyError, TypeError):
+                given = None  # not a path: transformers itself fails on it
+            if given is not None:
+                _check_not_source(Path(source), given.resolve(), given)
         self._pending = (self._model, *self._export(model))
         return True
 
