@@ -351,6 +351,10 @@ MALFORMED = [
      ["not a valid compressed-tensors config", "group_0.weights.strategy"]),
     ("no-targets", lambda qc: qc["config_groups"]["group_0"].pop("targets"), ["not a valid compressed-tensors config", "group_0.targets"]),
     ("frozen-status", lambda qc: qc.update(quantization_status="frozen"), ["quantization_status is 'frozen'", "'compressed'"]),
+    ("bad-ignore-regex", lambda qc: qc.update(ignore=["lm_head", "re:("]),
+     ["quantization_config.ignore[1] = 're:(' is not a valid regular expression"]),
+    ("bad-target-regex", lambda qc: qc["config_groups"]["group_0"].update(targets=["re:.*query[", "Linear"]),
+     ["quantization_config.config_groups.group_0.targets[0] = 're:.*query[' is not a valid regular expression"]),
     ("kv-cache", lambda qc: qc.update(kv_cache_scheme={"num_bits": 8, "type": "float", "strategy": "tensor"}),
      ["quantization_config.kv_cache_scheme is set"]),
     ("output-activations", lambda qc: qc["config_groups"]["group_0"].update(

@@ -6,6 +6,7 @@ reading of the tensors is :mod:`oqcore.loading.compressed`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,9 @@ def ct_config(raw: dict, cfg_file: Path) -> Any:
             f"{cfg_file}: quantization_config.kv_cache_scheme is set; oqcore does not quantize the KV cache "
             "(remove kv_cache_scheme, or serve the checkpoint with vLLM)"
         )
+    _check_patterns(cfg_file, "quantization_config.ignore", cfg.ignore or [])
     for name, group in cfg.config_groups.items():
+        _check_patterns(cfg_file, f"quantization_config.config_groups.{name}.targets", group.targets or [])
         if group.output_activations is not None:
             raise CheckpointError(
                 f"{cfg_file}: quantization_config.config_groups.{name}.output_activations is set; oqcore quantizes "
@@ -93,6 +96,17 @@ def ct_config(raw: dict, cfg_file: Path) -> Any:
                 "quantize weights (activation-only groups are not supported)"
             )
     return cfg
+
+
+def _check_patterns(cfg_file: Path, field: str, patterns: list[str]) -> None:
+    """Raise :class:`oqcore.CheckpointError` naming ``field`` for a ``re:`` pattern that is not a
+    valid regular expression (compressed-tensors' matcher would raise ``re.error`` on it)."""
+    for i, p in enumerate(patterns):
+        if isinstance(p, str) and p.startswith("re:"):
+            try:
+                re.compile(p[3:])
+            except re.error as e:
+                raise CheckpointError(f"{cfg_file}: {field}[{i}] = {p!r} is not a valid regular expression: {e}") from None
 
 
 def _written(args: Any) -> dict | None:
