@@ -275,15 +275,17 @@ def check_expert_counts(
                     f"{path}: {g.target!r} fuses {experts} experts, but the checkpoint has {len(have)} tensors "
                     f"matching {pattern!r}: {', '.join(have[:6])}{' ...' if len(have) > 6 else ''}"
                 )
-            _check_expert_indices(g.target, pattern, have, experts, path, entries or {})
+            check_expert_indices(g.target, pattern, have, experts, path, entries or {})
 
 
-def _check_expert_indices(
+def check_expert_indices(
     target: str, pattern: str, keys: list[str], experts: int, path: Path, entries: dict[str, TensorEntry]
 ) -> None:
-    """The per-expert tensors are stacked in index order, so their indices must be exactly
-    0..experts-1: with ``experts.4`` in place of ``experts.3`` (E=4) the count is right but the
-    model would silently get no expert 3. Skipped for a pattern without one ``*`` (no index)."""
+    """Raise :class:`oqcore.CheckpointError` naming the file and tensor unless the per-expert
+    tensors ``keys`` (matching transformers' source ``pattern`` of fused parameter ``target``) hold
+    expert indices exactly 0..experts-1: they are stacked in index order, so with ``experts.4`` in
+    place of ``experts.3`` (E=4) the count is right but the model would silently get no expert 3.
+    Skipped for a pattern without one ``*`` (no index)."""
     parts = pattern.split("*")
     if len(parts) != 2:
         return

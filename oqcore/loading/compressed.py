@@ -41,7 +41,7 @@ from oqcore.errors import CheckpointError, ConfigError, OqError
 from oqcore.layer_tensors import TensorSpec, quantized_tensors
 from oqcore.layers import layer_kind
 from oqcore.loading.checkpoint import TensorEntry, TensorReader, checkpoint_entries
-from oqcore.loading.checks import CT_QUANT_METHOD, _check_expert_indices, check_against_model, is_quant_name
+from oqcore.loading.checks import CT_QUANT_METHOD, check_against_model, check_expert_indices, is_quant_name
 from oqcore.loading.ct_config import GroupScheme, ct_config, match_group
 from oqcore.loading.install import OnlineFeed, install_wrappers
 from oqcore.loading.meta import build_meta_model, read_model_config
@@ -152,7 +152,7 @@ def plan_feeds(
                 f"{path}: {target!r} fuses {n_exp} experts, but the checkpoint has {len(mods)} modules matching "
                 f"{pattern!r}: {', '.join(mods[:6])}{' ...' if len(mods) > 6 else ''}"
             )
-        _check_expert_indices(target, pattern, keys, n_exp, path, {})
+        check_expert_indices(target, pattern, keys, n_exp, path, {})
         for i, m in enumerate(mods):
             experts[m].expert = i
 
