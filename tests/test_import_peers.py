@@ -454,7 +454,7 @@ Q = "encoder.layer.0.attention.self.query"
 
 FG_BAD = [
     ("static", lambda d: _edit_config(d, lambda q: q.update(activation_scheme="static")),
-     ["config.json", "quantization_config.activation_scheme is 'static'", "oqcore quantizes activations dynamically"]),
+     ["config.json", "quantization_config.activation_scheme is 'static'", "static FineGrainedFP8 activation scales", "are not read"]),
     ("scheme-unknown", lambda d: _edit_config(d, lambda q: q.update(activation_scheme="per-row")),
      ["quantization_config.activation_scheme is 'per-row'", "'dynamic' or 'static'"]),
     ("block-64", lambda d: _edit_config(d, lambda q: q.update(weight_block_size=[64, 64])),

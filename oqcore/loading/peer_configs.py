@@ -20,10 +20,10 @@ vLLM ``layers/quantization/fp8.py::Fp8Config``):
   ``FP8Linear``, ``weight_scale`` in vLLM / AutoFP8 checkpoints; both are read) with dynamic
   per-tensor activations (vLLM's ``Fp8LinearMethod`` without CUTLASS; the scheme's default). An
   absent key is per tensor as vLLM reads it (transformers' own writer always writes the key).
-- ``activation_scheme`` must be ``dynamic`` (static activation scales are refused: oqcore quantizes
-  activations dynamically); ``scale_fmt`` must be ``float`` and ``expert_dtype`` ``fp8``;
-  ``modules_to_convert`` (fp8 embeddings) must be empty; ``dequantize`` is a transformers loading
-  option and ignored.
+- ``activation_scheme`` must be ``dynamic`` (FineGrainedFP8's static activation scales are not
+  read; static per-tensor input scales are, from compressed-tensors and ModelOpt checkpoints);
+  ``scale_fmt`` must be ``float`` and ``expert_dtype`` ``fp8``; ``modules_to_convert`` (fp8
+  embeddings) must be empty; ``dequantize`` is a transformers loading option and ignored.
 - ``modules_to_not_convert`` (alias ``ignored_layers``) keeps transformers' meaning
   (``quantizers_utils.should_convert_module``): a key matches a module name as a regex from the
   start up to a module boundary, or as a suffix; absent, transformers' default list applies
@@ -246,8 +246,9 @@ def _finegrained(cfg_file: Path, qc: dict) -> PeerView:
     if scheme.lower() == "static":
         raise bad(
             "activation_scheme", scheme,
-            "static activation scales (activation_scale / input_scale tensors) are not read: oqcore quantizes "
-            "activations dynamically and reads FineGrainedFP8 checkpoints with activation_scheme 'dynamic'",
+            "static FineGrainedFP8 activation scales (activation_scale / input_scale tensors, per block "
+            "layout) are not read: oqcore reads FineGrainedFP8 checkpoints with activation_scheme 'dynamic' "
+            "(static per-tensor fp8 input scales are read from compressed-tensors and ModelOpt checkpoints)",
         )  # fmt: skip
     for name, want in (("scale_fmt", "float"), ("expert_dtype", "fp8")):
         if qc.get(name, want) != want:
