@@ -441,6 +441,7 @@ class OnlineMoEMethodBase(OnlineMethodBase):
         gives the eager numbers; ``fullgraph=True`` is not possible for MoE layers."""
 
         def expert(e: int, xe: torch.Tensor) -> torch.Tensor:
+            """Expert ``e`` on its tokens ``xe [T_e, H]`` -> ``[T_e, H]`` float32."""
             return self.expert_linear(layer, "w2", e, layer.apply_gate(self.expert_linear(layer, "w13", e, xe)))
 
         out = expert_loop(x, topk_ids, topk_weights, layer.layout.num_experts, expert)

@@ -85,6 +85,8 @@ class OqcoreConfig(QuantizationConfigMixin):
         return None if call is None else getattr(getattr(call["self"], "hf_quantizer", None), "saved_config", None)
 
     def to_diff_dict(self) -> dict[str, Any]:
+        """What transformers writes to ``config.json`` (``use_diff=True``): the whole
+        :meth:`to_dict`, since every field of it is needed to rebuild the config."""
         return self.to_dict()
 
     def __iter__(self):

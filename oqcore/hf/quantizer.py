@@ -336,6 +336,7 @@ class OqcoreHfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
+        """False: quantized layers hold no gradients (refit them with :func:`oqcore.reload_weights`)."""
         return False
 
     @property
@@ -355,6 +356,11 @@ class OqFeed(ConversionOps):
         self.hf_quantizer = hf_quantizer
 
     def convert(self, input_dict: dict[str, Any], source_patterns=None, target_patterns=None, **kwargs) -> dict:
+        """Feed ``input_dict`` (``{parameter name: tensor or one-tensor list}``, after
+        transformers' converters) to the quantizer, drop the names from transformers'
+        ``missing_keys``, and return ``{}``. Never raises: the first :class:`oqcore.OqError` is
+        recorded on the quantizer (raised after loading), since transformers would turn it into a
+        generic ``RuntimeError``."""
         model, missing = kwargs.get("model"), kwargs.get("missing_keys")
         for name in list(input_dict):
             value = input_dict.pop(name)

@@ -238,6 +238,7 @@ def _finegrained(cfg_file: Path, qc: dict) -> PeerView:
     where = "quantization_config"
 
     def bad(name: str, value: Any, valid: str) -> CheckpointError:
+        """The error for field ``name`` holding ``value``, naming the file and what is valid."""
         return CheckpointError(f"{cfg_file}: {where}.{name} is {value!r}; {valid}")
 
     scheme = qc.get("activation_scheme", "dynamic")

@@ -449,6 +449,7 @@ def _check_layout(live: nn.Module, scratch: nn.Module) -> None:
             a, b = old.get(pname), new.get(pname)
             if a is None or b is None or a.shape != b.shape or a.dtype != b.dtype:
                 def show(t):
+                    """``[shape] dtype`` of ``t``, or ``nothing``."""
                     return "nothing" if t is None else f"{list(t.shape)} {t.dtype}"
 
                 raise PluginError(

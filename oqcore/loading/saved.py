@@ -209,6 +209,8 @@ def load_quantized(
             delete_parameter(w, k)
 
     def run(reader: TensorReader, tick) -> None:
+        """Read every entry: stored layers' tensors into their wrappers (checked values), the rest
+        assigned (online layers quantized when complete); ``tick(bytes)`` after each."""
         for e in entries:
             value = reader.read(e)
             owner = param_owner(e.name, stored)
@@ -253,6 +255,7 @@ def finish_stored_load(
     done = 0
 
     def tick(nbytes: int) -> None:
+        """Count ``nbytes`` more read and report ``progress(done, total)``."""
         nonlocal done
         done += nbytes
         if progress is not None:
