@@ -173,6 +173,20 @@ def _fake_quant_inputs(ref, model):
     return hooks
 
 
+def _minilm_err(model, ref, fake_quant: bool = True, like=None) -> float:
+    """Relative error of ``model``'s MiniLM embeddings against ``ref`` (float32) on fixed token ids,
+    each quantized layer's input of ``ref`` fake-quantized as the activation keys of ``like``
+    (default ``model``) do when ``fake_quant``."""
+    hooks = _fake_quant_inputs(ref, like if like is not None else model) if fake_quant else []
+    ids = torch.randint(3, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            return _rel_err(model(input_ids=ids).last_hidden_state, ref(input_ids=ids).last_hidden_state)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
@@ -186,18 +200,12 @@ def test_minilm_reads_stored_bytes_and_forward(scheme, minilm, tmp_path_factory,
     _assert_stored_bytes(model, folder)
     assert len(model.oq_state.wrappers) == 37  # every Linear of MiniLM (nothing is named lm_head)
     ref = _reference(minilm, folder, scheme, causal=False)
-    hooks = _fake_quant_inputs(ref, model) if scheme in WITH_ACTIVATIONS else []
-    ids = torch.randint(3, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        got = model(input_ids=ids).last_hidden_state
-        want = ref(input_ids=ids).last_hidden_state
-    for h in hooks:
-        h.remove()
+    err = _minilm_err(model, ref, fake_quant=scheme in WITH_ACTIVATIONS)
     # weight-only: only summation order differs; W8A8: a rounding of an activation may flip
     assert not any(w.method.backend.name == "triton" for w in model.oq_state.wrappers.values())
     # within bf16 rounding through 6 layers: the CPU kernels (cpu, cpu-int8) compute in bf16 steps; a wrong
     # scale or layout gives errors of 10 % and more
-    assert _rel_err(got, want) < 2**-6
+    assert err < 2**-6
 
 
 @pytest.mark.parametrize("scheme", MOE_LOADABLE)
