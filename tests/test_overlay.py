@@ -246,3 +246,32 @@ def test_backend_pins_of_the_overlay_apply_to_stored_layers(experts_only):
     with pytest.raises(ConfigError) as e:
         oqcore.load(experts_only, {"moe": {"activation": "mxfp8"}, "backend": {"moe": "nope"}})
     assert e.value.field == "backend.moe" and "unknown backend 'nope' for moe layers with weight mxfp8" in str(e.value)
+
+
+# -- every MoE layout ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme, act", [("MXFP8A16", "mxfp8"), ("W8A16_CHANNEL", "int8_per_token")])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "olmoe"])
+def test_activation_override_on_every_layout(arch, scheme, act, tiny_moe, tmp_path_factory, monkeypatch):
+    folder = _write(tiny_moe(arch), scheme, tmp_path_factory)
+    _no_requantize(monkeypatch)
+    model = oqcore.load(folder, {"linear": {"activation": act}, "moe": {"activation": act}})
+    _assert_stored_bytes(model, folder)
+    assert model.oq_state.wrappers and {_act(model, n) for n in model.oq_state.wrappers} == {act}
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4, 5]])).logits.float()).all()
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "olmoe"])
+def test_composing_on_every_layout(arch, tiny_moe, tmp_path_factory):
+    src = tiny_moe(arch)
+    folder = _write(src, "W8A16_CHANNEL", tmp_path_factory, ignore=("lm_head", "re:.*self_attn.*"))
+    model = oqcore.load(folder, {"linear": "fp8_per_channel"})
+    attention = _attention(model)
+    assert attention and set(attention) <= set(model.oq_state.wrappers)
+    _same_state(model, oqcore.load(src, {"linear": "fp8_per_channel"}), attention)
+    stored = oqcore.load(folder)  # the experts exactly as a plain read of the checkpoint gives them
+    experts = [n for n in model.oq_state.wrappers if n.endswith("experts")]
+    assert experts and set(stored.oq_state.wrappers) == set(experts)
+    _same_state(model, stored, experts)
