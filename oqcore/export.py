@@ -64,9 +64,6 @@ _ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 # ---- saving --------------------------------------------------------------------------------------
 
 
-FORMATS = EXPORT_FORMATS
-
-
 def save_quantized(model: nn.Module, out: str | Path, format: str = DEFAULT_FORMAT) -> Path:
     """Write ``model`` (from :func:`oqcore.load` / :func:`oqcore.quantize_`) to folder ``out``.
 
@@ -94,8 +91,8 @@ def save_quantized(model: nn.Module, out: str | Path, format: str = DEFAULT_FORM
     ``("compressed-tensors", "oqcore")`` is a :class:`oqcore.ConfigError`. On any error ``out`` and the
     source are exactly as before.
     """
-    if format not in FORMATS:
-        raise ConfigError(f"unknown export format {format!r}; formats: {', '.join(FORMATS)}", "format")
+    if format not in EXPORT_FORMATS:
+        raise ConfigError(f"unknown export format {format!r}; formats: {', '.join(EXPORT_FORMATS)}", "format")
     try:
         state = get_state(model)
     except OqError as e:
