@@ -585,7 +585,10 @@ def quantize(
             if out_format == "oqcore":
                 typer.echo(f"saved: {out} (oqcore.load reads it back without re-quantizing)")
             else:
-                typer.echo(f"saved: {out} ({out_format}: vLLM and transformers load it)")
+                typer.echo(
+                    f"saved: {out} ({out_format}: oqcore.load and vLLM read it, and transformers where its "
+                    "compressed-tensors support can decompress the scheme: see docs/formats.md)"
+                )
             result["out"] = str(out)
         except OqError as e:  # the figures are still written below before this is reported
             save_error = e
