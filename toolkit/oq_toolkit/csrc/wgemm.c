@@ -1,0 +1,455 @@
+/* wgemm.c: fused CPU GEMM for 8-bit weights (built and loaded by oq_toolkit.wgemm).
+
+   y[m, n] = sum_k A(m, k) * W(n, k), float32 [M, N], with A = dec(a) * sa, W = dec(q) * sw:
+   - a [M, K]: bf16 activations, or 8-bit codes (e4m3 / int8) of quantized activations;
+   - q [N, K]: e4m3 or int8 weight codes;
+   - sa / sw: scale grids, float32 (applied per K-chunk to the fp32 partial sums) or e8m0 bytes
+     (folded into the decoded bf16 values: exact, the Python side only passes in-range ones).
+
+   Every decoded value (e4m3 code, int8 code, bf16, times a power of two in range) is exact in
+   bf16, so each product is exact in fp32; accumulation is fp32 over a K-chunk (a run of K inside
+   one float32 scale group of both operands), then acc += partial * (sa * sw).
+
+   Paths (one per call, chosen by oq_wgemm's `path`, 0 = best available):
+   1 AMX-BF16: the weight is the AMX A operand (16 rows n x 32 k bf16, decoded into a per-thread
+     panel), the activations are packed once per call into VNNI B tiles (B[k/2][m][k%2]); C tiles
+     are y^T. Needs __AMX_BF16__ at build time and the Linux XTILEDATA permission at run time.
+   2 AVX512-BF16: vdpbf16ps, weight rows decoded once per 4-row block into an L1 buffer and reused
+     for every row of M (register block 4 n x up to 4 m).
+   3 portable C (also what -DOQ_GENERIC builds have): float32 loops, same chunking. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "oq_kernels.h"
+
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+#if defined(OQ_AVX512) && defined(__AVX512BF16__)
+#define WG_BF16 1
+#endif
+#if defined(WG_BF16) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__) && defined(SYS_arch_prctl)
+#define WG_AMX 1
+#endif
+
+enum { FMT_BF16 = 0, FMT_E4M3 = 1, FMT_INT8 = 2 };
+enum { SK_NONE = 0, SK_F32 = 1, SK_E8M0 = 2 };
+enum { PATH_AUTO = 0, PATH_AMX = 1, PATH_BF16 = 2, PATH_SCALAR = 3 };
+
+typedef struct {
+    int64_t M, N, K, Kp;           /* Kp: K rounded up to 32 */
+    const void* a; int a_fmt;
+    const void* as; int as_kind; int64_t ar, ac, ald;
+    const uint8_t* q; int q_fmt;
+    const void* ws; int ws_kind; int64_t gr, gc, wld;
+    float* y;
+    int* bad;                      /* set when an e8m0 scale cannot be folded exactly (vector paths) */
+} WG;
+
+/* ---------------------------------------------------------------------------------------------
+   Scalar helpers (exact) */
+
+static inline float f32_bits(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
+
+/* float8_e4m3fn byte -> float32, exact (the NaN codes 0x7F/0xFF are not weight or activation codes) */
+static inline float dec_e4m3(uint8_t b) {
+    uint32_t mag = b & 0x7Fu;
+    float f = mag < 8 ? (float)mag * 0.001953125f : f32_bits((mag << 20) + (120u << 23));
+    return (b & 0x80u) ? -f : f;
+}
+
+static inline float dec_code(uint8_t b, int fmt) { return fmt == FMT_INT8 ? (float)(int8_t)b : dec_e4m3(b); }
+
+/* e8m0 byte -> float32: 2^(e-127), byte 0 -> 2^-126 (oq_plugin_mxfp8.quant.exponent_to_scale) */
+static inline float e8m0_f32(uint8_t e) { return f32_bits(e == 0 ? 0x00800000u : (e == 255 ? 0x7FC00000u : (uint32_t)e << 23)); }
+
+/* Scale of element (r, k) of a grid (rows per group g_r, cols per group g_c, row stride ld) as
+   float32; 1 for SK_NONE. */
+static inline float grid_f32(const void* s, int kind, int64_t gr_, int64_t gc_, int64_t ld, int64_t r, int64_t k) {
+    if (kind == SK_NONE) return 1.0f;
+    int64_t i = (r / gr_) * ld + k / gc_;
+    return kind == SK_F32 ? ((const float*)s)[i] : e8m0_f32(((const uint8_t*)s)[i]);
+}
+
+/* The end of the K-chunk starting at k0: the next float32 scale-group boundary of either operand */
+static inline int64_t chunk_end(const WG* p, int64_t k0) {
+    int64_t e = p->K;
+    if (p->as_kind == SK_F32 && p->ac < p->K) { int64_t b = (k0 / p->ac + 1) * p->ac; if (b < e) e = b; }
+    if (p->ws_kind == SK_F32 && p->gc < p->K) { int64_t b = (k0 / p->gc + 1) * p->gc; if (b < e) e = b; }
+    return e;
+}
+
+/* Growable per-thread buffers (64-byte aligned), kept across calls: no allocation per call */
+static void* tls_buf(int slot, size_t bytes) {
+    static __thread void* ptr[4];
+    static __thread size_t cap[4];
+    if (cap[slot] < bytes) {
+        free(ptr[slot]);
+        size_t sz = (bytes + 63) & ~(size_t)63;
+        ptr[slot] = aligned_alloc(64, sz);
+        cap[slot] = ptr[slot] ? sz : 0;
+    }
+    return ptr[slot];
+}
+
+/* ---------------------------------------------------------------------------------------------
+   Portable path */
+
+static int run_scalar(const WG* p, int nthreads) {
+    const int64_t M = p->M, N = p->N, K = p->K;
+    float* af = (float*)tls_buf(0, (size_t)M * K * 4);
+    if (!af) return -1;
+    /* decoded activations, e8m0 scales folded (exact), float32 scales left to the chunks */
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k < K; k++) {
+            float v = p->a_fmt == FMT_BF16 ? bits_to_f32(((const uint16_t*)p->a)[m * K + k], 1)
+                                           : dec_code(((const uint8_t*)p->a)[m * K + k], p->a_fmt);
+            if (p->as_kind == SK_E8M0) v *= grid_f32(p->as, SK_E8M0, p->ar, p->ac, p->ald, m, k);
+            af[m * K + k] = v;
+        }
+    int fail = 0;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        float* w = (float*)tls_buf(1, (size_t)K * 4);
+        if (!w) {
+            #pragma omp atomic write
+            fail = 1;
+        }
+        #pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            if (!w) continue;
+            for (int64_t k = 0; k < K; k++) {
+                float v = dec_code(p->q[n * K + k], p->q_fmt);
+                if (p->ws_kind == SK_E8M0) v *= grid_f32(p->ws, SK_E8M0, p->gr, p->gc, p->wld, n, k);
+                w[k] = v;
+            }
+            for (int64_t m = 0; m < M; m++) {
+                const float* x = af + m * K;
+                float tot = 0.0f;
+                for (int64_t k0 = 0; k0 < K;) {
+                    int64_t k1 = chunk_end(p, k0);
+                    float acc = 0.0f;
+                    for (int64_t k = k0; k < k1; k++) acc += x[k] * w[k];
+                    float s = (p->as_kind == SK_F32 ? grid_f32(p->as, SK_F32, p->ar, p->ac, p->ald, m, k0) : 1.0f)
+                            * (p->ws_kind == SK_F32 ? grid_f32(p->ws, SK_F32, p->gr, p->gc, p->wld, n, k0) : 1.0f);
+                    tot += acc * s;
+                    k0 = k1;
+                }
+                p->y[m * N + n] = tot;
+            }
+        }
+    }
+    return fail ? -1 : PATH_SCALAR;
+}
+
+#ifdef WG_BF16
+/* ---------------------------------------------------------------------------------------------
+   AVX-512 decode of 32 codes -> 32 bf16 (16-bit lanes), exact */
+
+static inline __m512i subnormal_table(void) {
+    /* bf16 bits of mag * 2^-9 for the e4m3 subnormal magnitudes 0..7 (lanes 8..31 unused) */
+    uint16_t t[32] __attribute__((aligned(64))) = {0};
+    for (int i = 1; i < 8; i++) { float f = (float)i * 0.001953125f; uint32_t b; memcpy(&b, &f, 4); t[i] = (uint16_t)(b >> 16); }
+    return _mm512_load_si512(t);
+}
+
+/* r codes (r >= 1; lanes past r are 0) of format fmt at p -> bf16; fold: add delta to the
+   exponent of every nonzero value (e8m0 scale 2^delta, in range: exact) */
+static inline __m512i dec32(const uint8_t* p, int64_t r, int fmt, __m512i sub_tab, int fold, int delta) {
+    __mmask32 m = r >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << r) - 1u);
+    __m256i raw = _mm256_maskz_loadu_epi8(m, p);
+    __m512i out;
+    if (fmt == FMT_INT8) {
+        __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(raw)));
+        __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(raw, 1)));
+        out = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+        if (fold) {
+            __mmask32 nz = _mm512_test_epi16_mask(out, _mm512_set1_epi16(0x7FFF));
+            out = _mm512_mask_add_epi16(out, nz, out, _mm512_set1_epi16((short)(delta * 128)));
+        }
+        return out;
+    }
+    __m512i v = _mm512_cvtepu8_epi16(raw);
+    /* normals: exponent rebias 7 -> 127 in bf16 bits: (mag << 4) + (120 << 7) */
+    __m512i r16 = _mm512_add_epi16(_mm512_and_si512(_mm512_slli_epi16(v, 4), _mm512_set1_epi16(0x07F0)),
+                                   _mm512_set1_epi16(120 << 7));
+    __mmask32 sub = _mm512_testn_epi16_mask(v, _mm512_set1_epi16(0x78)); /* mag < 8: table (index = low 5 bits = mag) */
+    r16 = _mm512_mask_permutexvar_epi16(r16, sub, v, sub_tab);
+    if (fold) {
+        __mmask32 nz = _mm512_test_epi16_mask(v, _mm512_set1_epi16(0x7F));
+        r16 = _mm512_mask_add_epi16(r16, nz, r16, _mm512_set1_epi16((short)(delta * 128)));
+    }
+    /* sign: r | ((v << 8) & 0x8000) */
+    return _mm512_ternarylogic_epi32(r16, _mm512_slli_epi16(v, 8), _mm512_set1_epi16((short)0x8000), 0xF8);
+}
+
+/* Row `row` (of `rows` valid) of an operand as Kp bf16 values at out: codes decoded (e8m0 folded)
+   or bf16 copied; zeros past K, and a zero row past `rows`. */
+static inline void dec_row(const void* base, int fmt, int64_t row, int64_t rows, int64_t K, int64_t Kp,
+                           const void* s, int skind, int64_t g_r, int64_t g_c, int64_t ld, __m512i tab, uint16_t* out, int* bad) {
+    if (row >= rows) { memset(out, 0, (size_t)Kp * 2); return; }
+    if (fmt == FMT_BF16) {
+        const uint16_t* src = (const uint16_t*)base + row * K;
+        for (int64_t k = 0; k < Kp; k += 32) {
+            int64_t r = K - k;
+            __mmask32 m = r >= 32 ? (__mmask32)0xFFFFFFFFu : (r <= 0 ? 0 : (__mmask32)((1u << r) - 1u));
+            _mm512_storeu_si512(out + k, _mm512_maskz_loadu_epi16(m, src + k));
+        }
+        return;
+    }
+    const uint8_t* src = (const uint8_t*)base + row * K;
+    const uint8_t* srow = skind == SK_E8M0 ? (const uint8_t*)s + (row / g_r) * ld : NULL;
+    for (int64_t k = 0; k < Kp; k += 32) {
+        int delta = srow ? (int)srow[k / g_c] - 127 : 0;
+        /* decoded exponents are -9..8 (e4m3) / 0..7 (int8): 2^delta keeps them normal bf16 (byte 255 = NaN is out too) */
+        if (delta < -117 || delta > 119) *bad = 1;
+        __m512i v = k < K ? dec32(src + k, K - k, fmt, tab, srow != NULL, delta) : _mm512_setzero_si512();
+        _mm512_storeu_si512(out + k, v);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+   AVX512-BF16 path: 4 weight rows decoded per block, register block 4 n x MB m */
+
+static inline __attribute__((always_inline)) void bf16_block(const WG* p, int MB, const uint16_t* wb, const uint16_t* ab,
+                                                             int64_t n0, int64_t m0) {
+    const int64_t Kp = p->Kp, K = p->K, N = p->N, M = p->M;
+    __m512 tot[4][4];
+    for (int i = 0; i < 4; i++) for (int j = 0; j < MB; j++) tot[i][j] = _mm512_setzero_ps();
+    for (int64_t k0 = 0; k0 < K;) {
+        int64_t k1 = chunk_end(p, k0);
+        __m512 acc[4][4];
+        for (int i = 0; i < 4; i++) for (int j = 0; j < MB; j++) acc[i][j] = _mm512_setzero_ps();
+        for (int64_t k = k0; k < k1; k += 32) {
+            __m512bh w[4], x[4];
+            for (int i = 0; i < 4; i++) w[i] = (__m512bh)_mm512_loadu_si512(wb + i * Kp + k);
+            for (int j = 0; j < MB; j++) x[j] = (__m512bh)_mm512_loadu_si512(ab + (m0 + j) * Kp + k);
+            for (int i = 0; i < 4; i++) for (int j = 0; j < MB; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], w[i], x[j]);
+        }
+        for (int i = 0; i < 4; i++) {
+            float sw = p->ws_kind == SK_F32 && n0 + i < N ? grid_f32(p->ws, SK_F32, p->gr, p->gc, p->wld, n0 + i, k0) : 1.0f;
+            for (int j = 0; j < MB; j++) {
+                float sa = p->as_kind == SK_F32 && m0 + j < M ? grid_f32(p->as, SK_F32, p->ar, p->ac, p->ald, m0 + j, k0) : 1.0f;
+                tot[i][j] = _mm512_fmadd_ps(acc[i][j], _mm512_set1_ps(sa * sw), tot[i][j]);
+            }
+        }
+        k0 = k1;
+    }
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < MB; j++)
+            if (n0 + i < N && m0 + j < M) p->y[(m0 + j) * N + n0 + i] = _mm512_reduce_add_ps(tot[i][j]);
+}
+
+static int run_bf16(const WG* p, int nthreads) {
+    const int64_t M = p->M, N = p->N, Kp = p->Kp;
+    const __m512i tab = subnormal_table();
+    const int64_t Mp = (M + 3) / 4 * 4;
+    uint16_t* ab = (uint16_t*)tls_buf(0, (size_t)Mp * Kp * 2);
+    if (!ab) return -1;
+    for (int64_t m = 0; m < Mp; m++)
+        dec_row(p->a, p->a_fmt, m, M, p->K, Kp, p->as, p->as_kind, p->ar, p->ac, p->ald, tab, ab + m * Kp, p->bad);
+    int fail = 0;
+    const int64_t nb = (N + 3) / 4;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        uint16_t* wb = (uint16_t*)tls_buf(1, (size_t)4 * Kp * 2);
+        if (!wb) {
+            #pragma omp atomic write
+            fail = 1;
+        }
+        #pragma omp for schedule(static)
+        for (int64_t b = 0; b < nb; b++) {
+            if (!wb) continue;
+            int64_t n0 = b * 4;
+            for (int i = 0; i < 4; i++)
+                dec_row(p->q, p->q_fmt, n0 + i, N, p->K, Kp, p->ws, p->ws_kind, p->gr, p->gc, p->wld, tab, wb + i * Kp, p->bad);
+            int64_t m0 = 0;
+            for (; m0 + 4 <= M; m0 += 4) bf16_block(p, 4, wb, ab, n0, m0);
+            switch (M - m0) {
+            case 3: bf16_block(p, 3, wb, ab, n0, m0); break;
+            case 2: bf16_block(p, 2, wb, ab, n0, m0); break;
+            case 1: bf16_block(p, 1, wb, ab, n0, m0); break;
+            default: break;
+            }
+        }
+    }
+    return fail ? -1 : PATH_BF16;
+}
+#endif /* WG_BF16 */
+
+#ifdef WG_AMX
+/* ---------------------------------------------------------------------------------------------
+   AMX-BF16 path */
+
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+static int amx_permitted(void) {
+    static int state = -1; /* -1 unknown, 0 refused, 1 granted (process-wide permission) */
+    if (state < 0) state = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 1 : 0;
+    return state;
+}
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((packed, aligned(64))) TileCfg;
+
+static void amx_config(void) {
+    TileCfg c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) { c.colsb[t] = 64; c.rows[t] = 16; }
+    _tile_loadconfig(&c);
+}
+
+/* tiles: 0..3 C (n-sub i, m-sub j) = 2 * i + j; 4, 5 A (weight rows n0..n0+15, n0+16..n0+31);
+   6, 7 B (activation m-blocks). Weight panel wp: 32 rows x Kp bf16; activation panels bp: per
+   16-row m-block, Kp/32 VNNI tiles of 1 KB. */
+static void amx_mblock(const WG* p, const uint16_t* wp, const uint32_t* bp, int64_t n0, int64_t mb, int two, float* tmp, float* tot) {
+    const int64_t Kp = p->Kp, K = p->K, N = p->N, M = p->M, nkb = Kp / 32;
+    const int64_t m0 = mb * 16;
+    const size_t wstride = (size_t)Kp * 2;
+    const uint32_t* b0 = bp + mb * nkb * 256;
+    const uint32_t* b1 = b0 + nkb * 256;
+    memset(tot, 0, 32 * 32 * 4);
+    for (int64_t k0 = 0; k0 < K;) {
+        int64_t k1 = chunk_end(p, k0);
+        int64_t s0 = k0 / 32, s1 = (k1 + 31) / 32;
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+        for (int64_t s = s0; s < s1; s++) {
+            _tile_loadd(4, wp + s * 32, wstride);
+            _tile_loadd(5, wp + 16 * Kp + s * 32, wstride);
+            _tile_loadd(6, b0 + s * 256, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(2, 5, 6);
+            if (two) {
+                _tile_loadd(7, b1 + s * 256, 64);
+                _tile_dpbf16ps(1, 4, 7);
+                _tile_dpbf16ps(3, 5, 7);
+            }
+        }
+        _tile_stored(0, tmp, 64);
+        _tile_stored(2, tmp + 512, 64);
+        if (two) { _tile_stored(1, tmp + 256, 64); _tile_stored(3, tmp + 768, 64); }
+        /* tot[n][m] += tmp * (sa[m] * sw[n]); tmp tile (i, j) holds [16 n][16 m] */
+        float sa[32] __attribute__((aligned(64)));
+        for (int j = 0; j < 32; j++)
+            sa[j] = p->as_kind == SK_F32 && m0 + j < M ? grid_f32(p->as, SK_F32, p->ar, p->ac, p->ald, m0 + j, k0) : 1.0f;
+        for (int i = 0; i < 2; i++)
+            for (int r = 0; r < 16; r++) {
+                int64_t n = n0 + i * 16 + r;
+                float sw = p->ws_kind == SK_F32 && n < N ? grid_f32(p->ws, SK_F32, p->gr, p->gc, p->wld, n, k0) : 1.0f;
+                for (int j = 0; j < 1 + two; j++) {
+                    __m512 t = _mm512_loadu_ps(tmp + (2 * i + j) * 256 + r * 16);
+                    __m512 s = _mm512_mul_ps(_mm512_loadu_ps(sa + j * 16), _mm512_set1_ps(sw));
+                    float* o = tot + (i * 16 + r) * 32 + j * 16;
+                    _mm512_storeu_ps(o, _mm512_fmadd_ps(t, s, _mm512_loadu_ps(o)));
+                }
+            }
+        k0 = k1;
+    }
+    int64_t mv = M - m0 < 32 ? M - m0 : 32, nv = N - n0 < 32 ? N - n0 : 32;
+    for (int64_t j = 0; j < mv; j++)
+        for (int64_t i = 0; i < nv; i++) p->y[(m0 + j) * N + n0 + i] = tot[i * 32 + j];
+}
+
+static int run_amx(const WG* p, int nthreads) {
+    const int64_t M = p->M, N = p->N, Kp = p->Kp, nkb = Kp / 32;
+    const __m512i tab = subnormal_table();
+    const int64_t nmb = (M + 15) / 16, nmbp = nmb + (nmb & 1); /* m-blocks, padded to pairs */
+    uint32_t* bp = (uint32_t*)tls_buf(0, (size_t)nmbp * nkb * 1024);
+    if (!bp) return -1;
+    int fail = 0;
+    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(16));
+    /* activations -> VNNI panels: dword r of row m's k-block = pair (2r, 2r+1) -> tile row r, column m */
+    #pragma omp parallel num_threads(M >= 64 ? nthreads : 1)
+    {
+        uint16_t* row = (uint16_t*)tls_buf(2, (size_t)Kp * 2);
+        if (!row) {
+            #pragma omp atomic write
+            fail = 1;
+        }
+        #pragma omp for schedule(static)
+        for (int64_t m = 0; m < nmbp * 16; m++) {
+            if (!row) continue;
+            dec_row(p->a, p->a_fmt, m, M, p->K, Kp, p->as, p->as_kind, p->ar, p->ac, p->ald, tab, row, p->bad);
+            uint32_t* dst = bp + (m / 16) * nkb * 256 + (m % 16);
+            for (int64_t kb = 0; kb < nkb; kb++)
+                _mm512_i32scatter_epi32(dst + kb * 256, idx, _mm512_loadu_si512(row + kb * 32), 4);
+        }
+    }
+    if (fail) return -1;
+    const int64_t nb = (N + 31) / 32;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        uint16_t* wp = (uint16_t*)tls_buf(1, (size_t)32 * Kp * 2);
+        float* tmp = (float*)tls_buf(3, (size_t)(4 * 256 + 32 * 32) * 4);
+        if (!wp || !tmp) {
+            #pragma omp atomic write
+            fail = 1;
+        } else {
+            amx_config();
+        }
+        #pragma omp for schedule(static)
+        for (int64_t b = 0; b < nb; b++) {
+            if (!wp || !tmp) continue;
+            int64_t n0 = b * 32;
+            for (int i = 0; i < 32; i++)
+                dec_row(p->q, p->q_fmt, n0 + i, N, p->K, Kp, p->ws, p->ws_kind, p->gr, p->gc, p->wld, tab, wp + i * Kp, p->bad);
+            for (int64_t mb = 0; mb < nmb; mb += 2) amx_mblock(p, wp, bp, n0, mb, mb + 1 < nmb, tmp, tmp + 1024);
+        }
+        if (wp && tmp) _tile_release();
+    }
+    return fail ? -1 : PATH_AMX;
+}
+#endif /* WG_AMX */
+
+/* Bit mask of the paths this build can run here: 1 << PATH_AMX, 1 << PATH_BF16, 1 << PATH_SCALAR. */
+int oq_wgemm_paths(void) {
+    int m = 1 << PATH_SCALAR;
+#ifdef WG_BF16
+    m |= 1 << PATH_BF16;
+#endif
+#ifdef WG_AMX
+    if (amx_permitted()) m |= 1 << PATH_AMX;
+#endif
+    return m;
+}
+
+/* y (float32 [M, N], row stride N) = A @ W^T (see the top of this file). Every pointer is a
+   contiguous tensor; grids are (rows per group, cols per group, row stride); kinds SK_*.
+   path: PATH_AUTO or a PATH_* to force (tests, benchmarks). Fast paths need every float32 scale
+   group boundary in K (ac, gc when < K) and every e8m0 group (ac, gc) to be a multiple of 32; else
+   (or when the forced path is not available) the portable path runs. Returns the path that ran,
+   -1 when a buffer could not be allocated, -2 when an e8m0 scale byte is outside [10, 246] (2^delta
+   would take a decoded value out of bf16's normal range: y is garbage, call again with the scales
+   as float32). */
+int oq_wgemm(int path, int nthreads, int64_t M, int64_t N, int64_t K,
+             const void* a, int a_fmt, const void* as, int as_kind, int64_t ar, int64_t ac, int64_t ald,
+             const uint8_t* q, int q_fmt, const void* ws, int ws_kind, int64_t gr, int64_t gc, int64_t wld,
+             float* y) {
+    int bad = 0;
+    WG p = {M, N, K, (K + 31) / 32 * 32, a, a_fmt, as, as_kind, ar, ac, ald, q, q_fmt, ws, ws_kind, gr, gc, wld, y, &bad};
+    if (M <= 0 || N <= 0) return PATH_SCALAR;
+    if (K <= 0) { memset(y, 0, (size_t)M * N * 4); return PATH_SCALAR; }
+    if (nthreads < 1) nthreads = 1;
+    int aligned = (as_kind == SK_NONE || ac >= K || ac % 32 == 0) && (ws_kind == SK_NONE || gc >= K || gc % 32 == 0)
+                  && (as_kind != SK_E8M0 || ac % 32 == 0 || ac >= K) && (ws_kind != SK_E8M0 || gc % 32 == 0 || gc >= K);
+    int avail = oq_wgemm_paths();
+    if (path == PATH_AUTO) path = (avail & (1 << PATH_AMX)) ? PATH_AMX : (avail & (1 << PATH_BF16)) ? PATH_BF16 : PATH_SCALAR;
+    if (!aligned || !(avail & (1 << path))) path = PATH_SCALAR;
+    int r = -1;
+#ifdef WG_AMX
+    if (path == PATH_AMX) r = run_amx(&p, nthreads);
+#endif
+#ifdef WG_BF16
+    if (path == PATH_BF16) r = run_bf16(&p, nthreads);
+#endif
+    if (path == PATH_SCALAR) r = run_scalar(&p, nthreads);
+    return bad && r > 0 ? -2 : r;
+}

@@ -1,0 +1,289 @@
+"""Fused CPU GEMM for 8-bit weights: ``y = A @ W^T`` with the weight kept as e4m3/int8 codes.
+
+:func:`wgemm` serves every CPU forward of the 8-bit schemes, weight-only (bf16 activations) and
+W8A8 (activation codes quantized by the caller):
+
+- ``a [M, K]``: ``torch.bfloat16`` activations (``a_fmt=BF16``) or the 1-byte codes of quantized
+  activations (``a_fmt=E4M3``: float8_e4m3fn or its uint8 view; ``a_fmt=INT8``: int8 or uint8 view);
+- ``q [N, K]``: weight codes, ``q_fmt`` ``E4M3`` or ``INT8`` (1-byte dtype, any view);
+- ``a_scale`` / ``w_scale``: ``None`` (scale 1) or a contiguous scale grid, float32 or e8m0 bytes
+  (``torch.uint8`` or ``torch.float8_e8m0fnu``; ``2**(e-127)``, byte 0 = ``2**-126`` as
+  ``oq_plugin_mxfp8.quant.exponent_to_scale``), with grid ``(rows, cols, ld)``: the scale of
+  element ``(r, k)`` is ``scale.flatten()[(r // rows) * ld + k // cols]``. Per-tensor: ``(M or N,
+  K, 1)``; per-token / per-channel: ``(1, K, 1)``; 1x128 groups ``(1, 128, ceil(K/128))``; 128x128
+  blocks ``(128, 128, ceil(K/128))``; MX ``(1, 32, ceil(K/32))`` (e8m0).
+- result: float32 ``[M, N]``, ``y[m, n] = sum_k A(m, k) W(n, k)``, ``A = dec(a) * sa``, ``W = dec(q) * sw``.
+
+Numerics. e4m3 codes, int8 codes, bf16 activations and e8m0 powers of two are exact in bf16, so
+every product of decoded values is exact in float32. Every path accumulates in float32 over a
+K-chunk (a run of K inside one float32 scale group of both operands) and then adds
+``partial * (sa * sw)``; e8m0 scales are folded into the decoded bf16 values (exact: a byte that
+would take a value out of bf16's normal range, i.e. outside ``[10, 246]``, makes the call redo the
+product with the scales as float32). Bound, every path and shape (tested)::
+
+    |y - y_ref| <= 2 * K * eps32 * (|A| @ |W|^T)      elementwise, eps32 = 2**-23
+
+with ``y_ref`` the float64 product of the float32-dequantized ``A`` and ``W`` (the reference
+forward ``F.linear(A_f32, W_f32)`` is within the same bound). The AMX and AVX512-BF16 instructions
+treat bf16 subnormal inputs and float32 subnormal results as zero: values below ``2**-126`` (only
+reachable through float32 scales below ``2**-117``) are lost, an absolute error of that order.
+
+Kernels (``csrc/wgemm.c``, compiled per machine by :mod:`oq_toolkit.native`, ``-march=native``):
+
+1. AMX-BF16 (x86 with AMX, Linux grants ``XTILEDATA``): the weight is the AMX A operand (rows of
+   32 bf16 decoded from the codes into a per-thread panel of 32 rows), the activations are packed
+   once per call into VNNI B tiles; C tiles are ``y^T``. Register block 32 n x 32 m.
+2. AVX512-BF16 without AMX (e.g. AMD Zen 4/5): ``vdpbf16ps``, 4 weight rows decoded once into an L1
+   buffer and reused for every row of ``M`` (register block 4 n x 4 m).
+3. portable C (every other CPU, and ``-DOQ_GENERIC`` builds): float32 loops with the same chunking.
+
+Fast paths need float32 scale groups along K that are whole multiples of 32 (or the full K) and
+e8m0 groups of a multiple of 32; other grids run the portable loops. Without a compiler (or with
+``OQ_COMPILE=0``) :func:`wgemm_reference` runs instead: the same product with torch ops (float32
+dequantization and ``torch.mm``; slow, correct, same bound).
+
+Speed, measured on this project's machine (Intel Xeon, AVX-512 + AMX-BF16, 2 cores, torch 2.13,
+4096x4096, best of 20, ms; ``python bench/wgemm_micro.py``): see the table in that script's output
+and :data:`MEASURED`.
+
+Threads: OpenMP over blocks of weight rows, ``torch.get_num_threads()`` threads; the ctypes call
+releases the GIL. Under ``torch.compile`` :func:`wgemm` is the custom op ``oq_toolkit::wgemm``
+(fake implementation: float32 ``[M, N]``), so a traced forward has no graph break and the eager
+result; eager calls skip the dispatcher (~20 us per call).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from importlib.resources import files
+from typing import Optional
+
+import torch
+
+from oq_toolkit.native import NativeLibrary
+
+BF16 = 0
+"""``a_fmt``: bf16 activations."""
+E4M3 = 1
+"""``a_fmt`` / ``q_fmt``: float8_e4m3fn codes."""
+INT8 = 2
+"""``a_fmt`` / ``q_fmt``: int8 codes."""
+
+PATH_AUTO, PATH_AMX, PATH_BF16, PATH_SCALAR = 0, 1, 2, 3
+"""Kernel paths of ``csrc/wgemm.c`` (``path=`` of :func:`wgemm_eager` forces one, for tests and benchmarks)."""
+
+_SK_NONE, _SK_F32, _SK_E8M0 = 0, 1, 2
+
+MEASURED = ""
+"""The speed table measured on this project's machine (filled in from ``bench/wgemm_micro.py``)."""
+
+
+def _bind(lib) -> None:
+    P, I, C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.oq_wgemm.argtypes = [C, C, I, I, I, P, C, P, C, I, I, I, P, C, P, C, I, I, I, P]
+    lib.oq_wgemm.restype = C
+    lib.oq_wgemm_paths.argtypes = []
+    lib.oq_wgemm_paths.restype = C
+
+
+CSRC_DIR = files("oq_toolkit") / "csrc"
+"""The toolkit's C sources (package data): ``wgemm.c``."""
+
+LIBRARY = NativeLibrary("oq_wgemm", CSRC_DIR / "wgemm.c", bind=_bind)
+"""The compiled ``csrc/wgemm.c`` (build, cache and ctypes loading: :mod:`oq_toolkit.native`)."""
+
+_PATH_NAMES = {PATH_AMX: "AMX-BF16", PATH_BF16: "AVX512-BF16", PATH_SCALAR: "portable C"}
+
+
+def available_paths(lib=None) -> list[int]:
+    """The kernel paths the compiled library can run on this CPU (``PATH_*``), fastest first; ``[]``
+    without the library."""
+    lib = lib if lib is not None else LIBRARY.load()
+    if lib is None:
+        return []
+    mask = lib.oq_wgemm_paths()
+    return [p for p in (PATH_AMX, PATH_BF16, PATH_SCALAR) if mask & (1 << p)]
+
+
+def kernel_status() -> tuple[bool, str]:
+    """``(compiled kernel available, description)`` for backend reasons and reports: names the
+    fastest path this CPU runs (AMX-BF16, AVX512-BF16 or portable C)."""
+    paths = available_paths() if LIBRARY.load() is not None else []
+    best = _PATH_NAMES[paths[0]] if paths else "portable C"
+    return LIBRARY.describe(f"compiled C kernel (fused 8-bit weight GEMM, {best})", "torch dequantize + mm (slow)")
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks
+
+
+def _codes(t: torch.Tensor, fmt: int, what: str) -> torch.Tensor:
+    if fmt not in (E4M3, INT8):
+        raise ValueError(f"{what}: format {fmt} is not E4M3 ({E4M3}) or INT8 ({INT8})")
+    if t.element_size() != 1 or t.dtype == torch.bool:
+        raise ValueError(f"{what}: expected 1-byte codes (uint8 / int8 / float8_e4m3fn), got {t.dtype}")
+    return t.view(torch.uint8)
+
+
+def _scale(s: Optional[torch.Tensor], grid, rows: int, k: int, what: str):
+    """``(tensor or None, kind, gr, gc, ld)`` of a scale grid, checked against ``[rows, k]``."""
+    if s is None:
+        return None, _SK_NONE, 1, 1, 1
+    if not isinstance(s, torch.Tensor) or s.device.type != "cpu":
+        raise ValueError(f"{what}: expected a CPU tensor, got {type(s).__name__}")
+    if s.dtype == torch.float32:
+        kind = _SK_F32
+    elif s.dtype in (torch.uint8, getattr(torch, "float8_e8m0fnu", torch.uint8)):
+        kind, s = _SK_E8M0, s.view(torch.uint8)
+    else:
+        raise ValueError(f"{what}: scales must be float32 or e8m0 bytes (uint8 / float8_e8m0fnu), got {s.dtype}")
+    try:
+        gr, gc, ld = (int(v) for v in grid)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}: grid must be (rows, cols, ld) integers, got {grid!r}") from None
+    if gr < 1 or gc < 1 or ld < 0:
+        raise ValueError(f"{what}: grid (rows, cols, ld) = {(gr, gc, ld)} needs rows, cols >= 1 and ld >= 0")
+    if ld < (k - 1) // gc + 1 and (rows - 1) // gr > 0:
+        raise ValueError(f"{what}: grid row stride ld={ld} < {(k - 1) // gc + 1} groups per row")
+    need = ((rows - 1) // gr) * ld + (k - 1) // gc + 1 if rows and k else 0
+    if s.numel() < need:
+        raise ValueError(f"{what}: {s.numel()} scales < {need} needed by grid {(gr, gc, ld)} over [{rows}, {k}]")
+    return s.contiguous(), kind, gr, gc, ld
+
+
+def _prepare(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid):
+    """Checked, normalized arguments: ``(a, a_fmt, (as, kind, ar, ac, ald), q, q_fmt, (ws, kind, gr, gc, wld))``."""
+    if not isinstance(a, torch.Tensor) or not isinstance(q, torch.Tensor):
+        raise ValueError("a and q must be tensors")
+    if a.device.type != "cpu" or q.device.type != "cpu":
+        raise ValueError(f"CPU tensors expected, got a on {a.device}, q on {q.device}")
+    if a.dim() != 2 or q.dim() != 2 or a.shape[1] != q.shape[1]:
+        raise ValueError(f"expected a [M, K] and q [N, K], got {tuple(a.shape)} and {tuple(q.shape)}")
+    if not a.is_contiguous() or not q.is_contiguous():
+        raise ValueError("a and q must be contiguous")
+    m, k = a.shape
+    n = q.shape[0]
+    if a_fmt == BF16:
+        if a.dtype != torch.bfloat16:
+            raise ValueError(f"a_fmt=BF16 needs torch.bfloat16 activations, got {a.dtype}")
+    else:
+        a = _codes(a, a_fmt, "a")
+    q = _codes(q, q_fmt, "q")
+    sa = _scale(a_scale, a_grid, m, k, "a_scale")
+    sw = _scale(w_scale, w_grid, n, k, "w_scale")
+    if a_fmt == BF16 and sa[1] == _SK_E8M0:  # bf16 values are not in a range where folding is exact
+        sa = (_e8m0_to_f32(sa[0]), _SK_F32, *sa[2:])
+    return a, a_fmt, sa, q, q_fmt, sw
+
+
+def _e8m0_to_f32(e: torch.Tensor) -> torch.Tensor:
+    """e8m0 bytes -> float32 multipliers, ``2**(e-127)``, byte 0 -> ``2**-126``, 255 -> NaN."""
+    e32 = e.to(torch.int32).clamp(min=1)
+    return torch.where(e == 255, torch.nan, (e32 << 23).view(torch.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# entry points
+
+
+def wgemm(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid) -> torch.Tensor:
+    """``float32 [M, N] = A @ W^T`` for 8-bit weight codes (see the module docstring for the
+    arguments, grid convention and error bound).
+
+    Eager calls run :func:`wgemm_eager` directly; under ``torch.compile`` the call is the opaque
+    custom op ``oq_toolkit::wgemm`` (no graph break, the eager result). Raises ``ValueError`` for
+    inconsistent shapes, dtypes or grids (programming errors: the plugins check user input).
+    """
+    if torch.compiler.is_compiling():
+        ag = tuple(int(v) for v in a_grid) if a_scale is not None else (1, 1, 1)
+        wg = tuple(int(v) for v in w_grid) if w_scale is not None else (1, 1, 1)
+        return torch.ops.oq_toolkit.wgemm(a, int(a_fmt), a_scale, *ag, q, int(q_fmt), w_scale, *wg)
+    return wgemm_eager(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid)
+
+
+def wgemm_eager(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid, *, path: int = PATH_AUTO, lib=None) -> torch.Tensor:
+    """:func:`wgemm` without the compile dispatch. ``path`` forces a kernel path (``PATH_*``; one
+    this CPU cannot run, or a grid the fast paths do not take, runs the portable loops); ``lib`` a
+    library (e.g. a ``-DOQ_GENERIC`` build); :func:`wgemm_reference` runs when none loads."""
+    a, a_fmt, (sa, ska, ar, ac, ald), q, q_fmt, (sw, skw, gr, gc, wld) = _prepare(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid)
+    lib = lib if lib is not None else LIBRARY.load()
+    m, k = a.shape
+    n = q.shape[0]
+    if lib is None:
+        return _reference(a, a_fmt, (sa, ska, ar, ac, ald), q, q_fmt, (sw, skw, gr, gc, wld))
+    y = torch.empty(m, n, dtype=torch.float32)
+    nthreads = torch.get_num_threads()
+
+    def call(sa, ska, sw, skw):
+        return lib.oq_wgemm(
+            path, nthreads, m, n, k,
+            a.data_ptr(), a_fmt, sa.data_ptr() if sa is not None else None, ska, ar, ac, ald,
+            q.data_ptr(), q_fmt, sw.data_ptr() if sw is not None else None, skw, gr, gc, wld,
+            y.data_ptr(),
+        )
+
+    r = call(sa, ska, sw, skw)
+    if r == -2:  # an e8m0 byte outside the exactly-foldable range: those scales as float32 chunks
+        if ska == _SK_E8M0:
+            sa, ska = _e8m0_to_f32(sa), _SK_F32
+        if skw == _SK_E8M0:
+            sw, skw = _e8m0_to_f32(sw), _SK_F32
+        r = call(sa, ska, sw, skw)
+    if r < 0:
+        raise MemoryError(f"oq_wgemm: could not allocate its buffers for M={m}, N={n}, K={k}")
+    return y
+
+
+def _dequant(t: torch.Tensor, fmt: int, s, kind: int, gr: int, gc: int, ld: int, r0: int = 0) -> torch.Tensor:
+    """float32 ``dec(t) * scale`` of the rows ``[r0, r0 + len(t))`` of an operand (torch ops)."""
+    if fmt == BF16:
+        x = t.float()
+    elif fmt == E4M3:
+        x = t.view(torch.float8_e4m3fn).float()
+    else:
+        x = t.view(torch.int8).float()
+    if kind == _SK_NONE:
+        return x
+    sf = s.reshape(-1).float() if kind == _SK_F32 else _e8m0_to_f32(s.reshape(-1))
+    r, k = x.shape
+    idx = (torch.arange(r0, r0 + r) // gr)[:, None] * ld + (torch.arange(k) // gc)[None, :]
+    return x * sf[idx]
+
+
+def _reference(a, a_fmt, sa, q, q_fmt, sw) -> torch.Tensor:
+    af = _dequant(a, a_fmt, *sa)
+    n = q.shape[0]
+    y = torch.empty(a.shape[0], n, dtype=torch.float32)
+    rows = max(1, (16 << 20) // max(4 * q.shape[1], 1))  # float32 weight tiles of 16 MiB, never the whole weight
+    for n0 in range(0, n, rows):
+        n1 = min(n, n0 + rows)
+        y[:, n0:n1] = torch.mm(af, _dequant(q[n0:n1], q_fmt, *sw, r0=n0).t())
+    return y
+
+
+def wgemm_reference(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid) -> torch.Tensor:
+    """The same product with torch ops (float32 dequantization of ``A`` and of ``W`` in tiles of
+    rows, then ``torch.mm``): what :func:`wgemm` runs without the compiled library."""
+    a, a_fmt, sa, q, q_fmt, sw = _prepare(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid)
+    return _reference(a, a_fmt, sa, q, q_fmt, sw)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library op
+
+
+@torch.library.custom_op("oq_toolkit::wgemm", mutates_args=())
+def _wgemm_op(
+    a: torch.Tensor, a_fmt: int, a_scale: Optional[torch.Tensor], ar: int, ac: int, ald: int,
+    q: torch.Tensor, q_fmt: int, w_scale: Optional[torch.Tensor], gr: int, gc: int, wld: int,
+) -> torch.Tensor:
+    """:func:`wgemm_eager` as one op (grids passed as their three integers)."""
+    return wgemm_eager(
+        a.contiguous(), a_fmt, a_scale.contiguous() if a_scale is not None else None, (ar, ac, ald),
+        q.contiguous(), q_fmt, w_scale.contiguous() if w_scale is not None else None, (gr, gc, wld),
+    )
+
+
+@_wgemm_op.register_fake
+def _wgemm_fake(a, a_fmt, a_scale, ar, ac, ald, q, q_fmt, w_scale, gr, gc, wld):
+    return a.new_empty((a.shape[0], q.shape[0]), dtype=torch.float32)
