@@ -14,13 +14,13 @@ from typing import Any
 from bench.common import FULL, QUICK, log, machine
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-SECTIONS = ("quantizers", "loading", "forward", "moe")
+SECTIONS = ("quantizers", "loading", "forward", "moe", "minilm")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     """The suite's command line (``--quick``, ``--out``, ``--only``, ``--render-only``)."""
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    p.add_argument("--quick", action="store_true", help="smaller and fewer measurements (under 3 minutes on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="smaller and fewer measurements (under 4 minutes on 2 cores)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: bench/results)")
     p.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections (targets use what ran)")
     p.add_argument(
@@ -88,13 +88,20 @@ def _sections(budget, out: Path, quick: bool):
         """Run the MoE forwards section."""
         from bench import forward
 
-        return forward.run_moe(budget, quick=quick)
+        return forward.run_moe(budget, forward.QUICK_MOE_TOKENS if quick else forward.MOE_TOKENS, quick=quick)
+
+    def minilm():
+        """Run the MiniLM end-to-end section."""
+        from bench import minilm
+
+        return minilm.run(budget)
 
     return [
         ("quantizers", "quantizers", quantizers),
         ("loading", "loading", loading),
         ("forward", "forward_linear", linear),
         ("moe", "forward_moe", moe),
+        ("minilm", "minilm", minilm),
     ]
 
 

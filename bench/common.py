@@ -54,6 +54,35 @@ def measure(fn: Callable[[], Any], budget: Budget) -> dict[str, float]:
     return {"median_s": statistics.median(times), "min_s": min(times), "reps": reps, "warmup_s": warm}
 
 
+def measure_pair(fn: Callable[[], Any], ref: Callable[[], Any], budget: Budget, min_reps: int = 2) -> tuple[dict[str, float], dict[str, float]]:
+    """Time ``fn()`` and a reference ``ref()`` alternately (``fn, ref, ref, fn, fn, ref, ...``), so
+    both see the same machine: on a shared VM the memory bandwidth and the cores a call gets drift
+    by up to 2x within minutes, and a ratio of two figures taken minutes apart carries that drift.
+    Returns ``(stats of fn, stats of ref)`` as :func:`measure` does (``median_s``, ``min_s``,
+    ``reps``, ``warmup_s``, seconds per call). At least ``max(budget.min_reps, min_reps)`` timed
+    calls of each, and at least ``budget.min_time_s`` of both together."""
+    warm = []
+    for f in (fn, ref):
+        t = time.perf_counter()
+        f()
+        warm.append(time.perf_counter() - t)
+    for _ in range(budget.warmup - 1):
+        fn()
+        ref()
+    floor = max(budget.min_reps, min_reps)
+    reps = max(floor, min(budget.max_reps, math.ceil(budget.min_time_s / max(sum(warm), 1e-6))))
+    times: tuple[list[float], list[float]] = ([], [])
+    for i in range(reps):
+        order = ((0, fn), (1, ref)) if i % 2 == 0 else ((1, ref), (0, fn))
+        for j, f in order:
+            t = time.perf_counter()
+            f()
+            times[j].append(time.perf_counter() - t)
+    return tuple(  # type: ignore[return-value]
+        {"median_s": statistics.median(ts), "min_s": min(ts), "reps": reps, "warmup_s": w} for ts, w in zip(times, warm)
+    )
+
+
 def not_available(exc: BaseException | str) -> str:
     """The status string of a measurement that could not run: ``"not available: <reason>"``."""
     reason = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"

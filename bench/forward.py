@@ -1,12 +1,27 @@
-"""Section 3: CPU forward latency (seconds per call, median) of quantized layers.
+"""Section 3: CPU forward latency (seconds per call) of quantized layers against bf16.
 
-- Linear 4096x4096 (bias) at batch 1, 16 and 256: bf16 ``F.linear`` (the baseline); every oqcore
-  backend candidate for every linear weight key (pinned with ``backend: {linear: NAME}``, built by
-  ``oqcore.quantize_``), skipped with its ``is_supported`` reason when it cannot run on the CPU;
-  torchao's weight-only and dynamic-int8 configs where they run on the CPU.
-- MoE: a Mixtral sparse-MoE block (8 experts, H=1024, I=2048, top-2; router included) at 1 and 16
-  tokens: bf16, every oqcore ``moe`` backend candidate, torchao fp8/int8 weight-only on the fused
-  expert parameters.
+What a user gets is the row that matters: for every (weight key, activation key) the planner can
+choose (:func:`planner_matrix`: each weight key a plugin registers for the layer kind, with each
+activation key its method supports, ``None`` = weight-only), the layer is quantized with
+``oqcore.quantize_`` and NO backend pin, and the backend the planner chose is recorded in the row
+(``backend``: ``layer.method.backend.name``). Static activation keys need calibrated input scales,
+which online quantization cannot produce: they are listed as not applicable, never timed.
+
+- Linear 4096x4096 (bias), batches :data:`BATCHES`: bf16 ``F.linear`` (bf16 weights, bf16 input;
+  timed before and after the others, the better of the two), the planner's choice per (weight,
+  activation), every other backend candidate pinned with ``backend: {linear: NAME}`` (the reason
+  when ``is_supported`` is false on the CPU; the slow ``torch`` reference only in full mode),
+  torchao's weight-only and dynamic-int8 configs.
+- MoE: a Mixtral sparse-MoE block (8 experts, H=1024, I=2048, top-2; router included, left in
+  bf16) at :data:`MOE_TOKENS` tokens: the bf16 block, the same matrix, torchao fp8/int8
+  weight-only on the fused expert parameters.
+
+Every quantized row is timed alternately with its bf16 baseline (:func:`bench.common.measure_pair`):
+the ratios use that paired baseline, so a drift of the shared machine hits both sides alike.
+
+Row fields: ``layer, impl, weight, activation, backend, pinned, online, <batch|tokens>, median_s,
+min_s, reps, status`` and, on paired rows, ``bf16_min_s, bf16_median_s`` (seconds per call;
+``impl`` ``"oqcore"`` for the planner's rows, ``"oqcore NAME (pinned)"`` for pinned candidates).
 """
 
 from __future__ import annotations
@@ -18,17 +33,49 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.common import Budget, log, measure, not_available
+from bench.common import Budget, log, measure, measure_pair, not_available
 
 LINEAR_N = LINEAR_K = 4096
-BATCHES = (1, 16, 256)
+BATCHES = (1, 4, 16, 256)
+QUICK_BATCHES = (1, 4, 16, 256)
 MOE = {"hidden": 1024, "intermediate": 2048, "experts": 8, "top_k": 2}
-MOE_TOKENS = (1, 16)
-QUICK_BATCHES = (1, 16)  # quick mode; full mode adds 256
+MOE_TOKENS = (1, 4, 16, 256)
+QUICK_MOE_TOKENS = (1, 4, 16, 256)
+PLANNER_IMPL = "oqcore"
+"""``impl`` of the rows built without a backend pin (the planner's choice: what a user gets)."""
+STATIC_NOT_ONLINE = (
+    "not applicable online: a static activation key needs calibrated input scales (from a "
+    "checkpoint), which online quantization cannot produce"
+)
 
 
 def _key_name(reg, key) -> str | None:
     return None if key is None else reg.name_of(key, "activation")
+
+
+def planner_matrix(kind: str) -> list[dict[str, Any]]:
+    """Every (weight key, activation key) the planner can be asked for on ``kind``: each weight key
+    a plugin registered a ``kind`` method for, with each activation key of the method's
+    ``supported_activation_keys`` (``None`` = weight-only). Entries ``{"weight", "activation"
+    (name or None), "weight_key", "activation_key", "online" (False for a static activation key)}``."""
+    import oqcore
+
+    reg = oqcore.get_registry()
+    out = []
+    entries = sorted(((k, e) for (kd, k), e in reg.methods.items() if kd == kind), key=lambda t: reg.key_name(t[0]))
+    for key, entry in entries:
+        for act in entry.cls.supported_activation_keys:
+            fmt = reg.format(act) if act is not None else None
+            out.append(
+                {
+                    "weight": reg.key_name(key),
+                    "activation": _key_name(reg, act),
+                    "weight_key": key,
+                    "activation_key": act,
+                    "online": not (fmt is not None and fmt.is_static_activation),
+                }
+            )
+    return out
 
 
 def oq_variants(kind: str, weight_only: bool = False) -> list[dict[str, Any]]:
@@ -58,37 +105,73 @@ def _supported(candidate, layer: nn.Module) -> tuple[bool, str]:
         return False, f"is_supported raised {type(e).__name__}: {e}"
 
 
-def _oq_config(kind: str, v: dict[str, Any]) -> dict[str, Any]:
-    return {kind: {"weight": v["weight"], "activation": v["activation"]}, "backend": {kind: v["backend"]}}
+def _oq_config(kind: str, weight: str, activation: str | None, backend: str | None = None) -> dict[str, Any]:
+    """The ``quantize_`` config of one variant: activation ``None`` = weight-only (said explicitly:
+    an omitted activation means the scheme's default); ``backend`` pins the forward backend."""
+    cfg: dict[str, Any] = {kind: {"weight": weight, "activation": activation}}
+    if backend is not None:
+        cfg["backend"] = {kind: backend}
+    return cfg
 
 
-def _time_oq_variants(kind, layer, base, target, inputs, budget, points, axis, quick) -> list:
-    """Time ``base`` quantized by every oqcore (scheme, backend) variant of ``kind``, each backend
-    pinned; ``target`` is the module ``is_supported`` is asked about. Unusable variants become rows
-    saying why. In quick mode the slow MoE reference backend is skipped."""
+def _backends(model: nn.Module, kind: str) -> str:
+    """The forward backend(s) the quantized ``kind`` layers of ``model`` run (``method.backend.name``),
+    comma-separated when they differ."""
+    names = []
+    for mod in model.modules():
+        method = getattr(mod, "method", None)
+        backend = getattr(method, "backend", None)
+        if backend is not None and getattr(method, "kind", kind) == kind:
+            names.append(backend.name)
+    return ",".join(dict.fromkeys(names)) or "?"
+
+
+def _time_matrix(kind, layer, base, target, inputs, budget, points, axis, quick, ref) -> list[dict[str, Any]]:
+    """Time ``base`` quantized for every entry of :func:`planner_matrix` (``kind``): once as the
+    planner builds it (no pin: the row a user gets, its backend recorded), then each other
+    backend candidate for the same (weight, activation) pinned. ``target`` is the module
+    ``is_supported`` is asked about. Unusable variants become rows saying why; in quick mode the
+    pinned ``torch`` reference is not timed. Every variant is timed alternately with ``ref`` (the
+    bf16 baseline, :func:`_time_module`)."""
     import oqcore
 
-    rows = []
-    for v in oq_variants(kind, weight_only=quick):
-        impl = f"oqcore {v['backend']}"
-        skip = None
-        if quick and kind == "moe" and v["backend"] == "torch":
-            skip = "skipped in quick mode (the reference backend is timed in full mode)"
-        else:
-            ok, why = _supported(v["candidate"], target)
-            if not ok:
-                skip = not_available(f"is_supported: {why}")
-        if skip is None:
-            log(f"forward {layer}: {v['weight']} act={v['activation']} {impl}")
-            try:
-                model = oqcore.quantize_(copy.deepcopy(base), _oq_config(kind, v))
-            except Exception as e:
-                skip = not_available(e)
-        if skip is not None:
-            rows += _skip_rows(layer, impl, v["weight"], v["activation"], points, skip, axis)
+    pm = oqcore.get_plugin_manager()
+    rows: list[dict[str, Any]] = []
+    for v in planner_matrix(kind):
+        w, a = v["weight"], v["activation"]
+        meta = {"weight": w, "activation": a, "online": v["online"]}
+        if not v["online"]:
+            rows += _skip_rows(layer, PLANNER_IMPL, points, STATIC_NOT_ONLINE, axis, **meta, pinned=False, backend="")
             continue
-        rows += _rows(layer, impl, v["weight"], v["activation"], _time_module(model, inputs, budget), axis)
-        del model
+        log(f"forward {layer}: {w} act={a} (planner)")
+        chosen = None
+        try:
+            model = oqcore.quantize_(copy.deepcopy(base), _oq_config(kind, w, a))
+        except Exception as e:
+            rows += _skip_rows(layer, PLANNER_IMPL, points, not_available(e), axis, **meta, pinned=False, backend="")
+        else:
+            chosen = _backends(model, kind)
+            rows += _rows(layer, PLANNER_IMPL, _time_module(model, inputs, budget, ref), axis, **meta, pinned=False, backend=chosen)
+            del model
+        for b in pm.backend_candidates(kind, v["weight_key"]):
+            if b.activation_key != v["activation_key"] or b.name == chosen:
+                continue
+            impl = f"oqcore {b.name} (pinned)"
+            ok, why = _supported(b, target)
+            skip = None if ok else not_available(f"is_supported: {why}")
+            if skip is None and quick and b.name == "torch":
+                skip = "skipped in quick mode (the torch reference is timed in full mode)"
+            if skip is None:
+                log(f"forward {layer}: {w} act={a} {impl}")
+                try:
+                    model = oqcore.quantize_(copy.deepcopy(base), _oq_config(kind, w, a, b.name))
+                except Exception as e:
+                    skip = not_available(e)
+            if skip is not None:
+                rows += _skip_rows(layer, impl, points, skip, axis, **meta, pinned=True, backend=b.name)
+                continue
+            rows += _rows(layer, impl, _time_module(model, inputs, budget, ref), axis, **meta, pinned=True, backend=b.name)
+            del model
     return rows
 
 
@@ -110,34 +193,53 @@ def _torchao_linear_configs() -> dict[str, Callable[[], Any]]:
     }
 
 
-def _time_module(module: nn.Module, inputs: dict[int, torch.Tensor], budget: Budget) -> dict[int, dict[str, Any]]:
-    """Per batch: the measurement dict, or ``{"status": "not available: ..."}``."""
+def _time_module(
+    module: Callable, inputs: dict[int, torch.Tensor], budget: Budget, ref: Callable | None = None
+) -> dict[int, dict[str, Any]]:
+    """Per batch: the measurement dict, or ``{"status": "not available: ..."}``. With ``ref`` (the
+    bf16 baseline) the two are timed alternately (:func:`bench.common.measure_pair`) and the
+    baseline's figures are kept beside the row's as ``bf16_min_s`` / ``bf16_median_s``: the
+    "x bf16" ratios and the targets use that paired baseline."""
     out = {}
     for m, x in inputs.items():
         try:
             with torch.no_grad():
-                out[m] = {**measure(lambda: module(x), budget), "status": "ok"}
+                if ref is None:
+                    out[m] = {**measure(lambda x=x: module(x), budget), "status": "ok"}
+                else:
+                    mine, base = measure_pair(lambda x=x: module(x), lambda x=x: ref(x), budget)
+                    out[m] = {**mine, "bf16_min_s": base["min_s"], "bf16_median_s": base["median_s"], "status": "ok"}
         except Exception as e:
             out[m] = {"status": not_available(e)}
     return out
 
 
-def _recheck_batch1(rows: list[dict[str, Any]], base: nn.Module, inputs: dict[int, torch.Tensor], budget: Budget) -> None:
-    """Time the weight-only fast backends at batch 1 a second time, minutes after the first (the
-    batch-1 targets rest on them; a neighbour's burst can double one measurement), keeping the
-    better of the two in place."""
+def _recheck(
+    rows: list[dict[str, Any]],
+    kind: str,
+    base: nn.Module,
+    inputs: dict[int, torch.Tensor],
+    budget: Budget,
+    axis: str,
+    point: int,
+    ref: Callable,
+) -> None:
+    """Time the planner's rows at ``point`` a second time, minutes after the first (a neighbour's
+    burst can double one measurement on this shared VM), keeping the better of the two in place.
+    Rows on the slow ``torch`` reference are left alone (far from any target, and costly)."""
     import oqcore
 
-    if 1 not in inputs:
+    if point not in inputs:
         return
     for r in rows:
-        if r.get("batch") != 1 or r.get("status") != "ok" or r["activation"] != "none" or r["impl"] == "oqcore torch":
+        if r.get(axis) != point or r.get("status") != "ok" or r["impl"] != PLANNER_IMPL or r["backend"] == "torch":
             continue
-        v = {"weight": r["weight"], "activation": None, "backend": r["impl"].removeprefix("oqcore ")}
-        log(f"forward recheck batch 1: {r['weight']} {r['impl']}")
-        model = oqcore.quantize_(copy.deepcopy(base), _oq_config("linear", v))
-        again = _time_module(model, {1: inputs[1]}, budget)[1]
-        r.update(_better({1: {k: r[k] for k in ("median_s", "min_s", "reps", "status") if k in r}}, {1: again})[1])
+        log(f"forward recheck {axis} {point}: {r['weight']} act={r['activation']}")
+        act = None if r["activation"] == "none" else r["activation"]
+        model = oqcore.quantize_(copy.deepcopy(base), _oq_config(kind, r["weight"], act))
+        again = _time_module(model, {point: inputs[point]}, budget, ref)[point]
+        keep = ("median_s", "min_s", "reps", "status", "bf16_min_s", "bf16_median_s")
+        r.update(_better({point: {k: r[k] for k in keep if k in r}}, {point: again})[point])
         del model
 
 
@@ -152,39 +254,30 @@ def _better(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]]) -> dict[
             continue
         best = dict(min(x, y, key=lambda t: t["median_s"]))
         best["min_s"] = min(x["min_s"], y["min_s"])
+        if "bf16_min_s" in x and "bf16_min_s" in y:
+            best["bf16_min_s"] = min(x["bf16_min_s"], y["bf16_min_s"])
         best["runs"] = 2
         out[m] = best
     return out
 
 
-def _rows(
-    layer: str, impl: str, weight: str, activation: str | None, timings: dict[int, dict[str, Any]], batch_key: str
-):
-    return [
-        {"layer": layer, "impl": impl, "weight": weight, "activation": activation or "none", batch_key: m, **t}
-        for m, t in timings.items()
-    ]
+def _rows(layer: str, impl: str, timings: dict[int, dict[str, Any]], batch_key: str, **meta) -> list[dict[str, Any]]:
+    """One row per batch: ``layer, impl``, ``meta`` (weight, activation, backend, ...) and the timing."""
+    meta["activation"] = meta.get("activation") or "none"
+    return [{"layer": layer, "impl": impl, **meta, batch_key: m, **t} for m, t in timings.items()]
 
 
-def _skip_rows(layer: str, impl: str, weight: str, activation: str | None, batches, status: str, batch_key: str):
-    return [
-        {
-            "layer": layer,
-            "impl": impl,
-            "weight": weight,
-            "activation": activation or "none",
-            batch_key: m,
-            "status": status,
-        }
-        for m in batches
-    ]
+def _skip_rows(layer: str, impl: str, batches, status: str, batch_key: str, **meta) -> list[dict[str, Any]]:
+    """One row per batch saying why ``impl`` was not timed (``status``)."""
+    return _rows(layer, impl, {m: {"status": status} for m in batches}, batch_key, **meta)
+
+
+BASELINE = {"backend": "", "pinned": False, "online": True}
 
 
 def run_linear(budget: Budget, batches: tuple[int, ...] = BATCHES, quick: bool = False) -> list[dict[str, Any]]:
-    """Rows ``{layer, impl, weight, activation, batch, median_s, min_s, reps, status}``; ``quick``
-    keeps the weight-only oqcore variants only."""
-    import oqcore
-
+    """Rows (see the module docstring) of the 4096x4096 linear: bf16 first, then the planner's and
+    the pinned oqcore variants, then torchao."""
     layer = f"linear {LINEAR_N}x{LINEAR_K}"
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(LINEAR_K, LINEAR_N)).to(torch.bfloat16).eval()
@@ -197,22 +290,24 @@ def run_linear(budget: Budget, batches: tuple[int, ...] = BATCHES, quick: bool =
         return torch.nn.functional.linear(x, w, b)
 
     first = _time_module(f, inputs, budget)
-    rows = _time_oq_variants("linear", layer, base, base[0], inputs, budget, batches, "batch", quick)
-    _recheck_batch1(rows, base, inputs, budget)
+    rows = _time_matrix("linear", layer, base, base[0], inputs, budget, batches, "batch", quick, f)
+    _recheck(rows, "linear", base, inputs, budget, "batch", 1, f)
     # The baseline again after the variants: on a shared VM the memory bandwidth a GEMV gets drifts
     # by up to 2x within minutes; the better of the two keeps the ratios conservative.
-    rows = _rows(layer, "bf16 F.linear", "bf16", None, _better(first, _time_module(f, inputs, budget)), "batch") + rows
+    again = _time_module(f, inputs, budget)
+    rows = _rows(layer, "bf16 F.linear", _better(first, again), "batch", weight="bf16", activation=None, **BASELINE) + rows
     for impl, make in _torchao_linear_configs().items():
         log(f"forward {layer}: {impl}")
+        meta = {"weight": "torchao", "activation": None, **BASELINE}
         try:
             from torchao.quantization import quantize_
 
             model = copy.deepcopy(base)
             quantize_(model, make())
         except Exception as e:
-            rows += _skip_rows(layer, impl, "torchao", None, batches, not_available(e), "batch")
+            rows += _skip_rows(layer, impl, batches, not_available(e), "batch", **meta)
             continue
-        rows += _rows(layer, impl, "torchao", None, _time_module(model, inputs, budget), "batch")
+        rows += _rows(layer, impl, _time_module(model, inputs, budget, f), "batch", **meta)
     return rows
 
 
@@ -247,29 +342,31 @@ def _torchao_experts(config_name: str) -> nn.Module:
 
 
 def run_moe(budget: Budget, tokens: tuple[int, ...] = MOE_TOKENS, quick: bool = False) -> list[dict[str, Any]]:
-    """Rows ``{layer, impl, weight, activation, tokens, median_s, ..., status}`` for the MoE block;
-    ``quick`` keeps the weight-only oqcore variants, without the (slow) ``torch`` reference."""
-    import oqcore
-
+    """Rows (see the module docstring) of the Mixtral MoE block, axis ``tokens``: bf16 first, then
+    the planner's and the pinned oqcore variants, then torchao."""
     m = MOE
     layer = f"mixtral moe E{m['experts']} H{m['hidden']} I{m['intermediate']} top{m['top_k']}"
+    bf16_meta = {"weight": "bf16", "activation": None, **BASELINE}
     try:
         base = moe_block()
     except Exception as e:
-        return _skip_rows(layer, "bf16", "bf16", None, tokens, not_available(e), "tokens")
+        return _skip_rows(layer, "bf16 (transformers)", tokens, not_available(e), "tokens", **bf16_meta)
+    torch.manual_seed(0)
     inputs = {t: torch.randn(1, t, m["hidden"], dtype=torch.bfloat16) for t in tokens}
     log(f"forward {layer}: bf16")
     first = _time_module(base, inputs, budget)
-    rows = _time_oq_variants("moe", layer, base, base.experts, inputs, budget, tokens, "tokens", quick)
+    rows = _time_matrix("moe", layer, base, base.experts, inputs, budget, tokens, "tokens", quick, base)
+    _recheck(rows, "moe", base, inputs, budget, "tokens", 1, base)
     again = _time_module(base, inputs, budget)  # as for the linear: the better of two baselines
-    rows = _rows(layer, "bf16 (transformers)", "bf16", None, _better(first, again), "tokens") + rows
+    rows = _rows(layer, "bf16 (transformers)", _better(first, again), "tokens", **bf16_meta) + rows
     for name in ("Int8WeightOnlyConfig", "Float8WeightOnlyConfig"):
         impl = f"torchao {name}"
+        meta = {"weight": "torchao", "activation": None, **BASELINE}
         log(f"forward {layer}: {impl}")
         try:
             block = _torchao_experts(name)
         except Exception as e:
-            rows += _skip_rows(layer, impl, "torchao", None, tokens, not_available(e), "tokens")
+            rows += _skip_rows(layer, impl, tokens, not_available(e), "tokens", **meta)
             continue
-        rows += _rows(layer, impl, "torchao", None, _time_module(block, inputs, budget), "tokens")
+        rows += _rows(layer, impl, _time_module(block, inputs, budget, base), "tokens", **meta)
     return rows

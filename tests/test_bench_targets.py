@@ -1,0 +1,113 @@
+"""The benchmark's bookkeeping (no timing asserted): paired timing alternates and counts calls,
+the forward matrix is the planner's (every registered weight key x each supported activation,
+static activation keys marked not online), and the issue-13 targets turn rows into met / missed
+verdicts with the paired bf16 baseline, a failed planner variant counting as a miss."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import targets
+from bench.common import Budget, measure_pair
+from bench.report import markdown
+
+
+def test_measure_pair_alternates_and_times_both():
+    calls = []
+    budget = Budget(min_time_s=0.0, min_reps=3)
+    mine, ref = measure_pair(lambda: calls.append("q"), lambda: calls.append("b"), budget)
+    # one warm-up call each, then 3 timed reps each, order flipped every rep
+    assert calls == ["q", "b", "q", "b", "b", "q", "q", "b"]
+    assert mine["reps"] == ref["reps"] == 3
+    assert 0 <= mine["min_s"] <= mine["median_s"] and 0 <= ref["min_s"] <= ref["median_s"]
+
+
+def test_measure_pair_floor_of_two_reps():
+    calls = []
+    measure_pair(lambda: calls.append("q"), lambda: calls.append("b"), Budget(min_time_s=0.0, min_reps=1))
+    assert calls.count("q") == calls.count("b") == 3  # warm-up + 2 timed: a best-of needs two
+
+
+def test_planner_matrix_is_every_weight_key_times_its_activations():
+    import oqcore
+    from bench.forward import planner_matrix
+
+    reg = oqcore.get_registry()
+    for kind in ("linear", "moe"):
+        got = {(v["weight"], v["activation"]): v["online"] for v in planner_matrix(kind)}
+        want = {}
+        for (kd, key), entry in reg.methods.items():
+            if kd != kind:
+                continue
+            for act in entry.cls.supported_activation_keys:
+                name = None if act is None else reg.name_of(act, "activation")
+                want[(reg.key_name(key), name)] = act is None or not reg.format(act).is_static_activation
+        assert got == want
+        assert got[("fp8_per_block_static", None)] is True
+        assert got[("fp8_per_block_static", "fp8_per_block_dynamic")] is True
+        assert got[("fp8_per_tensor_static", "fp8_per_tensor_static")] is False  # calibrated scales only
+
+
+def _row(impl, batch, min_s, status="ok", **kw):
+    r = {"layer": "linear 4096x4096", "impl": impl, "weight": "w8", "activation": "none", "backend": "cpu"}
+    return r | {"batch": batch, "min_s": min_s, "median_s": min_s, "status": status, "online": True} | kw
+
+
+def test_issue13_forward_targets_verdicts():
+    rows = [_row("bf16 F.linear", m, 1.0, weight="bf16", backend="") for m in (1, 4, 16, 256)]
+    rows += [
+        _row("oqcore", 1, 0.5, bf16_min_s=0.6),  # 1.2x the paired baseline: met
+        _row("oqcore", 4, 1.0, bf16_min_s=0.9),  # 0.9x: missed
+        _row("oqcore", 16, 1.0),  # no paired baseline: against the bf16 row, 1.0x: met
+        _row("oqcore", 256, 1.2, bf16_min_s=1.0),  # 0.83x against the 0.8x goal at 256: met
+        _row("oqcore", 1, None, status="not available: NoBackendError: x", activation="a8"),
+        _row("oqcore", 1, None, status="not applicable online", activation="s8", online=False),
+        _row("oqcore cpu (pinned)", 1, 10.0, bf16_min_s=1.0),  # pinned rows are not targets
+    ]
+    out = targets.issue13_forward_targets(rows, "batch", "bf16 F.linear", "linear")
+    by = {r["target"]: r for r in out}
+    assert len(out) == 5
+    assert by["linear w8 act=none @ 1 rows"]["measured"] == pytest.approx(1.2)
+    assert by["linear w8 act=none @ 1 rows"]["met"] is True
+    assert by["linear w8 act=none @ 4 rows"]["met"] is False
+    assert by["linear w8 act=none @ 16 rows"]["met"] is True
+    assert by["linear w8 act=none @ 256 rows"]["goal"] == 0.8
+    assert by["linear w8 act=none @ 256 rows"]["met"] is True
+    failed = by["linear w8 act=a8 @ 1 rows"]
+    assert failed["met"] is False and "NoBackendError" in failed["verdict"]
+    assert all(r["issue"] == 13 for r in out)
+
+
+def test_minilm_targets_default_is_a_target_the_rest_info():
+    from bench.minilm import BF16_IMPL, DEFAULT_IMPL, FP32_IMPL
+
+    def row(impl, n, min_s, **kw):
+        return {"impl": impl, "sentences": n, "min_s": min_s, "median_s": min_s, "status": "ok", "backend": "cpu"} | kw
+
+    rows = [
+        row(BF16_IMPL, 8, 2.0),
+        row(FP32_IMPL, 8, 4.0, dtype="float32", info=True, bf16_min_s=2.0),
+        row(DEFAULT_IMPL, 8, 1.0, dtype="bfloat16", bf16_min_s=1.5),
+        row("oqcore default, weight-only", 8, 4.0, dtype="bfloat16", info=True, bf16_min_s=2.0),
+        row(f"{DEFAULT_IMPL}, fp32", 8, 2.0, dtype="float32", info=True, bf16_min_s=2.0),
+    ]
+    out = targets.minilm_targets(rows)
+    main = [r for r in out if not r.get("info")]
+    assert [r["target"] for r in main] == [f"MiniLM {DEFAULT_IMPL} @ 8 sentences"]
+    assert main[0]["measured"] == pytest.approx(1.5) and main[0]["met"] is True
+    vs_fp32 = [r for r in out if r["target"].endswith("vs fp32 original")]
+    assert len(vs_fp32) == 1 and vs_fp32[0]["measured"] == pytest.approx(2.0)
+
+
+def test_results_md_counts_targets_per_issue():
+    rows = [_row("bf16 F.linear", 1, 1.0, weight="bf16", backend=""), _row("oqcore", 1, 2.0, bf16_min_s=1.0)]
+    results = {
+        "mode": "quick",
+        "machine": {"cpu": "x", "logical_cores": 2, "torch_threads": 2, "memory_bytes": 0, "python": "3", "versions": {}},
+        "forward_linear": rows,
+    }
+    results["targets"] = targets.run(results)
+    md = markdown(results)
+    assert "- issue 13: 0 of 1 targets met" in md
+    assert "| 13 | linear 4096x4096 w8 act=none @ 1 rows |" in md
+    assert "(0.50x)" in md  # the table's x bf16 uses the paired baseline
