@@ -7,6 +7,11 @@ everything else to their method: ``create_weights`` registers those parameters o
 ``process_weights_after_loading`` turns them into quantized tensors (``weight`` + ``weight_scale``;
 ``w13_weight``/``w13_weight_scale`` ``[E, 2I, H]`` and ``w2_weight``/``w2_weight_scale`` ``[E, H, I]``,
 vLLM's names, whatever the checkpoint's layout), and ``forward`` calls the method's ``apply``.
+
+Under ``torch.compile``, a wrapper whose backend is not :attr:`oqcore.Backend.traceable` calls its
+forward through one opaque custom op instead (:mod:`oqcore.compiled_ops`; each wrapper instance,
+copies included, is registered there under a key of its own, ``compile_key``): no graph break
+inside a quantized layer, the eager forward's numbers. Eager calls never go through the op.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from oqcore import compiled_ops
 from oqcore.layers import MoELayout, moe_layout
 from oqcore.torch_compat import bare_copy, experts_gate
 
@@ -48,6 +54,7 @@ class QuantizedLinear(nn.Module):
         self.method = method
         self.quantized = False
         method.create_weights(self)
+        compiled_ops.register(self)
 
     @classmethod
     def from_linear(cls, layer_name: str, linear: nn.Linear, method: OnlineMethodBase) -> QuantizedLinear:
@@ -62,7 +69,14 @@ class QuantizedLinear(nn.Module):
         check integer token ids would be silently cast and multiplied, and a backend would fail
         with its own error kind (``IndexError``, ``ValueError``) for a 0-d or wrong-K input."""
         _check_input(self.layer_name, x, self.in_features)
+        if torch.compiler.is_compiling() and not self.method.backend.traceable:
+            return torch.ops.oqcore.linear_forward(x, self.compile_key)
         return self.method.apply(self, x)
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickling and ``copy.deepcopy``/``copy.copy``: the copy gets a compile key of its own."""
+        super().__setstate__(state)
+        compiled_ops.register(self)
 
     def extra_repr(self) -> str:
         """Shapes, method and backend, for ``print(model)``."""
@@ -104,6 +118,7 @@ class QuantizedMoE(nn.Module):
         self.method = method
         self.quantized = False
         method.create_weights(self)
+        compiled_ops.register(self)
 
     def apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
         """The original module's gated activation: ``[T, 2I] -> [T, I]``."""
@@ -114,8 +129,17 @@ class QuantizedMoE(nn.Module):
         _check_input(self.layer_name, hidden_states, self.layout.hidden_size)
         top_k_index, top_k_weights = _route(self.layer_name, top_k_index, top_k_weights, self.layout.num_experts)
         shape = hidden_states.shape
-        out = self.method.apply(self, hidden_states.reshape(-1, shape[-1]), top_k_index, top_k_weights)
+        x = hidden_states.reshape(-1, shape[-1])
+        if torch.compiler.is_compiling() and not self.method.backend.traceable:
+            out = torch.ops.oqcore.moe_forward(x, top_k_index, top_k_weights, self.compile_key)
+        else:
+            out = self.method.apply(self, x, top_k_index, top_k_weights)
         return out.reshape(shape)
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickling and ``copy.deepcopy``/``copy.copy``: the copy gets a compile key of its own."""
+        super().__setstate__(state)
+        compiled_ops.register(self)
 
     def extra_repr(self) -> str:
         """Layout, method and backend, for ``print(model)``."""
@@ -162,5 +186,6 @@ def empty_like(wrapper: nn.Module) -> nn.Module:
     the results into the live wrapper's storages)."""
     new = bare_copy(wrapper)
     new.quantized = False
+    compiled_ops.register(new)  # its own key: the copied one names ``wrapper``
     wrapper.method.create_weights(new)
     return new

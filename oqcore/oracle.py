@@ -55,6 +55,12 @@ class Backend:
     - ``prepare(method, layer) -> None``: run once after the weights are quantized, to repack them
       for this backend (e.g. scales in the dtype a kernel wants); ``None`` for nothing.
     - ``plugin``: the providing plugin, filled in by the core.
+    - ``traceable``: the forward is plain torch ops that Dynamo/inductor may trace and fuse.
+      Otherwise (the default), under ``torch.compile`` the whole layer forward runs as one opaque
+      custom op (``oqcore::linear_forward`` / ``oqcore::moe_forward``, :mod:`oqcore.compiled_ops`)
+      that calls the eager forward: the choice for C kernels called through ctypes, Triton
+      launchers and data-dependent loops (over the experts that got tokens), which would
+      otherwise break the graph or be miscompiled. Eager forwards are the same either way.
     """
 
     name: str
@@ -65,6 +71,7 @@ class Backend:
     forward: Callable[..., torch.Tensor] | None = None
     prepare: Callable[..., None] | None = None
     plugin: str = ""
+    traceable: bool = False
 
 
 @dataclass(frozen=True)

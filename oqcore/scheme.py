@@ -206,7 +206,8 @@ def method_class(scheme: Scheme, kind: str) -> type[OnlineMethodBase]:
 def scheme_backends(scheme: Scheme, kind: str, reference_description: str) -> list[Backend]:
     """The forward backends of ``scheme`` for ``kind``: the scheme's, per activation key, plus the
     reference ``torch`` backend (the method's own float32 forward) for each activation key the
-    scheme's list does not already cover. Raises :class:`oqcore.PluginError` when ``backends``
+    scheme's list does not already cover (``traceable`` for linears; the experts' loop runs as one
+    opaque op under ``torch.compile``). Raises :class:`oqcore.PluginError` when ``backends``
     fails or returns a backend for another activation key."""
     out: list[Backend] = []
     for act in scheme.activation_keys:
@@ -228,5 +229,9 @@ def scheme_backends(scheme: Scheme, kind: str, reference_description: str) -> li
         out.extend(got)
         if not any(b.name == REFERENCE for b in got):
             mode = "weight-only" if act is None else "with activation quantization"
-            out.append(Backend(REFERENCE, act, priority=0, description=f"{reference_description}, {mode}"))
+            # the linear reference is one traceable graph (inductor fuses dequantize and matmul); the
+            # experts' reference loops over the experts that got tokens (data dependent: a graph break)
+            out.append(
+                Backend(REFERENCE, act, priority=0, description=f"{reference_description}, {mode}", traceable=kind == "linear")
+            )
     return out
