@@ -46,6 +46,9 @@ typedef struct {
     const uint8_t* q; int q_fmt;
     const void* ws; int ws_kind; int64_t gr, gc, wld;
     float* y;
+    int64_t nck;                   /* K-chunks: [ck0[c], ck1[c]), float32 scale columns acol[c] / wcol[c] */
+    const int64_t *ck0, *ck1, *acol, *wcol;
+    const int64_t* arow;           /* (m / ar) * ald per row of M (float32 activation scales) */
     int* bad;                      /* set when an e8m0 scale cannot be folded exactly (vector paths) */
 } WG;
 
@@ -82,10 +85,18 @@ static inline int64_t chunk_end(const WG* p, int64_t k0) {
     return e;
 }
 
+/* float32 scale of activation row m / weight row offset wro (= (n / gr) * wld) in chunk c; 1 without */
+static inline float sa_at(const WG* p, int64_t m, int64_t c) {
+    return p->as_kind == SK_F32 ? ((const float*)p->as)[p->arow[m] + p->acol[c]] : 1.0f;
+}
+static inline float sw_at(const WG* p, int64_t wro, int64_t c) {
+    return p->ws_kind == SK_F32 ? ((const float*)p->ws)[wro + p->wcol[c]] : 1.0f;
+}
+
 /* Growable per-thread buffers (64-byte aligned), kept across calls: no allocation per call */
 static void* tls_buf(int slot, size_t bytes) {
-    static __thread void* ptr[4];
-    static __thread size_t cap[4];
+    static __thread void* ptr[5];
+    static __thread size_t cap[5];
     if (cap[slot] < bytes) {
         free(ptr[slot]);
         size_t sz = (bytes + 63) & ~(size_t)63;
@@ -129,14 +140,10 @@ static int run_scalar(const WG* p, int nthreads) {
             for (int64_t m = 0; m < M; m++) {
                 const float* x = af + m * K;
                 float tot = 0.0f;
-                for (int64_t k0 = 0; k0 < K;) {
-                    int64_t k1 = chunk_end(p, k0);
+                for (int64_t c = 0; c < p->nck; c++) {
                     float acc = 0.0f;
-                    for (int64_t k = k0; k < k1; k++) acc += x[k] * w[k];
-                    float s = (p->as_kind == SK_F32 ? grid_f32(p->as, SK_F32, p->ar, p->ac, p->ald, m, k0) : 1.0f)
-                            * (p->ws_kind == SK_F32 ? grid_f32(p->ws, SK_F32, p->gr, p->gc, p->wld, n, k0) : 1.0f);
-                    tot += acc * s;
-                    k0 = k1;
+                    for (int64_t k = p->ck0[c]; k < p->ck1[c]; k++) acc += x[k] * w[k];
+                    tot += acc * (sa_at(p, m, c) * sw_at(p, (n / p->gr) * p->wld, c));
                 }
                 p->y[m * N + n] = tot;
             }
@@ -202,8 +209,10 @@ static inline void dec_row(const void* base, int fmt, int64_t row, int64_t rows,
     }
     const uint8_t* src = (const uint8_t*)base + row * K;
     const uint8_t* srow = skind == SK_E8M0 ? (const uint8_t*)s + (row / g_r) * ld : NULL;
-    for (int64_t k = 0; k < Kp; k += 32) {
-        int delta = srow ? (int)srow[k / g_c] - 127 : 0;
+    int64_t g = 0, in_g = 0; /* group of k, position in it (no division per step) */
+    for (int64_t k = 0; k < Kp; k += 32, in_g += 32) {
+        if (in_g >= g_c) { g++; in_g = 0; }
+        int delta = srow ? (int)srow[g] - 127 : 0;
         /* decoded exponents are -9..8 (e4m3) / 0..7 (int8): 2^delta keeps them normal bf16 (byte 255 = NaN is out too) */
         if (delta < -117 || delta > 119) *bad = 1;
         __m512i v = k < K ? dec32(src + k, K - k, fmt, tab, srow != NULL, delta) : _mm512_setzero_si512();
@@ -216,11 +225,13 @@ static inline void dec_row(const void* base, int fmt, int64_t row, int64_t rows,
 
 static inline __attribute__((always_inline)) void bf16_block(const WG* p, int MB, const uint16_t* wb, const uint16_t* ab,
                                                              int64_t n0, int64_t m0) {
-    const int64_t Kp = p->Kp, K = p->K, N = p->N, M = p->M;
+    const int64_t Kp = p->Kp, N = p->N, M = p->M;
     __m512 tot[4][4];
     for (int i = 0; i < 4; i++) for (int j = 0; j < MB; j++) tot[i][j] = _mm512_setzero_ps();
-    for (int64_t k0 = 0; k0 < K;) {
-        int64_t k1 = chunk_end(p, k0);
+    int64_t wro[4];
+    for (int i = 0; i < 4; i++) wro[i] = ((n0 + i < N ? n0 + i : 0) / p->gr) * p->wld;
+    for (int64_t c = 0; c < p->nck; c++) {
+        int64_t k0 = p->ck0[c], k1 = p->ck1[c];
         __m512 acc[4][4];
         for (int i = 0; i < 4; i++) for (int j = 0; j < MB; j++) acc[i][j] = _mm512_setzero_ps();
         for (int64_t k = k0; k < k1; k += 32) {
@@ -230,13 +241,10 @@ static inline __attribute__((always_inline)) void bf16_block(const WG* p, int MB
             for (int i = 0; i < 4; i++) for (int j = 0; j < MB; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], w[i], x[j]);
         }
         for (int i = 0; i < 4; i++) {
-            float sw = p->ws_kind == SK_F32 && n0 + i < N ? grid_f32(p->ws, SK_F32, p->gr, p->gc, p->wld, n0 + i, k0) : 1.0f;
-            for (int j = 0; j < MB; j++) {
-                float sa = p->as_kind == SK_F32 && m0 + j < M ? grid_f32(p->as, SK_F32, p->ar, p->ac, p->ald, m0 + j, k0) : 1.0f;
-                tot[i][j] = _mm512_fmadd_ps(acc[i][j], _mm512_set1_ps(sa * sw), tot[i][j]);
-            }
+            float sw = sw_at(p, wro[i], c);
+            for (int j = 0; j < MB; j++)
+                tot[i][j] = _mm512_fmadd_ps(acc[i][j], _mm512_set1_ps(sa_at(p, m0 + j < M ? m0 + j : 0, c) * sw), tot[i][j]);
         }
-        k0 = k1;
     }
     for (int i = 0; i < 4; i++)
         for (int j = 0; j < MB; j++)
@@ -311,15 +319,16 @@ static void amx_config(void) {
    6, 7 B (activation m-blocks). Weight panel wp: 32 rows x Kp bf16; activation panels bp: per
    16-row m-block, Kp/32 VNNI tiles of 1 KB. */
 static void amx_mblock(const WG* p, const uint16_t* wp, const uint32_t* bp, int64_t n0, int64_t mb, int two, float* tmp, float* tot) {
-    const int64_t Kp = p->Kp, K = p->K, N = p->N, M = p->M, nkb = Kp / 32;
+    const int64_t Kp = p->Kp, N = p->N, M = p->M, nkb = Kp / 32;
     const int64_t m0 = mb * 16;
     const size_t wstride = (size_t)Kp * 2;
     const uint32_t* b0 = bp + mb * nkb * 256;
     const uint32_t* b1 = b0 + nkb * 256;
     memset(tot, 0, 32 * 32 * 4);
-    for (int64_t k0 = 0; k0 < K;) {
-        int64_t k1 = chunk_end(p, k0);
-        int64_t s0 = k0 / 32, s1 = (k1 + 31) / 32;
+    int64_t wro[32];
+    for (int i = 0; i < 32; i++) wro[i] = ((n0 + i < N ? n0 + i : 0) / p->gr) * p->wld;
+    for (int64_t c = 0; c < p->nck; c++) {
+        int64_t s0 = p->ck0[c] / 32, s1 = (p->ck1[c] + 31) / 32;
         _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
         for (int64_t s = s0; s < s1; s++) {
             _tile_loadd(4, wp + s * 32, wstride);
@@ -338,12 +347,10 @@ static void amx_mblock(const WG* p, const uint16_t* wp, const uint32_t* bp, int6
         if (two) { _tile_stored(1, tmp + 256, 64); _tile_stored(3, tmp + 768, 64); }
         /* tot[n][m] += tmp * (sa[m] * sw[n]); tmp tile (i, j) holds [16 n][16 m] */
         float sa[32] __attribute__((aligned(64)));
-        for (int j = 0; j < 32; j++)
-            sa[j] = p->as_kind == SK_F32 && m0 + j < M ? grid_f32(p->as, SK_F32, p->ar, p->ac, p->ald, m0 + j, k0) : 1.0f;
+        for (int j = 0; j < 32; j++) sa[j] = sa_at(p, m0 + j < M ? m0 + j : 0, c);
         for (int i = 0; i < 2; i++)
             for (int r = 0; r < 16; r++) {
-                int64_t n = n0 + i * 16 + r;
-                float sw = p->ws_kind == SK_F32 && n < N ? grid_f32(p->ws, SK_F32, p->gr, p->gc, p->wld, n, k0) : 1.0f;
+                float sw = sw_at(p, wro[i * 16 + r], c);
                 for (int j = 0; j < 1 + two; j++) {
                     __m512 t = _mm512_loadu_ps(tmp + (2 * i + j) * 256 + r * 16);
                     __m512 s = _mm512_mul_ps(_mm512_loadu_ps(sa + j * 16), _mm512_set1_ps(sw));
@@ -351,7 +358,6 @@ static void amx_mblock(const WG* p, const uint16_t* wp, const uint32_t* bp, int6
                     _mm512_storeu_ps(o, _mm512_fmadd_ps(t, s, _mm512_loadu_ps(o)));
                 }
             }
-        k0 = k1;
     }
     int64_t mv = M - m0 < 32 ? M - m0 : 32, nv = N - n0 < 32 ? N - n0 : 32;
     for (int64_t j = 0; j < mv; j++)
@@ -434,9 +440,22 @@ int oq_wgemm(int path, int nthreads, int64_t M, int64_t N, int64_t K,
              const uint8_t* q, int q_fmt, const void* ws, int ws_kind, int64_t gr, int64_t gc, int64_t wld,
              float* y) {
     int bad = 0;
-    WG p = {M, N, K, (K + 31) / 32 * 32, a, a_fmt, as, as_kind, ar, ac, ald, q, q_fmt, ws, ws_kind, gr, gc, wld, y, &bad};
+    WG p = {M, N, K, (K + 31) / 32 * 32, a, a_fmt, as, as_kind, ar, ac, ald, q, q_fmt, ws, ws_kind, gr, gc, wld, y,
+            0, NULL, NULL, NULL, NULL, NULL, &bad};
     if (M <= 0 || N <= 0) return PATH_SCALAR;
     if (K <= 0) { memset(y, 0, (size_t)M * N * 4); return PATH_SCALAR; }
+    /* chunk and row tables (slot 4 of the calling thread: the paths use slots 0..3) */
+    int64_t* tab = (int64_t*)tls_buf(4, (size_t)(4 * (K + 1) + M) * 8);
+    if (!tab) return -1;
+    int64_t *ck0 = tab, *ck1 = tab + (K + 1), *acol = tab + 2 * (K + 1), *wcol = tab + 3 * (K + 1), *arow = tab + 4 * (K + 1);
+    int64_t nck = 0;
+    for (int64_t k0 = 0; k0 < K; nck++) {
+        int64_t k1 = chunk_end(&p, k0);
+        ck0[nck] = k0; ck1[nck] = k1; acol[nck] = k0 / ac; wcol[nck] = k0 / gc;
+        k0 = k1;
+    }
+    for (int64_t m = 0; m < M; m++) arow[m] = (m / ar) * ald;
+    p.nck = nck; p.ck0 = ck0; p.ck1 = ck1; p.acol = acol; p.wcol = wcol; p.arow = arow;
     if (nthreads < 1) nthreads = 1;
     int aligned = (as_kind == SK_NONE || ac >= K || ac % 32 == 0) && (ws_kind == SK_NONE || gc >= K || gc % 32 == 0)
                   && (as_kind != SK_E8M0 || ac % 32 == 0 || ac >= K) && (ws_kind != SK_E8M0 || gc % 32 == 0 || gc >= K);

@@ -1,0 +1,85 @@
+"""Micro-benchmark of oq_toolkit.wgemm vs bf16 F.linear (4096x4096 by default), best of 20, ms.
+
+    python bench/wgemm_micro.py [--n 4096 --k 4096 --ms 1,4,16,64,256 --paths auto]
+
+Rows: weight format / grid x activation format / grid; columns: M. Ratios are bf16 time / wgemm
+time measured in the same run (>= 1.0 means wgemm is at least as fast as bf16)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+import oq_toolkit.wgemm as W
+
+
+def best(f, reps=20):
+    f()
+    f()
+    t = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f()
+        t = min(t, time.perf_counter() - t0)
+    return t * 1e3
+
+
+def cases(n, k):
+    nk128, nk32 = -(-k // 128), -(-k // 32)
+    e4 = (torch.randn(n, k) * 50).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
+    i8 = torch.randint(-127, 128, (n, k), dtype=torch.int8).view(torch.uint8)
+    return {
+        "fp8 block 128x128": (e4, W.E4M3, torch.rand(-(-n // 128), nk128) + 0.5, (128, 128, nk128)),
+        "fp8 channel": (e4, W.E4M3, torch.rand(n) + 0.5, (1, k, 1)),
+        "mxfp8 1x32 e8m0": (e4, W.E4M3, torch.randint(120, 130, (n, nk32), dtype=torch.uint8), (1, 32, nk32)),
+        "int8 channel": (i8, W.INT8, torch.rand(n) + 0.5, (1, k, 1)),
+    }
+
+
+def acts(m, k, weight):
+    a = torch.randn(m, k).bfloat16()
+    out = {"bf16": (a, W.BF16, None, None)}
+    if weight.startswith("fp8"):
+        codes = (torch.randn(m, k) * 50).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
+        out["e4m3 per-token"] = (codes, W.E4M3, torch.rand(m) + 0.5, (1, k, 1))
+        nk = -(-k // 128)
+        out["e4m3 1x128"] = (codes, W.E4M3, torch.rand(m, nk) + 0.5, (1, 128, nk))
+    if weight.startswith("mxfp8"):
+        codes = (torch.randn(m, k) * 50).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
+        nk = -(-k // 32)
+        out["e4m3 1x32 e8m0"] = (codes, W.E4M3, torch.randint(120, 130, (m, nk), dtype=torch.uint8), (1, 32, nk))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=4096)
+    ap.add_argument("--k", type=int, default=4096)
+    ap.add_argument("--ms", default="1,4,16,64,256")
+    ap.add_argument("--path", type=int, default=0, help="0 auto, 1 AMX, 2 AVX512-BF16, 3 portable")
+    args = ap.parse_args()
+    ms = [int(v) for v in args.ms.split(",")]
+    n, k = args.n, args.k
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {W.kernel_status()[1]}, path {args.path}")
+    wb = torch.randn(n, k).bfloat16()
+    base = {}
+    for m in ms:
+        x = torch.randn(m, k).bfloat16()
+        base[m] = best(lambda: F.linear(x, wb))
+    print(f"{'case':40s}" + "".join(f"{'M=' + str(m):>16s}" for m in ms))
+    print(f"{'bf16 F.linear (ms)':40s}" + "".join(f"{base[m]:16.2f}" for m in ms))
+    for wname, (q, qf, sw, gw) in cases(n, k).items():
+        for aname in acts(1, k, wname):
+            row = []
+            for m in ms:
+                a, af, sa, ga = acts(m, k, wname)[aname]
+                t = best(lambda: W.wgemm_eager(a, af, sa, ga, q, qf, sw, gw, path=args.path))
+                row.append(f"{t:8.2f} {base[m] / t:5.2f}x")
+            print(f"{wname + ' / ' + aname:40s}" + "".join(f"{c:>16s}" for c in row))
+
+
+if __name__ == "__main__":
+    main()
