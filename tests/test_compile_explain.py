@@ -34,6 +34,7 @@ from torch import nn
 import oqcore
 from oqcore.layers import moe_layout
 from oqcore.modules import QuantizedLinear, QuantizedMoE
+from tests.battery.util import raises_naming
 
 EPS32 = torch.finfo(torch.float32).eps
 ARCHS = ("mixtral", "qwen3_moe", "olmoe", "gpt_oss")
@@ -149,24 +150,138 @@ def test_no_graph_break_and_compiled_equals_eager(experts_by_arch, monkeypatch, 
     torch._dynamo.reset()
     with torch.no_grad():
         eager, compiled = zoo(xs), torch.compile(zoo)(xs)
-        bad = []
-        for name, mlp in zoo.mlps.items():
-            (he, ye), (hc, yc) = eager[name], compiled[name]
-            assert torch.isfinite(ye).all() and hc.shape == he.shape and yc.shape == ye.shape, name
-            # layer 1 (ReLU is 1-Lipschitz: the bound holds after it), then layer 2 on the compiled h
-            for what, got, want, bound in (
-                ("up", hc, he, _bound(mlp.up, xs[name])),
-                ("down", yc, mlp.down(hc), _bound(mlp.down, hc)),
-            ):
-                err = (got - want).abs()
-                if not (err <= bound).all():
-                    bad.append(f"{name}.{what}: max err {err.max().item():.3g}, bound {bound.max().item():.3g}")
-        for name, experts in zoo.moes.items():
-            e, c = eager[name], compiled[name]
-            lay = experts.layout
-            assert torch.isfinite(e).all() and c.shape == e.shape and c.dtype == e.dtype, name
-            tol = 2 * (lay.hidden_size + lay.intermediate_size) * EPS32 * (e.abs().max() + 1)
-            if (c - e).abs().max() > tol:
-                bad.append(f"{name}: max err {(c - e).abs().max().item():.3g}, bound {tol.item():.3g}")
+        bad = [msg for name, mlp in zoo.mlps.items() for msg in _mlp_mismatch(name, mlp, xs[name], eager[name], compiled[name])]
+        bad += [msg for name, ex in zoo.moes.items() for msg in _moe_mismatch(name, ex, eager[name], compiled[name])]
     torch._dynamo.reset()
     assert not bad, f"{shorthand}: compiled != eager: " + "; ".join(bad)
+
+
+def _mlp_mismatch(name: str, mlp: MLP, x: torch.Tensor, eager: tuple, compiled: tuple) -> list[str]:
+    """The MLP's quantized layers outside the module docstring's bound, described (empty: none).
+    Layer 1 on ``x`` (ReLU is 1-Lipschitz: the bound holds after it), layer 2 against the eager
+    layer run on the compiled layer 1's output."""
+    (he, ye), (hc, yc) = eager, compiled
+    assert torch.isfinite(ye).all() and hc.shape == he.shape and yc.shape == ye.shape, name
+    bad = []
+    for what, got, want, bound in (
+        ("up", hc, he, _bound(mlp.up, x)),
+        ("down", yc, mlp.down(hc), _bound(mlp.down, hc)),
+    ):
+        err = (got - want).abs()
+        if not (err <= bound).all():
+            bad.append(f"{name}.{what}: max err {err.max().item():.3g}, bound {bound.max().item():.3g}")
+    return bad
+
+
+def _moe_mismatch(name: str, experts: QuantizedMoE, e: torch.Tensor, c: torch.Tensor) -> list[str]:
+    """The experts' output outside the linear bound with K = H + I on the output's scale."""
+    lay = experts.layout
+    assert torch.isfinite(e).all() and c.shape == e.shape and c.dtype == e.dtype, name
+    tol = 2 * (lay.hidden_size + lay.intermediate_size) * EPS32 * (e.abs().max() + 1)
+    err = (c - e).abs().max()
+    return [] if err <= tol else [f"{name}: max err {err.item():.3g}, bound {tol.item():.3g}"]
+
+
+# ---- the live layer behind the key: reload, copies, errors ---------------------------------------
+
+
+class Block(nn.Module):
+    """An MLP and a Mixtral experts block: ``(x [M, K], (xm [T, H], ids, weights))``."""
+
+    def __init__(self, experts: nn.Module):
+        super().__init__()
+        self.mlp, self.experts = MLP(), copy.deepcopy(experts)
+
+    def forward(self, x: torch.Tensor, moe_in: tuple) -> tuple:
+        return self.mlp(x), self.experts(*moe_in)
+
+
+def _block_inputs(block: Block, seed: int) -> tuple:
+    gen = torch.Generator().manual_seed(seed)
+    lay = block.experts.layout
+    moe_in = (torch.randn(T, lay.hidden_size, generator=gen), torch.randint(0, lay.num_experts, (T, 2), generator=gen), torch.rand(T, 2, generator=gen))
+    return torch.randn(T, K, generator=gen) * 3, moe_in
+
+
+def test_reload_weights_into_a_compiled_model(experts_by_arch, monkeypatch):
+    """:func:`oqcore.reload_weights` in place on a compiled model: the op reads the live tensors
+    (and inductor's graph the parameters it was given), so the compiled output changes and equals
+    the eager forward of the new weights, for each backend the planner offers for both kinds
+    (the traceable ``torch`` linear and the opaque experts; the kernels where offered)."""
+    monkeypatch.setenv("OQ_DISABLE_TRITON", "1")
+    mix = experts_by_arch["mixtral"]
+    plain = Block(mix)
+    backends = sorted(set(_viable(plain, "fp8_per_block", "linear")) & set(_viable(plain, "fp8_per_block", "moe")))
+    assert "torch" in backends, backends
+    torch.manual_seed(1)
+    fresh = {n: t * 2 + 0.01 for n, t in Block(mix).state_dict().items()}  # other weights, same names
+    for backend in backends:
+        torch.manual_seed(0)
+        block = oqcore.quantize_(Block(mix), {"scheme": "fp8_per_block", "backend": {"linear": backend, "moe": backend}})
+        x, moe_in = _block_inputs(block, 0)
+        torch._dynamo.reset()
+        compiled = torch.compile(block)
+        with torch.no_grad():
+            before = compiled(x, moe_in)
+            touched = oqcore.reload_weights(block, fresh)
+            assert sorted(touched) == ["experts", "mlp.down", "mlp.up"], touched
+            (mlp_e, moe_e), (mlp_c, moe_c) = block(x, moe_in), compiled(x, moe_in)
+        torch._dynamo.reset()
+        assert not torch.equal(mlp_c[1], before[0][1]) and not torch.equal(moe_c, before[1]), backend
+        bad = _mlp_mismatch(f"{backend} mlp", block.mlp, x, mlp_e, mlp_c) + _moe_mismatch(f"{backend} experts", block.experts, moe_e, moe_c)
+        assert not bad, "; ".join(bad)
+
+
+def test_copies_get_their_own_key(experts_by_arch, monkeypatch):
+    """``copy.deepcopy`` and :func:`oqcore.modules.empty_like` give a wrapper a key of its own, so a
+    graph compiled for one wrapper never runs another's weights (Dynamo guards on the key)."""
+    from oqcore import compiled_ops
+    from oqcore.modules import empty_like
+
+    monkeypatch.setenv("OQ_DISABLE_TRITON", "1")
+    torch.manual_seed(0)
+    block = oqcore.quantize_(Block(experts_by_arch["mixtral"]), {"scheme": "fp8_per_block", "backend": {"linear": "torch", "moe": "torch"}})
+    twin = copy.deepcopy(block)
+    wrappers = [block.mlp.up, block.experts, twin.mlp.up, twin.experts, empty_like(block.mlp.up), empty_like(block.experts)]
+    keys = [w.compile_key for w in wrappers]
+    assert len(set(keys)) == len(keys), keys
+    assert all(compiled_ops.lookup(k) is w for k, w in zip(keys, wrappers))
+    with torch.no_grad():
+        for p in twin.experts.parameters():
+            p.view(torch.uint8).copy_(p.view(torch.uint8).roll(1, 0)) if p.element_size() == 1 else p.mul_(0.5)
+        x, moe_in = _block_inputs(block, 2)
+        torch._dynamo.reset()
+        a, b = torch.compile(block, backend="eager")(x, moe_in), torch.compile(twin, backend="eager")(x, moe_in)
+        assert torch.equal(a[1], block(x, moe_in)[1]) and torch.equal(b[1], twin(x, moe_in)[1])
+        assert not torch.equal(a[1], b[1])
+    torch._dynamo.reset()
+
+
+def test_errors_surface_as_themselves(experts_by_arch, monkeypatch):
+    """An :class:`oqcore.OqError` raised by a layer's forward inside the op leaves as itself, not
+    wrapped, eagerly through the op and from a compiled model (the op runs at run time; its fake
+    implementation never calls the forward). A key no live layer holds is an
+    :class:`oqcore.InternalError` naming the key."""
+    from oqcore import compiled_ops
+    from oqcore.errors import InternalError, UnsupportedLayerError
+
+    monkeypatch.setenv("OQ_DISABLE_TRITON", "1")
+    torch.manual_seed(0)
+    block = oqcore.quantize_(Block(experts_by_arch["mixtral"]), {"scheme": "fp8_per_block", "backend": {"linear": "torch", "moe": "torch"}})
+    x, moe_in = _block_inputs(block, 3)
+
+    def boom(layer, *args):
+        raise UnsupportedLayerError(layer.layer_name, "boom from the forward")
+
+    monkeypatch.setattr(block.experts.method, "apply", boom)
+    with raises_naming(UnsupportedLayerError, "experts", "boom") as info:
+        compiled_ops.moe_forward(*moe_in, block.experts.compile_key)
+    assert type(info.value) is UnsupportedLayerError
+    for backend in ("eager", "inductor"):
+        torch._dynamo.reset()
+        with raises_naming(UnsupportedLayerError, "experts", "boom") as info, torch.no_grad():
+            torch.compile(block, backend=backend)(x, moe_in)
+        assert type(info.value) is UnsupportedLayerError, backend
+    torch._dynamo.reset()
+    with raises_naming(InternalError, "'gone#0'", "no live quantized layer"):
+        compiled_ops.linear_forward(x, "gone#0")
