@@ -95,8 +95,8 @@ static inline float sw_at(const WG* p, int64_t wro, int64_t c) {
 
 /* Growable per-thread buffers (64-byte aligned), kept across calls: no allocation per call */
 static void* tls_buf(int slot, size_t bytes) {
-    static __thread void* ptr[5];
-    static __thread size_t cap[5];
+    static __thread void* ptr[6];
+    static __thread size_t cap[6];
     if (cap[slot] < bytes) {
         free(ptr[slot]);
         size_t sz = (bytes + 63) & ~(size_t)63;
@@ -364,6 +364,73 @@ static void amx_mblock(const WG* p, const uint16_t* wp, const uint32_t* bp, int6
         for (int64_t i = 0; i < nv; i++) p->y[(m0 + j) * N + n0 + i] = tot[i * 32 + j];
 }
 
+/* M <= 16: one B tile, four weight sub-tiles (64-row panel wp, rows n0..n0+63): four independent
+   C accumulators (0..3), A tiles 4/5 alternating, B tile 6. Column j of a C tile is row m = j / S
+   of M, chunk slot j % S (see run_amx); tot[n][j] (16 floats per row n) collects the scaled
+   flushes, y[m][n] = the sum of its S slots. */
+static void amx_small(const WG* p, const uint16_t* wp, const uint32_t* bp, int64_t n0, int S, float* tmp, float* tot) {
+    const int64_t Kp = p->Kp, N = p->N, M = p->M;
+    const size_t wstride = (size_t)Kp * 2;
+    int64_t wro[64];
+    for (int i = 0; i < 64; i++) wro[i] = ((n0 + i < N ? n0 + i : 0) / p->gr) * p->wld;
+    const int scaled = p->as_kind == SK_F32 || p->ws_kind == SK_F32;
+    for (int64_t c0 = 0; c0 < p->nck; c0 += S) {
+        int64_t c1 = c0 + S < p->nck ? c0 + S : p->nck;
+        int64_t s0 = p->ck0[c0] / 32, s1 = (p->ck1[c1 - 1] + 31) / 32;
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+        for (int64_t s = s0; s < s1; s++) {
+            const uint16_t* w = wp + s * 32;
+            _tile_loadd(6, bp + s * 256, 64);
+            _tile_loadd(4, w, wstride);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_loadd(5, w + 16 * Kp, wstride);
+            _tile_dpbf16ps(1, 5, 6);
+            _tile_loadd(4, w + 32 * Kp, wstride);
+            _tile_dpbf16ps(2, 4, 6);
+            _tile_loadd(5, w + 48 * Kp, wstride);
+            _tile_dpbf16ps(3, 5, 6);
+        }
+        float* dst = c0 == 0 ? tot : tmp; /* the first flush lands in tot directly */
+        _tile_stored(0, dst, 64);
+        _tile_stored(1, dst + 256, 64);
+        _tile_stored(2, dst + 512, 64);
+        _tile_stored(3, dst + 768, 64);
+        if (!scaled) continue; /* one chunk, nothing to scale */
+        /* column j: m = j / S, chunk c0 + j % S (slots past c1 hold zeros: any finite scale) */
+        float sav[16] __attribute__((aligned(64)));
+        float swv[16] __attribute__((aligned(64)));
+        int64_t cj[16];
+        for (int j = 0; j < 16; j++) {
+            int64_t m = j / S, c = c0 + j % S;
+            cj[j] = c < c1 ? c : c0;
+            sav[j] = sa_at(p, m < M ? m : 0, cj[j]);
+        }
+        __m512 sa = _mm512_load_ps(sav), sc = sa;
+        int64_t last = -1;
+        for (int r = 0; r < 64; r++) {
+            if (wro[r] != last) { /* rows of one weight scale group share the vector */
+                last = wro[r];
+                for (int j = 0; j < 16; j++) swv[j] = sw_at(p, last, cj[j]);
+                sc = _mm512_mul_ps(sa, _mm512_load_ps(swv));
+            }
+            __m512 t = _mm512_load_ps(dst + r * 16);
+            _mm512_store_ps(tot + r * 16, c0 == 0 ? _mm512_mul_ps(t, sc) : _mm512_fmadd_ps(t, sc, _mm512_load_ps(tot + r * 16)));
+        }
+    }
+    int64_t nv = N - n0 < 64 ? N - n0 : 64;
+    if (S == 1) {
+        for (int64_t j = 0; j < M; j++)
+            for (int64_t i = 0; i < nv; i++) p->y[j * N + n0 + i] = tot[i * 16 + j];
+        return;
+    }
+    for (int64_t j = 0; j < M; j++)
+        for (int64_t i = 0; i < nv; i++) {
+            float acc = 0.0f;
+            for (int sl = 0; sl < S; sl++) acc += tot[i * 16 + j * S + sl];
+            p->y[j * N + n0 + i] = acc;
+        }
+}
+
 static int run_amx(const WG* p, int nthreads) {
     const int64_t M = p->M, N = p->N, Kp = p->Kp, nkb = Kp / 32;
     const __m512i tab = subnormal_table();
@@ -372,6 +439,21 @@ static int run_amx(const WG* p, int nthreads) {
     if (!bp) return -1;
     int fail = 0;
     const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(16));
+    /* M <= 16 with several K-chunks: S chunk slots per row of M (S * Mp2 = 16 columns, Mp2 = M
+       rounded up to a power of two): k-step s of chunk c goes to column m * S + c % S, the other
+       columns of that tile are 0, so a C tile accumulates S chunks side by side and is flushed
+       (scaled) once per S chunks instead of once per chunk. */
+    const int small = M <= 16;
+    int S = 1;
+    if (small && p->nck > 1) { int mp2 = 1; while (mp2 < M) mp2 *= 2; S = 16 / mp2; }
+    int64_t* step_chunk = NULL;
+    if (S > 1) {
+        step_chunk = (int64_t*)tls_buf(5, (size_t)nkb * 8);
+        if (!step_chunk) return -1;
+        for (int64_t c = 0; c < p->nck; c++)
+            for (int64_t st = p->ck0[c] / 32; st < (p->ck1[c] + 31) / 32; st++) step_chunk[st] = c;
+        memset(bp, 0, (size_t)nkb * 1024);
+    }
     /* activations -> VNNI panels: dword r of row m's k-block = pair (2r, 2r+1) -> tile row r, column m */
     #pragma omp parallel num_threads(M >= 64 ? nthreads : 1)
     {
@@ -384,16 +466,22 @@ static int run_amx(const WG* p, int nthreads) {
         for (int64_t m = 0; m < nmbp * 16; m++) {
             if (!row) continue;
             dec_row(p->a, p->a_fmt, m, M, p->K, Kp, p->as, p->as_kind, p->ar, p->ac, p->ald, tab, row, p->bad);
+            if (S > 1) {
+                if (m >= M) continue;
+                for (int64_t kb = 0; kb < nkb; kb++)
+                    _mm512_i32scatter_epi32(bp + kb * 256 + m * S + step_chunk[kb] % S, idx, _mm512_loadu_si512(row + kb * 32), 4);
+                continue;
+            }
             uint32_t* dst = bp + (m / 16) * nkb * 256 + (m % 16);
             for (int64_t kb = 0; kb < nkb; kb++)
                 _mm512_i32scatter_epi32(dst + kb * 256, idx, _mm512_loadu_si512(row + kb * 32), 4);
         }
     }
     if (fail) return -1;
-    const int64_t nb = (N + 31) / 32;
+    const int64_t rows = small ? 64 : 32, nb = (N + rows - 1) / rows;
     #pragma omp parallel num_threads(nthreads)
     {
-        uint16_t* wp = (uint16_t*)tls_buf(1, (size_t)32 * Kp * 2);
+        uint16_t* wp = (uint16_t*)tls_buf(1, (size_t)rows * Kp * 2);
         float* tmp = (float*)tls_buf(3, (size_t)(4 * 256 + 32 * 32) * 4);
         if (!wp || !tmp) {
             #pragma omp atomic write
@@ -404,10 +492,12 @@ static int run_amx(const WG* p, int nthreads) {
         #pragma omp for schedule(static)
         for (int64_t b = 0; b < nb; b++) {
             if (!wp || !tmp) continue;
-            int64_t n0 = b * 32;
-            for (int i = 0; i < 32; i++)
+            int64_t n0 = b * rows;
+            for (int i = 0; i < rows; i++)
                 dec_row(p->q, p->q_fmt, n0 + i, N, p->K, Kp, p->ws, p->ws_kind, p->gr, p->gc, p->wld, tab, wp + i * Kp, p->bad);
-            for (int64_t mb = 0; mb < nmb; mb += 2) amx_mblock(p, wp, bp, n0, mb, mb + 1 < nmb, tmp, tmp + 1024);
+            if (small) amx_small(p, wp, bp, n0, S, tmp, tmp + 1024);
+            else
+                for (int64_t mb = 0; mb < nmb; mb += 2) amx_mblock(p, wp, bp, n0, mb, mb + 1 < nmb, tmp, tmp + 1024);
         }
         if (wp && tmp) _tile_release();
     }
