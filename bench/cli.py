@@ -94,7 +94,7 @@ def _sections(budget, out: Path, quick: bool):
         """Run the MiniLM end-to-end section."""
         from bench import minilm
 
-        return minilm.run(budget)
+        return minilm.run(budget, quick=quick)
 
     return [
         ("quantizers", "quantizers", quantizers),

@@ -54,13 +54,17 @@ def measure(fn: Callable[[], Any], budget: Budget) -> dict[str, float]:
     return {"median_s": statistics.median(times), "min_s": min(times), "reps": reps, "warmup_s": warm}
 
 
-def measure_pair(fn: Callable[[], Any], ref: Callable[[], Any], budget: Budget, min_reps: int = 2) -> tuple[dict[str, float], dict[str, float]]:
+def measure_pair(
+    fn: Callable[[], Any], ref: Callable[[], Any], budget: Budget, min_reps: int = 2, slow_s: float = 1.0
+) -> tuple[dict[str, float], dict[str, float]]:
     """Time ``fn()`` and a reference ``ref()`` alternately (``fn, ref, ref, fn, fn, ref, ...``), so
     both see the same machine: on a shared VM the memory bandwidth and the cores a call gets drift
     by up to 2x within minutes, and a ratio of two figures taken minutes apart carries that drift.
     Returns ``(stats of fn, stats of ref)`` as :func:`measure` does (``median_s``, ``min_s``,
     ``reps``, ``warmup_s``, seconds per call). At least ``max(budget.min_reps, min_reps)`` timed
-    calls of each, and at least ``budget.min_time_s`` of both together."""
+    calls of each (only ``budget.min_reps`` when the warm-up call of ``fn`` took over ``slow_s``
+    seconds: such a row is far from its baseline, and a second call would not change a verdict),
+    and at least ``budget.min_time_s`` of both together."""
     warm = []
     for f in (fn, ref):
         t = time.perf_counter()
@@ -69,7 +73,7 @@ def measure_pair(fn: Callable[[], Any], ref: Callable[[], Any], budget: Budget, 
     for _ in range(budget.warmup - 1):
         fn()
         ref()
-    floor = max(budget.min_reps, min_reps)
+    floor = budget.min_reps if warm[0] > slow_s else max(budget.min_reps, min_reps)
     reps = max(floor, min(budget.max_reps, math.ceil(budget.min_time_s / max(sum(warm), 1e-6))))
     times: tuple[list[float], list[float]] = ([], [])
     for i in range(reps):

@@ -41,6 +41,13 @@ QUICK_BATCHES = (1, 4, 16, 256)
 MOE = {"hidden": 1024, "intermediate": 2048, "experts": 8, "top_k": 2}
 MOE_TOKENS = (1, 4, 16, 256)
 QUICK_MOE_TOKENS = (1, 4, 16, 256)
+REFERENCE_BUDGET = Budget(min_time_s=0.3, min_reps=2)
+"""Timing of the pinned ``torch`` reference rows (full mode only): 10-100x slower than bf16, far
+from any target, so a short best-of keeps the full run within its time."""
+TORCHAO_FP8_QUICK = (
+    "skipped in quick mode (torchao's fp8 weight-only runs a dequantize-then-matmul at 0.01-0.03x bf16 on "
+    "the CPU; timed in full mode)"
+)
 PLANNER_IMPL = "oqcore"
 """``impl`` of the rows built without a backend pin (the planner's choice: what a user gets)."""
 STATIC_NOT_ONLINE = (
@@ -170,7 +177,8 @@ def _time_matrix(kind, layer, base, target, inputs, budget, points, axis, quick,
             if skip is not None:
                 rows += _skip_rows(layer, impl, points, skip, axis, **meta, pinned=True, backend=b.name)
                 continue
-            rows += _rows(layer, impl, _time_module(model, inputs, budget, ref), axis, **meta, pinned=True, backend=b.name)
+            rb = REFERENCE_BUDGET if b.name == "torch" else budget
+            rows += _rows(layer, impl, _time_module(model, inputs, rb, ref), axis, **meta, pinned=True, backend=b.name)
             del model
     return rows
 
@@ -297,8 +305,11 @@ def run_linear(budget: Budget, batches: tuple[int, ...] = BATCHES, quick: bool =
     again = _time_module(f, inputs, budget)
     rows = _rows(layer, "bf16 F.linear", _better(first, again), "batch", weight="bf16", activation=None, **BASELINE) + rows
     for impl, make in _torchao_linear_configs().items():
-        log(f"forward {layer}: {impl}")
         meta = {"weight": "torchao", "activation": None, **BASELINE}
+        if quick and "Float8" in impl:
+            rows += _skip_rows(layer, impl, batches, TORCHAO_FP8_QUICK, "batch", **meta)
+            continue
+        log(f"forward {layer}: {impl}")
         try:
             from torchao.quantization import quantize_
 
@@ -362,6 +373,9 @@ def run_moe(budget: Budget, tokens: tuple[int, ...] = MOE_TOKENS, quick: bool = 
     for name in ("Int8WeightOnlyConfig", "Float8WeightOnlyConfig"):
         impl = f"torchao {name}"
         meta = {"weight": "torchao", "activation": None, **BASELINE}
+        if quick and "Float8" in name:
+            rows += _skip_rows(layer, impl, tokens, TORCHAO_FP8_QUICK, "tokens", **meta)
+            continue
         log(f"forward {layer}: {impl}")
         try:
             block = _torchao_experts(name)

@@ -7,7 +7,7 @@ bf16 original.
 - ``oqcore default (oq quantize)``: ``oqcore.load(bundled model, <oq quantize's default config>)``
   in bfloat16. The config is the CLI's own default (:func:`oqcore.cli.build_config` with no
   ``--config``): today ``fp8_per_block`` with its default W8A8 activation; recorded in the rows.
-- For information: the same default config with weight-only activations, and the float32
+- For information: the same default config with weight-only activations (full mode), and the float32
   original and the default quantized model loaded with ``dtype=float32`` (compared with both
   the bf16 and the fp32 original).
 
@@ -114,8 +114,9 @@ def _weight_only(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run(budget: Budget, counts: tuple[int, ...] = SENTENCES) -> list[dict[str, Any]]:
-    """The MiniLM rows (see the module docstring); a variant that fails becomes rows saying why."""
+def run(budget: Budget, counts: tuple[int, ...] = SENTENCES, quick: bool = False) -> list[dict[str, Any]]:
+    """The MiniLM rows (see the module docstring); a variant that fails becomes rows saying why.
+    ``quick`` leaves out the weight-only info row."""
     import oqcore
     from oqcore.fidelity import reference_model
     from oqcore.loading import bundled_model_dir
@@ -161,6 +162,8 @@ def run(budget: Budget, counts: tuple[int, ...] = SENTENCES) -> list[dict[str, A
         ("oqcore default, weight-only", _weight_only(cfg), torch.bfloat16, True),
         (f"{DEFAULT_IMPL}, fp32", cfg, torch.float32, True),
     ]
+    if quick:
+        variants.pop(1)
     timed = []
     default_model = None
     for impl, c, dtype, info in variants:

@@ -134,6 +134,55 @@ def forward_batch1(rows: list[dict[str, Any]], out: Path) -> Path | None:
     return p
 
 
+def forward_vs_bf16(linear: list[dict[str, Any]], moe: list[dict[str, Any]], out: Path) -> Path | None:
+    """Heat map of what a user gets: bf16 time / oqcore time (best over best, against the paired
+    bf16 baseline) per planner (weight, activation) row and token count, linear and MoE side by
+    side; cells under the issue-13 goal (1.0x, 0.8x at 256 tokens) are red, the rest green."""
+    from bench.targets import FORWARD_GOALS, PLANNER_IMPL, _ratio
+
+    panels = []
+    for title, rows, axis, baseline in (
+        ("linear 4096x4096", linear, "batch", "bf16 F.linear"),
+        ("MoE block", moe, "tokens", "bf16 (transformers)"),
+    ):
+        mine = [r for r in rows if r["impl"] == PLANNER_IMPL and r.get("online", True)]
+        if mine:
+            base = {r[axis]: r for r in rows if r["impl"] == baseline and r.get("status") == "ok"}
+            panels.append((title, mine, axis, base))
+    if not panels:
+        return None
+    plt = _plt()
+    import numpy as np
+    from matplotlib.colors import ListedColormap
+
+    height = 0.45 * max(len({(r["weight"], r["activation"]) for r in p[1]}) for p in panels) + 2
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), height), squeeze=False)
+    for ax, (title, mine, axis, base) in zip(axes[0], panels):
+        labels = list(dict.fromkeys(f"{r['weight']} | act {r['activation']}" for r in mine))
+        points = list(dict.fromkeys(r[axis] for r in mine))
+        vals = np.full((len(labels), len(points)), np.nan)
+        for r in mine:
+            if r.get("status") == "ok":
+                ratio = _ratio(r, base.get(r[axis]))
+                if ratio is not None:
+                    vals[labels.index(f"{r['weight']} | act {r['activation']}"), points.index(r[axis])] = ratio
+        goals = np.array([FORWARD_GOALS.get(m, 1.0) for m in points])
+        colors = ListedColormap(["tab:red", "lightgray", "tab:green"])
+        ax.imshow(np.where(np.isnan(vals), 0.5, vals >= goals), cmap=colors, vmin=0, vmax=1, aspect="auto")
+        for i in range(len(labels)):
+            for j in range(len(points)):
+                ax.text(j, i, "-" if np.isnan(vals[i, j]) else f"{vals[i, j]:.2f}x", ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(len(points)), [str(m) for m in points])
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.set_xlabel(f"{axis} (goal: 1.0x; 0.8x at 256)")
+        ax.set_title(f"{title}: x bf16, no backend pin", fontsize=10)
+    fig.tight_layout()
+    path = out / "forward_vs_bf16.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_all(results: dict[str, Any], out: Path) -> dict[str, str]:
     """Every plot the results allow: ``{name: path}``, or ``{"error": "not available: ..."}``."""
     try:
@@ -156,6 +205,7 @@ def write_all(results: dict[str, Any], out: Path) -> dict[str, str]:
         ),
         ("load_memory_timeline", lambda: memory_timeline(loading, out)),
         ("forward_batch1", lambda: forward_batch1(results.get("forward_linear", []), out)),
+        ("forward_vs_bf16", lambda: forward_vs_bf16(results.get("forward_linear", []), results.get("forward_moe", []), out)),
     ):
         try:
             p = fn()
