@@ -106,6 +106,40 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
+"""CPU features the forwards depend on (``/proc/cpuinfo`` flag names): bf16 ``F.linear`` runs on
+AMX tiles where ``amx_bf16`` is present, which moves the bf16 baseline a lot."""
+
+
+def cpu_flags() -> list[str]:
+    """Which of :data:`ISA_FLAGS` the CPU reports (``/proc/cpuinfo``; empty when unreadable)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [x for x in ISA_FLAGS if x in have]
+    except OSError:
+        pass
+    return []
+
+
+def l3_cache() -> str | None:
+    """The L3 cache size as sysfs names it (``"480M"``...), or ``None``."""
+    import glob
+
+    for d in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
+        try:
+            with open(f"{d}/level") as f:
+                if f.read().strip() != "3":
+                    continue
+            with open(f"{d}/size") as f:
+                return f.read().strip()
+        except OSError:
+            continue
+    return None
+
+
 def total_memory_bytes() -> int | None:
     """``MemTotal`` from ``/proc/meminfo``, in bytes."""
     try:
@@ -143,6 +177,9 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cuda": torch.cuda.is_available(),
+        "cpu_flags": cpu_flags(),
+        "l3_cache": l3_cache(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "versions": versions(),
     }
 

@@ -143,8 +143,9 @@ def _forward_table(rows: list[dict[str, Any]], batch_key: str, batches: list, ba
                 if r is not None:
                     notes.add(r["status"])
                 continue
-            ref = r.get("bf16_min_s") or (base[m]["min_s"] if m in base else None)
-            speed = f" ({ref / r['min_s']:.2f}x)" if ref else ""
+            paired = r.get("bf16_min_s")
+            ref = paired or (base[m]["min_s"] if m in base else None)
+            speed = f" ({ref / r['min_s']:.2f}x" + (f"; bf16 {_ms(paired)}" if paired else "") + ")" if ref else ""
             cells.append(f"{_ms(r['min_s'])} / {_ms(r['median_s'])}{speed}")
         backend = next((r.get("backend", "") for r in per.values() if r.get("backend")), "")
         body.append([impl, weight, act, backend, *cells, "; ".join(sorted(notes))])
@@ -170,7 +171,8 @@ def forward_section(title: str, rows: list[dict[str, Any]], batch_key: str) -> s
         (
             "What a user gets: `oqcore.quantize_` with no backend pin (`backend` = the planner's choice). "
             "x bf16 = best bf16 time / best time of the row, the bf16 baseline timed alternately with the row "
-            "(paired, so both see the same machine); the bf16 row itself was timed before and after the others."
+            "(paired, so both see the same machine; its best ms after `bf16`); the bf16 row itself was timed "
+            "before and after the others."
         ),
         "",
         _forward_table(user, batch_key, batches, base),
@@ -262,6 +264,10 @@ def markdown(results: dict[str, Any]) -> str:
         (
             f"- machine: {m['cpu']}, {m['logical_cores']} logical cores ({m['torch_threads']} torch threads), "
             f"{(m['memory_bytes'] or 0) / 2**30:.1f} GiB RAM, Python {m['python']}"
+        ),
+        (
+            f"- CPU features: {' '.join(m.get('cpu_flags') or []) or '?'}; L3 {m.get('l3_cache') or '?'}; "
+            f"torch CPU capability {m.get('torch_cpu_capability', '?')}"
         ),
         "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
         f"- load average at start / end: {results.get('loadavg_start')} / {results.get('loadavg_end')}",

@@ -116,4 +116,4 @@ def test_results_md_counts_targets_per_issue():
     md = markdown(results)
     assert "- issue 13: 0 of 1 targets met" in md
     assert "| 13 | linear 4096x4096 w8 act=none @ 1 rows |" in md
-    assert "(0.50x)" in md  # the table's x bf16 uses the paired baseline
+    assert "2000.0 / 2000.0 (0.50x; bf16 1000.0)" in md  # x bf16 against the paired baseline, shown
