@@ -228,6 +228,26 @@ def minilm_section(rows: list[dict[str, Any]]) -> str:
     )
 
 
+def glance(rows: list[dict[str, Any]]) -> str:
+    """Issue 13 at a glance: one line per scheme (weight x activation, or MiniLM variant), one
+    column per (group, tokens / sentences), each cell the ratio and met / MISSED (info rows in
+    parentheses); empty when no issue-13 row carries a group."""
+    mine = [r for r in rows if r.get("issue") == 13 and "group" in r]
+    if not mine:
+        return ""
+    cols = list(dict.fromkeys((r["group"], r["point"]) for r in mine))
+    cells: dict[str, dict[tuple, str]] = {}
+    for r in mine:
+        text = "-" if r["measured"] is None else f"{r['measured']:.2f}x"
+        text += {True: " met", False: " MISSED", None: ""}[r["met"]]
+        if r.get("info"):
+            text = f"({text.replace(' MISSED', ' below').replace(' met', '')})"
+        cells.setdefault(r["scheme"], {})[(r["group"], r["point"])] = text
+    body = [[scheme, *(per.get(c, "") for c in cols)] for scheme, per in cells.items()]
+    header = ["weight x activation / variant"] + [f"{g} {p}" for g, p in cols]
+    return table(header, body)
+
+
 def targets_section(rows: list[dict[str, Any]]) -> str:
     """The targets table (issue 13 first): measured ratio, goal, verdict; a count of met targets per issue."""
     body = []
@@ -248,6 +268,13 @@ def targets_section(rows: list[dict[str, Any]]) -> str:
             "## 4. Targets",
             "",
             *summary,
+            "",
+            *(
+                ["### Issue 13 at a glance (x bf16; goal 1.0x, 0.8x at 256 tokens; info rows in parentheses)", "", g, ""]
+                if (g := glance(rows))
+                else []
+            ),
+            "### Every target",
             "",
             table(["issue", "target", "compares", "measured", "goal", "status", "detail"], body),
             "",

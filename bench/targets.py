@@ -17,7 +17,9 @@ Forward ratios are against the bf16 baseline timed alternately with the row (``b
 :func:`bench.common.measure_pair`), so slow drifts of the machine cancel out.
 Every row: ``issue``, ``target``, ``what`` (the two figures compared), ``measured`` (the ratio),
 ``goal``, ``op`` (``>=`` or ``<=``), ``met`` (bool, or ``None`` when a figure is missing),
-``verdict`` and, for rows beside a target rather than one, ``info``.
+``verdict`` and, for rows beside a target rather than one, ``info``; issue-13 rows also carry
+``group`` (linear, MoE block, MiniLM), ``scheme`` and ``point`` (tokens or sentences) for the
+at-a-glance matrix of ``results.md``.
 """
 
 from __future__ import annotations
@@ -217,9 +219,10 @@ def issue13_forward_targets(rows: list[dict[str, Any]], axis: str, baseline: str
         target = f"{label} {_scheme(r)} @ {r[axis]} {'tokens' if axis == 'tokens' else 'rows'}"
         what = f"{baseline} time / oqcore ({r.get('backend') or '?'}) time"
         if r.get("status") != "ok":
-            out.append(_missed(target, what, goal, ">=", r.get("status", "no figure"), 13))
-            continue
-        out.append(_row(target, what, _ratio(r, base.get(r[axis])), goal, ">=", 13))
+            row = _missed(target, what, goal, ">=", r.get("status", "no figure"), 13)
+        else:
+            row = _row(target, what, _ratio(r, base.get(r[axis])), goal, ">=", 13)
+        out.append(row | {"group": label, "scheme": _scheme(r), "point": r[axis]})
     return out
 
 
@@ -244,7 +247,7 @@ def minilm_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row = _row(target, what, _ratio(r, base.get(n)), MINILM_GOAL, ">=", 13)
         if r.get("info"):
             row["info"] = True
-        out.append(row)
+        out.append(row | {"group": "MiniLM (sentences)", "scheme": r["impl"], "point": n})
         if r.get("dtype") == "float32" and r.get("status") == "ok" and n in fp32:
             info = _row(
                 f"MiniLM {r['impl']} @ {n} sentences vs fp32 original",

@@ -117,3 +117,16 @@ def test_results_md_counts_targets_per_issue():
     assert "- issue 13: 0 of 1 targets met" in md
     assert "| 13 | linear 4096x4096 w8 act=none @ 1 rows |" in md
     assert "2000.0 / 2000.0 (0.50x; bf16 1000.0)" in md  # x bf16 against the paired baseline, shown
+
+
+def test_glance_matrix_one_line_per_scheme():
+    from bench.report import glance
+
+    rows = [_row("bf16 F.linear", m, 1.0, weight="bf16", backend="") for m in (1, 256)]
+    rows += [_row("oqcore", 1, 0.5, bf16_min_s=1.0), _row("oqcore", 256, 2.0, bf16_min_s=1.0)]
+    rows += [_row("oqcore", 1, None, status="not available: boom", activation="a8")]
+    text = glance(targets.issue13_forward_targets(rows, "batch", "bf16 F.linear", "linear"))
+    lines = text.splitlines()
+    assert lines[0] == "| weight x activation / variant | linear 1 | linear 256 |"
+    assert "| w8 act=none | 2.00x met | 0.50x MISSED |" in lines
+    assert "| w8 act=a8 | - MISSED |  |" in lines
