@@ -95,8 +95,8 @@ static inline float sw_at(const WG* p, int64_t wro, int64_t c) {
 
 /* Growable per-thread buffers (64-byte aligned), kept across calls: no allocation per call */
 static void* tls_buf(int slot, size_t bytes) {
-    static __thread void* ptr[6];
-    static __thread size_t cap[6];
+    static __thread void* ptr[7];
+    static __thread size_t cap[7];
     if (cap[slot] < bytes) {
         free(ptr[slot]);
         size_t sz = (bytes + 63) & ~(size_t)63;
@@ -195,29 +195,41 @@ static inline __m512i dec32(const uint8_t* p, int64_t r, int fmt, __m512i sub_ta
 
 /* Row `row` (of `rows` valid) of an operand as Kp bf16 values at out: codes decoded (e8m0 folded)
    or bf16 copied; zeros past K, and a zero row past `rows`. */
-static inline void dec_row(const void* base, int fmt, int64_t row, int64_t rows, int64_t K, int64_t Kp,
-                           const void* s, int skind, int64_t g_r, int64_t g_c, int64_t ld, __m512i tab, uint16_t* out, int* bad) {
-    if (row >= rows) { memset(out, 0, (size_t)Kp * 2); return; }
+static inline void dec_span(const void* base, int fmt, int64_t row, int64_t rows, int64_t K, int64_t k0, int64_t k1,
+                            const void* s, int skind, int64_t g_r, int64_t g_c, int64_t ld, __m512i tab, uint16_t* out,
+                            int64_t ostep, int* bad) {
+    /* values [k0, k1) of the row (k0, k1 multiples of 32); block k / 32 goes to out + ((k - k0) / 32) * ostep */
+    if (row >= rows) {
+        for (int64_t k = k0; k < k1; k += 32) _mm512_storeu_si512(out + ((k - k0) / 32) * ostep, _mm512_setzero_si512());
+        return;
+    }
     if (fmt == FMT_BF16) {
         const uint16_t* src = (const uint16_t*)base + row * K;
-        for (int64_t k = 0; k < Kp; k += 32) {
+        for (int64_t k = k0; k < k1; k += 32) {
             int64_t r = K - k;
             __mmask32 m = r >= 32 ? (__mmask32)0xFFFFFFFFu : (r <= 0 ? 0 : (__mmask32)((1u << r) - 1u));
-            _mm512_storeu_si512(out + k, _mm512_maskz_loadu_epi16(m, src + k));
+            _mm512_storeu_si512(out + ((k - k0) / 32) * ostep, _mm512_maskz_loadu_epi16(m, src + k));
         }
         return;
     }
     const uint8_t* src = (const uint8_t*)base + row * K;
     const uint8_t* srow = skind == SK_E8M0 ? (const uint8_t*)s + (row / g_r) * ld : NULL;
-    int64_t g = 0, in_g = 0; /* group of k, position in it (no division per step) */
-    for (int64_t k = 0; k < Kp; k += 32, in_g += 32) {
+    int64_t g = srow ? k0 / g_c : 0, in_g = srow ? k0 % g_c : 0; /* group of k, position in it (no division per step) */
+    for (int64_t k = k0; k < k1; k += 32, in_g += 32) {
         if (in_g >= g_c) { g++; in_g = 0; }
         int delta = srow ? (int)srow[g] - 127 : 0;
         /* decoded exponents are -9..8 (e4m3) / 0..7 (int8): 2^delta keeps them normal bf16 (byte 255 = NaN is out too) */
         if (delta < -117 || delta > 119) *bad = 1;
         __m512i v = k < K ? dec32(src + k, K - k, fmt, tab, srow != NULL, delta) : _mm512_setzero_si512();
-        _mm512_storeu_si512(out + k, v);
+        _mm512_storeu_si512(out + ((k - k0) / 32) * ostep, v);
     }
+}
+
+/* Row `row` (of `rows` valid) of an operand as Kp bf16 values: codes decoded (e8m0 folded) or
+   bf16 copied; zeros past K, and a zero row past `rows`. Block k / 32 at out + (k / 32) * ostep. */
+static inline void dec_row(const void* base, int fmt, int64_t row, int64_t rows, int64_t K, int64_t Kp,
+                           const void* s, int skind, int64_t g_r, int64_t g_c, int64_t ld, __m512i tab, uint16_t* out, int64_t ostep, int* bad) {
+    dec_span(base, fmt, row, rows, K, 0, Kp, s, skind, g_r, g_c, ld, tab, out, ostep, bad);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -258,7 +270,7 @@ static int run_bf16(const WG* p, int nthreads) {
     uint16_t* ab = (uint16_t*)tls_buf(0, (size_t)Mp * Kp * 2);
     if (!ab) return -1;
     for (int64_t m = 0; m < Mp; m++)
-        dec_row(p->a, p->a_fmt, m, M, p->K, Kp, p->as, p->as_kind, p->ar, p->ac, p->ald, tab, ab + m * Kp, p->bad);
+        dec_row(p->a, p->a_fmt, m, M, p->K, Kp, p->as, p->as_kind, p->ar, p->ac, p->ald, tab, ab + m * Kp, 32, p->bad);
     int fail = 0;
     const int64_t nb = (N + 3) / 4;
     #pragma omp parallel num_threads(nthreads)
@@ -273,7 +285,7 @@ static int run_bf16(const WG* p, int nthreads) {
             if (!wb) continue;
             int64_t n0 = b * 4;
             for (int i = 0; i < 4; i++)
-                dec_row(p->q, p->q_fmt, n0 + i, N, p->K, Kp, p->ws, p->ws_kind, p->gr, p->gc, p->wld, tab, wb + i * Kp, p->bad);
+                dec_row(p->q, p->q_fmt, n0 + i, N, p->K, Kp, p->ws, p->ws_kind, p->gr, p->gc, p->wld, tab, wb + i * Kp, 32, p->bad);
             int64_t m0 = 0;
             for (; m0 + 4 <= M; m0 += 4) bf16_block(p, 4, wb, ab, n0, m0);
             switch (M - m0) {
@@ -318,21 +330,47 @@ static void amx_config(void) {
 /* tiles: 0..3 C (n-sub i, m-sub j) = 2 * i + j; 4, 5 A (weight rows n0..n0+15, n0+16..n0+31);
    6, 7 B (activation m-blocks). Weight panel wp: 32 rows x Kp bf16; activation panels bp: per
    16-row m-block, Kp/32 VNNI tiles of 1 KB. */
-static void amx_mblock(const WG* p, const uint16_t* wp, const uint32_t* bp, int64_t n0, int64_t mb, int two, float* tmp, float* tot) {
+/* tot[n][m] (+)= tmp * (sa[m] * sw[n]) for the flush of chunk c; tmp tile (i, j) holds [16 n][16 m] */
+static inline void amx_post(const WG* p, const float* tmp, float* tot, const float* sa, const int64_t* wro, int two, int64_t c, int first) {
+    __m512 sa0 = _mm512_loadu_ps(sa), sa1 = _mm512_loadu_ps(sa + 16), s0 = sa0, s1 = sa1;
+    int64_t last = -1;
+    for (int i = 0; i < 2; i++)
+        for (int r = 0; r < 16; r++) {
+            if (wro[i * 16 + r] != last) {
+                last = wro[i * 16 + r];
+                __m512 sw = _mm512_set1_ps(sw_at(p, last, c));
+                s0 = _mm512_mul_ps(sa0, sw);
+                s1 = _mm512_mul_ps(sa1, sw);
+            }
+            float* o = tot + (i * 16 + r) * 32;
+            __m512 t0 = _mm512_load_ps(tmp + (2 * i) * 256 + r * 16);
+            _mm512_store_ps(o, first ? _mm512_mul_ps(t0, s0) : _mm512_fmadd_ps(t0, s0, _mm512_load_ps(o)));
+            if (two) {
+                __m512 t1 = _mm512_load_ps(tmp + (2 * i + 1) * 256 + r * 16);
+                _mm512_store_ps(o + 16, first ? _mm512_mul_ps(t1, s1) : _mm512_fmadd_ps(t1, s1, _mm512_load_ps(o + 16)));
+            }
+        }
+}
+
+/* tiles: 0..3 C (n-sub i, m-sub j) = 2 * i + j; 4, 5 A (weight rows n0..n0+15, n0+16..n0+31);
+   6, 7 B (m-blocks mb, mb + 1 when two). wp: row n0 of the weight panel; the A tile of rows
+   16 i.. at step s is at wp + s * astep + i * a16 with row stride astride bytes; bp: per 16-row m-block, Kp/32 VNNI tiles of 1 KB; sa_tab[c * Mp + m]: float32
+   activation scales per chunk. Software-pipelined: the scaling of chunk c's partial sums (vector
+   code on tmp) is issued after chunk c + 1's tile instructions, so the two overlap. */
+static void amx_mblock(const WG* p, const uint16_t* wp, int64_t astep, int64_t a16, int64_t astride, const uint32_t* bp,
+                       const float* sa_tab, int64_t Mp, int64_t n0, int64_t mb, int two, float* tmp, float* tot) {
     const int64_t Kp = p->Kp, N = p->N, M = p->M, nkb = Kp / 32;
     const int64_t m0 = mb * 16;
-    const size_t wstride = (size_t)Kp * 2;
     const uint32_t* b0 = bp + mb * nkb * 256;
     const uint32_t* b1 = b0 + nkb * 256;
-    memset(tot, 0, 32 * 32 * 4);
     int64_t wro[32];
     for (int i = 0; i < 32; i++) wro[i] = ((n0 + i < N ? n0 + i : 0) / p->gr) * p->wld;
     for (int64_t c = 0; c < p->nck; c++) {
         int64_t s0 = p->ck0[c] / 32, s1 = (p->ck1[c] + 31) / 32;
         _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
         for (int64_t s = s0; s < s1; s++) {
-            _tile_loadd(4, wp + s * 32, wstride);
-            _tile_loadd(5, wp + 16 * Kp + s * 32, wstride);
+            _tile_loadd(4, wp + s * astep, astride);
+            _tile_loadd(5, wp + s * astep + a16, astride);
             _tile_loadd(6, b0 + s * 256, 64);
             _tile_dpbf16ps(0, 4, 6);
             _tile_dpbf16ps(2, 5, 6);
@@ -342,23 +380,13 @@ static void amx_mblock(const WG* p, const uint16_t* wp, const uint32_t* bp, int6
                 _tile_dpbf16ps(3, 5, 7);
             }
         }
-        _tile_stored(0, tmp, 64);
-        _tile_stored(2, tmp + 512, 64);
-        if (two) { _tile_stored(1, tmp + 256, 64); _tile_stored(3, tmp + 768, 64); }
-        /* tot[n][m] += tmp * (sa[m] * sw[n]); tmp tile (i, j) holds [16 n][16 m] */
-        float sa[32] __attribute__((aligned(64)));
-        for (int j = 0; j < 32; j++) sa[j] = sa_at(p, m0 + j < M ? m0 + j : 0, c);
-        for (int i = 0; i < 2; i++)
-            for (int r = 0; r < 16; r++) {
-                float sw = sw_at(p, wro[i * 16 + r], c);
-                for (int j = 0; j < 1 + two; j++) {
-                    __m512 t = _mm512_loadu_ps(tmp + (2 * i + j) * 256 + r * 16);
-                    __m512 s = _mm512_mul_ps(_mm512_loadu_ps(sa + j * 16), _mm512_set1_ps(sw));
-                    float* o = tot + (i * 16 + r) * 32 + j * 16;
-                    _mm512_storeu_ps(o, _mm512_fmadd_ps(t, s, _mm512_loadu_ps(o)));
-                }
-            }
+        if (c > 0) amx_post(p, tmp + ((c - 1) & 1) * 1024, tot, sa_tab + (c - 1) * Mp + m0, wro, two, c - 1, c == 1);
+        float* t = tmp + (c & 1) * 1024;
+        _tile_stored(0, t, 64);
+        _tile_stored(2, t + 512, 64);
+        if (two) { _tile_stored(1, t + 256, 64); _tile_stored(3, t + 768, 64); }
     }
+    amx_post(p, tmp + ((p->nck - 1) & 1) * 1024, tot, sa_tab + (p->nck - 1) * Mp + m0, wro, two, p->nck - 1, p->nck == 1);
     int64_t mv = M - m0 < 32 ? M - m0 : 32, nv = N - n0 < 32 ? N - n0 : 32;
     for (int64_t j = 0; j < mv; j++)
         for (int64_t i = 0; i < nv; i++) p->y[(m0 + j) * N + n0 + i] = tot[i * 32 + j];
@@ -370,7 +398,7 @@ static void amx_mblock(const WG* p, const uint16_t* wp, const uint32_t* bp, int6
    flushes, y[m][n] = the sum of its S slots. */
 static void amx_small(const WG* p, const uint16_t* wp, const uint32_t* bp, int64_t n0, int S, float* tmp, float* tot) {
     const int64_t Kp = p->Kp, N = p->N, M = p->M;
-    const size_t wstride = (size_t)Kp * 2;
+    const size_t wstride = (size_t)Kp * 2; /* row-major panel: measured faster here than tile-major (decode streams one row at a time) */
     int64_t wro[64];
     for (int i = 0; i < 64; i++) wro[i] = ((n0 + i < N ? n0 + i : 0) / p->gr) * p->wld;
     const int scaled = p->as_kind == SK_F32 || p->ws_kind == SK_F32;
@@ -465,7 +493,7 @@ static int run_amx(const WG* p, int nthreads) {
         #pragma omp for schedule(static)
         for (int64_t m = 0; m < nmbp * 16; m++) {
             if (!row) continue;
-            dec_row(p->a, p->a_fmt, m, M, p->K, Kp, p->as, p->as_kind, p->ar, p->ac, p->ald, tab, row, p->bad);
+            dec_row(p->a, p->a_fmt, m, M, p->K, Kp, p->as, p->as_kind, p->ar, p->ac, p->ald, tab, row, 32, p->bad);
             if (S > 1) {
                 if (m >= M) continue;
                 for (int64_t kb = 0; kb < nkb; kb++)
@@ -478,11 +506,25 @@ static int run_amx(const WG* p, int nthreads) {
         }
     }
     if (fail) return -1;
-    const int64_t rows = small ? 64 : 32, nb = (N + rows - 1) / rows;
+    /* float32 activation scales per (chunk, row of M), 1 without (large-M path) */
+    float* sa_tab = NULL;
+    if (!small) {
+        sa_tab = (float*)tls_buf(6, (size_t)p->nck * nmbp * 16 * 4);
+        if (!sa_tab) return -1;
+        for (int64_t c = 0; c < p->nck; c++)
+            for (int64_t m = 0; m < nmbp * 16; m++) sa_tab[c * nmbp * 16 + m] = sa_at(p, m < M ? m : 0, c);
+    }
+    /* Weight panels, measured on this project's Xeon (2 MB L2): M <= 16 64 rows, row-major; packed
+       activations up to 1 MB (M <= 128 at K = 4096): 32 rows, row-major (decoding one row at a time
+       streams best); larger: 128-row tile-major panels (1 MB at K = 4096; strided A tile loads from
+       a big row-major panel thrash L1 sets), m-pairs outer and 32-row sub-panels inner, so the
+       packed activations stream from L3 once per 128 rows instead of once per 32. */
+    const int tiled = !small && nmbp * 16 * Kp * 2 > (1 << 20);
+    const int64_t rows = small ? 64 : tiled ? 128 : 32, nb = (N + rows - 1) / rows;
     #pragma omp parallel num_threads(nthreads)
     {
         uint16_t* wp = (uint16_t*)tls_buf(1, (size_t)rows * Kp * 2);
-        float* tmp = (float*)tls_buf(3, (size_t)(4 * 256 + 32 * 32) * 4);
+        float* tmp = (float*)tls_buf(3, (size_t)(2 * 1024 + 32 * 32) * 4); /* two flush buffers, tot */
         if (!wp || !tmp) {
             #pragma omp atomic write
             fail = 1;
@@ -493,11 +535,20 @@ static int run_amx(const WG* p, int nthreads) {
         for (int64_t b = 0; b < nb; b++) {
             if (!wp || !tmp) continue;
             int64_t n0 = b * rows;
+            if (small) {
+                for (int i = 0; i < rows; i++)
+                    dec_row(p->q, p->q_fmt, n0 + i, N, p->K, Kp, p->ws, p->ws_kind, p->gr, p->gc, p->wld, tab, wp + i * Kp, 32, p->bad);
+                amx_small(p, wp, bp, n0, S, tmp, tmp + 1024);
+                continue;
+            }
             for (int i = 0; i < rows; i++)
-                dec_row(p->q, p->q_fmt, n0 + i, N, p->K, Kp, p->ws, p->ws_kind, p->gr, p->gc, p->wld, tab, wp + i * Kp, p->bad);
-            if (small) amx_small(p, wp, bp, n0, S, tmp, tmp + 1024);
-            else
-                for (int64_t mb = 0; mb < nmb; mb += 2) amx_mblock(p, wp, bp, n0, mb, mb + 1 < nmb, tmp, tmp + 1024);
+                dec_row(p->q, p->q_fmt, n0 + i, N, p->K, Kp, p->ws, p->ws_kind, p->gr, p->gc, p->wld, tab,
+                        tiled ? wp + i * 32 : wp + i * Kp, tiled ? rows * 32 : 32, p->bad);
+            for (int64_t mb = 0; mb < nmb; mb += 2)
+                for (int64_t sp = 0; sp < rows && n0 + sp < N; sp += 32) {
+                    if (tiled) amx_mblock(p, wp + sp * 32, rows * 32, 512, 64, bp, sa_tab, nmbp * 16, n0 + sp, mb, mb + 1 < nmb, tmp, tmp + 2048);
+                    else amx_mblock(p, wp, 32, 16 * Kp, Kp * 2, bp, sa_tab, nmbp * 16, n0 + sp, mb, mb + 1 < nmb, tmp, tmp + 2048);
+                }
         }
         if (wp && tmp) _tile_release();
     }
