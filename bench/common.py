@@ -55,16 +55,25 @@ def measure(fn: Callable[[], Any], budget: Budget) -> dict[str, float]:
 
 
 def measure_pair(
-    fn: Callable[[], Any], ref: Callable[[], Any], budget: Budget, min_reps: int = 2, slow_s: float = 1.0
+    fn: Callable[[], Any],
+    ref: Callable[[], Any],
+    budget: Budget,
+    min_reps: int = 2,
+    slow_s: float = 0.25,
+    far_ratio: float = 4.0,
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Time ``fn()`` and a reference ``ref()`` alternately (``fn, ref, ref, fn, fn, ref, ...``), so
     both see the same machine: on a shared VM the memory bandwidth and the cores a call gets drift
     by up to 2x within minutes, and a ratio of two figures taken minutes apart carries that drift.
     Returns ``(stats of fn, stats of ref)`` as :func:`measure` does (``median_s``, ``min_s``,
-    ``reps``, ``warmup_s``, seconds per call). At least ``max(budget.min_reps, min_reps)`` timed
-    calls of each (only ``budget.min_reps`` when the warm-up call of ``fn`` took over ``slow_s``
-    seconds: such a row is far from its baseline, and a second call would not change a verdict),
-    and at least ``budget.min_time_s`` of both together."""
+    ``reps``, ``warmup_s``: seconds per call; ``warmup_s`` is the first call, which may build a
+    kernel, and is never one of the timed calls).
+
+    The number of timed calls comes from the first timed pair, not from the warm-up: at least
+    ``max(budget.min_reps, min_reps)`` of each and at least ``budget.min_time_s`` of both together,
+    at most ``budget.max_reps``. A ``fn`` far from its reference (over ``slow_s`` seconds a call and
+    over ``far_ratio`` times ``ref``) gets only the time budget's count, at least one: a second
+    call would not change a verdict, and such rows would otherwise dominate the run's time."""
     warm = []
     for f in (fn, ref):
         t = time.perf_counter()
@@ -73,15 +82,23 @@ def measure_pair(
     for _ in range(budget.warmup - 1):
         fn()
         ref()
-    floor = budget.min_reps if warm[0] > slow_s else max(budget.min_reps, min_reps)
-    reps = max(floor, min(budget.max_reps, math.ceil(budget.min_time_s / max(sum(warm), 1e-6))))
     times: tuple[list[float], list[float]] = ([], [])
-    for i in range(reps):
+
+    def timed_pair(i: int) -> None:
+        """One timed call of each, the order flipped every other pair."""
         order = ((0, fn), (1, ref)) if i % 2 == 0 else ((1, ref), (0, fn))
         for j, f in order:
             t = time.perf_counter()
             f()
             times[j].append(time.perf_counter() - t)
+
+    timed_pair(0)
+    mine, base = times[0][0], times[1][0]
+    far = mine > slow_s and mine > far_ratio * base
+    floor = 1 if far else max(budget.min_reps, min_reps)
+    reps = max(floor, min(budget.max_reps, math.ceil(budget.min_time_s / max(mine + base, 1e-6))))
+    for i in range(1, reps):
+        timed_pair(i)
     return tuple(  # type: ignore[return-value]
         {"median_s": statistics.median(ts), "min_s": min(ts), "reps": reps, "warmup_s": w} for ts, w in zip(times, warm)
     )

@@ -28,10 +28,11 @@ def test_measure_pair_floor_of_two_reps():
     assert calls.count("q") == calls.count("b") == 3  # warm-up + 2 timed: a best-of needs two
 
 
-def test_measure_pair_slow_rows_get_the_budget_floor():
+def test_measure_pair_far_rows_get_one_timed_call():
     calls = []
-    measure_pair(lambda: calls.append("q"), lambda: calls.append("b"), Budget(min_time_s=0.0, min_reps=1), slow_s=-1.0)
-    assert calls == ["q", "b", "q", "b"]  # the warm-up "took over slow_s": one timed call each
+    budget = Budget(min_time_s=0.0, min_reps=5)
+    measure_pair(lambda: calls.append("q"), lambda: calls.append("b"), budget, slow_s=-1.0, far_ratio=-1.0)
+    assert calls == ["q", "b", "q", "b"]  # "far" from the reference: the warm-up and one timed call each
 
 
 def test_planner_matrix_is_every_weight_key_times_its_activations():
