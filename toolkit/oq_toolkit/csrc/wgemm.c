@@ -280,7 +280,7 @@ static int run_bf16(const WG* p, int nthreads) {
             #pragma omp atomic write
             fail = 1;
         }
-        #pragma omp for schedule(static)
+        #pragma omp for schedule(dynamic, 4)  /* a preempted thread (busy machine) does not hold the others back */
         for (int64_t b = 0; b < nb; b++) {
             if (!wb) continue;
             int64_t n0 = b * 4;
@@ -531,7 +531,7 @@ static int run_amx(const WG* p, int nthreads) {
         } else {
             amx_config();
         }
-        #pragma omp for schedule(static)
+        #pragma omp for schedule(dynamic, 1)  /* idem; blocks are 32..128 weight rows */
         for (int64_t b = 0; b < nb; b++) {
             if (!wp || !tmp) continue;
             int64_t n0 = b * rows;
