@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from bench.common import MIB
+from bench.targets import vs_fp32
 
 
 def table(header: list[str], rows: list[list[Any]]) -> str:
@@ -204,10 +205,13 @@ def minilm_section(rows: list[dict[str, Any]]) -> str:
                 if r is not None:
                     notes.add(r.get("status", ""))
                 continue
-            ref = r.get("bf16_min_s") or (bf16[n]["min_s"] if n in bf16 else None)
+            paired = r.get("bf16_min_s")
+            ref = paired or (bf16[n]["min_s"] if n in bf16 else None)
             ratios = [f"{ref / r['min_s']:.2f}x bf16"] if ref and impl != "bf16 (transformers)" else []
+            if paired:
+                ratios.append(f"bf16 {_ms(paired)}")
             if r.get("dtype") == "float32" and n in fp32 and impl != "fp32 (transformers)":
-                ratios.append(f"{fp32[n]['min_s'] / r['min_s']:.2f}x fp32")
+                ratios.append(f"{vs_fp32(r, fp32[n]):.2f}x fp32")
             cells.append(f"{_ms(r['min_s'])} / {_ms(r['median_s'])}" + (f" ({', '.join(ratios)})" if ratios else ""))
         body.append([impl, first.get("dtype", ""), first.get("scheme", ""), first.get("backend", ""), *cells, "; ".join(sorted(notes))])
     shapes = ", ".join(f"{r['sentences']} sentences = {r['tokens']}" for r in rows if r.get("tokens") and r["impl"] == "bf16 (transformers)")
@@ -218,8 +222,8 @@ def minilm_section(rows: list[dict[str, Any]]) -> str:
             "",
             (
                 f"Whole-model forward of the bundled all-MiniLM-L6-v2 on tokenized bundled sentences ({shapes} tokens, "
-                "padded). x bf16 against the bf16 original timed alternately with the row (paired); x fp32 against "
-                "the fp32 original's row."
+                "padded). x bf16 against the bf16 original timed alternately with the row (paired, its best ms "
+                "after `bf16`); x fp32 = (x bf16 of the row) / (x bf16 of the fp32 original), both paired."
             ),
             "",
             table(header, body),
