@@ -26,6 +26,7 @@ misreport. (In practice every branch is bit-identical.)
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -180,6 +181,90 @@ def _moe_mismatch(name: str, experts: QuantizedMoE, e: torch.Tensor, c: torch.Te
     tol = 2 * (lay.hidden_size + lay.intermediate_size) * EPS32 * (e.abs().max() + 1)
     err = (c - e).abs().max()
     return [] if err <= tol else [f"{name}: max err {err.item():.3g}, bound {tol.item():.3g}"]
+
+
+# ---- every weight key x every dynamic activation key ------------------------------------------
+
+
+def _pairs() -> list[tuple[str, str, str | None]]:
+    """``(kind, weight key, activation key or None)`` for every weight key of the registry and
+    every activation key its method for ``kind`` supports, static ones left out (an online
+    quantization has no calibrated input scale: a ConfigError, tested elsewhere)."""
+    from oqcore.config import bind_spec
+
+    reg = oqcore.get_plugin_manager().registry
+    out = []
+    for kind in ("linear", "moe"):
+        for w in reg.keys.names("weight"):
+            for act in bind_spec({"weight": w}, kind, reg).method_cls.supported_activation_keys:
+                if act is None or not act.scale.static:
+                    out.append((kind, w, None if act is None else reg.name_of(act, "activation")))
+    return out
+
+
+def test_every_activation_key_runs_as_one_op(experts_by_arch, monkeypatch):
+    """Beyond the shorthands' default activations: every (weight key, dynamic activation key or
+    weight-only) pair, every backend the planner offers on the CPU for it, a dense MLP and the
+    Mixtral experts (every layout runs the same op; the layouts are covered above): zero graph
+    breaks (``fullgraph=True`` refuses any, and Dynamo traces this large zoo once instead of twice
+    with ``explain``), one op per opaque layer, compiled (inductor) bit-identical to eager (the op
+    runs the eager forward; ReLU and the routing clamp are exact). The linear ``torch`` reference
+    is traceable (inductor fuses it): its compiled numerics for every activation key are
+    ``tests/test_compile_forward.py``'s zoo, so it is left out here; any other traceable backend is
+    held to the bound of the module docstring."""
+    from oqcore.formats import REFERENCE
+
+    monkeypatch.setenv("OQ_DISABLE_TRITON", "1")
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(4)
+    mlps, moes, xs = {}, {}, {}
+    for kind, w, act in _pairs():
+        spec = {"weight": w, "activation": act}
+        tag = f"{w}_{act or 'wo'}"
+        if kind == "linear":
+            for backend in _viable(MLP(), {"linear": spec}, "linear"):
+                if backend != REFERENCE:
+                    mlps[f"mlp_{tag}_{backend}"] = oqcore.quantize_(MLP(), {"linear": spec, "backend": {"linear": backend}})
+                    xs[f"mlp_{tag}_{backend}"] = torch.randn(T, K, generator=gen) * 3
+            continue
+        for arch in ("mixtral",):
+            experts = experts_by_arch[arch]
+            lay = moe_layout(experts)
+            for backend in _viable(nn.ModuleDict({"experts": experts}), {"moe": spec}, "moe"):
+                name = f"{arch}_{tag}_{backend}"
+                holder = nn.ModuleDict({"experts": copy.deepcopy(experts)})
+                moes[name] = oqcore.quantize_(holder, {"moe": spec, "backend": {"moe": backend}})["experts"]
+                ids = torch.randint(0, lay.num_experts, (T, 2), generator=gen)
+                xs[name] = (torch.randn(T, lay.hidden_size, generator=gen), ids, torch.rand(T, 2, generator=gen))
+    zoo = Zoo(mlps, moes).eval()
+    assert len(moes) >= len([p for p in _pairs() if p[0] == "moe"]), sorted(moes)  # the reference at least
+    layers = [m for m in zoo.modules() if isinstance(m, (QuantizedLinear, QuantizedMoE))]
+    opaque = {kind: sum(isinstance(m, cls) and not m.method.backend.traceable for m in layers) for kind, cls in (("linear", QuantizedLinear), ("moe", QuantizedMoE))}
+
+    graphs = []
+
+    def inductor_recording(gm: torch.fx.GraphModule, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+
+        graphs.append(gm)
+        return compile_fx(gm, example_inputs)
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager, compiled = zoo(xs), torch.compile(zoo, backend=inductor_recording, fullgraph=True)(xs)
+        assert len(graphs) == 1
+        explain = SimpleNamespace(graphs=graphs)
+        assert _count_ops(explain, torch.ops.oqcore.linear_forward) == opaque["linear"]
+        assert _count_ops(explain, torch.ops.oqcore.moe_forward) == opaque["moe"] == len(moes)
+        bad = []
+        for name, mlp in zoo.mlps.items():
+            if mlp.up.method.backend.traceable:
+                bad += _mlp_mismatch(name, mlp, xs[name], eager[name], compiled[name])
+            elif not (torch.equal(eager[name][0], compiled[name][0]) and torch.equal(eager[name][1], compiled[name][1])):
+                bad.append(f"{name}: not bit-identical")
+        bad += [f"{n}: not bit-identical" for n in zoo.moes if not torch.equal(eager[n], compiled[n])]
+    torch._dynamo.reset()
+    assert not bad, "compiled != eager: " + "; ".join(bad)
 
 
 # ---- the live layer behind the key: reload, copies, errors ---------------------------------------
