@@ -330,6 +330,37 @@ static void amx_config(void) {
 /* tiles: 0..3 C (n-sub i, m-sub j) = 2 * i + j; 4, 5 A (weight rows n0..n0+15, n0+16..n0+31);
    6, 7 B (activation m-blocks). Weight panel wp: 32 rows x Kp bf16; activation panels bp: per
    16-row m-block, Kp/32 VNNI tiles of 1 KB. */
+/* d (16 rows, stride ds floats) = transpose of s (16 rows, stride ss): 4 shuffle stages */
+static inline void tr16(const float* s, int64_t ss, float* d, int64_t ds) {
+    __m512 r[16], t[16];
+    for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(s + i * ss);
+    for (int i = 0; i < 8; i++) { t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]); t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]); }
+    for (int i = 0; i < 4; i++) {
+        __m512d a0 = _mm512_castps_pd(t[4 * i]), a1 = _mm512_castps_pd(t[4 * i + 1]);
+        __m512d a2 = _mm512_castps_pd(t[4 * i + 2]), a3 = _mm512_castps_pd(t[4 * i + 3]);
+        r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a0, a2));
+        r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a0, a2));
+        r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(a1, a3));
+        r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(a1, a3));
+    }
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 4; j++) {
+            t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
+            t[8 * i + 4 + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0xdd);
+        }
+    for (int j = 0; j < 8; j++) { r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88); r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd); }
+    for (int i = 0; i < 16; i++) _mm512_storeu_ps(d + i * ds, r[i]);
+}
+
+/* y block (rows m, cols n; row stride N) = transpose of a [n][m] block s (stride ss), rows x cols valid */
+static inline void store_t16(const float* s, int64_t ss, float* y, int64_t N, int64_t rows, int64_t cols) {
+    if (rows <= 0 || cols <= 0) return;
+    if (rows >= 16 && cols >= 16) { tr16(s, ss, y, N); return; }
+    float t[256] __attribute__((aligned(64)));
+    tr16(s, ss, t, 16);
+    for (int64_t r = 0; r < rows && r < 16; r++) memcpy(y + r * N, t + r * 16, (size_t)(cols < 16 ? cols : 16) * 4);
+}
+
 /* tot[n][m] (+)= tmp * (sa[m] * sw[n]) for the flush of chunk c; tmp tile (i, j) holds [16 n][16 m] */
 static inline void amx_post(const WG* p, const float* tmp, float* tot, const float* sa, const int64_t* wro, int two, int64_t c, int first) {
     __m512 sa0 = _mm512_loadu_ps(sa), sa1 = _mm512_loadu_ps(sa + 16), s0 = sa0, s1 = sa1;
@@ -388,8 +419,9 @@ static void amx_mblock(const WG* p, const uint16_t* wp, int64_t astep, int64_t a
     }
     amx_post(p, tmp + ((p->nck - 1) & 1) * 1024, tot, sa_tab + (p->nck - 1) * Mp + m0, wro, two, p->nck - 1, p->nck == 1);
     int64_t mv = M - m0 < 32 ? M - m0 : 32, nv = N - n0 < 32 ? N - n0 : 32;
-    for (int64_t j = 0; j < mv; j++)
-        for (int64_t i = 0; i < nv; i++) p->y[(m0 + j) * N + n0 + i] = tot[i * 32 + j];
+    for (int is = 0; is < 2; is++)
+        for (int js = 0; js < 1 + two; js++)
+            store_t16(tot + is * 16 * 32 + js * 16, 32, p->y + (m0 + js * 16) * N + n0 + is * 16, N, mv - js * 16, nv - is * 16);
 }
 
 /* M <= 16: one B tile, four weight sub-tiles (64-row panel wp, rows n0..n0+63): four independent
@@ -447,8 +479,7 @@ static void amx_small(const WG* p, const uint16_t* wp, const uint32_t* bp, int64
     }
     int64_t nv = N - n0 < 64 ? N - n0 : 64;
     if (S == 1) {
-        for (int64_t j = 0; j < M; j++)
-            for (int64_t i = 0; i < nv; i++) p->y[j * N + n0 + i] = tot[i * 16 + j];
+        for (int is = 0; is < 4; is++) store_t16(tot + is * 256, 16, p->y + n0 + is * 16, N, M, nv - is * 16);
         return;
     }
     for (int64_t j = 0; j < M; j++)
