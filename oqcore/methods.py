@@ -79,8 +79,10 @@ def expert_loop(
     ``x [T, H]``, ``topk_ids [T, k]`` (ids outside ``[0, num_experts)`` are skipped, as vLLM's
     expert-parallel masks do), ``topk_weights [T, k]``; ``expert_fn(e, x_e [T_e, H]) -> [T_e, H]``
     runs one expert on the tokens routed to it. Returns ``[T, H]`` float32 (cast it to ``x.dtype``).
-    One loop over the experts that received tokens, as transformers' eager experts; under
-    ``torch.compile`` the loop is data dependent (a graph break) and each body compiles.
+    One loop over the experts that received tokens, as transformers' eager experts. The loop is
+    data dependent (Dynamo would break the graph at ``tolist``): a backend using it is not
+    :attr:`oqcore.Backend.traceable`, so under ``torch.compile`` the whole layer forward runs eagerly
+    inside the op ``oqcore::moe_forward`` (:mod:`oqcore.compiled_ops`).
     """
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in torch.unique(topk_ids).tolist():
@@ -436,9 +438,10 @@ class OnlineMoEMethodBase(OnlineMethodBase):
         """Per-expert loop (as transformers' eager experts): gate-up, the layer's gate function,
         down, weighted sum over the top-k. float32 inside, ``x.dtype`` out.
 
-        Under ``torch.compile`` the loop over the experts that received tokens is data dependent:
-        Dynamo breaks the graph there (``tolist``, ``where``) and compiles the per-expert body, which
-        gives the eager numbers; ``fullgraph=True`` is not possible for MoE layers."""
+        The loop over the experts that received tokens is data dependent, so the core's ``torch``
+        backend for experts is not traceable: under ``torch.compile`` this forward runs eagerly
+        inside the op ``oqcore::moe_forward`` (no graph break, ``fullgraph=True`` works, the eager
+        numbers)."""
 
         def expert(e: int, xe: torch.Tensor) -> torch.Tensor:
             """Expert ``e`` on its tokens ``xe [T_e, H]`` -> ``[T_e, H]`` float32."""
