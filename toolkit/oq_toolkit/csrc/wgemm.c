@@ -466,9 +466,12 @@ static void amx_small(const WG* p, const uint16_t* wp, const uint32_t* bp, int64
             sav[j] = sa_at(p, m < M ? m : 0, cj[j]);
         }
         __m512 sa = _mm512_load_ps(sav), sc = sa;
+        /* one weight scale per row when the weight has no float32 K-groups (or one slot) */
+        const int sw_row = p->ws_kind != SK_F32 || p->gc >= p->K || S == 1;
         int64_t last = -1;
         for (int r = 0; r < 64; r++) {
-            if (wro[r] != last) { /* rows of one weight scale group share the vector */
+            if (sw_row) sc = _mm512_mul_ps(sa, _mm512_set1_ps(sw_at(p, wro[r], c0)));
+            else if (wro[r] != last) { /* rows of one weight scale group share the vector */
                 last = wro[r];
                 for (int j = 0; j < 16; j++) swv[j] = sw_at(p, last, cj[j]);
                 sc = _mm512_mul_ps(sa, _mm512_load_ps(swv));
