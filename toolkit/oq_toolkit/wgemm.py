@@ -42,9 +42,29 @@ e8m0 groups of a multiple of 32; other grids run the portable loops. Without a c
 ``OQ_COMPILE=0``) :func:`wgemm_reference` runs instead: the same product with torch ops (float32
 dequantization and ``torch.mm``; slow, correct, same bound).
 
-Speed, measured on this project's machine (Intel Xeon, AVX-512 + AMX-BF16, 2 cores, torch 2.13,
-4096x4096, best of 20, ms; ``python bench/wgemm_micro.py``): see the table in that script's output
-and :data:`MEASURED`.
+Which kernel for which M (measured on this project's machine: Intel Xeon with AMX-BF16, 2 cores,
+torch 2.13; ``python bench/wgemm_micro.py --threads 1 --clock thread``, 4096x4096, CPU ms of one
+thread, best of 20; the wall clock of this shared machine varied 10x between runs)::
+
+    M                                  1      4     16     64    256
+    bf16 F.linear (oneDNN, AMX)     2.48   2.46   2.47   4.87  13.43
+    fp8 128x128 block / bf16        2.16   2.51   2.66   4.79  15.31
+    fp8 128x128 block / e4m3 token  2.26   2.19   2.47   4.25  15.69
+    fp8 128x128 block / e4m3 1x128  2.51   2.32   2.60   3.94  16.61
+    fp8 channel / bf16              1.88   1.91   1.91   3.27  13.86
+    fp8 channel / e4m3 token        1.91   1.80   1.82   3.27  13.34
+    fp8 channel / e4m3 1x128        1.85   2.06   2.30   4.16  16.35
+    mxfp8 / bf16                    2.24   2.25   2.22   3.91  12.83
+    mxfp8 / e4m3 1x32 e8m0          2.09   2.23   2.21   3.51  13.14
+    int8 channel / bf16             1.90   1.90   1.89   3.38  13.33
+
+The fused AMX kernel matches oneDNN's AMX bf16 GEMM at M = 256 (0.81-1.05x; float32 K-groups,
+i.e. 128x128 weight blocks or 1x128 activation groups, cost a scaled flush per 128 of K), so it
+runs at every M: no dequantize-to-scratch + ``torch.mm`` path, whose bf16 rounding of
+``dec(q) * s`` would also break the bound above. Without AMX the AVX512-BF16 path runs at every M;
+it is ~4x slower than AMX here from M = 16 on (one thread, 4096x4096: 1.9 ms at M = 1, 8 ms at
+M = 16), so a forward backend on such a CPU may prefer its own scratch + ``torch.mm`` for large M:
+:func:`available_paths` says which path runs (``[0] == PATH_AMX``).
 
 Threads: OpenMP over blocks of weight rows, ``torch.get_num_threads()`` threads; the ctypes call
 releases the GIL. Under ``torch.compile`` :func:`wgemm` is the custom op ``oq_toolkit::wgemm``
@@ -73,10 +93,6 @@ PATH_AUTO, PATH_AMX, PATH_BF16, PATH_SCALAR = 0, 1, 2, 3
 """Kernel paths of ``csrc/wgemm.c`` (``path=`` of :func:`wgemm_eager` forces one, for tests and benchmarks)."""
 
 _SK_NONE, _SK_F32, _SK_E8M0 = 0, 1, 2
-
-MEASURED = ""
-"""The speed table measured on this project's machine (filled in from ``bench/wgemm_micro.py``)."""
-
 
 def _bind(lib) -> None:
     P, I, C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
