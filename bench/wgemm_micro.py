@@ -54,6 +54,9 @@ def acts(m, k, weight):
         out["e4m3 per-token"] = (codes, W.E4M3, torch.rand(m) + 0.5, (1, k, 1))
         nk = -(-k // 128)
         out["e4m3 1x128"] = (codes, W.E4M3, torch.rand(m, nk) + 0.5, (1, 128, nk))
+    if weight.startswith("int8"):
+        codes = torch.randint(-127, 128, (m, k), dtype=torch.int8).view(torch.uint8)
+        out["int8 per-token"] = (codes, W.INT8, torch.rand(m) + 0.5, (1, k, 1))
     if weight.startswith("mxfp8"):
         codes = (torch.randn(m, k) * 50).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
         nk = -(-k // 32)
