@@ -187,6 +187,16 @@ def _minilm_err(model, ref, fake_quant: bool = True, like=None) -> float:
             h.remove()
 
 
+def w8a8_reference(weight: str) -> dict:
+    """A config for a stored checkpoint whose linears hold ``weight``: keep the stored layers, run
+    the ``torch`` reference forward (what a fake-quant reference computes op for op; see
+    :func:`test_minilm_reads_stored_bytes_and_forward` for why W8A8 end-to-end comparisons need it)."""
+    return {"linear": {"weight": weight}, "backend": {"linear": "torch"}}
+
+
+STORED_WEIGHT = {"FP8_DYNAMIC": "fp8_per_channel_static", "FP8_BLOCK": "fp8_per_block_static", "MXFP8": "mxfp8"}
+
+
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
@@ -196,7 +206,12 @@ def test_minilm_reads_stored_bytes_and_forward(scheme, minilm, tmp_path_factory,
     # the oracle's reference backend (the Triton interpreter's W8A8 forward is compared elsewhere)
     monkeypatch.setenv("OQ_DISABLE_TRITON", "1")
     folder = _write(minilm, scheme, tmp_path_factory)
-    model = oqcore.load(folder, dtype=torch.float32)
+    # W8A8: the torch backend, which the fake-quant reference emulates op for op. The CPU kernels
+    # agree with it per layer within float32 rounding (tests/test_cpu_forwards.py), but through 6
+    # W8A8 layers one activation that lands on the other side of an fp8 rounding boundary cascades
+    # (measured: 3.5 % on this input); this test is about the stored bytes and their meaning.
+    pin = w8a8_reference(STORED_WEIGHT[scheme]) if scheme in WITH_ACTIVATIONS else None
+    model = oqcore.load(folder, pin, dtype=torch.float32)
     _assert_stored_bytes(model, folder)
     assert len(model.oq_state.wrappers) == 37  # every Linear of MiniLM (nothing is named lm_head)
     ref = _reference(minilm, folder, scheme, causal=False)

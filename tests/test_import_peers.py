@@ -43,7 +43,7 @@ from oqcore import CheckpointError
 from oqcore.loading.peer_configs import modelopt_exclude_patterns, transformers_skip_patterns
 
 pytest.importorskip("compressed_tensors")
-from test_import_ct import _minilm_err, _same
+from test_import_ct import _minilm_err, _same, w8a8_reference
 from typer.testing import CliRunner
 
 F = "model.safetensors"
@@ -149,10 +149,10 @@ def _copy(folder: Path, tmp_path: Path) -> Path:
     return out
 
 
-def _load(folder, **kw):
+def _load(folder, config=None, **kw):
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        model = oqcore.load(folder, **kw)
+        model = oqcore.load(folder, config, **kw)
     return model, [str(w.message) for w in seen if issubclass(w.category, UserWarning)]
 
 
@@ -229,7 +229,7 @@ def _targets(model) -> set[tuple]:
 def test_finegrained_block_minilm_reads_stored_bytes_and_forward(minilm, tmp_path_factory, monkeypatch):
     monkeypatch.setenv("OQ_DISABLE_TRITON", "1")
     folder = _folder("fg", minilm, tmp_path_factory)
-    model, warned = _load(folder, dtype=torch.float32)
+    model, warned = _load(folder, w8a8_reference("fp8_per_block_static"), dtype=torch.float32)
     assert len(_assert_stored_bytes(model, folder)) == 37  # every Linear of MiniLM (no lm_head to skip)
     assert _targets(model) == {("fp8_per_block_static", "fp8_per_block_dynamic")}  # DeepSeek-V3's W8A8
     assert not warned
@@ -369,7 +369,7 @@ def test_modelopt_fp8_minilm(where, minilm, tmp_path_factory, monkeypatch):
 def test_modelopt_per_channel_per_token_minilm(minilm, tmp_path_factory, monkeypatch):
     monkeypatch.setenv("OQ_DISABLE_TRITON", "1")
     folder = _folder("mo", minilm, tmp_path_factory, algo="FP8_PER_CHANNEL_PER_TOKEN", exclude=())
-    model, warned = _load(folder, dtype=torch.float32)
+    model, warned = _load(folder, w8a8_reference("fp8_per_channel_static"), dtype=torch.float32)
     assert len(_assert_stored_bytes(model, folder)) == 37  # weight_scale [N] read as [N, 1]
     assert _targets(model) == {("fp8_per_channel_static", "fp8_per_token")}
     assert not any("input_scale" in w for w in warned)

@@ -51,14 +51,14 @@ def test_minilm_report(minilm):
     )
     (row,) = rep.rows
     assert (row.kind, row.weight, row.activation, row.quantizer, row.backend, row.count) == (
-        "linear", "fp8_per_block_static", "fp8_per_block_dynamic", "cpu", "torch", 37,
+        "linear", "fp8_per_block_static", "fp8_per_block_dynamic", "cpu", "cpu", 37,
     )
     # 36 encoder linears + pooler: 21.3 M weights + 0.05 M biases, bf16 -> fp8 + bf16 bias + f32 block scales
     assert row.bytes_before == 21_570_816
     assert 0.50 < row.bytes_after / row.bytes_before < 0.51
     assert rep.seconds_total > 0 and rep.peak_rss >= rep.baseline_rss > 0
     text = str(rep)
-    assert "linear  fp8_per_block_static  fp8_per_block_dynamic  cpu        torch    37      20.6 MiB  10.3 MiB  0.50x" in text
+    assert "linear  fp8_per_block_static  fp8_per_block_dynamic  cpu        cpu      37      20.6 MiB  10.3 MiB  0.50x" in text
 
 
 def test_quantize_inplace_equals_online_load(minilm, reference):

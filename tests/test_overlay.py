@@ -53,7 +53,7 @@ def test_activation_override_on_weight_only_checkpoint_dense(minilm, tmp_path_fa
     assert {_act(model, n) for n in model.oq_state.wrappers} == {"mxfp8"}
     # the oracle's candidates are those of the W8A8 pairing, as if planned from bf16 with it
     fresh = oqcore.plan(oqcore.loading.build_meta_model(minilm), {"linear": {"weight": "mxfp8", "activation": "mxfp8"}}, device="cpu")
-    names = lambda p: {lp.name: [c.backend.name for c in lp.candidates] for lp in p.quantized}
+    names = lambda p: {lp.name: [(c.backend.name, str(c.backend.activation_key), c.reason) for c in lp.candidates] for lp in p.quantized}
     assert names(model.oq_state.plan) == names(fresh)
     # the forward quantizes activations: within bf16 rounding of a fake-quant reference
     ref = _reference(minilm, folder, "MXFP8A16", causal=False)

@@ -113,7 +113,7 @@ def test_unpinned_triton_without_interpreter_falls_back_with_reason(monkeypatch)
     _no_interpreter(monkeypatch)
     qplan = oqcore.plan(net(), "fp8_per_tensor")
     lp = next(lp for lp in qplan.quantized if lp.name == "layers.0")
-    assert lp.backend.name == "torch"
+    assert lp.backend.name == "cpu"  # the C kernel (W8A8: C activation quantizer), not triton
     rejected = {c.backend.name: c.reason for c in lp.candidates if c.reason and c.backend.activation_key == lp.backend.activation_key}
     assert "TRITON_INTERPRET=1" in rejected["triton"]
 
@@ -178,10 +178,11 @@ PINNED_OTHER = {
                              "backend": {"linear": "cpu-int8"}}, ["'0'", "cpu-int8", "divisible by 16", "K=200"]),
     "scaled-mm on cpu": (net, {"linear": "fp8_per_channel", "backend": {"linear": "scaled-mm"}},
                          ["'layers.0'", "scaled-mm", "CUDA only"]),
-    "cpu backend with fp8 activations": (net, {"linear": "fp8_per_block", "backend": {"linear": "cpu"}},
-                                         ["'layers.0'", "cpu", "serves activation none", "fp8_per_block_dynamic"]),
-    "cpu backend for mxfp8 W8A8 experts": (MoEBlock, {"moe": "mxfp8", "backend": {"moe": "cpu"}},
-                                           ["'experts'", "cpu", "serves activation none", "mxfp8"]),
+    "cpu backend with static fp8 activations": (net, {"linear": {"weight": "fp8_per_tensor_static", "activation": "fp8_per_tensor_static"}, "backend": {"linear": "cpu"}},
+                                                ["'layers.0'", "cpu"]),
+    "cpu-int8 W8A8 with K past int32 sums": (lambda: nn.Sequential(nn.Linear(133145, 2)),
+                                             {"linear": {"weight": "int8_per_channel_static", "activation": "int8_per_token"},
+                                              "backend": {"linear": "cpu-int8"}}, ["'0'", "cpu-int8", "int32", "K=133145"]),
 }
 
 

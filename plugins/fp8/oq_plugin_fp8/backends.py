@@ -7,9 +7,11 @@
   run on >= 8.0. On the CPU only under ``TRITON_INTERPRET=1`` (tests).
 - ``scaled-mm`` (priority 50, linear, per-tensor/per-channel weights with per-tensor/per-token
   activations): ``torch._scaled_mm`` on CUDA capability >= 8.9, N and K divisible by 16.
-- ``cpu`` (priority 50, weight-only, linear and moe): :mod:`oq_plugin_fp8.cpu`, a fused fp8
-  dequantize-and-GEMV C kernel (bytes read once, converted in registers) for small batches and
-  tiled dequantize + ``torch.mm`` for large ones; never a whole bf16 copy of a weight.
+- ``cpu`` (priority 50, linear and moe, weight-only and every dynamic activation key):
+  :mod:`oq_plugin_fp8.cpu`, a fused fp8 dequantize-and-GEMV C kernel (bytes read once, converted in
+  registers) for small batches and tiled dequantize + ``torch.mm`` for large ones; never a whole
+  bf16 copy of a weight. W8A8 quantizes the activations with this plugin's C quantizer (the
+  activation key's ``cpu`` quantizer implementation: the reference's bytes) first.
 
 Kernels are imported inside the forward functions, so importing this module never imports Triton.
 """
@@ -172,7 +174,7 @@ def _scaled_mm_supported(layer, device):
 SCALED_MM_ACTIVATIONS = (k.kFp8DynamicTensorSym, k.kFp8DynamicTokenSym)
 
 
-# ---- cpu (weight-only) -----------------------------------------------------------------------------
+# ---- cpu (weight-only and W8A8) ------------------------------------------------------------------
 
 
 def _cpu_grid(weight_key, q: torch.Tensor, scale: torch.Tensor) -> tuple[int, int, int]:
@@ -192,6 +194,29 @@ def _cpu_supported(layer, device) -> tuple[bool, str]:
     return True, "CPU: fused fp8 dequantize-and-GEMV C kernel, tiled dequantize + torch.mm for large batches"
 
 
+def quantize_activation_cpu(act_key, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic fp8 activations ``x2 [M, K]`` -> ``(q float8_e4m3fn [M, K], scale float32)`` with the
+    C quantizer (the ``cpu`` quantizer implementation of ``act_key``: the torch reference's bytes;
+    the reference runs instead without a compiler) in the grouping of ``act_key`` (per tensor
+    ``[1]``, per token ``[M, 1]``, 1x128 groups ``[M, ceil(K/128)]``)."""
+    from oq_plugin_fp8.cpu import quantize_fp8_grouped
+    from oq_plugin_fp8.quant import grouping_of
+
+    return quantize_fp8_grouped(x2.contiguous(), grouping_of(act_key))
+
+
+def _cpu_input(method, x2: torch.Tensor) -> torch.Tensor:
+    """The kernel's input: ``x2`` itself (weight-only), or the activations quantized with the C
+    quantizer and dequantized in float32, the reference forward's activations bit for bit."""
+    act = method.activation_key
+    if act is None:
+        return x2
+    from oq_plugin_fp8.quant import dequantize_grouped, grouping_of
+
+    q, s = quantize_activation_cpu(act, x2)
+    return dequantize_grouped(q, s, torch.float32, grouping_of(act))
+
+
 def _cpu_linear(weight_key, x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     from oq_plugin_fp8 import cpu
 
@@ -200,25 +225,29 @@ def _cpu_linear(weight_key, x2: torch.Tensor, q: torch.Tensor, scale: torch.Tens
 
 
 def cpu_forward_linear(method, layer, x: torch.Tensor) -> torch.Tensor:
-    """Weight-only ``x [..., K] -> [..., N]`` on the CPU (float32 accumulation, bias added in
-    float32, one rounding to ``x.dtype``)."""
+    """``x [..., K] -> [..., N]`` on the CPU, weight-only or W8A8 (activations quantized per call
+    by the C quantizer); float32 accumulation, bias added in float32, one rounding to ``x.dtype``."""
     shape = x.shape
-    y = _cpu_linear(method.weight_key, x.reshape(-1, shape[-1]), layer.weight, layer.weight_scale)
+    x2 = _cpu_input(method, x.reshape(-1, shape[-1]))
+    y = _cpu_linear(method.weight_key, x2, layer.weight, layer.weight_scale)
     if layer.bias is not None:
         y = y + layer.bias.float()
     return y.to(x.dtype).reshape(*shape[:-1], layer.out_features)
 
 
 def cpu_forward_moe(method, layer, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-    """Weight-only MoE on the CPU: loop over the experts that received tokens (gate-up through the
-    kernel, ``layer.apply_gate`` in float32, down through the kernel, routing-weighted float32 sum)."""
+    """MoE on the CPU: loop over the experts that received tokens (gate-up through the kernel,
+    ``layer.apply_gate`` in float32, down through the kernel, routing-weighted float32 sum). W8A8
+    quantizes each expert's inputs on their own (per-tensor scales over the rows an expert gets,
+    as the reference)."""
     has_bias = layer.layout.has_bias
 
     def expert(e: int, xe: torch.Tensor) -> torch.Tensor:
-        h = _cpu_linear(method.weight_key, xe, layer.w13_weight[e], layer.w13_weight_scale[e])
+        h = _cpu_linear(method.weight_key, _cpu_input(method, xe), layer.w13_weight[e], layer.w13_weight_scale[e])
         if has_bias:
             h = h + layer.gate_up_proj_bias[e].float()
-        y = _cpu_linear(method.weight_key, layer.apply_gate(h).float(), layer.w2_weight[e], layer.w2_weight_scale[e])
+        g = _cpu_input(method, layer.apply_gate(h).float())
+        y = _cpu_linear(method.weight_key, g, layer.w2_weight[e], layer.w2_weight_scale[e])
         return y + layer.down_proj_bias[e].float() if has_bias else y
 
     out = expert_loop(x, topk_ids, topk_weights, layer.layout.num_experts, expert)
@@ -231,8 +260,8 @@ def _triton_supported(capability, layer, device):
 
 def backends(weight_key, kind: str, act) -> list[Backend]:
     """The forward backends for ``kind`` and one activation key ``act`` of the scheme whose weight
-    key is ``weight_key`` (bind it with ``functools.partial``): ``triton`` always, ``cpu`` for
-    weight-only, ``scaled-mm`` for W8A8 per-tensor/per-channel linears with per-tensor/per-token
+    key is ``weight_key`` (bind it with ``functools.partial``): ``triton`` and ``cpu`` always,
+    ``scaled-mm`` for W8A8 per-tensor/per-channel linears with per-tensor/per-token
     activations. The core adds the ``torch`` reference."""
     if act is not None and act.scale.static:
         # static (calibrated) input scales: only the torch reference, which the core adds, reads the
@@ -254,18 +283,19 @@ def backends(weight_key, kind: str, act) -> list[Backend]:
             ),
         )
     ]
-    if act is None:
-        out.append(
-            Backend(
-                name="cpu",
-                activation_key=None,
-                is_supported=_cpu_supported,
-                priority=50,
-                forward=cpu_forward_linear if kind == "linear" else cpu_forward_moe,
-                description="fp8 weight-only on the CPU: fused dequantize-and-GEMV C kernel"
-                + ("" if kind == "linear" else ", loop over experts"),
-            )
+    out.append(
+        Backend(
+            name="cpu",
+            activation_key=act,
+            is_supported=_cpu_supported,
+            priority=50,
+            forward=cpu_forward_linear if kind == "linear" else cpu_forward_moe,
+            description=f"fp8 {label} on the CPU: "
+            + ("" if act is None else "activations quantized by the C quantizer, ")
+            + "fused dequantize-and-GEMV C kernel"
+            + ("" if kind == "linear" else ", loop over experts"),
         )
+    )
     if kind == "linear" and weight_key != k.kFp8Static128BlockSym and act in SCALED_MM_ACTIVATIONS:
         out.append(
             Backend(

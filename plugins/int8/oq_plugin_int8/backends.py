@@ -6,6 +6,9 @@ name       priority  activation          how
 torch      0         none, int8_per_token the core's float32 dequantize-and-matmul reference
                                          (added by the core from the scheme record)
 cpu-int8   50        none                ``torch._weight_int8pack_mm`` (CPU, weight-only)
+cpu-int8   50        int8_per_token      activations quantized by the C row-wise quantizer (the
+                                         reference's bytes), ``torch._int_mm`` (oneDNN int8 GEMM,
+                                         exact int32 sums), scaled in float32
 triton     100       none, int8_per_token Triton W8A16 / W8A8 GEMMs and fused-MoE grouped GEMM
 =========  ========  ==================  =====================================================
 
@@ -115,6 +118,64 @@ def _cpu_int8_forward_moe(method, layer: torch.nn.Module, x: torch.Tensor, topk_
     return out.to(x.dtype)
 
 
+# ---- cpu-int8, W8A8 ---------------------------------------------------------------------------------
+
+
+INT_MM_MAX_K = (2**31 - 1) // (127 * 127)
+"""Largest reduction dim whose int8 x int8 dot product cannot overflow ``torch._int_mm`` 's int32
+accumulator (133144: every int8 code is within [-127, 127] for both operands)."""
+
+
+def _int_mm_supported(layer: torch.nn.Module, device: torch.device) -> tuple[bool, str]:
+    device = torch.device(device)
+    if device.type != "cpu":
+        return False, f"the W8A8 int8 CPU path runs on the CPU, layer runs on {device.type}"
+    bad = {k: v for k, v in _gemm_ks(layer).items() if v > INT_MM_MAX_K}
+    if bad:
+        found = ", ".join(f"{k}={v}" for k, v in bad.items())
+        return False, f"int32 accumulation overflows for reduction dims above {INT_MM_MAX_K}, found {found}"
+    return True, "CPU: C per-token int8 quantizer + torch._int_mm (oneDNN int8 GEMM)"
+
+
+def _int_mm_linear(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """W8A8 ``x2 [M, K]`` (any float dtype) x int8 ``w [N, K]`` with float32 per-channel ``w_scale``
+    (``[N, 1]``) -> float32 ``[M, N]``: ``x2`` quantized per token by the C quantizer (bytes and
+    scales of the reference), the int8 dot products summed exactly in int32 by ``torch._int_mm``,
+    then ``acc * x_scale * w_scale`` in float32. The reference ``F.linear(q_x * s_x, q_w * s_w)``
+    rounds each product and partial sum in float32: the two agree within float32 rounding."""
+    from oq_plugin_int8.cpu import quantize_int8_rowwise_cpu
+
+    q, s = quantize_int8_rowwise_cpu(x2.contiguous())
+    acc = torch._int_mm(q, w.t())
+    return acc.float() * s * w_scale.reshape(1, -1).float()
+
+
+def _int_mm_forward_linear(method, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """W8A8 ``x [..., K] -> [..., N]`` through :func:`_int_mm_linear`, bias added in float32, one
+    rounding to ``x.dtype``."""
+    shape = x.shape
+    y = _int_mm_linear(x.reshape(-1, shape[-1]), layer.weight, layer.weight_scale)
+    if layer.bias is not None:
+        y = y + layer.bias.float()
+    return y.to(x.dtype).reshape(*shape[:-1], layer.out_features)
+
+
+def _int_mm_forward_moe(method, layer: torch.nn.Module, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """W8A8 experts: per-expert loop, each input quantized per token, :func:`_int_mm_linear` for
+    gate-up and down, ``layer.apply_gate`` and the routing-weighted sum in float32."""
+    has_bias = layer.layout.has_bias
+
+    def expert(e: int, xe: torch.Tensor) -> torch.Tensor:
+        h = _int_mm_linear(xe, layer.w13_weight[e], layer.w13_weight_scale[e])
+        if has_bias:
+            h = h + layer.gate_up_proj_bias[e].float()
+        y = _int_mm_linear(layer.apply_gate(h).float(), layer.w2_weight[e], layer.w2_weight_scale[e])
+        return y + layer.down_proj_bias[e].float() if has_bias else y
+
+    out = expert_loop(x, topk_ids, topk_weights, layer.layout.num_experts, expert)
+    return out.to(x.dtype)
+
+
 # ---- triton ---------------------------------------------------------------------------------------
 
 
@@ -168,7 +229,8 @@ def _triton_forward_moe(method, layer: torch.nn.Module, x: torch.Tensor, topk_id
 
 def backends(kind: str, activation_key) -> list[Backend]:
     """The forward backends for ``kind`` (``"linear"`` or ``"moe"``) and one activation key (``None``
-    or ``int8_per_token``) of the int8 scheme; the core adds the ``torch`` reference."""
+    or ``int8_per_token``) of the int8 scheme: ``triton`` and ``cpu-int8`` for both; the core adds
+    the ``torch`` reference."""
     linear = kind == "linear"
     what = "weight-only" if activation_key is None else "W8A8, per-token int8 activations"
     out = [
@@ -193,6 +255,17 @@ def backends(kind: str, activation_key) -> list[Backend]:
                 description="torch._weight_int8pack_mm on CPU (int8 weight-only" + (")" if linear else ", loop over experts)"),
                 forward=_cpu_int8_forward_linear if linear else _cpu_int8_forward_moe,
                 prepare=_cpu_int8_prepare_linear if linear else _cpu_int8_prepare_moe,
+            )
+        )
+    else:
+        out.append(
+            Backend(
+                name="cpu-int8",
+                activation_key=activation_key,
+                is_supported=_int_mm_supported,
+                priority=50,
+                description="W8A8 on CPU: C per-token int8 quantizer + torch._int_mm" + ("" if linear else ", loop over experts"),
+                forward=_int_mm_forward_linear if linear else _int_mm_forward_moe,
             )
         )
     return out

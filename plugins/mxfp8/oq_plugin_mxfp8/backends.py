@@ -5,9 +5,10 @@ name    priority  activation    how
 ======  ========  ============  ================================================================
 torch   0         none, mxfp8   the core's float32 dequantize-and-matmul reference (runs anywhere;
                                 added by the core from the scheme record)
-cpu     50        none          :mod:`oq_plugin_fp8.cpu`: fused dequantize-and-GEMV C kernel (fp8
+cpu     50        none, mxfp8   :mod:`oq_plugin_fp8.cpu`: fused dequantize-and-GEMV C kernel (fp8
                                 bytes and e8m0 scale bytes read once, decoded in registers), tiled
-                                dequantize + ``torch.mm`` for large batches; per-expert loop for MoE
+                                dequantize + ``torch.mm`` for large batches; per-expert loop for MoE;
+                                W8A8 quantizes activations with the C mxfp8 quantizer first
 triton  100       none, mxfp8   Triton MXFP8 GEMM / fused-MoE grouped GEMM (per-32 scales in the
                                 K loop); W8A8 quantizes activations with the one-pass Triton quantizer
 ======  ========  ============  ================================================================
@@ -73,7 +74,7 @@ def _triton_forward_moe(
     )
 
 
-# ---- cpu (weight-only) -----------------------------------------------------------------------------
+# ---- cpu (W8A16 and W8A8) --------------------------------------------------------------------------
 
 
 def _cpu_supported(layer: torch.nn.Module, device: torch.device) -> tuple[bool, str]:
@@ -82,6 +83,19 @@ def _cpu_supported(layer: torch.nn.Module, device: torch.device) -> tuple[bool, 
         return False, f"the mxfp8 CPU kernels run on the CPU, layer runs on {device.type}"
     # No compile here (plan time stays cheap): the kernel is built on the first forward.
     return True, "CPU: fused mxfp8 dequantize-and-GEMV C kernel, tiled dequantize + torch.mm for large batches"
+
+
+def _cpu_input(method, x2: torch.Tensor) -> torch.Tensor:
+    """The kernel's input: ``x2`` itself (W8A16), or (W8A8) the activations quantized with the C
+    mxfp8 quantizer (the ``cpu`` quantizer implementation of the activation key: the reference's
+    bytes) and dequantized in float32, the reference forward's activations bit for bit."""
+    if method.activation_key is None:
+        return x2
+    from oq_plugin_mxfp8.cpu import quantize_mxfp8
+    from oq_plugin_mxfp8.quant import dequantize_mxfp8
+
+    q, s = quantize_mxfp8(x2.contiguous(), method.options)
+    return dequantize_mxfp8(q, s, torch.float32)
 
 
 def _cpu_linear(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -95,10 +109,10 @@ def _cpu_linear(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 def _cpu_forward_linear(method, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Weight-only ``x [..., K] -> [..., N]`` on the CPU (float32 accumulation, bias added in
+    """``x [..., K] -> [..., N]`` on the CPU, W8A16 or W8A8 (float32 accumulation, bias added in
     float32, one rounding to ``x.dtype``)."""
     shape = x.shape
-    y = _cpu_linear(x.reshape(-1, shape[-1]), layer.weight, layer.weight_scale)
+    y = _cpu_linear(_cpu_input(method, x.reshape(-1, shape[-1])), layer.weight, layer.weight_scale)
     if layer.bias is not None:
         y = y + layer.bias.float()
     return y.to(x.dtype).reshape(*shape[:-1], layer.out_features)
@@ -107,15 +121,15 @@ def _cpu_forward_linear(method, layer: torch.nn.Module, x: torch.Tensor) -> torc
 def _cpu_forward_moe(
     method, layer: torch.nn.Module, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
 ) -> torch.Tensor:
-    """Weight-only MoE on the CPU: loop over the experts that received tokens (gate-up, the layer's
-    ``apply_gate`` in float32, down, routing-weighted float32 sum)."""
+    """MoE on the CPU: loop over the experts that received tokens (gate-up, the layer's
+    ``apply_gate`` in float32, down, routing-weighted float32 sum); W8A8 quantizes each input."""
     has_bias = layer.layout.has_bias
 
     def expert(e: int, xe: torch.Tensor) -> torch.Tensor:
-        h = _cpu_linear(xe, layer.w13_weight[e], layer.w13_weight_scale[e])
+        h = _cpu_linear(_cpu_input(method, xe), layer.w13_weight[e], layer.w13_weight_scale[e])
         if has_bias:
             h = h + layer.gate_up_proj_bias[e].float()
-        y = _cpu_linear(layer.apply_gate(h).float(), layer.w2_weight[e], layer.w2_weight_scale[e])
+        y = _cpu_linear(_cpu_input(method, layer.apply_gate(h).float()), layer.w2_weight[e], layer.w2_weight_scale[e])
         return y + layer.down_proj_bias[e].float() if has_bias else y
 
     out = expert_loop(x, topk_ids, topk_weights, layer.layout.num_experts, expert)
@@ -124,7 +138,7 @@ def _cpu_forward_moe(
 
 def backends(kind: str, activation_key) -> list[Backend]:
     """The forward backends for ``kind`` (``"linear"`` or ``"moe"``) and one activation key
-    (``None``: W8A16, or mxfp8: W8A8): triton for both, cpu for W8A16. The core adds the ``torch``
+    (``None``: W8A16, or mxfp8: W8A8): triton and cpu for both. The core adds the ``torch``
     reference."""
     mode = "W8A8 (mxfp8 activations)" if activation_key is not None else "W8A16 (activations in the model dtype)"
     out = [
@@ -137,16 +151,17 @@ def backends(kind: str, activation_key) -> list[Backend]:
             forward=guard_driver(_triton_forward_linear if kind == "linear" else _triton_forward_moe),
         )
     ]
-    if activation_key is None:
-        out.append(
-            Backend(
-                "cpu",
-                None,
-                _cpu_supported,
-                50,
-                description="mxfp8 weight-only on the CPU: fused dequantize-and-GEMV C kernel"
-                + ("" if kind == "linear" else ", loop over experts"),
-                forward=_cpu_forward_linear if kind == "linear" else _cpu_forward_moe,
-            )
+    out.append(
+        Backend(
+            "cpu",
+            activation_key,
+            _cpu_supported,
+            50,
+            description=f"mxfp8 {mode} on the CPU: "
+            + ("" if activation_key is None else "activations quantized by the C mxfp8 quantizer, ")
+            + "fused dequantize-and-GEMV C kernel"
+            + ("" if kind == "linear" else ", loop over experts"),
+            forward=_cpu_forward_linear if kind == "linear" else _cpu_forward_moe,
         )
+    )
     return out

@@ -41,7 +41,7 @@ def test_backend_candidates_cover_every_activation_with_reasons():
             by = {(b.name, None if b.activation_key is None else reg.name_of(b.activation_key, "activation")): b for b in cands}
             # static input scales: only the torch reference reads the stored input_scale
             dynamic = {a for a in acts if a != "fp8_per_tensor_static"}
-            expected = {(n, a) for n in ("torch", "triton") for a in dynamic} | {("cpu", None)}
+            expected = {(n, a) for n in ("torch", "triton", "cpu") for a in dynamic}
             expected |= {("torch", a) for a in acts - dynamic}
             if kind == "linear" and name != "fp8_per_block_static":
                 expected |= {("scaled-mm", a) for a in dynamic if a is not None}
@@ -60,7 +60,7 @@ def test_backend_candidates_cover_every_activation_with_reasons():
                     ok, why = b.is_supported(torch.nn.Linear(64, 64), torch.device("cpu"))
                     assert not ok and "CUDA only" in why
                 elif bname == "cpu":
-                    assert b.priority == 50 and b.forward is not None and act is None
+                    assert b.priority == 50 and b.forward is not None and "CPU" in b.description
                     assert not b.is_supported(None, torch.device("cuda"))[0]
                 else:
                     assert b.priority == 0 and b.forward is None

@@ -72,19 +72,28 @@ def test_oracle_w8a8_picks_triton_and_filters_by_activation():
     lp = oqcore.plan(_model(), {"linear": {"weight": "int8_per_channel_static", "activation": "int8_per_token"}})["0"]
     assert lp.backend.name == "triton" and lp.backend.activation_key == kInt8DynamicTokenSym
     viable = {(c.backend.name, c.backend.activation_key) for c in lp.candidates if c.reason is None}
-    assert viable == {("triton", kInt8DynamicTokenSym), ("torch", kInt8DynamicTokenSym)}
+    assert viable == {("triton", kInt8DynamicTokenSym), ("cpu-int8", kInt8DynamicTokenSym), ("torch", kInt8DynamicTokenSym)}
 
 
-def test_oracle_pinned_cpu_int8_cannot_serve_w8a8():
+def test_oracle_pinned_cpu_int8_serves_w8a8_with_int_mm():
+    """``cpu-int8`` has a W8A8 candidate (per-token activations, ``torch._int_mm``); its weight-only
+    twin is rejected for the activation, and the plan says so."""
     cfg = {"linear": {"weight": "int8_per_channel_static", "activation": "int8_per_token"}, "backend": {"linear": "cpu-int8"}}
-    with pytest.raises(oqcore.NoBackendError) as ei:
-        oqcore.plan(_model(), cfg)
-    msg = str(ei.value)
-    assert "'0'" in msg
-    lines = [ln for ln in msg.splitlines() if ln.strip().startswith("- ")]
-    assert len(lines) == 5  # torch x2, triton x2, cpu-int8: every candidate with its reason
-    assert any("cpu-int8" in ln and "serves activation none, the spec asks for int8_per_token" in ln for ln in lines)
-    assert sum("not the pinned backend 'cpu-int8'" in ln for ln in lines) == 2
+    lp = oqcore.plan(_model(), cfg)["0"]
+    assert lp.backend.name == "cpu-int8" and lp.backend.activation_key == kInt8DynamicTokenSym
+    assert "torch._int_mm" in lp.backend.description
+    reasons = {(c.backend.name, c.backend.activation_key): c.reason for c in lp.candidates}
+    assert "serves activation none, the spec asks for int8_per_token" in reasons[("cpu-int8", None)]
+    assert reasons[("triton", kInt8DynamicTokenSym)] == "not the pinned backend 'cpu-int8'"
+
+
+def test_int_mm_refuses_k_that_overflows_int32():
+    from oq_plugin_int8.backends import INT_MM_MAX_K, _int_mm_supported
+
+    assert INT_MM_MAX_K == 133144  # (2^31 - 1) // 127^2: the largest K whose int32 sums cannot overflow
+    ok, why = _int_mm_supported(torch.nn.Linear(INT_MM_MAX_K + 1, 1, device="meta"), torch.device("cpu"))
+    assert not ok and f"K={INT_MM_MAX_K + 1}" in why
+    assert _int_mm_supported(torch.nn.Linear(INT_MM_MAX_K, 1, device="meta"), torch.device("cpu"))[0]
 
 
 def test_triton_rejected_without_interpreter(monkeypatch):

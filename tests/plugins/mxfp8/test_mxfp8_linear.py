@@ -173,6 +173,7 @@ def test_backend_candidates_of_the_scheme():
         ("triton", None, 100),
         ("triton", kMxfp8Dynamic, 100),
         ("cpu", None, 50),
+        ("cpu", kMxfp8Dynamic, 50),
     }
     assert all(b.plugin == "mxfp8" for b in candidates("moe"))
 
