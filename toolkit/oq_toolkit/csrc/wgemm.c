@@ -4,16 +4,21 @@
    - a [M, K]: bf16 activations, or 8-bit codes (e4m3 / int8) of quantized activations;
    - q [N, K]: e4m3 or int8 weight codes;
    - sa / sw: scale grids, float32 (applied per K-chunk to the fp32 partial sums) or e8m0 bytes
-     (folded into the decoded bf16 values: exact, the Python side only passes in-range ones).
+     (folded into the decoded bf16 values, exact; a byte whose power of two would leave bf16's
+     normal range makes oq_wgemm return -2 and the caller retries with float32 scales).
 
    Every decoded value (e4m3 code, int8 code, bf16, times a power of two in range) is exact in
    bf16, so each product is exact in fp32; accumulation is fp32 over a K-chunk (a run of K inside
-   one float32 scale group of both operands), then acc += partial * (sa * sw).
+   one float32 scale group of both operands), then acc += partial * (sa * sw). The bf16 dot
+   product instructions treat subnormal bf16 inputs / fp32 results as zero (values below 2^-126).
 
    Paths (one per call, chosen by oq_wgemm's `path`, 0 = best available):
-   1 AMX-BF16: the weight is the AMX A operand (16 rows n x 32 k bf16, decoded into a per-thread
+   1 AMX-BF16: the weight is the AMX A operand (rows n x 32 k bf16 decoded into a per-thread
      panel), the activations are packed once per call into VNNI B tiles (B[k/2][m][k%2]); C tiles
-     are y^T. Needs __AMX_BF16__ at build time and the Linux XTILEDATA permission at run time.
+     are y^T, written out through 16x16 register transposes. M <= 16: 64-row panels, four C
+     accumulators, K-chunks side by side in column slots (amx_small); larger M: 2 x 2 C tiles per
+     32 rows x 32 m, chunk scaling pipelined behind the next chunk (amx_mblock). Needs
+     __AMX_BF16__ at build time and the Linux XTILEDATA permission at run time.
    2 AVX512-BF16: vdpbf16ps, weight rows decoded once per 4-row block into an L1 buffer and reused
      for every row of M (register block 4 n x up to 4 m).
    3 portable C (also what -DOQ_GENERIC builds have): float32 loops, same chunking. */
