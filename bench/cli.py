@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import FULL, QUICK, log, machine
+from bench.common import FORWARD_FULL, FULL, QUICK, log, machine
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 SECTIONS = ("quantizers", "loading", "forward", "moe", "minilm")
@@ -65,6 +65,7 @@ def render(out: Path) -> int:
 
 def _sections(budget, out: Path, quick: bool):
     """``(section name, results key, thunk)`` in run order; modules are imported when run."""
+    fwd = budget if quick else FORWARD_FULL
 
     def quantizers():
         """Run the quantizer throughput section."""
@@ -82,19 +83,19 @@ def _sections(budget, out: Path, quick: bool):
         """Run the linear forwards section."""
         from bench import forward
 
-        return forward.run_linear(budget, forward.QUICK_BATCHES if quick else forward.BATCHES, quick=quick)
+        return forward.run_linear(fwd, forward.QUICK_BATCHES if quick else forward.BATCHES, quick=quick)
 
     def moe():
         """Run the MoE forwards section."""
         from bench import forward
 
-        return forward.run_moe(budget, forward.QUICK_MOE_TOKENS if quick else forward.MOE_TOKENS, quick=quick)
+        return forward.run_moe(fwd, forward.QUICK_MOE_TOKENS if quick else forward.MOE_TOKENS, quick=quick)
 
     def minilm():
         """Run the MiniLM end-to-end section."""
         from bench import minilm
 
-        return minilm.run(budget, quick=quick)
+        return minilm.run(fwd, quick=quick)
 
     return [
         ("quantizers", "quantizers", quantizers),

@@ -32,6 +32,10 @@ class Budget:
 
 QUICK = Budget(min_time_s=0.2, min_reps=1)
 FULL = Budget(min_time_s=1.0, min_reps=5)
+FORWARD_FULL = Budget(min_time_s=0.5, min_reps=5)
+"""The forward sections' full-mode budget: each of their ~250 figures is a paired best-of (the
+variant and bf16 alternately, :func:`measure_pair`), so half the time per figure of :data:`FULL`
+keeps the full run within ~15 minutes."""
 
 
 def measure(fn: Callable[[], Any], budget: Budget) -> dict[str, float]:

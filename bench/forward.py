@@ -10,7 +10,8 @@ which online quantization cannot produce: they are listed as not applicable, nev
 - Linear 4096x4096 (bias), batches :data:`BATCHES`: bf16 ``F.linear`` (bf16 weights, bf16 input;
   timed before and after the others, the better of the two), the planner's choice per (weight,
   activation), every other backend candidate pinned with ``backend: {linear: NAME}`` (the reason
-  when ``is_supported`` is false on the CPU; the slow ``torch`` reference only in full mode),
+  when ``is_supported`` is false on the CPU; the slow ``torch`` reference only in full mode and
+  at :data:`REFERENCE_POINTS`),
   torchao's weight-only and dynamic-int8 configs.
 - MoE: a Mixtral sparse-MoE block (8 experts, H=1024, I=2048, top-2; router included, left in
   bf16) at :data:`MOE_TOKENS` tokens: the bf16 block, the same matrix, torchao fp8/int8
@@ -48,6 +49,10 @@ TORCHAO_FP8_QUICK = (
     "skipped in quick mode (torchao's fp8 weight-only runs a dequantize-then-matmul at 0.01-0.03x bf16 on "
     "the CPU; timed in full mode)"
 )
+REFERENCE_POINTS = (1, 16)
+"""Token counts the pinned ``torch`` reference is timed at (full mode): it is 10-100x slower than
+bf16, and at 256 tokens its calls cost seconds each."""
+REFERENCE_NOT_TIMED = f"the torch reference is timed at {', '.join(map(str, REFERENCE_POINTS))} tokens only"
 PLANNER_IMPL = "oqcore"
 """``impl`` of the rows built without a backend pin (the planner's choice: what a user gets)."""
 STATIC_NOT_ONLINE = (
@@ -168,6 +173,9 @@ def _time_matrix(kind, layer, base, target, inputs, budget, points, axis, quick,
             skip = None if ok else not_available(f"is_supported: {why}")
             if skip is None and quick and b.name == "torch":
                 skip = "skipped in quick mode (the torch reference is timed in full mode)"
+            timed = points
+            if skip is None and b.name == "torch":
+                timed = tuple(m for m in points if m in REFERENCE_POINTS)
             if skip is None:
                 log(f"forward {layer}: {w} act={a} {impl}")
                 try:
@@ -178,7 +186,9 @@ def _time_matrix(kind, layer, base, target, inputs, budget, points, axis, quick,
                 rows += _skip_rows(layer, impl, points, skip, axis, **meta, pinned=True, backend=b.name)
                 continue
             rb = REFERENCE_BUDGET if b.name == "torch" else budget
-            rows += _rows(layer, impl, _time_module(model, inputs, rb, ref), axis, **meta, pinned=True, backend=b.name)
+            got = _time_module(model, {m: inputs[m] for m in timed}, rb, ref)
+            got |= {m: {"status": REFERENCE_NOT_TIMED} for m in points if m not in timed}
+            rows += _rows(layer, impl, dict(sorted(got.items())), axis, **meta, pinned=True, backend=b.name)
             del model
     return rows
 
