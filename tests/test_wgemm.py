@@ -94,7 +94,7 @@ def _check_bound(y, a, af, sa, ga, q, qf, sw, gw, what=""):
 WEIGHTS = [("e4m3", "tensor"), ("e4m3", "row"), ("e4m3", "b128"), ("e4m3", "mx"), ("int8", "row")]
 ACTS = [("bf16", "none"), ("e4m3", "tensor"), ("e4m3", "row"), ("e4m3", "g128"), ("e4m3", "mx")]
 FMT = {"bf16": W.BF16, "e4m3": W.E4M3, "int8": W.INT8}
-SHAPES = [(1, 72, 200), (3, 257, 224), (17, 200, 200)]
+SHAPES = [(1, 72, 200), (3, 257, 224), (12, 129, 256), (17, 200, 200)]  # 12: the M <= 16 one-slot path
 
 
 def _case(m, n, k, wfmt, wkind, afmt, akind, seed=0):
