@@ -141,6 +141,9 @@ def _codes(t: torch.Tensor, fmt: int, what: str) -> torch.Tensor:
     return t.view(torch.uint8)
 
 
+_E8M0_DTYPES = (torch.uint8, getattr(torch, "float8_e8m0fnu", torch.uint8))
+
+
 def _scale(s: Optional[torch.Tensor], grid, rows: int, k: int, what: str):
     """``(tensor or None, kind, gr, gc, ld)`` of a scale grid, checked against ``[rows, k]``."""
     if s is None:
@@ -149,22 +152,24 @@ def _scale(s: Optional[torch.Tensor], grid, rows: int, k: int, what: str):
         raise ValueError(f"{what}: expected a CPU tensor, got {type(s).__name__}")
     if s.dtype == torch.float32:
         kind = _SK_F32
-    elif s.dtype in (torch.uint8, getattr(torch, "float8_e8m0fnu", torch.uint8)):
+    elif s.dtype in _E8M0_DTYPES:
         kind, s = _SK_E8M0, s.view(torch.uint8)
     else:
         raise ValueError(f"{what}: scales must be float32 or e8m0 bytes (uint8 / float8_e8m0fnu), got {s.dtype}")
     try:
-        gr, gc, ld = (int(v) for v in grid)
+        gr, gc, ld = grid
+        gr, gc, ld = int(gr), int(gc), int(ld)
     except (TypeError, ValueError):
         raise ValueError(f"{what}: grid must be (rows, cols, ld) integers, got {grid!r}") from None
     if gr < 1 or gc < 1 or ld < 0:
         raise ValueError(f"{what}: grid (rows, cols, ld) = {(gr, gc, ld)} needs rows, cols >= 1 and ld >= 0")
-    if ld < (k - 1) // gc + 1 and (rows - 1) // gr > 0:
-        raise ValueError(f"{what}: grid row stride ld={ld} < {(k - 1) // gc + 1} groups per row")
-    need = ((rows - 1) // gr) * ld + (k - 1) // gc + 1 if rows and k else 0
+    per_row = (k - 1) // gc + 1
+    if ld < per_row and rows > gr:
+        raise ValueError(f"{what}: grid row stride ld={ld} < {per_row} groups per row")
+    need = ((rows - 1) // gr) * ld + per_row if rows and k else 0
     if s.numel() < need:
         raise ValueError(f"{what}: {s.numel()} scales < {need} needed by grid {(gr, gc, ld)} over [{rows}, {k}]")
-    return s.contiguous(), kind, gr, gc, ld
+    return (s if s.is_contiguous() else s.contiguous()), kind, gr, gc, ld
 
 
 def _prepare(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid):
@@ -229,22 +234,16 @@ def wgemm_eager(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid, *, path: i
         return _reference(a, a_fmt, (sa, ska, ar, ac, ald), q, q_fmt, (sw, skw, gr, gc, wld))
     y = torch.empty(m, n, dtype=torch.float32)
     nthreads = torch.get_num_threads()
-
-    def call(sa, ska, sw, skw):
-        return lib.oq_wgemm(
-            path, nthreads, m, n, k,
-            a.data_ptr(), a_fmt, sa.data_ptr() if sa is not None else None, ska, ar, ac, ald,
-            q.data_ptr(), q_fmt, sw.data_ptr() if sw is not None else None, skw, gr, gc, wld,
-            y.data_ptr(),
-        )
-
-    r = call(sa, ska, sw, skw)
+    ap, qp, yp = a.data_ptr(), q.data_ptr(), y.data_ptr()
+    r = lib.oq_wgemm(path, nthreads, m, n, k, ap, a_fmt, sa.data_ptr() if sa is not None else None, ska, ar, ac, ald,
+                     qp, q_fmt, sw.data_ptr() if sw is not None else None, skw, gr, gc, wld, yp)
     if r == -2:  # an e8m0 byte outside the exactly-foldable range: those scales as float32 chunks
         if ska == _SK_E8M0:
             sa, ska = _e8m0_to_f32(sa), _SK_F32
         if skw == _SK_E8M0:
             sw, skw = _e8m0_to_f32(sw), _SK_F32
-        r = call(sa, ska, sw, skw)
+        r = lib.oq_wgemm(path, nthreads, m, n, k, ap, a_fmt, sa.data_ptr() if sa is not None else None, ska, ar, ac, ald,
+                         qp, q_fmt, sw.data_ptr() if sw is not None else None, skw, gr, gc, wld, yp)
     if r < 0:
         raise MemoryError(f"oq_wgemm: could not allocate its buffers for M={m}, N={n}, K={k}")
     return y

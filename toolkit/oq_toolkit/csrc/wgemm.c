@@ -694,7 +694,7 @@ int oq_wgemm(int path, int nthreads, int64_t M, int64_t N, int64_t K,
     }
     for (int64_t m = 0; m < M; m++) arow[m] = (m / ar) * ald;
     p.nck = nck; p.ck0 = ck0; p.ck1 = ck1; p.acol = acol; p.wcol = wcol; p.arow = arow;
-    if (nthreads < 1) nthreads = 1;
+    if (nthreads < 1 || M * N * K < (1 << 18)) nthreads = 1; /* tiny products: waking a second thread costs more than it saves */
     int aligned = (as_kind == SK_NONE || ac >= K || ac % 32 == 0) && (ws_kind == SK_NONE || gc >= K || gc % 32 == 0)
                   && (as_kind != SK_E8M0 || ac % 32 == 0 || ac >= K) && (ws_kind != SK_E8M0 || gc % 32 == 0 || gc >= K);
     int avail = oq_wgemm_paths();
