@@ -370,3 +370,42 @@ def test_errors_surface_as_themselves(experts_by_arch, monkeypatch):
     torch._dynamo.reset()
     with raises_naming(InternalError, "'gone#0'", "no live quantized layer"):
         compiled_ops.linear_forward(x, "gone#0")
+
+
+def test_gradients_through_the_ops_equal_eager(experts_by_arch, monkeypatch):
+    """A compiled model called with inputs that require grad (no ``torch.no_grad()``) traces the
+    ops' autograd: the backward op re-runs the eager forward under autograd, so the gradients
+    w.r.t. the input and the routing weights are eager's bit for bit (the differentiable ``torch``
+    experts loop), and a backend whose eager output is not differentiable (the C kernels) gives a
+    zero gradient where eager gives none."""
+    monkeypatch.setenv("OQ_DISABLE_TRITON", "1")
+    torch.manual_seed(0)
+    experts = experts_by_arch["mixtral"]
+    holder = oqcore.quantize_(nn.ModuleDict({"experts": copy.deepcopy(experts)}), {"scheme": "fp8_per_block", "backend": {"moe": "torch"}})
+    block = holder["experts"]
+    h, e = block.layout.hidden_size, block.layout.num_experts
+    gen = torch.Generator().manual_seed(5)
+    x, ids, w = torch.randn(T, h, generator=gen), torch.randint(0, e, (T, 2), generator=gen), torch.rand(T, 2, generator=gen)
+    probe = torch.randn(T, h, generator=gen)
+
+    def grads(fn):
+        xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fn(xx, ids, ww)
+        (y * probe).sum().backward()
+        return y.detach(), xx.grad, ww.grad
+
+    torch._dynamo.reset()
+    eager, compiled = grads(block), grads(torch.compile(block))
+    torch._dynamo.reset()
+    assert eager[1].abs().max() > 0 and eager[2].abs().max() > 0
+    for what, e, c in zip(("output", "d/dx", "d/dtopk_weights"), eager, compiled):
+        assert torch.equal(e, c), what
+
+    mlp = oqcore.quantize_(MLP(), {"scheme": "fp8_per_block", "backend": {"linear": "cpu"}})
+    xx = (torch.randn(T, K, generator=gen) * 3).requires_grad_()
+    _, y_e = mlp(xx)
+    assert not y_e.requires_grad  # the C kernel's eager output has no grad_fn
+    _, y_c = torch.compile(mlp)(xx)
+    y_c.sum().backward()
+    torch._dynamo.reset()
+    assert torch.equal(y_c.detach(), y_e) and torch.equal(xx.grad, torch.zeros_like(xx))
