@@ -191,45 +191,51 @@ def _cpu_supported(layer, device) -> tuple[bool, str]:
     if device.type != "cpu":
         return False, f"the fp8 CPU kernels run on the CPU, layer runs on {device.type}"
     # No compile here (plan time stays cheap): the kernel is built on the first forward.
-    return True, "CPU: fused fp8 dequantize-and-GEMV C kernel, tiled dequantize + torch.mm for large batches"
+    return True, "CPU: fused fp8 GEMM C kernel (oq_toolkit.wgemm: AMX / AVX512-BF16 / portable)"
 
 
-def quantize_activation_cpu(act_key, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic fp8 activations ``x2 [M, K]`` -> ``(q float8_e4m3fn [M, K], scale float32)`` with the
-    C quantizer (the ``cpu`` quantizer implementation of ``act_key``: the torch reference's bytes;
-    the reference runs instead without a compiler) in the grouping of ``act_key`` (per tensor
-    ``[1]``, per token ``[M, 1]``, 1x128 groups ``[M, ceil(K/128)]``)."""
+def quantize_activation_cpu(act_key, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]:
+    """Dynamic fp8 activations ``x2 [M, K]`` -> ``(q float8_e4m3fn [M, K], scale float32, grid)``
+    with the C quantizer (the ``cpu`` quantizer implementation of ``act_key``: the torch
+    reference's bytes; the reference runs instead without a compiler) in the grouping of
+    ``act_key`` (per tensor ``[1]``, per token ``[M, 1]``, 1x128 groups ``[M, ceil(K/128)]``);
+    ``grid`` is the scale grid ``(rows, cols, ld)`` of :func:`oq_toolkit.wgemm.wgemm`."""
     from oq_plugin_fp8.cpu import quantize_fp8_grouped
     from oq_plugin_fp8.quant import grouping_of
 
-    return quantize_fp8_grouped(x2.contiguous(), grouping_of(act_key))
+    g = grouping_of(act_key)
+    q, s = quantize_fp8_grouped(x2.contiguous(), g)
+    ar, ac = g.extents(*x2.shape)
+    return q, s, (ar, ac, s.shape[-1] if s.dim() == 2 else 1)
 
 
-def _cpu_input(method, x2: torch.Tensor) -> torch.Tensor:
-    """The kernel's input: ``x2`` itself (weight-only), or the activations quantized with the C
-    quantizer and dequantized in float32, the reference forward's activations bit for bit."""
+def _cpu_matmul(method, x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 ``x2 [M, K] @ W^T`` for one ``[N, K]`` fp8 weight ``q`` with its float32 scale grid.
+
+    W8A8: ``x2`` quantized by the C quantizer, codes and scales handed to the fused GEMM (exact
+    products, float32 sums: the reference within float32 rounding). Weight-only bf16 activations:
+    the fused GEMM on ``x2`` as it is. Weight-only float32/fp16 activations: the float32 kernel of
+    :mod:`oq_plugin_fp8.cpu` (the GEMM would round them to bf16)."""
+    from oq_toolkit import wgemm
+
+    scale = scale.float().contiguous()
+    w_grid = _cpu_grid(method.weight_key, q, scale)
     act = method.activation_key
-    if act is None:
-        return x2
-    from oq_plugin_fp8.quant import dequantize_grouped, grouping_of
-
-    q, s = quantize_activation_cpu(act, x2)
-    return dequantize_grouped(q, s, torch.float32, grouping_of(act))
-
-
-def _cpu_linear(weight_key, x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    if act is not None:
+        a, sa, a_grid = quantize_activation_cpu(act, x2)
+        return wgemm.wgemm(a, wgemm.E4M3, sa, a_grid, q, wgemm.E4M3, scale, w_grid)
+    if x2.dtype == torch.bfloat16:
+        return wgemm.wgemm(x2.contiguous(), wgemm.BF16, None, None, q, wgemm.E4M3, scale, w_grid)
     from oq_plugin_fp8 import cpu
 
-    gr, gc, ld = _cpu_grid(weight_key, q, scale)
-    return cpu.fp8_linear(x2, q, scale.float().contiguous(), cpu.SCALE_FLOAT32, gr, gc, ld)
+    return cpu.fp8_linear(x2, q, scale, cpu.SCALE_FLOAT32, *w_grid)
 
 
 def cpu_forward_linear(method, layer, x: torch.Tensor) -> torch.Tensor:
     """``x [..., K] -> [..., N]`` on the CPU, weight-only or W8A8 (activations quantized per call
     by the C quantizer); float32 accumulation, bias added in float32, one rounding to ``x.dtype``."""
     shape = x.shape
-    x2 = _cpu_input(method, x.reshape(-1, shape[-1]))
-    y = _cpu_linear(method.weight_key, x2, layer.weight, layer.weight_scale)
+    y = _cpu_matmul(method, x.reshape(-1, shape[-1]), layer.weight, layer.weight_scale)
     if layer.bias is not None:
         y = y + layer.bias.float()
     return y.to(x.dtype).reshape(*shape[:-1], layer.out_features)
@@ -243,11 +249,12 @@ def cpu_forward_moe(method, layer, x: torch.Tensor, topk_ids: torch.Tensor, topk
     has_bias = layer.layout.has_bias
 
     def expert(e: int, xe: torch.Tensor) -> torch.Tensor:
-        h = _cpu_linear(method.weight_key, _cpu_input(method, xe), layer.w13_weight[e], layer.w13_weight_scale[e])
+        h = _cpu_matmul(method, xe, layer.w13_weight[e], layer.w13_weight_scale[e])
         if has_bias:
             h = h + layer.gate_up_proj_bias[e].float()
-        g = _cpu_input(method, layer.apply_gate(h).float())
-        y = _cpu_linear(method.weight_key, g, layer.w2_weight[e], layer.w2_weight_scale[e])
+        g = layer.apply_gate(h)
+        # weight-only: the gate output in the model dtype, as the original bf16 experts compute it
+        y = _cpu_matmul(method, g.to(xe.dtype) if method.activation_key is None else g, layer.w2_weight[e], layer.w2_weight_scale[e])
         return y + layer.down_proj_bias[e].float() if has_bias else y
 
     out = expert_loop(x, topk_ids, topk_weights, layer.layout.num_experts, expert)

@@ -5,7 +5,8 @@ name       priority  activation          how
 =========  ========  ==================  =====================================================
 torch      0         none, int8_per_token the core's float32 dequantize-and-matmul reference
                                          (added by the core from the scheme record)
-cpu-int8   50        none                ``torch._weight_int8pack_mm`` (CPU, weight-only)
+cpu-int8   50        none                bf16 activations: the fused GEMM of ``oq_toolkit.wgemm``
+                                         (AMX / AVX512-BF16); others ``torch._weight_int8pack_mm``
 cpu-int8   50        int8_per_token      activations quantized by the C row-wise quantizer (the
                                          reference's bytes), ``torch._int_mm`` (oneDNN int8 GEMM,
                                          exact int32 sums), scaled in float32
@@ -88,30 +89,44 @@ def _int8pack_mm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch
     return torch._weight_int8pack_mm(x.to(scale.dtype).contiguous(), w, scale)
 
 
+def _weight_only_matmul(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, scale_bf16: torch.Tensor) -> torch.Tensor:
+    """float32 ``x2 [M, K] @ (w * w_scale)^T`` for int8 ``w [N, K]``: bf16 activations through the
+    fused GEMM (:func:`oq_toolkit.wgemm.wgemm`: int8 codes and bf16 values multiply exactly, float32
+    sums and per-channel float32 scales, so the reference within float32 rounding, at every batch
+    size); other dtypes through ``torch._weight_int8pack_mm`` (activations and ``scale_bf16`` in
+    bf16: the tests bound the effect)."""
+    if x2.dtype == torch.bfloat16:
+        from oq_toolkit import wgemm
+
+        k = x2.shape[-1]
+        return wgemm.wgemm(x2.contiguous(), wgemm.BF16, None, None, w, wgemm.INT8, w_scale.float().contiguous(), (1, k, 1))
+    return _int8pack_mm(x2, w, scale_bf16).float()
+
+
 def _cpu_int8_forward_linear(method, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``x [..., K]`` -> ``[..., N]``: ``_weight_int8pack_mm(x_bf16 [M, K], weight [N, K] int8,
-    scales_bf16 [N])``, bias added in float32, result cast to ``x.dtype``."""
+    """``x [..., K]`` -> ``[..., N]`` through :func:`_weight_only_matmul`, bias added in float32,
+    result cast to ``x.dtype``."""
     shape = x.shape
-    scale = getattr(layer, CPU_INT8_SCALE)
-    y = _int8pack_mm(x.reshape(-1, shape[-1]), layer.weight, scale)
+    y = _weight_only_matmul(x.reshape(-1, shape[-1]), layer.weight, layer.weight_scale, getattr(layer, CPU_INT8_SCALE))
     if layer.bias is not None:
-        y = y.float() + layer.bias.float()  # one rounding to x.dtype, not two
+        y = y + layer.bias.float()  # one rounding to x.dtype, not two
     return y.to(x.dtype).reshape(*shape[:-1], layer.out_features)
 
 
 def _cpu_int8_forward_moe(method, layer: torch.nn.Module, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-    """Per-expert loop over the experts that received tokens: gate-up through the op,
-    ``layer.apply_gate``, down through the op, weighted sum (float32) over the top-k."""
+    """Per-expert loop over the experts that received tokens: gate-up, ``layer.apply_gate`` (its
+    output in the model dtype, as the original experts compute it), down, weighted sum (float32)
+    over the top-k; each projection through :func:`_weight_only_matmul`."""
     s13 = getattr(layer, f"w13_{CPU_INT8_SCALE}")
     s2 = getattr(layer, f"w2_{CPU_INT8_SCALE}")
     has_bias = layer.layout.has_bias
 
     def expert(e: int, xe: torch.Tensor) -> torch.Tensor:
-        # Bias and gate in float32 (as the reference); the op itself takes bf16.
-        h = _int8pack_mm(xe, layer.w13_weight[e], s13[e]).float()
+        h = _weight_only_matmul(xe, layer.w13_weight[e], layer.w13_weight_scale[e], s13[e])
         if has_bias:
             h = h + layer.gate_up_proj_bias[e].float()
-        y = _int8pack_mm(layer.apply_gate(h), layer.w2_weight[e], s2[e]).float()
+        g = layer.apply_gate(h).to(xe.dtype)
+        y = _weight_only_matmul(g, layer.w2_weight[e], layer.w2_weight_scale[e], s2[e])
         return y + layer.down_proj_bias[e].float() if has_bias else y
 
     out = expert_loop(x, topk_ids, topk_weights, layer.layout.num_experts, expert)
