@@ -501,58 +501,58 @@ static void amx_small(const WG* p, const uint16_t* wp, const uint32_t* bp, int64
         }
 }
 
-/* M <= 16 with one chunk slot per row (9 <= M <= 16) and several K-chunks: the 64-row panel in
-   two 32-row halves, C tiles {0, 1} for even chunks and {2, 3} for odd ones. Chunk c + 1's
-   products are issued before chunk c's tiles are stored and scaled, so a flush does not wait for
-   its own accumulation chain to drain. */
-static void amx_small_pipe(const WG* p, const uint16_t* wp, const uint32_t* bp, int64_t n0, float* tmp, float* tot) {
-    const int64_t Kp = p->Kp, N = p->N, M = p->M;
-    const size_t wstride = (size_t)Kp * 2;
-    int64_t wro[64];
-    for (int i = 0; i < 64; i++) wro[i] = ((n0 + i < N ? n0 + i : 0) / p->gr) * p->wld;
-    for (int h = 0; h < 2; h++) {
-        const uint16_t* wh = wp + h * 32 * Kp;
-        float* toth = tot + h * 32 * 16; /* tot: [64 n][16 m] */
-        for (int64_t c = 0; c <= p->nck; c++) {
-            if (c < p->nck) {
-                int64_t s0 = p->ck0[c] / 32, s1 = (p->ck1[c] + 31) / 32;
-                if (c & 1) {
-                    _tile_zero(2); _tile_zero(3);
-                    for (int64_t s = s0; s < s1; s++) {
-                        _tile_loadd(6, bp + s * 256, 64);
-                        _tile_loadd(4, wh + s * 32, wstride);
-                        _tile_dpbf16ps(2, 4, 6);
-                        _tile_loadd(5, wh + 16 * Kp + s * 32, wstride);
-                        _tile_dpbf16ps(3, 5, 6);
-                    }
-                } else {
-                    _tile_zero(0); _tile_zero(1);
-                    for (int64_t s = s0; s < s1; s++) {
-                        _tile_loadd(6, bp + s * 256, 64);
-                        _tile_loadd(4, wh + s * 32, wstride);
-                        _tile_dpbf16ps(0, 4, 6);
-                        _tile_loadd(5, wh + 16 * Kp + s * 32, wstride);
-                        _tile_dpbf16ps(1, 5, 6);
-                    }
+/* Several K-chunks, one 16-row m-block (rows m0..m0+15 of M, VNNI panel bm) x 32 weight rows
+   n0..n0+31 (A tile of rows 16 i.. at step s: wh + s * astep + i * a16, row stride astride bytes):
+   C tiles {0, 1} for even chunks and {2, 3} for odd ones; chunk c + 1's products are issued
+   before chunk c's tiles are stored and scaled, so a flush never waits for its own accumulation
+   chain to drain (AMX executes in order). tot: [32 n][16 m]. Used for 9 <= M <= 16 only: for
+   larger M, 2 x 2 tiles over 32 m (amx_mblock) measured faster despite their exposed drains. */
+static void amx_pipe32(const WG* p, const uint16_t* wh, int64_t astep, int64_t a16, int64_t astride, const uint32_t* bm,
+                       int64_t m0, int64_t n0, float* tmp, float* tot) {
+    const int64_t N = p->N, M = p->M;
+    int64_t wro[32];
+    for (int i = 0; i < 32; i++) wro[i] = ((n0 + i < N ? n0 + i : 0) / p->gr) * p->wld;
+    for (int64_t c = 0; c <= p->nck; c++) {
+        if (c < p->nck) {
+            int64_t s0 = p->ck0[c] / 32, s1 = (p->ck1[c] + 31) / 32;
+            if (c & 1) {
+                _tile_zero(2); _tile_zero(3);
+                for (int64_t s = s0; s < s1; s++) {
+                    _tile_loadd(6, bm + s * 256, 64);
+                    _tile_loadd(4, wh + s * astep, astride);
+                    _tile_dpbf16ps(2, 4, 6);
+                    _tile_loadd(5, wh + s * astep + a16, astride);
+                    _tile_dpbf16ps(3, 5, 6);
+                }
+            } else {
+                _tile_zero(0); _tile_zero(1);
+                for (int64_t s = s0; s < s1; s++) {
+                    _tile_loadd(6, bm + s * 256, 64);
+                    _tile_loadd(4, wh + s * astep, astride);
+                    _tile_dpbf16ps(0, 4, 6);
+                    _tile_loadd(5, wh + s * astep + a16, astride);
+                    _tile_dpbf16ps(1, 5, 6);
                 }
             }
-            if (c == 0) continue;
-            const int64_t cp = c - 1; /* store and scale the previous chunk */
-            float* t = tmp + (cp & 1) * 512;
-            if (cp & 1) { _tile_stored(2, t, 64); _tile_stored(3, t + 256, 64); }
-            else { _tile_stored(0, t, 64); _tile_stored(1, t + 256, 64); }
-            float sav[16] __attribute__((aligned(64)));
-            for (int j = 0; j < 16; j++) sav[j] = sa_at(p, j < M ? j : 0, cp);
-            const __m512 sa = _mm512_load_ps(sav);
-            for (int r = 0; r < 32; r++) {
-                __m512 sc = _mm512_mul_ps(sa, _mm512_set1_ps(sw_at(p, wro[h * 32 + r], cp)));
-                __m512 v = _mm512_load_ps(t + r * 16);
-                _mm512_store_ps(toth + r * 16, cp == 0 ? _mm512_mul_ps(v, sc) : _mm512_fmadd_ps(v, sc, _mm512_load_ps(toth + r * 16)));
-            }
+        }
+        if (c == 0) continue;
+        const int64_t cp = c - 1; /* store and scale the previous chunk */
+        float* t = tmp + (cp & 1) * 512;
+        if (cp & 1) { _tile_stored(2, t, 64); _tile_stored(3, t + 256, 64); }
+        else { _tile_stored(0, t, 64); _tile_stored(1, t + 256, 64); }
+        float sav[16] __attribute__((aligned(64)));
+        for (int j = 0; j < 16; j++) sav[j] = sa_at(p, m0 + j < M ? m0 + j : 0, cp);
+        const __m512 sa = _mm512_load_ps(sav);
+        __m512 sc = sa;
+        int64_t last = -1;
+        for (int r = 0; r < 32; r++) {
+            if (wro[r] != last) { last = wro[r]; sc = _mm512_mul_ps(sa, _mm512_set1_ps(sw_at(p, last, cp))); }
+            __m512 v = _mm512_load_ps(t + r * 16);
+            _mm512_store_ps(tot + r * 16, cp == 0 ? _mm512_mul_ps(v, sc) : _mm512_fmadd_ps(v, sc, _mm512_load_ps(tot + r * 16)));
         }
     }
-    int64_t nv = N - n0 < 64 ? N - n0 : 64;
-    for (int is = 0; is < 4; is++) store_t16(tot + is * 256, 16, p->y + n0 + is * 16, N, M, nv - is * 16);
+    int64_t nv = N - n0 < 32 ? N - n0 : 32, mv = M - m0 < 16 ? M - m0 : 16;
+    for (int is = 0; is < 2; is++) store_t16(tot + is * 256, 16, p->y + m0 * N + n0 + is * 16, N, mv, nv - is * 16);
 }
 
 static int run_amx(const WG* p, int nthreads) {
@@ -634,7 +634,10 @@ static int run_amx(const WG* p, int nthreads) {
             if (small) {
                 for (int i = 0; i < rows; i++)
                     dec_row(p->q, p->q_fmt, n0 + i, N, p->K, Kp, p->ws, p->ws_kind, p->gr, p->gc, p->wld, tab, wp + i * Kp, 32, p->bad);
-                if (S == 1 && p->nck > 1) amx_small_pipe(p, wp, bp, n0, tmp, tmp + 1024);
+                if (S == 1 && p->nck > 1) { /* 9 <= M <= 16: two 32-row halves */
+                    amx_pipe32(p, wp, 32, 16 * Kp, Kp * 2, bp, 0, n0, tmp, tmp + 1024);
+                    if (n0 + 32 < N) amx_pipe32(p, wp + 32 * Kp, 32, 16 * Kp, Kp * 2, bp, 0, n0 + 32, tmp, tmp + 1024);
+                }
                 else amx_small(p, wp, bp, n0, S, tmp, tmp + 1024);
                 continue;
             }
