@@ -135,6 +135,17 @@ def test_bound_m257(path):
         _check_bound(W.wgemm_eager(*args, path=path), *args, what=f"path {path} M=257 w={wf}/{wk} a={af}/{ak}")
 
 
+@pytest.mark.skipif(W.PATH_AMX not in PATHS, reason="no AMX on this CPU")
+def test_bound_large_m_tiled_panels():
+    """Packed activations over 1 MB (M=300, K=2144) take the AMX 128-row tile-major panels, with
+    a partial last panel (N=200) and partial K-groups."""
+    for wf, wk, af, ak in [("e4m3", "b128", "e4m3", "g128"), ("e4m3", "tensor", "bf16", "none"), ("int8", "row", "e4m3", "row")]:
+        args = _case(300, 200, 2144, wf, wk, af, ak, seed=10)
+        _check_bound(W.wgemm_eager(*args, path=W.PATH_AMX), *args, what=f"M=300 K=2144 w={wf}/{wk} a={af}/{ak}")
+    args = _case(260, 72, 4096, "e4m3", "mx", "e4m3", "mx", seed=11)
+    _check_bound(W.wgemm_eager(*args, path=W.PATH_AMX), *args, what="M=260 K=4096 mx")
+
+
 def test_wgemm_matches_eager_and_default_path():
     args = _case(5, 33, 256, "e4m3", "b128", "e4m3", "g128", seed=1)
     y = W.wgemm(*args)
