@@ -65,19 +65,24 @@ def measure_pair(
     min_reps: int = 2,
     slow_s: float = 0.25,
     far_ratio: float = 4.0,
+    block_s: float = 0.01,
+    max_block: int = 5,
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """Time ``fn()`` and a reference ``ref()`` alternately (``fn, ref, ref, fn, fn, ref, ...``), so
-    both see the same machine: on a shared VM the memory bandwidth and the cores a call gets drift
-    by up to 2x within minutes, and a ratio of two figures taken minutes apart carries that drift.
-    Returns ``(stats of fn, stats of ref)`` as :func:`measure` does (``median_s``, ``min_s``,
-    ``reps``, ``warmup_s``: seconds per call; ``warmup_s`` is the first call, which may build a
-    kernel, and is never one of the timed calls).
+    """Time ``fn()`` and a reference ``ref()`` in alternating blocks (``fn ref | ref x k, fn x k |
+    fn x k, ref x k | ...``), so both see the same machine: on a shared VM the cores and memory
+    bandwidth a call gets drift by 2-10x within seconds, and a ratio of two figures taken apart
+    carries that drift. Within a block the calls repeat back to back, as a layer's calls do
+    (alternating every single call measured bf16 up to ~1.5x slower at batch 1 than back to
+    back). Returns ``(stats of fn, stats of ref)`` as :func:`measure` does (``median_s``,
+    ``min_s``, ``reps``, ``warmup_s``: seconds per call; ``warmup_s`` is the first call, which may
+    build a kernel, and is never one of the timed calls).
 
-    The number of timed calls comes from the first timed pair, not from the warm-up: at least
-    ``max(budget.min_reps, min_reps)`` of each and at least ``budget.min_time_s`` of both together,
-    at most ``budget.max_reps``. A ``fn`` far from its reference (over ``slow_s`` seconds a call and
-    over ``far_ratio`` times ``ref``) gets only the time budget's count, at least one: a second
-    call would not change a verdict, and such rows would otherwise dominate the run's time."""
+    Sizes come from the first timed pair, not from the warm-up: blocks of ``k`` calls, ``k`` the
+    number of calls of the slower of the two in ``block_s`` seconds, between 2 and ``max_block``;
+    at least ``max(budget.min_reps, min_reps)`` timed calls of each and ``budget.min_time_s`` of
+    both together, at most about ``budget.max_reps``. A ``fn`` far from its reference (over
+    ``slow_s`` seconds a call and over ``far_ratio`` times ``ref``) is timed once (the first pair):
+    more calls would not change a verdict, and such rows would otherwise dominate the run's time."""
     warm = []
     for f in (fn, ref):
         t = time.perf_counter()
@@ -88,23 +93,28 @@ def measure_pair(
         ref()
     times: tuple[list[float], list[float]] = ([], [])
 
-    def timed_pair(i: int) -> None:
-        """One timed call of each, the order flipped every other pair."""
-        order = ((0, fn), (1, ref)) if i % 2 == 0 else ((1, ref), (0, fn))
-        for j, f in order:
+    def timed(j: int, f: Callable[[], Any], k: int) -> None:
+        """``k`` back-to-back timed calls of ``f`` into ``times[j]``."""
+        for _ in range(k):
             t = time.perf_counter()
             f()
             times[j].append(time.perf_counter() - t)
 
-    timed_pair(0)
+    timed(0, fn, 1)
+    timed(1, ref, 1)
     mine, base = times[0][0], times[1][0]
-    far = mine > slow_s and mine > far_ratio * base
-    floor = 1 if far else max(budget.min_reps, min_reps)
-    reps = max(floor, min(budget.max_reps, math.ceil(budget.min_time_s / max(mine + base, 1e-6))))
-    for i in range(1, reps):
-        timed_pair(i)
+    if not (mine > slow_s and mine > far_ratio * base):
+        k = max(2, min(max_block, math.ceil(block_s / max(mine, base, 1e-6))))
+        floor = max(budget.min_reps, min_reps) - 1
+        want = min(budget.max_reps, math.ceil(budget.min_time_s / max(mine + base, 1e-6)))
+        rounds = max(1, math.ceil(floor / k), math.ceil(want / k))
+        for r in range(rounds):
+            order = ((1, ref), (0, fn)) if r % 2 == 0 else ((0, fn), (1, ref))
+            for j, f in order:
+                timed(j, f, k)
     return tuple(  # type: ignore[return-value]
-        {"median_s": statistics.median(ts), "min_s": min(ts), "reps": reps, "warmup_s": w} for ts, w in zip(times, warm)
+        {"median_s": statistics.median(ts), "min_s": min(ts), "reps": len(ts), "warmup_s": w}
+        for ts, w in zip(times, warm)
     )
 
 

@@ -12,20 +12,20 @@ from bench.common import Budget, measure_pair
 from bench.report import markdown
 
 
-def test_measure_pair_alternates_and_times_both():
+def test_measure_pair_alternates_blocks_and_times_both():
     calls = []
-    budget = Budget(min_time_s=0.0, min_reps=3)
-    mine, ref = measure_pair(lambda: calls.append("q"), lambda: calls.append("b"), budget)
-    # one warm-up call each, then 3 timed reps each, order flipped every rep
-    assert calls == ["q", "b", "q", "b", "b", "q", "q", "b"]
-    assert mine["reps"] == ref["reps"] == 3
+    budget = Budget(min_time_s=0.0, min_reps=6)
+    mine, ref = measure_pair(lambda: calls.append("q"), lambda: calls.append("b"), budget, max_block=3)
+    # one warm-up call each, one timed pair, then two rounds of 3-call blocks, the order flipped
+    assert calls == ["q", "b", "q", "b"] + ["b"] * 3 + ["q"] * 3 + ["q"] * 3 + ["b"] * 3
+    assert mine["reps"] == ref["reps"] == 7
     assert 0 <= mine["min_s"] <= mine["median_s"] and 0 <= ref["min_s"] <= ref["median_s"]
 
 
-def test_measure_pair_floor_of_two_reps():
+def test_measure_pair_reaches_the_rep_floor():
     calls = []
-    measure_pair(lambda: calls.append("q"), lambda: calls.append("b"), Budget(min_time_s=0.0, min_reps=1))
-    assert calls.count("q") == calls.count("b") == 3  # warm-up + 2 timed: a best-of needs two
+    measure_pair(lambda: calls.append("q"), lambda: calls.append("b"), Budget(min_time_s=0.0, min_reps=12), max_block=2)
+    assert calls.count("q") == calls.count("b") == 1 + 1 + 12  # warm-up, first pair, 6 rounds of 2
 
 
 def test_measure_pair_far_rows_get_one_timed_call():
