@@ -286,6 +286,25 @@ def targets_section(rows: list[dict[str, Any]]) -> str:
     )
 
 
+def busy_warning(results: dict[str, Any]) -> list[str]:
+    """A warning line when the 1-minute load average at the start or end of the run exceeded the
+    logical core count: other processes held the cores, and multi-threaded ops (bf16 ``F.linear``
+    on 2 threads) stall on a descheduled thread far more than single-threaded ones, so ratios
+    measured then can be off by several times (seen: bf16 batch-16 ``F.linear`` 12x slower for
+    a whole measurement at load 5 on 2 cores)."""
+    cores = (results.get("machine") or {}).get("logical_cores") or 0
+    loads = [x[0] for x in (results.get("loadavg_start"), results.get("loadavg_end")) if x]
+    if not cores or not loads or max(loads) <= cores:
+        return []
+    return [
+        (
+            f"- **the machine was busy: 1-minute load average up to {max(loads):.1f} on {cores} logical cores.** "
+            "Other processes held the cores; ratios from this run can be off by several times either way. "
+            "Re-run on an idle machine before quoting them."
+        )
+    ]
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The whole ``results.md``."""
     m = results["machine"]
@@ -303,6 +322,7 @@ def markdown(results: dict[str, Any]) -> str:
         "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
         f"- load average at start / end: {results.get('loadavg_start')} / {results.get('loadavg_end')}",
         f"- run took {results.get('seconds', 0):.0f} s; started {results.get('started')}",
+        *busy_warning(results),
         "",
     ]
     parts = ["\n".join(head)]

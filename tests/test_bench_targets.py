@@ -131,3 +131,12 @@ def test_glance_matrix_one_line_per_scheme():
     assert lines[0] == "| weight x activation / variant | linear 1 | linear 256 |"
     assert "| w8 act=none | 2.00x met | 0.50x MISSED |" in lines
     assert "| w8 act=a8 | - MISSED |  |" in lines
+
+
+def test_busy_machine_is_flagged_in_results_md():
+    from bench.report import busy_warning
+
+    machine = {"logical_cores": 2}
+    assert busy_warning({"machine": machine, "loadavg_start": [1.5, 1, 1], "loadavg_end": [2.0, 1, 1]}) == []
+    warn = busy_warning({"machine": machine, "loadavg_start": [1.5, 1, 1], "loadavg_end": [5.25, 4, 3]})
+    assert len(warn) == 1 and "load average up to 5.2 on 2 logical cores" in warn[0]
