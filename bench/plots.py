@@ -125,6 +125,12 @@ def forward_batch1(rows: list[dict[str, Any]], out: Path) -> Path | None:
     ax.set_yticks(range(len(ok)), labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    # ticks at 1-2-5 steps, labelled plainly (the default minor labels of a short log axis overlap)
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("ms per call (best), batch 1 (red: bf16, blue: oqcore, green: torchao)")
     ax.set_title("Linear 4096x4096 forward on CPU, batch 1")
     fig.tight_layout()
