@@ -254,7 +254,11 @@ def _recheck(
             continue
         log(f"forward recheck {axis} {point}: {r['weight']} act={r['activation']}")
         act = None if r["activation"] == "none" else r["activation"]
-        model = oqcore.quantize_(copy.deepcopy(base), _oq_config(kind, r["weight"], act))
+        try:
+            model = oqcore.quantize_(copy.deepcopy(base), _oq_config(kind, r["weight"], act))
+        except Exception as e:  # it built the first time: keep that figure, say why not again
+            r["recheck"] = not_available(e)
+            continue
         again = _time_module(model, {point: inputs[point]}, budget, ref)[point]
         keep = ("median_s", "min_s", "reps", "status", "bf16_min_s", "bf16_median_s")
         r.update(_better({point: {k: r[k] for k in keep if k in r}}, {point: again})[point])
