@@ -43,27 +43,30 @@ e8m0 groups of a multiple of 32; other grids run the portable loops. Without a c
 dequantization and ``torch.mm``; slow, correct, same bound).
 
 Which kernel for which M (measured on this project's machine: Intel Xeon with AMX-BF16, 2 cores,
-torch 2.13; ``python bench/wgemm_micro.py --threads 1 --clock thread``, 4096x4096, CPU ms of one
-thread, best of 20; the wall clock of this shared machine varied 10x between runs)::
+shared with other jobs, torch 2.13; ``python bench/wgemm_micro.py --threads 1 --clock thread``,
+4096x4096, CPU ms of one thread, best of 20; the 2-thread wall clock of this shared machine varied
+10x between identical calls, bf16 ``F.linear`` included)::
 
     M                                  1      4     16     64    256
-    bf16 F.linear (oneDNN, AMX)     2.48   2.46   2.47   4.87  13.43
-    fp8 128x128 block / bf16        2.16   2.51   2.66   4.79  15.31
-    fp8 128x128 block / e4m3 token  2.26   2.19   2.47   4.25  15.69
-    fp8 128x128 block / e4m3 1x128  2.51   2.32   2.60   3.94  16.61
-    fp8 channel / bf16              1.88   1.91   1.91   3.27  13.86
-    fp8 channel / e4m3 token        1.91   1.80   1.82   3.27  13.34
-    fp8 channel / e4m3 1x128        1.85   2.06   2.30   4.16  16.35
-    mxfp8 / bf16                    2.24   2.25   2.22   3.91  12.83
-    mxfp8 / e4m3 1x32 e8m0          2.09   2.23   2.21   3.51  13.14
-    int8 channel / bf16             1.90   1.90   1.89   3.38  13.33
+    bf16 F.linear (oneDNN, AMX)     1.99   1.99   2.17   4.09  11.55
+    fp8 128x128 block / bf16        1.67   1.84   1.88   3.60  14.83
+    fp8 128x128 block / e4m3 token  1.65   1.80   1.88   3.66  14.49
+    fp8 128x128 block / e4m3 1x128  1.69   1.81   1.92   3.45  15.15
+    fp8 channel / bf16              1.63   1.68   1.65   2.97  12.53
+    fp8 channel / e4m3 token        1.72   1.70   1.71   2.92  11.91
+    fp8 channel / e4m3 1x128        1.57   1.76   1.90   3.83  14.99
+    mxfp8 / bf16                    1.96   2.01   1.97   3.30  11.88
+    mxfp8 / e4m3 1x32 e8m0          1.99   1.87   2.00   3.46  11.94
+    int8 channel / bf16             1.65   1.62   1.66   3.09  11.69
+    int8 channel / int8 token       1.71   1.75   1.77   2.97  12.15
 
-The fused AMX kernel matches oneDNN's AMX bf16 GEMM at M = 256 (0.81-1.05x; float32 K-groups,
-i.e. 128x128 weight blocks or 1x128 activation groups, cost a scaled flush per 128 of K), so it
-runs at every M: no dequantize-to-scratch + ``torch.mm`` path, whose bf16 rounding of
-``dec(q) * s`` would also break the bound above. Without AMX the AVX512-BF16 path runs at every M;
-it is ~4x slower than AMX here from M = 16 on (one thread, 4096x4096: 1.9 ms at M = 1, 8 ms at
-M = 16), so a forward backend on such a CPU may prefer its own scratch + ``torch.mm`` for large M:
+The fused AMX kernel is within 0.76-0.99x of oneDNN's AMX bf16 GEMM at M = 256 (float32
+K-groups, i.e. 128x128 weight blocks or 1x128 activation groups, cost a scaled flush per 128 of K:
+the 0.76-0.80x rows), so it runs at every M: no dequantize-to-scratch + ``torch.mm`` path, whose
+bf16 rounding of ``dec(q) * s`` would also break the bound above. Without AMX the AVX512-BF16 path
+runs at every M; here it reaches 64-80 GFLOP/s on one thread from M = 16 on, the throughput of
+``vdpbf16ps`` itself on this CPU (76 GFLOP/s in a register-only loop), ~4x slower than AMX, so a
+forward backend on such a CPU may prefer its own scratch + ``torch.mm`` for large M:
 :func:`available_paths` says which path runs (``[0] == PATH_AMX``).
 
 Threads: OpenMP over blocks of weight rows, ``torch.get_num_threads()`` threads; the ctypes call
@@ -94,7 +97,9 @@ PATH_AUTO, PATH_AMX, PATH_BF16, PATH_SCALAR = 0, 1, 2, 3
 
 _SK_NONE, _SK_F32, _SK_E8M0 = 0, 1, 2
 
+
 def _bind(lib) -> None:
+    """Declare the ctypes signatures of ``oq_wgemm`` and ``oq_wgemm_paths``."""
     P, I, C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.oq_wgemm.argtypes = [C, C, I, I, I, P, C, P, C, I, I, I, P, C, P, C, I, I, I, P]
     lib.oq_wgemm.restype = C
