@@ -205,7 +205,9 @@ def _pairs() -> list[tuple[str, str, str | None]]:
 def test_every_activation_key_runs_as_one_op(experts_by_arch, monkeypatch):
     """Beyond the shorthands' default activations: every (weight key, dynamic activation key or
     weight-only) pair, every backend the planner offers on the CPU for it, a dense MLP and the
-    Mixtral experts (every layout runs the same op; the layouts are covered above): zero graph
+    Mixtral experts (every layout runs the same op; the layouts are covered above), each in
+    float32 and bfloat16 (the fake implementation promises ``x.dtype`` out: a backend returning
+    another dtype would be caught here; the C kernels take other paths for bf16): zero graph
     breaks (``fullgraph=True`` refuses any, and Dynamo traces this large zoo once instead of twice
     with ``explain``), one op per opaque layer, compiled (inductor) bit-identical to eager (the op
     runs the eager forward; ReLU and the routing clamp are exact). The linear ``torch`` reference
@@ -221,23 +223,24 @@ def test_every_activation_key_runs_as_one_op(experts_by_arch, monkeypatch):
     for kind, w, act in _pairs():
         spec = {"weight": w, "activation": act}
         tag = f"{w}_{act or 'wo'}"
-        if kind == "linear":
-            for backend in _viable(MLP(), {"linear": spec}, "linear"):
-                if backend != REFERENCE:
-                    mlps[f"mlp_{tag}_{backend}"] = oqcore.quantize_(MLP(), {"linear": spec, "backend": {"linear": backend}})
-                    xs[f"mlp_{tag}_{backend}"] = torch.randn(T, K, generator=gen) * 3
-            continue
-        for arch in ("mixtral",):
-            experts = experts_by_arch[arch]
+        for dt in (torch.float32, torch.bfloat16):
+            dtag = f"{tag}_{str(dt)[6:]}"
+            if kind == "linear":
+                for backend in _viable(MLP().to(dt), {"linear": spec}, "linear"):
+                    if backend != REFERENCE:
+                        mlps[f"mlp_{dtag}_{backend}"] = oqcore.quantize_(MLP().to(dt), {"linear": spec, "backend": {"linear": backend}})
+                        xs[f"mlp_{dtag}_{backend}"] = (torch.randn(T, K, generator=gen) * 3).to(dt)
+                continue
+            experts = copy.deepcopy(experts_by_arch["mixtral"]).to(dt)
             lay = moe_layout(experts)
             for backend in _viable(nn.ModuleDict({"experts": experts}), {"moe": spec}, "moe"):
-                name = f"{arch}_{tag}_{backend}"
+                name = f"mixtral_{dtag}_{backend}"
                 holder = nn.ModuleDict({"experts": copy.deepcopy(experts)})
                 moes[name] = oqcore.quantize_(holder, {"moe": spec, "backend": {"moe": backend}})["experts"]
                 ids = torch.randint(0, lay.num_experts, (T, 2), generator=gen)
-                xs[name] = (torch.randn(T, lay.hidden_size, generator=gen), ids, torch.rand(T, 2, generator=gen))
+                xs[name] = (torch.randn(T, lay.hidden_size, generator=gen).to(dt), ids, torch.rand(T, 2, generator=gen).to(dt))
     zoo = Zoo(mlps, moes).eval()
-    assert len(moes) >= len([p for p in _pairs() if p[0] == "moe"]), sorted(moes)  # the reference at least
+    assert len(moes) >= 2 * len([p for p in _pairs() if p[0] == "moe"]), sorted(moes)  # the reference at least
     layers = [m for m in zoo.modules() if isinstance(m, (QuantizedLinear, QuantizedMoE))]
     opaque = {kind: sum(isinstance(m, cls) and not m.method.backend.traceable for m in layers) for kind, cls in (("linear", QuantizedLinear), ("moe", QuantizedMoE))}
 
@@ -257,6 +260,11 @@ def test_every_activation_key_runs_as_one_op(experts_by_arch, monkeypatch):
         assert _count_ops(explain, torch.ops.oqcore.linear_forward) == opaque["linear"]
         assert _count_ops(explain, torch.ops.oqcore.moe_forward) == opaque["moe"] == len(moes)
         bad = []
+        for name, x in xs.items():
+            dt = (x[0] if isinstance(x, tuple) else x).dtype
+            outs = eager[name] if isinstance(eager[name], tuple) else (eager[name],)
+            outs_c = compiled[name] if isinstance(compiled[name], tuple) else (compiled[name],)
+            assert {t.dtype for t in (*outs, *outs_c)} == {dt}, name
         for name, mlp in zoo.mlps.items():
             if mlp.up.method.backend.traceable:
                 bad += _mlp_mismatch(name, mlp, xs[name], eager[name], compiled[name])
