@@ -297,13 +297,20 @@ def _skip_rows(layer: str, impl: str, batches, status: str, batch_key: str, **me
 BASELINE = {"backend": "", "pinned": False, "online": True}
 
 
-def run_linear(budget: Budget, batches: tuple[int, ...] = BATCHES, quick: bool = False) -> list[dict[str, Any]]:
-    """Rows (see the module docstring) of the 4096x4096 linear: bf16 first, then the planner's and
-    the pinned oqcore variants, then torchao."""
-    layer = f"linear {LINEAR_N}x{LINEAR_K}"
+def run_linear(
+    budget: Budget,
+    batches: tuple[int, ...] = BATCHES,
+    quick: bool = False,
+    shape: tuple[int, int] = (LINEAR_N, LINEAR_K),
+    torchao: bool = True,
+) -> list[dict[str, Any]]:
+    """Rows (see the module docstring) of the ``shape`` = (N, K) linear (4096x4096): bf16 first,
+    then the planner's and the pinned oqcore variants, then torchao (unless ``torchao`` is false)."""
+    n, k = shape
+    layer = f"linear {n}x{k}"
     torch.manual_seed(0)
-    base = nn.Sequential(nn.Linear(LINEAR_K, LINEAR_N)).to(torch.bfloat16).eval()
-    inputs = {m: torch.randn(m, LINEAR_K, dtype=torch.bfloat16) for m in batches}
+    base = nn.Sequential(nn.Linear(k, n)).to(torch.bfloat16).eval()
+    inputs = {m: torch.randn(m, k, dtype=torch.bfloat16) for m in batches}
     log(f"forward {layer}: bf16 F.linear")
     w, b = base[0].weight.detach(), base[0].bias.detach()
 
@@ -318,7 +325,7 @@ def run_linear(budget: Budget, batches: tuple[int, ...] = BATCHES, quick: bool =
     # by up to 2x within minutes; the better of the two keeps the ratios conservative.
     again = _time_module(f, inputs, budget)
     rows = _rows(layer, "bf16 F.linear", _better(first, again), "batch", weight="bf16", activation=None, **BASELINE) + rows
-    for impl, make in _torchao_linear_configs().items():
+    for impl, make in _torchao_linear_configs().items() if torchao else ():
         meta = {"weight": "torchao", "activation": None, **BASELINE}
         if quick and "Float8" in impl:
             rows += _skip_rows(layer, impl, batches, TORCHAO_FP8_QUICK, "batch", **meta)

@@ -140,3 +140,23 @@ def test_busy_machine_is_flagged_in_results_md():
     assert busy_warning({"machine": machine, "loadavg_start": [1.5, 1, 1], "loadavg_end": [2.0, 1, 1]}) == []
     warn = busy_warning({"machine": machine, "loadavg_start": [1.5, 1, 1], "loadavg_end": [5.25, 4, 3]})
     assert len(warn) == 1 and "load average up to 5.2 on 2 logical cores" in warn[0]
+
+
+def test_forward_matrix_end_to_end_on_a_small_linear():
+    """The section itself on a 96x160 linear (K not a multiple of 128): one unpinned row per
+    planner (weight, activation) and batch, the planner's backend recorded, timed against a paired
+    bf16 baseline; the static activation key listed as not applicable online."""
+    from bench.forward import PLANNER_IMPL, STATIC_NOT_ONLINE, planner_matrix, run_linear
+
+    rows = run_linear(Budget(min_time_s=0.0, min_reps=1), (1, 3), quick=True, shape=(96, 160), torchao=False)
+    mine = {(r["weight"], r["activation"], r["batch"]): r for r in rows if r["impl"] == PLANNER_IMPL}
+    assert [r["batch"] for r in rows if r["impl"] == "bf16 F.linear"] == [1, 3]
+    for v in planner_matrix("linear"):
+        for m in (1, 3):
+            r = mine[(v["weight"], v["activation"] or "none", m)]
+            if not v["online"]:
+                assert r["status"] == STATIC_NOT_ONLINE
+                continue
+            assert r["status"] == "ok", r
+            assert r["backend"] and r["backend"] != "?"
+            assert r["min_s"] > 0 and r["bf16_min_s"] > 0 and r["reps"] >= 2
