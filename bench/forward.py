@@ -14,8 +14,10 @@ which online quantization cannot produce: they are listed as not applicable, nev
   at :data:`REFERENCE_POINTS`),
   torchao's weight-only and dynamic-int8 configs.
 - MoE: a Mixtral sparse-MoE block (8 experts, H=1024, I=2048, top-2; router included, left in
-  bf16) at :data:`MOE_TOKENS` tokens: the bf16 block, the same matrix, torchao fp8/int8
-  weight-only on the fused expert parameters.
+  bf16) at :data:`MOE_TOKENS` tokens: the bf16 block (transformers' eager loop over experts), the
+  same matrix, the bf16 block on transformers' ``grouped_mm`` experts (its default for a
+  ``from_pretrained`` model; information), torchao fp8/int8 weight-only on the fused expert
+  parameters.
 
 Every quantized row is timed alternately with its bf16 baseline (:func:`bench.common.measure_pair`):
 the ratios use that paired baseline, so a drift of the shared machine hits both sides alike.
@@ -391,6 +393,18 @@ def run_moe(budget: Budget, tokens: tuple[int, ...] = MOE_TOKENS, quick: bool = 
     _recheck(rows, "moe", base, inputs, budget, "tokens", 1, base)
     again = _time_module(base, inputs, budget)  # as for the linear: the better of two baselines
     rows = _rows(layer, "bf16 (transformers)", _better(first, again), "tokens", **bf16_meta) + rows
+    # transformers' default for a model loaded with from_pretrained is grouped_mm (the baseline
+    # above is the eager loop over experts, as in earlier runs): timed against it for information.
+    impl = "bf16 (transformers grouped_mm)"
+    meta = {"weight": "bf16 (grouped_mm)", "activation": None, **BASELINE}
+    log(f"forward {layer}: {impl}")
+    try:
+        grouped = copy.deepcopy(base)
+        grouped.experts.config._experts_implementation = "grouped_mm"
+        rows += _rows(layer, impl, _time_module(grouped, inputs, budget, base), "tokens", **meta)
+        del grouped
+    except Exception as e:
+        rows += _skip_rows(layer, impl, tokens, not_available(e), "tokens", **meta)
     for name in ("Int8WeightOnlyConfig", "Float8WeightOnlyConfig"):
         impl = f"torchao {name}"
         meta = {"weight": "torchao", "activation": None, **BASELINE}
