@@ -393,17 +393,15 @@ static inline void amx_post(const WG* p, const float* tmp, float* tot, const flo
 
 /* tiles: 0..3 C (n-sub i, m-sub j) = 2 * i + j; 4, 5 A (weight rows n0..n0+15, n0+16..n0+31);
    6, 7 B (m-blocks mb, mb + 1 when two). wp: row n0 of the weight panel; the A tile of rows
-   16 i.. at step s is at wp + s * astep + i * a16 with row stride astride bytes; bp: per 16-row m-block, Kp/32 VNNI tiles of 1 KB; sa_tab[c * Mp + m]: float32
+   16 i.. at step s is at wp + s * astep + i * a16 with row stride astride bytes; wro[i]: (n / gr) * wld of row n0 + i; bp: per 16-row m-block, Kp/32 VNNI tiles of 1 KB; sa_tab[c * Mp + m]: float32
    activation scales per chunk. Software-pipelined: the scaling of chunk c's partial sums (vector
    code on tmp) is issued after chunk c + 1's tile instructions, so the two overlap. */
 static void amx_mblock(const WG* p, const uint16_t* wp, int64_t astep, int64_t a16, int64_t astride, const uint32_t* bp,
-                       const float* sa_tab, int64_t Mp, int64_t n0, int64_t mb, int two, float* tmp, float* tot) {
+                       const float* sa_tab, int64_t Mp, int64_t n0, const int64_t* wro, int64_t mb, int two, float* tmp, float* tot) {
     const int64_t Kp = p->Kp, N = p->N, M = p->M, nkb = Kp / 32;
     const int64_t m0 = mb * 16;
     const uint32_t* b0 = bp + mb * nkb * 256;
     const uint32_t* b1 = b0 + nkb * 256;
-    int64_t wro[32];
-    for (int i = 0; i < 32; i++) wro[i] = ((n0 + i < N ? n0 + i : 0) / p->gr) * p->wld;
     for (int64_t c = 0; c < p->nck; c++) {
         int64_t s0 = p->ck0[c] / 32, s1 = (p->ck1[c] + 31) / 32;
         _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
@@ -644,10 +642,12 @@ static int run_amx(const WG* p, int nthreads) {
             for (int i = 0; i < rows; i++)
                 dec_row(p->q, p->q_fmt, n0 + i, N, p->K, Kp, p->ws, p->ws_kind, p->gr, p->gc, p->wld, tab,
                         tiled ? wp + i * 32 : wp + i * Kp, tiled ? rows * 32 : 32, p->bad);
+            int64_t wro[128]; /* (n / gr) * wld per row of the block, once (not per m-pair) */
+            for (int i = 0; i < rows; i++) wro[i] = ((n0 + i < N ? n0 + i : 0) / p->gr) * p->wld;
             for (int64_t mb = 0; mb < nmb; mb += 2)
                 for (int64_t sp = 0; sp < rows && n0 + sp < N; sp += 32) {
-                    if (tiled) amx_mblock(p, wp + sp * 32, rows * 32, 512, 64, bp, sa_tab, nmbp * 16, n0 + sp, mb, mb + 1 < nmb, tmp, tmp + 2048);
-                    else amx_mblock(p, wp, 32, 16 * Kp, Kp * 2, bp, sa_tab, nmbp * 16, n0 + sp, mb, mb + 1 < nmb, tmp, tmp + 2048);
+                    if (tiled) amx_mblock(p, wp + sp * 32, rows * 32, 512, 64, bp, sa_tab, nmbp * 16, n0 + sp, wro + sp, mb, mb + 1 < nmb, tmp, tmp + 2048);
+                    else amx_mblock(p, wp, 32, 16 * Kp, Kp * 2, bp, sa_tab, nmbp * 16, n0 + sp, wro, mb, mb + 1 < nmb, tmp, tmp + 2048);
                 }
         }
         if (wp && tmp) _tile_release();
