@@ -553,6 +553,54 @@ static void amx_pipe32(const WG* p, const uint16_t* wh, int64_t astep, int64_t a
     for (int is = 0; is < 2; is++) store_t16(tot + is * 256, 16, p->y + m0 * N + n0 + is * 16, N, mv, nv - is * 16);
 }
 
+/* One K-chunk (no float32 K-groups), 32 weight rows n0.. x every 16-row m-block: C tiles {0, 1}
+   and {2, 3} alternate between m-blocks, and m-block i's tiles are stored, scaled and written
+   after m-block i + 1's products are issued, so no store waits for its own accumulation chain to
+   drain. tmp: 2 x 512 floats. */
+static void amx_rows32(const WG* p, const uint16_t* wh, int64_t astep, int64_t a16, int64_t astride, const uint32_t* bp,
+                       const float* sa_tab, const int64_t* wro, int64_t n0, float* tmp) {
+    const int64_t N = p->N, M = p->M, nkb = p->Kp / 32, nmb = (M + 15) / 16, s1 = (p->K + 31) / 32;
+    const int64_t nv = N - n0 < 32 ? N - n0 : 32;
+    for (int64_t mb = 0; mb <= nmb; mb++) {
+        if (mb < nmb) {
+            const uint32_t* bm = bp + mb * nkb * 256;
+            if (mb & 1) {
+                _tile_zero(2); _tile_zero(3);
+                for (int64_t s = 0; s < s1; s++) {
+                    _tile_loadd(6, bm + s * 256, 64);
+                    _tile_loadd(4, wh + s * astep, astride);
+                    _tile_dpbf16ps(2, 4, 6);
+                    _tile_loadd(5, wh + s * astep + a16, astride);
+                    _tile_dpbf16ps(3, 5, 6);
+                }
+            } else {
+                _tile_zero(0); _tile_zero(1);
+                for (int64_t s = 0; s < s1; s++) {
+                    _tile_loadd(6, bm + s * 256, 64);
+                    _tile_loadd(4, wh + s * astep, astride);
+                    _tile_dpbf16ps(0, 4, 6);
+                    _tile_loadd(5, wh + s * astep + a16, astride);
+                    _tile_dpbf16ps(1, 5, 6);
+                }
+            }
+        }
+        if (mb == 0) continue;
+        const int64_t pm = mb - 1, m0 = pm * 16;
+        float* t = tmp + (pm & 1) * 512;
+        if (pm & 1) { _tile_stored(2, t, 64); _tile_stored(3, t + 256, 64); }
+        else { _tile_stored(0, t, 64); _tile_stored(1, t + 256, 64); }
+        const __m512 sa = _mm512_loadu_ps(sa_tab + m0);
+        int64_t last = -1;
+        __m512 sc = sa;
+        for (int r = 0; r < 32; r++) {
+            if (wro[r] != last) { last = wro[r]; sc = _mm512_mul_ps(sa, _mm512_set1_ps(sw_at(p, last, 0))); }
+            _mm512_store_ps(t + r * 16, _mm512_mul_ps(_mm512_load_ps(t + r * 16), sc));
+        }
+        const int64_t mv = M - m0 < 16 ? M - m0 : 16;
+        for (int is = 0; is < 2; is++) store_t16(t + is * 256, 16, p->y + m0 * N + n0 + is * 16, N, mv, nv - is * 16);
+    }
+}
+
 static int run_amx(const WG* p, int nthreads) {
     const int64_t M = p->M, N = p->N, Kp = p->Kp, nkb = Kp / 32;
     const __m512i tab = subnormal_table();
@@ -644,6 +692,15 @@ static int run_amx(const WG* p, int nthreads) {
                         tiled ? wp + i * 32 : wp + i * Kp, tiled ? rows * 32 : 32, p->bad);
             int64_t wro[128]; /* (n / gr) * wld per row of the block, once (not per m-pair) */
             for (int i = 0; i < rows; i++) wro[i] = ((n0 + i < N ? n0 + i : 0) / p->gr) * p->wld;
+            /* one K-chunk and a 32-row weight slab that stays in L1 (K <= 512): pipelined m-blocks
+               (measured 256x1536x384: 525 -> 460 us on one thread; slower from K = 1536 on) */
+            if (p->nck == 1 && !tiled && Kp <= 512) {
+                for (int64_t sp = 0; sp < rows && n0 + sp < N; sp += 32) {
+                    if (tiled) amx_rows32(p, wp + sp * 32, rows * 32, 512, 64, bp, sa_tab, wro + sp, n0 + sp, tmp);
+                    else amx_rows32(p, wp, 32, 16 * Kp, Kp * 2, bp, sa_tab, wro, n0, tmp);
+                }
+                continue;
+            }
             for (int64_t mb = 0; mb < nmb; mb += 2)
                 for (int64_t sp = 0; sp < rows && n0 + sp < N; sp += 32) {
                     if (tiled) amx_mblock(p, wp + sp * 32, rows * 32, 512, 64, bp, sa_tab, nmbp * 16, n0 + sp, wro + sp, mb, mb + 1 < nmb, tmp, tmp + 2048);
