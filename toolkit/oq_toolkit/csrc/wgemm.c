@@ -16,8 +16,9 @@
    1 AMX-BF16: the weight is the AMX A operand (rows n x 32 k bf16 decoded into a per-thread
      panel), the activations are packed once per call into VNNI B tiles (B[k/2][m][k%2]); C tiles
      are y^T, written out through 16x16 register transposes. M <= 16: 64-row panels, four C
-     accumulators, K-chunks side by side in column slots (amx_small); larger M: 2 x 2 C tiles per
-     32 rows x 32 m, chunk scaling pipelined behind the next chunk (amx_mblock). Needs
+     accumulators, K-chunks side by side in column slots (amx_small; 9 <= M <= 16 with K-chunks:
+     amx_pipe32); larger M: 2 x 2 C tiles per 32 rows x 32 m, chunk scaling pipelined behind the
+     next chunk (amx_mblock; one chunk and K <= 512: amx_rows32). Needs
      __AMX_BF16__ at build time and the Linux XTILEDATA permission at run time.
    2 AVX512-BF16: vdpbf16ps, weight rows decoded once per 4-row block into an L1 buffer and reused
      for every row of M (register block 4 n x up to 4 m).
