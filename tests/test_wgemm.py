@@ -265,3 +265,109 @@ def test_custom_op_under_torch_compile():
     assert torch._dynamo.explain(f)(a, sa, q, sw).graph_break_count == 0
     fake = W._wgemm_fake(a, af, sa, *ga, q, qf, sw, *gw)
     assert fake.shape == (3, 40) and fake.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# epilogue: bias and bf16 output
+
+
+def _bits(t):
+    return t.view(torch.int32) if t.dtype == torch.float32 else t.view(torch.int16)
+
+
+def _epilogue_variants(n, gen):
+    b32 = torch.randn(n, generator=gen) * 40
+    b32[: min(n, 3)] = torch.tensor([0.0, -0.0, 3e-39])[: min(n, 3)]  # signed zero, subnormal
+    return [(b32, torch.float32), (None, torch.bfloat16), (b32, torch.bfloat16), (b32.bfloat16(), torch.bfloat16)]
+
+
+# every AMX sub-kernel (M <= 16 with and without chunk slots, 9..16 pipelined, row slabs, m-pairs,
+# tile-major panels), partial tiles in M and N
+EPI_SHAPES = [(3, 70, 256), (12, 40, 256), (16, 72, 224), (40, 72, 224), (257, 72, 224), (33, 50, 384)]
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: {1: "amx", 2: "avx512bf16", 3: "portable"}[p])
+def test_epilogue_is_bit_identical_to_torch(path):
+    """``bias=`` / ``out_dtype=`` give exactly ``(y + bias.float()).to(out_dtype)`` of the plain
+    float32 call, on every path and sub-kernel, for every scale layout family."""
+    gen = torch.Generator().manual_seed(12)
+    combos = [("e4m3", "b128", "e4m3", "g128"), ("e4m3", "mx", "e4m3", "mx"), ("int8", "row", "bf16", "none"), ("e4m3", "tensor", "e4m3", "row")]
+    shapes = EPI_SHAPES + ([(300, 200, 2144)] if path == W.PATH_AMX else [])
+    for (m, n, k), (wf, wk, af, ak) in itertools.product(shapes, combos):
+        args = _case(m, n, k, wf, wk, af, ak, seed=13)
+        y = W.wgemm_eager(*args, path=path)
+        for bias, dt in _epilogue_variants(n, gen):
+            got = W.wgemm_eager(*args, path=path, bias=bias, out_dtype=dt)
+            ref = (y + bias.float() if bias is not None else y).to(dt)
+            assert got.dtype == dt and got.shape == (m, n)
+            assert torch.equal(_bits(got), _bits(ref)), f"path {path} M={m} N={n} K={k} w={wf}/{wk} a={af}/{ak} bias={bias is not None} {dt}"
+
+
+def test_epilogue_rounding_special_values():
+    """Zero activations: y = bias exactly, so the bf16 bits are known: ties to even, subnormals
+    kept (not flushed), NaN -> 0xFFFF (torch's vectorized conversion), overflow to inf, on every path."""
+    vals = [1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 1 + 2**-8 + 2**-20, 2.0**-130, -(2.0**-133), float("nan"), float("inf"),
+            -float("inf"), 3.4e38, 0.0, -0.0, 65504.0, 1e-45]
+    y32 = torch.zeros(len(vals)) + torch.tensor(vals, dtype=torch.float32)  # 0 + -0 = +0, as the kernel's sum
+    want = y32.to(torch.bfloat16)
+    assert [int(v) & 0xFFFF for v in want.view(torch.int16)[:7].tolist()] == [0x3F80, 0x3F82, 0xBF80, 0x3F81, 0x0008, 0x8001, 0xFFFF]
+    n = len(vals)
+    bias = torch.tensor(vals, dtype=torch.float32)
+    q = torch.full((n, 64), 0x38, dtype=torch.uint8)  # e4m3 1.0
+    for m in (1, 12, 40):
+        a = torch.zeros(m, 64, dtype=torch.bfloat16)
+        for path in PATHS:
+            got = W.wgemm_eager(a, W.BF16, None, None, q, W.E4M3, None, None, bias=bias, out_dtype=torch.bfloat16, path=path)
+            assert torch.equal(_bits(got), _bits(want.expand(m, n))), f"path {path} M={m}"
+            g32 = W.wgemm_eager(a, W.BF16, None, None, q, W.E4M3, None, None, bias=bias, path=path)
+            assert torch.equal(_bits(g32), _bits(y32.expand(m, n))), f"path {path} M={m} float32"
+
+
+def test_epilogue_generic_build_fallback_and_empty(generic_lib, monkeypatch):
+    gen = torch.Generator().manual_seed(14)
+    args = _case(5, 37, 224, "e4m3", "b128", "e4m3", "g128", seed=15)
+    y = W.wgemm_eager(*args)
+    b = torch.randn(37, generator=gen)
+    ref = (y + b).bfloat16()
+    assert torch.equal(_bits(W.wgemm_eager(*args, lib=generic_lib, bias=b, out_dtype=torch.bfloat16)), _bits(ref))
+    yr = W.wgemm_reference(*args)
+    assert torch.equal(_bits(W.wgemm_reference(*args, bias=b, out_dtype=torch.bfloat16)), _bits((yr + b).bfloat16()))
+    monkeypatch.setenv("OQ_COMPILE", "0")
+    assert torch.equal(_bits(W.wgemm(*args, bias=b, out_dtype=torch.bfloat16)), _bits((yr + b).bfloat16()))
+    monkeypatch.delenv("OQ_COMPILE")
+    q = _int8(8, 64, gen)
+    y0 = W.wgemm(torch.empty(0, 64, dtype=torch.bfloat16), W.BF16, None, None, q, W.INT8, None, None, out_dtype=torch.bfloat16)
+    assert y0.shape == (0, 8) and y0.dtype == torch.bfloat16
+    bk = torch.randn(8, generator=gen)
+    yk = W.wgemm(torch.empty(3, 0, dtype=torch.bfloat16), W.BF16, None, None, q[:, :0], W.INT8, None, None, bias=bk, out_dtype=torch.bfloat16)
+    assert torch.equal(yk, bk.bfloat16().expand(3, 8))  # K = 0: the bias alone
+
+
+@pytest.mark.parametrize(
+    "change,culprit",
+    [
+        (dict(bias=torch.zeros(7)), r"bias: expected shape \[8\]"),
+        (dict(bias=torch.zeros(8, dtype=torch.float64)), "bias: expected float32 or bfloat16"),
+        (dict(bias=[0.0] * 8), "bias: expected a CPU tensor"),
+        (dict(out_dtype=torch.float16), "out_dtype"),
+    ],
+)
+def test_epilogue_bad_arguments_raise_value_error(change, culprit):
+    with pytest.raises(ValueError, match=culprit):
+        W.wgemm(torch.zeros(2, 64, dtype=torch.bfloat16), W.BF16, None, None, torch.zeros(8, 64, dtype=torch.uint8), W.E4M3, None, None, **change)
+
+
+def test_epilogue_custom_op_under_torch_compile():
+    a, af, sa, ga, q, qf, sw, gw = _case(3, 40, 256, "e4m3", "b128", "e4m3", "g128", seed=16)
+    b = torch.randn(40)
+
+    def f(a, sa, q, sw, b):
+        return W.wgemm(a, af, sa, ga, q, qf, sw, gw, bias=b, out_dtype=torch.bfloat16)
+
+    eager = f(a, sa, q, sw, b)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="inductor", fullgraph=True)(a, sa, q, sw, b)
+    assert compiled.dtype == torch.bfloat16 and torch.equal(_bits(compiled), _bits(eager))
+    assert torch.equal(_bits(eager), _bits((W.wgemm(a, af, sa, ga, q, qf, sw, gw) + b).bfloat16()))
+    fake = W._wgemm_fake(a, af, sa, *ga, q, qf, sw, *gw, b, torch.bfloat16)
+    assert fake.shape == (3, 40) and fake.dtype == torch.bfloat16

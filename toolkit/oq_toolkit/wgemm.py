@@ -12,7 +12,12 @@ W8A8 (activation codes quantized by the caller):
   element ``(r, k)`` is ``scale.flatten()[(r // rows) * ld + k // cols]``. Per-tensor: ``(M or N,
   K, 1)``; per-token / per-channel: ``(1, K, 1)``; 1x128 groups ``(1, 128, ceil(K/128))``; 128x128
   blocks ``(128, 128, ceil(K/128))``; MX ``(1, 32, ceil(K/32))`` (e8m0).
-- result: float32 ``[M, N]``, ``y[m, n] = sum_k A(m, k) W(n, k)``, ``A = dec(a) * sa``, ``W = dec(q) * sw``.
+- result: ``[M, N]``, ``y[m, n] = sum_k A(m, k) W(n, k) (+ bias[n])``, ``A = dec(a) * sa``,
+  ``W = dec(q) * sw``, float32 by default.
+- epilogue (keyword-only): ``bias`` ``[N]`` (float32, or bfloat16 widened exactly) is added to the
+  float32 sum in the kernel, and ``out_dtype=torch.bfloat16`` writes the result as bf16, rounded
+  once to nearest even: the output is allocated once, in its final dtype, and is bit-identical to
+  ``(wgemm(...) + bias.float()).to(out_dtype)`` (tested on every path).
 
 Numerics. e4m3 codes, int8 codes, bf16 activations and e8m0 powers of two are exact in bf16, so
 every product of decoded values is exact in float32. Every path accumulates in float32 over a
@@ -71,7 +76,7 @@ forward backend on such a CPU may prefer its own scratch + ``torch.mm`` for larg
 
 Threads: OpenMP over blocks of weight rows, ``torch.get_num_threads()`` threads; the ctypes call
 releases the GIL. Under ``torch.compile`` :func:`wgemm` is the custom op ``oq_toolkit::wgemm``
-(fake implementation: float32 ``[M, N]``), so a traced forward has no graph break and the eager
+(fake implementation: ``[M, N]`` of ``out_dtype``), so a traced forward has no graph break and the eager
 result; eager calls skip the dispatcher (~20 us per call).
 """
 
@@ -101,7 +106,7 @@ _SK_NONE, _SK_F32, _SK_E8M0 = 0, 1, 2
 def _bind(lib) -> None:
     """Declare the ctypes signatures of ``oq_wgemm`` and ``oq_wgemm_paths``."""
     P, I, C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.oq_wgemm.argtypes = [C, C, I, I, I, P, C, P, C, I, I, I, P, C, P, C, I, I, I, P]
+    lib.oq_wgemm.argtypes = [C, C, I, I, I, P, C, P, C, I, I, I, P, C, P, C, I, I, I, P, C, P]
     lib.oq_wgemm.restype = C
     lib.oq_wgemm_paths.argtypes = []
     lib.oq_wgemm_paths.restype = C
@@ -177,6 +182,24 @@ def _scale(s: Optional[torch.Tensor], grid, rows: int, k: int, what: str):
     return (s if s.is_contiguous() else s.contiguous()), kind, gr, gc, ld
 
 
+_OUT_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _epilogue(bias, out_dtype, n: int):
+    """``(float32 contiguous bias or None, out_bf16 flag)``, checked against ``N``."""
+    if out_dtype not in _OUT_DTYPES:
+        raise ValueError(f"out_dtype: expected torch.float32 or torch.bfloat16, got {out_dtype!r}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.device.type != "cpu":
+            raise ValueError(f"bias: expected a CPU tensor, got {type(bias).__name__}")
+        if bias.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"bias: expected float32 or bfloat16, got {bias.dtype}")
+        if bias.dim() != 1 or bias.shape[0] != n:
+            raise ValueError(f"bias: expected shape [{n}] (N, the rows of q), got {tuple(bias.shape)}")
+        bias = bias.contiguous() if bias.dtype == torch.float32 else bias.float()
+    return bias, int(out_dtype == torch.bfloat16)
+
+
 def _prepare(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid):
     """Checked, normalized arguments: ``(a, a_fmt, (as, kind, ar, ac, ald), q, q_fmt, (ws, kind, gr, gc, wld))``."""
     if not isinstance(a, torch.Tensor) or not isinstance(q, torch.Tensor):
@@ -212,9 +235,12 @@ def _e8m0_to_f32(e: torch.Tensor) -> torch.Tensor:
 # entry points
 
 
-def wgemm(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid) -> torch.Tensor:
-    """``float32 [M, N] = A @ W^T`` for 8-bit weight codes (see the module docstring for the
-    arguments, grid convention and error bound).
+def wgemm(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid, *, bias: Optional[torch.Tensor] = None,
+          out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``[M, N] = A @ W^T (+ bias)`` for 8-bit weight codes (see the module docstring for the
+    arguments, grid convention and error bound). ``bias``: ``None`` or ``[N]`` float32 / bfloat16,
+    added to the float32 sum; ``out_dtype``: ``torch.float32`` (default) or ``torch.bfloat16`` (one
+    round to nearest even of the biased float32 sum: bit-identical to ``(y + bias).to(out_dtype)``).
 
     Eager calls run :func:`wgemm_eager` directly; under ``torch.compile`` the call is the opaque
     custom op ``oq_toolkit::wgemm`` (no graph break, the eager result). Raises ``ValueError`` for
@@ -223,11 +249,12 @@ def wgemm(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid) -> torch.Tensor:
     if torch.compiler.is_compiling():
         ag = tuple(int(v) for v in a_grid) if a_scale is not None else (1, 1, 1)
         wg = tuple(int(v) for v in w_grid) if w_scale is not None else (1, 1, 1)
-        return torch.ops.oq_toolkit.wgemm(a, int(a_fmt), a_scale, *ag, q, int(q_fmt), w_scale, *wg)
-    return wgemm_eager(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid)
+        return torch.ops.oq_toolkit.wgemm(a, int(a_fmt), a_scale, *ag, q, int(q_fmt), w_scale, *wg, bias, out_dtype)
+    return wgemm_eager(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid, bias=bias, out_dtype=out_dtype)
 
 
-def wgemm_eager(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid, *, path: int = PATH_AUTO, lib=None) -> torch.Tensor:
+def wgemm_eager(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid, *, bias: Optional[torch.Tensor] = None,
+                out_dtype: torch.dtype = torch.float32, path: int = PATH_AUTO, lib=None) -> torch.Tensor:
     """:func:`wgemm` without the compile dispatch. ``path`` forces a kernel path (``PATH_*``; one
     this CPU cannot run, or a grid the fast paths do not take, runs the portable loops); ``lib`` a
     library (e.g. a ``-DOQ_GENERIC`` build); :func:`wgemm_reference` runs when none loads."""
@@ -235,23 +262,32 @@ def wgemm_eager(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid, *, path: i
     lib = lib if lib is not None else LIBRARY.load()
     m, k = a.shape
     n = q.shape[0]
+    bias, out_bf16 = _epilogue(bias, out_dtype, n)
     if lib is None:
-        return _reference(a, a_fmt, (sa, ska, ar, ac, ald), q, q_fmt, (sw, skw, gr, gc, wld))
-    y = torch.empty(m, n, dtype=torch.float32)
+        return _finish(_reference(a, a_fmt, (sa, ska, ar, ac, ald), q, q_fmt, (sw, skw, gr, gc, wld)), bias, out_dtype)
+    y = torch.empty(m, n, dtype=out_dtype)
     nthreads = torch.get_num_threads()
     ap, qp, yp = a.data_ptr(), q.data_ptr(), y.data_ptr()
+    bp = bias.data_ptr() if bias is not None else None
     r = lib.oq_wgemm(path, nthreads, m, n, k, ap, a_fmt, sa.data_ptr() if sa is not None else None, ska, ar, ac, ald,
-                     qp, q_fmt, sw.data_ptr() if sw is not None else None, skw, gr, gc, wld, yp)
+                     qp, q_fmt, sw.data_ptr() if sw is not None else None, skw, gr, gc, wld, bp, out_bf16, yp)
     if r == -2:  # an e8m0 byte outside the exactly-foldable range: those scales as float32 chunks
         if ska == _SK_E8M0:
             sa, ska = _e8m0_to_f32(sa), _SK_F32
         if skw == _SK_E8M0:
             sw, skw = _e8m0_to_f32(sw), _SK_F32
         r = lib.oq_wgemm(path, nthreads, m, n, k, ap, a_fmt, sa.data_ptr() if sa is not None else None, ska, ar, ac, ald,
-                         qp, q_fmt, sw.data_ptr() if sw is not None else None, skw, gr, gc, wld, yp)
+                         qp, q_fmt, sw.data_ptr() if sw is not None else None, skw, gr, gc, wld, bp, out_bf16, yp)
     if r < 0:
         raise MemoryError(f"oq_wgemm: could not allocate its buffers for M={m}, N={n}, K={k}")
     return y
+
+
+def _finish(y: torch.Tensor, bias, out_dtype) -> torch.Tensor:
+    """The epilogue with torch ops: float32 ``y + bias``, then one rounding to ``out_dtype``."""
+    if bias is not None:
+        y += bias
+    return y if out_dtype == torch.float32 else y.to(out_dtype)
 
 
 def _dequant(t: torch.Tensor, fmt: int, s, kind: int, gr: int, gc: int, ld: int, r0: int = 0) -> torch.Tensor:
@@ -281,11 +317,14 @@ def _reference(a, a_fmt, sa, q, q_fmt, sw) -> torch.Tensor:
     return y
 
 
-def wgemm_reference(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid) -> torch.Tensor:
+def wgemm_reference(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid, *, bias: Optional[torch.Tensor] = None,
+                    out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The same product with torch ops (float32 dequantization of ``A`` and of ``W`` in tiles of
-    rows, then ``torch.mm``): what :func:`wgemm` runs without the compiled library."""
+    rows, then ``torch.mm``, then ``+ bias`` and ``.to(out_dtype)``): what :func:`wgemm` runs
+    without the compiled library."""
     a, a_fmt, sa, q, q_fmt, sw = _prepare(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid)
-    return _reference(a, a_fmt, sa, q, q_fmt, sw)
+    bias, _ = _epilogue(bias, out_dtype, q.shape[0])
+    return _finish(_reference(a, a_fmt, sa, q, q_fmt, sw), bias, out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,14 +335,16 @@ def wgemm_reference(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid) -> tor
 def _wgemm_op(
     a: torch.Tensor, a_fmt: int, a_scale: Optional[torch.Tensor], ar: int, ac: int, ald: int,
     q: torch.Tensor, q_fmt: int, w_scale: Optional[torch.Tensor], gr: int, gc: int, wld: int,
+    bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """:func:`wgemm_eager` as one op (grids passed as their three integers)."""
     return wgemm_eager(
         a.contiguous(), a_fmt, a_scale.contiguous() if a_scale is not None else None, (ar, ac, ald),
         q.contiguous(), q_fmt, w_scale.contiguous() if w_scale is not None else None, (gr, gc, wld),
+        bias=bias, out_dtype=out_dtype,
     )
 
 
 @_wgemm_op.register_fake
-def _wgemm_fake(a, a_fmt, a_scale, ar, ac, ald, q, q_fmt, w_scale, gr, gc, wld):
-    return a.new_empty((a.shape[0], q.shape[0]), dtype=torch.float32)
+def _wgemm_fake(a, a_fmt, a_scale, ar, ac, ald, q, q_fmt, w_scale, gr, gc, wld, bias=None, out_dtype=torch.float32):
+    return a.new_empty((a.shape[0], q.shape[0]), dtype=out_dtype)

@@ -1,6 +1,8 @@
 /* wgemm.c: fused CPU GEMM for 8-bit weights (built and loaded by oq_toolkit.wgemm).
 
-   y[m, n] = sum_k A(m, k) * W(n, k), float32 [M, N], with A = dec(a) * sa, W = dec(q) * sw:
+   y[m, n] = sum_k A(m, k) * W(n, k) (+ bias[n]), float32 or bf16 [M, N], with A = dec(a) * sa,
+   W = dec(q) * sw (epilogue: one float32 add of the bias, then one round-to-nearest-even to bf16
+   when asked, bit-identical to torch's (y + bias).to(torch.bfloat16); out1 / out16):
    - a [M, K]: bf16 activations, or 8-bit codes (e4m3 / int8) of quantized activations;
    - q [N, K]: e4m3 or int8 weight codes;
    - sa / sw: scale grids, float32 (applied per K-chunk to the fp32 partial sums) or e8m0 bytes
@@ -51,7 +53,9 @@ typedef struct {
     const void* as; int as_kind; int64_t ar, ac, ald;
     const uint8_t* q; int q_fmt;
     const void* ws; int ws_kind; int64_t gr, gc, wld;
-    float* y;
+    void* y;                       /* float32 or bf16 (out_bf16) [M, N], row stride N */
+    const float* bias;             /* float32 [N] added to every row, or NULL */
+    int out_bf16;                  /* 1: y is bf16, each value rounded once (to nearest even) */
     int64_t nck;                   /* K-chunks: [ck0[c], ck1[c]), float32 scale columns acol[c] / wcol[c] */
     const int64_t *ck0, *ck1, *acol, *wcol;
     const int64_t* arow;           /* (m / ar) * ald per row of M (float32 activation scales) */
@@ -97,6 +101,23 @@ static inline float sa_at(const WG* p, int64_t m, int64_t c) {
 }
 static inline float sw_at(const WG* p, int64_t wro, int64_t c) {
     return p->ws_kind == SK_F32 ? ((const float*)p->ws)[wro + p->wcol[c]] : 1.0f;
+}
+
+/* float32 -> bf16 bits, round to nearest even, subnormals kept, every NaN -> 0xFFFF: what
+   torch's vectorized tensor conversion .to(torch.bfloat16) writes (ATen cvtfp32_bf16; only its
+   scalar c10 path, e.g. a 0-dim tensor, writes 0x7FC0), so bit-identical to it */
+static inline uint16_t f32_to_bf16_rne(float f) {
+    uint32_t b;
+    memcpy(&b, &f, 4);
+    if ((b & 0x7FFFFFFFu) > 0x7F800000u) return 0xFFFF;
+    return (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+
+/* The epilogue of one output element: y[m, n] = v (+ bias[n]), as float32 or bf16 */
+static inline void out1(const WG* p, int64_t m, int64_t n, float v) {
+    if (p->bias) v += p->bias[n];
+    if (p->out_bf16) ((uint16_t*)p->y)[m * p->N + n] = f32_to_bf16_rne(v);
+    else ((float*)p->y)[m * p->N + n] = v;
 }
 
 /* Growable per-thread buffers (64-byte aligned), kept across calls: no allocation per call */
@@ -151,7 +172,7 @@ static int run_scalar(const WG* p, int nthreads) {
                     for (int64_t k = p->ck0[c]; k < p->ck1[c]; k++) acc += x[k] * w[k];
                     tot += acc * (sa_at(p, m, c) * sw_at(p, (n / p->gr) * p->wld, c));
                 }
-                p->y[m * N + n] = tot;
+                out1(p, m, n, tot);
             }
         }
     }
@@ -269,7 +290,7 @@ static inline __attribute__((always_inline)) void bf16_block(const WG* p, int MB
     }
     for (int i = 0; i < 4; i++)
         for (int j = 0; j < MB; j++)
-            if (n0 + i < N && m0 + j < M) p->y[(m0 + j) * N + n0 + i] = _mm512_reduce_add_ps(tot[i][j]);
+            if (n0 + i < N && m0 + j < M) out1(p, m0 + j, n0 + i, _mm512_reduce_add_ps(tot[i][j]));
 }
 
 static int run_bf16(const WG* p, int nthreads) {
@@ -339,9 +360,9 @@ static void amx_config(void) {
 /* tiles: 0..3 C (n-sub i, m-sub j) = 2 * i + j; 4, 5 A (weight rows n0..n0+15, n0+16..n0+31);
    6, 7 B (activation m-blocks). Weight panel wp: 32 rows x Kp bf16; activation panels bp: per
    16-row m-block, Kp/32 VNNI tiles of 1 KB. */
-/* d (16 rows, stride ds floats) = transpose of s (16 rows, stride ss): 4 shuffle stages */
-static inline void tr16(const float* s, int64_t ss, float* d, int64_t ds) {
-    __m512 r[16], t[16];
+/* r[0..15] = the rows of the transpose of s (16 rows, stride ss floats): 4 shuffle stages */
+static inline __attribute__((always_inline)) void tr16(const float* s, int64_t ss, __m512* r) {
+    __m512 t[16];
     for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(s + i * ss);
     for (int i = 0; i < 8; i++) { t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]); t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]); }
     for (int i = 0; i < 4; i++) {
@@ -358,16 +379,29 @@ static inline void tr16(const float* s, int64_t ss, float* d, int64_t ds) {
             t[8 * i + 4 + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0xdd);
         }
     for (int j = 0; j < 8; j++) { r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88); r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd); }
-    for (int i = 0; i < 16; i++) _mm512_storeu_ps(d + i * ds, r[i]);
 }
 
-/* y block (rows m, cols n; row stride N) = transpose of a [n][m] block s (stride ss), rows x cols valid */
-static inline void store_t16(const float* s, int64_t ss, float* y, int64_t N, int64_t rows, int64_t cols) {
+/* y[m0 + i, n0 .. n0 + 15] (first cols valid) = v (+ bias) as float32 or bf16: the vector
+   epilogue (the bf16 rounding is f32_to_bf16_rne's, lane-wise) */
+static inline __attribute__((always_inline)) void out16(const WG* p, int64_t m, int64_t n0, __m512 v, int64_t cols) {
+    const __mmask16 k = cols >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cols) - 1u);
+    if (p->bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, p->bias + n0));
+    if (!p->out_bf16) { _mm512_mask_storeu_ps((float*)p->y + m * p->N + n0, k, v); return; }
+    const __m512i b = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(b, _mm512_set1_epi32(0x7FFFFFFF)), _mm512_set1_epi32(0x7F800000));
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0xFFFF));
+    _mm256_mask_storeu_epi16((uint16_t*)p->y + m * p->N + n0, k, _mm512_cvtepi32_epi16(r));
+}
+
+/* y[m0 .. m0 + rows - 1, n0 .. n0 + cols - 1] (at most 16 x 16) = transpose of a [n][m] block s
+   (stride ss floats), through the epilogue */
+static inline void store_t16(const WG* p, const float* s, int64_t ss, int64_t m0, int64_t n0, int64_t rows, int64_t cols) {
     if (rows <= 0 || cols <= 0) return;
-    if (rows >= 16 && cols >= 16) { tr16(s, ss, y, N); return; }
-    float t[256] __attribute__((aligned(64)));
-    tr16(s, ss, t, 16);
-    for (int64_t r = 0; r < rows && r < 16; r++) memcpy(y + r * N, t + r * 16, (size_t)(cols < 16 ? cols : 16) * 4);
+    __m512 r[16];
+    tr16(s, ss, r);
+    for (int64_t i = 0; i < rows && i < 16; i++) out16(p, m0 + i, n0, r[i], cols);
 }
 
 /* tot[n][m] (+)= tmp * (sa[m] * sw[n]) for the flush of chunk c; tmp tile (i, j) holds [16 n][16 m] */
@@ -428,7 +462,7 @@ static void amx_mblock(const WG* p, const uint16_t* wp, int64_t astep, int64_t a
     int64_t mv = M - m0 < 32 ? M - m0 : 32, nv = N - n0 < 32 ? N - n0 : 32;
     for (int is = 0; is < 2; is++)
         for (int js = 0; js < 1 + two; js++)
-            store_t16(tot + is * 16 * 32 + js * 16, 32, p->y + (m0 + js * 16) * N + n0 + is * 16, N, mv - js * 16, nv - is * 16);
+            store_t16(p, tot + is * 16 * 32 + js * 16, 32, m0 + js * 16, n0 + is * 16, mv - js * 16, nv - is * 16);
 }
 
 /* M <= 16: one B tile, four weight sub-tiles (64-row panel wp, rows n0..n0+63): four independent
@@ -489,14 +523,14 @@ static void amx_small(const WG* p, const uint16_t* wp, const uint32_t* bp, int64
     }
     int64_t nv = N - n0 < 64 ? N - n0 : 64;
     if (S == 1) {
-        for (int is = 0; is < 4; is++) store_t16(tot + is * 256, 16, p->y + n0 + is * 16, N, M, nv - is * 16);
+        for (int is = 0; is < 4; is++) store_t16(p, tot + is * 256, 16, 0, n0 + is * 16, M, nv - is * 16);
         return;
     }
     for (int64_t j = 0; j < M; j++)
         for (int64_t i = 0; i < nv; i++) {
             float acc = 0.0f;
             for (int sl = 0; sl < S; sl++) acc += tot[i * 16 + j * S + sl];
-            p->y[j * N + n0 + i] = acc;
+            out1(p, j, n0 + i, acc);
         }
 }
 
@@ -551,7 +585,7 @@ static void amx_pipe32(const WG* p, const uint16_t* wh, int64_t astep, int64_t a
         }
     }
     int64_t nv = N - n0 < 32 ? N - n0 : 32, mv = M - m0 < 16 ? M - m0 : 16;
-    for (int is = 0; is < 2; is++) store_t16(tot + is * 256, 16, p->y + m0 * N + n0 + is * 16, N, mv, nv - is * 16);
+    for (int is = 0; is < 2; is++) store_t16(p, tot + is * 256, 16, m0, n0 + is * 16, mv, nv - is * 16);
 }
 
 /* One K-chunk (no float32 K-groups), 32 weight rows n0.. x every 16-row m-block: C tiles {0, 1}
@@ -598,7 +632,7 @@ static void amx_rows32(const WG* p, const uint16_t* wh, int64_t astep, int64_t a
             _mm512_store_ps(t + r * 16, _mm512_mul_ps(_mm512_load_ps(t + r * 16), sc));
         }
         const int64_t mv = M - m0 < 16 ? M - m0 : 16;
-        for (int is = 0; is < 2; is++) store_t16(t + is * 256, 16, p->y + m0 * N + n0 + is * 16, N, mv, nv - is * 16);
+        for (int is = 0; is < 2; is++) store_t16(p, t + is * 256, 16, m0, n0 + is * 16, mv, nv - is * 16);
     }
 }
 
@@ -726,7 +760,9 @@ int oq_wgemm_paths(void) {
     return m;
 }
 
-/* y (float32 [M, N], row stride N) = A @ W^T (see the top of this file). Every pointer is a
+/* y ([M, N], row stride N) = A @ W^T (+ bias) (see the top of this file): float32, or bf16 when
+   out_bf16 (one rounding to nearest even of the float32 sum, as torch's .to(bfloat16)); bias:
+   float32 [N] or NULL, added to the float32 result before that rounding. Every pointer is a
    contiguous tensor; grids are (rows per group, cols per group, row stride); kinds SK_*.
    path: PATH_AUTO or a PATH_* to force (tests, benchmarks). Fast paths need every float32 scale
    group boundary in K (ac, gc when < K) and every e8m0 group (ac, gc) to be a multiple of 32; else
@@ -737,12 +773,16 @@ int oq_wgemm_paths(void) {
 int oq_wgemm(int path, int nthreads, int64_t M, int64_t N, int64_t K,
              const void* a, int a_fmt, const void* as, int as_kind, int64_t ar, int64_t ac, int64_t ald,
              const uint8_t* q, int q_fmt, const void* ws, int ws_kind, int64_t gr, int64_t gc, int64_t wld,
-             float* y) {
+             const float* bias, int out_bf16, void* y) {
     int bad = 0;
     WG p = {M, N, K, (K + 31) / 32 * 32, a, a_fmt, as, as_kind, ar, ac, ald, q, q_fmt, ws, ws_kind, gr, gc, wld, y,
-            0, NULL, NULL, NULL, NULL, NULL, &bad};
+            bias, out_bf16 != 0, 0, NULL, NULL, NULL, NULL, NULL, &bad};
     if (M <= 0 || N <= 0) return PATH_SCALAR;
-    if (K <= 0) { memset(y, 0, (size_t)M * N * 4); return PATH_SCALAR; }
+    if (K <= 0) {
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t n = 0; n < N; n++) out1(&p, m, n, 0.0f);
+        return PATH_SCALAR;
+    }
     /* chunk and row tables (slot 4 of the calling thread: the paths use slots 0..3) */
     int64_t* tab = (int64_t*)tls_buf(4, (size_t)(4 * (K + 1) + M) * 8);
     if (!tab) return -1;
