@@ -659,27 +659,38 @@ static int run_amx(const WG* p, int nthreads) {
             for (int64_t st = p->ck0[c] / 32; st < (p->ck1[c] + 31) / 32; st++) step_chunk[st] = c;
         memset(bp, 0, (size_t)nkb * 1024);
     }
-    /* activations -> VNNI panels: dword r of row m's k-block = pair (2r, 2r+1) -> tile row r, column m */
+    /* activations -> VNNI panels: dword r of row m's k-block = pair (2r, 2r+1) -> tile row r, column m.
+       Per 16-row m-block: the rows decoded into a row-major scratch, then one 16 x 16 dword
+       transpose per k-block (measured 608 x 384: ~4x faster than a 16-lane scatter per row and
+       k-block). M <= 16 with chunk slots (S > 1): scattered to the slot columns. */
     #pragma omp parallel num_threads(M >= 64 ? nthreads : 1)
     {
-        uint16_t* row = (uint16_t*)tls_buf(2, (size_t)Kp * 2);
-        if (!row) {
+        uint16_t* rows16 = (uint16_t*)tls_buf(2, (size_t)16 * Kp * 2);
+        if (!rows16) {
             #pragma omp atomic write
             fail = 1;
         }
-        #pragma omp for schedule(static)
-        for (int64_t m = 0; m < nmbp * 16; m++) {
-            if (!row) continue;
-            dec_row(p->a, p->a_fmt, m, M, p->K, Kp, p->as, p->as_kind, p->ar, p->ac, p->ald, tab, row, 32, p->bad);
-            if (S > 1) {
-                if (m >= M) continue;
+        if (S > 1) {
+            #pragma omp for schedule(static)
+            for (int64_t m = 0; m < M; m++) {
+                if (!rows16) continue;
+                dec_row(p->a, p->a_fmt, m, M, p->K, Kp, p->as, p->as_kind, p->ar, p->ac, p->ald, tab, rows16, 32, p->bad);
                 for (int64_t kb = 0; kb < nkb; kb++)
-                    _mm512_i32scatter_epi32(bp + kb * 256 + m * S + step_chunk[kb] % S, idx, _mm512_loadu_si512(row + kb * 32), 4);
-                continue;
+                    _mm512_i32scatter_epi32(bp + kb * 256 + m * S + step_chunk[kb] % S, idx, _mm512_loadu_si512(rows16 + kb * 32), 4);
             }
-            uint32_t* dst = bp + (m / 16) * nkb * 256 + (m % 16);
-            for (int64_t kb = 0; kb < nkb; kb++)
-                _mm512_i32scatter_epi32(dst + kb * 256, idx, _mm512_loadu_si512(row + kb * 32), 4);
+        } else {
+            #pragma omp for schedule(static)
+            for (int64_t mb = 0; mb < nmbp; mb++) {
+                if (!rows16) continue;
+                for (int64_t i = 0; i < 16; i++)
+                    dec_row(p->a, p->a_fmt, mb * 16 + i, M, p->K, Kp, p->as, p->as_kind, p->ar, p->ac, p->ald, tab, rows16 + i * Kp, 32, p->bad);
+                uint32_t* dst = bp + mb * nkb * 256;
+                for (int64_t kb = 0; kb < nkb; kb++) {
+                    __m512 r[16];
+                    tr16((const float*)(rows16 + kb * 32), Kp / 2, r);
+                    for (int i = 0; i < 16; i++) _mm512_store_ps((float*)(dst + kb * 256 + i * 16), r[i]);
+                }
+            }
         }
     }
     if (fail) return -1;
