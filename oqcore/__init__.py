@@ -34,7 +34,16 @@ from oqcore.errors import (
 from oqcore.hookspecs import hookimpl
 from oqcore.keys import GroupShape, KeyInfo, QuantKey, Role, ScaleDesc
 from oqcore.formats import KeyFormat, QuantizerImpl, any_input
-from oqcore.methods import MethodFormats, NoOptions, OnlineLinearMethodBase, OnlineMethodBase, OnlineMoEMethodBase, expert_loop
+from oqcore.methods import (
+    MethodFormats,
+    NoOptions,
+    OnlineLinearMethodBase,
+    OnlineMethodBase,
+    OnlineMoEMethodBase,
+    expert_loop,
+    linear_forward_from,
+    moe_forward_from,
+)
 from oqcore.oracle import (
     Backend,
     BackendChoice,
@@ -138,6 +147,8 @@ __all__ = [
     "always_supported",
     "any_input",
     "expert_loop",
+    "linear_forward_from",
+    "moe_forward_from",
     "get_plugin_manager",
     "get_registry",
     "hookimpl",

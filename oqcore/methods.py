@@ -94,6 +94,60 @@ def expert_loop(
     return out
 
 
+Matmul = Callable[..., torch.Tensor]
+"""``matmul(method, x2 [M, K], weight: dict[str, Tensor], bias [N] | None, out_dtype) -> [M, N]``:
+one quantized weight (its format's tensors by name: ``qdata``, ``scale``, ...; ``[N, K]``) applied to
+``x2``, the bias added to the float32 sum and the result rounded once to ``out_dtype`` (float32 or
+bf16). W8A8 matmuls quantize ``x2`` per the method's activation key themselves."""
+
+
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    # bf16 and float32 outputs are written directly by a matmul; fp16 goes through float32
+    return x.dtype if x.dtype in (torch.bfloat16, torch.float32) else torch.float32
+
+
+def linear_forward_from(matmul: Matmul) -> Callable[..., torch.Tensor]:
+    """A :class:`oqcore.Backend` ``forward`` for linear layers from a per-weight :data:`Matmul`:
+    ``x [..., K] -> [..., N]`` in ``x.dtype`` (bias added to the float32 sum, one rounding)."""
+
+    def forward(method: OnlineMethodBase, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., K] -> [..., N]`` through the backend's matmul."""
+        shape = x.shape
+        y = matmul(method, x.reshape(-1, shape[-1]), method.weight_tensors(layer, "weight"), layer.bias, _out_dtype(x))
+        return y.to(x.dtype).reshape(*shape[:-1], layer.out_features)
+
+    return forward
+
+
+def moe_forward_from(matmul: Matmul) -> Callable[..., torch.Tensor]:
+    """A :class:`oqcore.Backend` ``forward`` for routed experts from a per-weight :data:`Matmul`:
+    :func:`expert_loop` over the experts that received tokens, gate-up (+ bias) in float32, the
+    layer's ``apply_gate``, down (+ bias), routing-weighted float32 sum; ``x [T, H] -> [T, H]`` in
+    ``x.dtype``. Weight-only methods hand the gate output to the down projection in the model dtype
+    (what the original experts compute in a bf16 model, and what bf16 kernels take); W8A8 methods
+    quantize the float32 gate output."""
+
+    def forward(
+        method: OnlineMethodBase, layer: torch.nn.Module, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Tokens ``x [T, H]`` routed by ``topk_ids`` / ``topk_weights [T, k]`` -> ``[T, H]``."""
+        has_bias = layer.layout.has_bias
+
+        def expert(e: int, xe: torch.Tensor) -> torch.Tensor:
+            """Expert ``e`` on its tokens ``xe [T_e, H]`` -> float32 ``[T_e, H]``."""
+            b13 = layer.gate_up_proj_bias[e] if has_bias else None
+            h = matmul(method, xe, method.weight_tensors(layer, "w13_weight", e), b13, torch.float32)
+            g = layer.apply_gate(h)
+            if method.activation_key is None:
+                g = g.to(xe.dtype)
+            b2 = layer.down_proj_bias[e] if has_bias else None
+            return matmul(method, g, method.weight_tensors(layer, "w2_weight", e), b2, torch.float32)
+
+        return expert_loop(x, topk_ids, topk_weights, layer.layout.num_experts, expert).to(x.dtype)
+
+    return forward
+
+
 class OnlineMethodBase(ABC):
     """Base of all online methods.
 

@@ -22,7 +22,7 @@ from functools import partial
 
 import torch
 
-from oqcore import Backend, expert_loop
+from oqcore import Backend, linear_forward_from, moe_forward_from
 from oq_toolkit.triton_support import guard_driver, triton_support
 
 from oq_plugin_fp8 import keys as k
@@ -209,56 +209,38 @@ def quantize_activation_cpu(act_key, x2: torch.Tensor) -> tuple[torch.Tensor, to
     return q, s, (ar, ac, s.shape[-1] if s.dim() == 2 else 1)
 
 
-def _cpu_matmul(method, x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """float32 ``x2 [M, K] @ W^T`` for one ``[N, K]`` fp8 weight ``q`` with its float32 scale grid.
+def _cpu_matmul(method, x2: torch.Tensor, weight: dict, bias=None, out_dtype=torch.float32) -> torch.Tensor:
+    """``x2 [M, K] @ W^T (+ bias)`` for one ``[N, K]`` fp8 weight (``weight["qdata"]`` codes, its
+    float32 scale grid ``weight["scale"]``), summed in float32 and rounded once to ``out_dtype``
+    (the :data:`oqcore.methods.Matmul` of the ``cpu`` backend).
 
-    W8A8: ``x2`` quantized by the C quantizer, codes and scales handed to the fused GEMM (exact
-    products, float32 sums: the reference within float32 rounding). Weight-only bf16 activations:
-    the fused GEMM on ``x2`` as it is. Weight-only float32/fp16 activations: the float32 kernel of
+    W8A8: ``x2`` quantized by the C quantizer, codes and scales handed to the fused GEMM
+    (:func:`oq_toolkit.wgemm.wgemm`: exact products, float32 sums, bias and output rounding in its
+    epilogue: the reference within float32 rounding). Weight-only bf16 activations: the fused GEMM on
+    ``x2`` as it is. Weight-only float32/fp16 activations: the float32 kernel of
     :mod:`oq_plugin_fp8.cpu` (the GEMM would round them to bf16)."""
     from oq_toolkit import wgemm
 
-    scale = scale.float().contiguous()
+    q, scale = weight["qdata"], weight["scale"].float().contiguous()
     w_grid = _cpu_grid(method.weight_key, q, scale)
     act = method.activation_key
     if act is not None:
         a, sa, a_grid = quantize_activation_cpu(act, x2)
-        return wgemm.wgemm(a, wgemm.E4M3, sa, a_grid, q, wgemm.E4M3, scale, w_grid)
+        return wgemm.wgemm(a, wgemm.E4M3, sa, a_grid, q, wgemm.E4M3, scale, w_grid, bias=bias, out_dtype=out_dtype)
     if x2.dtype == torch.bfloat16:
-        return wgemm.wgemm(x2.contiguous(), wgemm.BF16, None, None, q, wgemm.E4M3, scale, w_grid)
+        return wgemm.wgemm(x2.contiguous(), wgemm.BF16, None, None, q, wgemm.E4M3, scale, w_grid, bias=bias, out_dtype=out_dtype)
     from oq_plugin_fp8 import cpu
 
-    return cpu.fp8_linear(x2, q, scale, cpu.SCALE_FLOAT32, *w_grid)
+    y = cpu.fp8_linear(x2, q, scale, cpu.SCALE_FLOAT32, *w_grid)
+    return (y if bias is None else y + bias.float()).to(out_dtype)
 
 
-def cpu_forward_linear(method, layer, x: torch.Tensor) -> torch.Tensor:
-    """``x [..., K] -> [..., N]`` on the CPU, weight-only or W8A8 (activations quantized per call
-    by the C quantizer); float32 accumulation, bias added in float32, one rounding to ``x.dtype``."""
-    shape = x.shape
-    y = _cpu_matmul(method, x.reshape(-1, shape[-1]), layer.weight, layer.weight_scale)
-    if layer.bias is not None:
-        y = y + layer.bias.float()
-    return y.to(x.dtype).reshape(*shape[:-1], layer.out_features)
+cpu_forward_linear = linear_forward_from(_cpu_matmul)
+"""``cpu`` forward of linear layers: :func:`_cpu_matmul` on the layer's weight."""
 
-
-def cpu_forward_moe(method, layer, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-    """MoE on the CPU: loop over the experts that received tokens (gate-up through the kernel,
-    ``layer.apply_gate`` in float32, down through the kernel, routing-weighted float32 sum). W8A8
-    quantizes each expert's inputs on their own (per-tensor scales over the rows an expert gets,
-    as the reference)."""
-    has_bias = layer.layout.has_bias
-
-    def expert(e: int, xe: torch.Tensor) -> torch.Tensor:
-        h = _cpu_matmul(method, xe, layer.w13_weight[e], layer.w13_weight_scale[e])
-        if has_bias:
-            h = h + layer.gate_up_proj_bias[e].float()
-        g = layer.apply_gate(h)
-        # weight-only: the gate output in the model dtype, as the original bf16 experts compute it
-        y = _cpu_matmul(method, g.to(xe.dtype) if method.activation_key is None else g, layer.w2_weight[e], layer.w2_weight_scale[e])
-        return y + layer.down_proj_bias[e].float() if has_bias else y
-
-    out = expert_loop(x, topk_ids, topk_weights, layer.layout.num_experts, expert)
-    return out.to(x.dtype)
+cpu_forward_moe = moe_forward_from(_cpu_matmul)
+"""``cpu`` forward of routed experts: :func:`_cpu_matmul` per expert (W8A8 quantizes each expert's
+inputs on their own: per-tensor scales over the rows an expert gets, as the reference)."""
 
 
 def _triton_supported(capability, layer, device):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from oqcore import Backend, expert_loop
+from oqcore import Backend, expert_loop, linear_forward_from, moe_forward_from
 from oq_toolkit.triton_support import guard_driver, triton_support
 
 TRITON_MIN_CAPABILITY = (8, 0)
@@ -89,27 +89,30 @@ def _int8pack_mm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch
     return torch._weight_int8pack_mm(x.to(scale.dtype).contiguous(), w, scale)
 
 
-def _weight_only_matmul(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, scale_bf16: torch.Tensor) -> torch.Tensor:
-    """float32 ``x2 [M, K] @ (w * w_scale)^T`` for int8 ``w [N, K]``: bf16 activations through the
-    fused GEMM (:func:`oq_toolkit.wgemm.wgemm`: int8 codes and bf16 values multiply exactly, float32
-    sums and per-channel float32 scales, so the reference within float32 rounding, at every batch
-    size); other dtypes through ``torch._weight_int8pack_mm`` (activations and ``scale_bf16`` in
-    bf16: the tests bound the effect)."""
+def _weight_only_matmul(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, scale_bf16: torch.Tensor, bias=None, out_dtype=torch.float32) -> torch.Tensor:
+    """``x2 [M, K] @ (w * w_scale)^T (+ bias)`` for int8 ``w [N, K]`` with per-channel float32
+    ``w_scale [N, 1]``, summed in float32, one rounding to ``out_dtype``: bf16 activations through
+    the fused GEMM (:func:`oq_toolkit.wgemm.wgemm`: int8 codes and bf16 values multiply exactly,
+    float32 sums and scales, bias and rounding in its epilogue: the reference within float32
+    rounding, at every batch size); other dtypes through ``torch._weight_int8pack_mm`` with the
+    prepared bf16 scales ``scale_bf16 [N]`` (activations and scales in bf16: the tests bound the
+    effect)."""
     if x2.dtype == torch.bfloat16:
         from oq_toolkit import wgemm
 
-        k = x2.shape[-1]
-        return wgemm.wgemm(x2.contiguous(), wgemm.BF16, None, None, w, wgemm.INT8, w_scale.float().contiguous(), (1, k, 1))
-    return _int8pack_mm(x2, w, scale_bf16).float()
+        scale = w_scale.float().contiguous()
+        return wgemm.wgemm(x2.contiguous(), wgemm.BF16, None, None, w, wgemm.INT8, scale, (1, x2.shape[-1], 1), bias=bias, out_dtype=out_dtype)
+    y = _int8pack_mm(x2, w, scale_bf16).float()
+    return (y if bias is None else y + bias.float()).to(out_dtype)
 
 
 def _cpu_int8_forward_linear(method, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``x [..., K]`` -> ``[..., N]`` through :func:`_weight_only_matmul`, bias added in float32,
-    result cast to ``x.dtype``."""
+    """``x [..., K]`` -> ``[..., N]`` through :func:`_weight_only_matmul` (bias added to the float32
+    sum, one rounding to ``x.dtype``)."""
     shape = x.shape
-    y = _weight_only_matmul(x.reshape(-1, shape[-1]), layer.weight, layer.weight_scale, getattr(layer, CPU_INT8_SCALE))
-    if layer.bias is not None:
-        y = y + layer.bias.float()  # one rounding to x.dtype, not two
+    out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float32) else torch.float32
+    scale_bf16 = getattr(layer, CPU_INT8_SCALE)
+    y = _weight_only_matmul(x.reshape(-1, shape[-1]), layer.weight, layer.weight_scale, scale_bf16, layer.bias, out_dtype)
     return y.to(x.dtype).reshape(*shape[:-1], layer.out_features)
 
 
@@ -122,12 +125,11 @@ def _cpu_int8_forward_moe(method, layer: torch.nn.Module, x: torch.Tensor, topk_
     has_bias = layer.layout.has_bias
 
     def expert(e: int, xe: torch.Tensor) -> torch.Tensor:
-        h = _weight_only_matmul(xe, layer.w13_weight[e], layer.w13_weight_scale[e], s13[e])
-        if has_bias:
-            h = h + layer.gate_up_proj_bias[e].float()
+        b13 = layer.gate_up_proj_bias[e] if has_bias else None
+        h = _weight_only_matmul(xe, layer.w13_weight[e], layer.w13_weight_scale[e], s13[e], b13)
         g = layer.apply_gate(h).to(xe.dtype)
-        y = _weight_only_matmul(g, layer.w2_weight[e], layer.w2_weight_scale[e], s2[e])
-        return y + layer.down_proj_bias[e].float() if has_bias else y
+        b2 = layer.down_proj_bias[e] if has_bias else None
+        return _weight_only_matmul(g, layer.w2_weight[e], layer.w2_weight_scale[e], s2[e], b2)
 
     out = expert_loop(x, topk_ids, topk_weights, layer.layout.num_experts, expert)
     return out.to(x.dtype)
@@ -152,43 +154,19 @@ def _int_mm_supported(layer: torch.nn.Module, device: torch.device) -> tuple[boo
     return True, "CPU: C per-token int8 quantizer + torch._int_mm (oneDNN int8 GEMM)"
 
 
-def _int_mm_linear(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """W8A8 ``x2 [M, K]`` (any float dtype) x int8 ``w [N, K]`` with float32 per-channel ``w_scale``
-    (``[N, 1]``) -> float32 ``[M, N]``: ``x2`` quantized per token by the C quantizer (bytes and
-    scales of the reference), the int8 dot products summed exactly in int32 by ``torch._int_mm``,
-    then ``acc * x_scale * w_scale`` in float32. The reference ``F.linear(q_x * s_x, q_w * s_w)``
-    rounds each product and partial sum in float32: the two agree within float32 rounding."""
+def _int_mm_matmul(method, x2: torch.Tensor, weight: dict, bias=None, out_dtype=torch.float32) -> torch.Tensor:
+    """W8A8 ``x2 [M, K]`` (any float dtype) x int8 ``weight["qdata"] [N, K]`` with float32
+    per-channel ``weight["scale"] [N, 1]`` (the :data:`oqcore.methods.Matmul` of W8A8
+    ``cpu-int8``): ``x2`` quantized per token by the C quantizer (bytes and scales of the
+    reference), the int8 dot products summed exactly in int32 by ``torch._int_mm``, then
+    ``acc * x_scale * w_scale (+ bias)`` in float32, one rounding to ``out_dtype``. The reference
+    ``F.linear(q_x * s_x, q_w * s_w)`` rounds each product and partial sum in float32: the two
+    agree within float32 rounding."""
     from oq_plugin_int8.cpu import quantize_int8_rowwise_cpu
 
     q, s = quantize_int8_rowwise_cpu(x2.contiguous())
-    acc = torch._int_mm(q, w.t())
-    return acc.float() * s * w_scale.reshape(1, -1).float()
-
-
-def _int_mm_forward_linear(method, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """W8A8 ``x [..., K] -> [..., N]`` through :func:`_int_mm_linear`, bias added in float32, one
-    rounding to ``x.dtype``."""
-    shape = x.shape
-    y = _int_mm_linear(x.reshape(-1, shape[-1]), layer.weight, layer.weight_scale)
-    if layer.bias is not None:
-        y = y + layer.bias.float()
-    return y.to(x.dtype).reshape(*shape[:-1], layer.out_features)
-
-
-def _int_mm_forward_moe(method, layer: torch.nn.Module, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-    """W8A8 experts: per-expert loop, each input quantized per token, :func:`_int_mm_linear` for
-    gate-up and down, ``layer.apply_gate`` and the routing-weighted sum in float32."""
-    has_bias = layer.layout.has_bias
-
-    def expert(e: int, xe: torch.Tensor) -> torch.Tensor:
-        h = _int_mm_linear(xe, layer.w13_weight[e], layer.w13_weight_scale[e])
-        if has_bias:
-            h = h + layer.gate_up_proj_bias[e].float()
-        y = _int_mm_linear(layer.apply_gate(h).float(), layer.w2_weight[e], layer.w2_weight_scale[e])
-        return y + layer.down_proj_bias[e].float() if has_bias else y
-
-    out = expert_loop(x, topk_ids, topk_weights, layer.layout.num_experts, expert)
-    return out.to(x.dtype)
+    y = torch._int_mm(q, weight["qdata"].t()).float().mul_(s).mul_(weight["scale"].reshape(1, -1).float())
+    return (y if bias is None else y.add_(bias.float())).to(out_dtype)
 
 
 # ---- triton ---------------------------------------------------------------------------------------
@@ -280,7 +258,7 @@ def backends(kind: str, activation_key) -> list[Backend]:
                 is_supported=_int_mm_supported,
                 priority=50,
                 description="W8A8 on CPU: C per-token int8 quantizer + torch._int_mm" + ("" if linear else ", loop over experts"),
-                forward=_int_mm_forward_linear if linear else _int_mm_forward_moe,
+                forward=(linear_forward_from if linear else moe_forward_from)(_int_mm_matmul),
             )
         )
     return out

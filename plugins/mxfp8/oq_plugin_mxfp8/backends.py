@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from oqcore import Backend, expert_loop
+from oqcore import Backend, linear_forward_from, moe_forward_from
 from oq_toolkit.triton_support import guard_driver, triton_support
 
 TRITON_MIN_CAPABILITY = (8, 9)
@@ -85,63 +85,35 @@ def _cpu_supported(layer: torch.nn.Module, device: torch.device) -> tuple[bool, 
     return True, "CPU: fused mxfp8 dequantize-and-GEMV C kernel, tiled dequantize + torch.mm for large batches"
 
 
-def _cpu_matmul(method, x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """float32 ``x2 [M, K] @ W^T`` for one ``[N, K]`` mxfp8 weight (e4m3 codes ``q``, e8m0 ``scale
-    [N, K/32]``).
+def _cpu_matmul(method, x2: torch.Tensor, weight: dict, bias=None, out_dtype=torch.float32) -> torch.Tensor:
+    """``x2 [M, K] @ W^T (+ bias)`` for one ``[N, K]`` mxfp8 weight (e4m3 codes ``weight["qdata"]``,
+    e8m0 ``weight["scale"] [N, K/32]``), summed in float32 and rounded once to ``out_dtype`` (the
+    :data:`oqcore.methods.Matmul` of the ``cpu`` backend).
 
     W8A8: ``x2`` quantized by the C mxfp8 quantizer (the ``cpu`` quantizer implementation of the
     activation key: the reference's bytes), codes and e8m0 scales handed to the fused GEMM
     (:func:`oq_toolkit.wgemm.wgemm`: exact products, float32 sums, so the reference within float32
     rounding). W8A16 bf16 activations: the fused GEMM on ``x2`` as it is. float32/fp16 activations:
     oq-plugin-fp8's float32 kernel with e8m0 scales (the GEMM would round them to bf16). The scale
-    bytes are read as they are (no float32 copy; no ``.view(torch.uint8)`` in a traced graph either:
-    inductor's C++ backend cannot hold float8_e8m0fnu tensors)."""
+    bytes are read as they are (no float32 copy)."""
     from oq_toolkit import wgemm
 
     from oq_plugin_mxfp8.quant import MX_BLOCK
 
-    s = scale.contiguous()
+    q, s = weight["qdata"], weight["scale"].contiguous()
     w_grid = (1, MX_BLOCK, s.shape[-1])
     if method.activation_key is not None:
         from oq_plugin_mxfp8.cpu import quantize_mxfp8
 
         a, sa = quantize_mxfp8(x2.contiguous(), method.options)
-        return wgemm.wgemm(a, wgemm.E4M3, sa, (1, MX_BLOCK, sa.shape[-1]), q, wgemm.E4M3, s, w_grid)
+        a_grid = (1, MX_BLOCK, sa.shape[-1])
+        return wgemm.wgemm(a, wgemm.E4M3, sa, a_grid, q, wgemm.E4M3, s, w_grid, bias=bias, out_dtype=out_dtype)
     if x2.dtype == torch.bfloat16:
-        return wgemm.wgemm(x2.contiguous(), wgemm.BF16, None, None, q, wgemm.E4M3, s, w_grid)
+        return wgemm.wgemm(x2.contiguous(), wgemm.BF16, None, None, q, wgemm.E4M3, s, w_grid, bias=bias, out_dtype=out_dtype)
     from oq_plugin_fp8 import cpu  # the same e4m3 elements: one float32 kernel, owned by oq-plugin-fp8
 
-    return cpu.fp8_linear(x2, q, s, cpu.SCALE_E8M0, 1, MX_BLOCK, s.shape[-1])
-
-
-def _cpu_forward_linear(method, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``x [..., K] -> [..., N]`` on the CPU, W8A16 or W8A8 (float32 accumulation, bias added in
-    float32, one rounding to ``x.dtype``)."""
-    shape = x.shape
-    y = _cpu_matmul(method, x.reshape(-1, shape[-1]), layer.weight, layer.weight_scale)
-    if layer.bias is not None:
-        y = y + layer.bias.float()
-    return y.to(x.dtype).reshape(*shape[:-1], layer.out_features)
-
-
-def _cpu_forward_moe(
-    method, layer: torch.nn.Module, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
-) -> torch.Tensor:
-    """MoE on the CPU: loop over the experts that received tokens (gate-up, the layer's
-    ``apply_gate`` in float32, down, routing-weighted float32 sum); W8A8 quantizes each input."""
-    has_bias = layer.layout.has_bias
-
-    def expert(e: int, xe: torch.Tensor) -> torch.Tensor:
-        h = _cpu_matmul(method, xe, layer.w13_weight[e], layer.w13_weight_scale[e])
-        if has_bias:
-            h = h + layer.gate_up_proj_bias[e].float()
-        g = layer.apply_gate(h)
-        # W8A16: the gate output in the model dtype, as the original bf16 experts compute it
-        y = _cpu_matmul(method, g.to(xe.dtype) if method.activation_key is None else g, layer.w2_weight[e], layer.w2_weight_scale[e])
-        return y + layer.down_proj_bias[e].float() if has_bias else y
-
-    out = expert_loop(x, topk_ids, topk_weights, layer.layout.num_experts, expert)
-    return out.to(x.dtype)
+    y = cpu.fp8_linear(x2, q, s, cpu.SCALE_E8M0, 1, MX_BLOCK, s.shape[-1])
+    return (y if bias is None else y + bias.float()).to(out_dtype)
 
 
 def backends(kind: str, activation_key) -> list[Backend]:
@@ -169,7 +141,7 @@ def backends(kind: str, activation_key) -> list[Backend]:
             + ("" if activation_key is None else "activations quantized by the C mxfp8 quantizer, ")
             + "fused dequantize-and-GEMV C kernel"
             + ("" if kind == "linear" else ", loop over experts"),
-            forward=_cpu_forward_linear if kind == "linear" else _cpu_forward_moe,
+            forward=(linear_forward_from if kind == "linear" else moe_forward_from)(_cpu_matmul),
         )
     )
     return out
