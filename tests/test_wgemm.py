@@ -371,3 +371,23 @@ def test_epilogue_custom_op_under_torch_compile():
     assert torch.equal(_bits(eager), _bits((W.wgemm(a, af, sa, ga, q, qf, sw, gw) + b).bfloat16()))
     fake = W._wgemm_fake(a, af, sa, *ga, q, qf, sw, *gw, b, torch.bfloat16)
     assert fake.shape == (3, 40) and fake.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: {1: "amx", 2: "avx512bf16", 3: "portable"}[p])
+def test_thread_partitions_give_identical_results(path):
+    """Large M with few weight rows splits M between the threads (AMX); every element is computed
+    the same way whatever the partition: 1 and 2 threads agree bit for bit, within the bound."""
+    old = torch.get_num_threads()
+    try:
+        for (m, n, k), (wf, wk, af, ak) in [((300, 200, 2144), ("e4m3", "b128", "e4m3", "g128")), ((260, 96, 384), ("e4m3", "row", "bf16", "none")),
+                                             ((520, 384, 384), ("e4m3", "b128", "e4m3", "g128"))]:
+            args = _case(m, n, k, wf, wk, af, ak, seed=17)
+            b = torch.randn(n)
+            torch.set_num_threads(1)
+            y1 = W.wgemm_eager(*args, path=path, bias=b, out_dtype=torch.bfloat16)
+            torch.set_num_threads(2)
+            y2 = W.wgemm_eager(*args, path=path, bias=b, out_dtype=torch.bfloat16)
+            assert torch.equal(_bits(y1), _bits(y2)), f"path {path} M={m} N={n} K={k}"
+            _check_bound(W.wgemm_eager(*args, path=path), *args, what=f"path {path} M={m} N={n} K={k}")
+    finally:
+        torch.set_num_threads(old)

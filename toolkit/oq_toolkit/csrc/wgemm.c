@@ -593,11 +593,11 @@ static void amx_pipe32(const WG* p, const uint16_t* wh, int64_t astep, int64_t a
    after m-block i + 1's products are issued, so no store waits for its own accumulation chain to
    drain. tmp: 2 x 512 floats. */
 static void amx_rows32(const WG* p, const uint16_t* wh, int64_t astep, int64_t a16, int64_t astride, const uint32_t* bp,
-                       const float* sa_tab, const int64_t* wro, int64_t n0, float* tmp) {
-    const int64_t N = p->N, M = p->M, nkb = p->Kp / 32, nmb = (M + 15) / 16, s1 = (p->K + 31) / 32;
+                       const float* sa_tab, const int64_t* wro, int64_t n0, int64_t mb0, int64_t mb1, float* tmp) {
+    const int64_t N = p->N, M = p->M, nkb = p->Kp / 32, s1 = (p->K + 31) / 32;
     const int64_t nv = N - n0 < 32 ? N - n0 : 32;
-    for (int64_t mb = 0; mb <= nmb; mb++) {
-        if (mb < nmb) {
+    for (int64_t mb = mb0; mb <= mb1; mb++) {
+        if (mb < mb1) {
             const uint32_t* bm = bp + mb * nkb * 256;
             if (mb & 1) {
                 _tile_zero(2); _tile_zero(3);
@@ -619,7 +619,7 @@ static void amx_rows32(const WG* p, const uint16_t* wh, int64_t astep, int64_t a
                 }
             }
         }
-        if (mb == 0) continue;
+        if (mb == mb0) continue;
         const int64_t pm = mb - 1, m0 = pm * 16;
         float* t = tmp + (pm & 1) * 512;
         if (pm & 1) { _tile_stored(2, t, 64); _tile_stored(3, t + 256, 64); }
@@ -709,6 +709,15 @@ static int run_amx(const WG* p, int nthreads) {
        packed activations stream from L3 once per 128 rows instead of once per 32. */
     const int tiled = !small && nmbp * 16 * Kp * 2 > (1 << 20);
     const int64_t rows = small ? 64 : tiled ? 128 : 32, nb = (N + rows - 1) / rows;
+    /* Work items (part of M, block of weight rows). One part (every m-block) per item for small M
+       or one thread: blocks handed out one at a time (schedule dynamic, 1: a preempted thread on a
+       busy machine does not hold the others back). Large M: M split into nthreads parts of whole
+       m-pairs, one per thread (chunk nb), each thread decoding every weight block itself: the
+       packed activations it streams are then the half it packed (its own L2) and not all of them.
+       Measured (2 threads, wall, e4m3 1x128 activations x 128x128 fp8 blocks): 608x384x384 202 ->
+       176 us, 608x1536x384 846 -> 661, 304x1536x384 431 -> 365; neutral at M = 144, slower at
+       M = 64 and with N >= 1536 (the duplicated weight decode), hence M >= 256 and N <= 512. */
+    const int64_t nparts = (!small && nthreads > 1 && nmb >= 16 && nb * rows <= 512) ? nthreads : 1, chunk = nparts > 1 ? nb : 1;
     #pragma omp parallel num_threads(nthreads)
     {
         uint16_t* wp = (uint16_t*)tls_buf(1, (size_t)rows * Kp * 2);
@@ -719,10 +728,12 @@ static int run_amx(const WG* p, int nthreads) {
         } else {
             amx_config();
         }
-        #pragma omp for schedule(dynamic, 1)  /* idem; blocks are 32..128 weight rows */
-        for (int64_t b = 0; b < nb; b++) {
+        #pragma omp for schedule(dynamic, chunk)
+        for (int64_t it = 0; it < nparts * nb; it++) {
             if (!wp || !tmp) continue;
-            int64_t n0 = b * rows;
+            const int64_t part = it / nb, b = it - part * nb, n0 = b * rows;
+            const int64_t mb0 = 2 * (part * (nmbp / 2) / nparts), mb1e = 2 * ((part + 1) * (nmbp / 2) / nparts);
+            const int64_t mb1 = mb1e < nmb ? mb1e : nmb;
             if (small) {
                 for (int i = 0; i < rows; i++)
                     dec_row(p->q, p->q_fmt, n0 + i, N, p->K, Kp, p->ws, p->ws_kind, p->gr, p->gc, p->wld, tab, wp + i * Kp, 32, p->bad);
@@ -742,12 +753,12 @@ static int run_amx(const WG* p, int nthreads) {
                (measured 256x1536x384: 525 -> 460 us on one thread; slower from K = 1536 on) */
             if (p->nck == 1 && !tiled && Kp <= 512) {
                 for (int64_t sp = 0; sp < rows && n0 + sp < N; sp += 32) {
-                    if (tiled) amx_rows32(p, wp + sp * 32, rows * 32, 512, 64, bp, sa_tab, wro + sp, n0 + sp, tmp);
-                    else amx_rows32(p, wp, 32, 16 * Kp, Kp * 2, bp, sa_tab, wro, n0, tmp);
+                    if (tiled) amx_rows32(p, wp + sp * 32, rows * 32, 512, 64, bp, sa_tab, wro + sp, n0 + sp, mb0, mb1, tmp);
+                    else amx_rows32(p, wp, 32, 16 * Kp, Kp * 2, bp, sa_tab, wro, n0, mb0, mb1, tmp);
                 }
                 continue;
             }
-            for (int64_t mb = 0; mb < nmb; mb += 2)
+            for (int64_t mb = mb0; mb < mb1; mb += 2)
                 for (int64_t sp = 0; sp < rows && n0 + sp < N; sp += 32) {
                     if (tiled) amx_mblock(p, wp + sp * 32, rows * 32, 512, 64, bp, sa_tab, nmbp * 16, n0 + sp, wro + sp, mb, mb + 1 < nmb, tmp, tmp + 2048);
                     else amx_mblock(p, wp, 32, 16 * Kp, Kp * 2, bp, sa_tab, nmbp * 16, n0 + sp, wro, mb, mb + 1 < nmb, tmp, tmp + 2048);
