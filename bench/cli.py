@@ -106,6 +106,21 @@ def _sections(budget, out: Path, quick: bool):
     ]
 
 
+def plugin_status() -> list[dict[str, Any]]:
+    """The oqcore plugins this process loaded (name, distribution, version, status, error): a
+    plugin that failed takes its schemes out of the forward matrix and its targets, and
+    ``results.md`` says so instead of silently showing fewer rows."""
+    try:
+        import oqcore
+
+        return [
+            {k: getattr(rec, k, None) for k in ("name", "distribution", "version", "status", "error")}
+            for rec in oqcore.get_plugin_manager().plugin_records()
+        ]
+    except Exception as e:  # the report says it could not tell
+        return [{"name": "?", "status": "unknown", "error": f"{type(e).__name__}: {e}"}]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the suite; returns the process exit code (0, also when targets are missed: they are
     findings, reported in the files)."""
@@ -144,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         write(results, out)
     from bench import plots, targets
 
+    results["plugins"] = plugin_status()
     results["targets"] = targets.run(results)
     results["seconds"] = time.perf_counter() - t0
     results["loadavg_end"] = _loadavg()

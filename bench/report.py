@@ -305,6 +305,23 @@ def busy_warning(results: dict[str, Any]) -> list[str]:
     ]
 
 
+def plugin_warning(results: dict[str, Any]) -> list[str]:
+    """The plugins of the run, and a bold warning naming each one that did not load (its schemes
+    are missing from the forward tables and the targets)."""
+    plugins = results.get("plugins")
+    if not plugins:
+        return []
+    names = (f"{p.get('name')} {p.get('version') or ''} ({p.get('status')})".replace("  ", " ") for p in plugins)
+    lines = ["- plugins: " + ", ".join(names)]
+    for p in plugins:
+        if p.get("status") != "loaded":
+            lines.append(
+                f"- **plugin {p.get('name')!r} did not load ({p.get('status')}): its schemes are missing from the "
+                f"forward tables and the targets.** {p.get('error') or ''}".rstrip()
+            )
+    return lines
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The whole ``results.md``."""
     m = results["machine"]
@@ -323,6 +340,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"- load average at start / end: {results.get('loadavg_start')} / {results.get('loadavg_end')}",
         f"- run took {results.get('seconds', 0):.0f} s; started {results.get('started')}",
         *busy_warning(results),
+        *plugin_warning(results),
         "",
     ]
     parts = ["\n".join(head)]

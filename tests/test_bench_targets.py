@@ -160,3 +160,15 @@ def test_forward_matrix_end_to_end_on_a_small_linear():
             assert r["status"] == "ok", r
             assert r["backend"] and r["backend"] != "?"
             assert r["min_s"] > 0 and r["bf16_min_s"] > 0 and r["reps"] >= 2
+
+
+def test_a_plugin_that_did_not_load_is_named_in_results_md():
+    from bench.cli import plugin_status
+    from bench.report import plugin_warning
+
+    loaded = plugin_status()
+    assert {p["name"] for p in loaded} >= {"fp8", "mxfp8", "int8"} and all(p["status"] == "loaded" for p in loaded)
+    assert [line for line in plugin_warning({"plugins": loaded}) if "did not load" in line] == []
+    failed = [{"name": "int8", "version": "0.1.0", "status": "failed", "error": "NameError: x"}]
+    lines = plugin_warning({"plugins": failed})
+    assert "**plugin 'int8' did not load (failed)" in lines[1] and lines[1].endswith("NameError: x")
