@@ -833,3 +833,12 @@ int oq_wgemm(int path, int nthreads, int64_t M, int64_t N, int64_t K,
     if (path == PATH_SCALAR) r = run_scalar(&p, nthreads);
     return bad && r > 0 ? -2 : r;
 }
+
+/* oq_wgemm with its 22 arguments packed as int64 / pointer values in v[0..21], in order: one
+   pointer argument for the Python caller (ctypes converts 22 typed arguments in ~3 us, which
+   is 5-10% of a 64 x 384 x 384 product; one packed buffer costs ~0.5 us). */
+int oq_wgemm_v(const int64_t* v) {
+    return oq_wgemm((int)v[0], (int)v[1], v[2], v[3], v[4], (const void*)(intptr_t)v[5], (int)v[6], (const void*)(intptr_t)v[7],
+                    (int)v[8], v[9], v[10], v[11], (const uint8_t*)(intptr_t)v[12], (int)v[13], (const void*)(intptr_t)v[14],
+                    (int)v[15], v[16], v[17], v[18], (const float*)(intptr_t)v[19], (int)v[20], (void*)(intptr_t)v[21]);
+}
