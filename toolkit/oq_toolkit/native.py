@@ -66,6 +66,21 @@ Source = Union[str, "os.PathLike[str]", _Readable]
 ``importlib.resources`` file such as ``files("pkg") / "csrc" / "k.c"``), read on first use."""
 
 
+SMALL_WORK = 1 << 16
+"""Elements below which a streaming kernel runs on one thread (:func:`threads_for`)."""
+
+
+def threads_for(numel: int) -> int:
+    """OpenMP threads for a streaming pass over ``numel`` elements: ``torch.get_num_threads()``, or 1
+    below :data:`SMALL_WORK` (64 Ki elements, ~30 us on one thread). A parallel region's fork/join
+    costs a few microseconds when both cores are idle, but on a shared machine a descheduled worker
+    stalls the region for a scheduler tick (4 ms measured here), which per-token activation
+    quantizers, called once per layer per forward, cannot afford."""
+    import torch
+
+    return 1 if numel < SMALL_WORK else torch.get_num_threads()
+
+
 def compile_disabled() -> bool:
     """``True`` when ``OQ_COMPILE=0`` is set (checked on every call: tests and users may flip it)."""
     return os.environ.get("OQ_COMPILE", "1") == "0"

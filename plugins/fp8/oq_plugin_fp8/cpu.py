@@ -49,7 +49,7 @@ from importlib.resources import files
 
 import torch
 
-from oq_toolkit.native import NativeLibrary
+from oq_toolkit.native import NativeLibrary, threads_for
 
 GEMV_MAX_M = 4
 """Batches up to this size run the fused GEMV (register-blocked over 4 tokens); larger ones the
@@ -276,7 +276,7 @@ def quantize_fp8_grouped(w: torch.Tensor, g, lib=None, *, check_finite: bool = F
         b *= d
     q = torch.empty(w.shape, dtype=torch.uint8)
     scale = torch.empty(*lead, nr, nc, dtype=torch.float32)
-    dt, nthreads, esz = _DT_CODES[w.dtype], torch.get_num_threads(), w.element_size()
+    dt, nthreads, esz = _DT_CODES[w.dtype], threads_for(w.numel()), w.element_size()
     wp, qp, sp = w.data_ptr(), q.data_ptr(), scale.data_ptr()
     for e in range(b):
         bad = lib.oq_fp8_quantize(wp + e * r * c * esz, dt, r, c, gr, gc, qp + e * r * c, sp + e * nr * nc * 4, nthreads)

@@ -14,7 +14,8 @@ and ``x / scale`` are true divisions (no reciprocal multiply), rounding is round
 :mod:`oq_toolkit.native`; the source is ``csrc/int8_cpu.c`` (package data), its load helpers
 (``load1``, ``load16``, ``tailmask``) oq-toolkit's ``oq_kernels.h``, shared with the fp8 kernels.
 
-Rows are spread over OpenMP threads (``torch.get_num_threads()``); the ctypes call releases the GIL.
+Rows are spread over OpenMP threads (``torch.get_num_threads()``; one below 64 Ki elements:
+:func:`oq_toolkit.native.threads_for`); the ctypes call releases the GIL.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from importlib.resources import files
 
 import torch
 
-from oq_toolkit.native import NativeLibrary
+from oq_toolkit.native import NativeLibrary, threads_for
 
 
 _DT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -77,7 +78,7 @@ def quantize_int8_rowwise_cpu(x: torch.Tensor, options=None, lib=None, *, check_
     rows = x.numel() // k
     q = torch.empty(x.shape, dtype=torch.int8)
     scale = torch.empty(*x.shape[:-1], 1, dtype=torch.float32)
-    bad = lib.oq_int8_quantize_rows(x.data_ptr(), _DT_CODES[x.dtype], rows, k, q.data_ptr(), scale.data_ptr(), torch.get_num_threads())
+    bad = lib.oq_int8_quantize_rows(x.data_ptr(), _DT_CODES[x.dtype], rows, k, q.data_ptr(), scale.data_ptr(), threads_for(x.numel()))
     if bad != 0:  # Inf/NaN: the reference defines those bytes
         if check_finite:
             from oqcore.errors import NonFiniteError

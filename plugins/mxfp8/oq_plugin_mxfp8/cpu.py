@@ -26,7 +26,7 @@ from importlib.resources import files
 import torch
 
 from oq_plugin_fp8.cpu import CSRC_DIR as FP8_CSRC_DIR
-from oq_toolkit.native import NativeLibrary
+from oq_toolkit.native import NativeLibrary, threads_for
 
 _DT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -89,7 +89,7 @@ def quantize_mxfp8(w: torch.Tensor, options=None, lib=None, *, check_finite: boo
     n = w.numel() // k
     q = torch.empty(w.shape, dtype=torch.uint8)
     e = torch.empty(*w.shape[:-1], k // MX_BLOCK, dtype=torch.uint8)
-    bad = lib.oq_mxfp8_quantize(w.data_ptr(), _DT_CODES[w.dtype], n, k, mode, q.data_ptr(), e.data_ptr(), torch.get_num_threads())
+    bad = lib.oq_mxfp8_quantize(w.data_ptr(), _DT_CODES[w.dtype], n, k, mode, q.data_ptr(), e.data_ptr(), threads_for(w.numel()))
     if bad != 0:  # Inf/NaN: the reference defines those bytes
         if check_finite:
             from oqcore.errors import NonFiniteError
