@@ -1,6 +1,16 @@
 """Micro-benchmark of oq_toolkit.wgemm vs bf16 F.linear (4096x4096 by default), best of 20, ms.
 
     python bench/wgemm_micro.py [--n 4096 --k 4096 --ms 1,4,16,64,256 --path 0 --threads T --clock wall|thread]
+                                [--epilogue] [--reps 20] [--only "fp8 block"]
+
+``--epilogue``: both sides add a bias and return bf16 (``F.linear(x, w, b)`` against
+``wgemm(..., bias=b32, out_dtype=torch.bfloat16)``), as a bf16 model's forward does.
+``--only``: run only the weight cases whose name contains this text.
+MiniLM layers (the default ``oq quantize`` model)::
+
+    for kn in "384 384" "384 1536" "1536 384"; do set -- $kn
+      python bench/wgemm_micro.py --k $1 --n $2 --ms 64,144,304,608 --threads 2 --epilogue --reps 200 --only "fp8 block"
+    done
 
 Rows: weight format / grid x activation format / grid; columns: M. Ratios are bf16 time / wgemm
 time measured in the same run (>= 1.0 means wgemm is at least as fast as bf16).
@@ -23,7 +33,11 @@ import oq_toolkit.wgemm as W
 CLOCK = time.perf_counter
 
 
-def best(f, reps=20):
+REPS = 20
+
+
+def best(f, reps=None):
+    reps = reps or REPS
     f()
     f()
     t = float("inf")
@@ -72,8 +86,12 @@ def main():
     ap.add_argument("--path", type=int, default=0, help="0 auto, 1 AMX, 2 AVX512-BF16, 3 portable")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
     ap.add_argument("--clock", choices=("wall", "thread"), default="wall", help="thread: CPU time of the calling thread (use with --threads 1)")
+    ap.add_argument("--epilogue", action="store_true", help="bias + bf16 output on both sides")
+    ap.add_argument("--reps", type=int, default=20, help="best of this many calls")
+    ap.add_argument("--only", default="", help="weight cases whose name contains this text")
     args = ap.parse_args()
-    global CLOCK
+    global CLOCK, REPS
+    REPS = args.reps
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.clock == "thread":
@@ -82,20 +100,25 @@ def main():
         CLOCK = time.thread_time
     ms = [int(v) for v in args.ms.split(",")]
     n, k = args.n, args.k
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, clock {args.clock}, {W.kernel_status()[1]}, path {args.path}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, clock {args.clock}, {W.kernel_status()[1]}, path {args.path}"
+          f"{', bias + bf16 output' if args.epilogue else ''}, N={n} K={k}, best of {args.reps}")
     wb = torch.randn(n, k).bfloat16()
+    bias = torch.randn(n).bfloat16() if args.epilogue else None
+    epi = dict(bias=bias.float(), out_dtype=torch.bfloat16) if args.epilogue else {}
     base = {}
     for m in ms:
         x = torch.randn(m, k).bfloat16()
-        base[m] = best(lambda: F.linear(x, wb))
+        base[m] = best(lambda: F.linear(x, wb, bias))
     print(f"{'case':40s}" + "".join(f"{'M=' + str(m):>16s}" for m in ms))
     print(f"{'bf16 F.linear (ms)':40s}" + "".join(f"{base[m]:16.2f}" for m in ms))
     for wname, (q, qf, sw, gw) in cases(n, k).items():
+        if args.only not in wname:
+            continue
         for aname in acts(1, k, wname):
             row = []
             for m in ms:
                 a, af, sa, ga = acts(m, k, wname)[aname]
-                t = best(lambda: W.wgemm_eager(a, af, sa, ga, q, qf, sw, gw, path=args.path))
+                t = best(lambda: W.wgemm_eager(a, af, sa, ga, q, qf, sw, gw, path=args.path, **epi))
                 row.append(f"{t:8.2f} {base[m] / t:5.2f}x")
             print(f"{wname + ' / ' + aname:40s}" + "".join(f"{c:>16s}" for c in row))
 
