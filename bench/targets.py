@@ -203,6 +203,31 @@ def _ratio(r: dict[str, Any], base: dict[str, Any] | None) -> float | None:
     return ref / r["min_s"] if ref else None
 
 
+DISTURBED = 2.0
+"""A paired bf16 best over this many times the bf16 row's own best marks the figure as taken
+during a burst of other processes (:func:`disturbance`)."""
+
+
+def disturbance(r: dict[str, Any], base: dict[str, Any] | None) -> float | None:
+    """How many times slower the bf16 baseline ran beside ``r`` (paired, ``bf16_min_s``) than in
+    its own row ``base``, when that exceeds :data:`DISTURBED`: the pair was timed while other
+    processes held the cores, and its ratio is unreliable either way. ``None`` otherwise."""
+    if not base or not r.get("bf16_min_s") or not base.get("min_s"):
+        return None
+    factor = r["bf16_min_s"] / base["min_s"]
+    return factor if factor > DISTURBED else None
+
+
+def _flag(row: dict[str, Any], r: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any]:
+    """``row`` with ``disturbed`` (the factor) and a note in its verdict when the pair was timed
+    during a burst (:func:`disturbance`)."""
+    factor = disturbance(r, base)
+    if factor is not None:
+        row["disturbed"] = factor
+        row["verdict"] += f" (disturbed: bf16 ran {factor:.1f}x its own best beside it; re-measure)"
+    return row
+
+
 def vs_fp32(r: dict[str, Any], fp32: dict[str, Any]) -> float:
     """fp32 original's time / ``r``'s time. When both rows were timed alternately with the bf16
     original, the ratio of their paired ratios (each side against bf16 under the same load);
@@ -230,7 +255,7 @@ def issue13_forward_targets(rows: list[dict[str, Any]], axis: str, baseline: str
         if r.get("status") != "ok":
             row = _missed(target, what, goal, ">=", r.get("status", "no figure"), 13)
         else:
-            row = _row(target, what, _ratio(r, base.get(r[axis])), goal, ">=", 13)
+            row = _flag(_row(target, what, _ratio(r, base.get(r[axis])), goal, ">=", 13), r, base.get(r[axis]))
         out.append(row | {"group": label, "scheme": _scheme(r), "point": r[axis]})
     return out
 
@@ -253,7 +278,7 @@ def minilm_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if r.get("status") != "ok":
             row = _missed(target, what, MINILM_GOAL, ">=", r.get("status", "no figure"), 13)
         else:
-            row = _row(target, what, _ratio(r, base.get(n)), MINILM_GOAL, ">=", 13)
+            row = _flag(_row(target, what, _ratio(r, base.get(n)), MINILM_GOAL, ">=", 13), r, base.get(n))
         if r.get("info"):
             row["info"] = True
         out.append(row | {"group": "MiniLM (sentences)", "scheme": r["impl"], "point": n})

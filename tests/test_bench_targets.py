@@ -172,3 +172,15 @@ def test_a_plugin_that_did_not_load_is_named_in_results_md():
     failed = [{"name": "int8", "version": "0.1.0", "status": "failed", "error": "NameError: x"}]
     lines = plugin_warning({"plugins": failed})
     assert "**plugin 'int8' did not load (failed)" in lines[1] and lines[1].endswith("NameError: x")
+
+
+def test_a_pair_timed_during_a_burst_is_flagged():
+    from bench.report import glance
+
+    rows = [_row("bf16 F.linear", m, 1.0, weight="bf16", backend="") for m in (1, 4)]
+    rows += [_row("oqcore", 1, 3.0, bf16_min_s=3.3), _row("oqcore", 4, 1.002, bf16_min_s=1.0)]
+    out = {r["point"]: r for r in targets.issue13_forward_targets(rows, "batch", "bf16 F.linear", "linear")}
+    assert out[1]["met"] is True and out[1]["disturbed"] == pytest.approx(3.3)
+    assert "disturbed: bf16 ran 3.3x its own best" in out[1]["verdict"]
+    assert "disturbed" not in out[4]
+    assert "| w8 act=none | 1.10x met ? | 0.998x MISSED |" in glance(list(out.values()))
