@@ -74,8 +74,20 @@ runs at every M; here it reaches 64-80 GFLOP/s on one thread from M = 16 on, the
 forward backend on such a CPU may prefer its own scratch + ``torch.mm`` for large M:
 :func:`available_paths` says which path runs (``[0] == PATH_AMX``).
 
-Threads: OpenMP over blocks of weight rows, ``torch.get_num_threads()`` threads; the ctypes call
-releases the GIL. Under ``torch.compile`` :func:`wgemm` is the custom op ``oq_toolkit::wgemm``
+MiniLM-sized layers (the default ``oq quantize`` model: fp8 128x128 weight blocks, bias, bf16
+output; ``bench/wgemm_micro.py --epilogue``, recipe in its docstring): bf16 ``F.linear`` time /
+wgemm time, e4m3 1x128 activations (bf16 activations within a few %), best of 200 (2 threads:
+wall clock; 1 thread: thread CPU time, best of 100)::
+
+    M                      64    144    304    608
+    K=384  N=384   2 thr  1.05   1.01   1.22   0.73      1 thr  1.05   0.88   0.69   0.75
+    K=384  N=1536  2 thr  0.96   0.87   0.80   0.82      1 thr  0.98   0.89   0.77   0.74
+    K=1536 N=384   2 thr  1.29   1.09   1.06   1.41      1 thr  1.19   0.92   0.77   0.82
+
+Threads: OpenMP over blocks of weight rows, ``torch.get_num_threads()`` threads; with M >= 256 and
+N <= 512 the threads split M instead (each decodes every weight block and streams only the
+activations it packed). The ctypes call (one pointer to the packed arguments, ~12 us per call
+all told) releases the GIL. Under ``torch.compile`` :func:`wgemm` is the custom op ``oq_toolkit::wgemm``
 (fake implementation: ``[M, N]`` of ``out_dtype``), so a traced forward has no graph break and the eager
 result; eager calls skip the dispatcher (~20 us per call).
 """
