@@ -140,7 +140,9 @@ def _backends(model: nn.Module, kind: str) -> str:
     return ",".join(dict.fromkeys(names)) or "?"
 
 
-def _time_matrix(kind, layer, base, target, inputs, budget, points, axis, quick, ref) -> list[dict[str, Any]]:
+def _time_matrix(
+    kind, layer, base, target, inputs, budget, points, axis, quick, ref, ref_best=None
+) -> list[dict[str, Any]]:
     """Time ``base`` quantized for every entry of :func:`planner_matrix` (``kind``): once as the
     planner builds it (no pin: the row a user gets, its backend recorded), then each other
     backend candidate for the same (weight, activation) pinned. ``target`` is the module
@@ -165,7 +167,8 @@ def _time_matrix(kind, layer, base, target, inputs, budget, points, axis, quick,
             rows += _skip_rows(layer, PLANNER_IMPL, points, not_available(e), axis, **meta, pinned=False, backend="")
         else:
             chosen = _backends(model, kind)
-            rows += _rows(layer, PLANNER_IMPL, _time_module(model, inputs, budget, ref), axis, **meta, pinned=False, backend=chosen)
+            got = _time_module(model, inputs, budget, ref, ref_best)
+            rows += _rows(layer, PLANNER_IMPL, got, axis, **meta, pinned=False, backend=chosen)
             del model
         for b in pm.backend_candidates(kind, v["weight_key"]):
             if b.activation_key != v["activation_key"] or b.name == chosen:
@@ -188,7 +191,7 @@ def _time_matrix(kind, layer, base, target, inputs, budget, points, axis, quick,
                 rows += _skip_rows(layer, impl, points, skip, axis, **meta, pinned=True, backend=b.name)
                 continue
             rb = REFERENCE_BUDGET if b.name == "torch" else budget
-            got = _time_module(model, {m: inputs[m] for m in timed}, rb, ref)
+            got = _time_module(model, {m: inputs[m] for m in timed}, rb, ref, ref_best)
             got |= {m: {"status": REFERENCE_NOT_TIMED} for m in points if m not in timed}
             rows += _rows(layer, impl, dict(sorted(got.items())), axis, **meta, pinned=True, backend=b.name)
             del model
@@ -213,22 +216,45 @@ def _torchao_linear_configs() -> dict[str, Callable[[], Any]]:
     }
 
 
+RETRIES = 2
+"""Extra paired measurements of a point whose bf16 ran over :data:`bench.targets.DISTURBED` times
+its own best beside it (a burst of other processes); the least disturbed attempt is kept."""
+
+
 def _time_module(
-    module: Callable, inputs: dict[int, torch.Tensor], budget: Budget, ref: Callable | None = None
+    module: Callable,
+    inputs: dict[int, torch.Tensor],
+    budget: Budget,
+    ref: Callable | None = None,
+    ref_best: dict[int, float] | None = None,
 ) -> dict[int, dict[str, Any]]:
     """Per batch: the measurement dict, or ``{"status": "not available: ..."}``. With ``ref`` (the
     bf16 baseline) the two are timed alternately (:func:`bench.common.measure_pair`) and the
     baseline's figures are kept beside the row's as ``bf16_min_s`` / ``bf16_median_s``: the
-    "x bf16" ratios and the targets use that paired baseline."""
+    "x bf16" ratios and the targets use that paired baseline. With ``ref_best`` (``{batch: the
+    baseline's own best, seconds}``) a pair whose bf16 ran over ``DISTURBED`` times that is timed
+    again, up to :data:`RETRIES` times, and the attempt with the least slowed bf16 is kept
+    (``attempts`` says how many were made)."""
+    from bench.targets import DISTURBED
+
     out = {}
     for m, x in inputs.items():
         try:
             with torch.no_grad():
                 if ref is None:
                     out[m] = {**measure(lambda x=x: module(x), budget), "status": "ok"}
-                else:
+                    continue
+                best = None
+                for attempt in range(1 + RETRIES):
                     mine, base = measure_pair(lambda x=x: module(x), lambda x=x: ref(x), budget)
-                    out[m] = {**mine, "bf16_min_s": base["min_s"], "bf16_median_s": base["median_s"], "status": "ok"}
+                    got = {**mine, "bf16_min_s": base["min_s"], "bf16_median_s": base["median_s"], "status": "ok"}
+                    if best is None or got["bf16_min_s"] < best["bf16_min_s"]:
+                        best = got
+                    own = (ref_best or {}).get(m)
+                    if not own or best["bf16_min_s"] <= DISTURBED * own:
+                        break
+                best["attempts"] = attempt + 1
+                out[m] = best
         except Exception as e:
             out[m] = {"status": not_available(e)}
     return out
@@ -243,6 +269,7 @@ def _recheck(
     axis: str,
     point: int,
     ref: Callable,
+    ref_best: dict[int, float] | None = None,
 ) -> None:
     """Time the planner's rows at ``point`` a second time, minutes after the first (a neighbour's
     burst can double one measurement on this shared VM), keeping the better of the two in place.
@@ -261,10 +288,15 @@ def _recheck(
         except Exception as e:  # it built the first time: keep that figure, say why not again
             r["recheck"] = not_available(e)
             continue
-        again = _time_module(model, {point: inputs[point]}, budget, ref)[point]
+        again = _time_module(model, {point: inputs[point]}, budget, ref, ref_best)[point]
         keep = ("median_s", "min_s", "reps", "status", "bf16_min_s", "bf16_median_s")
         r.update(_better({point: {k: r[k] for k in keep if k in r}}, {point: again})[point])
         del model
+
+
+def _bests(timings: dict[int, dict[str, Any]]) -> dict[int, float]:
+    """``{batch: best seconds}`` of the measured points of a baseline's timings."""
+    return {m: t["min_s"] for m, t in timings.items() if t.get("status") == "ok"}
 
 
 def _better(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
@@ -321,8 +353,9 @@ def run_linear(
         return torch.nn.functional.linear(x, w, b)
 
     first = _time_module(f, inputs, budget)
-    rows = _time_matrix("linear", layer, base, base[0], inputs, budget, batches, "batch", quick, f)
-    _recheck(rows, "linear", base, inputs, budget, "batch", 1, f)
+    own = _bests(first)
+    rows = _time_matrix("linear", layer, base, base[0], inputs, budget, batches, "batch", quick, f, own)
+    _recheck(rows, "linear", base, inputs, budget, "batch", 1, f, own)
     # The baseline again after the variants: on a shared VM the memory bandwidth a GEMV gets drifts
     # by up to 2x within minutes; the better of the two keeps the ratios conservative.
     again = _time_module(f, inputs, budget)
@@ -341,7 +374,7 @@ def run_linear(
         except Exception as e:
             rows += _skip_rows(layer, impl, batches, not_available(e), "batch", **meta)
             continue
-        rows += _rows(layer, impl, _time_module(model, inputs, budget, f), "batch", **meta)
+        rows += _rows(layer, impl, _time_module(model, inputs, budget, f, own), "batch", **meta)
     return rows
 
 
@@ -389,8 +422,9 @@ def run_moe(budget: Budget, tokens: tuple[int, ...] = MOE_TOKENS, quick: bool = 
     inputs = {t: torch.randn(1, t, m["hidden"], dtype=torch.bfloat16) for t in tokens}
     log(f"forward {layer}: bf16")
     first = _time_module(base, inputs, budget)
-    rows = _time_matrix("moe", layer, base, base.experts, inputs, budget, tokens, "tokens", quick, base)
-    _recheck(rows, "moe", base, inputs, budget, "tokens", 1, base)
+    own = _bests(first)
+    rows = _time_matrix("moe", layer, base, base.experts, inputs, budget, tokens, "tokens", quick, base, own)
+    _recheck(rows, "moe", base, inputs, budget, "tokens", 1, base, own)
     again = _time_module(base, inputs, budget)  # as for the linear: the better of two baselines
     rows = _rows(layer, "bf16 (transformers)", _better(first, again), "tokens", **bf16_meta) + rows
     # transformers' default for a model loaded with from_pretrained is grouped_mm (the baseline
@@ -401,7 +435,7 @@ def run_moe(budget: Budget, tokens: tuple[int, ...] = MOE_TOKENS, quick: bool = 
     try:
         grouped = copy.deepcopy(base)
         grouped.experts.config._experts_implementation = "grouped_mm"
-        rows += _rows(layer, impl, _time_module(grouped, inputs, budget, base), "tokens", **meta)
+        rows += _rows(layer, impl, _time_module(grouped, inputs, budget, base, own), "tokens", **meta)
         del grouped
     except Exception as e:
         rows += _skip_rows(layer, impl, tokens, not_available(e), "tokens", **meta)
@@ -417,5 +451,5 @@ def run_moe(budget: Budget, tokens: tuple[int, ...] = MOE_TOKENS, quick: bool = 
         except Exception as e:
             rows += _skip_rows(layer, impl, tokens, not_available(e), "tokens", **meta)
             continue
-        rows += _rows(layer, impl, _time_module(block, inputs, budget, base), "tokens", **meta)
+        rows += _rows(layer, impl, _time_module(block, inputs, budget, base, own), "tokens", **meta)
     return rows
