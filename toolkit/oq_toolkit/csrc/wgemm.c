@@ -381,18 +381,35 @@ static inline __attribute__((always_inline)) void tr16(const float* s, int64_t s
     for (int j = 0; j < 8; j++) { r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88); r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd); }
 }
 
+/* 16 float32 -> bf16 bits, lane-wise f32_to_bf16_rne */
+static inline __attribute__((always_inline)) __m256i bf16_rne16(__m512 v) {
+    const __m512i b = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(b, _mm512_set1_epi32(0x7FFFFFFF)), _mm512_set1_epi32(0x7F800000));
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0xFFFF));
+    return _mm512_cvtepi32_epi16(r);
+}
+
 /* y[m0 + i, n0 .. n0 + 15] (first cols valid) = v (+ bias) as float32 or bf16: the vector
    epilogue (the bf16 rounding is f32_to_bf16_rne's, lane-wise) */
 static inline __attribute__((always_inline)) void out16(const WG* p, int64_t m, int64_t n0, __m512 v, int64_t cols) {
     const __mmask16 k = cols >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cols) - 1u);
     if (p->bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, p->bias + n0));
     if (!p->out_bf16) { _mm512_mask_storeu_ps((float*)p->y + m * p->N + n0, k, v); return; }
-    const __m512i b = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(b, _mm512_set1_epi32(0x7FFFFFFF)), _mm512_set1_epi32(0x7F800000));
-    r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0xFFFF));
-    _mm256_mask_storeu_epi16((uint16_t*)p->y + m * p->N + n0, k, _mm512_cvtepi32_epi16(r));
+    _mm256_mask_storeu_epi16((uint16_t*)p->y + m * p->N + n0, k, bf16_rne16(v));
+}
+
+/* y[m, n0 .. n0 + 31] (first cols valid) = (v0, v1) (+ bias): out16 twice, but a full bf16 row
+   as one 64-byte store instead of two half-line stores */
+static inline __attribute__((always_inline)) void out32(const WG* p, int64_t m, int64_t n0, __m512 v0, __m512 v1, int64_t cols) {
+    if (!p->out_bf16 || cols < 32) {
+        out16(p, m, n0, v0, cols < 16 ? cols : 16);
+        if (cols > 16) out16(p, m, n0 + 16, v1, cols - 16);
+        return;
+    }
+    if (p->bias) { v0 = _mm512_add_ps(v0, _mm512_loadu_ps(p->bias + n0)); v1 = _mm512_add_ps(v1, _mm512_loadu_ps(p->bias + n0 + 16)); }
+    _mm512_storeu_si512((uint16_t*)p->y + m * p->N + n0, _mm512_inserti64x4(_mm512_castsi256_si512(bf16_rne16(v0)), bf16_rne16(v1), 1));
 }
 
 /* y[m0 .. m0 + rows - 1, n0 .. n0 + cols - 1] (at most 16 x 16) = transpose of a [n][m] block s
@@ -402,6 +419,17 @@ static inline void store_t16(const WG* p, const float* s, int64_t ss, int64_t m0
     __m512 r[16];
     tr16(s, ss, r);
     for (int64_t i = 0; i < rows && i < 16; i++) out16(p, m0 + i, n0, r[i], cols);
+}
+
+/* store_t16 of two [n][m] blocks side by side in n: s0 -> n0 .. n0 + 15, s1 -> n0 + 16 .. n0 + 31
+   (cols <= 32 valid), rows of one m written together (out32) */
+static inline void store_t32(const WG* p, const float* s0, const float* s1, int64_t ss, int64_t m0, int64_t n0, int64_t rows, int64_t cols) {
+    if (rows <= 0 || cols <= 0) return;
+    if (cols <= 16) { store_t16(p, s0, ss, m0, n0, rows, cols); return; }
+    __m512 r0[16], r1[16];
+    tr16(s0, ss, r0);
+    tr16(s1, ss, r1);
+    for (int64_t i = 0; i < rows && i < 16; i++) out32(p, m0 + i, n0, r0[i], r1[i], cols);
 }
 
 /* tot[n][m] (+)= tmp * (sa[m] * sw[n]) for the flush of chunk c; tmp tile (i, j) holds [16 n][16 m] */
@@ -460,9 +488,8 @@ static void amx_mblock(const WG* p, const uint16_t* wp, int64_t astep, int64_t a
     }
     amx_post(p, tmp + ((p->nck - 1) & 1) * 1024, tot, sa_tab + (p->nck - 1) * Mp + m0, wro, two, p->nck - 1, p->nck == 1);
     int64_t mv = M - m0 < 32 ? M - m0 : 32, nv = N - n0 < 32 ? N - n0 : 32;
-    for (int is = 0; is < 2; is++)
-        for (int js = 0; js < 1 + two; js++)
-            store_t16(p, tot + is * 16 * 32 + js * 16, 32, m0 + js * 16, n0 + is * 16, mv - js * 16, nv - is * 16);
+    for (int js = 0; js < 1 + two; js++)
+        store_t32(p, tot + js * 16, tot + 16 * 32 + js * 16, 32, m0 + js * 16, n0, mv - js * 16, nv);
 }
 
 /* M <= 16: one B tile, four weight sub-tiles (64-row panel wp, rows n0..n0+63): four independent
@@ -585,7 +612,7 @@ static void amx_pipe32(const WG* p, const uint16_t* wh, int64_t astep, int64_t a
         }
     }
     int64_t nv = N - n0 < 32 ? N - n0 : 32, mv = M - m0 < 16 ? M - m0 : 16;
-    for (int is = 0; is < 2; is++) store_t16(p, tot + is * 256, 16, m0, n0 + is * 16, mv, nv - is * 16);
+    store_t32(p, tot, tot + 256, 16, m0, n0, mv, nv);
 }
 
 /* One K-chunk (no float32 K-groups), 32 weight rows n0.. x every 16-row m-block: C tiles {0, 1}
@@ -632,7 +659,7 @@ static void amx_rows32(const WG* p, const uint16_t* wh, int64_t astep, int64_t a
             _mm512_store_ps(t + r * 16, _mm512_mul_ps(_mm512_load_ps(t + r * 16), sc));
         }
         const int64_t mv = M - m0 < 16 ? M - m0 : 16;
-        for (int is = 0; is < 2; is++) store_t16(p, t + is * 256, 16, m0, n0 + is * 16, mv, nv - is * 16);
+        store_t32(p, t, t + 256, 16, m0, n0, mv, nv);
     }
 }
 
