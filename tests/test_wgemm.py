@@ -391,3 +391,81 @@ def test_thread_partitions_give_identical_results(path):
             _check_bound(W.wgemm_eager(*args, path=path), *args, what=f"path {path} M={m} N={n} K={k}")
     finally:
         torch.set_num_threads(old)
+
+
+# ---------------------------------------------------------------------------------------------
+# DYN_E4M3: activations quantized inside the call
+
+
+def _dyn_input(m, k, gen):
+    x = torch.randn(m, k, generator=gen) * torch.logspace(-3, 3, k)[torch.randperm(k, generator=gen)]
+    x[0, : min(k, 6)] = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 3.0, -448.0])[: min(k, 6)]  # signed zeros, tiny negatives -> 0x80
+    if m > 1:
+        x[1] = 0.0  # an all-zero row: scale = float32 eps
+        x[1, -1] = -0.0
+    return x.bfloat16()
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: {1: "amx", 2: "avx512bf16", 3: "portable"}[p])
+def test_dynamic_activation_quantization_matches_the_fp8_plugin(path):
+    """``a_fmt=DYN_E4M3`` gives exactly ``wgemm`` of ``oq_plugin_fp8``'s quantized activations
+    (codes and scales of ``quantize_grouped`` with 1 x gc groups, its torch reference), with the
+    epilogue, partial groups and every path."""
+    from oq_plugin_fp8.quant import Grouping, quantize_grouped_eager
+
+    gen = torch.Generator().manual_seed(18)
+    for (m, n, k, gc) in [(5, 40, 384, 128), (12, 72, 224, 128), (40, 72, 256, 32), (300, 96, 384, 128), (3, 20, 100, 100)]:
+        x = _dyn_input(m, k, gen)
+        q = _e4m3(n, k, gen)
+        nk = -(-k // 128)
+        sw = torch.rand(-(-n // 128), nk, generator=gen) + 0.5
+        qa, sa = quantize_grouped_eager(x, Grouping(1, gc))
+        ga = (1, gc, sa.shape[1])
+        b = torch.randn(n, generator=gen)
+        for bias, dt in [(None, torch.float32), (b, torch.bfloat16)]:
+            want = W.wgemm_eager(qa, W.E4M3, sa, ga, q, W.E4M3, sw, (128, 128, nk), path=path, bias=bias, out_dtype=dt)
+            got = W.wgemm_eager(x, W.DYN_E4M3, None, (1, gc, 0), q, W.E4M3, sw, (128, 128, nk), path=path, bias=bias, out_dtype=dt)
+            assert torch.equal(_bits(got), _bits(want)), f"path {path} M={m} N={n} K={k} gc={gc} {dt}"
+        codes, scales = W._dyn_quant(x, gc, W.LIBRARY.load(), 2)
+        assert torch.equal(codes, qa.view(torch.uint8)) and torch.equal(_bits(scales), _bits(sa)), f"M={m} K={k} gc={gc}"
+        codes, scales = W._dyn_quant(x, gc, None, 1)  # the torch fallback
+        assert torch.equal(codes, qa.view(torch.uint8)) and torch.equal(_bits(scales), _bits(sa)), f"torch M={m} K={k} gc={gc}"
+
+
+def test_dynamic_quantization_non_finite_generic_fallback_and_compile(generic_lib, monkeypatch):
+    """Inf/NaN in the activations: the torch fallback's bytes (the plugin reference's), NaN rows
+    out; the -DOQ_GENERIC build and OQ_COMPILE=0 agree bit for bit; the custom op traces it."""
+    from oq_plugin_fp8.quant import Grouping, quantize_grouped_eager
+
+    gen = torch.Generator().manual_seed(19)
+    x = _dyn_input(4, 256, gen)
+    q = _e4m3(24, 256, gen)
+    sw = torch.rand(24, generator=gen) + 0.5
+    args = (W.DYN_E4M3, None, (1, 128, 2), q, W.E4M3, sw, (1, 256, 1))
+    want = W.wgemm(x, *args)
+    qa, sa = quantize_grouped_eager(x, Grouping(1, 128))
+    plain = (qa, W.E4M3, sa, (1, 128, 2), q, W.E4M3, sw, (1, 256, 1))
+    assert torch.equal(_bits(want), _bits(W.wgemm(*plain)))
+    assert torch.equal(_bits(W.wgemm_eager(x, *args, lib=generic_lib)), _bits(W.wgemm_eager(*plain, lib=generic_lib)))
+    monkeypatch.setenv("OQ_COMPILE", "0")
+    assert torch.equal(_bits(W.wgemm(x, *args)), _bits(W.wgemm_reference(*plain)))
+    assert torch.equal(_bits(W.wgemm_reference(x, *args)), _bits(W.wgemm_reference(*plain)))
+    monkeypatch.delenv("OQ_COMPILE")
+    xi = x.clone()
+    xi[2, 5] = float("inf")
+    qa, sa = quantize_grouped_eager(xi, Grouping(1, 128))
+    codes, scales = W._dyn_quant(xi, 128, W.LIBRARY.load(), 1)
+    assert torch.equal(codes, qa.view(torch.uint8)) and torch.equal(_bits(scales), _bits(sa))
+    yi = W.wgemm(xi, *args)
+    assert torch.isnan(yi[2]).all() and torch.equal(_bits(yi[[0, 1, 3]]), _bits(want[[0, 1, 3]]))
+
+    def f(x, q, sw):
+        return W.wgemm(x, W.DYN_E4M3, None, (1, 128, 2), q, W.E4M3, sw, (1, 256, 1), out_dtype=torch.bfloat16)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="inductor", fullgraph=True)(x, q, sw)
+    assert torch.equal(_bits(compiled), _bits(want.bfloat16()))
+    with pytest.raises(ValueError, match="a_scale=None"):
+        W.wgemm(x, W.DYN_E4M3, torch.ones(4), (1, 128, 2), q, W.E4M3, sw, (1, 256, 1))
+    with pytest.raises(ValueError, match="bfloat16"):
+        W.wgemm(x.float(), *args)

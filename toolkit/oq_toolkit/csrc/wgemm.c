@@ -869,3 +869,107 @@ int oq_wgemm_v(const int64_t* v) {
                     (int)v[8], v[9], v[10], v[11], (const uint8_t*)(intptr_t)v[12], (int)v[13], (const void*)(intptr_t)v[14],
                     (int)v[15], v[16], v[17], v[18], (const float*)(intptr_t)v[19], (int)v[20], (void*)(intptr_t)v[21]);
 }
+
+/* ---------------------------------------------------------------------------------------------
+   Dynamic activation quantization (a_fmt DYN_E4M3 of oq_toolkit.wgemm): bf16 x [M, K] -> e4m3
+   codes q [M, K] and float32 scales s [M, ceil(K / gc)], one per row and group of gc columns:
+   s = max|x| / 448 in float32 (float32 eps when 0), q = e4m3(clamp(x / s, +-448)), round to nearest
+   even, +-0 -> 0x00: the bytes of oq_plugin_fp8.quant.quantize_grouped (compressed-tensors'
+   formula) for 1 x gc groups. One IEEE division per element (x * (1 / s) would differ). */
+
+/* float32 -> e4m3 byte, round to nearest even with integers; |y| <= 448, finite; +-0 -> 0 */
+static inline uint8_t e4m3_rne(float y) {
+    uint32_t b;
+    memcpy(&b, &y, 4);
+    uint32_t sign = (b >> 24) & 0x80u, a = b & 0x7FFFFFFFu, r;
+    if (a == 0) return 0;
+    if (a >= (121u << 23)) { /* >= 2^-6: normal; rebias the exponent 127 -> 7, keep 3 mantissa bits */
+        uint32_t t = a - (120u << 23);
+        r = (t + 0x7FFFFu + ((t >> 20) & 1u)) >> 20;
+    } else { /* subnormal: |y| / 2^-9 rounded to an integer (8 = the smallest normal) */
+        uint32_t E = a >> 23, m = (a & 0x7FFFFFu) | (E ? 0x800000u : 0u);
+        uint32_t s = 141u - (E ? E : 1u);
+        if (s > 31u) s = 31u;
+        uint32_t qv = m >> s, rem = m & ((1u << s) - 1u), half = 1u << (s - 1u);
+        r = qv + (uint32_t)(rem > half || (rem == half && (qv & 1u)));
+    }
+    return (uint8_t)(sign | r);
+}
+
+static inline float bf16_f32(uint16_t h) { return f32_bits((uint32_t)h << 16); }
+
+#ifdef WG_BF16
+/* 16 lanes of e4m3_rne */
+static inline __m128i e4m3_rne16(__m512 y) {
+    const __m512i one = _mm512_set1_epi32(1);
+    const __m512i b = _mm512_castps_si512(y), a = _mm512_and_si512(b, _mm512_set1_epi32(0x7FFFFFFF));
+    const __m512i sign = _mm512_and_si512(_mm512_srli_epi32(b, 24), _mm512_set1_epi32(0x80));
+    const __m512i t = _mm512_sub_epi32(a, _mm512_set1_epi32(120 << 23));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(t, _mm512_add_epi32(_mm512_set1_epi32(0x7FFFF), _mm512_and_si512(_mm512_srli_epi32(t, 20), one))), 20);
+    const __mmask16 sub = _mm512_cmplt_epu32_mask(a, _mm512_set1_epi32(121 << 23));
+    if (sub) {
+        const __m512i E = _mm512_srli_epi32(a, 23);
+        __m512i m = _mm512_and_si512(a, _mm512_set1_epi32(0x7FFFFF));
+        m = _mm512_mask_or_epi32(m, _mm512_test_epi32_mask(E, E), m, _mm512_set1_epi32(0x800000));
+        __m512i s = _mm512_sub_epi32(_mm512_set1_epi32(141), _mm512_max_epu32(E, one));
+        s = _mm512_min_epi32(_mm512_max_epi32(s, one), _mm512_set1_epi32(31));
+        const __m512i qv = _mm512_srlv_epi32(m, s);
+        const __m512i rem = _mm512_and_si512(m, _mm512_sub_epi32(_mm512_sllv_epi32(one, s), one));
+        const __m512i half = _mm512_sllv_epi32(one, _mm512_sub_epi32(s, one));
+        const __mmask16 up = _mm512_cmpgt_epu32_mask(rem, half) | (_mm512_cmpeq_epi32_mask(rem, half) & _mm512_test_epi32_mask(qv, one));
+        r = _mm512_mask_mov_epi32(r, sub, _mm512_mask_add_epi32(qv, up, qv, one));
+    }
+    r = _mm512_maskz_mov_epi32(_mm512_test_epi32_mask(a, a), _mm512_or_si512(r, sign));
+    return _mm512_cvtepi32_epi8(r);
+}
+#endif
+
+/* Returns 0, or 1 when x holds Inf/NaN (q / s are then unspecified: the caller's reference runs). */
+int oq_wgemm_quant_rows(const uint16_t* x, int64_t M, int64_t K, int64_t gc, uint8_t* q, float* s, int nthreads) {
+    const int64_t nc = (K + gc - 1) / gc;
+    int bad = 0;
+    if (nthreads < 1 || M * K < (1 << 15)) nthreads = 1;
+    #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(| : bad)
+    for (int64_t m = 0; m < M; m++) {
+        const uint16_t* xr = x + m * K;
+        for (int64_t j = 0; j < nc; j++) {
+            const int64_t c0 = j * gc, c1 = c0 + gc < K ? c0 + gc : K;
+            uint32_t mx = 0;
+            int64_t c = c0;
+#ifdef WG_BF16
+            __m512i acc = _mm512_setzero_si512();
+            for (; c < c1; c += 32) {
+                const int64_t r = c1 - c;
+                const __mmask32 k = r >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << r) - 1u);
+                acc = _mm512_max_epu16(acc, _mm512_and_si512(_mm512_maskz_loadu_epi16(k, xr + c), _mm512_set1_epi16(0x7FFF)));
+            }
+            const __m512i lo = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(acc)), hi = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(acc, 1));
+            mx = _mm512_reduce_max_epu32(_mm512_max_epu32(lo, hi));
+#else
+            for (; c < c1; c++) { uint32_t v = xr[c] & 0x7FFFu; mx = v > mx ? v : mx; }
+#endif
+            if (mx >= 0x7F80u) { bad = 1; break; }
+            float sc = bf16_f32((uint16_t)mx) / 448.0f;
+            if (sc == 0.0f) sc = 1.1920928955078125e-07f; /* torch.finfo(torch.float32).eps */
+            s[m * nc + j] = sc;
+            c = c0;
+#ifdef WG_BF16
+            const __m512 vs = _mm512_set1_ps(sc), vhi = _mm512_set1_ps(448.0f), vlo = _mm512_set1_ps(-448.0f);
+            for (; c < c1; c += 16) {
+                const int64_t r = c1 - c;
+                const __mmask16 k = r >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << r) - 1u);
+                const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, xr + c)), 16));
+                const __m512 y = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(v, vs), vlo), vhi);
+                _mm_mask_storeu_epi8(q + m * K + c, k, e4m3_rne16(y));
+            }
+#else
+            for (; c < c1; c++) {
+                float y = bf16_f32(xr[c]) / sc;
+                y = y > 448.0f ? 448.0f : (y < -448.0f ? -448.0f : y);
+                q[m * K + c] = e4m3_rne(y);
+            }
+#endif
+        }
+    }
+    return bad;
+}
