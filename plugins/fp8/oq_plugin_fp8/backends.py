@@ -18,6 +18,7 @@ Kernels are imported inside the forward functions, so importing this module neve
 
 from __future__ import annotations
 
+import functools
 from functools import partial
 
 import torch
@@ -177,12 +178,19 @@ SCALED_MM_ACTIVATIONS = (k.kFp8DynamicTensorSym, k.kFp8DynamicTokenSym)
 # ---- cpu (weight-only and W8A8) ------------------------------------------------------------------
 
 
-def _cpu_grid(weight_key, q: torch.Tensor, scale: torch.Tensor) -> tuple[int, int, int]:
-    """``(gr, gc, ld)`` of :func:`oq_plugin_fp8.cpu.fp8_linear` for one ``[N, K]`` weight and its
-    scale: the group extents (from the key's grouping) and the scale grid's row stride."""
+@functools.lru_cache(maxsize=None)
+def _grouping(key):
+    """:func:`oq_plugin_fp8.quant.grouping_of`, once per key (forwards ask on every call)."""
     from oq_plugin_fp8.quant import grouping_of
 
-    gr, gc = grouping_of(weight_key).extents(*q.shape)
+    return grouping_of(key)
+
+
+def _cpu_grid(weight_key, q: torch.Tensor, scale: torch.Tensor) -> tuple[int, int, int]:
+    """``(gr, gc, ld)`` of :func:`oq_plugin_fp8.cpu.fp8_linear` / :func:`oq_toolkit.wgemm.wgemm`
+    for one ``[N, K]`` weight and its scale: the group extents (from the key's grouping) and the
+    scale grid's row stride."""
+    gr, gc = _grouping(weight_key).extents(*q.shape)
     return gr, gc, scale.shape[-1] if scale.dim() == 2 else 1
 
 
@@ -225,6 +233,14 @@ def _cpu_matmul(method, x2: torch.Tensor, weight: dict, bias=None, out_dtype=tor
     w_grid = _cpu_grid(method.weight_key, q, scale)
     act = method.activation_key
     if act is not None:
+        g = _grouping(act)
+        if x2.dtype == torch.bfloat16 and g.rows == 1 and not g.tensor_scale:
+            # per-token / 1x128 groups of bf16 activations: the GEMM quantizes them itself (the
+            # bytes and scales of the reference quantizer, tested in tests/test_wgemm.py)
+            k = x2.shape[-1]
+            gc = k if g.cols == -1 else g.cols
+            a_grid = (1, gc, -(-k // gc))
+            return wgemm.wgemm(x2.contiguous(), wgemm.DYN_E4M3, None, a_grid, q, wgemm.E4M3, scale, w_grid, bias=bias, out_dtype=out_dtype)
         a, sa, a_grid = quantize_activation_cpu(act, x2)
         return wgemm.wgemm(a, wgemm.E4M3, sa, a_grid, q, wgemm.E4M3, scale, w_grid, bias=bias, out_dtype=out_dtype)
     if x2.dtype == torch.bfloat16:
