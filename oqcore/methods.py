@@ -123,9 +123,9 @@ def moe_forward_from(matmul: Matmul) -> Callable[..., torch.Tensor]:
     """A :class:`oqcore.Backend` ``forward`` for routed experts from a per-weight :data:`Matmul`:
     :func:`expert_loop` over the experts that received tokens, gate-up (+ bias) in float32, the
     layer's ``apply_gate``, down (+ bias), routing-weighted float32 sum; ``x [T, H] -> [T, H]`` in
-    ``x.dtype``. Weight-only methods hand the gate output to the down projection in the model dtype
-    (what the original experts compute in a bf16 model, and what bf16 kernels take); W8A8 methods
-    quantize the float32 gate output."""
+    ``x.dtype``. The gate runs on the float32 gate-up sums, as the reference does; weight-only
+    methods hand its output to the down projection in the model dtype (bf16 kernels take bf16
+    activations), W8A8 methods quantize it."""
 
     def forward(
         method: OnlineMethodBase, layer: torch.nn.Module, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
@@ -136,8 +136,7 @@ def moe_forward_from(matmul: Matmul) -> Callable[..., torch.Tensor]:
         def expert(e: int, xe: torch.Tensor) -> torch.Tensor:
             """Expert ``e`` on its tokens ``xe [T_e, H]`` -> float32 ``[T_e, H]``."""
             b13 = layer.gate_up_proj_bias[e] if has_bias else None
-            h = matmul(method, xe, method.weight_tensors(layer, "w13_weight", e), b13, torch.float32)
-            g = layer.apply_gate(h)
+            g = layer.apply_gate(matmul(method, xe, method.weight_tensors(layer, "w13_weight", e), b13, torch.float32))
             if method.activation_key is None:
                 g = g.to(xe.dtype)
             b2 = layer.down_proj_bias[e] if has_bias else None

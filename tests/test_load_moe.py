@@ -68,6 +68,11 @@ def rtn_fake_quant(path, config):
     return model
 
 
+BF16_NOISE_DB = 40.0
+"""Logits SQNR above which two bf16 runs differ mostly by bf16 rounding: int8 weight-only experts
+measured 42.5-45.7 dB against the bf16 model whether the gate output is rounded to bf16 (the bf16
+kernels) or kept in float32 (RTN)."""
+
 WEIGHT_ONLY = {
     "fp8-linear+mxfp8-moe": {"linear": {"weight": "fp8_per_block_static", "activation": None}, "moe": {"weight": "mxfp8", "activation": None}},
     "int8-moe": {"moe": "int8_per_channel_weight_only"},
@@ -85,7 +90,10 @@ def test_online_load_matches_round_to_nearest(tiny_moe, arch, name):
     rtn = logits(rtn_fake_quant(path, config))
     s_online, s_rtn = sqnr(ref, online), sqnr(ref, rtn)
     print(f"{arch} {name}: online {s_online:.1f} dB, RTN {s_rtn:.1f} dB, top-1 {top1(ref, online):.3f}")
-    assert abs(s_online - s_rtn) <= 1.0
+    # Within 1 dB of RTN, or both above BF16_NOISE_DB: there the bf16 model's own arithmetic noise
+    # (activations rounded to bf16 between layers, which the kernels and RTN do in different places)
+    # is as large as the quantization error. A wrong layout or scale costs 10-40 dB.
+    assert abs(s_online - s_rtn) <= 1.0 or min(s_online, s_rtn) >= BF16_NOISE_DB
     assert s_online > 20  # a wrong expert order or transposition lands near 0 dB
     assert top1(ref, online) >= 0.75  # tiny random MoEs flip routes: a sanity floor, the dB rule is the test
 

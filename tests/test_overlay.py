@@ -55,9 +55,12 @@ def test_activation_override_on_weight_only_checkpoint_dense(minilm, tmp_path_fa
     fresh = oqcore.plan(oqcore.loading.build_meta_model(minilm), {"linear": {"weight": "mxfp8", "activation": "mxfp8"}}, device="cpu")
     names = lambda p: {lp.name: [(c.backend.name, str(c.backend.activation_key), c.reason) for c in lp.candidates] for lp in p.quantized}
     assert names(model.oq_state.plan) == names(fresh)
-    # the forward quantizes activations: within bf16 rounding of a fake-quant reference
+    # the forward quantizes activations: within bf16 rounding of a fake-quant reference, run by the
+    # torch reference backend (W8A8 kernels agree with it per layer within float32 rounding, which
+    # six layers amplify at fp8 rounding boundaries: tests/test_import_ct.py)
     ref = _reference(minilm, folder, "MXFP8A16", causal=False)
-    assert _minilm_err(model, ref) < 2**-6
+    pinned = oqcore.load(folder, {"linear": {"activation": "mxfp8"}, "backend": {"linear": "torch"}}, dtype=torch.float32)
+    assert _minilm_err(pinned, ref) < 2**-6
     # and the override is not a no-op: without it the activations stay in high precision, served
     # by the weight-only candidates
     plain = oqcore.load(folder, dtype=torch.float32)

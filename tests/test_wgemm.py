@@ -347,7 +347,7 @@ def test_epilogue_generic_build_fallback_and_empty(generic_lib, monkeypatch):
     "change,culprit",
     [
         (dict(bias=torch.zeros(7)), r"bias: expected shape \[8\]"),
-        (dict(bias=torch.zeros(8, dtype=torch.float64)), "bias: expected float32 or bfloat16"),
+        (dict(bias=torch.zeros(8, dtype=torch.float64)), "bias: expected float32, bfloat16 or float16"),
         (dict(bias=[0.0] * 8), "bias: expected a CPU tensor"),
         (dict(out_dtype=torch.float16), "out_dtype"),
     ],

@@ -220,8 +220,8 @@ def _epilogue(bias, out_dtype, n: int):
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or not bias.is_cpu:
             raise ValueError(f"bias: expected a CPU tensor, got {type(bias).__name__}")
-        if bias.dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"bias: expected float32 or bfloat16, got {bias.dtype}")
+        if bias.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"bias: expected float32, bfloat16 or float16, got {bias.dtype}")
         if bias.dim() != 1 or bias.shape[0] != n:
             raise ValueError(f"bias: expected shape [{n}] (N, the rows of q), got {tuple(bias.shape)}")
         bias = bias.contiguous() if bias.dtype == torch.float32 else bias.float()
@@ -293,7 +293,7 @@ def _e8m0_to_f32(e: torch.Tensor) -> torch.Tensor:
 def wgemm(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid, *, bias: Optional[torch.Tensor] = None,
           out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``[M, N] = A @ W^T (+ bias)`` for 8-bit weight codes (see the module docstring for the
-    arguments, grid convention and error bound). ``bias``: ``None`` or ``[N]`` float32 / bfloat16,
+    arguments, grid convention and error bound). ``bias``: ``None`` or ``[N]`` float32 / bfloat16 / float16 (widened exactly),
     added to the float32 sum; ``out_dtype``: ``torch.float32`` (default) or ``torch.bfloat16`` (one
     round to nearest even of the biased float32 sum: bit-identical to ``(y + bias).to(out_dtype)``).
 

@@ -117,9 +117,9 @@ def _cpu_int8_forward_linear(method, layer: torch.nn.Module, x: torch.Tensor) ->
 
 
 def _cpu_int8_forward_moe(method, layer: torch.nn.Module, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-    """Per-expert loop over the experts that received tokens: gate-up, ``layer.apply_gate`` (its
-    output in the model dtype, as the original experts compute it), down, weighted sum (float32)
-    over the top-k; each projection through :func:`_weight_only_matmul`."""
+    """Per-expert loop over the experts that received tokens: gate-up, ``layer.apply_gate`` on its
+    float32 sums (its output in the model dtype: the kernels take bf16 activations), down, weighted
+    sum (float32) over the top-k; each projection through :func:`_weight_only_matmul`."""
     s13 = getattr(layer, f"w13_{CPU_INT8_SCALE}")
     s2 = getattr(layer, f"w2_{CPU_INT8_SCALE}")
     has_bias = layer.layout.has_bias
