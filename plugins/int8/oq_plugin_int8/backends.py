@@ -5,8 +5,9 @@ name       priority  activation          how
 =========  ========  ==================  =====================================================
 torch      0         none, int8_per_token the core's float32 dequantize-and-matmul reference
                                          (added by the core from the scheme record)
-cpu-int8   50        none                bf16 activations: the fused GEMM of ``oq_toolkit.wgemm``
-                                         (AMX / AVX512-BF16); others ``torch._weight_int8pack_mm``
+cpu-int8   50        none                bf16 batches above 4 rows: the fused GEMM of
+                                         ``oq_toolkit.wgemm`` (AMX / AVX512-BF16); smaller batches
+                                         and other dtypes ``torch._weight_int8pack_mm``
 cpu-int8   50        int8_per_token      activations quantized by the C row-wise quantizer (the
                                          reference's bytes), ``torch._int_mm`` (oneDNN int8 GEMM,
                                          exact int32 sums), scaled in float32
@@ -89,15 +90,22 @@ def _int8pack_mm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch
     return torch._weight_int8pack_mm(x.to(scale.dtype).contiguous(), w, scale)
 
 
+INT8PACK_MAX_M = 4
+"""bf16 batches up to this size run ``torch._weight_int8pack_mm``, larger ones the fused GEMM.
+Measured on this project's 2-core AMX machine (4096x4096, best of 40, ms; bf16 ``F.linear`` ~1.1):
+M = 1, 2, 4, 6, 8: int8pack 0.53, 0.66, 0.89, 1.67, 1.66; wgemm 0.93, 0.95, 0.95, 0.91, 0.94 (int8pack
+reads the codes once at memory speed for a few rows; wgemm decodes to bf16 tiles for AMX)."""
+
+
 def _weight_only_matmul(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, scale_bf16: torch.Tensor, bias=None, out_dtype=torch.float32) -> torch.Tensor:
     """``x2 [M, K] @ (w * w_scale)^T (+ bias)`` for int8 ``w [N, K]`` with per-channel float32
-    ``w_scale [N, 1]``, summed in float32, one rounding to ``out_dtype``: bf16 activations through
-    the fused GEMM (:func:`oq_toolkit.wgemm.wgemm`: int8 codes and bf16 values multiply exactly,
-    float32 sums and scales, bias and rounding in its epilogue: the reference within float32
-    rounding, at every batch size); other dtypes through ``torch._weight_int8pack_mm`` with the
-    prepared bf16 scales ``scale_bf16 [N]`` (activations and scales in bf16: the tests bound the
-    effect)."""
-    if x2.dtype == torch.bfloat16:
+    ``w_scale [N, 1]``, summed in float32, one rounding to ``out_dtype``: bf16 batches above
+    :data:`INT8PACK_MAX_M` through the fused GEMM (:func:`oq_toolkit.wgemm.wgemm`: int8 codes and bf16
+    values multiply exactly, float32 sums and scales, bias and rounding in its epilogue: the reference
+    within float32 rounding); smaller batches and other dtypes through ``torch._weight_int8pack_mm``
+    with the prepared bf16 scales ``scale_bf16 [N]`` (activations, scales and its output in bf16:
+    the tests bound the effect)."""
+    if x2.dtype == torch.bfloat16 and x2.shape[0] > INT8PACK_MAX_M:
         from oq_toolkit import wgemm
 
         scale = w_scale.float().contiguous()
