@@ -209,9 +209,8 @@ def quantize_activation_cpu(act_key, x2: torch.Tensor) -> tuple[torch.Tensor, to
     ``act_key`` (per tensor ``[1]``, per token ``[M, 1]``, 1x128 groups ``[M, ceil(K/128)]``);
     ``grid`` is the scale grid ``(rows, cols, ld)`` of :func:`oq_toolkit.wgemm.wgemm`."""
     from oq_plugin_fp8.cpu import quantize_fp8_grouped
-    from oq_plugin_fp8.quant import grouping_of
 
-    g = grouping_of(act_key)
+    g = _grouping(act_key)
     q, s = quantize_fp8_grouped(x2.contiguous(), g)
     ar, ac = g.extents(*x2.shape)
     return q, s, (ar, ac, s.shape[-1] if s.dim() == 2 else 1)
