@@ -5,9 +5,8 @@ W8A8 (activation codes quantized by the caller):
 
 - ``a [M, K]``: ``torch.bfloat16`` activations (``a_fmt=BF16``) or the 1-byte codes of quantized
   activations (``a_fmt=E4M3``: float8_e4m3fn or its uint8 view; ``a_fmt=INT8``: int8 or uint8 view),
-  or bf16 activations that the call quantizes itself (``a_fmt=DYN_E4M3``, ``a_scale=None``,
-  ``a_grid=(1, gc, any)``: dynamic 1 x gc e4m3 groups exactly as ``oq_plugin_fp8``'s quantizer,
-  see :data:`DYN_E4M3`; 144 x 384: 15 us on 2 threads instead of the plugin call's 36);
+  quantized by the scheme's own quantizer (one implementation of each formula: the toolkit
+  quantizes nothing);
 - ``q [N, K]``: weight codes, ``q_fmt`` ``E4M3`` or ``INT8`` (1-byte dtype, any view);
 - ``a_scale`` / ``w_scale``: ``None`` (scale 1) or a contiguous scale grid, float32 or e8m0 bytes
   (``torch.uint8`` or ``torch.float8_e8m0fnu``; ``2**(e-127)``, byte 0 = ``2**-126`` as
@@ -113,13 +112,6 @@ E4M3 = 1
 """``a_fmt`` / ``q_fmt``: float8_e4m3fn codes."""
 INT8 = 2
 """``a_fmt`` / ``q_fmt``: int8 codes."""
-DYN_E4M3 = 3
-"""``a_fmt``: bf16 activations quantized inside the call to e4m3 with one dynamic scale per row and
-group of ``a_grid[1]`` columns (``a_scale=None``, ``a_grid=(1, gc, any)``): scale ``max|x| / 448``
-in float32 (float32 eps when 0), codes ``e4m3(clamp(x / scale, +-448))`` rounded to nearest even,
-``-0 -> +0``: the bytes and scales of ``oq_plugin_fp8.quant.quantize_grouped`` for ``1 x gc``
-groups (compressed-tensors' formula), so the result equals ``wgemm`` of those codes and scales
-bit for bit, without the separate quantize call (tested against the plugin)."""
 
 PATH_AUTO, PATH_AMX, PATH_BF16, PATH_SCALAR = 0, 1, 2, 3
 """Kernel paths of ``csrc/wgemm.c`` (``path=`` of :func:`wgemm_eager` forces one, for tests and benchmarks)."""
@@ -134,8 +126,6 @@ def _bind(lib) -> None:
     lib.oq_wgemm.restype = C
     lib.oq_wgemm_v.argtypes = [P]
     lib.oq_wgemm_v.restype = C
-    lib.oq_wgemm_quant_rows.argtypes = [P, I, I, I, P, P, C]
-    lib.oq_wgemm_quant_rows.restype = C
     lib.oq_wgemm_paths.argtypes = []
     lib.oq_wgemm_paths.restype = C
 
@@ -258,18 +248,9 @@ def _prepare(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid):
         raise ValueError(f"expected a [M, K] and q [N, K], got {tuple(a.shape)} and {tuple(q.shape)}")
     if not a.is_contiguous() or not q.is_contiguous():
         raise ValueError("a and q must be contiguous")
-    if a_fmt == BF16 or a_fmt == DYN_E4M3:
+    if a_fmt == BF16:
         if a.dtype != torch.bfloat16:
-            raise ValueError(f"a_fmt={'BF16' if a_fmt == BF16 else 'DYN_E4M3'} needs torch.bfloat16 activations, got {a.dtype}")
-        if a_fmt == DYN_E4M3:
-            try:
-                gr, gc, _ = a_grid
-                gr, gc = int(gr), int(gc)
-            except (TypeError, ValueError):
-                raise ValueError(f"a_grid: a_fmt=DYN_E4M3 needs (1, cols, ld) integers, got {a_grid!r}") from None
-            if a_scale is not None or gr != 1 or gc < 1:
-                raise ValueError(f"a_fmt=DYN_E4M3 computes its scales: needs a_scale=None and a_grid=(1, cols >= 1, ld), got {a_grid!r}")
-            return a, a_fmt, (None, _SK_NONE, 1, gc, -(-k // gc)), _codes(q, q_fmt, "q"), q_fmt, _scale(w_scale, w_grid, n, k, "w_scale")
+            raise ValueError(f"a_fmt=BF16 needs torch.bfloat16 activations, got {a.dtype}")
     else:
         a = _codes(a, a_fmt, "a")
     q = _codes(q, q_fmt, "q")
@@ -302,7 +283,7 @@ def wgemm(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid, *, bias: Optiona
     inconsistent shapes, dtypes or grids (programming errors: the plugins check user input).
     """
     if torch.compiler.is_compiling():
-        ag = tuple(int(v) for v in a_grid) if a_scale is not None or a_fmt == DYN_E4M3 else (1, 1, 1)
+        ag = tuple(int(v) for v in a_grid) if a_scale is not None else (1, 1, 1)
         wg = tuple(int(v) for v in w_grid) if w_scale is not None else (1, 1, 1)
         return torch.ops.oq_toolkit.wgemm(a, int(a_fmt), a_scale, *ag, q, int(q_fmt), w_scale, *wg, bias, out_dtype)
     return wgemm_eager(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid, bias=bias, out_dtype=out_dtype)
@@ -318,9 +299,6 @@ def wgemm_eager(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid, *, bias: O
     m, k = a.shape
     n = q.shape[0]
     bias, out_bf16 = _epilogue(bias, out_dtype, n)
-    if a_fmt == DYN_E4M3:
-        a, sa = _dyn_quant(a, ac, lib, torch.get_num_threads())
-        a_fmt, ska, ar, ald = E4M3, _SK_F32, 1, sa.shape[1]
     if lib is None:
         return _finish(_reference(a, a_fmt, (sa, ska, ar, ac, ald), q, q_fmt, (sw, skw, gr, gc, wld)), bias, out_dtype)
     y = torch.empty(m, n, dtype=out_dtype)
@@ -339,24 +317,6 @@ def wgemm_eager(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid, *, bias: O
     if r < 0:
         raise MemoryError(f"oq_wgemm: could not allocate its buffers for M={m}, N={n}, K={k}")
     return y
-
-
-def _dyn_quant(a: torch.Tensor, gc: int, lib, nthreads: int):
-    """``DYN_E4M3`` activations: ``(codes uint8 [M, K], scales float32 [M, ceil(K / gc)])`` by the C
-    kernel, or with torch ops (no library, or Inf/NaN in ``a``: the plugin reference's bytes)."""
-    m, k = a.shape
-    nc = -(-k // gc)
-    if lib is not None:
-        q8 = torch.empty(m, k, dtype=torch.uint8)
-        s = torch.empty(m, nc, dtype=torch.float32)
-        if m == 0 or k == 0 or lib.oq_wgemm_quant_rows(a.data_ptr(), m, k, gc, q8.data_ptr(), s.data_ptr(), nthreads) == 0:
-            return q8, s
-    x = a.float()
-    pad = torch.nn.functional.pad(x.abs(), (0, nc * gc - k)) if nc * gc != k else x.abs()
-    s = pad.reshape(m, nc, gc).amax(dim=-1) / 448.0
-    s = torch.where(s == 0, torch.full_like(s, torch.finfo(torch.float32).eps), s)
-    y = x / s.repeat_interleave(gc, dim=-1)[:, :k] + 0.0
-    return y.clamp(-448.0, 448.0).to(torch.float8_e4m3fn).view(torch.uint8), s
 
 
 def _finish(y: torch.Tensor, bias, out_dtype) -> torch.Tensor:
@@ -400,9 +360,6 @@ def wgemm_reference(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid, *, bia
     without the compiled library."""
     a, a_fmt, sa, q, q_fmt, sw = _prepare(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid)
     bias, _ = _epilogue(bias, out_dtype, q.shape[0])
-    if a_fmt == DYN_E4M3:
-        a, s = _dyn_quant(a, sa[3], None, 1)
-        a_fmt, sa = E4M3, (s, _SK_F32, 1, sa[3], s.shape[1])
     return _finish(_reference(a, a_fmt, sa, q, q_fmt, sw), bias, out_dtype)
 
 

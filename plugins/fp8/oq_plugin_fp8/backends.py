@@ -232,14 +232,6 @@ def _cpu_matmul(method, x2: torch.Tensor, weight: dict, bias=None, out_dtype=tor
     w_grid = _cpu_grid(method.weight_key, q, scale)
     act = method.activation_key
     if act is not None:
-        g = _grouping(act)
-        if x2.dtype == torch.bfloat16 and g.rows == 1 and not g.tensor_scale:
-            # per-token / 1x128 groups of bf16 activations: the GEMM quantizes them itself (the
-            # bytes and scales of the reference quantizer, tested in tests/test_wgemm.py)
-            k = x2.shape[-1]
-            gc = k if g.cols == -1 else g.cols
-            a_grid = (1, gc, -(-k // gc))
-            return wgemm.wgemm(x2.contiguous(), wgemm.DYN_E4M3, None, a_grid, q, wgemm.E4M3, scale, w_grid, bias=bias, out_dtype=out_dtype)
         a, sa, a_grid = quantize_activation_cpu(act, x2)
         return wgemm.wgemm(a, wgemm.E4M3, sa, a_grid, q, wgemm.E4M3, scale, w_grid, bias=bias, out_dtype=out_dtype)
     if x2.dtype == torch.bfloat16:
