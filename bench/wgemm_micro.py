@@ -37,6 +37,8 @@ REPS = 20
 
 
 def best(f, reps=None):
+    """Best of ``reps`` (default :data:`REPS`) timed calls of ``f()`` after two warm-up calls, in
+    milliseconds of :data:`CLOCK` (wall clock, or the calling thread's CPU time with ``--clock thread``)."""
     reps = reps or REPS
     f()
     f()
@@ -49,6 +51,8 @@ def best(f, reps=None):
 
 
 def cases(n, k):
+    """Weight operands ``[n, k]`` per scheme: ``{name: (codes uint8, q_fmt, scale grid, (rows, cols, ld))}``
+    for fp8 128x128 blocks, fp8 per-channel, mxfp8 (e8m0 1x32) and int8 per-channel (random codes and scales)."""
     nk128, nk32 = -(-k // 128), -(-k // 32)
     e4 = (torch.randn(n, k) * 50).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
     i8 = torch.randint(-127, 128, (n, k), dtype=torch.int8).view(torch.uint8)
@@ -61,6 +65,9 @@ def cases(n, k):
 
 
 def acts(m, k, weight):
+    """Activation operands ``[m, k]`` that pair with ``weight`` (a :func:`cases` name):
+    ``{name: (a, a_fmt, scale grid or None, grid or None)}``: bf16 always, plus the W8A8 codes the
+    scheme's activation keys produce (e4m3 per-token / 1x128, int8 per-token, e4m3 1x32 e8m0)."""
     a = torch.randn(m, k).bfloat16()
     out = {"bf16": (a, W.BF16, None, None)}
     if weight.startswith("fp8"):
@@ -79,6 +86,8 @@ def acts(m, k, weight):
 
 
 def main():
+    """Command line: print a table of ``wgemm`` times (ms) vs bf16 ``F.linear`` for every weight x
+    activation case at each M (``--ms``), with the ratio bf16 / wgemm."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--k", type=int, default=4096)

@@ -256,6 +256,8 @@ def key_registrar(reg: Registry, plugin: str, stage: Stage, label: Callable[[str
         )
 
         def commit() -> None:
+            """Add the key to the registry when the plugin's whole registration is applied; raises
+            :class:`oqcore.PluginError` for a clash within the plugin, a conflict error across plugins."""
             other = _key_owner(reg.keys, info)
             if other is not None and other.plugin == plugin:
                 raise PluginError(f"registers key name {info.name!r} and {other.name!r}: they clash (same name, alias or key)")
@@ -298,6 +300,8 @@ def shorthand_registrar(reg: Registry, plugin: str, stage: Stage, label: Callabl
         _check_str(f"shorthand {name!r}: description=", description)
 
         def commit() -> None:
+            """Add the shorthand when the plugin's whole registration is applied; raises
+            :class:`oqcore.PluginError` when the plugin registers it twice, a conflict error across plugins."""
             other = reg.shorthands.get(name)
             if other is not None:
                 if other.plugin == plugin:

@@ -58,7 +58,11 @@ helpers (``OQ_INLINE``, the exact ``half_to_f32``, ``load1``, ...). New sources 
 
 
 class _Readable(Protocol):
-    def read_text(self, encoding: str | None = ...) -> str: ...
+    """Anything with ``read_text`` (an ``importlib.resources`` traversable)."""
+
+    def read_text(self, encoding: str | None = ...) -> str:
+        """The file's text."""
+        ...
 
 
 Source = Union[str, "os.PathLike[str]", _Readable]

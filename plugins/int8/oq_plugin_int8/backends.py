@@ -133,6 +133,7 @@ def _cpu_int8_forward_moe(method, layer: torch.nn.Module, x: torch.Tensor, topk_
     has_bias = layer.layout.has_bias
 
     def expert(e: int, xe: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` on its tokens ``xe [T_e, H]`` -> float32 ``[T_e, H]``."""
         b13 = layer.gate_up_proj_bias[e] if has_bias else None
         h = _weight_only_matmul(xe, layer.w13_weight[e], layer.w13_weight_scale[e], s13[e], b13)
         g = layer.apply_gate(h).to(xe.dtype)
