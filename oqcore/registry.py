@@ -426,8 +426,9 @@ def scheme_registrar(reg: Registry, plugin: str, stage: Stage, label: Callable[[
     """The ``register`` of ``oq_register_schemes`` for ``plugin``: one :class:`oqcore.Scheme` per
     call, expanded into the methods (derived per kind), the quantizer implementations of every
     key format it declares (one format object may serve several schemes of the plugin) and the
-    forward backends. Clashes with other plugins are :class:`oqcore.PluginConflictError` s, as for
-    the v1 hooks."""
+    forward backends. An activation format whose key another plugin named is that plugin's, used
+    here, not declared again (a W4A8 scheme running another plugin's 8-bit activation key).
+    Clashes with other plugins are :class:`oqcore.PluginConflictError` s, as for the v1 hooks."""
 
     def register(scheme: Scheme) -> None:
         """Register ``scheme`` (see :func:`oqcore.hookspecs.oq_register_schemes`)."""
@@ -447,9 +448,19 @@ def scheme_registrar(reg: Registry, plugin: str, stage: Stage, label: Callable[[
             stage.add(lambda kind=kind: reg.backends.__setitem__((kind, scheme.weight.key), backends[kind]))
         stage.add(lambda: reg.schemes.__setitem__(scheme.weight.key, scheme))
         for fmt in scheme.formats():
+            owner = _plugin_naming(reg, fmt.key)
+            if fmt is not scheme.weight and owner not in (None, plugin):
+                # another plugin's activation key (W4A8 runs mxfp8 activations): a use of that
+                # plugin's format, which it declares and whose quantizers it owns
+                continue
             stage.add(lambda fmt=fmt: _commit_format(reg, plugin, label, fmt))
 
     return register
+
+
+def _plugin_naming(reg: Registry, key: QuantKey) -> str | None:
+    """The plugin that named ``key`` (in either role) in ``oq_register_quant_keys``, or ``None``."""
+    return next((i.plugin for i in reg.keys.infos.values() if key in (i.weight, i.activation)), None)
 
 
 def _commit_format(reg: Registry, plugin: str, label: Callable[[str], str], fmt: KeyFormat) -> None:

@@ -36,7 +36,9 @@ class Scheme:
     - ``weight``: the weight key's :class:`oqcore.formats.KeyFormat`.
     - ``activations``: the activation keys' formats the scheme can run with; ``None`` in the tuple
       means weight-only (activations stay in the model dtype). A format object may be shared by
-      several schemes of one plugin.
+      several schemes of one plugin; a format of an activation key another plugin named (import
+      that plugin's format object) is used as that plugin declares it, its quantizers staying that
+      plugin's.
     - ``default_activation``: the activation :class:`oqcore.QuantKey` (or ``None``) used when a
       spec omits ``activation``; one of ``activations``.
     - ``kinds``: the layer kinds served, from ``("linear", "moe")``.

@@ -170,3 +170,49 @@ def test_core_names_no_toy4():
     core = pathlib.Path(oqcore.__file__).parent
     hits = [p for p in core.rglob("*.py") if "toy4" in p.read_text()]
     assert hits == []
+
+
+# A scheme may run with another plugin's activation key: the toy's weights with fp8 per-token
+# activations (as oq-plugin-mxfp4 runs W4A8 on oq-plugin-mxfp8's activation key). The activation
+# format is imported from the fp8 plugin and used, not declared again.
+TOY4_W4A8 = SOURCE + '''
+
+from oq_plugin_fp8.scheme import FORMATS as _FP8_FORMATS
+from oq_plugin_fp8 import keys as _fp8_keys
+
+FP8_TOKEN = _FP8_FORMATS[_fp8_keys.kFp8DynamicTokenSym]
+
+SCHEME = Scheme(
+    "toy4",
+    FORMAT,
+    activations=(None, FP8_TOKEN),
+    backends=backends,
+    methods={"linear": Toy4Linear},
+    description="toy packed int4 weights, fp8 per-token activations available",
+)
+'''
+
+
+def test_a_scheme_runs_with_another_plugins_activation_key(tmp_path, monkeypatch):
+    install_fake_dist(tmp_path / "site", monkeypatch, "oq-plugin-toy4", {"toy4": "oq_toy4"}, {"oq_toy4.py": TOY4_W4A8})
+    pm = oqcore.get_plugin_manager()
+    reg = pm.registry
+    assert {n: r.status for n, r in pm.records.items() if n in ("fp8", "toy4")} == {"fp8": "loaded", "toy4": "loaded"}
+    token = reg.resolve_key("fp8_per_token", "activation")
+    # the fp8 plugin's quantizers stay its own (nothing re-registered by the toy)
+    assert {q.plugin for (k, _), q in reg.quantizers.items() if k == token} == {"fp8"}
+    import oq_toy4
+
+    assert reg.declared_formats[token] is oq_toy4.FP8_TOKEN
+    model = nn.Sequential(nn.Linear(64, 32))
+    cfg = {"linear": {"weight": "toy4", "activation": "fp8_per_token"}}
+    plan = oqcore.plan(model, cfg)
+    (lp,) = plan.quantized
+    assert reg.name_of(lp.bound.activation_key, "activation") == "fp8_per_token"
+    torch.manual_seed(0)
+    x = torch.randn(5, 64)
+    want = model(x)
+    oqcore.quantize_(model, cfg)
+    got = model(x)
+    # int4 weights and fp8 activations: a few percent of the output scale
+    assert float((got - want).norm() / want.norm()) < 0.12
