@@ -15,6 +15,9 @@ To regenerate (writes every fixture folder and ``versions.json`` beside this fil
     python -m venv /tmp/lcvenv && /tmp/lcvenv/bin/pip install llmcompressor==0.14.0.1
     /tmp/lcvenv/bin/python tests/data/llmcompressor/make_fixtures.py
 
+or only some folders: ``make_fixtures.py dense_NVFP4A16 moe_NVFP4A16`` (the FP4 ones,
+``FP4_FIXTURES``, were added this way with the same versions).
+
 What is written (``FIXTURES``):
 
 - two bf16 source models made by transformers from a fixed seed (``make_source``; ``DENSE_SOURCE``:
@@ -101,6 +104,21 @@ FIXTURES: dict[str, tuple[str, str, str]] = {
     "moe_W8A16_CHANNEL": ("moe", "W8A16_CHANNEL", "model_free_ptq"),
     "moe_FP8_W8A16": ("moe", "FP8_W8A16", "model_free_ptq"),
 }
+
+# The 4-bit float presets (issue 14), written by the same entry point: compressed-tensors'
+# nvfp4-pack-quantized (NVFP4A16: e2m1 + float8_e4m3fn scales per 16 + a float32 global scale)
+# and mxfp4-pack-quantized (MXFP4A16 / MXFP4: e2m1 + e8m0 exponents per 32; MXFP4 also declares
+# dynamic mxfp4 input activations). model_free_ptq fuses the global scales of q/k/v and of a dense
+# MLP's gate/up (its DEFAULT_FUSED_MAPPINGS), not of the MoE experts' gate/up: each expert's gate
+# and up keep their own global scale (the case oqcore must requantize to one per expert).
+FP4_FIXTURES: dict[str, tuple[str, str, str]] = {
+    "dense_NVFP4A16": ("dense", "NVFP4A16", "model_free_ptq"),
+    "dense_MXFP4A16": ("dense", "MXFP4A16", "model_free_ptq"),
+    "dense_MXFP4": ("dense", "MXFP4", "model_free_ptq"),
+    "moe_NVFP4A16": ("moe", "NVFP4A16", "model_free_ptq"),
+    "moe_MXFP4A16": ("moe", "MXFP4A16", "model_free_ptq"),
+}
+FIXTURES.update(FP4_FIXTURES)
 
 
 def _scheme(name: str):
@@ -192,7 +210,9 @@ def tensors_sha256(folder: Path) -> str:
     return h.hexdigest()
 
 
-def main() -> None:
+def main(only: list[str] | None = None) -> None:
+    """Write the fixture folders named in ``only`` (every one in ``FIXTURES`` if ``None``) and
+    ``versions.json`` (its ``fixtures`` table lists every fixture; the versions are this run's)."""
     import tempfile
 
     import compressed_tensors
@@ -203,6 +223,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         sources = {kind: make_source(kind, Path(tmp) / f"source_{kind}") for kind in ("dense", "moe")}
         for name, (kind, scheme, entry) in FIXTURES.items():
+            if only is not None and name not in only:
+                continue
             out = HERE / name
             shutil.rmtree(out, ignore_errors=True)
             quantize(sources[kind], out, kind, scheme, entry)
@@ -220,4 +242,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # ``make_fixtures.py NAME ...`` regenerates only those folders (e.g. the FP4 ones)
+    main(sys.argv[1:] or None)
