@@ -11,14 +11,16 @@ no scheme is named here.
 
 Stored per quantized layer (prefix = the checkpoint module name):
 
-- ``weight``: ``qdata`` as it is (``naive-``, ``float-``, ``int-``, ``mxfp8-quantized``), or
-  ``weight_packed`` int32 + ``weight_shape`` for ``pack-quantized`` (compressed-tensors'
-  ``pack_to_int32``);
+- ``weight``: ``qdata`` as it is (``naive-``, ``float-``, ``int-``, ``mxfp8-quantized``);
+  ``weight_packed`` as it is where the format's compressor stores its values under that name
+  (``nvfp4-`` / ``mxfp4-pack-quantized``: two e2m1 values per byte); or ``weight_packed`` int32 +
+  ``weight_shape`` for ``pack-quantized`` (compressed-tensors' ``pack_to_int32``);
 - ``weight_scale`` (and ``weight_<name>`` for any other tensor of the format), viewed as the args'
   ``scale_dtype`` when they declare one (e8m0 exponents as uint8 bytes); float scales stay float32
   (compressed-tensors writes them in the weight's dtype; both load the same).
 
-Experts' per-tensor w13 scale (one per expert) is written for gate and up alike; a w13 scale grid
+Experts' per-tensor w13 tensors (``[E, 1]``: a per-tensor scale, a global scale) are written for
+gate and up alike; a w13 scale grid
 that does not split at the gate/up boundary (128x128 blocks with I % 128 != 0) is a
 :class:`oqcore.SaveError`, not a wrong file.
 """
@@ -171,12 +173,26 @@ def _encode(prefix: str, named: dict[str, torch.Tensor], weights: Mapping[str, A
                 out[f"{prefix}.weight_packed"] = pack_to_int32(t.contiguous(), args.num_bits)
                 out[f"{prefix}.weight_shape"] = torch.tensor(list(t.shape))
             else:
-                out[f"{prefix}.weight"] = t
+                # qdata as stored: ``weight``, or ``weight_packed`` bytes where the format's
+                # compressor names it so (nvfp4- / mxfp4-pack-quantized: two e2m1 values per byte)
+                out[f"{prefix}.{_data_name(fmt_name, args)}"] = t
             continue
         if args.scale_dtype is not None and t.dtype != args.scale_dtype and t.element_size() == torch.empty((), dtype=args.scale_dtype).element_size():
             t = t.view(args.scale_dtype)  # e8m0 exponents as their bytes
         out[f"{prefix}.weight_{name}"] = t
     return out
+
+
+def _data_name(fmt_name: str, args: Any) -> str:
+    """The tensor name compressed-tensors' compressor for format ``fmt_name`` stores a weight's
+    values under (``compression_param_names`` of the registered compressor): ``weight_packed`` for
+    the byte-packed formats, ``weight`` otherwise."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+
+    compressor = BaseCompressor.get_value_from_registry(fmt_name)
+    names = compressor.compression_param_names(QuantizationScheme(targets=["Linear"], weights=args))
+    return "weight_packed" if "weight_packed" in names else "weight"
 
 
 def _format_tensors(wrapper: nn.Module, prefix: str, tensors: dict[str, torch.Tensor], full: str) -> dict[str, torch.Tensor]:
@@ -254,10 +270,10 @@ def _expert_input_state(model: nn.Module, out: dict[str, torch.Tensor], wrapper:
 
 def _splittable_w13(scale: torch.Tensor, rows_per_group: int, i_size: int, name: str, tensor: str, dest: str) -> torch.Tensor:
     """A w13 tensor other than qdata, ``[E, R, ...]``, made to split at the gate/up boundary.
-    ``rows_per_group`` is the weight key's group shape row extent (-1: the whole tensor, one row
-    here, repeated for gate and up; 1: per row; r > 1: blocks of r rows, which split only when
-    I % r == 0)."""
-    if rows_per_group == -1 and scale.dim() == 2 and scale.shape[1] == 1:
+    ``[E, 1]`` is one value per expert (a per-tensor scale, or a global scale over block scales),
+    repeated for gate and up. Otherwise ``rows_per_group`` is the weight key's group shape row
+    extent (1: per row; r > 1: blocks of r rows, which split only when I % r == 0)."""
+    if scale.dim() == 2 and scale.shape[1] == 1:
         return scale.expand(scale.shape[0], 2).contiguous()
     if rows_per_group > 1 and i_size % rows_per_group:
         raise SaveError(
