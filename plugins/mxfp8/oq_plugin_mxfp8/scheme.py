@@ -25,26 +25,38 @@ def _triton_quantize(x, options=None):
     return quantize_mxfp8_triton(x, options)
 
 
-def check_k(cls, name: str, layer: torch.nn.Module) -> None:
-    """Every weight's reduction dim (K of a linear; H of gate-up and I of down for experts) must be
-    a multiple of 32, the MX block. Raises :class:`oqcore.UnsupportedLayerError` naming the layer."""
-    if cls.kind == "linear":
-        n, kk = layer.out_features, layer.in_features
-        if kk % MX_BLOCK:
+def block_rule(scheme: str, block: int):
+    """The plan-time shape rule of a scheme with blocks of ``block`` values along K (``mxfp8``,
+    and the fp4 schemes built on it): a method ``check_layer`` classmethod body ``(cls, name,
+    layer)`` requiring every weight's reduction dim (K of a linear; H of gate-up and I of down for
+    experts) to be a multiple of ``block``. Raises :class:`oqcore.UnsupportedLayerError` naming the
+    layer and the size at fault."""
+
+    def check(cls, name: str, layer: torch.nn.Module) -> None:
+        """Every reduction dim a multiple of the block (see :func:`block_rule`)."""
+        if cls.kind == "linear":
+            n, kk = layer.out_features, layer.in_features
+            if kk % block:
+                raise UnsupportedLayerError(
+                    name,
+                    f"{scheme} needs in_features K divisible by {block}; weight [N, K] = [{n}, {kk}] has K={kk}. "
+                    "Leave the layer unquantized (ignore) or use another scheme",
+                )
+            return
+        (_, _, h), (_, _, i) = cls.weight_shapes(layer)
+        bad = [f"{what}={v}" for what, v in (("H", h), ("I", i)) if v % block]
+        if bad:
             raise UnsupportedLayerError(
                 name,
-                f"mxfp8 needs in_features K divisible by {MX_BLOCK}; weight [N, K] = [{n}, {kk}] has K={kk}. "
-                "Leave the layer unquantized (ignore) or use another scheme",
+                f"{scheme} experts need the hidden size H (K of gate_up_proj) and the intermediate size I "
+                f"(K of down_proj) divisible by {block}; the experts have {', '.join(bad)}",
             )
-        return
-    (_, _, h), (_, _, i) = cls.weight_shapes(layer)
-    bad = [f"{what}={v}" for what, v in (("H", h), ("I", i)) if v % MX_BLOCK]
-    if bad:
-        raise UnsupportedLayerError(
-            name,
-            f"mxfp8 experts need the hidden size H (K of gate_up_proj) and the intermediate size I "
-            f"(K of down_proj) divisible by {MX_BLOCK}; the experts have {', '.join(bad)}",
-        )
+
+    return check
+
+
+check_k = block_rule("mxfp8", MX_BLOCK)
+"""mxfp8's shape rule: every reduction dim a multiple of 32 (:func:`block_rule`)."""
 
 
 class Mxfp8Linear(OnlineLinearMethodBase):
