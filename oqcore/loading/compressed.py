@@ -42,7 +42,7 @@ from oqcore.layer_tensors import TensorSpec, quantized_tensors
 from oqcore.layers import layer_kind
 from oqcore.loading.checkpoint import TensorEntry, TensorReader, checkpoint_entries
 from oqcore.loading.checks import CT_QUANT_METHOD, check_against_model, check_expert_indices, is_quant_name
-from oqcore.loading.ct_config import GroupScheme, ct_config, match_group
+from oqcore.loading.ct_config import PACKED, PACKED_SHAPE, GroupScheme, ct_config, match_group
 from oqcore.loading.install import OnlineFeed, install_wrappers
 from oqcore.loading.meta import build_meta_model, read_model_config
 from oqcore.loading.names import NameMapper, TargetGroup, is_expert_fusion
@@ -56,7 +56,7 @@ from oqcore.planning import plan
 
 _MOE_PREFIX = OnlineMoEMethodBase.QUANTIZED_NAMES  # fused experts' parameters -> their quantized tensors' prefix
 
-_PACKED, _PACKED_SHAPE = "weight_packed", "weight_shape"
+_PACKED, _PACKED_SHAPE = PACKED, PACKED_SHAPE
 
 
 
@@ -332,15 +332,25 @@ def plan_parts(
                             extra_hp[p] = local.pop(p)
                             covered.add(p)
                 packed = local.pop(_PACKED, None)
-                packed_shape = local.pop(_PACKED_SHAPE, None)
+                packed_shape = None if feed.group.packed_bytes else local.pop(_PACKED_SHAPE, None)
+                if packed is not None and feed.group.packed_bytes:
+                    # the packed bytes are the layer's weight as stored: checked and read as a plain tensor
+                    if "weight" in local:
+                        raise CheckpointError(
+                            f"{packed.file}: module {mod!r} holds both {packed.name!r} and {local['weight'].name!r}; "
+                            f"a {feed.group.group!r} layer stores its weight once, as {_PACKED!r}"
+                        )
+                    local["weight"] = packed
+                    packed = None
                 want_local = {"weight" + p[len(prefix) :]: p for p in params}
                 have = set(local) | ({"weight"} if packed is not None else set())
                 for lname, param in want_local.items():
                     spec = params[param]
                     full = spec.shape if expert is None else spec.shape[1:]
                     if lname not in have:
+                        shown = _PACKED if lname == "weight" and feed.group.packed_bytes else lname
                         raise CheckpointError(
-                            f"{path}: missing tensor '{mod}.{lname}' ({_dtype(spec.dtype)}) of quantized layer {layer!r} "
+                            f"{path}: missing tensor '{mod}.{shown}' ({_dtype(spec.dtype)}) of quantized layer {layer!r} "
                             f"({method}, quantization_config group {feed.group.group!r})"
                         )
                     rows, shared, want = _share(full, n, shard, wrapper, layer, mods, param, prefix, params[prefix])
@@ -365,6 +375,8 @@ def plan_parts(
                         parts.append(_Part(param, mod, _PACKED, expert, rows, shared, want))
                         continue
                     e = local.pop(lname)
+                    if lname == "weight" and e.name.endswith(f".{_PACKED}"):
+                        lname = _PACKED  # read back under its stored name
                     if not _shape_ok(e.shape, want) or not _convertible(e.dtype, spec):
                         raise CheckpointError(
                             f"{e.file}: tensor {e.name!r} is {e.describe()}, quantized layer {layer!r} ({method}) expects "
@@ -512,7 +524,7 @@ def read_parts(
     for pt in parts:
         spec = specs[pt.param]
         local = by_module[pt.module]
-        if pt.local == _PACKED:
+        if pt.local == _PACKED and not feed.group.packed_bytes:
             e, es = local[_PACKED], local[_PACKED_SHAPE]
             stored_shape = tuple(int(x) for x in reader.read(es).tolist())
             nbytes += es.nbytes
@@ -638,7 +650,7 @@ def _read_plan(path: Path, dtype: torch.dtype):
     if peer is not None:
         raw, cfg_file = peer.config_json(), peer.source
     cfg = ct_config(raw, cfg_file)
-    schemes = {name: match_group(name, g, cfg_file, reg) for name, g in cfg.config_groups.items()}
+    schemes = {name: match_group(name, g, cfg_file, reg, cfg.format) for name, g in cfg.config_groups.items()}
     entries = {e.name: e for e in checkpoint_entries(path)}
     if peer is not None:
         entries = peer.tensor_entries(entries)

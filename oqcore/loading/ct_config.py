@@ -123,16 +123,52 @@ def _declared(fmt: Any) -> dict | None:
     return _written(QuantizationArgs.model_validate(dict(fmt.compressed_tensors)))
 
 
+PACKED = "weight_packed"
+"""compressed-tensors' name of a weight stored packed (several values per stored element)."""
+PACKED_SHAPE = "weight_shape"
+"""compressed-tensors' name of the unpacked ``[N, K]`` shape written beside a weight packed into words."""
+
+
+def stored_names(group: Any, default_format: Any) -> tuple[str, ...] | None:
+    """The tensor names compressed-tensors' own compressor writes per module for config group
+    ``group`` (a ``QuantizationScheme``): ``BaseCompressor.get_value_from_registry(format)
+    .compression_param_names(group)``, the format being the group's own ``format`` or the config's
+    (``default_format``). ``None`` when no format is given or this compressed-tensors does not
+    register it (the stored tensors are then checked against the layer alone)."""
+    from compressed_tensors.compressors import BaseCompressor
+
+    fmt = getattr(group, "format", None) or default_format
+    fmt = getattr(fmt, "value", fmt)
+    if not isinstance(fmt, str):
+        return None
+    try:
+        compressor = BaseCompressor.get_value_from_registry(fmt)
+    except (KeyError, ValueError):
+        return None
+    return tuple(compressor.compression_param_names(group))
+
+
+def packs_bytes(names: tuple[str, ...] | None) -> bool:
+    """Whether a compressor writing ``names`` (:func:`stored_names`) stores :data:`PACKED` as the
+    packed bytes themselves, to be read as the layer's ``weight`` unchanged (``nvfp4-pack-quantized``
+    / ``mxfp4-pack-quantized``: two e2m1 codes per byte, ``[N, K/2]``), rather than values packed into
+    int32 words with their :data:`PACKED_SHAPE` (``pack-quantized``, unpacked by
+    ``unpack_from_int32``)."""
+    return names is not None and PACKED in names and PACKED_SHAPE not in names
+
+
 @dataclass(frozen=True)
 class GroupScheme:
     """What one config group is in oqcore terms: the weight and activation key names (for the
-    config), the scheme, and the weights' ``num_bits`` (for unpacking)."""
+    config), the scheme, the weights' ``num_bits`` (for unpacking) and ``packed_bytes``
+    (:func:`packs_bytes`: a stored ``weight_packed`` is the layer's ``weight`` as stored)."""
 
     group: str
     weight: str
     activation: str | None
     scheme: Any
     num_bits: int
+    packed_bytes: bool = False
 
     def spec(self) -> dict:
         """The oqcore spec mapping of this group: ``{"weight": name, "activation": name or None}``."""
@@ -161,10 +197,12 @@ def _short_args(d: dict | None) -> str:
     return "{" + ", ".join(f"{k}: {v}" for k, v in d.items() if v is not None and v != {}) + "}"
 
 
-def match_group(name: str, group: Any, cfg_file: Path, reg) -> GroupScheme:
+def match_group(name: str, group: Any, cfg_file: Path, reg, default_format: Any = None) -> GroupScheme:
     """The registered scheme whose declared weights args equal group ``name``'s (as written, but
-    :data:`ARGS_NOT_COMPARED`), with the activation key whose args equal its ``input_activations``.
-    Raises :class:`oqcore.CheckpointError` naming the group, its args and what oqcore can read."""
+    :data:`ARGS_NOT_COMPARED`), with the activation key whose args equal its ``input_activations``;
+    ``default_format`` is the config's ``format`` (for a group that names none, see
+    :func:`stored_names`). Raises :class:`oqcore.CheckpointError` naming the group, its args and
+    what oqcore can read."""
     w, a = _written(group.weights), _written(group.input_activations)
     where = f"{cfg_file}: quantization_config.config_groups.{name}"
     for scheme in reg.schemes.values():
@@ -178,6 +216,7 @@ def match_group(name: str, group: Any, cfg_file: Path, reg) -> GroupScheme:
                     None if fmt is None else reg.name_of(fmt.key, "activation"),
                     scheme,
                     int(group.weights.num_bits),
+                    packs_bytes(stored_names(group, default_format)),
                 )
         acts = ", ".join("none" if f is None else _short_args(_declared(f)) for f in scheme.activations)
         raise CheckpointError(
