@@ -1,0 +1,157 @@
+"""Backends of oq-plugin-mxfp4 for ``linear`` and ``moe`` layers with ``mxfp4`` weights.
+
+Candidates are listed per activation key (vLLM's MXFP4 oracle after its activation filter: a
+``moe.activation=mxfp8`` override keeps only the W4A8 variants, ``activation: null`` only the W4A16
+ones; ``oq explain`` shows the rest as filtered out):
+
+======  ========  ==================  ==========================================================
+name    priority  activation          how
+======  ========  ==================  ==========================================================
+torch   0         none, mxfp8, mxfp4  the core's float32 dequantize-and-matmul reference (added by
+                                      the core from the scheme record; the only W4A4 backend)
+cpu     50        none, mxfp8         :func:`oq_toolkit.wgemm.wgemm` with e2m1 weight codes
+                                      decoded in registers (e8m0 scales per 32); W4A8 quantizes
+                                      activations with oq-plugin-mxfp8's C quantizer first; MoE
+                                      loops over experts
+triton  100       none, mxfp8         Triton GEMM / fused-MoE grouped GEMM decoding e2m1 nibbles in
+                                      the K loop (:mod:`oq_plugin_mxfp4.kernels`); CUDA only
+======  ========  ==================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import torch
+
+from oqcore import Backend, linear_forward_from, moe_forward_from
+from oq_toolkit.triton_support import guard_driver, triton_support
+
+from oq_plugin_mxfp4.keys import MX_BLOCK
+
+TRITON_MIN_CAPABILITY = {None: (8, 0), "mxfp8": (8, 9)}
+"""W4A16 decodes e2m1 to bf16/fp16 for the dot (Ampere and newer); W4A8 runs float8_e4m3fn dots
+(Ada / Hopper and newer)."""
+
+
+def _triton_supported(activation_key):
+    need = TRITON_MIN_CAPABILITY[None if activation_key is None else "mxfp8"]
+
+    def supported(layer: torch.nn.Module, device: torch.device) -> tuple[bool, str]:
+        """Triton on CUDA at compute capability ``need`` (or the interpreter in tests)."""
+        ok, why = triton_support(device, need, kernel_package="oq_plugin_mxfp4.kernels")
+        what = "e2m1 decoded in the K loop, " + ("bf16 dots" if activation_key is None else "float8_e4m3fn dots")
+        return ok, f"{why}; {what} (needs sm_{need[0]}{need[1]}+)"
+
+    return supported
+
+
+def _triton_forward_linear(method, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x [..., K]`` -> ``[..., N]`` in ``x.dtype`` through :func:`oq_plugin_mxfp4.kernels.gemm.mxfp4_gemm`."""
+    from oq_plugin_mxfp4.kernels.gemm import mxfp4_gemm
+
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if method.activation_key is not None:
+        from oq_plugin_mxfp8.kernels.quant import quantize_mxfp8_triton
+
+        a, a_s = quantize_mxfp8_triton(x2, method.options)
+    else:
+        a, a_s = x2, None
+    y = mxfp4_gemm(a, a_s, layer.weight, layer.weight_scale, layer.bias)
+    return y.to(x.dtype).reshape(*shape[:-1], layer.out_features)
+
+
+def _triton_forward_moe(
+    method, layer: torch.nn.Module, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+) -> torch.Tensor:
+    """Tokens ``x [T, H]`` -> ``[T, H]`` through :func:`oq_plugin_mxfp4.kernels.moe.fused_moe_mxfp4`."""
+    from oq_plugin_mxfp4.kernels.moe import fused_moe_mxfp4
+
+    has_bias = layer.layout.has_bias
+    return fused_moe_mxfp4(
+        x,
+        topk_ids,
+        topk_weights,
+        layer.w13_weight,
+        layer.w13_weight_scale,
+        layer.w2_weight,
+        layer.w2_weight_scale,
+        layer.apply_gate,
+        w13_bias=layer.gate_up_proj_bias.contiguous() if has_bias else None,
+        w2_bias=layer.down_proj_bias.contiguous() if has_bias else None,
+        act_mx=method.activation_key is not None,
+        options=method.options,
+    )
+
+
+# ---- cpu (W4A16 and W4A8) --------------------------------------------------------------------------
+
+
+def _cpu_supported(layer: torch.nn.Module, device: torch.device) -> tuple[bool, str]:
+    from oq_toolkit import wgemm
+
+    device = torch.device(device)
+    if device.type != "cpu":
+        return False, f"the mxfp4 CPU kernel runs on the CPU, layer runs on {device.type}"
+    if not hasattr(wgemm, "E2M1"):
+        return False, "this oq-toolkit's fused GEMM has no e2m1 weights (upgrade oq-toolkit)"
+    # No compile here (plan time stays cheap): the kernel is built on the first forward.
+    return True, "CPU: fused GEMM decoding e2m1 weight codes in registers (oq_toolkit.wgemm)"
+
+
+def _cpu_matmul(method, x2: torch.Tensor, weight: dict, bias=None, out_dtype=torch.float32) -> torch.Tensor:
+    """``x2 [M, K] @ W^T (+ bias)`` for one ``[N, K]`` mxfp4 weight (packed e2m1 ``weight["qdata"]
+    [N, K/2]``, e8m0 ``weight["scale"] [N, K/32]``), float32 sums rounded once to ``out_dtype``
+    (the :data:`oqcore.methods.Matmul` of the ``cpu`` backend).
+
+    W4A8: ``x2`` quantized by oq-plugin-mxfp8's C quantizer (the mxfp8 reference's bytes), e4m3
+    codes and e8m0 scales into the fused GEMM (exact products, float32 sums). W4A16 bf16
+    activations: the fused GEMM on ``x2`` as it is. float32 / fp16 activations: the weight
+    dequantized to float32 (the reference's numbers) and ``torch.mm``: the fused GEMM takes bf16."""
+    from oq_toolkit import wgemm
+
+    q, s = weight["qdata"], weight["scale"].contiguous()
+    w_grid = (1, MX_BLOCK, s.shape[-1])
+    if method.activation_key is not None:
+        from oq_plugin_mxfp8.cpu import quantize_mxfp8
+
+        a, sa = quantize_mxfp8(x2.contiguous(), method.options)
+        a_grid = (1, MX_BLOCK, sa.shape[-1])
+        return wgemm.wgemm(a, wgemm.E4M3, sa, a_grid, q, wgemm.E2M1, s, w_grid, bias=bias, out_dtype=out_dtype)
+    if x2.dtype == torch.bfloat16:
+        return wgemm.wgemm(x2.contiguous(), wgemm.BF16, None, None, q, wgemm.E2M1, s, w_grid, bias=bias, out_dtype=out_dtype)
+    from oq_plugin_mxfp4.quant import dequantize_mxfp4
+
+    y = x2.float() @ dequantize_mxfp4(q, s, torch.float32, method.options).T
+    return (y if bias is None else y + bias.float()).to(out_dtype)
+
+
+def backends(kind: str, activation_key) -> list[Backend]:
+    """The forward backends for ``kind`` (``"linear"`` or ``"moe"``) and one activation key:
+    triton and cpu for none (W4A16) and mxfp8 (W4A8); none of its own for mxfp4 activations (W4A4
+    runs the core's ``torch`` reference)."""
+    from oq_plugin_mxfp4.keys import kMxfp4Dynamic
+
+    if activation_key == kMxfp4Dynamic:
+        return []
+    mode = "W4A8 (mxfp8 activations)" if activation_key is not None else "W4A16 (activations in the model dtype)"
+    return [
+        Backend(
+            "triton",
+            activation_key,
+            _triton_supported(activation_key),
+            100,
+            description=f"Triton mxfp4 {'GEMM' if kind == 'linear' else 'fused-MoE grouped GEMM'}, {mode}",
+            forward=guard_driver(_triton_forward_linear if kind == "linear" else _triton_forward_moe),
+        ),
+        Backend(
+            "cpu",
+            activation_key,
+            _cpu_supported,
+            50,
+            description=f"mxfp4 {mode} on the CPU: "
+            + ("" if activation_key is None else "activations quantized by the C mxfp8 quantizer, ")
+            + "fused GEMM decoding e2m1 in registers"
+            + ("" if kind == "linear" else ", loop over experts"),
+            forward=(linear_forward_from if kind == "linear" else moe_forward_from)(_cpu_matmul),
+        ),
+    ]

@@ -1,0 +1,118 @@
+"""Backends of oq-plugin-nvfp4 for ``linear`` and ``moe`` layers with ``nvfp4`` weights.
+
+======  ========  ============  ================================================================
+name    priority  activation    how
+======  ========  ============  ================================================================
+torch   0         none, nvfp4   the core's float32 dequantize-and-matmul reference (added by the
+                                core from the scheme record; the only W4A4 backend)
+cpu     50        none          :func:`oq_toolkit.wgemm.wgemm` with e2m1 weight codes and e4m3
+                                block scales decoded in registers, times ``1 / global_scale``;
+                                MoE loops over experts
+triton  100       none          Triton GEMM / fused-MoE grouped GEMM decoding e2m1 nibbles and
+                                e4m3 scales in the K loop (:mod:`oq_plugin_nvfp4.kernels`); CUDA only
+======  ========  ============  ================================================================
+"""
+
+from __future__ import annotations
+
+import torch
+
+from oqcore import Backend, linear_forward_from, moe_forward_from
+from oq_toolkit.triton_support import guard_driver, triton_support
+
+from oq_plugin_nvfp4.keys import NV_BLOCK
+
+TRITON_MIN_CAPABILITY = (8, 9)
+"""The kernels load float8_e4m3fn block scales (Ada / Hopper and newer); the dots run in bf16."""
+
+
+def _triton_supported(layer: torch.nn.Module, device: torch.device) -> tuple[bool, str]:
+    ok, why = triton_support(device, TRITON_MIN_CAPABILITY, kernel_package="oq_plugin_nvfp4.kernels")
+    return ok, f"{why}; e2m1 and e4m3 scales decoded in the K loop, bf16 dots (needs sm_89+)"
+
+
+def _triton_forward_linear(method, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x [..., K]`` -> ``[..., N]`` in ``x.dtype`` through :func:`oq_plugin_nvfp4.kernels.gemm.nvfp4_gemm`."""
+    from oq_plugin_nvfp4.kernels.gemm import nvfp4_gemm
+
+    shape = x.shape
+    y = nvfp4_gemm(x.reshape(-1, shape[-1]), layer.weight, layer.weight_scale, layer.weight_global_scale, layer.bias)
+    return y.to(x.dtype).reshape(*shape[:-1], layer.out_features)
+
+
+def _triton_forward_moe(
+    method, layer: torch.nn.Module, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+) -> torch.Tensor:
+    """Tokens ``x [T, H]`` -> ``[T, H]`` through :func:`oq_plugin_nvfp4.kernels.moe.fused_moe_nvfp4`."""
+    from oq_plugin_nvfp4.kernels.moe import fused_moe_nvfp4
+
+    has_bias = layer.layout.has_bias
+    return fused_moe_nvfp4(
+        x,
+        topk_ids,
+        topk_weights,
+        layer.w13_weight,
+        layer.w13_weight_scale,
+        layer.w13_weight_global_scale,
+        layer.w2_weight,
+        layer.w2_weight_scale,
+        layer.w2_weight_global_scale,
+        layer.apply_gate,
+        w13_bias=layer.gate_up_proj_bias.contiguous() if has_bias else None,
+        w2_bias=layer.down_proj_bias.contiguous() if has_bias else None,
+    )
+
+
+def _cpu_supported(layer: torch.nn.Module, device: torch.device) -> tuple[bool, str]:
+    from oq_toolkit import wgemm
+
+    device = torch.device(device)
+    if device.type != "cpu":
+        return False, f"the nvfp4 CPU kernel runs on the CPU, layer runs on {device.type}"
+    if not hasattr(wgemm, "E2M1"):
+        return False, "this oq-toolkit's fused GEMM has no e2m1 weights (upgrade oq-toolkit)"
+    return True, "CPU: fused GEMM decoding e2m1 codes and e4m3 block scales in registers (oq_toolkit.wgemm)"
+
+
+def _cpu_matmul(method, x2: torch.Tensor, weight: dict, bias=None, out_dtype=torch.float32) -> torch.Tensor:
+    """``x2 [M, K] @ W^T (+ bias)`` for one ``[N, K]`` nvfp4 weight (packed e2m1 ``qdata [N, K/2]``,
+    e4m3 ``scale [N, K/16]``, float32 ``global_scale [1]``), float32 sums times ``1 / global_scale``,
+    rounded once to ``out_dtype`` (the ``cpu`` backend's :data:`oqcore.methods.Matmul`). bf16
+    activations run the fused GEMM; float32 / fp16 ones the float32 dequantized weight and ``torch.mm``."""
+    from oq_toolkit import wgemm
+
+    q, s, g = weight["qdata"], weight["scale"].contiguous(), weight["global_scale"]
+    if x2.dtype == torch.bfloat16:
+        inv_g = float(1.0 / g.float().reshape(-1)[0])
+        grid = (1, NV_BLOCK, s.shape[-1])
+        return wgemm.wgemm(x2.contiguous(), wgemm.BF16, None, None, q, wgemm.E2M1, s, grid, bias=bias, out_dtype=out_dtype, w_scale_mul=inv_g)
+    from oq_plugin_nvfp4.quant import dequantize_nvfp4
+
+    y = x2.float() @ dequantize_nvfp4(q, s, g, torch.float32).T
+    return (y if bias is None else y + bias.float()).to(out_dtype)
+
+
+def backends(kind: str, activation_key) -> list[Backend]:
+    """The forward backends for ``kind`` and one activation key: triton and cpu for none (W4A16);
+    none of its own for dynamic nvfp4 activations (W4A4 runs the core's ``torch`` reference)."""
+    if activation_key is not None:
+        return []
+    return [
+        Backend(
+            "triton",
+            None,
+            _triton_supported,
+            100,
+            description=f"Triton nvfp4 {'GEMM' if kind == 'linear' else 'fused-MoE grouped GEMM'}, W4A16",
+            forward=guard_driver(_triton_forward_linear if kind == "linear" else _triton_forward_moe),
+        ),
+        Backend(
+            "cpu",
+            None,
+            _cpu_supported,
+            50,
+            description="nvfp4 W4A16 on the CPU: fused GEMM decoding e2m1 and e4m3 scales in registers"
+            + ("" if kind == "linear" else ", loop over experts"),
+            forward=(linear_forward_from if kind == "linear" else moe_forward_from)(_cpu_matmul),
+        ),
+    ]
