@@ -1,0 +1,203 @@
+/* nvfp4_quant.c: the CPU quantizer of oq-plugin-nvfp4 (built and loaded by oq_plugin_nvfp4.cpu),
+   bit-exact with oq_plugin_nvfp4.quant.quantize_nvfp4 (compressed-tensors' NVFP4 bytes). No
+   -ffast-math, -ffp-contract=off: every float op below is the one IEEE float32 operation the
+   reference performs, in its order (a reciprocal then a product for the global scale, true
+   divisions for the block scale and the elements). e4m3 rounding is oq-plugin-fp8's integer encoder
+   (fp8_e4m3.h), e2m1 rounding and packing oq-plugin-mxfp4's (fp4_e2m1.h); both directories are on
+   the include path. dt: 0 = float32, 1 = bf16, 2 = fp16. */
+#include "oq_kernels.h"
+#include "fp8_e4m3.h"
+#include "fp4_e2m1.h"
+
+#define NV_F8_MAX 448.0f
+#define NV_F4_MAX 6.0f
+#define NV_GLOBAL_NUM 2688.0f       /* 448 * 6 */
+#define NV_ZERO_SCALE_BYTE 0x20u    /* e4m3 0.125: compressed-tensors' scale for a zero block scale */
+
+OQ_INLINE float nv_from_bits(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
+
+/* compressed-tensors generate_gparam from max|w| (bits, finite): fl(fl(1 / max(a, 2^-126)) * 2688),
+   1.0 if that overflows. */
+OQ_INLINE float nv_global_scale(uint32_t amax_bits) {
+    float a = nv_from_bits(amax_bits < 0x00800000u ? 0x00800000u : amax_bits);
+    float g = (1.0f / a) * NV_GLOBAL_NUM;  /* two roundings: CT's `2688.0 / t` is t.reciprocal() * 2688 */
+    uint32_t gb; memcpy(&gb, &g, 4);
+    return (gb & 0x7FFFFFFFu) >= 0x7F800000u ? 1.0f : g;
+}
+
+/* value of an e4m3 byte (finite: block scales never hold the NaN byte) */
+OQ_INLINE float nv_e4m3_value(uint32_t b) {
+    uint32_t e = (b >> 3) & 15u, m = b & 7u;
+    float v = e ? nv_from_bits(((e + 120u) << 23) | (m << 20)) : (float)m * 0.001953125f; /* m * 2^-9, exact */
+    return (b & 0x80u) ? -v : v;
+}
+
+/* block scale byte of a block whose max |w| has bits amax_bits, under global scale g */
+OQ_INLINE uint8_t nv_scale_byte(uint32_t amax_bits, float g) {
+    float s = nv_from_bits(amax_bits) / NV_F4_MAX;
+    s = g * s;
+    s = s > NV_F8_MAX ? NV_F8_MAX : (s < -NV_F8_MAX ? -NV_F8_MAX : s);
+    uint8_t b = f32_to_e4m3(s, 1);
+    return b ? b : (uint8_t)NV_ZERO_SCALE_BYTE;
+}
+
+/* ------------------------------------------------------------------------------------------------
+   pass 1: max |w| (as float32 bits) of elements [o, o + n), n % 16 == 0; >= 0x7F800000 flags Inf/NaN
+   ------------------------------------------------------------------------------------------------ */
+OQ_INLINE uint32_t nv_amax_bits(const void* w, int dt, int64_t o, int64_t n, int nthreads) {
+    uint32_t mx = 0;
+#ifdef OQ_AVX512
+    #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(max:mx)
+    for (int64_t c = 0; c < n; c += 4096) {
+        int64_t end = c + 4096 < n ? c + 4096 : n, i = c;
+        const __m512i am = _mm512_set1_epi32(0x7FFFFFFF);
+        __m512i m0 = _mm512_setzero_si512(), m1 = m0, m2 = m0, m3 = m0;
+        for (; i + 64 <= end; i += 64) {
+            m0 = _mm512_max_epu32(m0, _mm512_and_si512(_mm512_castps_si512(load16(w, dt, o + i, (__mmask16)0xFFFF)), am));
+            m1 = _mm512_max_epu32(m1, _mm512_and_si512(_mm512_castps_si512(load16(w, dt, o + i + 16, (__mmask16)0xFFFF)), am));
+            m2 = _mm512_max_epu32(m2, _mm512_and_si512(_mm512_castps_si512(load16(w, dt, o + i + 32, (__mmask16)0xFFFF)), am));
+            m3 = _mm512_max_epu32(m3, _mm512_and_si512(_mm512_castps_si512(load16(w, dt, o + i + 48, (__mmask16)0xFFFF)), am));
+        }
+        for (; i < end; i += 16)
+            m0 = _mm512_max_epu32(m0, _mm512_and_si512(_mm512_castps_si512(load16(w, dt, o + i, (__mmask16)0xFFFF)), am));
+        uint32_t r = _mm512_reduce_max_epu32(_mm512_max_epu32(_mm512_max_epu32(m0, m1), _mm512_max_epu32(m2, m3)));
+        mx = r > mx ? r : mx;
+    }
+#else
+    #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(max:mx)
+    for (int64_t i = 0; i < n; i++) {
+        float v = load1(w, dt, o + i); uint32_t b; memcpy(&b, &v, 4); b &= 0x7FFFFFFFu;
+        mx = b > mx ? b : mx;
+    }
+#endif
+    return mx;
+}
+
+/* ------------------------------------------------------------------------------------------------
+   pass 2: blocks of 16. Block j (global index) has global scale gs[j / nbs].
+   ------------------------------------------------------------------------------------------------ */
+
+/* one block, scalar */
+OQ_INLINE void nv_block_scalar(const void* w, int dt, int64_t j, float g, uint8_t* q, uint8_t* sc) {
+    int64_t o = j * 16;
+    uint32_t mx = 0;
+    float x[16];
+    for (int i = 0; i < 16; i++) {
+        x[i] = load1(w, dt, o + i);
+        uint32_t b; memcpy(&b, &x[i], 4); b &= 0x7FFFFFFFu;
+        mx = b > mx ? b : mx;
+    }
+    uint8_t sb = nv_scale_byte(mx, g);
+    sc[j] = sb;
+    float t = nv_e4m3_value(sb) / g;
+    for (int i = 0; i < 16; i += 2) {
+        float y0 = x[i] / t, y1 = x[i + 1] / t;
+        uint8_t c0 = y0 == 0.0f ? 0 : oq_f32_to_e2m1(y0), c1 = y1 == 0.0f ? 0 : oq_f32_to_e2m1(y1);
+        q[o / 2 + i / 2] = oq_e2m1_pack2(c0, c1);
+    }
+}
+
+#ifdef OQ_AVX512
+/* Lane b of the result = max over the 16 lanes of v[b] (unsigned): a transpose-and-max tree. */
+OQ_INLINE __m512i nv_hmax16x16(const __m512i* v) {
+    __m512i r[8], t[4], u[2];
+    for (int i = 0; i < 8; i++)
+        r[i] = _mm512_max_epu32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++)
+        t[i] = _mm512_max_epu32(_mm512_unpacklo_epi64(r[2 * i], r[2 * i + 1]), _mm512_unpackhi_epi64(r[2 * i], r[2 * i + 1]));
+    for (int i = 0; i < 2; i++)
+        u[i] = _mm512_max_epu32(_mm512_shuffle_i32x4(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                _mm512_shuffle_i32x4(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_max_epu32(_mm512_shuffle_i32x4(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                            _mm512_shuffle_i32x4(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* 16 e4m3 bytes (in 32-bit lanes, finite) -> their float32 values */
+OQ_INLINE __m512 nv_e4m3x16_value(__m512i b) {
+    __m512i e = _mm512_and_si512(_mm512_srli_epi32(b, 3), _mm512_set1_epi32(15)), m = _mm512_and_si512(b, _mm512_set1_epi32(7));
+    __m512 normal = _mm512_castsi512_ps(_mm512_or_si512(_mm512_slli_epi32(_mm512_add_epi32(e, _mm512_set1_epi32(120)), 23),
+                                                        _mm512_slli_epi32(m, 20)));
+    __m512 sub = _mm512_mul_ps(_mm512_cvtepi32_ps(m), _mm512_set1_ps(0.001953125f));
+    __m512 v = _mm512_mask_blend_ps(_mm512_test_epi32_mask(e, e), sub, normal);
+    __m512i sign = _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x80)), 24);
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(v), sign));
+}
+
+/* 16 consecutive blocks from block j (one 256-element group), global scales g (lane b: block j+b) */
+OQ_INLINE void nv_group16(const void* w, int dt, int64_t j, __m512 g, uint8_t* q, uint8_t* sc) {
+    const __m512i am = _mm512_set1_epi32(0x7FFFFFFF);
+    const int64_t o = j * 16;
+    __m512 x[16];
+    __m512i v[16];
+    for (int b = 0; b < 16; b++) {
+        OQ_PREFETCH(w, dt, o + 256 + 16 * b);
+        x[b] = load16(w, dt, o + 16 * b, (__mmask16)0xFFFF);
+        v[b] = _mm512_and_si512(_mm512_castps_si512(x[b]), am);
+    }
+    __m512 amax = _mm512_castsi512_ps(nv_hmax16x16(v));
+    __m512 s = _mm512_mul_ps(g, _mm512_div_ps(amax, _mm512_set1_ps(NV_F4_MAX)));
+    s = _mm512_min_ps(_mm512_max_ps(s, _mm512_set1_ps(-NV_F8_MAX)), _mm512_set1_ps(NV_F8_MAX));
+    __m512i sb = _mm512_cvtepu8_epi32(e4m3_16(s, 1));
+    sb = _mm512_mask_mov_epi32(sb, _mm512_testn_epi32_mask(sb, sb), _mm512_set1_epi32(NV_ZERO_SCALE_BYTE));
+    _mm_storeu_si128((__m128i*)(sc + j), _mm512_cvtepi32_epi8(sb));
+    __m512 t = _mm512_div_ps(nv_e4m3x16_value(sb), g);
+    const __m512 zero = _mm512_setzero_ps();
+    for (int b = 0; b < 16; b += 2) {
+        __m512 y0 = _mm512_div_ps(x[b], _mm512_permutexvar_ps(_mm512_set1_epi32(b), t));
+        __m512 y1 = _mm512_div_ps(x[b + 1], _mm512_permutexvar_ps(_mm512_set1_epi32(b + 1), t));
+        /* y == +-0 -> code 0 (compressed-tensors' sign of -0.0 is +0) */
+        __m512i c0 = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(y0, zero, _CMP_NEQ_UQ), oq_f32x16_to_e2m1(y0));
+        __m512i c1 = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(y1, zero, _CMP_NEQ_UQ), oq_f32x16_to_e2m1(y1));
+        _mm_storeu_si128((__m128i*)(q + o / 2 + 8 * b), oq_e2m1_pack32(c0, c1));
+    }
+}
+#endif
+
+/* blocks [j0, j1) of a tensor whose slabs (experts) have nbs blocks each, global scales gs[] */
+OQ_INLINE void nv_blocks(const void* w, int dt, int64_t j0, int64_t j1, int64_t nbs, const float* gs, uint8_t* q, uint8_t* sc) {
+    int64_t j = j0;
+#ifdef OQ_AVX512
+    for (; j + 16 <= j1; j += 16) {
+        int64_t e0 = j / nbs, e1 = (j + 15) / nbs;
+        __m512 g;
+        if (e0 == e1) g = _mm512_set1_ps(gs[e0]);
+        else {
+            float gl[16];
+            for (int b = 0; b < 16; b++) gl[b] = gs[(j + b) / nbs];
+            g = _mm512_loadu_ps(gl);
+        }
+        nv_group16(w, dt, j, g, q, sc);
+    }
+#endif
+    for (; j < j1; j++) nv_block_scalar(w, dt, j, gs[j / nbs], q, sc);
+}
+
+OQ_INLINE int64_t nv_quantize(const void* w, int dt, int64_t E, int64_t per, int use_gs, float* gs,
+                              uint8_t* q, uint8_t* sc, int nthreads) {
+    int64_t bad = 0;
+    for (int64_t e = 0; e < E; e++) {
+        uint32_t mx = nv_amax_bits(w, dt, e * per, per, nthreads);
+        if (mx >= 0x7F800000u) bad++;
+        else if (!use_gs) gs[e] = nv_global_scale(mx);
+    }
+    if (bad) return bad;
+    int64_t nb = E * (per / 16), nbs = per / 16;
+    int64_t chunk = 1024;  /* blocks per task: multiple of 16 */
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t j = 0; j < nb; j += chunk)
+        nv_blocks(w, dt, j, j + chunk < nb ? j + chunk : nb, nbs, gs, q, sc);
+    return 0;
+}
+
+/* nvfp4 quantizer: w = E slabs of per elements (per % 16 == 0; E = 1 for [N, K] / [M, K], the
+   experts of [E, N, K]), contiguous, format dt. gs[E]: the global scales, read if use_gs, else
+   written. q: E * per / 2 packed e2m1 bytes, sc: E * per / 16 e4m3 scale bytes. Returns nonzero
+   when w holds Inf/NaN (outputs then undefined; the caller raises or runs the reference). */
+int64_t oq_nvfp4_quantize(const void* w, int dt, int64_t E, int64_t per, int use_gs, float* gs,
+                          uint8_t* q, uint8_t* sc, int nthreads) {
+    switch (dt) {  /* literal dt per call: the inlined block code is specialized per input format */
+    case 0: return nv_quantize(w, 0, E, per, use_gs, gs, q, sc, nthreads);
+    case 1: return nv_quantize(w, 1, E, per, use_gs, gs, q, sc, nthreads);
+    default: return nv_quantize(w, 2, E, per, use_gs, gs, q, sc, nthreads);
+    }
+}
