@@ -96,14 +96,16 @@ def rceil_exponent(descale: torch.Tensor) -> torch.Tensor:
     return e.to(torch.uint8)
 
 
-def floor_exponent(amax: torch.Tensor) -> torch.Tensor:
-    """Biased e8m0 exponent (uint8) of the OCP rule: ``clamp(floor(log2(amax)) - 8, -127, 128) + 127``,
+def floor_exponent(amax: torch.Tensor, emax: int = 8) -> torch.Tensor:
+    """Biased e8m0 exponent (uint8) of the OCP rule: ``clamp(floor(log2(amax)) - emax, -127, 128) + 127``,
     ``floor(log2)`` being the float32 exponent field (so subnormals and zero count as -127), NaN -> 255.
-    The ``128`` upper bound (-> byte 255) is torchao's, kept for bit-exactness; finite inputs stay below.
+    ``emax`` is the element format's largest exponent: 8 for e4m3 (448 = 1.75 * 2**8, the default),
+    2 for e2m1 (6 = 1.5 * 2**2, oq-plugin-mxfp4). The ``128`` upper bound (-> byte 255) is
+    torchao's, kept for bit-exactness; finite inputs stay below.
     """
     bits = amax.contiguous().view(torch.int32)
     pow2 = ((bits >> 23) & 0xFF) - E8M0_BIAS
-    e = (pow2 - 8).clamp(-E8M0_BIAS, E8M0_BIAS + 1) + E8M0_BIAS
+    e = (pow2 - emax).clamp(-E8M0_BIAS, E8M0_BIAS + 1) + E8M0_BIAS
     e = torch.where(torch.isnan(amax), E8M0_NAN, e)
     return e.to(torch.uint8)
 
