@@ -563,8 +563,10 @@ def read_parts(
             out[pt.param][pt.expert].copy_(value)
         else:
             out[pt.param][pt.expert, pt.rows].copy_(value)
+    done: set[tuple[str, int]] = set()
     for key in sorted(differing):
-        _requantize_shards(feed, wrapper, parts, out, key, shards[key])
+        if key not in done:  # one requantization per expert and weight, whichever of its tensors differ
+            done |= {(p, key[1]) for p in _requantize_shards(feed, wrapper, parts, out, key, shards)}
     from oqcore.torch_compat import delete_parameter, own_parameters, set_parameter
 
     for k in [k for k, p in own_parameters(wrapper).items() if p.is_meta]:
@@ -576,36 +578,54 @@ def read_parts(
 
 
 def _requantize_shards(
-    feed: Feed, wrapper: nn.Module, parts: list[_Part], out: dict[str, torch.Tensor], key: tuple[str, int], scales: dict[str, torch.Tensor]
-) -> None:
-    """Gate and up of one expert stored with different per-tensor scales, where oqcore keeps one
-    w13 scale per expert: dequantize each shard with its own scale (the format's reference
-    dequantizer, float32) and quantize the expert's w13 again with the scheme's reference quantizer,
-    as vLLM requantizes both shards to one scale when it loads such a checkpoint. The one lossy step
-    of reading a checkpoint; anything but a (qdata, per-tensor scale) format is refused."""
+    feed: Feed,
+    wrapper: nn.Module,
+    parts: list[_Part],
+    out: dict[str, torch.Tensor],
+    key: tuple[str, int],
+    shards: dict[tuple[str, int], dict[str, torch.Tensor]],
+) -> list[str]:
+    """Gate and up of one expert stored with different values of a tensor oqcore keeps once per
+    expert (a per-tensor fp8 scale, an NVFP4 global scale): dequantize each stored shard with its
+    own tensors (the format's reference dequantizer, float32: its rows of the row-split tensors,
+    its own copy of the per-expert ones), stack them, and quantize the expert's w13 again with the
+    scheme's reference quantizer, as vLLM requantizes both shards to one scale when it loads such a
+    checkpoint. The one lossy step of reading a checkpoint. ``shards`` holds every stored shard's
+    copy of each per-expert tensor, by (parameter, expert) then module. Returns the parameters
+    rewritten (every tensor of that expert's weight)."""
     from oqcore.formats import DATA, dequantize, run_quantizer
 
     param, expert = key
     fmt = wrapper.method.formats.weight
-    where = next(((p, n) for p in ("w13_weight", "w2_weight") for n in fmt.tensors if fmt.param_name(p, n) == param), None)
-    if where is None or len(fmt.tensors) != 2:
-        listed = ", ".join(f"{m}: {v.float().flatten().tolist()}" for m, v in scales.items())
+    prefix = next((p for p in ("w13_weight", "w2_weight") for n in fmt.tensors if fmt.param_name(p, n) == param), None)
+    if prefix is None:
+        listed = ", ".join(f"{m}: {v.float().flatten().tolist()}" for m, v in shards[key].items())
         raise CheckpointError(
-            f"quantized layer {feed.layer!r}, expert {expert}: the shards' per-tensor {param} differ ({listed}) and "
-            f"this format ({', '.join(fmt.tensors)}) cannot be requantized to one"
+            f"quantized layer {feed.layer!r}, expert {expert}: the stored shards' {param} differ ({listed}), and it is "
+            f"not a tensor of the weight format ({', '.join(fmt.tensors)}) that could be requantized to one"
         )
-    prefix, tensor = where
     qparam = fmt.param_name(prefix, DATA)
-    rows = {pt.module: pt.rows for pt in parts if pt.param == qparam and pt.expert == expert}
+    rows = {(pt.param, pt.module): pt.rows for pt in parts if pt.expert == expert and pt.rows is not None}
+    modules = sorted({m for (p, m) in rows if p == qparam}, key=lambda m: rows[(qparam, m)].start)
     pieces = []
-    for module, rs in sorted(rows.items(), key=lambda kv: kv[1].start):
-        q = out[qparam][expert, rs]
-        pieces.append(dequantize(fmt, {DATA: q, tensor: scales[module].reshape(out[param].shape[1:])}, torch.float32, wrapper.method.options))
+    for module in modules:
+        tensors = {}
+        for n in fmt.tensors:
+            p = fmt.param_name(prefix, n)
+            if (p, expert) in shards:
+                tensors[n] = shards[(p, expert)][module].reshape(out[p].shape[1:])
+            else:
+                tensors[n] = out[p][expert, rows[(p, module)]]
+        pieces.append(dequantize(fmt, tensors, torch.float32, wrapper.method.options))
     w = torch.cat(pieces)
     name = f"{feed.layer}[expert {expert}]"
     qt = run_quantizer(fmt, fmt.reference, w, wrapper.method.options, name, wrapper.method.formats.weight_name or str(fmt.key))
-    out[qparam][expert].copy_(qt.qdata)
-    out[param][expert].copy_(qt[tensor].reshape(out[param].shape[1:]))
+    written = []
+    for n in fmt.tensors:
+        p = fmt.param_name(prefix, n)
+        out[p][expert].copy_(qt[n].reshape(out[p].shape[1:]))
+        written.append(p)
+    return written
 
 
 # -- the load --------------------------------------------------------------------------------------------
