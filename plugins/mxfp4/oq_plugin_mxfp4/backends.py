@@ -8,11 +8,12 @@ ones; ``oq explain`` shows the rest as filtered out):
 name    priority  activation          how
 ======  ========  ==================  ==========================================================
 torch   0         none, mxfp8, mxfp4  the core's float32 dequantize-and-matmul reference (added by
-                                      the core from the scheme record; the only W4A4 backend)
-cpu     50        none, mxfp8         :func:`oq_toolkit.wgemm.wgemm` with e2m1 weight codes
+                                      the core from the scheme record)
+cpu     50        none, mxfp8, mxfp4  :func:`oq_toolkit.wgemm.wgemm` with e2m1 weight codes
                                       decoded in registers (e8m0 scales per 32); W4A8 quantizes
-                                      activations with oq-plugin-mxfp8's C quantizer first; MoE
-                                      loops over experts
+                                      activations with oq-plugin-mxfp8's C quantizer first, W4A4
+                                      with this plugin's (dequantized exactly to bf16); MoE loops
+                                      over experts
 triton  100       none, mxfp8         Triton GEMM / fused-MoE grouped GEMM decoding e2m1 nibbles in
                                       the K loop (:mod:`oq_plugin_mxfp4.kernels`); CUDA only
 ======  ========  ==================  ==========================================================
@@ -109,8 +110,18 @@ def _cpu_matmul(method, x2: torch.Tensor, weight: dict, bias=None, out_dtype=tor
     dequantized to float32 (the reference's numbers) and ``torch.mm``: the fused GEMM takes bf16."""
     from oq_toolkit import wgemm
 
+    from oq_plugin_mxfp4.keys import kMxfp4Dynamic
+
     q, s = weight["qdata"], weight["scale"].contiguous()
     w_grid = (1, MX_BLOCK, s.shape[-1])
+    if method.activation_key == kMxfp4Dynamic:
+        from oq_plugin_mxfp4 import cpu
+        from oq_plugin_mxfp4.quant import dequantize_mxfp4
+
+        # W4A4: e2m1 x 2**e is exact in bf16 (2 significant bits; 2**-128 is above bf16's
+        # smallest subnormal), so the fused GEMM on the dequantized activations has exact products
+        a = dequantize_mxfp4(*cpu.quantize_mxfp4(x2.contiguous(), method.options), torch.bfloat16)
+        return wgemm.wgemm(a, wgemm.BF16, None, None, q, wgemm.E2M1, s, w_grid, bias=bias, out_dtype=out_dtype)
     if method.activation_key is not None:
         from oq_plugin_mxfp8.cpu import quantize_mxfp8
 
@@ -127,13 +138,27 @@ def _cpu_matmul(method, x2: torch.Tensor, weight: dict, bias=None, out_dtype=tor
 
 def backends(kind: str, activation_key) -> list[Backend]:
     """The forward backends for ``kind`` (``"linear"`` or ``"moe"``) and one activation key:
-    triton and cpu for none (W4A16) and mxfp8 (W4A8); none of its own for mxfp4 activations (W4A4
-    runs the core's ``torch`` reference)."""
+    triton and cpu for none (W4A16) and mxfp8 (W4A8); cpu for mxfp4 (W4A4)."""
     from oq_plugin_mxfp4.keys import kMxfp4Dynamic
 
-    if activation_key == kMxfp4Dynamic:
-        return []
-    mode = "W4A8 (mxfp8 activations)" if activation_key is not None else "W4A16 (activations in the model dtype)"
+    w4a4 = activation_key == kMxfp4Dynamic
+    if activation_key is None:
+        mode, quantizer = "W4A16 (activations in the model dtype)", ""
+    elif w4a4:
+        mode, quantizer = "W4A4 (mxfp4 activations)", "activations quantized by the C mxfp4 quantizer, "
+    else:
+        mode, quantizer = "W4A8 (mxfp8 activations)", "activations quantized by the C mxfp8 quantizer, "
+    cpu = Backend(
+        "cpu",
+        activation_key,
+        _cpu_supported,
+        50,
+        description=f"mxfp4 {mode} on the CPU: {quantizer}fused GEMM decoding e2m1 in registers"
+        + ("" if kind == "linear" else ", loop over experts"),
+        forward=(linear_forward_from if kind == "linear" else moe_forward_from)(_cpu_matmul),
+    )
+    if w4a4:
+        return [cpu]
     return [
         Backend(
             "triton",
@@ -143,15 +168,5 @@ def backends(kind: str, activation_key) -> list[Backend]:
             description=f"Triton mxfp4 {'GEMM' if kind == 'linear' else 'fused-MoE grouped GEMM'}, {mode}",
             forward=guard_driver(_triton_forward_linear if kind == "linear" else _triton_forward_moe),
         ),
-        Backend(
-            "cpu",
-            activation_key,
-            _cpu_supported,
-            50,
-            description=f"mxfp4 {mode} on the CPU: "
-            + ("" if activation_key is None else "activations quantized by the C mxfp8 quantizer, ")
-            + "fused GEMM decoding e2m1 in registers"
-            + ("" if kind == "linear" else ", loop over experts"),
-            forward=(linear_forward_from if kind == "linear" else moe_forward_from)(_cpu_matmul),
-        ),
+        cpu,
     ]

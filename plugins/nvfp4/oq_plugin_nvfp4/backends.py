@@ -4,10 +4,11 @@
 name    priority  activation    how
 ======  ========  ============  ================================================================
 torch   0         none, nvfp4   the core's float32 dequantize-and-matmul reference (added by the
-                                core from the scheme record; the only W4A4 backend)
-cpu     50        none          :func:`oq_toolkit.wgemm.wgemm` with e2m1 weight codes and e4m3
+                                core from the scheme record)
+cpu     50        none, nvfp4   :func:`oq_toolkit.wgemm.wgemm` with e2m1 weight codes and e4m3
                                 block scales decoded in registers, times ``1 / global_scale``;
-                                MoE loops over experts
+                                W4A4 quantizes activations with the C nvfp4 quantizer (codes x
+                                block scales, exact in bf16); MoE loops over experts
 triton  100       none          Triton GEMM / fused-MoE grouped GEMM decoding e2m1 nibbles and
                                 e4m3 scales in the K loop (:mod:`oq_plugin_nvfp4.kernels`); CUDA only
 ======  ========  ============  ================================================================
@@ -82,10 +83,22 @@ def _cpu_matmul(method, x2: torch.Tensor, weight: dict, bias=None, out_dtype=tor
     from oq_toolkit import wgemm
 
     q, s, g = weight["qdata"], weight["scale"].contiguous(), weight["global_scale"]
+    grid = (1, NV_BLOCK, s.shape[-1])
+    inv_g = 1.0 / g.float().reshape(-1)[0]
+    if method.activation_key is not None:
+        from oq_plugin_mxfp4.fp4 import dequantize_codes
+
+        from oq_plugin_nvfp4 import cpu
+
+        # W4A4: e2m1 x e4m3 block scale has at most 6 significant bits (exact in bf16); the
+        # activation's 1 / global_scale joins the weight's in the one output multiplier
+        aq, a_s, a_g = cpu.quantize_nvfp4(x2.contiguous(), method.options)
+        vals = dequantize_codes(aq).reshape(aq.shape[0], -1, NV_BLOCK) * a_s.float().unsqueeze(-1)
+        a = vals.reshape(aq.shape[0], -1).to(torch.bfloat16)
+        mul = float(inv_g * (1.0 / a_g.float().reshape(-1)[0]))
+        return wgemm.wgemm(a, wgemm.BF16, None, None, q, wgemm.E2M1, s, grid, bias=bias, out_dtype=out_dtype, w_scale_mul=mul)
     if x2.dtype == torch.bfloat16:
-        inv_g = float(1.0 / g.float().reshape(-1)[0])
-        grid = (1, NV_BLOCK, s.shape[-1])
-        return wgemm.wgemm(x2.contiguous(), wgemm.BF16, None, None, q, wgemm.E2M1, s, grid, bias=bias, out_dtype=out_dtype, w_scale_mul=inv_g)
+        return wgemm.wgemm(x2.contiguous(), wgemm.BF16, None, None, q, wgemm.E2M1, s, grid, bias=bias, out_dtype=out_dtype, w_scale_mul=float(inv_g))
     from oq_plugin_nvfp4.quant import dequantize_nvfp4
 
     y = x2.float() @ dequantize_nvfp4(q, s, g, torch.float32).T
@@ -93,26 +106,26 @@ def _cpu_matmul(method, x2: torch.Tensor, weight: dict, bias=None, out_dtype=tor
 
 
 def backends(kind: str, activation_key) -> list[Backend]:
-    """The forward backends for ``kind`` and one activation key: triton and cpu for none (W4A16);
-    none of its own for dynamic nvfp4 activations (W4A4 runs the core's ``torch`` reference)."""
+    """The forward backends for ``kind`` and one activation key: triton and cpu for none (W4A16),
+    cpu for dynamic nvfp4 activations (W4A4)."""
+    mode = "W4A16" if activation_key is None else "W4A4 (activations quantized by the C nvfp4 quantizer)"
+    cpu = Backend(
+        "cpu",
+        activation_key,
+        _cpu_supported,
+        50,
+        description=f"nvfp4 {mode} on the CPU: fused GEMM decoding e2m1 and e4m3 scales in registers"
+        + ("" if kind == "linear" else ", loop over experts"),
+        forward=(linear_forward_from if kind == "linear" else moe_forward_from)(_cpu_matmul),
+    )
     if activation_key is not None:
-        return []
-    return [
-        Backend(
-            "triton",
-            None,
-            _triton_supported,
-            100,
-            description=f"Triton nvfp4 {'GEMM' if kind == 'linear' else 'fused-MoE grouped GEMM'}, W4A16",
-            forward=guard_driver(_triton_forward_linear if kind == "linear" else _triton_forward_moe),
-        ),
-        Backend(
-            "cpu",
-            None,
-            _cpu_supported,
-            50,
-            description="nvfp4 W4A16 on the CPU: fused GEMM decoding e2m1 and e4m3 scales in registers"
-            + ("" if kind == "linear" else ", loop over experts"),
-            forward=(linear_forward_from if kind == "linear" else moe_forward_from)(_cpu_matmul),
-        ),
-    ]
+        return [cpu]
+    triton = Backend(
+        "triton",
+        None,
+        _triton_supported,
+        100,
+        description=f"Triton nvfp4 {'GEMM' if kind == 'linear' else 'fused-MoE grouped GEMM'}, W4A16",
+        forward=guard_driver(_triton_forward_linear if kind == "linear" else _triton_forward_moe),
+    )
+    return [triton, cpu]
