@@ -1,0 +1,145 @@
+"""Triton NVFP4 weight-only GEMM (W4A16): ``y = x @ W.T (+ b)`` with ``W`` NVFP4 in
+compressed-tensors' convention: packed e2m1 codes (two per byte), one float8_e4m3fn scale per 1x16
+block along K and a float32 global scale ``g`` that is a QUANTIZATION multiplier
+(``g = 448 * 6 / amax``), so ``W ~= e2m1(q) * (scale.float() / g)``.
+
+Each program loads the packed bytes of its ``[BLOCK_K, BLOCK_N]`` weight tile, decodes the nibbles
+(:func:`oq_plugin_mxfp4.kernels.gemm.e2m1_to_f32`) and the e4m3 block scales (:func:`e4m3_to_f32`,
+integer arithmetic) in registers and multiplies them into the tile before the dot: an e2m1 value
+times an e4m3 value has at most 6 significant bits and lies in ``[2**-10, 2688]``, so the product
+is exact in bf16 and fp16 as well as float32, and the dot sees exactly ``e2m1 * scale``. The
+division by the global scale is applied once to the float32 accumulator. So only the float32
+rounding order differs from the reference (``scale.float() / g`` rounded first, per element).
+``BLOCK_K`` is 32 (two NVFP4 blocks per step, the smallest K of a bf16 tensor-core dot is 16);
+``K % 32 == 16`` is handled by masking the last step's upper half.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from oq_plugin_mxfp4.kernels.gemm import check_operands, e2m1_to_f32, load_e2m1_tile
+from oq_plugin_mxfp8.kernels.gemm import f32_dot
+
+NV_BLOCK = 16
+"""Elements per float8_e4m3fn block scale along K."""
+
+
+@triton.jit
+def e4m3_to_f32(byte):
+    """float32 value of float8_e4m3fn bytes (int32 0..255), as ``torch.float8_e4m3fn -> float32``:
+    exponent field E and mantissa m give ``(1 + m/8) * 2**(E - 7)`` (float32 bits
+    ``(E + 120) << 23 | m << 20``), ``m * 2**-9`` for E = 0, NaN for ``0x7F`` / ``0xFF``."""
+    e = (byte >> 3) & 15
+    m = byte & 7
+    normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+    mag = tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)
+    mag = tl.where((byte & 0x7F) == 0x7F, float("nan"), mag)
+    return tl.where((byte & 0x80) != 0, -mag, mag)
+
+
+@triton.jit
+def load_nvfp4_tile(b_rows, bs_rows, k0, K, rk, mask_n):
+    """float32 ``e2m1(q) * scale`` (exact) of elements ``k0 + rk`` of the packed rows at
+    ``b_rows [1, BLOCK_N]`` with e4m3 bytes at ``bs_rows [1, BLOCK_N]``; 0 beyond K or N."""
+    mask = mask_n & (k0 + rk[:, None] < K)
+    code = load_e2m1_tile(b_rows, k0, rk, mask)
+    sc = tl.load(bs_rows + (k0 + rk[:, None]) // 16, mask=mask, other=0).to(tl.int32)
+    return e2m1_to_f32(code) * e4m3_to_f32(sc)
+
+
+@triton.jit
+def _nvfp4_gemm_kernel(
+    a_ptr,
+    b_ptr,
+    bs_ptr,
+    g_ptr,
+    bias_ptr,
+    c_ptr,
+    M,
+    N,
+    K,
+    HAS_BIAS: tl.constexpr,
+    F32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """a ``[M, K]`` bf16/fp16/fp32, b ``[N, K/2]`` packed e2m1, bs ``[N, K/16]`` e4m3 bytes, g ``[1]``
+    float32, c ``[M, N]`` float32. Program (i, j) computes one BLOCK_M x BLOCK_N tile."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    mask_m = rm < M
+    mask_n = rn < N
+    b_rows = b_ptr + rn[None, :].to(tl.int64) * (K // 2)
+    bs_rows = bs_ptr + rn[None, :].to(tl.int64) * (K // 16)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(
+            a_ptr + rm[:, None].to(tl.int64) * K + k0 + rk[None, :],
+            mask=mask_m[:, None] & (k0 + rk[None, :] < K),
+            other=0.0,
+        )
+        b = load_nvfp4_tile(b_rows, bs_rows, k0, K, rk, mask_n[None, :])
+        if F32_DOT:
+            acc += tl.dot(a.to(tl.float32), b, input_precision="ieee")
+        else:
+            acc += tl.dot(a, b.to(a.dtype))
+    acc = acc / tl.load(g_ptr)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(c_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
+
+
+def nvfp4_gemm(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_global: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    block_m: int = 16,
+    block_n: int = 32,
+) -> torch.Tensor:
+    """``a [M, K] @ dequant(w [N, K/2], w_scale [N, K/16], w_global).T (+ bias [N])`` -> float32 ``[M, N]``.
+
+    ``dequant(w)[n, k] = e2m1(code(w, n, k)) * w_scale[n, k // 16].float() / w_global`` (code: low
+    nibble of ``w[n, k // 2]`` for even k, high for odd k; compressed-tensors' NVFP4 bytes).
+    ``a`` bf16/fp16/fp32 (the dot runs in ``a``'s dtype with float32 accumulation, in float32 IEEE
+    for float32 ``a``); ``w`` uint8 (or any 1-byte dtype), ``w_scale`` float8_e4m3fn (or its uint8
+    bytes), ``w_global`` float32 with one element (``[1]``); ``bias`` any float dtype, added in
+    float32 after the global scale. K must be a multiple of 16 (``ValueError`` otherwise, and for any
+    operand whose shape does not match). Runs on CUDA, or on the CPU under ``TRITON_INTERPRET=1``.
+    """
+    M, N, K = check_operands(a, None, w, w_scale, bias, NV_BLOCK, "float8_e4m3fn")
+    if w_global.numel() != 1:
+        raise ValueError(f"w_global must hold one float32 global scale ([1]), got shape {tuple(w_global.shape)}")
+    a = a.contiguous()
+    c = torch.empty((M, N), dtype=torch.float32, device=a.device)
+    if M == 0 or N == 0:
+        return c
+    if K == 0:
+        return c.zero_() if bias is None else c.copy_(bias.float().expand(M, N))
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    _nvfp4_gemm_kernel[grid](
+        a,
+        w.contiguous().view(torch.uint8),
+        w_scale.contiguous().view(torch.uint8),
+        w_global.reshape(1).to(torch.float32).contiguous(),
+        bias.contiguous() if bias is not None else c,
+        c,
+        M,
+        N,
+        K,
+        HAS_BIAS=bias is not None,
+        F32_DOT=f32_dot(a.dtype),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=32,
+    )
+    return c
