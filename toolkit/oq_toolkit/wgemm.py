@@ -112,17 +112,20 @@ E4M3 = 1
 """``a_fmt`` / ``q_fmt``: float8_e4m3fn codes."""
 INT8 = 2
 """``a_fmt`` / ``q_fmt``: int8 codes."""
+E2M1 = 3
+"""``q_fmt``: 4-bit e2m1 weight codes, two per byte: ``q`` uint8 ``[N, K/2]``, element ``2j`` in the
+low nibble of byte ``j`` (values 0, .5, 1, 1.5, 2, 3, 4, 6; bit 3 the sign). Weights only."""
 
 PATH_AUTO, PATH_AMX, PATH_BF16, PATH_SCALAR = 0, 1, 2, 3
 """Kernel paths of ``csrc/wgemm.c`` (``path=`` of :func:`wgemm_eager` forces one, for tests and benchmarks)."""
 
-_SK_NONE, _SK_F32, _SK_E8M0 = 0, 1, 2
+_SK_NONE, _SK_F32, _SK_E8M0, _SK_E4M3 = 0, 1, 2, 3
 
 
 def _bind(lib) -> None:
     """Declare the ctypes signatures of ``oq_wgemm``, ``oq_wgemm_v`` and ``oq_wgemm_paths``."""
     P, I, C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.oq_wgemm.argtypes = [C, C, I, I, I, P, C, P, C, I, I, I, P, C, P, C, I, I, I, P, C, P]
+    lib.oq_wgemm.argtypes = [C, C, I, I, I, P, C, P, C, I, I, I, P, C, P, C, I, I, I, P, C, P, ctypes.c_float]
     lib.oq_wgemm.restype = C
     lib.oq_wgemm_v.argtypes = [P]
     lib.oq_wgemm_v.restype = C
@@ -162,14 +165,20 @@ def kernel_status() -> tuple[bool, str]:
 
 
 def _codes(t: torch.Tensor, fmt: int, what: str) -> torch.Tensor:
+    if fmt == E2M1 and what == "q":
+        if t.dtype not in _E2M1_DTYPES:
+            raise ValueError(f"q: E2M1 weights are packed uint8 codes [N, K/2] (two per byte), got {t.dtype}")
+        return t
     if fmt not in (E4M3, INT8):
-        raise ValueError(f"{what}: format {fmt} is not E4M3 ({E4M3}) or INT8 ({INT8})")
+        allowed = f"E4M3 ({E4M3}), INT8 ({INT8}) or E2M1 ({E2M1})" if what == "q" else f"E4M3 ({E4M3}) or INT8 ({INT8})"
+        raise ValueError(f"{what}: format {fmt} is not {allowed}")
     if t.element_size() != 1 or t.dtype == torch.bool:
         raise ValueError(f"{what}: expected 1-byte codes (uint8 / int8 / float8_e4m3fn), got {t.dtype}")
     return t  # the bytes are what the kernel reads (a view would cost ~1 us per call)
 
 
 _E8M0_DTYPES = (torch.uint8, getattr(torch, "float8_e8m0fnu", torch.uint8))
+_E2M1_DTYPES = (torch.uint8,) + ((torch.float4_e2m1fn_x2,) if hasattr(torch, "float4_e2m1fn_x2") else ())
 
 
 def _scale(s: Optional[torch.Tensor], grid, rows: int, k: int, what: str):
@@ -182,8 +191,10 @@ def _scale(s: Optional[torch.Tensor], grid, rows: int, k: int, what: str):
         kind = _SK_F32
     elif s.dtype in _E8M0_DTYPES:
         kind, s = _SK_E8M0, s.view(torch.uint8)
+    elif s.dtype == torch.float8_e4m3fn:
+        kind, s = _SK_E4M3, s.view(torch.uint8)
     else:
-        raise ValueError(f"{what}: scales must be float32 or e8m0 bytes (uint8 / float8_e8m0fnu), got {s.dtype}")
+        raise ValueError(f"{what}: scales must be float32 or e8m0 bytes (uint8 / float8_e8m0fnu), or float8_e4m3fn, got {s.dtype}")
     try:
         gr, gc, ld = grid
         gr, gc, ld = int(gr), int(gc), int(ld)
@@ -218,17 +229,18 @@ def _epilogue(bias, out_dtype, n: int):
     return bias, int(out_dtype == torch.bfloat16)
 
 
-_ARGS = struct.Struct("22q")
+_ARGS = struct.Struct("22qf4x")
 _TLS = threading.local()
 
 
 def _call(lib, *args) -> int:
     """``oq_wgemm(*args)`` through ``oq_wgemm_v``: the 22 integer arguments (pointers as addresses,
-    0 for none) packed into this thread's int64 buffer, one ctypes argument instead of 22
-    converted ones (~3 us less per call)."""
+    0 for none) and the float32 ``w_scale_mul`` (bits in the low half of a 23rd int64, little
+    endian) packed into this thread's int64 buffer, one ctypes argument instead of 23 converted
+    ones (~3 us less per call)."""
     buf = getattr(_TLS, "buf", None)
     if buf is None:
-        buf = _TLS.buf = (ctypes.c_int64 * 22)()
+        buf = _TLS.buf = (ctypes.c_int64 * 23)()
         _TLS.addr = ctypes.addressof(buf)
     _ARGS.pack_into(buf, 0, *args)
     return lib.oq_wgemm_v(_TLS.addr)
@@ -244,7 +256,12 @@ def _prepare(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid):
         raise ValueError(f"expected a [M, K] and q [N, K], got {tuple(a.shape)} and {tuple(q.shape)}")
     m, k = a.shape
     n, kq = q.shape
-    if k != kq:
+    if q_fmt == E2M1:
+        if k % 2:
+            raise ValueError(f"q_fmt=E2M1 packs two codes per byte: K must be even, got a [M, K] = {tuple(a.shape)}")
+        if kq * 2 != k:
+            raise ValueError(f"q: E2M1 weights are [N, K/2] = [N, {k // 2}] bytes for a [M, K={k}], got {tuple(q.shape)}")
+    elif k != kq:
         raise ValueError(f"expected a [M, K] and q [N, K], got {tuple(a.shape)} and {tuple(q.shape)}")
     if not a.is_contiguous() or not q.is_contiguous():
         raise ValueError("a and q must be contiguous")
@@ -253,12 +270,36 @@ def _prepare(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid):
             raise ValueError(f"a_fmt=BF16 needs torch.bfloat16 activations, got {a.dtype}")
     else:
         a = _codes(a, a_fmt, "a")
+    if q_fmt == E2M1 and q.dtype != torch.uint8:
+        q = q.view(torch.uint8)
     q = _codes(q, q_fmt, "q")
     sa = _scale(a_scale, a_grid, m, k, "a_scale")
     sw = _scale(w_scale, w_grid, n, k, "w_scale")
     if a_fmt == BF16 and sa[1] == _SK_E8M0:  # bf16 values are not in a range where folding is exact
         sa = (_e8m0_to_f32(sa[0]), _SK_F32, *sa[2:])
+    # e4m3 scales are folded into e2m1 weights only (products exact in bf16); elsewhere float32 (exact)
+    if sa[1] == _SK_E4M3:
+        sa = (_e4m3_to_f32(sa[0]), _SK_F32, *sa[2:])
+    if sw[1] == _SK_E4M3 and q_fmt != E2M1:
+        sw = (_e4m3_to_f32(sw[0]), _SK_F32, *sw[2:])
     return a, a_fmt, sa, q, q_fmt, sw
+
+
+def _e4m3_to_f32(b: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn scale bytes -> float32 (exact; 0x7F / 0xFF -> NaN)."""
+    return b.view(torch.float8_e4m3fn).float()
+
+
+def _wmul(w_scale_mul) -> float:
+    """``w_scale_mul`` checked: a finite or non-finite Python / 0-dim number, as float32."""
+    if isinstance(w_scale_mul, torch.Tensor):
+        if w_scale_mul.numel() != 1:
+            raise ValueError(f"w_scale_mul: expected one number, got a tensor of shape {tuple(w_scale_mul.shape)}")
+        w_scale_mul = w_scale_mul.item()
+    if isinstance(w_scale_mul, bool) or not isinstance(w_scale_mul, (int, float)):
+        raise ValueError(f"w_scale_mul: expected a float, got {type(w_scale_mul).__name__}")
+    v = float(w_scale_mul)
+    return v if v == 1.0 else float(torch.tensor(v, dtype=torch.float32))
 
 
 def _e8m0_to_f32(e: torch.Tensor) -> torch.Tensor:
@@ -272,11 +313,13 @@ def _e8m0_to_f32(e: torch.Tensor) -> torch.Tensor:
 
 
 def wgemm(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid, *, bias: Optional[torch.Tensor] = None,
-          out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+          out_dtype: torch.dtype = torch.float32, w_scale_mul: float = 1.0) -> torch.Tensor:
     """``[M, N] = A @ W^T (+ bias)`` for 8-bit weight codes (see the module docstring for the
     arguments, grid convention and error bound). ``bias``: ``None`` or ``[N]`` float32 / bfloat16 / float16 (widened exactly),
     added to the float32 sum; ``out_dtype``: ``torch.float32`` (default) or ``torch.bfloat16`` (one
-    round to nearest even of the biased float32 sum: bit-identical to ``(y + bias).to(out_dtype)``).
+    round to nearest even of the biased float32 sum: bit-identical to ``(y + bias).to(out_dtype)``);
+    ``w_scale_mul``: a float32 multiplier of the whole product (e.g. nvfp4's ``1 / global_scale``),
+    applied once per output to the float32 sum, before the bias.
 
     Eager calls run :func:`wgemm_eager` directly; under ``torch.compile`` the call is the opaque
     custom op ``oq_toolkit::wgemm`` (no graph break, the eager result). Raises ``ValueError`` for
@@ -285,12 +328,12 @@ def wgemm(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid, *, bias: Optiona
     if torch.compiler.is_compiling():
         ag = tuple(int(v) for v in a_grid) if a_scale is not None else (1, 1, 1)
         wg = tuple(int(v) for v in w_grid) if w_scale is not None else (1, 1, 1)
-        return torch.ops.oq_toolkit.wgemm(a, int(a_fmt), a_scale, *ag, q, int(q_fmt), w_scale, *wg, bias, out_dtype)
-    return wgemm_eager(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid, bias=bias, out_dtype=out_dtype)
+        return torch.ops.oq_toolkit.wgemm(a, int(a_fmt), a_scale, *ag, q, int(q_fmt), w_scale, *wg, bias, out_dtype, float(w_scale_mul))
+    return wgemm_eager(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid, bias=bias, out_dtype=out_dtype, w_scale_mul=w_scale_mul)
 
 
 def wgemm_eager(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid, *, bias: Optional[torch.Tensor] = None,
-                out_dtype: torch.dtype = torch.float32, path: int = PATH_AUTO, lib=None) -> torch.Tensor:
+                out_dtype: torch.dtype = torch.float32, w_scale_mul: float = 1.0, path: int = PATH_AUTO, lib=None) -> torch.Tensor:
     """:func:`wgemm` without the compile dispatch. ``path`` forces a kernel path (``PATH_*``; one
     this CPU cannot run, or a grid the fast paths do not take, runs the portable loops); ``lib`` a
     library (e.g. a ``-DOQ_GENERIC`` build); :func:`wgemm_reference` runs when none loads."""
@@ -299,21 +342,22 @@ def wgemm_eager(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid, *, bias: O
     m, k = a.shape
     n = q.shape[0]
     bias, out_bf16 = _epilogue(bias, out_dtype, n)
+    wmul = _wmul(w_scale_mul)
     if lib is None:
-        return _finish(_reference(a, a_fmt, (sa, ska, ar, ac, ald), q, q_fmt, (sw, skw, gr, gc, wld)), bias, out_dtype)
+        return _finish(_reference(a, a_fmt, (sa, ska, ar, ac, ald), q, q_fmt, (sw, skw, gr, gc, wld), wmul), bias, out_dtype)
     y = torch.empty(m, n, dtype=out_dtype)
     nthreads = torch.get_num_threads()
     ap, qp, yp = a.data_ptr(), q.data_ptr(), y.data_ptr()
     bp = bias.data_ptr() if bias is not None else 0
     r = _call(lib, path, nthreads, m, n, k, ap, a_fmt, sa.data_ptr() if sa is not None else 0, ska, ar, ac, ald,
-              qp, q_fmt, sw.data_ptr() if sw is not None else 0, skw, gr, gc, wld, bp, out_bf16, yp)
+              qp, q_fmt, sw.data_ptr() if sw is not None else 0, skw, gr, gc, wld, bp, out_bf16, yp, wmul)
     if r == -2:  # an e8m0 byte outside the exactly-foldable range: those scales as float32 chunks
         if ska == _SK_E8M0:
             sa, ska = _e8m0_to_f32(sa), _SK_F32
         if skw == _SK_E8M0:
             sw, skw = _e8m0_to_f32(sw), _SK_F32
         r = _call(lib, path, nthreads, m, n, k, ap, a_fmt, sa.data_ptr() if sa is not None else 0, ska, ar, ac, ald,
-                  qp, q_fmt, sw.data_ptr() if sw is not None else 0, skw, gr, gc, wld, bp, out_bf16, yp)
+                  qp, q_fmt, sw.data_ptr() if sw is not None else 0, skw, gr, gc, wld, bp, out_bf16, yp, wmul)
     if r < 0:
         raise MemoryError(f"oq_wgemm: could not allocate its buffers for M={m}, N={n}, K={k}")
     return y
@@ -332,35 +376,49 @@ def _dequant(t: torch.Tensor, fmt: int, s, kind: int, gr: int, gc: int, ld: int,
         x = t.float()
     elif fmt == E4M3:
         x = t.view(torch.float8_e4m3fn).float()
+    elif fmt == E2M1:
+        b = t.view(torch.uint8)
+        codes = torch.stack((b & 0x0F, b >> 4), dim=-1).reshape(b.shape[0], b.shape[1] * 2)
+        x = _E2M1_VALUES[codes.long()]
     else:
         x = t.view(torch.int8).float()
     if kind == _SK_NONE:
         return x
-    sf = s.reshape(-1).float() if kind == _SK_F32 else _e8m0_to_f32(s.reshape(-1))
+    if kind == _SK_F32:
+        sf = s.reshape(-1).float()
+    elif kind == _SK_E4M3:
+        sf = _e4m3_to_f32(s.reshape(-1))
+    else:
+        sf = _e8m0_to_f32(s.reshape(-1))
     r, k = x.shape
     idx = (torch.arange(r0, r0 + r) // gr)[:, None] * ld + (torch.arange(k) // gc)[None, :]
     return x * sf[idx]
 
 
-def _reference(a, a_fmt, sa, q, q_fmt, sw) -> torch.Tensor:
+_E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def _reference(a, a_fmt, sa, q, q_fmt, sw, wmul: float = 1.0) -> torch.Tensor:
     af = _dequant(a, a_fmt, *sa)
-    n = q.shape[0]
+    n, k = q.shape[0], a.shape[1]
     y = torch.empty(a.shape[0], n, dtype=torch.float32)
-    rows = max(1, (16 << 20) // max(4 * q.shape[1], 1))  # float32 weight tiles of 16 MiB, never the whole weight
+    rows = max(1, (16 << 20) // max(4 * k, 1))  # float32 weight tiles of 16 MiB, never the whole weight
     for n0 in range(0, n, rows):
         n1 = min(n, n0 + rows)
         y[:, n0:n1] = torch.mm(af, _dequant(q[n0:n1], q_fmt, *sw, r0=n0).t())
+    if wmul != 1.0:
+        y *= wmul
     return y
 
 
 def wgemm_reference(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid, *, bias: Optional[torch.Tensor] = None,
-                    out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                    out_dtype: torch.dtype = torch.float32, w_scale_mul: float = 1.0) -> torch.Tensor:
     """The same product with torch ops (float32 dequantization of ``A`` and of ``W`` in tiles of
-    rows, then ``torch.mm``, then ``+ bias`` and ``.to(out_dtype)``): what :func:`wgemm` runs
-    without the compiled library."""
+    rows, then ``torch.mm``, then ``* w_scale_mul``, ``+ bias`` and ``.to(out_dtype)``): what
+    :func:`wgemm` runs without the compiled library."""
     a, a_fmt, sa, q, q_fmt, sw = _prepare(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid)
     bias, _ = _epilogue(bias, out_dtype, q.shape[0])
-    return _finish(_reference(a, a_fmt, sa, q, q_fmt, sw), bias, out_dtype)
+    return _finish(_reference(a, a_fmt, sa, q, q_fmt, sw, _wmul(w_scale_mul)), bias, out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,16 +429,16 @@ def wgemm_reference(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid, *, bia
 def _wgemm_op(
     a: torch.Tensor, a_fmt: int, a_scale: Optional[torch.Tensor], ar: int, ac: int, ald: int,
     q: torch.Tensor, q_fmt: int, w_scale: Optional[torch.Tensor], gr: int, gc: int, wld: int,
-    bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.float32,
+    bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.float32, w_scale_mul: float = 1.0,
 ) -> torch.Tensor:
     """:func:`wgemm_eager` as one op (grids passed as their three integers)."""
     return wgemm_eager(
         a.contiguous(), a_fmt, a_scale.contiguous() if a_scale is not None else None, (ar, ac, ald),
         q.contiguous(), q_fmt, w_scale.contiguous() if w_scale is not None else None, (gr, gc, wld),
-        bias=bias, out_dtype=out_dtype,
+        bias=bias, out_dtype=out_dtype, w_scale_mul=w_scale_mul,
     )
 
 
 @_wgemm_op.register_fake
-def _wgemm_fake(a, a_fmt, a_scale, ar, ac, ald, q, q_fmt, w_scale, gr, gc, wld, bias=None, out_dtype=torch.float32):
+def _wgemm_fake(a, a_fmt, a_scale, ar, ac, ald, q, q_fmt, w_scale, gr, gc, wld, bias=None, out_dtype=torch.float32, w_scale_mul=1.0):
     return a.new_empty((a.shape[0], q.shape[0]), dtype=out_dtype)

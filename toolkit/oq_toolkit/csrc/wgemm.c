@@ -43,9 +43,14 @@
 #define WG_AMX 1
 #endif
 
-enum { FMT_BF16 = 0, FMT_E4M3 = 1, FMT_INT8 = 2 };
-enum { SK_NONE = 0, SK_F32 = 1, SK_E8M0 = 2 };
+enum { FMT_BF16 = 0, FMT_E4M3 = 1, FMT_INT8 = 2, FMT_E2M1 = 3 };
+enum { SK_NONE = 0, SK_F32 = 1, SK_E8M0 = 2, SK_E4M3 = 3 };
 enum { PATH_AUTO = 0, PATH_AMX = 1, PATH_BF16 = 2, PATH_SCALAR = 3 };
+
+/* e2m1 weights: the AVX512-BF16 path runs the in-register decode (run_e2m1_gemv) up to this M,
+   and PATH_AUTO picks it over AMX up to E2M1_AUTO_MAX_M (measured, see oq_toolkit.wgemm) */
+#define E2M1_GEMV_MAX_M 16
+#define E2M1_AUTO_MAX_M 16
 
 typedef struct {
     int64_t M, N, K, Kp;           /* Kp: K rounded up to 32 */
@@ -60,6 +65,7 @@ typedef struct {
     const int64_t *ck0, *ck1, *acol, *wcol;
     const int64_t* arow;           /* (m / ar) * ald per row of M (float32 activation scales) */
     int* bad;                      /* set when an e8m0 scale cannot be folded exactly (vector paths) */
+    float wmul;                    /* multiplier of every float32 sum before the bias (1: none) */
 } WG;
 
 /* ---------------------------------------------------------------------------------------------
@@ -76,6 +82,17 @@ static inline float dec_e4m3(uint8_t b) {
 
 static inline float dec_code(uint8_t b, int fmt) { return fmt == FMT_INT8 ? (float)(int8_t)b : dec_e4m3(b); }
 
+/* e2m1 code (low 4 bits) -> float32: magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6, sign bit 3 */
+static const float E2M1_F32[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f, -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+
+/* Element k of row `row` of a [rows, K] operand of format fmt (E2M1: K/2 bytes per row, element
+   2j in the low nibble of byte j) -> float32, exact */
+static inline float dec_at(const uint8_t* base, int fmt, int64_t K, int64_t row, int64_t k) {
+    if (fmt != FMT_E2M1) return dec_code(base[row * K + k], fmt);
+    uint8_t b = base[row * (K / 2) + k / 2];
+    return E2M1_F32[(k & 1) ? b >> 4 : b & 15];
+}
+
 /* e8m0 byte -> float32: 2^(e-127), byte 0 -> 2^-126 (oq_plugin_mxfp8.quant.exponent_to_scale) */
 static inline float e8m0_f32(uint8_t e) { return f32_bits(e == 0 ? 0x00800000u : (e == 255 ? 0x7FC00000u : (uint32_t)e << 23)); }
 
@@ -84,6 +101,7 @@ static inline float e8m0_f32(uint8_t e) { return f32_bits(e == 0 ? 0x00800000u :
 static inline float grid_f32(const void* s, int kind, int64_t gr_, int64_t gc_, int64_t ld, int64_t r, int64_t k) {
     if (kind == SK_NONE) return 1.0f;
     int64_t i = (r / gr_) * ld + k / gc_;
+    if (kind == SK_E4M3) return dec_e4m3(((const uint8_t*)s)[i]);
     return kind == SK_F32 ? ((const float*)s)[i] : e8m0_f32(((const uint8_t*)s)[i]);
 }
 
@@ -115,6 +133,7 @@ static inline uint16_t f32_to_bf16_rne(float f) {
 
 /* The epilogue of one output element: y[m, n] = v (+ bias[n]), as float32 or bf16 */
 static inline void out1(const WG* p, int64_t m, int64_t n, float v) {
+    if (p->wmul != 1.0f) v *= p->wmul;
     if (p->bias) v += p->bias[n];
     if (p->out_bf16) ((uint16_t*)p->y)[m * p->N + n] = f32_to_bf16_rne(v);
     else ((float*)p->y)[m * p->N + n] = v;
@@ -160,8 +179,9 @@ static int run_scalar(const WG* p, int nthreads) {
         for (int64_t n = 0; n < N; n++) {
             if (!w) continue;
             for (int64_t k = 0; k < K; k++) {
-                float v = dec_code(p->q[n * K + k], p->q_fmt);
-                if (p->ws_kind == SK_E8M0) v *= grid_f32(p->ws, SK_E8M0, p->gr, p->gc, p->wld, n, k);
+                float v = dec_at(p->q, p->q_fmt, K, n, k);
+                /* e8m0 and e4m3 (E2M1 weights only) scales folded: products of <= 6 significant bits, exact */
+                if (p->ws_kind == SK_E8M0 || p->ws_kind == SK_E4M3) v *= grid_f32(p->ws, p->ws_kind, p->gr, p->gc, p->wld, n, k);
                 w[k] = v;
             }
             for (int64_t m = 0; m < M; m++) {
@@ -220,6 +240,94 @@ static inline __m512i dec32(const uint8_t* p, int64_t r, int fmt, __m512i sub_ta
     return _mm512_ternarylogic_epi32(r16, _mm512_slli_epi16(v, 8), _mm512_set1_epi16((short)0x8000), 0xF8);
 }
 
+/* ---------------------------------------------------------------------------------------------
+   e2m1 (4-bit) weights: 32 codes (16 bytes, element 2j in the low nibble of byte j) -> 32 bf16
+   through a 16-entry table per 16 elements, vpermw. The tables are the bf16 values of
+   e2m1(c) * scale for every scale byte (e8m0: 2^(e-127); e4m3: the float8_e4m3fn value): both
+   products are exact in bf16 (<= 2 + 4 significant bits; e8m0 bytes 2..252 keep every nonzero
+   product a normal bf16, other bytes set *bad; e4m3 products lie in [2^-10, 2688]). */
+
+static uint16_t E2M1_LUT_E8M0[256][16] __attribute__((aligned(64)));
+static uint16_t E2M1_LUT_E4M3[256][16] __attribute__((aligned(64)));
+
+/* the scale of an e4m3 grid byte (0x7F / 0xFF: NaN) */
+static inline float e4m3_scale_f32(uint8_t b) { return (b & 0x7Fu) == 0x7Fu ? f32_bits(0x7FC00000u) : dec_e4m3(b); }
+
+__attribute__((constructor)) static void e2m1_tables(void) {
+    for (int b = 0; b < 256; b++)
+        for (int c = 0; c < 16; c++) {
+            E2M1_LUT_E8M0[b][c] = f32_to_bf16_rne(E2M1_F32[c] * e8m0_f32((uint8_t)b));
+            E2M1_LUT_E4M3[b][c] = f32_to_bf16_rne(E2M1_F32[c] * e4m3_scale_f32((uint8_t)b));
+        }
+}
+
+static inline int e8m0_e2m1_bad(uint8_t e) { return e < 2 || e > 252; }
+
+/* The 32-entry table of 32 elements: lanes 0..15 the table of byte s0 (elements 0..15), 16..31
+   of byte s1 (elements 16..31) */
+static inline __attribute__((always_inline)) __m512i e2m1_lut(const uint16_t (*lut)[16], uint8_t s0, uint8_t s1) {
+    if (s0 == s1) return _mm512_broadcast_i64x4(_mm256_load_si256((const __m256i*)lut[s0]));
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_load_si256((const __m256i*)lut[s0])),
+                              _mm256_load_si256((const __m256i*)lut[s1]), 1);
+}
+
+/* nbytes (<= 16; 16 = 32 codes) packed codes at p -> 32 bf16 through table t (e2m1_lut); split:
+   the two halves' tables differ (index bit 4 selects the half; else bit 4 is don't-care, both
+   halves being the same table). Bytes past nbytes decode as code 0. */
+static inline __attribute__((always_inline)) __m512i dec_e2m1_32(const uint8_t* p, int64_t nbytes, __m512i t, int split) {
+    __mmask16 m = nbytes >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nbytes) - 1u);
+    __m512i v = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, p)); /* byte j -> dword j */
+    /* dword j = (b & 15) | (b >> 4) << 16: word 2j = element 2j, word 2j + 1 = element 2j + 1 */
+    __m512i idx;
+    if (split) {
+        idx = _mm512_ternarylogic_epi32(v, _mm512_slli_epi32(v, 12), _mm512_set1_epi32(0x000F000F), 0xA8); /* (A | B) & C */
+        idx = _mm512_or_si512(idx, _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi32(0x00100010), 1));
+    } else {
+        idx = _mm512_or_si512(v, _mm512_slli_epi32(v, 12)); /* bits 0..3 of each word are the code; bit 4 ignored */
+    }
+    return _mm512_permutexvar_epi16(idx, t);
+}
+
+/* Group bookkeeping of a weight row's scale grid along K in steps of 32 (group size gc, a
+   multiple of 16 or >= K): g = group of element k, in = k - (start of g) */
+typedef struct { int64_t g, in, gc, K; } GPos;
+
+static inline GPos gpos_at(int64_t k0, int64_t gc, int64_t K) { GPos r = {k0 / gc, k0 % gc, gc, K}; return r; }
+
+/* the groups of elements k and k + 16 (the second half of the 32; the first past K: same group) */
+static inline __attribute__((always_inline)) int64_t gpos_g1(const GPos* s, int64_t k) {
+    return (s->in + 16 >= s->gc && k + 16 < s->K) ? s->g + 1 : s->g;
+}
+
+static inline __attribute__((always_inline)) void gpos_step(GPos* s) {
+    s->in += 32;
+    while (s->in >= s->gc) { s->in -= s->gc; s->g++; }
+}
+
+/* Values [k0, k1) (multiples of 32) of e2m1 row `row` as bf16, scales folded (see dec_span) */
+static inline void dec_span_e2m1(const uint8_t* base, int64_t row, int64_t K, int64_t k0, int64_t k1, const void* s, int skind,
+                                 int64_t g_r, int64_t g_c, int64_t ld, uint16_t* out, int64_t ostep, int* bad) {
+    const uint8_t* src = base + row * (K / 2);
+    const int folded = skind == SK_E8M0 || skind == SK_E4M3;
+    const uint8_t* srow = folded ? (const uint8_t*)s + (row / g_r) * ld : NULL;
+    const uint16_t (*lut)[16] = skind == SK_E4M3 ? E2M1_LUT_E4M3 : E2M1_LUT_E8M0;
+    GPos gp = gpos_at(k0, folded ? g_c : K + 32, K);
+    for (int64_t k = k0; k < k1; k += 32, gpos_step(&gp)) {
+        __m512i v = _mm512_setzero_si512();
+        if (k < K) {
+            uint8_t s0 = 127, s1 = 127;
+            if (srow) {
+                s0 = srow[gp.g];
+                s1 = srow[gpos_g1(&gp, k)];
+                if (skind == SK_E8M0 && (e8m0_e2m1_bad(s0) | e8m0_e2m1_bad(s1))) *bad = 1;
+            }
+            __builtin_prefetch(src + k / 2 + 1024, 0, 3);
+            v = dec_e2m1_32(src + k / 2, (K - k) / 2, e2m1_lut(lut, s0, s1), s0 != s1);
+        }
+        _mm512_storeu_si512(out + ((k - k0) / 32) * ostep, v);
+    }
+}
+
 /* Row `row` (of `rows` valid) of an operand as Kp bf16 values at out: codes decoded (e8m0 folded)
    or bf16 copied; zeros past K, and a zero row past `rows`. */
 static inline void dec_span(const void* base, int fmt, int64_t row, int64_t rows, int64_t K, int64_t k0, int64_t k1,
@@ -228,6 +336,10 @@ static inline void dec_span(const void* base, int fmt, int64_t row, int64_t rows
     /* values [k0, k1) of the row (k0, k1 multiples of 32); block k / 32 goes to out + ((k - k0) / 32) * ostep */
     if (row >= rows) {
         for (int64_t k = k0; k < k1; k += 32) _mm512_storeu_si512(out + ((k - k0) / 32) * ostep, _mm512_setzero_si512());
+        return;
+    }
+    if (fmt == FMT_E2M1) {
+        dec_span_e2m1((const uint8_t*)base, row, K, k0, k1, s, skind, g_r, g_c, ld, out, ostep, bad);
         return;
     }
     if (fmt == FMT_BF16) {
@@ -328,6 +440,123 @@ static int run_bf16(const WG* p, int nthreads) {
     }
     return fail ? -1 : PATH_BF16;
 }
+
+/* ---------------------------------------------------------------------------------------------
+   e2m1 weights, small M (AVX512-BF16 path, also chosen by PATH_AUTO up to E2M1_GEMV_MAX_M): the
+   codes are decoded in registers (dec_e2m1_32) and used at once by vdpbf16ps against MB <= 4
+   activation rows; 4 weight rows per block, so the 4-bit stream is read once at memory speed and
+   never written back decoded. Same chunking and scaling as bf16_block. */
+
+/* 1 when an e8m0 scale byte of weight rows n0..n0+3 cannot be folded into e2m1 values exactly */
+static int e2m1_block_bad(const WG* p, int64_t n0) {
+    if (p->ws_kind != SK_E8M0) return 0;
+    const int64_t per_row = (p->K - 1) / p->gc + 1;
+    int bad = 0;
+    for (int i = 0; i < 4 && n0 + i < p->N; i++) {
+        if (i > 0 && (n0 + i) / p->gr == (n0 + i - 1) / p->gr) continue;
+        const uint8_t* sr = (const uint8_t*)p->ws + ((n0 + i) / p->gr) * p->wld;
+        for (int64_t j = 0; j < per_row; j++) bad |= (uint8_t)(sr[j] - 2) > 250;
+    }
+    return bad;
+}
+
+/* mode (a compile-time constant at each call): 0 no folded weight scale (one table), 1 one scale
+   byte per 32 codes (folded group size a multiple of 32), 2 two (a multiple of 16 only); 3 and 4:
+   modes 1 and 2 with groups of exactly 32 / 16 (mxfp4 / nvfp4: group index k / 32 or k / 16) */
+static inline __attribute__((always_inline)) void e2m1_block(const WG* p, const int MB, const int mode, const uint16_t* ab, int64_t n0, int64_t m0) {
+    const int64_t Kp = p->Kp, N = p->N, M = p->M, K = p->K;
+    const uint16_t (*lut)[16] = p->ws_kind == SK_E4M3 ? E2M1_LUT_E4M3 : E2M1_LUT_E8M0;
+    const __m512i t_one = _mm512_broadcast_i64x4(_mm256_load_si256((const __m256i*)E2M1_LUT_E8M0[127]));
+    const __m512i hsel = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi32(0x00100010), 1);
+    const __m512i lo4 = _mm512_set1_epi32(0x000F000F);
+    const uint8_t* src[4];
+    const uint8_t* srow[4];
+    int64_t wro[4];
+    for (int i = 0; i < 4; i++) {
+        int64_t n = n0 + i < N ? n0 + i : N - 1; /* rows past N repeat the last one (not stored) */
+        src[i] = p->q + n * (K / 2);
+        wro[i] = (n / p->gr) * p->wld;
+        srow[i] = mode ? (const uint8_t*)p->ws + wro[i] : NULL;
+    }
+    __m512 tot[4][4];
+    for (int i = 0; i < 4; i++) for (int j = 0; j < MB; j++) tot[i][j] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < p->nck; c++) {
+        int64_t k0 = p->ck0[c], k1 = p->ck1[c];
+        __m512 acc[4][4];
+        for (int i = 0; i < 4; i++) for (int j = 0; j < MB; j++) acc[i][j] = _mm512_setzero_ps();
+        GPos gp = gpos_at(k0, mode ? p->gc : K + 32, K);
+        for (int64_t k = k0; k < k1; k += 32, gpos_step(&gp)) {
+            __m512bh w[4], x[4];
+            const int full = k + 32 <= K;
+            const int64_t g0 = mode == 3 ? k >> 5 : mode == 4 ? k >> 4 : gp.g;
+            const int64_t g1 = mode == 2 ? gpos_g1(&gp, k) : mode == 4 ? (k + 16 < K ? g0 + 1 : g0) : g0;
+            for (int i = 0; i < 4; i++) {
+                __m512i t = t_one;
+                if (mode == 1 || mode == 3) t = _mm512_broadcast_i64x4(_mm256_load_si256((const __m256i*)lut[srow[i][g0]]));
+                if (mode == 2 || mode == 4) /* two tables, no test of equality (a data-dependent branch) */
+                    t = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_load_si256((const __m256i*)lut[srow[i][g0]])),
+                                           _mm256_load_si256((const __m256i*)lut[srow[i][g1]]), 1);
+                if ((k & 127) == 0) __builtin_prefetch(src[i] + k / 2 + 1024, 0, 3);
+                __m128i raw = full ? _mm_loadu_si128((const __m128i*)(src[i] + k / 2))
+                                   : _mm_maskz_loadu_epi8((__mmask16)((1u << ((K - k) / 2)) - 1u), src[i] + k / 2);
+                __m512i v = _mm512_cvtepu8_epi32(raw);
+                __m512i idx = (mode == 2 || mode == 4) ? _mm512_or_si512(_mm512_ternarylogic_epi32(v, _mm512_slli_epi32(v, 12), lo4, 0xA8), hsel)
+                                        : _mm512_or_si512(v, _mm512_slli_epi32(v, 12));
+                w[i] = (__m512bh)_mm512_permutexvar_epi16(idx, t);
+            }
+            for (int j = 0; j < MB; j++) x[j] = (__m512bh)_mm512_loadu_si512(ab + (m0 + j) * Kp + k);
+            for (int i = 0; i < 4; i++) for (int j = 0; j < MB; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], w[i], x[j]);
+        }
+        for (int i = 0; i < 4; i++) {
+            float sw = sw_at(p, wro[i], c);
+            for (int j = 0; j < MB; j++)
+                tot[i][j] = _mm512_fmadd_ps(acc[i][j], _mm512_set1_ps(sa_at(p, m0 + j < M ? m0 + j : 0, c) * sw), tot[i][j]);
+        }
+    }
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < MB; j++)
+            if (n0 + i < N && m0 + j < M) out1(p, m0 + j, n0 + i, _mm512_reduce_add_ps(tot[i][j]));
+}
+
+/* every row of M against weight rows n0..n0+3, in blocks of 4 rows of M */
+static inline __attribute__((always_inline)) void e2m1_rows(const WG* p, const int mode, const uint16_t* ab, int64_t n0) {
+    const int64_t M = p->M;
+    int64_t m0 = 0;
+    for (; m0 + 4 <= M; m0 += 4) e2m1_block(p, 4, mode, ab, n0, m0);
+    switch (M - m0) {
+    case 3: e2m1_block(p, 3, mode, ab, n0, m0); break;
+    case 2: e2m1_block(p, 2, mode, ab, n0, m0); break;
+    case 1: e2m1_block(p, 1, mode, ab, n0, m0); break;
+    default: break;
+    }
+}
+
+static int run_e2m1_gemv(const WG* p, int nthreads) {
+    const int64_t M = p->M, N = p->N, Kp = p->Kp;
+    const __m512i tab = subnormal_table();
+    const int64_t Mp = (M + 3) / 4 * 4;
+    uint16_t* ab = (uint16_t*)tls_buf(0, (size_t)Mp * Kp * 2);
+    if (!ab) return -1;
+    for (int64_t m = 0; m < Mp; m++)
+        dec_row(p->a, p->a_fmt, m, M, p->K, Kp, p->as, p->as_kind, p->ar, p->ac, p->ald, tab, ab + m * Kp, 32, p->bad);
+    const int folded = (p->ws_kind == SK_E8M0 || p->ws_kind == SK_E4M3) && p->gc < p->K;
+    int mode = !folded && p->ws_kind != SK_E8M0 && p->ws_kind != SK_E4M3 ? 0 : (p->gc % 32 == 0 || p->gc >= p->K ? 1 : 2);
+    if (mode == 1 && p->gc == 32) mode = 3;
+    if (mode == 2 && p->gc == 16) mode = 4;
+    const int64_t nb = (N + 3) / 4;
+    int bad = 0;
+    #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 8) reduction(|:bad)
+    for (int64_t b = 0; b < nb; b++) {
+        bad |= e2m1_block_bad(p, b * 4);
+        if (mode == 0) e2m1_rows(p, 0, ab, b * 4);
+        else if (mode == 1) e2m1_rows(p, 1, ab, b * 4);
+        else if (mode == 2) e2m1_rows(p, 2, ab, b * 4);
+        else if (mode == 3) e2m1_rows(p, 3, ab, b * 4);
+        else e2m1_rows(p, 4, ab, b * 4);
+    }
+    if (bad) *p->bad = 1;
+    return PATH_BF16;
+}
 #endif /* WG_BF16 */
 
 #ifdef WG_AMX
@@ -395,6 +624,7 @@ static inline __attribute__((always_inline)) __m256i bf16_rne16(__m512 v) {
    epilogue (the bf16 rounding is f32_to_bf16_rne's, lane-wise) */
 static inline __attribute__((always_inline)) void out16(const WG* p, int64_t m, int64_t n0, __m512 v, int64_t cols) {
     const __mmask16 k = cols >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cols) - 1u);
+    if (p->wmul != 1.0f) v = _mm512_mul_ps(v, _mm512_set1_ps(p->wmul));
     if (p->bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, p->bias + n0));
     if (!p->out_bf16) { _mm512_mask_storeu_ps((float*)p->y + m * p->N + n0, k, v); return; }
     _mm256_mask_storeu_epi16((uint16_t*)p->y + m * p->N + n0, k, bf16_rne16(v));
@@ -408,6 +638,7 @@ static inline __attribute__((always_inline)) void out32(const WG* p, int64_t m, 
         if (cols > 16) out16(p, m, n0 + 16, v1, cols - 16);
         return;
     }
+    if (p->wmul != 1.0f) { v0 = _mm512_mul_ps(v0, _mm512_set1_ps(p->wmul)); v1 = _mm512_mul_ps(v1, _mm512_set1_ps(p->wmul)); }
     if (p->bias) { v0 = _mm512_add_ps(v0, _mm512_loadu_ps(p->bias + n0)); v1 = _mm512_add_ps(v1, _mm512_loadu_ps(p->bias + n0 + 16)); }
     _mm512_storeu_si512((uint16_t*)p->y + m * p->N + n0, _mm512_inserti64x4(_mm512_castsi256_si512(bf16_rne16(v0)), bf16_rne16(v1), 1));
 }
@@ -822,10 +1053,10 @@ int oq_wgemm_paths(void) {
 int oq_wgemm(int path, int nthreads, int64_t M, int64_t N, int64_t K,
              const void* a, int a_fmt, const void* as, int as_kind, int64_t ar, int64_t ac, int64_t ald,
              const uint8_t* q, int q_fmt, const void* ws, int ws_kind, int64_t gr, int64_t gc, int64_t wld,
-             const float* bias, int out_bf16, void* y) {
+             const float* bias, int out_bf16, void* y, float wmul) {
     int bad = 0;
     WG p = {M, N, K, (K + 31) / 32 * 32, a, a_fmt, as, as_kind, ar, ac, ald, q, q_fmt, ws, ws_kind, gr, gc, wld, y,
-            bias, out_bf16 != 0, 0, NULL, NULL, NULL, NULL, NULL, &bad};
+            bias, out_bf16 != 0, 0, NULL, NULL, NULL, NULL, NULL, &bad, wmul};
     if (M <= 0 || N <= 0) return PATH_SCALAR;
     if (K <= 0) {
         for (int64_t m = 0; m < M; m++)
@@ -845,27 +1076,37 @@ int oq_wgemm(int path, int nthreads, int64_t M, int64_t N, int64_t K,
     for (int64_t m = 0; m < M; m++) arow[m] = (m / ar) * ald;
     p.nck = nck; p.ck0 = ck0; p.ck1 = ck1; p.acol = acol; p.wcol = wcol; p.arow = arow;
     if (nthreads < 1 || M * N * K < (1 << 18)) nthreads = 1; /* tiny products: waking a second thread costs more than it saves */
-    int aligned = (as_kind == SK_NONE || ac >= K || ac % 32 == 0) && (ws_kind == SK_NONE || gc >= K || gc % 32 == 0)
+    int aligned;
+    if (q_fmt == FMT_E2M1) /* e2m1 weights: folded (e8m0 / e4m3) weight groups of a multiple of 16 along K */
+        aligned = (as_kind == SK_NONE || ac >= K || ac % 32 == 0) && (as_kind != SK_E8M0 || ac % 32 == 0 || ac >= K)
+                  && (ws_kind == SK_NONE || gc >= K || (ws_kind == SK_F32 ? gc % 32 == 0 : gc % 16 == 0));
+    else
+        aligned = (as_kind == SK_NONE || ac >= K || ac % 32 == 0) && (ws_kind == SK_NONE || gc >= K || gc % 32 == 0)
                   && (as_kind != SK_E8M0 || ac % 32 == 0 || ac >= K) && (ws_kind != SK_E8M0 || gc % 32 == 0 || gc >= K);
     int avail = oq_wgemm_paths();
+    int auto_path = path == PATH_AUTO;
     if (path == PATH_AUTO) path = (avail & (1 << PATH_AMX)) ? PATH_AMX : (avail & (1 << PATH_BF16)) ? PATH_BF16 : PATH_SCALAR;
+    /* e2m1 weights, small M: the in-register decode (reads the 4-bit stream once, nothing stored) */
+    if (q_fmt == FMT_E2M1 && M <= E2M1_AUTO_MAX_M && auto_path && (avail & (1 << PATH_BF16))) path = PATH_BF16;
     if (!aligned || !(avail & (1 << path))) path = PATH_SCALAR;
     int r = -1;
 #ifdef WG_AMX
     if (path == PATH_AMX) r = run_amx(&p, nthreads);
 #endif
 #ifdef WG_BF16
-    if (path == PATH_BF16) r = run_bf16(&p, nthreads);
+    if (path == PATH_BF16) r = q_fmt == FMT_E2M1 && M <= E2M1_GEMV_MAX_M ? run_e2m1_gemv(&p, nthreads) : run_bf16(&p, nthreads);
 #endif
     if (path == PATH_SCALAR) r = run_scalar(&p, nthreads);
     return bad && r > 0 ? -2 : r;
 }
 
-/* oq_wgemm with its 22 arguments packed as int64 / pointer values in v[0..21], in order: one
+/* oq_wgemm with its 23 arguments packed as int64 / pointer values in v[0..22] (wmul: its float32
+   bits in the low 32 bits of v[22]), in order: one
    pointer argument for the Python caller (ctypes converts 22 typed arguments in ~3 us, which
    is 5-10% of a 64 x 384 x 384 product; one packed buffer costs ~0.5 us). */
 int oq_wgemm_v(const int64_t* v) {
     return oq_wgemm((int)v[0], (int)v[1], v[2], v[3], v[4], (const void*)(intptr_t)v[5], (int)v[6], (const void*)(intptr_t)v[7],
                     (int)v[8], v[9], v[10], v[11], (const uint8_t*)(intptr_t)v[12], (int)v[13], (const void*)(intptr_t)v[14],
-                    (int)v[15], v[16], v[17], v[18], (const float*)(intptr_t)v[19], (int)v[20], (void*)(intptr_t)v[21]);
+                    (int)v[15], v[16], v[17], v[18], (const float*)(intptr_t)v[19], (int)v[20], (void*)(intptr_t)v[21],
+                    f32_bits((uint32_t)v[22]));
 }
