@@ -29,8 +29,14 @@ exactly first):
   field; elements ``clamp(x / max(2**e, 2**-126), +-6)``. ``amax / 2**e`` lies in [4, 8): block
   maxima whose mantissa puts it in (6, 8) saturate to 6 (up to 25 % error on that element).
 
-rceil is the default for the same reason as mxfp8: it never saturates (see :class:`Mxfp4Options`
-for the measured SQNR of both).
+Measured weight SQNR (float32 dequantized vs the input): N(0, 1) 4096 x 4096 (seed 0) rceil 18.75 dB,
+floor 18.79 dB; MiniLM-L6's 36 linears, mean per layer, rceil 18.46 dB, floor 18.62 dB (floor better
+on 34 of 36). Unlike mxfp8 (3 mantissa bits, where saturating costs more than a coarser step), the
+two are close and floor is slightly ahead: when ``amax / 2**e`` falls in (6, 8) floor saturates that
+one maximum, while rceil doubles the block's scale and so the rounding step of its other 31
+elements. rceil stays the default for the properties it shares with mxfp8: no element ever
+saturates (bounded relative error on every block maximum) and it is the hardware rule
+(``cvt.rp.satfinite.ue8m0``) that dynamic activation quantization on NVIDIA GPUs uses.
 
 NaN in a block gives the NaN scale byte 255 (both rules), Inf gives 254 (rceil), and a NaN element
 torchao's code (magnitude code 2, 3 or 4 by its payload, :func:`_torchao_nan_codes`); weights never get
@@ -61,7 +67,8 @@ class Mxfp4Options(BaseModel):
 
     ``scale_mode``: ``"rceil"`` (default, ``ceil(log2(amax / 6))``: no element saturates) or
     ``"floor"`` (OCP MX v1.0's ``floor(log2(amax)) - 2``: block maxima in (6, 8) * 2**e saturate).
-    Used for the weights and for dynamic mxfp4 activations alike.
+    Used for the weights and for dynamic mxfp4 activations alike. Measured SQNR of both (within
+    0.2 dB of each other, floor slightly ahead): the module docstring.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
