@@ -95,10 +95,11 @@ def compute_global_scale(w: torch.Tensor) -> torch.Tensor:
     """float32 global scale of ``w``: ``[1]`` for ``[K]`` / ``[N, K]`` / ``[M, K]``, ``[E, 1]``
     (one per expert) for ``[E, N, K]``; :func:`global_scale_from_amax` of ``max |w|``."""
     x = w.to(torch.float32)
-    if w.dim() == 3:
-        amax = x.abs().amax(dim=(1, 2)).reshape(-1, 1)
+    shape = (w.shape[0], 1) if w.dim() == 3 else (1,)
+    if w.numel() == 0:  # no values: compressed-tensors' fallback global scale (amax 0 -> 1.0)
+        amax = torch.zeros(shape, dtype=torch.float32, device=w.device)
     else:
-        amax = x.abs().amax().reshape(1)
+        amax = x.abs().reshape(shape[0], -1).amax(dim=1).reshape(shape)
     return global_scale_from_amax(amax)
 
 

@@ -38,7 +38,7 @@ OQ_INLINE uint8_t nv_scale_byte(uint32_t amax_bits, float g) {
     s = g * s;
     s = s > NV_F8_MAX ? NV_F8_MAX : (s < -NV_F8_MAX ? -NV_F8_MAX : s);
     uint8_t b = f32_to_e4m3(s, 1);
-    return b ? b : (uint8_t)NV_ZERO_SCALE_BYTE;
+    return (b & 0x7Fu) ? b : (uint8_t)NV_ZERO_SCALE_BYTE;  /* +-0 (the reference tests == 0) */
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -138,7 +138,7 @@ OQ_INLINE void nv_group16(const void* w, int dt, int64_t j, __m512 g, uint8_t* q
     __m512 s = _mm512_mul_ps(g, _mm512_div_ps(amax, _mm512_set1_ps(NV_F4_MAX)));
     s = _mm512_min_ps(_mm512_max_ps(s, _mm512_set1_ps(-NV_F8_MAX)), _mm512_set1_ps(NV_F8_MAX));
     __m512i sb = _mm512_cvtepu8_epi32(e4m3_16(s, 1));
-    sb = _mm512_mask_mov_epi32(sb, _mm512_testn_epi32_mask(sb, sb), _mm512_set1_epi32(NV_ZERO_SCALE_BYTE));
+    sb = _mm512_mask_mov_epi32(sb, _mm512_testn_epi32_mask(sb, _mm512_set1_epi32(0x7F)), _mm512_set1_epi32(NV_ZERO_SCALE_BYTE));
     _mm_storeu_si128((__m128i*)(sc + j), _mm512_cvtepi32_epi8(sb));
     __m512 t = _mm512_div_ps(nv_e4m3x16_value(sb), g);
     const __m512 zero = _mm512_setzero_ps();

@@ -1,0 +1,155 @@
+"""The nvfp4 ``cpu`` quantizer (C kernel of :mod:`oq_plugin_nvfp4.cpu`): the same bytes as the torch
+reference :func:`oq_plugin_nvfp4.quant.quantize_nvfp4` (packed e2m1, e4m3 block scales, float32
+global scales), bf16/fp16/float32, [N, K] / [E, N, K] / [K], both the AVX-512 and the generic
+build, NaN/Inf handling."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+
+import oqcore
+from oq_plugin_nvfp4 import cpu
+from oq_plugin_nvfp4.quant import quantize_nvfp4
+
+lib = cpu.load_library()
+pytestmark = pytest.mark.skipif(lib is None, reason=f"C kernel unavailable: {cpu.kernel_status()[1]}")
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def _cases(dtype) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    mixed = torch.randn(64, 256, generator=g) * torch.logspace(-30, 30, 64)[:, None]
+    mixed[::3, :32] = 0.0
+    neg_zero = torch.randn(40, 96, generator=g)
+    neg_zero[torch.rand(40, 96, generator=g) < 0.3] = -0.0
+    neg_zero[5] = -0.0
+    big = torch.finfo(dtype).max
+    huge = torch.randn(32, 128, generator=g).clamp(-1, 1) * big
+    huge[0, 0] = big
+    ties = torch.cat([torch.full((7, 1), 6.0), (torch.arange(-52, 53, dtype=torch.float32) / 8).reshape(7, 15)], 1)
+    out = {
+        "random": torch.randn(130, 224, generator=g),
+        "zeros": torch.zeros(32, 128),
+        "zero_blocks": torch.cat([torch.zeros(16, 32), torch.randn(16, 32, generator=g)], 1),
+        "neg_zero": neg_zero,
+        "subnormal": torch.randn(32, 128, generator=g) * 1e-40,
+        "dtype_subnormal": torch.randn(32, 128, generator=g) * torch.finfo(dtype).smallest_normal,
+        "tiny": torch.randn(32, 128, generator=g) * 1e-30,
+        "huge": huge,
+        "mixed": mixed,
+        "wide": torch.randn(64, 256, generator=g) * torch.logspace(-8, 3, 256),
+        "ties": ties,
+        "one_block": torch.randn(1, 16, generator=g),
+        "vector": torch.randn(48, generator=g),
+        # expert stacks: 5 experts whose 24*5 = 120 blocks leave groups of 16 straddling two experts
+        "experts": torch.randn(5, 24, 80, generator=g) * torch.tensor([1.0, 1e-3, 0.0, 50.0, 1e-20]).reshape(5, 1, 1),
+        "experts_big": torch.randn(3, 64, 512, generator=g),
+    }
+    return {k: v.to(dtype) for k, v in out.items()}
+
+
+def _assert_same(w, lib=lib, global_scale=None):
+    q, s, g = cpu.quantize_nvfp4(w, lib=lib, global_scale=global_scale)
+    rq, rs, rg = quantize_nvfp4(w, global_scale=global_scale)
+    assert (q.dtype, s.dtype, g.dtype) == (rq.dtype, rs.dtype, rg.dtype)
+    assert q.shape == rq.shape and s.shape == rs.shape and g.shape == rg.shape
+    assert torch.equal(g, rg)
+    assert torch.equal(s.view(torch.uint8), rs.view(torch.uint8))
+    assert torch.equal(q, rq)
+
+
+def _check_all(dtype, lib=lib, label=""):
+    for name, w in _cases(dtype).items():
+        try:
+            _assert_same(w, lib=lib)
+            gs = torch.full((w.shape[0], 1) if w.dim() == 3 else (1,), 448.0)
+            _assert_same(w, lib=lib, global_scale=gs)  # override (fused layers); the ties land exactly
+        except AssertionError as err:
+            raise AssertionError(f"{label}{name} {dtype}") from err
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bytes_equal_reference(dtype):
+    _check_all(dtype)
+
+
+def test_many_global_scales_and_block_edges():
+    """Random float32 bit patterns as block maxima (every binade of the global and block scales, e4m3
+    subnormal and zero scales) and random global-scale overrides, including negative ones."""
+    g = torch.Generator().manual_seed(1)
+    amax = torch.randint(0x00000001, 0x7F7FFFFF, (2048,), dtype=torch.int32, generator=g).view(torch.float32)
+    x = (torch.rand(2048, 16, generator=g) * 2 - 1) * amax[:, None]
+    x[:, 3] = amax
+    w = x.reshape(64, 512)
+    _assert_same(w)
+    for gs in (torch.tensor([1e-30]), torch.tensor([3.5e38]), torch.tensor([-2.0]), torch.tensor([7.25])):
+        _assert_same(w, global_scale=gs)
+    w3 = x.reshape(16, 16, 128)
+    _assert_same(w3, global_scale=torch.logspace(-20, 20, 16).reshape(16, 1))
+
+
+def test_generic_build_matches_reference(tmp_path):
+    path = str(tmp_path / "k.so")
+    try:
+        cpu.LIBRARY.build(path, "cc", ("-DOQ_GENERIC",))
+    except Exception as err:  # pragma: no cover
+        pytest.skip(f"cannot build the generic kernel: {err}")
+    g = ctypes.CDLL(path)
+    cpu._bind(g)
+    for dtype in (torch.bfloat16, torch.float32):
+        _check_all(dtype, lib=g, label="generic ")
+
+
+def test_nan_inf_fall_back_or_raise():
+    for bad in (float("inf"), float("nan"), float("-inf")):
+        x = torch.randn(8, 64)
+        x[2, 40] = bad
+        _assert_same(x)  # falls back to the reference
+        with pytest.raises(oqcore.NonFiniteError, match=r"tensor of shape \[8, 64\] holds NaN/Inf"):
+            cpu.quantize_nvfp4_checked(x)
+        e = torch.randn(3, 8, 64).bfloat16()
+        e[2, 0, 0] = bad
+        with pytest.raises(oqcore.NonFiniteError, match=r"tensor of shape \[3, 8, 64\] holds NaN/Inf"):
+            cpu.quantize_nvfp4(e, check_finite=True)
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["kernel", "OQ_COMPILE=0"])
+def test_checked_entry_on_every_path(monkeypatch, compiled):
+    if not compiled:
+        monkeypatch.setenv("OQ_COMPILE", "0")
+        assert cpu.load_library() is None
+    x = torch.randn(64, 96).bfloat16()
+    q, s, g = cpu.quantize_nvfp4_checked(x)
+    rq, rs, rg = quantize_nvfp4(x)
+    assert torch.equal(q, rq) and torch.equal(s.view(torch.uint8), rs.view(torch.uint8)) and torch.equal(g, rg)
+    x[0, 0] = float("nan")
+    with pytest.raises(oqcore.NonFiniteError, match=r"tensor of shape \[64, 96\] holds NaN/Inf"):
+        cpu.quantize_nvfp4_checked(x)
+
+
+def test_errors_and_other_inputs_go_to_the_reference():
+    with pytest.raises(ValueError, match=r"divisible by 16.*\(4, 40\)"):
+        cpu.quantize_nvfp4_checked(torch.randn(4, 40))
+    with pytest.raises(ValueError, match=r"global_scale.*\[2, 1\]"):
+        cpu.quantize_nvfp4(torch.randn(2, 4, 16), global_scale=torch.ones(1))
+    q, s, g = cpu.quantize_nvfp4_checked(torch.empty(64, 32, device="meta"))
+    assert q.is_meta and q.shape == (64, 16) and s.shape == (64, 2) and g.shape == (1,)
+    w = torch.randn(16, 32, dtype=torch.float64)
+    _assert_same(w)
+    q, s, g = cpu.quantize_nvfp4(torch.empty(0, 32))
+    assert q.shape == (0, 16) and s.shape == (0, 2)
+    _assert_same(torch.randn(64, 256)[:, ::2])  # non-contiguous
+
+
+def test_own_library_and_sources():
+    """The kernel includes the shared encoders (fp8's e4m3, mxfp4's e2m1) instead of copying them."""
+    assert cpu.LIBRARY.name == "oq_nvfp4_cpu" and hasattr(lib, "oq_nvfp4_quantize")
+    src = cpu.LIBRARY.c_source
+    for inc in ('#include "fp8_e4m3.h"', '#include "fp4_e2m1.h"', '#include "oq_kernels.h"'):
+        assert inc in src
+    assert "f32_to_e4m3(float" not in src and "oq_f32_to_e2m1(float" not in src and "load16(const void" not in src
+    assert "-ffp-contract=off" in cpu.LIBRARY.extra_flags
