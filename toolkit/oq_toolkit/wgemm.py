@@ -270,9 +270,9 @@ def _prepare(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid):
             raise ValueError(f"a_fmt=BF16 needs torch.bfloat16 activations, got {a.dtype}")
     else:
         a = _codes(a, a_fmt, "a")
-    if q_fmt == E2M1 and q.dtype != torch.uint8:
-        q = q.view(torch.uint8)
     q = _codes(q, q_fmt, "q")
+    if q_fmt == E2M1 and q.dtype != torch.uint8:
+        q = q.view(torch.uint8)  # float4_e2m1fn_x2: the same bytes
     sa = _scale(a_scale, a_grid, m, k, "a_scale")
     sw = _scale(w_scale, w_grid, n, k, "w_scale")
     if a_fmt == BF16 and sa[1] == _SK_E8M0:  # bf16 values are not in a range where folding is exact

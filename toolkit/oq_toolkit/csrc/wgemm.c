@@ -49,8 +49,8 @@ enum { PATH_AUTO = 0, PATH_AMX = 1, PATH_BF16 = 2, PATH_SCALAR = 3 };
 
 /* e2m1 weights: the AVX512-BF16 path runs the in-register decode (run_e2m1_gemv) up to this M,
    and PATH_AUTO picks it over AMX up to E2M1_AUTO_MAX_M (measured, see oq_toolkit.wgemm) */
-#define E2M1_GEMV_MAX_M 16
-#define E2M1_AUTO_MAX_M 16
+#define E2M1_GEMV_MAX_M 4
+#define E2M1_AUTO_MAX_M 3
 
 typedef struct {
     int64_t M, N, K, Kp;           /* Kp: K rounded up to 32 */
@@ -263,31 +263,6 @@ __attribute__((constructor)) static void e2m1_tables(void) {
 
 static inline int e8m0_e2m1_bad(uint8_t e) { return e < 2 || e > 252; }
 
-/* The 32-entry table of 32 elements: lanes 0..15 the table of byte s0 (elements 0..15), 16..31
-   of byte s1 (elements 16..31) */
-static inline __attribute__((always_inline)) __m512i e2m1_lut(const uint16_t (*lut)[16], uint8_t s0, uint8_t s1) {
-    if (s0 == s1) return _mm512_broadcast_i64x4(_mm256_load_si256((const __m256i*)lut[s0]));
-    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_load_si256((const __m256i*)lut[s0])),
-                              _mm256_load_si256((const __m256i*)lut[s1]), 1);
-}
-
-/* nbytes (<= 16; 16 = 32 codes) packed codes at p -> 32 bf16 through table t (e2m1_lut); split:
-   the two halves' tables differ (index bit 4 selects the half; else bit 4 is don't-care, both
-   halves being the same table). Bytes past nbytes decode as code 0. */
-static inline __attribute__((always_inline)) __m512i dec_e2m1_32(const uint8_t* p, int64_t nbytes, __m512i t, int split) {
-    __mmask16 m = nbytes >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nbytes) - 1u);
-    __m512i v = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, p)); /* byte j -> dword j */
-    /* dword j = (b & 15) | (b >> 4) << 16: word 2j = element 2j, word 2j + 1 = element 2j + 1 */
-    __m512i idx;
-    if (split) {
-        idx = _mm512_ternarylogic_epi32(v, _mm512_slli_epi32(v, 12), _mm512_set1_epi32(0x000F000F), 0xA8); /* (A | B) & C */
-        idx = _mm512_or_si512(idx, _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi32(0x00100010), 1));
-    } else {
-        idx = _mm512_or_si512(v, _mm512_slli_epi32(v, 12)); /* bits 0..3 of each word are the code; bit 4 ignored */
-    }
-    return _mm512_permutexvar_epi16(idx, t);
-}
-
 /* Group bookkeeping of a weight row's scale grid along K in steps of 32 (group size gc, a
    multiple of 16 or >= K): g = group of element k, in = k - (start of g) */
 typedef struct { int64_t g, in, gc, K; } GPos;
@@ -304,27 +279,79 @@ static inline __attribute__((always_inline)) void gpos_step(GPos* s) {
     while (s->in >= s->gc) { s->in -= s->gc; s->g++; }
 }
 
+/* The mode of a folded e2m1 weight grid (see e2m1_dec32): 0 no folded scale, 1 one scale byte
+   per 32 codes (group size a multiple of 32, or the whole K), 2 two (a multiple of 16 only); 3 and
+   4: modes 1 and 2 with groups of exactly 32 / 16 (mxfp4 / nvfp4: group index k / 32 or k / 16) */
+static inline int e2m1_mode(int skind, int64_t gc, int64_t K) {
+    if (skind != SK_E8M0 && skind != SK_E4M3) return 0;
+    if (gc % 32 == 0 || gc >= K) return gc == 32 ? 3 : 1;
+    return gc == 16 ? 4 : 2;
+}
+
+/* 32 codes k..k+31 (k < K, k % 32 == 0) of an e2m1 row (src: its bytes, srow: its scale bytes,
+   gp: the group position of k) -> bf16 with the scales folded. mode is a compile-time constant
+   at every call (always inlined). */
+static inline __attribute__((always_inline)) __m512i e2m1_dec32(const uint8_t* src, const uint8_t* srow, const uint16_t (*lut)[16],
+                                                                 const int mode, int64_t k, int64_t K, const GPos* gp) {
+    __m512i t;
+    if (mode == 0) {
+        t = _mm512_broadcast_i64x4(_mm256_load_si256((const __m256i*)E2M1_LUT_E8M0[127]));
+    } else {
+        const int64_t g0 = mode == 3 ? k >> 5 : mode == 4 ? k >> 4 : gp->g;
+        if (mode == 1 || mode == 3) {
+            t = _mm512_broadcast_i64x4(_mm256_load_si256((const __m256i*)lut[srow[g0]]));
+        } else { /* two tables, no test of equality (a data-dependent branch) */
+            const int64_t g1 = mode == 4 ? (k + 16 < K ? g0 + 1 : g0) : gpos_g1(gp, k);
+            t = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_load_si256((const __m256i*)lut[srow[g0]])),
+                                   _mm256_load_si256((const __m256i*)lut[srow[g1]]), 1);
+        }
+    }
+    __m128i raw = k + 32 <= K ? _mm_loadu_si128((const __m128i*)(src + k / 2))
+                              : _mm_maskz_loadu_epi8((__mmask16)((1u << ((K - k) / 2)) - 1u), src + k / 2);
+    __m512i v = _mm512_cvtepu8_epi32(raw); /* byte j -> dword j */
+    /* dword j = (b & 15) | (b >> 4) << 16: word 2j = element 2j, word 2j + 1 = element 2j + 1 */
+    __m512i idx;
+    if (mode == 2 || mode == 4) { /* bit 4 of each word selects the half of the table */
+        idx = _mm512_ternarylogic_epi32(v, _mm512_slli_epi32(v, 12), _mm512_set1_epi32(0x000F000F), 0xA8); /* (A | B) & C */
+        idx = _mm512_or_si512(idx, _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi32(0x00100010), 1));
+    } else { /* both halves of the table are the same: bit 4 is don't-care */
+        idx = _mm512_or_si512(v, _mm512_slli_epi32(v, 12));
+    }
+    return _mm512_permutexvar_epi16(idx, t);
+}
+
+/* 1 when an e8m0 scale byte of [k0, k1) of a weight row cannot be folded into e2m1 values exactly */
+static inline int e2m1_span_bad(const uint8_t* srow, int64_t k0, int64_t k1, int64_t gc, int64_t K) {
+    int bad = 0;
+    const int64_t e = (k1 < K ? k1 : K) - 1;
+    for (int64_t j = k0 / gc; j <= e / gc; j++) bad |= (uint8_t)(srow[j] - 2) > 250;
+    return bad;
+}
+
+static inline __attribute__((always_inline)) void dec_span_e2m1_m(const uint8_t* src, const uint8_t* srow, const uint16_t (*lut)[16], const int mode,
+                                                                  int64_t K, int64_t k0, int64_t k1, int64_t g_c, uint16_t* out, int64_t ostep) {
+    GPos gp = gpos_at(k0, mode ? g_c : K + 32, K);
+    for (int64_t k = k0; k < k1; k += 32, gpos_step(&gp)) {
+        if ((k & 127) == 0) __builtin_prefetch(src + k / 2 + 1024, 0, 3);
+        __m512i v = k < K ? e2m1_dec32(src, srow, lut, mode, k, K, &gp) : _mm512_setzero_si512();
+        _mm512_storeu_si512(out + ((k - k0) / 32) * ostep, v);
+    }
+}
+
 /* Values [k0, k1) (multiples of 32) of e2m1 row `row` as bf16, scales folded (see dec_span) */
 static inline void dec_span_e2m1(const uint8_t* base, int64_t row, int64_t K, int64_t k0, int64_t k1, const void* s, int skind,
                                  int64_t g_r, int64_t g_c, int64_t ld, uint16_t* out, int64_t ostep, int* bad) {
     const uint8_t* src = base + row * (K / 2);
-    const int folded = skind == SK_E8M0 || skind == SK_E4M3;
-    const uint8_t* srow = folded ? (const uint8_t*)s + (row / g_r) * ld : NULL;
+    const int mode = e2m1_mode(skind, g_c, K);
+    const uint8_t* srow = mode ? (const uint8_t*)s + (row / g_r) * ld : NULL;
     const uint16_t (*lut)[16] = skind == SK_E4M3 ? E2M1_LUT_E4M3 : E2M1_LUT_E8M0;
-    GPos gp = gpos_at(k0, folded ? g_c : K + 32, K);
-    for (int64_t k = k0; k < k1; k += 32, gpos_step(&gp)) {
-        __m512i v = _mm512_setzero_si512();
-        if (k < K) {
-            uint8_t s0 = 127, s1 = 127;
-            if (srow) {
-                s0 = srow[gp.g];
-                s1 = srow[gpos_g1(&gp, k)];
-                if (skind == SK_E8M0 && (e8m0_e2m1_bad(s0) | e8m0_e2m1_bad(s1))) *bad = 1;
-            }
-            __builtin_prefetch(src + k / 2 + 1024, 0, 3);
-            v = dec_e2m1_32(src + k / 2, (K - k) / 2, e2m1_lut(lut, s0, s1), s0 != s1);
-        }
-        _mm512_storeu_si512(out + ((k - k0) / 32) * ostep, v);
+    if (skind == SK_E8M0 && k0 < K && e2m1_span_bad(srow, k0, k1, g_c, K)) *bad = 1;
+    switch (mode) {
+    case 0: dec_span_e2m1_m(src, srow, lut, 0, K, k0, k1, g_c, out, ostep); break;
+    case 1: dec_span_e2m1_m(src, srow, lut, 1, K, k0, k1, g_c, out, ostep); break;
+    case 2: dec_span_e2m1_m(src, srow, lut, 2, K, k0, k1, g_c, out, ostep); break;
+    case 3: dec_span_e2m1_m(src, srow, lut, 3, K, k0, k1, g_c, out, ostep); break;
+    default: dec_span_e2m1_m(src, srow, lut, 4, K, k0, k1, g_c, out, ostep); break;
     }
 }
 
@@ -450,13 +477,10 @@ static int run_bf16(const WG* p, int nthreads) {
 /* 1 when an e8m0 scale byte of weight rows n0..n0+3 cannot be folded into e2m1 values exactly */
 static int e2m1_block_bad(const WG* p, int64_t n0) {
     if (p->ws_kind != SK_E8M0) return 0;
-    const int64_t per_row = (p->K - 1) / p->gc + 1;
     int bad = 0;
-    for (int i = 0; i < 4 && n0 + i < p->N; i++) {
-        if (i > 0 && (n0 + i) / p->gr == (n0 + i - 1) / p->gr) continue;
-        const uint8_t* sr = (const uint8_t*)p->ws + ((n0 + i) / p->gr) * p->wld;
-        for (int64_t j = 0; j < per_row; j++) bad |= (uint8_t)(sr[j] - 2) > 250;
-    }
+    for (int i = 0; i < 4 && n0 + i < p->N; i++)
+        if (i == 0 || (n0 + i) / p->gr != (n0 + i - 1) / p->gr)
+            bad |= e2m1_span_bad((const uint8_t*)p->ws + ((n0 + i) / p->gr) * p->wld, 0, p->K, p->gc, p->K);
     return bad;
 }
 
@@ -466,9 +490,6 @@ static int e2m1_block_bad(const WG* p, int64_t n0) {
 static inline __attribute__((always_inline)) void e2m1_block(const WG* p, const int MB, const int mode, const uint16_t* ab, int64_t n0, int64_t m0) {
     const int64_t Kp = p->Kp, N = p->N, M = p->M, K = p->K;
     const uint16_t (*lut)[16] = p->ws_kind == SK_E4M3 ? E2M1_LUT_E4M3 : E2M1_LUT_E8M0;
-    const __m512i t_one = _mm512_broadcast_i64x4(_mm256_load_si256((const __m256i*)E2M1_LUT_E8M0[127]));
-    const __m512i hsel = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi32(0x00100010), 1);
-    const __m512i lo4 = _mm512_set1_epi32(0x000F000F);
     const uint8_t* src[4];
     const uint8_t* srow[4];
     int64_t wro[4];
@@ -487,22 +508,9 @@ static inline __attribute__((always_inline)) void e2m1_block(const WG* p, const 
         GPos gp = gpos_at(k0, mode ? p->gc : K + 32, K);
         for (int64_t k = k0; k < k1; k += 32, gpos_step(&gp)) {
             __m512bh w[4], x[4];
-            const int full = k + 32 <= K;
-            const int64_t g0 = mode == 3 ? k >> 5 : mode == 4 ? k >> 4 : gp.g;
-            const int64_t g1 = mode == 2 ? gpos_g1(&gp, k) : mode == 4 ? (k + 16 < K ? g0 + 1 : g0) : g0;
             for (int i = 0; i < 4; i++) {
-                __m512i t = t_one;
-                if (mode == 1 || mode == 3) t = _mm512_broadcast_i64x4(_mm256_load_si256((const __m256i*)lut[srow[i][g0]]));
-                if (mode == 2 || mode == 4) /* two tables, no test of equality (a data-dependent branch) */
-                    t = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_load_si256((const __m256i*)lut[srow[i][g0]])),
-                                           _mm256_load_si256((const __m256i*)lut[srow[i][g1]]), 1);
                 if ((k & 127) == 0) __builtin_prefetch(src[i] + k / 2 + 1024, 0, 3);
-                __m128i raw = full ? _mm_loadu_si128((const __m128i*)(src[i] + k / 2))
-                                   : _mm_maskz_loadu_epi8((__mmask16)((1u << ((K - k) / 2)) - 1u), src[i] + k / 2);
-                __m512i v = _mm512_cvtepu8_epi32(raw);
-                __m512i idx = (mode == 2 || mode == 4) ? _mm512_or_si512(_mm512_ternarylogic_epi32(v, _mm512_slli_epi32(v, 12), lo4, 0xA8), hsel)
-                                        : _mm512_or_si512(v, _mm512_slli_epi32(v, 12));
-                w[i] = (__m512bh)_mm512_permutexvar_epi16(idx, t);
+                w[i] = (__m512bh)e2m1_dec32(src[i], srow[i], lut, mode, k, K, &gp);
             }
             for (int j = 0; j < MB; j++) x[j] = (__m512bh)_mm512_loadu_si512(ab + (m0 + j) * Kp + k);
             for (int i = 0; i < 4; i++) for (int j = 0; j < MB; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], w[i], x[j]);
@@ -539,10 +547,7 @@ static int run_e2m1_gemv(const WG* p, int nthreads) {
     if (!ab) return -1;
     for (int64_t m = 0; m < Mp; m++)
         dec_row(p->a, p->a_fmt, m, M, p->K, Kp, p->as, p->as_kind, p->ar, p->ac, p->ald, tab, ab + m * Kp, 32, p->bad);
-    const int folded = (p->ws_kind == SK_E8M0 || p->ws_kind == SK_E4M3) && p->gc < p->K;
-    int mode = !folded && p->ws_kind != SK_E8M0 && p->ws_kind != SK_E4M3 ? 0 : (p->gc % 32 == 0 || p->gc >= p->K ? 1 : 2);
-    if (mode == 1 && p->gc == 32) mode = 3;
-    if (mode == 2 && p->gc == 16) mode = 4;
+    const int mode = e2m1_mode(p->ws_kind, p->gc, p->K);
     const int64_t nb = (N + 3) / 4;
     int bad = 0;
     #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 8) reduction(|:bad)
