@@ -140,15 +140,15 @@ OQ_INLINE void nv_group16(const void* w, int dt, int64_t j, __m512 g, uint8_t* q
     __m512i sb = _mm512_cvtepu8_epi32(e4m3_16(s, 1));
     sb = _mm512_mask_mov_epi32(sb, _mm512_testn_epi32_mask(sb, _mm512_set1_epi32(0x7F)), _mm512_set1_epi32(NV_ZERO_SCALE_BYTE));
     _mm_storeu_si128((__m128i*)(sc + j), _mm512_cvtepi32_epi8(sb));
-    __m512 t = _mm512_div_ps(nv_e4m3x16_value(sb), g);
+    float tb[16];  /* per-block divisors, re-read as broadcasts (load ports, not the shuffle port) */
+    _mm512_storeu_ps(tb, _mm512_div_ps(nv_e4m3x16_value(sb), g));
     const __m512 zero = _mm512_setzero_ps();
     for (int b = 0; b < 16; b += 2) {
-        __m512 y0 = _mm512_div_ps(x[b], _mm512_permutexvar_ps(_mm512_set1_epi32(b), t));
-        __m512 y1 = _mm512_div_ps(x[b + 1], _mm512_permutexvar_ps(_mm512_set1_epi32(b + 1), t));
-        /* y == +-0 -> code 0 (compressed-tensors' sign of -0.0 is +0) */
-        __m512i c0 = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(y0, zero, _CMP_NEQ_UQ), oq_f32x16_to_e2m1(y0));
-        __m512i c1 = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(y1, zero, _CMP_NEQ_UQ), oq_f32x16_to_e2m1(y1));
-        _mm_storeu_si128((__m128i*)(q + o / 2 + 8 * b), oq_e2m1_pack32(c0, c1));
+        /* + 0.0f turns -0.0 into +0.0 and changes nothing else: y == +-0 -> code 0 (compressed-tensors
+           takes the sign from torch.sign, +0 for -0.0) */
+        __m512 y0 = _mm512_add_ps(_mm512_div_ps(x[b], _mm512_set1_ps(tb[b])), zero);
+        __m512 y1 = _mm512_add_ps(_mm512_div_ps(x[b + 1], _mm512_set1_ps(tb[b + 1])), zero);
+        _mm_storeu_si128((__m128i*)(q + o / 2 + 8 * b), oq_e2m1_pack32(oq_f32x16_to_e2m1(y0), oq_f32x16_to_e2m1(y1)));
     }
 }
 #endif
