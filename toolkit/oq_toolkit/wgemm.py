@@ -1,20 +1,32 @@
-"""Fused CPU GEMM for 8-bit weights: ``y = A @ W^T`` with the weight kept as e4m3/int8 codes.
+"""Fused CPU GEMM for 8-bit and 4-bit weights: ``y = A @ W^T`` with the weight kept as e4m3 / int8 / e2m1 codes.
 
 :func:`wgemm` serves every CPU forward of the 8-bit schemes, weight-only (bf16 activations) and
-W8A8 (activation codes quantized by the caller):
+W8A8 (activation codes quantized by the caller), and of 4-bit e2m1 weights (W4A16, and W4A8 with
+mxfp8 activations):
 
 - ``a [M, K]``: ``torch.bfloat16`` activations (``a_fmt=BF16``) or the 1-byte codes of quantized
   activations (``a_fmt=E4M3``: float8_e4m3fn or its uint8 view; ``a_fmt=INT8``: int8 or uint8 view),
   quantized by the scheme's own quantizer (one implementation of each formula: the toolkit
   quantizes nothing);
-- ``q [N, K]``: weight codes, ``q_fmt`` ``E4M3`` or ``INT8`` (1-byte dtype, any view);
-- ``a_scale`` / ``w_scale``: ``None`` (scale 1) or a contiguous scale grid, float32 or e8m0 bytes
+- ``q [N, K]``: weight codes, ``q_fmt`` ``E4M3`` or ``INT8`` (1-byte dtype, any view); or
+  ``q [N, K/2]`` packed 4-bit codes, ``q_fmt=E2M1`` (``torch.uint8`` or ``float4_e2m1fn_x2``; K
+  even; element ``2j`` of a row in the LOW nibble of byte ``j``, as torchao ``pack_uint4``,
+  compressed-tensors ``pack_fp4_to_uint8`` and ``oq_plugin_mxfp4.fp4.pack_fp4``; e2m1 codes:
+  magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6, bit 3 the sign). The toolkit knows the element format and
+  scale grids, not the schemes: mxfp4 is ``E2M1`` with an e8m0 grid ``(1, 32, K/32)``, nvfp4
+  ``E2M1`` with a float8_e4m3fn grid ``(1, 16, K/16)`` and ``w_scale_mul = 1 / global_scale``;
+- ``a_scale`` / ``w_scale``: ``None`` (scale 1) or a contiguous scale grid, float32, e8m0 bytes
   (``torch.uint8`` or ``torch.float8_e8m0fnu``; ``2**(e-127)``, byte 0 = ``2**-126`` as
-  ``oq_plugin_mxfp8.quant.exponent_to_scale``), with grid ``(rows, cols, ld)``: the scale of
+  ``oq_plugin_mxfp8.quant.exponent_to_scale``) or ``torch.float8_e4m3fn`` (decoded exactly; folded
+  into E2M1 weights, taken as float32 elsewhere), with grid ``(rows, cols, ld)``: the scale of
   element ``(r, k)`` is ``scale.flatten()[(r // rows) * ld + k // cols]``. Per-tensor: ``(M or N,
   K, 1)``; per-token / per-channel: ``(1, K, 1)``; 1x128 groups ``(1, 128, ceil(K/128))``; 128x128
-  blocks ``(128, 128, ceil(K/128))``; MX ``(1, 32, ceil(K/32))`` (e8m0).
-- result: ``[M, N]``, ``y[m, n] = sum_k A(m, k) W(n, k) (+ bias[n])``, ``A = dec(a) * sa``,
+  blocks ``(128, 128, ceil(K/128))``; MX ``(1, 32, ceil(K/32))`` (e8m0); NVFP4 ``(1, 16, K/16)``
+  (float8_e4m3fn).
+- ``w_scale_mul`` (keyword-only, float, default 1): one float32 multiplier of the whole product
+  (nvfp4's ``1 / global_scale``), applied once per output to the float32 sum, after the sums and
+  before the bias: ``y = float32(sum) * float32(w_scale_mul) (+ bias)``.
+- result: ``[M, N]``, ``y[m, n] = w_scale_mul * sum_k A(m, k) W(n, k) (+ bias[n])``, ``A = dec(a) * sa``,
   ``W = dec(q) * sw``, float32 by default.
 - epilogue (keyword-only): ``bias`` ``[N]`` (float32, or bfloat16 widened exactly) is added to the
   float32 sum in the kernel, and ``out_dtype=torch.bfloat16`` writes the result as bf16, rounded
@@ -22,7 +34,11 @@ W8A8 (activation codes quantized by the caller):
   ``(wgemm(...) + bias.float()).to(out_dtype)`` (tested on every path).
 
 Numerics. e4m3 codes, int8 codes, bf16 activations and e8m0 powers of two are exact in bf16, so
-every product of decoded values is exact in float32. Every path accumulates in float32 over a
+every product of decoded values is exact in float32. e2m1 values (2 significant bits) times an
+e8m0 or e4m3 scale (4 significant bits) are exact in bf16 too: both grids are folded into the
+decoded weights (per-scale 16-entry bf16 tables), whatever their group size (a multiple of 16:
+no float32 K-chunks); an e8m0 byte outside ``[2, 252]`` would leave bf16's normal range and takes
+the float32 route below, e4m3 products always lie in ``[2**-10, 2688]``. Every path accumulates in float32 over a
 K-chunk (a run of K inside one float32 scale group of both operands) and then adds
 ``partial * (sa * sw)``; e8m0 scales are folded into the decoded bf16 values (exact: a byte that
 would take a value out of bf16's normal range, i.e. outside ``[10, 246]``, makes the call redo the
@@ -31,7 +47,8 @@ product with the scales as float32). Bound, every path and shape (tested)::
     |y - y_ref| <= 2 * K * eps32 * (|A| @ |W|^T)      elementwise, eps32 = 2**-23
 
 with ``y_ref`` the float64 product of the float32-dequantized ``A`` and ``W`` (the reference
-forward ``F.linear(A_f32, W_f32)`` is within the same bound). The AMX and AVX512-BF16 instructions
+forward ``F.linear(A_f32, W_f32)`` is within the same bound; ``W`` includes ``w_scale_mul``, whose
+one float32 multiply adds at most half an ulp). The AMX and AVX512-BF16 instructions
 treat bf16 subnormal inputs and float32 subnormal results as zero: values below ``2**-126`` (only
 reachable through float32 scales below ``2**-117``) are lost, an absolute error of that order.
 
@@ -44,8 +61,15 @@ Kernels (``csrc/wgemm.c``, compiled per machine by :mod:`oq_toolkit.native`, ``-
    buffer and reused for every row of ``M`` (register block 4 n x 4 m).
 3. portable C (every other CPU, and ``-DOQ_GENERIC`` builds): float32 loops with the same chunking.
 
+4. E2M1 weights with M <= 4 on AVX512-BF16 CPUs (chosen by the default path up to M = 3, above
+   which AMX is as fast): the packed codes are decoded in registers (``vpmovzxbd`` of 16 bytes,
+   nibbles to 16-bit table indices, ``vpermw`` from the 16-entry table of the group's scale) and
+   fed straight to ``vdpbf16ps`` against every row of M: the 4-bit stream is read once and never
+   written back decoded.
+
 Fast paths need float32 scale groups along K that are whole multiples of 32 (or the full K) and
-e8m0 groups of a multiple of 32; other grids run the portable loops. Without a compiler (or with
+e8m0 groups of a multiple of 32 (E2M1 weights: folded e8m0 / e4m3 groups of a multiple of 16);
+other grids run the portable loops. Without a compiler (or with
 ``OQ_COMPILE=0``) :func:`wgemm_reference` runs instead: the same product with torch ops (float32
 dequantization and ``torch.mm``; slow, correct, same bound).
 
@@ -66,6 +90,18 @@ shared with other jobs, torch 2.13; ``python bench/wgemm_micro.py --threads 1 --
     mxfp8 / e4m3 1x32 e8m0          1.99   1.87   2.00   3.46  11.94
     int8 channel / bf16             1.65   1.62   1.66   3.09  11.69
     int8 channel / int8 token       1.71   1.75   1.77   2.97  12.15
+
+E2M1 weights (``python bench/wgemm_micro.py --only e2m1 --threads 1 --clock thread``, same
+machine, 4096x4096; ratio = bf16 ``F.linear`` time / wgemm time, bf16 timed paired with each cell;
+mxfp4 = e8m0 1x32 grid, nvfp4 = e4m3 1x16 grid + ``w_scale_mul``; W4A8 = e4m3 codes with an e8m0
+1x32 activation grid)::
+
+    M                                  1      4     16    256
+    bf16 F.linear (oneDNN, AMX)     2.44   2.49   2.60  13.99
+    mxfp4 / bf16                    1.25   2.26   2.28  13.54
+    mxfp4 / e4m3 1x32 e8m0 (W4A8)   1.69   2.11   1.94  10.85
+    nvfp4 / bf16                    2.23   2.60   2.48  15.58
+    nvfp4 / e4m3 1x32 e8m0 (W4A8)   2.35   2.75   2.40  15.58
 
 The fused AMX kernel is within 0.76-0.99x of oneDNN's AMX bf16 GEMM at M = 256 (float32
 K-groups, i.e. 128x128 weight blocks or 1x128 activation groups, cost a scaled flush per 128 of K:
@@ -157,7 +193,7 @@ def kernel_status() -> tuple[bool, str]:
     fastest path this CPU runs (AMX-BF16, AVX512-BF16 or portable C)."""
     paths = available_paths() if LIBRARY.load() is not None else []
     best = _PATH_NAMES[paths[0]] if paths else "portable C"
-    return LIBRARY.describe(f"compiled C kernel (fused 8-bit weight GEMM, {best})", "torch dequantize + mm (slow)")
+    return LIBRARY.describe(f"compiled C kernel (fused 8-/4-bit weight GEMM, {best})", "torch dequantize + mm (slow)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +327,8 @@ def _e4m3_to_f32(b: torch.Tensor) -> torch.Tensor:
 
 
 def _wmul(w_scale_mul) -> float:
-    """``w_scale_mul`` checked: a finite or non-finite Python / 0-dim number, as float32."""
+    """``w_scale_mul`` checked (a Python number or a one-element tensor) and rounded to float32
+    (the value the kernel multiplies by)."""
     if isinstance(w_scale_mul, torch.Tensor):
         if w_scale_mul.numel() != 1:
             raise ValueError(f"w_scale_mul: expected one number, got a tensor of shape {tuple(w_scale_mul.shape)}")
@@ -299,7 +336,12 @@ def _wmul(w_scale_mul) -> float:
     if isinstance(w_scale_mul, bool) or not isinstance(w_scale_mul, (int, float)):
         raise ValueError(f"w_scale_mul: expected a float, got {type(w_scale_mul).__name__}")
     v = float(w_scale_mul)
-    return v if v == 1.0 else float(torch.tensor(v, dtype=torch.float32))
+    if v == 1.0:
+        return v
+    try:
+        return struct.unpack("f", struct.pack("f", v))[0]
+    except OverflowError:  # beyond float32's range: what the float32 cast gives (inf)
+        return float(torch.tensor(v, dtype=torch.float32))
 
 
 def _e8m0_to_f32(e: torch.Tensor) -> torch.Tensor:
@@ -314,7 +356,7 @@ def _e8m0_to_f32(e: torch.Tensor) -> torch.Tensor:
 
 def wgemm(a, a_fmt, a_scale, a_grid, q, q_fmt, w_scale, w_grid, *, bias: Optional[torch.Tensor] = None,
           out_dtype: torch.dtype = torch.float32, w_scale_mul: float = 1.0) -> torch.Tensor:
-    """``[M, N] = A @ W^T (+ bias)`` for 8-bit weight codes (see the module docstring for the
+    """``[M, N] = w_scale_mul * A @ W^T (+ bias)`` for 8-bit or 4-bit weight codes (see the module docstring for the
     arguments, grid convention and error bound). ``bias``: ``None`` or ``[N]`` float32 / bfloat16 / float16 (widened exactly),
     added to the float32 sum; ``out_dtype``: ``torch.float32`` (default) or ``torch.bfloat16`` (one
     round to nearest even of the biased float32 sum: bit-identical to ``(y + bias).to(out_dtype)``);

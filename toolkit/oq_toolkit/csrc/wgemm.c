@@ -1,13 +1,16 @@
-/* wgemm.c: fused CPU GEMM for 8-bit weights (built and loaded by oq_toolkit.wgemm).
+/* wgemm.c: fused CPU GEMM for 8-bit and 4-bit weights (built and loaded by oq_toolkit.wgemm).
 
-   y[m, n] = sum_k A(m, k) * W(n, k) (+ bias[n]), float32 or bf16 [M, N], with A = dec(a) * sa,
-   W = dec(q) * sw (epilogue: one float32 add of the bias, then one round-to-nearest-even to bf16
-   when asked, bit-identical to torch's (y + bias).to(torch.bfloat16); out1 / out16):
+   y[m, n] = wmul * sum_k A(m, k) * W(n, k) (+ bias[n]), float32 or bf16 [M, N], with A = dec(a) * sa,
+   W = dec(q) * sw (epilogue: one float32 multiply by wmul when it is not 1, one float32 add of the
+   bias, then one round-to-nearest-even to bf16 when asked, bit-identical to torch's
+   (y + bias).to(torch.bfloat16); out1 / out16):
    - a [M, K]: bf16 activations, or 8-bit codes (e4m3 / int8) of quantized activations;
-   - q [N, K]: e4m3 or int8 weight codes;
+   - q [N, K]: e4m3 or int8 weight codes, or [N, K/2] packed e2m1 codes (FMT_E2M1: element 2j in
+     the low nibble of byte j);
    - sa / sw: scale grids, float32 (applied per K-chunk to the fp32 partial sums) or e8m0 bytes
      (folded into the decoded bf16 values, exact; a byte whose power of two would leave bf16's
-     normal range makes oq_wgemm return -2 and the caller retries with float32 scales).
+     normal range makes oq_wgemm return -2 and the caller retries with float32 scales), or e4m3
+     bytes (SK_E4M3, e2m1 weights only: folded, exact).
 
    Every decoded value (e4m3 code, int8 code, bf16, times a power of two in range) is exact in
    bf16, so each product is exact in fp32; accumulation is fp32 over a K-chunk (a run of K inside
@@ -24,7 +27,9 @@
      __AMX_BF16__ at build time and the Linux XTILEDATA permission at run time.
    2 AVX512-BF16: vdpbf16ps, weight rows decoded once per 4-row block into an L1 buffer and reused
      for every row of M (register block 4 n x up to 4 m).
-   3 portable C (also what -DOQ_GENERIC builds have): float32 loops, same chunking. */
+   3 portable C (also what -DOQ_GENERIC builds have): float32 loops, same chunking.
+   e2m1 weights decode through per-scale 16-entry bf16 tables (E2M1_LUT_*) on paths 1 and 2; for
+   M <= E2M1_GEMV_MAX_M path 2 runs run_e2m1_gemv (decode in registers, no decoded row stored). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1045,16 +1050,17 @@ int oq_wgemm_paths(void) {
     return m;
 }
 
-/* y ([M, N], row stride N) = A @ W^T (+ bias) (see the top of this file): float32, or bf16 when
-   out_bf16 (one rounding to nearest even of the float32 sum, as torch's .to(bfloat16)); bias:
-   float32 [N] or NULL, added to the float32 result before that rounding. Every pointer is a
-   contiguous tensor; grids are (rows per group, cols per group, row stride); kinds SK_*.
-   path: PATH_AUTO or a PATH_* to force (tests, benchmarks). Fast paths need every float32 scale
-   group boundary in K (ac, gc when < K) and every e8m0 group (ac, gc) to be a multiple of 32; else
-   (or when the forced path is not available) the portable path runs. Returns the path that ran,
-   -1 when a buffer could not be allocated, -2 when an e8m0 scale byte is outside [10, 246] (2^delta
-   would take a decoded value out of bf16's normal range: y is garbage, call again with the scales
-   as float32). */
+/* y ([M, N], row stride N) = wmul * A @ W^T (+ bias) (see the top of this file): float32, or bf16
+   when out_bf16 (one rounding to nearest even of the float32 sum, as torch's .to(bfloat16)); wmul:
+   one float32 multiply of each sum (skipped when 1); bias: float32 [N] or NULL, added to the
+   float32 result before that rounding. Every pointer is a contiguous tensor; grids are (rows per
+   group, cols per group, row stride); kinds SK_*. path: PATH_AUTO or a PATH_* to force (tests,
+   benchmarks). Fast paths need every float32 scale group boundary in K (ac, gc when < K) and every
+   e8m0 group (ac, gc) to be a multiple of 32 (e2m1 weights: folded e8m0 / e4m3 weight groups a
+   multiple of 16); else (or when the forced path is not available) the portable path runs.
+   Returns the path that ran, -1 when a buffer could not be allocated, -2 when an e8m0 scale byte
+   is outside [10, 246] (e2m1 weights: [2, 252]; 2^delta would take a decoded value out of bf16's
+   normal range: y is garbage, call again with the scales as float32). */
 int oq_wgemm(int path, int nthreads, int64_t M, int64_t N, int64_t K,
              const void* a, int a_fmt, const void* as, int as_kind, int64_t ar, int64_t ac, int64_t ald,
              const uint8_t* q, int q_fmt, const void* ws, int ws_kind, int64_t gr, int64_t gc, int64_t wld,
