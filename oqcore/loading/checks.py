@@ -25,6 +25,10 @@ FP8_QUANT_METHOD = "fp8"
 """``quant_method`` of transformers FineGrainedFP8 / vLLM fp8 checkpoints (read through
 :mod:`oqcore.loading.peer_configs`)."""
 
+MXFP4_QUANT_METHOD = "mxfp4"
+"""``quant_method`` of transformers ``Mxfp4Config`` checkpoints (openai's gpt-oss: fused experts as
+``*_blocks`` / ``*_scales``; read through :mod:`oqcore.loading.peer_configs`)."""
+
 MODELOPT_QUANT_METHOD = "modelopt"
 """``quant_method`` (prefix, any case) of NVIDIA ModelOpt checkpoints that say so in config.json."""
 
@@ -33,8 +37,9 @@ MODELOPT_FILE = "hf_quant_config.json"
 :mod:`oqcore.loading.peer_configs`)."""
 
 READ_FORMATS = (
-    f"{CT_QUANT_METHOD!r}, transformers FineGrainedFP8 ({FP8_QUANT_METHOD!r}) and NVIDIA ModelOpt FP8 "
-    f"({MODELOPT_QUANT_METHOD!r} or {MODELOPT_FILE}) checkpoints and its own exports"
+    f"{CT_QUANT_METHOD!r}, transformers FineGrainedFP8 ({FP8_QUANT_METHOD!r}), gpt-oss MXFP4 "
+    f"({MXFP4_QUANT_METHOD!r}) and NVIDIA ModelOpt FP8 ({MODELOPT_QUANT_METHOD!r} or {MODELOPT_FILE}) "
+    "checkpoints and its own exports"
 )
 """What oqcore reads already quantized, for messages."""
 
@@ -71,7 +76,7 @@ def check_quant_metadata(path: Path, raw: dict) -> None:
     file beside it (:data:`QUANT_METADATA_FILES`)."""
     qc = raw.get("quantization_config")
     method = qc.get("quant_method") if qc else None
-    readable = method in (QUANT_METHOD, CT_QUANT_METHOD, FP8_QUANT_METHOD) or (
+    readable = method in (QUANT_METHOD, CT_QUANT_METHOD, FP8_QUANT_METHOD, MXFP4_QUANT_METHOD) or (
         isinstance(method, str) and method.lower().startswith(MODELOPT_QUANT_METHOD)
     )
     if qc and not readable:

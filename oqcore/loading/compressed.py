@@ -73,10 +73,16 @@ class Feed:
     kind: str
     group: GroupScheme
     prefixes: dict[str, list[list[str]]] = field(default_factory=dict)
+    stacked: bool = False
+    """Fused experts stored whole: each prefix's one module holds the ``[E, ...]`` stack."""
+    hp_module: str | None = None
+    """The stored module holding a stacked feed's high-precision tensors (the experts' biases)
+    under the layer's own parameter names."""
 
     def modules(self) -> list[str]:
         """Every stored (checkpoint) module name feeding this layer, in order."""
-        return [m for lists in self.prefixes.values() for mods in lists for m in mods]
+        mods = [m for lists in self.prefixes.values() for mods in lists for m in mods]
+        return mods + ([self.hp_module] if self.hp_module is not None else [])
 
 
 @dataclass
@@ -122,7 +128,12 @@ def plan_feeds(
     by_module = _ckpt_modules(entries)
     linears: dict[str, str] = {}  # model linear -> checkpoint module
     experts: dict[str, _Expert] = {}
+    stacked: dict[str, dict[str, str]] = defaultdict(dict)  # fused experts -> {its parameter: stored module}
     for mod, local in by_module.items():
+        fused, _, hp = mod.rpartition(".")
+        if hp in _MOE_PREFIX and fused in modules and layer_kind(modules[fused]) == "moe" and _quantized_locals(local):
+            stacked[fused][hp] = mod  # a whole quantized expert stack (a peer view's name for gpt-oss's blocks)
+            continue
         target, pattern = mapper.target_of(f"{mod}.weight")
         rule = mapper._pattern_to_converter.get(pattern) if pattern is not None else None
         if rule is not None and is_expert_fusion(rule):
@@ -184,6 +195,24 @@ def plan_feeds(
             if g is not None:
                 feeds.append(Feed(name, "linear", g, {"weight": [[ck]]}))
                 used.add(ck)
+        elif kind == "moe" and name in stacked:
+            g = group_of({name}, module, f"experts {name!r}")
+            if g is None:
+                e = next(iter(by_module[next(iter(stacked[name].values()))].values()))
+                raise CheckpointError(
+                    f"{e.file}: the experts {name!r} are stored quantized (tensor {e.name!r}, {e.describe()}), but "
+                    f"{cfg_file.name}'s quantization_config does not quantize them (ignored, or matched by no config group)"
+                )
+            missing = [hp for hp in _MOE_PREFIX if hp not in stacked[name]]
+            if missing:
+                raise CheckpointError(
+                    f"{path}: the experts {name!r} store {', '.join(repr(m) for m in stacked[name].values())} quantized "
+                    f"but not their {', '.join(missing)}: a fused experts module is quantized as a whole"
+                )
+            feed = Feed(name, "moe", g, {prefix: [[stacked[name][hp]]] for hp, prefix in _MOE_PREFIX.items()}, True)
+            feed.hp_module = name if name in by_module else None
+            feeds.append(feed)
+            used.update(feed.modules())
         elif kind == "moe":
             mine = [x for x in experts.values() if x.fused == name]
             if not mine:
@@ -321,7 +350,7 @@ def plan_parts(
         params = {p: s for p, s in specs.items() if p == prefix or p.startswith(prefix + "_")}
         covered.update(params)
         for e_idx, mods in enumerate(lists):
-            expert = None if feed.kind == "linear" else e_idx
+            expert = None if feed.kind == "linear" or feed.stacked else e_idx
             n = len(mods)
             for shard, mod in enumerate(mods):
                 local = dict(by_module.get(mod, {}))
@@ -333,6 +362,7 @@ def plan_parts(
                             covered.add(p)
                 packed = local.pop(_PACKED, None)
                 packed_shape = None if feed.group.packed_bytes else local.pop(_PACKED_SHAPE, None)
+                stored_bytes = packed if feed.group.packed_bytes else None
                 if packed is not None and feed.group.packed_bytes:
                     # the packed bytes are the layer's weight as stored: checked and read as a plain tensor
                     if "weight" in local:
@@ -375,7 +405,7 @@ def plan_parts(
                         parts.append(_Part(param, mod, _PACKED, expert, rows, shared, want))
                         continue
                     e = local.pop(lname)
-                    if lname == "weight" and e.name.endswith(f".{_PACKED}"):
+                    if lname == "weight" and e is stored_bytes:
                         lname = _PACKED  # read back under its stored name
                     if not _shape_ok(e.shape, want) or not _convertible(e.dtype, spec):
                         raise CheckpointError(
@@ -420,6 +450,26 @@ def plan_parts(
                             f"floating tensor {list(spec.shape)}"
                         )
                     parts.append(_Part(p, mod, p, None, None, False, spec.shape))
+    if feed.hp_module is not None:  # stacked experts: their biases sit in the experts module, under their own names
+        local = dict(by_module.get(feed.hp_module, {}))
+        for p, spec in specs.items():
+            if spec.high_precision and p not in covered and p in local:
+                e = local.pop(p)
+                if e.shape != spec.shape or not e.dtype.is_floating_point:
+                    raise CheckpointError(
+                        f"{e.file}: tensor {e.name!r} is {e.describe()}, quantized layer {layer!r} ({method}) expects a "
+                        f"floating tensor {list(spec.shape)}"
+                    )
+                parts.append(_Part(p, feed.hp_module, p, None, None, False, spec.shape))
+                covered.add(p)
+        if local:
+            e = next(iter(local.values()))
+            stored = [x.name for lists in feed.prefixes.values() for mods in lists for m in mods for x in by_module[m].values()]
+            raise CheckpointError(
+                f"{e.file}: unexpected tensor {e.name!r} ({e.describe()}): quantized experts {layer!r} ({method}) are "
+                f"stored as {', '.join(repr(n) for n in stored)}, with "
+                f"{', '.join(repr(p) for p, s in specs.items() if s.high_precision) or 'nothing'} beside them"
+            )
     missing = [p for p in specs if p not in covered]
     if missing:
         p = missing[0]
@@ -677,6 +727,10 @@ def _read_plan(path: Path, dtype: torch.dtype):
     model = build_meta_model(path, dtype)
     if peer is not None:
         cfg.ignore = [*(cfg.ignore or []), *peer.model_ignore(model)]
+        targets = peer.model_targets(model)
+        if targets is not None:
+            for g in cfg.config_groups.values():
+                g.targets = list(targets)
     feeds, used = plan_feeds(model, cfg, schemes, entries, path)
     if not feeds:
         raise CheckpointError(

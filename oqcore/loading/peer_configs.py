@@ -64,7 +64,13 @@ from typing import Any
 
 from oqcore.errors import CheckpointError
 from oqcore.loading.checkpoint import TensorEntry, read_json_object
-from oqcore.loading.checks import CT_QUANT_METHOD, FP8_QUANT_METHOD, MODELOPT_FILE, MODELOPT_QUANT_METHOD
+from oqcore.loading.checks import (
+    CT_QUANT_METHOD,
+    FP8_QUANT_METHOD,
+    MODELOPT_FILE,
+    MODELOPT_QUANT_METHOD,
+    MXFP4_QUANT_METHOD,
+)
 
 _STORED_SCALE = "weight_scale"
 """compressed-tensors' name of a weight's dequantization scale (what the view renames to)."""
@@ -87,7 +93,12 @@ class PeerView:
     a stored local tensor name to compressed-tensors' (``weight_scale_inv`` -> ``weight_scale``);
     ``skipped`` maps local tensor names that are not read to the reason (warned once per load);
     ``scale_shape`` turns a stored scale's shape into the compressed-tensors one (same elements,
-    same order); ``default_skips`` says transformers' default skip list applies.
+    same order); ``default_skips`` says transformers' default skip list applies;
+    ``transformers_skips`` that transformers' ``HfQuantizer.get_modules_to_not_convert`` rules apply
+    (:meth:`model_ignore`). ``fused_experts``: the peer quantizes the fused experts modules, stored
+    whole (gpt-oss: ``<experts>.gate_up_proj_blocks`` ...), not the ``Linear`` s: the group targets
+    every fused-experts module of the model (:meth:`model_targets`) and the stored tensors are
+    moved to compressed-tensors' names under ``<experts>.<parameter>`` (:func:`gpt_oss_entries`).
     """
 
     format: str
@@ -98,6 +109,8 @@ class PeerView:
     skipped: dict[str, str] = field(default_factory=dict)
     scale_shape: Callable[[tuple[int, ...]], tuple[int, ...]] | None = None
     default_skips: bool = False
+    transformers_skips: bool = False
+    fused_experts: bool = False
 
     def config_json(self) -> dict:
         """A ``config.json`` mapping holding only the compressed-tensors ``quantization_config``
@@ -108,7 +121,7 @@ class PeerView:
         """The ``ignore`` patterns that depend on the model: transformers' default skip list (when
         the checkpoint gives none) and the model's ``_keep_in_fp32_modules``, as transformers adds
         them in ``HfQuantizer.get_modules_to_not_convert``; empty for ModelOpt."""
-        if self.format != FINEGRAINED:
+        if not self.transformers_skips:
             return []
         keys: list[str] = []
         if self.default_skips:
@@ -117,6 +130,16 @@ class PeerView:
             keys += get_keys_to_not_convert(model)
         keys += list(getattr(model, "_keep_in_fp32_modules", None) or [])
         return [p for k in sorted(set(keys)) for p in transformers_skip_patterns(k)]
+
+    def model_targets(self, model: Any) -> list[str] | None:
+        """The config group's targets when they depend on the model (:attr:`fused_experts`: the
+        names of its fused-experts modules, which transformers' ``replace_with_mxfp4_linear``
+        converts), else ``None`` (the view's own targets stand)."""
+        if not self.fused_experts:
+            return None
+        from oqcore.layers import layer_kind
+
+        return [n for n, m in model.named_modules() if layer_kind(m) == "moe"]
 
     def tensor_entries(self, entries: dict[str, TensorEntry]) -> dict[str, TensorEntry]:
         """``entries`` (checkpoint name -> header entry) under compressed-tensors' names: scales
@@ -127,6 +150,8 @@ class PeerView:
         Raises :class:`oqcore.CheckpointError` naming the file and tensors for a float8 ``weight``
         without its scale, or a module holding two scales (the peer's name and compressed-tensors').
         """
+        if self.fused_experts:
+            entries = gpt_oss_entries(entries)
         out: dict[str, TensorEntry] = {}
         dropped: dict[str, list[str]] = {}
         modules: dict[str, dict[str, TensorEntry]] = {}
@@ -180,7 +205,7 @@ def declares_peer_format(path: Path, raw: object) -> bool:
     if isinstance(qc, dict):
         method = qc.get("quant_method")
         return isinstance(method, str) and (
-            method == FP8_QUANT_METHOD or method.lower().startswith(MODELOPT_QUANT_METHOD)
+            method in (FP8_QUANT_METHOD, MXFP4_QUANT_METHOD) or method.lower().startswith(MODELOPT_QUANT_METHOD)
         )
     return qc is None and (Path(path) / MODELOPT_FILE).is_file()
 
@@ -200,6 +225,8 @@ def peer_view(path: Path, raw: dict, registry: Any = None) -> PeerView | None:
     qc = raw.get("quantization_config")
     if isinstance(qc, dict) and qc.get("quant_method") == FP8_QUANT_METHOD:
         view = _finegrained(path / "config.json", qc)
+    elif isinstance(qc, dict) and qc.get("quant_method") == MXFP4_QUANT_METHOD:
+        view = _gpt_oss(path / "config.json", qc)
     elif isinstance(qc, dict):
         view = _modelopt_config_json(path / "config.json", qc)
     else:
@@ -234,6 +261,25 @@ def transformers_skip_patterns(key: str) -> list[str]:
     return [f"re:(?:{key}){boundary}", f"re:.*{re.escape(key)}(?:\\..*)?\\Z"]
 
 
+def _transformers_skips(qc: dict, skip_field: str, bad: Callable[..., CheckpointError]) -> tuple[Any, list[str]]:
+    """``(the skip list as stored, its compressed-tensors ignore patterns)`` of a transformers
+    quantization config's ``skip_field`` (``modules_to_not_convert``); ``bad(field, value, valid)``
+    makes the error for a value that is not a list of regular expressions."""
+    skip = qc.get(skip_field)
+    if skip is not None and not (isinstance(skip, list) and all(isinstance(s, str) for s in skip)):
+        raise bad(skip_field, skip, "it must be a list of module names or patterns")
+    ignore = []
+    for s in skip or []:
+        try:
+            re.compile(s)
+        except re.error as e:
+            raise bad(
+                skip_field, skip, f"entry {s!r} is not a regular expression transformers can match ({e})"
+            ) from None
+        ignore += transformers_skip_patterns(s)
+    return skip, ignore
+
+
 def _finegrained(cfg_file: Path, qc: dict) -> PeerView:
     where = "quantization_config"
 
@@ -264,18 +310,7 @@ def _finegrained(cfg_file: Path, qc: dict) -> PeerView:
     ):
         raise bad("weight_block_size", block, "it must be two positive integers [rows, columns] or null (per tensor)")
     skip_field = "modules_to_not_convert" if qc.get("modules_to_not_convert") is not None else "ignored_layers"
-    skip = qc.get(skip_field)
-    if skip is not None and not (isinstance(skip, list) and all(isinstance(s, str) for s in skip)):
-        raise bad(skip_field, skip, "it must be a list of module names or patterns")
-    ignore = []
-    for s in skip or []:
-        try:
-            re.compile(s)
-        except re.error as e:
-            raise bad(
-                skip_field, skip, f"entry {s!r} is not a regular expression transformers can match ({e})"
-            ) from None
-        ignore += transformers_skip_patterns(s)
+    skip, ignore = _transformers_skips(qc, skip_field, bad)
     if block is None:
         weights = _fp8_args("tensor", False)
         acts = _fp8_args("tensor", True)
@@ -289,7 +324,115 @@ def _finegrained(cfg_file: Path, qc: dict) -> PeerView:
         _ct_config(weights, acts, ignore),
         renames={"weight_scale_inv": _STORED_SCALE},
         default_skips=skip is None,
+        transformers_skips=True,
     )
+
+
+# -- gpt-oss MXFP4 (transformers Mxfp4Config) --------------------------------------------------------
+
+GPT_OSS = "gpt-oss MXFP4 (transformers Mxfp4Config)"
+
+GPT_OSS_FIELDS = ("quant_method", "modules_to_not_convert", "dequantize")
+"""The fields of transformers' ``Mxfp4Config`` (``utils/quantization_config.py``; its ``to_dict``
+writes the first two, ``dequantize`` is a loading option and is ignored)."""
+
+GPT_OSS_BLOCK_BYTES = 16
+"""gpt-oss stores each MX block of 32 e2m1 values as 16 bytes, two values per byte (the last dim
+of ``*_blocks``; ``convert_moe_packed_tensors`` unpacks byte ``j`` to elements ``2j`` (low nibble)
+and ``2j + 1`` (high nibble))."""
+
+_GPT_OSS_TENSORS = {"_blocks": "weight_packed", "_scales": _STORED_SCALE}
+"""gpt-oss tensor suffix -> compressed-tensors' local name (mxfp4-pack-quantized)."""
+
+_E2M1_BITS = 4
+"""Bits of one e2m1 (fp4) element."""
+
+
+def _mxfp4_args() -> dict:
+    """compressed-tensors ``QuantizationArgs`` of what gpt-oss stores: 4-bit floats in groups of
+    32 along K, one shared exponent per group stored as unsigned bytes (``U8``: compressed-tensors
+    records such scales as ``scale_dtype: "torch.uint8"``), static weights."""
+    from oqcore.loading.checkpoint import ST_DTYPES
+
+    return {
+        "num_bits": _E2M1_BITS, "type": "float", "symmetric": True, "strategy": "group",
+        "group_size": GPT_OSS_BLOCK_BYTES * (8 // _E2M1_BITS), "scale_dtype": str(ST_DTYPES["U8"]), "dynamic": False,
+    }  # fmt: skip
+
+
+def _gpt_oss(cfg_file: Path, qc: dict) -> PeerView:
+    """The view of a ``quant_method: mxfp4`` config (openai's gpt-oss checkpoints, what
+    transformers' ``Mxfp4HfQuantizer`` reads): the fused experts of every MoE block are MXFP4 with
+    no activation quantization (W4A16; an activation-only override such as ``moe.activation=mxfp8``
+    applies, the checkpoint declaring none), everything else stays as stored.
+    ``modules_to_not_convert`` keeps transformers' meaning (``should_convert_module`` on
+    ``<mlp>.experts``); absent, transformers' default skip list applies. Raises
+    :class:`oqcore.CheckpointError` naming the field for any other field or a bad skip list."""
+    where = "quantization_config"
+
+    def bad(name: str, value: Any, valid: str) -> CheckpointError:
+        """The error for field ``name`` holding ``value``, naming the file and what is valid."""
+        return CheckpointError(f"{cfg_file}: {where}.{name} is {value!r}; {valid}")
+
+    unknown = [k for k in qc if k not in GPT_OSS_FIELDS]
+    if unknown:
+        raise CheckpointError(
+            f"{cfg_file}: {where}.{unknown[0]} is not a field of transformers' Mxfp4Config (quant_method "
+            f"{MXFP4_QUANT_METHOD!r}); its fields are {', '.join(GPT_OSS_FIELDS)}"
+        )
+    skip, ignore = _transformers_skips(qc, "modules_to_not_convert", bad)
+    qconf = _ct_config(_mxfp4_args(), None, ignore, fmt="mxfp4-pack-quantized")
+    return PeerView(
+        GPT_OSS, cfg_file, f"{where}.quant_method", qconf,
+        default_skips=skip is None, transformers_skips=True, fused_experts=True,
+    )  # fmt: skip
+
+
+def gpt_oss_entries(entries: dict[str, TensorEntry]) -> dict[str, TensorEntry]:
+    """gpt-oss's fused expert tensors under compressed-tensors' mxfp4-pack-quantized names, one
+    module per fused parameter: ``<experts>.<p>_blocks`` U8 ``[E, N, K/32, 16]`` ->
+    ``<experts>.<p>.weight_packed`` ``[E, N, K/2]`` (the same bytes: rows N of the canonical
+    ``[E, N, K]`` expert stack, as transformers' ``convert_moe_packed_tensors`` reads them before
+    transposing to its ``[E, K, N]`` parameter; gate_up's rows interleaved gate, up, gate, ...) and
+    ``<experts>.<p>_scales`` U8 ``[E, N, K/32]`` -> ``<experts>.<p>.weight_scale`` (biased e8m0
+    exponents, value ``2**(s - 127)``). Every other tensor is unchanged (the entries keep their
+    stored names for messages).
+
+    Raises :class:`oqcore.CheckpointError` naming the file and tensor for a ``_blocks`` without its
+    ``_scales`` (or the reverse), blocks whose last dim is not 16 bytes, or scales whose shape is
+    not the blocks' without that dim."""
+    out: dict[str, TensorEntry] = {}
+    found: dict[str, dict[str, TensorEntry]] = {}
+    for key, e in entries.items():
+        for suffix in _GPT_OSS_TENSORS:
+            if key.endswith(suffix) and "." in key:
+                found.setdefault(key[: -len(suffix)], {})[suffix] = e
+                break
+        else:
+            out[key] = e
+    for base, got in found.items():
+        blocks, scales = got.get("_blocks"), got.get("_scales")
+        if blocks is None or scales is None:
+            have = blocks or scales
+            missing = f"{base}_scales" if blocks is not None else f"{base}_blocks"
+            raise CheckpointError(
+                f"{have.file}: tensor {have.name!r} has no {missing!r} beside it: a gpt-oss MXFP4 checkpoint stores "
+                "each fused expert weight as its packed e2m1 blocks and their e8m0 scales"
+            )
+        if len(blocks.shape) < 2 or blocks.shape[-1] != GPT_OSS_BLOCK_BYTES:
+            raise CheckpointError(
+                f"{blocks.file}: tensor {blocks.name!r} is {blocks.describe()}; gpt-oss MXFP4 blocks are U8 "
+                f"[E, N, K/32, {GPT_OSS_BLOCK_BYTES}] ({GPT_OSS_BLOCK_BYTES} bytes of two e2m1 values per block of 32)"
+            )
+        if scales.shape != blocks.shape[:-1]:
+            raise CheckpointError(
+                f"{scales.file}: tensor {scales.name!r} is {scales.describe()}; the scales of {blocks.name!r} "
+                f"({blocks.describe()}) must be U8 {list(blocks.shape[:-1])} (one per block)"
+            )
+        packed = (*blocks.shape[:-2], blocks.shape[-2] * blocks.shape[-1])
+        out[f"{base}.{_GPT_OSS_TENSORS['_blocks']}"] = dataclasses.replace(blocks, shape=packed)
+        out[f"{base}.{_GPT_OSS_TENSORS['_scales']}"] = scales
+    return out
 
 
 # -- NVIDIA ModelOpt ---------------------------------------------------------------------------------
@@ -349,12 +492,13 @@ def modelopt_exclude_patterns(pattern: str) -> list[str]:
 # -- shared ------------------------------------------------------------------------------------------
 
 
-def _ct_config(weights: dict, acts: dict | None, ignore: list[str]) -> dict:
-    """A compressed-tensors ``quantization_config`` of one group over every ``Linear``."""
+def _ct_config(weights: dict, acts: dict | None, ignore: list[str], fmt: str = "float-quantized") -> dict:
+    """A compressed-tensors ``quantization_config`` of one group over every ``Linear`` (a
+    :attr:`PeerView.fused_experts` view replaces the targets per model), stored in ``fmt``."""
     return {
         "quant_method": CT_QUANT_METHOD,
         "quantization_status": "compressed",
-        "format": "float-quantized",
+        "format": fmt,
         "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts}},
         "ignore": ignore,
     }
