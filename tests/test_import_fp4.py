@@ -258,3 +258,241 @@ def test_a_conflicting_activation_is_refused():
     assert f"linear activation mxfp8 conflicts with compressed-tensors checkpoint {folder}" in msg
     assert "declares activation mxfp4 for layer" in msg
     assert "remove the override or align it with the checkpoint" in msg
+
+
+# -- gpt-oss MXFP4 (quant_method: mxfp4) ----------------------------------------------------------------
+
+GPT_OSS_SKIPS = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
+"""openai/gpt-oss-20b's ``modules_to_not_convert``."""
+EXPERTS = [f"model.layers.{i}.mlp.experts" for i in range(2)]
+
+
+def write_gpt_oss_mxfp4(src: Path, out: Path, qc: dict | None = None) -> Path:
+    """``src`` (a tiny GPT-OSS saved by transformers: fused ``gate_up_proj [E, H, 2I]`` with gate
+    and up columns interleaved, ``down_proj [E, I, H]``) written as openai's gpt-oss checkpoints
+    store it: each fused expert weight transposed to ``[E, N, K]`` (rows N = gate_up_proj's
+    columns, interleaved as they are), MXFP4-quantized by the mxfp4 plugin's reference quantizer
+    (OCP MX, rceil scales), ``<p>_blocks`` U8 ``[E, N, K/32, 16]`` and ``<p>_scales`` U8
+    ``[E, N, K/32]``; biases and everything else as stored; ``quantization_config`` as transformers'
+    Mxfp4Config writes it (``qc`` replaces it)."""
+    shutil.copytree(src, out)
+    new = {}
+    for k, v in load_file(src / "model.safetensors").items():
+        if k.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+            qt = oqcore.quantize_tensor(v.transpose(1, 2).float(), "mxfp4", quantizer="torch")
+            e, n, half = qt.qdata.shape
+            new[f"{k}_blocks"] = qt.qdata.reshape(e, n, half // 16, 16).contiguous()
+            new[f"{k}_scales"] = qt.scale.view(torch.uint8).contiguous()
+        else:
+            new[k] = v
+    save_file(new, out / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"] = qc if qc is not None else {"quant_method": "mxfp4", "modules_to_not_convert": GPT_OSS_SKIPS}
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+@pytest.fixture(scope="module")
+def gpt_oss(tiny_moe, tmp_path_factory):
+    """(bf16 source folder, its gpt-oss MXFP4 checkpoint)."""
+    src = tiny_moe("gpt_oss")
+    return src, write_gpt_oss_mxfp4(src, tmp_path_factory.mktemp("gpt-oss-mxfp4") / "ckpt")
+
+
+def test_gpt_oss_loads_the_stored_blocks_and_scales(gpt_oss):
+    src, ckpt = gpt_oss
+    model = oqcore.load(ckpt, dtype=torch.float32)
+    stored = load_file(ckpt / "model.safetensors")
+    assert sorted(model.oq_state.wrappers) == EXPERTS
+    assert model.oq_state.config.to_dict()["targets"] == {n: {"weight": "mxfp4", "activation": None} for n in EXPERTS}
+    for name in EXPERTS:
+        w = model.oq_state.wrappers[name]
+        for hp, prefix in (("gate_up_proj", "w13_weight"), ("down_proj", "w2_weight")):
+            blocks, scales = stored[f"{name}.{hp}_blocks"], stored[f"{name}.{hp}_scales"]
+            q, s = getattr(w, prefix), getattr(w, f"{prefix}_scale")
+            assert q.dtype == torch.uint8 and torch.equal(q, blocks.reshape(*blocks.shape[:2], -1)), (name, hp)
+            assert s.dtype == torch.float8_e8m0fnu and torch.equal(s.view(torch.uint8), scales), (name, hp)
+            assert torch.equal(getattr(w, f"{hp}_bias"), stored[f"{name}.{hp}_bias"].float()), (name, hp)
+    # attention, router, embeddings, lm_head: the stored bf16 tensors
+    for key in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.router.weight", "lm_head.weight"):
+        assert torch.equal(model.get_parameter(key), stored[key].float()), key
+
+
+def test_gpt_oss_logits_equal_oqcores_own_quantization_and_save(gpt_oss, tmp_path):
+    """The same experts quantized online by oqcore (mxfp4, the layout of the wrapper: w13 rows in
+    gpt-oss's interleaved order) and saved in oqcore's own format give the same bytes and logits:
+    the gpt-oss blocks are read in the right row order."""
+    src, ckpt = gpt_oss
+    online = oqcore.load(src, {"moe": "mxfp4"}, dtype=torch.float32)
+    oqcore.save_quantized(online, tmp_path / "own", format="oqcore")
+    own = oqcore.load(tmp_path / "own", dtype=torch.float32)
+    peer = oqcore.load(ckpt, dtype=torch.float32)
+    for name in EXPERTS:
+        a, b = own.oq_state.wrappers[name], peer.oq_state.wrappers[name]
+        for p, t in a.named_parameters():
+            u = getattr(b, p)
+            assert t.dtype == u.dtype and torch.equal(_bytes(t), _bytes(u)), (name, p)
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = peer(input_ids=ids).logits, own(input_ids=ids).logits
+    assert _rel_err(got, want) <= 2**-20, _rel_err(got, want)  # measured 0: the same bytes, the same backend
+
+
+def test_gpt_oss_logits_match_transformers_dequantizing_the_same_checkpoint(gpt_oss):
+    """transformers reads the checkpoint itself (Mxfp4Config(dequantize=True): its own
+    ``convert_moe_packed_tensors``, then its eager GptOssExperts): oqcore's W4A16 forward is within
+    bf16 rounding of it. Checks the layout against transformers' own reading, not ours."""
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    _, ckpt = gpt_oss
+    ref = AutoModelForCausalLM.from_pretrained(ckpt, quantization_config=Mxfp4Config(dequantize=True), dtype=torch.float32)
+    model = oqcore.load(ckpt, dtype=torch.float32)
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = model(input_ids=ids).logits, ref.eval()(input_ids=ids).logits
+    # measured 0 (both float32, exact dequantization); a gate/up row swap gives ~1e-1
+    assert _rel_err(got, want) < 2**-7, _rel_err(got, want)
+
+
+def _w4a8_reference(ckpt: Path):
+    """transformers' dequantized model whose experts' gate-up and down inputs are mxfp8
+    fake-quantized (the reference quantizer), as oqcore's W4A8 methods do."""
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    ref = AutoModelForCausalLM.from_pretrained(ckpt, quantization_config=Mxfp4Config(dequantize=True), dtype=torch.float32)
+    for i in range(2):
+        ex = ref.model.layers[i].mlp.experts
+
+        def forward(hidden_states, router_indices, routing_weights, ex=ex):
+            out = torch.zeros_like(hidden_states)
+            for e in range(ex.num_experts):
+                tok, pos = torch.where(router_indices == e)
+                if tok.numel() == 0:
+                    continue
+                gu = _fake_quant(hidden_states[tok], "mxfp8") @ ex.gate_up_proj[e] + ex.gate_up_proj_bias[e]
+                y = _fake_quant(ex._apply_gate(gu), "mxfp8") @ ex.down_proj[e] + ex.down_proj_bias[e]
+                out.index_add_(0, tok, y * routing_weights[tok, pos, None])
+            return out
+
+        ex.forward = forward
+    return ref.eval()
+
+
+def test_gpt_oss_with_mxfp8_activations_runs_the_w4a8_candidates(gpt_oss, monkeypatch):
+    """The seeds' PR 41566 case: the checkpoint declares no activation, ``moe.activation=mxfp8``
+    keeps the stored MXFP4 bytes and keeps only backend candidates serving mxfp8 activations (the
+    W4A16 and W4A4 ones are rejected by name in the plan), within bf16 rounding of an mxfp8
+    fake-quant reference."""
+    monkeypatch.setenv("OQ_DISABLE_TRITON", "1")
+    _, ckpt = gpt_oss
+    model = oqcore.load(ckpt, {"moe": {"activation": "mxfp8"}}, dtype=torch.float32)
+    stored = load_file(ckpt / "model.safetensors")
+    for name in EXPERTS:
+        w = model.oq_state.wrappers[name]
+        assert torch.equal(w.w13_weight, stored[f"{name}.gate_up_proj_blocks"].reshape(*w.w13_weight.shape))
+    rows = [r for r in model.oq_state.plan.rows() if r["action"] == "quantize"]
+    assert [(r["name"], r["weight"], r["activation"], r["backend"]) for r in rows] == [
+        (n, "mxfp4", "mxfp8", "cpu") for n in EXPERTS
+    ]
+    explained = model.oq_state.plan.explain(verbose=True)
+    assert "backend torch rejected: serves activation none, the spec asks for mxfp8" in explained
+    assert "backend cpu rejected: serves activation none, the spec asks for mxfp8" in explained
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+        want = _w4a8_reference(ckpt)(input_ids=ids).logits
+        w4a16 = oqcore.load(ckpt, dtype=torch.float32)(input_ids=ids).logits
+    assert _rel_err(got, want) < 2**-7, _rel_err(got, want)
+    assert _rel_err(got, w4a16) > 2**-7, _rel_err(got, w4a16)  # the activation rounding is really there
+
+
+# -- gpt-oss: bad inputs, each one CheckpointError naming the file and the tensor or field ------------
+
+F = "model.safetensors"
+GU = "model.layers.0.mlp.experts.gate_up_proj"
+
+
+def _edit_tensors(folder: Path, edit) -> None:
+    tensors = load_file(folder / F)
+    edit(tensors)
+    save_file(tensors, folder / F, metadata={"format": "pt"})
+
+
+def _copy(ckpt: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "bad"
+    shutil.copytree(ckpt, out)
+    return out
+
+
+def test_gpt_oss_missing_scales(gpt_oss, tmp_path):
+    d = _copy(gpt_oss[1], tmp_path)
+    _edit_tensors(d, lambda t: t.pop(f"{GU}_scales"))
+    with raises_naming(CheckpointError, str(d / F), f"'{GU}_blocks'", f"'{GU}_scales'"):
+        oqcore.load(d)
+
+
+@pytest.mark.parametrize(
+    "edit,culprits",
+    [
+        (lambda t: t.update({f"{GU}_blocks": t[f"{GU}_blocks"].reshape(4, 192, 10, 8)}), [f"'{GU}_blocks'", "U8 [4, 192, 10, 8]", "16"]),
+        (lambda t: t.update({f"{GU}_scales": t[f"{GU}_scales"][:, :96].contiguous()}), [f"'{GU}_scales'", "U8 [4, 96, 5]", "[4, 192, 5]"]),
+        (lambda t: t.update({f"{GU}_blocks": t[f"{GU}_blocks"].view(torch.int8)}), [f"'{GU}_blocks'", "I8 [4, 192, 80]", "uint8 [4, 192, 80]"]),
+        (lambda t: t.update({f"{GU}_blocks": t[f"{GU}_blocks"][:, :96].contiguous(), f"{GU}_scales": t[f"{GU}_scales"][:, :96].contiguous()}),
+         [f"'{GU}_blocks'", "[4, 96, 80]", "uint8 [4, 192, 80]"]),
+        (lambda t: t.update({f"{GU}_scales": t[f"{GU}_scales"].float()}), [f"'{GU}_scales'", "F32 [4, 192, 5]", "float8_e8m0fnu [4, 192, 5]"]),
+        (lambda t: t.update({GU: torch.zeros(4, 160, 192, dtype=torch.bfloat16)}), [f"unexpected tensor '{GU}' (BF16", f"'{GU}_blocks'", "'gate_up_proj_bias'"]),
+        (lambda t: t.pop("model.layers.0.mlp.experts.down_proj_bias"), ["'model.layers.0.mlp.experts.down_proj_bias'", "missing"]),
+    ],
+    ids=["blocks-not-16-bytes", "scales-shape", "blocks-dtype", "rows", "scales-dtype", "bf16-beside-blocks", "no-bias"],
+)
+def test_gpt_oss_bad_tensors(gpt_oss, tmp_path, edit, culprits):
+    d = _copy(gpt_oss[1], tmp_path)
+    _edit_tensors(d, edit)
+    with raises_naming(CheckpointError, *culprits):
+        oqcore.load(d)
+
+
+@pytest.mark.parametrize(
+    "qc,culprits",
+    [
+        ({"quant_method": "mxfp4", "group_size": 64}, ["config.json", "quantization_config.group_size", "Mxfp4Config", "modules_to_not_convert"]),
+        ({"quant_method": "mxfp4", "modules_to_not_convert": "lm_head"}, ["quantization_config.modules_to_not_convert is 'lm_head'", "a list"]),
+        ({"quant_method": "mxfp4", "modules_to_not_convert": [*GPT_OSS_SKIPS, "model.layers.0.mlp.experts"]},
+         [F, "the experts 'model.layers.0.mlp.experts' are stored quantized", "_blocks'", "does not quantize them"]),
+    ],
+    ids=["unknown-field", "skip-list-type", "experts-skipped-but-stored-quantized"],
+)
+def test_gpt_oss_bad_config(gpt_oss, tmp_path, qc, culprits):
+    d = _copy(gpt_oss[1], tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = qc
+    (d / "config.json").write_text(json.dumps(cfg))
+    with raises_naming(CheckpointError, *culprits):
+        oqcore.load(d)
+
+
+def test_gpt_oss_reduction_dim_not_a_multiple_of_32(tiny_moe, tmp_path):
+    """I = 80: down_proj's K is not a multiple of the MX block; the blocks zero-padded to 96 (what
+    a writer would have to do) are refused with the shape rule, before any tensor is read."""
+    src = tiny_moe("gpt_oss", intermediate_size=80)
+    d = tmp_path / "ckpt"
+    shutil.copytree(src, d)
+
+    def edit(t):
+        for i in range(2):
+            k = f"model.layers.{i}.mlp.experts.down_proj"
+            w = torch.nn.functional.pad(t.pop(k).transpose(1, 2).float(), (0, 16))  # [E, H, 96]
+            qt = oqcore.quantize_tensor(w, "mxfp4", quantizer="torch")
+            t[f"{k}_blocks"] = qt.qdata.reshape(4, 160, 3, 16).contiguous()
+            t[f"{k}_scales"] = qt.scale.view(torch.uint8).contiguous()
+            k = f"model.layers.{i}.mlp.experts.gate_up_proj"
+            qt = oqcore.quantize_tensor(t.pop(k).transpose(1, 2).float(), "mxfp4", quantizer="torch")
+            t[f"{k}_blocks"] = qt.qdata.reshape(4, 160, 5, 16).contiguous()
+            t[f"{k}_scales"] = qt.scale.view(torch.uint8).contiguous()
+
+    _edit_tensors(d, edit)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": GPT_OSS_SKIPS}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with raises_naming(CheckpointError, str(d / "config.json"), "model.layers.0.mlp.experts", "I=80", "32"):
+        oqcore.load(d)
