@@ -18,7 +18,6 @@ from fp4_kernel_reference import (  # noqa: E402
     Recorder,
     assert_within,
     check_moe,
-    compile_for_cuda,
     gemm_bound,
     gptoss_interleaved,
     random_codes,
@@ -215,32 +214,3 @@ def test_supported_checks_device_and_shapes():
         assert not ok and "Triton runs on CUDA" in why, why
     assert "sm_89" in triton_supported_w4a8(lin, torch.device("cpu"))[1]
     assert "sm_80" in triton_supported_w4a16(lin, torch.device("cpu"))[1]
-
-
-def _specs():
-    gemm = {"a_ptr": None, "as_ptr": "*u8", "b_ptr": "*u8", "bs_ptr": "*u8", "bias_ptr": "*bf16", "c_ptr": "*fp32",
-            "M": "i32", "N": "i32", "K": "i32"}
-    moe = {"a_ptr": None, "as_ptr": "*u8", "b_ptr": "*u8", "bs_ptr": "*u8", "bias_ptr": "*bf16", "c_ptr": "*fp32",
-           "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32", "weights_ptr": "*fp32", "num_valid": "i32", "N": "i32", "K": "i32"}
-    out = []
-    for a_dt, cap in (("bf16", 80), ("fp32", 80), ("fp8e4nv", 89)):
-        c = {"A_MX": a_dt == "fp8e4nv", "HAS_BIAS": True, "F32_DOT": a_dt == "fp32", "BLOCK_M": 16, "BLOCK_N": 32}
-        for mod, name, sig, extra in (
-            ("oq_plugin_mxfp4.kernels.gemm", "_mxfp4_gemm_kernel", gemm, {}),
-            ("oq_plugin_mxfp4.kernels.moe", "_mxfp4_moe_kernel", moe, {"A_ROW_DIV": 2, "MUL_WEIGHT": True}),
-        ):
-            consts = {**c, **extra}
-            sig = {**sig, "a_ptr": "*" + a_dt, **{k: "constexpr" for k in consts}}
-            out.append((mod, name, sig, consts, cap))
-    return out
-
-
-def test_kernels_compile_for_cuda():
-    """Both kernels compile to sm_80 (W4A16: bf16 and float32 activations; fp16 takes the bf16
-    code path) / sm_89 (W4A8), the minimum capabilities the support checks state, with Triton's
-    ptxas and no GPU; the bf16 and fp8 dots lower to tensor-core mma instructions (the float32
-    one, IEEE, to FMAs)."""
-    specs = _specs()
-    for spec, r in zip(specs, compile_for_cuda(specs)):
-        assert r["cubin_bytes"] > 0, spec[:2]
-        assert r["mma"] == (spec[2]["a_ptr"] != "*fp32"), (spec[1], spec[2]["a_ptr"])
