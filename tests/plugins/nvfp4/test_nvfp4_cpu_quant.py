@@ -153,3 +153,18 @@ def test_own_library_and_sources():
         assert inc in src
     assert "f32_to_e4m3(float" not in src and "oq_f32_to_e2m1(float" not in src and "load16(const void" not in src
     assert "-ffp-contract=off" in cpu.LIBRARY.extra_flags
+
+
+def test_registered_as_cpu_quantizer():
+    """Through the public API: ``quantizer="cpu"`` gives the ``torch`` quantizer's bytes; NaN/Inf in a
+    named weight is the core's UnsupportedLayerError naming the layer."""
+    w = torch.randn(3, 64, 128).bfloat16()
+    for x in (w[0], w):
+        a = oqcore.quantize_tensor(x, "nvfp4", quantizer="cpu")
+        b = oqcore.quantize_tensor(x, "nvfp4", quantizer="torch")
+        for key in ("qdata", "scale", "global_scale"):
+            assert torch.equal(a.tensors[key].view(torch.uint8), b.tensors[key].view(torch.uint8)), key
+    bad = torch.randn(64, 96)
+    bad[3, 5] = float("inf")
+    with pytest.raises(oqcore.UnsupportedLayerError, match=r"^layer 'a.b': weight holds 1 NaN/Inf value"):
+        oqcore.quantize_tensor(bad, "nvfp4", quantizer="cpu", name="a.b")
