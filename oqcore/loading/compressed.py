@@ -12,12 +12,19 @@ what every registered :class:`oqcore.Scheme` declares (:attr:`oqcore.KeyFormat.c
 and the layers a group covers are found with compressed-tensors' own matcher
 (``compressed_tensors.utils.is_match``; the config side is :mod:`oqcore.loading.ct_config`). The tensors a quantized layer must hold come from its
 method (:func:`oqcore.layer_tensors.quantized_tensors`); stored tensors are converted to them by
-dtype only (``weight_packed`` int32 words -> the 1-byte integers compressed-tensors'
-``unpack_from_int32`` gives, unsigned bytes -> the expected 1-byte float dtype reinterpreted (e8m0
-exponents), bf16/f16 scales -> float32, exactly). Per-expert tensors of MoE
+dtype only (``pack-quantized``'s ``weight_packed`` int32 words -> the 1-byte integers
+compressed-tensors' ``unpack_from_int32`` gives; a ``weight_packed`` its format's compressor writes
+as the packed bytes themselves (``nvfp4-pack-quantized``, ``mxfp4-pack-quantized``: two e2m1 codes
+per byte, no ``weight_shape``) is the layer's ``weight`` unchanged; unsigned bytes -> the expected
+1-byte float dtype reinterpreted (e8m0 exponents), bf16/f16 scales -> float32, exactly). Per-expert
+tensors of MoE
 checkpoints are mapped to the fused experts with transformers' own conversion mapping
 (:class:`oqcore.loading.names.NameMapper`) and stacked into the wrapper's ``w13_*`` (gate then up)
-and ``w2_*`` tensors.
+and ``w2_*`` tensors; gate and up stored with different values of a tensor kept once per expert
+(a per-tensor scale, an NVFP4 global scale) are requantized to one (:func:`_requantize_shards`).
+A fused-experts layer may also be stored whole, one ``[E, ...]`` stack per fused parameter under
+``<experts>.<parameter>`` with its biases beside it (how the gpt-oss peer view presents
+``*_blocks`` / ``*_scales``).
 
 compressed-tensors is imported only when such a checkpoint is loaded.
 """

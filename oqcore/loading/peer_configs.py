@@ -1,7 +1,7 @@
-"""Other tools' FP8 checkpoints seen as compressed-tensors checkpoints, so that
+"""Other tools' checkpoints (FP8, gpt-oss MXFP4) seen as compressed-tensors checkpoints, so that
 :mod:`oqcore.loading.compressed` reads them as stored (nothing is re-quantized).
 
-Two peer formats are translated here; each translation states facts of the PEER's format (what its
+Three peer formats are translated here; each translation states facts of the PEER's format (what its
 metadata and tensor names mean), never an oqcore scheme: the equivalent compressed-tensors
 ``QuantizationArgs`` are built and the registered scheme declaring the same args is found by
 :func:`oqcore.loading.ct_config.match_group`, exactly as for a compressed-tensors checkpoint.
@@ -29,6 +29,24 @@ vLLM ``layers/quantization/fp8.py::Fp8Config``):
   start up to a module boundary, or as a suffix; absent, transformers' default list applies
   (``quantizers/base.py::get_keys_to_not_convert``: output embeddings, tied and last weights), plus
   the model's ``_keep_in_fp32_modules``.
+
+**gpt-oss MXFP4 / transformers ``Mxfp4Config``** (``config.json`` ``quantization_config:
+{"quant_method": "mxfp4", "modules_to_not_convert": [...]}``, openai's gpt-oss checkpoints;
+transformers ``integrations/mxfp4.py``, ``quantizers/quantizer_mxfp4.py``):
+
+- the fused experts of every MoE block (transformers' ``replace_with_mxfp4_linear`` converts each
+  ``GptOssMLP``'s ``experts`` that ``should_convert_module`` keeps) are stored as
+  ``<experts>.gate_up_proj_blocks`` U8 ``[E, 2I, H/32, 16]``, ``gate_up_proj_scales`` U8
+  ``[E, 2I, H/32]``, ``down_proj_blocks`` U8 ``[E, H, I/32, 16]``, ``down_proj_scales``
+  ``[E, H, I/32]``, with ``gate_up_proj_bias [E, 2I]`` / ``down_proj_bias [E, H]`` in high precision.
+  Blocks are NOT transposed like the bf16 ``gate_up_proj [E, H, 2I]``: ``convert_moe_packed_tensors``
+  decodes them to ``[E, 2I, H]`` (byte ``j`` -> elements ``2j`` low nibble, ``2j + 1`` high nibble,
+  times ``2**(scale - 127)``) and then transposes; rows of gate_up are gate and up interleaved,
+  as the bf16 columns are. So ``*_blocks`` is compressed-tensors' mxfp4-pack-quantized
+  ``weight_packed`` of the canonical ``[E, N, K]`` stack, ``*_scales`` its ``weight_scale``
+  (groups of 32 along K, e8m0 as U8), no input activations (W4A16); everything else is stored as is.
+- ``modules_to_not_convert`` keeps transformers' meaning, as for FineGrainedFP8; ``dequantize`` is
+  a loading option and ignored; any other field is refused.
 
 **NVIDIA ModelOpt** (``hf_quant_config.json`` ``{"producer": {"name": "modelopt"}, "quantization":
 {"quant_algo", "kv_cache_quant_algo", "exclude_modules"}}``, or the same in ``config.json``
