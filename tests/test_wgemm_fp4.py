@@ -302,3 +302,20 @@ def test_bad_arguments_raise_value_error(change, culprit):
     args.update(change)
     with pytest.raises(ValueError, match=culprit):
         W.wgemm(**args)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: PATH_IDS[p])
+def test_thread_partitions_give_identical_results(path):
+    """Every output is computed the same way whatever the split of N (and, for AMX at large M, of
+    M) between threads: 1 and 2 threads agree bit for bit."""
+    old = torch.get_num_threads()
+    try:
+        for (m, n, k), wk in [((1, 600, 512), "e4m3"), ((3, 400, 256), "e8m0"), ((260, 96, 384), "e8m0")]:  # M*N*K >= 2^18: two threads run
+            args, mul = _case(m, n, k, wk, "bf16", seed=27)
+            torch.set_num_threads(1)
+            y1 = _run(args, mul, path=path)
+            torch.set_num_threads(2)
+            y2 = _run(args, mul, path=path)
+            assert torch.equal(_bits(y1), _bits(y2)), f"path {path} M={m} N={n} K={k}"
+    finally:
+        torch.set_num_threads(old)
