@@ -10,7 +10,9 @@ max of the absolute-value bits, which also flags Inf/NaN (then :class:`oqcore.No
 the reference runs), and derives the global scale with the reference's float32 operations (a
 reciprocal, then a product); the second quantizes 16 blocks of 16 at a time (AVX-512: block maxima
 by a transpose-and-max tree, e4m3 scales with oq-plugin-fp8's integer encoder ``fp8_e4m3.h``,
-elements by true division and oq-plugin-mxfp4's e2m1 encoder ``fp4_e2m1.h``).
+elements by true division, e2m1 codes by an arithmetic form of oq-plugin-mxfp4's encoder
+``fp4_e2m1.h`` (no compare-into-mask ops: checked equal to it on all 2**32 float32 bit patterns,
+``oq_nvfp4_check_e2m1``), packing by ``fp4_e2m1.h``; the scalar path uses ``fp4_e2m1.h`` as is).
 
 The source is ``csrc/nvfp4_quant.c`` (package data), compiled with ``-ffp-contract=off`` by
 :mod:`oq_toolkit.native` (cached per machine); without a compiler or with ``OQ_COMPILE=0`` the
@@ -35,6 +37,8 @@ def _bind(lib) -> None:
     P, I, C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.oq_nvfp4_quantize.argtypes = [P, C, I, I, C, P, P, P, C]
     lib.oq_nvfp4_quantize.restype = I
+    lib.oq_nvfp4_check_e2m1.argtypes = [I, I]
+    lib.oq_nvfp4_check_e2m1.restype = I
 
 
 CSRC_DIR = files("oq_plugin_nvfp4") / "csrc"

@@ -168,3 +168,14 @@ def test_registered_as_cpu_quantizer():
     bad[3, 5] = float("inf")
     with pytest.raises(oqcore.UnsupportedLayerError, match=r"^layer 'a.b': weight holds 1 NaN/Inf value"):
         oqcore.quantize_tensor(bad, "nvfp4", quantizer="cpu", name="a.b")
+
+
+def test_vector_e2m1_encoder_equals_the_shared_one():
+    """The kernel's arithmetic e2m1 encoder (nv_e2m1x16) against fp4_e2m1.h's oq_f32x16_to_e2m1 on
+    every float32 bit pattern of these ranges (both signs): subnormals, [2**-5, 16) (every decision
+    point), the largest finite values and Inf. (All 2**32 patterns agree too: 4 s, not run here.)"""
+    if lib.oq_nvfp4_check_e2m1(0, 16) < 0:
+        pytest.skip("no AVX-512 path in this build")
+    for lo, hi in ((0x00000000, 0x00100000), (0x3D000000, 0x41800000), (0x7F700000, 0x7F800010)):
+        for sign in (0, 0x80000000):
+            assert lib.oq_nvfp4_check_e2m1(lo | sign, hi | sign) == 0, hex(lo | sign)

@@ -123,6 +123,24 @@ OQ_INLINE __m512 nv_e4m3x16_value(__m512i b) {
     return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(v), sign));
 }
 
+/* 16 lanes of oq_f32x16_to_e2m1 (fp4_e2m1.h) for finite or infinite y, in arithmetic instead of
+   comparisons into masks: those run on one port only (the shuffle port, which also widens bf16 and
+   packs), these on two. |y| >= 1: the float32 bits rebased to e2m1's exponent bias and rounded to one
+   mantissa bit (nearest even, integer add-and-shift), saturated at 6 by clamping the bits first;
+   |y| < 1: cvtps2dq(2|y|), nearest even (codes 0, 1, 2: 0.25 -> 0, 0.75 -> 2). Same codes as
+   oq_f32x16_to_e2m1 on every float32 (tests: oq_nvfp4_check_e2m1). */
+OQ_INLINE __m512i nv_e2m1x16(__m512 y) {
+    __m512i b = _mm512_castps_si512(y);
+    __m512i a = _mm512_min_epu32(_mm512_and_si512(b, _mm512_set1_epi32(0x7FFFFFFF)), _mm512_set1_epi32(0x40C00000));
+    __m512i sub = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_castsi512_ps(a), _mm512_set1_ps(2.0f)));
+    __m512i t = _mm512_sub_epi32(a, _mm512_set1_epi32(126 << 23));
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(t, 22), _mm512_set1_epi32(1));
+    __m512i nrm = _mm512_srai_epi32(_mm512_add_epi32(_mm512_add_epi32(t, _mm512_set1_epi32(0x1FFFFF)), lsb), 22);
+    __m512i lt1 = _mm512_srai_epi32(_mm512_sub_epi32(a, _mm512_set1_epi32(0x3F800000)), 31);  /* -1 where |y| < 1 */
+    __m512i code = _mm512_ternarylogic_epi32(lt1, sub, nrm, 0xCA);                           /* lt1 ? sub : nrm */
+    return _mm512_ternarylogic_epi32(_mm512_srli_epi32(b, 28), _mm512_set1_epi32(8), code, 0xEA); /* | sign << 3 */
+}
+
 /* 16 consecutive blocks from block j (one 256-element group), global scales g (lane b: block j+b) */
 OQ_INLINE void nv_group16(const void* w, int dt, int64_t j, __m512 g, uint8_t* q, uint8_t* sc) {
     const __m512i am = _mm512_set1_epi32(0x7FFFFFFF);
@@ -148,7 +166,7 @@ OQ_INLINE void nv_group16(const void* w, int dt, int64_t j, __m512 g, uint8_t* q
            takes the sign from torch.sign, +0 for -0.0) */
         __m512 y0 = _mm512_add_ps(_mm512_div_ps(x[b], _mm512_set1_ps(tb[b])), zero);
         __m512 y1 = _mm512_add_ps(_mm512_div_ps(x[b + 1], _mm512_set1_ps(tb[b + 1])), zero);
-        _mm_storeu_si128((__m128i*)(q + o / 2 + 8 * b), oq_e2m1_pack32(oq_f32x16_to_e2m1(y0), oq_f32x16_to_e2m1(y1)));
+        _mm_storeu_si128((__m128i*)(q + o / 2 + 8 * b), oq_e2m1_pack32(nv_e2m1x16(y0), nv_e2m1x16(y1)));
     }
 }
 #endif
@@ -200,4 +218,23 @@ int64_t oq_nvfp4_quantize(const void* w, int dt, int64_t E, int64_t per, int use
     case 1: return nv_quantize(w, 1, E, per, use_gs, gs, q, sc, nthreads);
     default: return nv_quantize(w, 2, E, per, use_gs, gs, q, sc, nthreads);
     }
+}
+
+/* Test hook: the number of float32 bit patterns in [lo, hi) (a multiple of 16 apart; NaNs skipped)
+   whose nv_e2m1x16 code differs from fp4_e2m1.h's oq_f32x16_to_e2m1; -1 without AVX-512. */
+int64_t oq_nvfp4_check_e2m1(int64_t lo, int64_t hi) {
+#ifdef OQ_AVX512
+    int64_t bad = 0;
+    const __m512i step = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    for (int64_t v = lo; v < hi; v += 16) {
+        __m512i bits = _mm512_add_epi32(_mm512_set1_epi32((int32_t)(uint32_t)v), step);
+        __m512 y = _mm512_castsi512_ps(bits);
+        __mmask16 ok = _mm512_cmp_ps_mask(y, y, _CMP_ORD_Q);
+        bad += __builtin_popcount(_mm512_mask_cmpneq_epi32_mask(ok, nv_e2m1x16(y), oq_f32x16_to_e2m1(y)));
+    }
+    return bad;
+#else
+    (void)lo; (void)hi;
+    return -1;
+#endif
 }
