@@ -132,7 +132,9 @@ OQ_INLINE __m512 nv_e4m3x16_value(__m512i b) {
 OQ_INLINE __m512i nv_e2m1x16(__m512 y) {
     __m512i b = _mm512_castps_si512(y);
     __m512i a = _mm512_min_epu32(_mm512_and_si512(b, _mm512_set1_epi32(0x7FFFFFFF)), _mm512_set1_epi32(0x40C00000));
-    __m512i sub = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_castsi512_ps(a), _mm512_set1_ps(2.0f)));
+    /* nearest-even conversion embedded in the instruction (whatever MXCSR says) */
+    __m512i sub = _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_castsi512_ps(a), _mm512_set1_ps(2.0f)),
+                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512i t = _mm512_sub_epi32(a, _mm512_set1_epi32(126 << 23));
     __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(t, 22), _mm512_set1_epi32(1));
     __m512i nrm = _mm512_srai_epi32(_mm512_add_epi32(_mm512_add_epi32(t, _mm512_set1_epi32(0x1FFFFF)), lsb), 22);
