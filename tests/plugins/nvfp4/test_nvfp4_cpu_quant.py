@@ -95,7 +95,7 @@ def test_many_global_scales_and_block_edges():
 def test_generic_build_matches_reference(tmp_path):
     path = str(tmp_path / "k.so")
     try:
-        cpu.LIBRARY.build(path, "cc", ("-DOQ_GENERIC",))
+        cpu.LIBRARY.build(path, "cc", ("-DOQ_GENERIC", *cpu.LIBRARY.extra_flags))
     except Exception as err:  # pragma: no cover
         pytest.skip(f"cannot build the generic kernel: {err}")
     g = ctypes.CDLL(path)
