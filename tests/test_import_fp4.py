@@ -162,9 +162,10 @@ def test_requantized_experts_stay_close_to_the_stored_values(loaded):
         for e, mods in _expert_modules(stored, layer).items():
             want = torch.cat([dequantize_stored(stored, mods["gate_proj"]), dequantize_stored(stored, mods["up_proj"])])
             got = w.method.dequantize_layer_weight(w, "w13_weight", torch.float32, e)
-            # e2m1 has 1 mantissa bit: requantizing an already-e2m1 tensor with a slightly different
-            # scale moves values by at most one code; measured 0.05-0.08 relative here
-            assert 0 < _rel_err(got, want) < 0.15, (layer, e, _rel_err(got, want))
+            # e2m1 has 1 mantissa bit: requantizing an already-e2m1 tensor with another global scale
+            # moves some values by one code. Measured 0.012-0.021 here (gate/up global scales 3-15 %
+            # apart); vLLM, which dequantizes up with gate's global scale, is 0.019-0.092 off
+            assert 0 < _rel_err(got, want) < 0.04, (layer, e, _rel_err(got, want))
 
 
 def _reference(name: str, model, act_key: str | None = None) -> torch.nn.Module:
