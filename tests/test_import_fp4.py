@@ -497,3 +497,20 @@ def test_gpt_oss_reduction_dim_not_a_multiple_of_32(tiny_moe, tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     with raises_naming(CheckpointError, str(d / "config.json"), "model.layers.0.mlp.experts", "I=80", "32"):
         oqcore.load(d)
+
+
+def test_gpt_oss_overlay_rules(gpt_oss):
+    """Issue 11's overlay rules on a gpt-oss checkpoint: another moe weight key conflicts (naming
+    both and the checkpoint); its own key with another activation (W4A4) keeps the stored bytes."""
+    _, ckpt = gpt_oss
+    with pytest.raises(ConfigError) as e:
+        oqcore.load(ckpt, {"moe": "mxfp8"})
+    assert e.value.field == "moe.weight"
+    assert f"moe weight mxfp8 conflicts with gpt-oss MXFP4 (transformers Mxfp4Config) checkpoint {ckpt}" in str(e.value)
+    assert "'model.layers.0.mlp.experts' already quantized as mxfp4" in str(e.value)
+    model = oqcore.load(ckpt, {"moe": {"weight": "mxfp4", "activation": "mxfp4"}}, dtype=torch.float32)
+    stored = load_file(ckpt / "model.safetensors")
+    assert model.oq_state.config.to_dict()["targets"] == {n: {"weight": "mxfp4", "activation": "mxfp4"} for n in EXPERTS}
+    for name in EXPERTS:
+        w = model.oq_state.wrappers[name]
+        assert torch.equal(w.w2_weight, stored[f"{name}.down_proj_blocks"].reshape(*w.w2_weight.shape)), name
