@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import torch
 
-from oq_plugin_mxfp4 import fp4
-
 U32 = 2.0**-24
 """Unit roundoff of float32."""
 
@@ -165,7 +163,13 @@ def compile_for_cuda(specs: list) -> list[dict]:
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SCRIPT], input=json.dumps(specs), env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", _COMPILE_SCRIPT],
+        input=json.dumps(specs),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert r.returncode == 0, r.stderr[-4000:]
     return json.loads(r.stdout.strip().splitlines()[-1])

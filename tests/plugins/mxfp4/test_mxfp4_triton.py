@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("triton")
 kg = pytest.importorskip("oq_plugin_mxfp4.kernels.gemm")
 
-from fp4_kernel_reference import (  # noqa: E402
+from fp4_kernel_reference import (
     Recorder,
     assert_within,
     check_moe,
@@ -23,12 +23,15 @@ from fp4_kernel_reference import (  # noqa: E402
     random_codes,
     silu_concat,
 )
-from oq_plugin_mxfp4 import fp4  # noqa: E402
-from oq_plugin_mxfp4.kernels.moe import fused_moe_mxfp4  # noqa: E402
-from oq_plugin_mxfp4.kernels.support import triton_supported_w4a8, triton_supported_w4a16  # noqa: E402
-from oq_plugin_mxfp8.kernels.quant import quantize_mxfp8_triton  # noqa: E402
-from oq_plugin_mxfp8.quant import Mxfp8Options, exponent_to_scale, quantize_mxfp8  # noqa: E402
-from oqcore.layers import MoELayout  # noqa: E402
+from oq_plugin_mxfp4 import fp4
+from oq_plugin_mxfp4.kernels.moe import fused_moe_mxfp4
+from oq_plugin_mxfp4.kernels.quant import quantize_mxfp4_triton
+from oq_plugin_mxfp4.quant import Mxfp4Options, quantize_mxfp4
+from oq_plugin_mxfp4.kernels.support import triton_supported_w4a4, triton_supported_w4a8, triton_supported_w4a16
+from oq_plugin_mxfp8.kernels.quant import quantize_mxfp8_triton
+from oq_plugin_mxfp8.quant import Mxfp8Options, exponent_to_scale, quantize_mxfp8
+
+from oqcore.layers import MoELayout
 
 mxfp4_gemm = kg.mxfp4_gemm
 
@@ -80,6 +83,24 @@ def test_gemm_w4a8_on_the_same_quantized_activations(M, N, K, mode):
     assert_within(y, ref, gemm_bound(ad, wd, bias), f"W4A8 {mode} M={M} N={N} K={K}")
 
 
+@pytest.mark.parametrize("mode", ["rceil", "floor"])
+@pytest.mark.parametrize("M", [1, 3, 17])
+@pytest.mark.parametrize("N,K", [(33, 64), (7, 96)])
+def test_gemm_w4a4_on_the_same_quantized_activations(M, N, K, mode):
+    """Activations MXFP4-quantized by the Triton quantizer (the reference's bytes, see
+    test_mxfp4_triton_quant.py), packed e2m1 [M, K/2] into the GEMM."""
+    g = torch.Generator().manual_seed(M * 1000 + N * 10 + K + 11)
+    w, ws, wd = mx_weight((N, K), g)
+    x = torch.randn(M, K, generator=g).bfloat16() * 3
+    q, s = quantize_mxfp4_triton(x, Mxfp4Options(scale_mode=mode))
+    assert q.dtype == torch.uint8 and q.shape == (M, K // 2)
+    bias = torch.randn(N, generator=g) if M != 3 else None
+    y = mxfp4_gemm(q, s, w, ws, bias)
+    ad = mx_dequant(q, s)
+    ref = ad @ wd.T + (0 if bias is None else bias)
+    assert_within(y, ref, gemm_bound(ad, wd, bias), f"W4A4 {mode} M={M} N={N} K={K}")
+
+
 def onehot_weight():
     """``[N=48, K=64]`` packed weight where row n, element k holds code ``(n + 3k) % 16`` (every code
     in both nibble positions) and scale bytes spread over every finite-result exponent 0..252
@@ -90,15 +111,18 @@ def onehot_weight():
     return fp4.pack_fp4(codes), e
 
 
-@pytest.mark.parametrize("path", ["f32", "bf16", "fp16", "w4a8"])
+@pytest.mark.parametrize("path", ["f32", "bf16", "fp16", "w4a8", "w4a4"])
 def test_every_code_and_scale_decodes_exactly(path):
     """``eye(K) @ W.T`` is exactly ``W.T`` (one nonzero product per output): the decode of every
     nibble (both positions) and every finite scale exponent, bit for bit, on each dot path."""
     w, e = onehot_weight()
     wd = mx_dequant(w, e)
     eye = torch.eye(64)
+    unit = torch.full((64, 2), 127, dtype=torch.uint8)  # activation scale 2**0
     if path == "w4a8":
-        y = mxfp4_gemm(eye.to(torch.float8_e4m3fn), torch.full((64, 2), 127, dtype=torch.uint8), w, e)
+        y = mxfp4_gemm(eye.to(torch.float8_e4m3fn), unit, w, e)
+    elif path == "w4a4":
+        y = mxfp4_gemm(fp4.pack_fp4(fp4.e2m1_encode(eye)), unit, w, e)  # code 2 is 1.0
     else:
         dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[path]
         y = mxfp4_gemm(eye.to(dtype), None, w, e.view(torch.float8_e8m0fnu))
@@ -121,23 +145,26 @@ def test_nan_scale_poisons_its_column_only():
 
 
 @pytest.mark.parametrize(
-    "act,bias,gate,dtype",
+    "act,mode,bias,gate,dtype",
     [
-        (None, False, "concat", torch.float32),
-        (None, True, "interleaved", torch.float32),
-        (None, True, "concat", torch.bfloat16),
-        (None, False, "interleaved", torch.float16),
-        ("rceil", False, "concat", torch.bfloat16),
-        ("rceil", True, "interleaved", torch.bfloat16),
-        ("floor", True, "concat", torch.float32),
+        (None, None, False, "concat", torch.float32),
+        (None, None, True, "interleaved", torch.float32),
+        (None, None, True, "concat", torch.bfloat16),
+        (None, None, False, "interleaved", torch.float16),
+        ("mxfp8", "rceil", False, "concat", torch.bfloat16),
+        ("mxfp8", "rceil", True, "interleaved", torch.bfloat16),
+        ("mxfp8", "floor", True, "concat", torch.float32),
+        ("mxfp4", "rceil", True, "interleaved", torch.bfloat16),
+        ("mxfp4", "floor", False, "concat", torch.float32),
     ],
 )
-def test_fused_moe(act, bias, gate, dtype):
+def test_fused_moe(act, mode, bias, gate, dtype):
     """4 experts, top-2, 9 tokens (one slot masked with id E, as transformers marks dropped slots),
-    H = 64, I = 96: gate-up against an independent reference, then the down GEMM, weighting and
-    top-k sum against a reference fed with the kernel's own intermediate (see ``Recorder``)."""
+    H = 64, I = 96, W4A16 / W4A8 (mxfp8) / W4A4 (mxfp4): gate-up against an independent reference
+    (on the reference quantizer's activations), then the down GEMM, weighting and top-k sum against
+    a reference fed with the kernel's own intermediate (see ``Recorder``)."""
     E, H, I, T, k = 4, 64, 96, 9, 2
-    g = torch.Generator().manual_seed(zlib.crc32(f"{act} {bias} {gate} {dtype}".encode()))
+    g = torch.Generator().manual_seed(zlib.crc32(f"{act} {mode} {bias} {gate} {dtype}".encode()))
     w13, s13, w13d = mx_weight((E, 2 * I, H), g)
     w2, s2, w2d = mx_weight((E, H, I), g, 120, 126)
     b13 = torch.randn(E, 2 * I, generator=g).to(dtype) if bias else None
@@ -147,20 +174,23 @@ def test_fused_moe(act, bias, gate, dtype):
     ids[4, 1] = E
     wts = torch.softmax(torch.randn(T, k, generator=g), -1)
     rec = Recorder(silu_concat if gate == "concat" else gptoss_interleaved)
-    opts = Mxfp8Options(scale_mode=act) if act else None
-    y = fused_moe_mxfp4(x, ids, wts, w13, s13, w2, s2, rec, w13_bias=b13, w2_bias=b2, act_mx=act is not None, options=opts)
+    opts = {"mxfp8": Mxfp8Options, "mxfp4": Mxfp4Options}[act](scale_mode=mode) if act else None
+    y = fused_moe_mxfp4(x, ids, wts, w13, s13, w2, s2, rec, w13_bias=b13, w2_bias=b2, act_mx=act or False, options=opts)
     assert y.dtype == dtype and y.shape == (T, H)
-    if act:
-        a_in = mxfp8_dequant(*quantize_mxfp8(x, opts))
+    if act == "mxfp8":
 
         def h_in(h):
             return mxfp8_dequant(*quantize_mxfp8(h, opts))
+    elif act == "mxfp4":
+
+        def h_in(h):
+            return mx_dequant(*quantize_mxfp4(h, opts))
     else:
-        a_in = x.float()
 
         def h_in(h):
             return h.to(dtype).float()
 
+    a_in = h_in(x) if act else x.float()
     y_ref = check_moe(y, rec, a_in, h_in, ids, wts, w13d, b13, w2d, b2, dtype, f"moe act={act} bias={bias} {gate}")
     # token 4's masked slot contributes nothing; the routed slot alone gives its output
     assert y_ref[4].abs().max() > 0
@@ -197,12 +227,22 @@ def test_shape_errors_name_the_operand():
     with pytest.raises(ValueError, match=r"w2 must have shape \[4, 64, 16\]"):
         fused_moe_mxfp4(torch.randn(3, 64), ids, wts, w13, s13, w2, s2, silu_concat)
     with pytest.raises(ValueError, match=r"w13_bias must have shape \[4, 64\]"):
-        fused_moe_mxfp4(torch.randn(3, 64), ids, wts, w13, s13, w2[:, :, :16], s2[:, :, :1], silu_concat, w13_bias=torch.zeros(4, 32))
+        fused_moe_mxfp4(
+            torch.randn(3, 64),
+            ids,
+            wts,
+            w13,
+            s13,
+            w2[:, :, :16],
+            s2[:, :, :1],
+            silu_concat,
+            w13_bias=torch.zeros(4, 32),
+        )
 
 
 def test_supported_checks_device_and_shapes():
     lin = SimpleNamespace(in_features=64)
-    for fn in (triton_supported_w4a16, triton_supported_w4a8):
+    for fn in (triton_supported_w4a16, triton_supported_w4a8, triton_supported_w4a4):
         ok, why = fn(lin, torch.device("cpu"))
         assert ok and "TRITON_INTERPRET=1" in why, why
         ok, why = fn(SimpleNamespace(in_features=48), torch.device("cpu"))
@@ -214,3 +254,4 @@ def test_supported_checks_device_and_shapes():
         assert not ok and "Triton runs on CUDA" in why, why
     assert "sm_89" in triton_supported_w4a8(lin, torch.device("cpu"))[1]
     assert "sm_80" in triton_supported_w4a16(lin, torch.device("cpu"))[1]
+    assert "sm_80" in triton_supported_w4a4(lin, torch.device("cpu"))[1]

@@ -12,7 +12,7 @@ kq = pytest.importorskip("oq_plugin_mxfp4.kernels.quant")
 # NaN / Inf inputs: numpy, under Triton's interpreter, warns about the invalid products it computes
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
-from oq_plugin_mxfp4.quant import Mxfp4Options, quantize_mxfp4  # noqa: E402
+from oq_plugin_mxfp4.quant import Mxfp4Options, quantize_mxfp4
 
 
 def edge_amax() -> torch.Tensor:
@@ -20,7 +20,9 @@ def edge_amax() -> torch.Tensor:
     subnormal-descale and huge exponents, j in [0, 24): where float32 log2 rounds), plus amax
     ``2**k * m`` in floor's saturating window (m in 1.5 .. 1.99)."""
     g = torch.Generator().manual_seed(1)
-    ks = torch.tensor([-140, -130, -127, -126, -125, -120, -66, -64, -10, -5, -4, -2, 0, 4, 5, 7, 8, 63, 64, 100, 118, 119.0])
+    ks = torch.tensor(
+        [-140, -130, -127, -126, -125, -120, -66, -64, -10, -5, -4, -2, 0, 4, 5, 7, 8, 63, 64, 100, 118, 119.0]
+    )
     j = torch.arange(0, 24, dtype=torch.float32)
     amax = (torch.ldexp(torch.ones(()), ks)[:, None] * (1 + j[None, :] * 2**-23) * 6).flatten()
     m = torch.tensor([1.5, 1.75, 1.99])

@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("triton")
 kg = pytest.importorskip("oq_plugin_nvfp4.kernels.gemm")
 
-from fp4_kernel_reference import (  # noqa: E402
+from fp4_kernel_reference import (
     Recorder,
     assert_within,
     check_moe,
@@ -24,10 +24,11 @@ from fp4_kernel_reference import (  # noqa: E402
     random_codes,
     silu_concat,
 )
-from oq_plugin_mxfp4 import fp4  # noqa: E402
-from oq_plugin_nvfp4.kernels.moe import fused_moe_nvfp4  # noqa: E402
-from oq_plugin_nvfp4.kernels.support import triton_supported  # noqa: E402
-from oqcore.layers import MoELayout  # noqa: E402
+from oq_plugin_mxfp4 import fp4
+from oq_plugin_nvfp4.kernels.moe import fused_moe_nvfp4
+from oq_plugin_nvfp4.kernels.support import triton_supported
+
+from oqcore.layers import MoELayout
 
 nvfp4_gemm = kg.nvfp4_gemm
 
@@ -129,7 +130,20 @@ def test_fused_moe(bias, gate, dtype, I):
     rec = Recorder(silu_concat if gate == "concat" else gptoss_interleaved)
     y = fused_moe_nvfp4(x, ids, wts, w13, s13, g13, w2, s2, g2, rec, w13_bias=b13, w2_bias=b2)
     assert y.dtype == dtype and y.shape == (T, H)
-    check_moe(y, rec, x.float(), lambda h: h.to(dtype).float(), ids, wts, w13d, b13, w2d, b2, dtype, f"nvfp4 moe bias={bias} {gate}")
+    check_moe(
+        y,
+        rec,
+        x.float(),
+        lambda h: h.to(dtype).float(),
+        ids,
+        wts,
+        w13d,
+        b13,
+        w2d,
+        b2,
+        dtype,
+        f"nvfp4 moe bias={bias} {gate}",
+    )
 
 
 def test_per_expert_global_scale_is_used():
@@ -139,7 +153,7 @@ def test_per_expert_global_scale_is_used():
     w13, s13, _, _ = nv_weight((1, 64, 32), g)
     w2, s2, _, _ = nv_weight((1, 32, 32), g)
     E = 3
-    rep = lambda t: t.expand(E, *t.shape[1:]).contiguous()  # noqa: E731
+    rep = lambda t: t.expand(E, *t.shape[1:]).contiguous()
     x = torch.randn(1, 32, generator=g).expand(E, 32).contiguous()
     ids = torch.arange(E)[:, None]
     wts = torch.ones(E, 1)

@@ -10,7 +10,7 @@ import torch
 
 kq = pytest.importorskip("oq_plugin_nvfp4.kernels.quant")
 
-from oq_plugin_nvfp4.quant import global_scale_from_amax, quantize_nvfp4  # noqa: E402
+from oq_plugin_nvfp4.quant import global_scale_from_amax, quantize_nvfp4
 
 
 def mixed_ranges() -> torch.Tensor:
@@ -25,7 +25,9 @@ def mixed_ranges() -> torch.Tensor:
 def scale_ties() -> torch.Tensor:
     """Blocks whose ``g * amax / 6`` lands on e4m3 rounding ties and their float32 neighbours:
     one block of amax 2688 fixes g = 1, the others have amax ``6 * v`` for v on e4m3 midpoints."""
-    mids = torch.tensor([1.0625, 1.1875, 3.25, 0.017578125, 0.0185546875, 2**-10, 3 * 2**-10, 240.0 + 8, 9.5, 0.0029296875])
+    mids = torch.tensor(
+        [1.0625, 1.1875, 3.25, 0.017578125, 0.0185546875, 2**-10, 3 * 2**-10, 240.0 + 8, 9.5, 0.0029296875]
+    )
     bits = mids.view(torch.int32)
     v = torch.cat([(bits + d).view(torch.float32) for d in (-1, 0, 1)])
     rows = torch.zeros(v.numel() + 1, 16)

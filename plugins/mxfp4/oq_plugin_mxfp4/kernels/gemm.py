@@ -1,7 +1,8 @@
 """Triton MXFP4 GEMM: ``y = x @ W.T (+ b)`` with ``W`` MXFP4 (packed e2m1 codes, two per byte, and
-one e8m0 exponent per 1x32 block along K) and ``x`` either in the model dtype (W4A16) or MXFP8
+one e8m0 exponent per 1x32 block along K) and ``x`` in the model dtype (W4A16), MXFP8
 (float8_e4m3fn with e8m0 scales per 32, W4A8: quantized first by
-:func:`oq_plugin_mxfp8.kernels.quant.quantize_mxfp8_triton`).
+:func:`oq_plugin_mxfp8.kernels.quant.quantize_mxfp8_triton`) or MXFP4 itself (W4A4: quantized
+first by :func:`oq_plugin_mxfp4.kernels.quant.quantize_mxfp4_triton`).
 
 The weight is never dequantized in memory: each program loads the packed bytes of its
 ``[32, BLOCK_N]`` weight tile (16 bytes per column and MX block), decodes the nibbles in registers
@@ -23,7 +24,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from oq_plugin_mxfp8.kernels.gemm import e8m0_to_f32, f32_dot
 
 MX_BLOCK = 32
@@ -62,6 +62,39 @@ def load_e2m1_tile(w_row_ptr, k0, rk, mask_n):
 
 
 @triton.jit
+def block_product(a_ptr, as_ptr, arow, mask_a, K, kb, rk, code, A_FMT: tl.constexpr, F32_DOT: tl.constexpr):
+    """float32 ``[BLOCK_M, BLOCK_N]`` partial product of MX block ``kb`` (elements ``32 kb ..``) of the
+    activation rows ``arow`` (int64, masked by ``mask_a``) and the weight codes ``code [32, BLOCK_N]``,
+    times the activation scale, before the weight scale: A_FMT 0 (model dtype, ``a [., K]``): the
+    dot in ``a``'s dtype, or float32 IEEE if F32_DOT; 1 (MXFP8, ``a [., K]`` fp8, e8m0 bytes ``as
+    [., K/32]``): an fp8 x fp8 dot (e2m1 re-encoded as e4m3, exact); 2 (MXFP4, packed ``a [., K/2]``,
+    ``as``): both operands decoded to bf16 (float32 if F32_DOT), products exact."""
+    nblk = K // 32
+    k0 = kb * 32
+    if A_FMT == 0:
+        a = tl.load(a_ptr + arow[:, None] * K + k0 + rk[None, :], mask=mask_a[:, None], other=0.0)
+        if F32_DOT:
+            return tl.dot(a.to(tl.float32), e2m1_to_f32(code), input_precision="ieee")
+        else:
+            return tl.dot(a, e2m1_to_f32(code).to(a.dtype))
+    else:
+        sa = e8m0_to_f32(tl.load(as_ptr + arow * nblk + kb, mask=mask_a, other=127))
+        if A_FMT == 1:
+            a = tl.load(a_ptr + arow[:, None] * K + k0 + rk[None, :], mask=mask_a[:, None], other=0.0)
+            b = e2m1_to_e4m3(code).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+            return tl.dot(a, b) * sa[:, None]
+        else:
+            abyte = tl.load(
+                a_ptr + arow[:, None] * (K // 2) + k0 // 2 + rk[None, :] // 2, mask=mask_a[:, None], other=0
+            )
+            av = e2m1_to_f32((abyte.to(tl.int32) >> ((rk[None, :] & 1) * 4)) & 0xF)
+            if F32_DOT:
+                return tl.dot(av, e2m1_to_f32(code), input_precision="ieee") * sa[:, None]
+            else:
+                return tl.dot(av.to(tl.bfloat16), e2m1_to_f32(code).to(tl.bfloat16)) * sa[:, None]
+
+
+@triton.jit
 def _mxfp4_gemm_kernel(
     a_ptr,
     as_ptr,
@@ -72,15 +105,15 @@ def _mxfp4_gemm_kernel(
     M,
     N,
     K,
-    A_MX: tl.constexpr,
+    A_FMT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     F32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """a ``[M, K]`` (fp8 with e8m0 bytes ``as [M, K/32]`` if A_MX, else bf16/fp16/fp32), b ``[N, K/2]``
-    packed e2m1 with e8m0 bytes ``bs [N, K/32]``, c ``[M, N]`` float32. Program (i, j) computes one
-    BLOCK_M x BLOCK_N tile."""
+    """a ``[M, K]`` (A_FMT 0: bf16/fp16/fp32; 1: fp8 with e8m0 bytes ``as [M, K/32]``; 2: packed
+    e2m1 ``[M, K/2]`` with e8m0 bytes ``as``), b ``[N, K/2]`` packed e2m1 with e8m0 bytes
+    ``bs [N, K/32]``, c ``[M, N]`` float32. Program (i, j) computes one BLOCK_M x BLOCK_N tile."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -91,40 +124,63 @@ def _mxfp4_gemm_kernel(
     nblk = K // 32
     b_rows = b_ptr + rn[None, :].to(tl.int64) * (K // 2)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, nblk):
+    for kb in range(nblk):
         k0 = kb * 32
-        a = tl.load(a_ptr + rm[:, None].to(tl.int64) * K + k0 + rk[None, :], mask=mask_m[:, None], other=0.0)
         code = load_e2m1_tile(b_rows, k0, rk, mask_n[None, :])
         sb = e8m0_to_f32(tl.load(bs_ptr + rn.to(tl.int64) * nblk + kb, mask=mask_n, other=127))
-        if A_MX:
-            b = e2m1_to_e4m3(code).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
-            sa = e8m0_to_f32(tl.load(as_ptr + rm.to(tl.int64) * nblk + kb, mask=mask_m, other=127))
-            acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
-        elif F32_DOT:
-            acc += tl.dot(a.to(tl.float32), e2m1_to_f32(code), input_precision="ieee") * sb[None, :]
-        else:
-            acc += tl.dot(a, e2m1_to_f32(code).to(a.dtype)) * sb[None, :]
+        acc += block_product(a_ptr, as_ptr, rm.to(tl.int64), mask_m, K, kb, rk, code, A_FMT, F32_DOT) * sb[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(c_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
 
 
+A_MODEL, A_MXFP8, A_MXFP4 = 0, 1, 2
+"""The kernels' ``A_FMT`` values: activations in the model dtype, MXFP8 (float8_e4m3fn + e8m0
+scales), MXFP4 (packed e2m1 + e8m0 scales)."""
+
+
+def a_format(a: torch.Tensor, a_scale: torch.Tensor | None) -> int:
+    """:data:`A_MODEL` without scales; with scales :data:`A_MXFP4` for packed e2m1 bytes (uint8 /
+    float4_e2m1fn_x2), else :data:`A_MXFP8`."""
+    if a_scale is None:
+        return A_MODEL
+    return A_MXFP4 if a.dtype in (torch.uint8, torch.float4_e2m1fn_x2) else A_MXFP8
+
+
+def block_dot_f32(fmt: int, a: torch.Tensor) -> bool:
+    """F32_DOT for :func:`block_product`: model-dtype activations as
+    :func:`oq_plugin_mxfp8.kernels.gemm.f32_dot`; MXFP4 ones (decoded to bf16 on a GPU) only under
+    the interpreter, whose bf16 ``tl.dot`` is broken (the products are exact either way)."""
+    if fmt == A_MXFP4:
+        from oq_toolkit.triton_support import interpreter_enabled
+
+        return interpreter_enabled()
+    return f32_dot(a.dtype)
+
+
 def check_operands(a, a_scale, w, w_scale, bias, block: int, scale_what: str) -> tuple[int, int, int]:
     """``(M, N, K)`` of a block-scaled 4-bit GEMM's operands, or ``ValueError`` naming the operand
-    whose shape or dtype is wrong (``a [M, K]``, ``w [N, K/2]`` bytes, ``w_scale [N, K/block]``,
-    ``a_scale [M, K/32]`` or None, ``bias [N]`` or None). Shared with oq-plugin-nvfp4."""
+    whose shape or dtype is wrong (``a [M, K]``, or packed e2m1 ``[M, K/2]`` when it has scales and
+    is uint8, see :func:`a_format`; ``w [N, K/2]`` bytes, ``w_scale [N, K/block]``, ``a_scale
+    [M, K/32]`` or None, ``bias [N]`` or None). Shared with oq-plugin-nvfp4."""
     if a.dim() != 2 or w.dim() != 2:
         raise ValueError(f"expected a [M, K] and packed w [N, K/2], got a {tuple(a.shape)} and w {tuple(w.shape)}")
     M, K = a.shape
+    if a_format(a, a_scale) == A_MXFP4:
+        K *= 2
     N = w.shape[0]
     if K % block:
         raise ValueError(f"K = {K} must be a multiple of {block} (one {scale_what} scale per {block} elements along K)")
     if w.element_size() != 1 or w.shape[1] * 2 != K:
         raise ValueError(f"w must be packed e2m1 bytes [N, K/2] = [{N}, {K // 2}], got {w.dtype} {tuple(w.shape)}")
     if w_scale.element_size() != 1 or tuple(w_scale.shape) != (N, K // block):
-        raise ValueError(f"w_scale must be one byte per {block} elements, [{N}, {K // block}], got {w_scale.dtype} {tuple(w_scale.shape)}")
+        raise ValueError(
+            f"w_scale must be one byte per {block} elements, [{N}, {K // block}], got {w_scale.dtype} {tuple(w_scale.shape)}"
+        )
     if a_scale is not None and (a_scale.element_size() != 1 or tuple(a_scale.shape) != (M, K // 32)):
-        raise ValueError(f"a_scale must be e8m0 bytes [M, K/32] = [{M}, {K // 32}], got {a_scale.dtype} {tuple(a_scale.shape)}")
+        raise ValueError(
+            f"a_scale must be e8m0 bytes [M, K/32] = [{M}, {K // 32}], got {a_scale.dtype} {tuple(a_scale.shape)}"
+        )
     if bias is not None and tuple(bias.shape) != (N,):
         raise ValueError(f"bias must be [N] = [{N}], got {tuple(bias.shape)}")
     return M, N, K
@@ -151,6 +207,9 @@ def mxfp4_gemm(
     - W4A8: ``a`` float8_e4m3fn with e8m0 scales ``a_s [M, K/32]`` (float8_e8m0fnu or uint8 bytes),
       as :func:`oq_plugin_mxfp8.kernels.quant.quantize_mxfp8_triton` returns them; fp8 x fp8 dots
       (e2m1 values are exact in e4m3), both scales applied to each block's float32 partial product.
+    - W4A4: ``a`` packed e2m1 bytes ``[M, K/2]`` (uint8) with e8m0 scales ``a_s [M, K/32]``, as
+      :func:`oq_plugin_mxfp4.kernels.quant.quantize_mxfp4_triton` returns them; both operands
+      decoded to bf16 (exact) for the dot, both scales on each block's float32 partial product.
 
     ``w`` uint8 (or any 1-byte dtype), ``w_scale`` float8_e8m0fnu or uint8; ``bias`` any float
     dtype, added in float32. K must be a multiple of 32 (``ValueError`` otherwise, and for any
@@ -163,11 +222,13 @@ def mxfp4_gemm(
         return c
     if K == 0:
         return c.zero_() if bias is None else c.copy_(bias.float().expand(M, N))
-    a_mx = a_s is not None
+    fmt = a_format(a, a_s)
+    if fmt == A_MXFP4:
+        a = a.view(torch.uint8)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
     _mxfp4_gemm_kernel[grid](
         a,
-        a_s.contiguous().view(torch.uint8) if a_mx else a,
+        a_s.contiguous().view(torch.uint8) if a_s is not None else a,
         w.contiguous().view(torch.uint8),
         w_scale.contiguous().view(torch.uint8),
         bias.contiguous() if bias is not None else c,
@@ -175,9 +236,9 @@ def mxfp4_gemm(
         M,
         N,
         K,
-        A_MX=a_mx,
+        A_FMT=fmt,
         HAS_BIAS=bias is not None,
-        F32_DOT=f32_dot(a.dtype),
+        F32_DOT=block_dot_f32(fmt, a),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
     )

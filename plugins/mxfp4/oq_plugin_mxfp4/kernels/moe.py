@@ -7,8 +7,9 @@ one program computes one (row block, N tile), all of whose rows belong to the sa
 streams that expert's packed e2m1 tile with its per-32 e8m0 scales inside the K loop, decoding the
 nibbles in registers as :mod:`oq_plugin_mxfp4.kernels.gemm`. The forward is: gate-up GEMM (+ bias),
 the layer's ``apply_gate`` in float32 (torch), down GEMM (+ bias) times the routing weight, sum
-over top-k. W4A8 quantizes both GEMM inputs (``x`` once, the gated intermediate once) to MXFP8
-with :func:`oq_plugin_mxfp8.kernels.quant.quantize_mxfp8_triton`.
+over top-k. W4A8 / W4A4 quantize both GEMM inputs (``x`` once, the gated intermediate once) to
+MXFP8 / MXFP4 with :func:`oq_plugin_mxfp8.kernels.quant.quantize_mxfp8_triton` /
+:func:`oq_plugin_mxfp4.kernels.quant.quantize_mxfp4_triton`.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from oq_plugin_mxfp8.kernels.gemm import e8m0_to_f32, f32_dot
+from oq_plugin_mxfp8.kernels.gemm import e8m0_to_f32
 from oq_plugin_mxfp8.kernels.quant import quantize_mxfp8_triton
 
-from oq_plugin_mxfp4.kernels.gemm import MX_BLOCK, e2m1_to_e4m3, e2m1_to_f32, load_e2m1_tile
+from oq_plugin_mxfp4.kernels.gemm import MX_BLOCK, a_format, block_dot_f32, block_product, load_e2m1_tile
+from oq_plugin_mxfp4.kernels.quant import quantize_mxfp4_triton
 from oqcore.routing import align_by_expert
 
 
@@ -39,7 +40,7 @@ def _mxfp4_moe_kernel(
     N,
     K,
     A_ROW_DIV: tl.constexpr,
-    A_MX: tl.constexpr,
+    A_FMT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     MUL_WEIGHT: tl.constexpr,
     F32_DOT: tl.constexpr,
@@ -49,7 +50,7 @@ def _mxfp4_moe_kernel(
     """Rows ``s = sorted_ids[i]`` (pairs ``token * top_k + slot``; ``s >= num_valid`` is padding)
     read ``a[s // A_ROW_DIV]`` and write ``c[s] = a_row @ dequant(b[e]).T (+ bias[e]) (* weights[s])``
     with ``e = expert_ids[block]``. ``b [E, N, K/2]`` packed e2m1, ``bs [E, N, K/32]`` e8m0 bytes;
-    ``c`` float32."""
+    ``c`` float32; ``a`` in the format ``A_FMT`` (:func:`oq_plugin_mxfp4.kernels.gemm.block_product`)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
@@ -63,19 +64,10 @@ def _mxfp4_moe_kernel(
     b_rows = b_ptr + expert * N * (K // 2) + rn[None, :].to(tl.int64) * (K // 2)
     bs_base = bs_ptr + expert * N * nblk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, nblk):
-        k0 = kb * 32
-        a = tl.load(a_ptr + arow[:, None] * K + k0 + rk[None, :], mask=valid[:, None], other=0.0)
-        code = load_e2m1_tile(b_rows, k0, rk, mask_n[None, :])
+    for kb in range(nblk):
+        code = load_e2m1_tile(b_rows, kb * 32, rk, mask_n[None, :])
         sb = e8m0_to_f32(tl.load(bs_base + rn.to(tl.int64) * nblk + kb, mask=mask_n, other=127))
-        if A_MX:
-            b = e2m1_to_e4m3(code).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
-            sa = e8m0_to_f32(tl.load(as_ptr + arow * nblk + kb, mask=valid, other=127))
-            acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
-        elif F32_DOT:
-            acc += tl.dot(a.to(tl.float32), e2m1_to_f32(code), input_precision="ieee") * sb[None, :]
-        else:
-            acc += tl.dot(a, e2m1_to_f32(code).to(a.dtype)) * sb[None, :]
+        acc += block_product(a_ptr, as_ptr, arow, valid, K, kb, rk, code, A_FMT, F32_DOT) * sb[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + expert * N + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if MUL_WEIGHT:
@@ -90,10 +82,10 @@ def _grouped_gemm(
     grid = (expert_ids.numel(), triton.cdiv(N, block_n))
     if grid[0] == 0:
         return
-    a_mx = a_scale is not None
+    fmt = a_format(a, a_scale)
     _mxfp4_moe_kernel[grid](
         a,
-        a_scale.view(torch.uint8) if a_mx else a,
+        a_scale.view(torch.uint8) if a_scale is not None else a,
         w.view(torch.uint8),
         w_scale.view(torch.uint8),
         bias if bias is not None else out,
@@ -105,10 +97,10 @@ def _grouped_gemm(
         N,
         K,
         A_ROW_DIV=a_row_div,
-        A_MX=a_mx,
+        A_FMT=fmt,
         HAS_BIAS=bias is not None,
         MUL_WEIGHT=weights is not None,
-        F32_DOT=f32_dot(a.dtype),
+        F32_DOT=block_dot_f32(fmt, a),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
     )
@@ -121,12 +113,16 @@ def check_moe_operands(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, 
     ``w2_scale [E, H, I/block]``, biases ``[E, 2I]`` / ``[E, H]`` or None; H and I multiples of
     ``block``. Shared with oq-plugin-nvfp4."""
     if x.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
-        raise ValueError(f"expected x [T, H], w13 [E, 2I, H/2], w2 [E, H, I/2], got {tuple(x.shape)}, {tuple(w13.shape)}, {tuple(w2.shape)}")
+        raise ValueError(
+            f"expected x [T, H], w13 [E, 2I, H/2], w2 [E, H, I/2], got {tuple(x.shape)}, {tuple(w13.shape)}, {tuple(w2.shape)}"
+        )
     T, H = x.shape
     E, two_i = w13.shape[0], w13.shape[1]
     I = two_i // 2
     if two_i % 2 or H % block or I % block or not H or not I:
-        raise ValueError(f"H = {H} and I = {two_i / 2:g} must be positive multiples of {block} (one {scale_what} scale per {block} elements along K)")
+        raise ValueError(
+            f"H = {H} and I = {two_i / 2:g} must be positive multiples of {block} (one {scale_what} scale per {block} elements along K)"
+        )
     want = {
         "topk_ids": (topk_ids, (T, topk_ids.shape[-1] if topk_ids.dim() == 2 else -1)),
         "topk_weights": (topk_weights, (T, topk_ids.shape[-1] if topk_ids.dim() == 2 else -1)),
@@ -139,11 +135,25 @@ def check_moe_operands(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, 
     }
     for name, (t, shape) in want.items():
         if t is not None and tuple(t.shape) != shape:
-            raise ValueError(f"{name} must have shape {list(shape)} (x {list(x.shape)}, E={E}, I={I}), got {list(t.shape)}")
+            raise ValueError(
+                f"{name} must have shape {list(shape)} (x {list(x.shape)}, E={E}, I={I}), got {list(t.shape)}"
+            )
     for name in ("w13", "w13_scale", "w2", "w2_scale"):
         if want[name][0].element_size() != 1:
             raise ValueError(f"{name} must hold bytes (packed e2m1 codes or 8-bit scales), got {want[name][0].dtype}")
     return T, E, H, I
+
+
+def activation_format(act_mx) -> str | None:
+    """``act_mx`` of :func:`fused_moe_mxfp4` as ``None`` (W4A16), ``"mxfp8"`` (W4A8) or ``"mxfp4"``
+    (W4A4); ``ValueError`` for anything else."""
+    if act_mx is None or act_mx is False:
+        return None
+    if act_mx is True or act_mx == "mxfp8":
+        return "mxfp8"
+    if act_mx == "mxfp4":
+        return "mxfp4"
+    raise ValueError(f"act_mx must be False / None (W4A16), True or 'mxfp8' (W4A8) or 'mxfp4' (W4A4), got {act_mx!r}")
 
 
 def fused_moe_mxfp4(
@@ -157,7 +167,7 @@ def fused_moe_mxfp4(
     apply_gate,
     w13_bias: torch.Tensor | None = None,
     w2_bias: torch.Tensor | None = None,
-    act_mx: bool = False,
+    act_mx: bool | str = False,
     options=None,
     *,
     block_m: int = 16,
@@ -172,21 +182,27 @@ def fused_moe_mxfp4(
     maps the float32 ``[T*k, 2I]`` gate-up output to ``[T*k, I]`` (whatever the gate-up column
     order is, e.g. GPT-OSS's interleaved gate / up: the kernel does not look at it).
 
-    ``act_mx``: quantize the GEMM inputs (``x`` once, the gated intermediate once) to MXFP8 with
-    ``options.scale_mode`` (``"rceil"`` when ``options`` is None or has none) and run fp8 x fp8
-    dots (W4A8); otherwise the inputs stay in ``x.dtype`` (W4A16: the down GEMM's input is the
-    gated intermediate cast to ``x.dtype``, as a bf16 model's tensor-core path does).
+    ``act_mx``: ``True`` or ``"mxfp8"``: quantize the GEMM inputs (``x`` once, the gated
+    intermediate once) to MXFP8 with ``options.scale_mode`` (``"rceil"`` when ``options`` is None or
+    has none) and run fp8 x fp8 dots (W4A8); ``"mxfp4"``: quantize them to MXFP4 the same way
+    (:func:`oq_plugin_mxfp4.kernels.quant.quantize_mxfp4_triton`, W4A4; the blocks are per row, so
+    quantizing all tokens at once gives each token the bytes it gets alone); ``False``: the inputs
+    stay in ``x.dtype`` (W4A16: the down GEMM's input is the gated intermediate cast to
+    ``x.dtype``, as a bf16 model's tensor-core path does).
 
-    ``ValueError`` when a shape does not match (H and I must be positive multiples of 32).
+    ``ValueError`` when a shape does not match (H and I must be positive multiples of 32) or for
+    another ``act_mx``.
     """
     check_moe_operands(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, w13_bias, w2_bias, MX_BLOCK, "e8m0")
     T, H = x.shape
     top_k = topk_ids.shape[1]
     E, two_i, _ = w13.shape
+    act = activation_format(act_mx)
     sorted_ids, expert_ids = align_by_expert(topk_ids, E, block_m)
     x = x.contiguous()
-    if act_mx:
-        a, a_s = quantize_mxfp8_triton(x, options)
+    quantize = {"mxfp8": quantize_mxfp8_triton, "mxfp4": quantize_mxfp4_triton}.get(act)
+    if quantize is not None:
+        a, a_s = quantize(x, options)
     else:
         a, a_s = x, None
     w13, w13_scale, w2, w2_scale = (t.contiguous() for t in (w13, w13_scale, w2, w2_scale))
@@ -195,8 +211,8 @@ def fused_moe_mxfp4(
     g = torch.zeros((T * top_k, two_i), dtype=torch.float32, device=x.device)
     _grouped_gemm(a, a_s, w13, w13_scale, w13_bias, g, sorted_ids, expert_ids, None, top_k, block_m, block_n)
     h = apply_gate(g)
-    if act_mx:
-        h, h_s = quantize_mxfp8_triton(h.contiguous(), options)
+    if quantize is not None:
+        h, h_s = quantize(h.contiguous(), options)
     else:
         h, h_s = h.to(x.dtype).contiguous(), None
     y = torch.zeros((T * top_k, H), dtype=torch.float32, device=x.device)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from oq_plugin_mxfp8.kernels.quant import _pow2, _rceil_exponent
 
 from oq_plugin_mxfp4.quant import MX_BLOCK, check_k, scale_mode
@@ -124,5 +123,7 @@ def quantize_mxfp4_triton(w: torch.Tensor, options=None) -> tuple[torch.Tensor, 
     BLOCK_R, BLOCK_B = 16, 4
     if R and nblk:
         grid = (triton.cdiv(R, BLOCK_R), triton.cdiv(nblk, BLOCK_B))
-        _mxfp4_quant_kernel[grid](x, q, s, R, nblk, FLOOR=scale_mode(options) == "floor", BLOCK_R=BLOCK_R, BLOCK_B=BLOCK_B)
+        _mxfp4_quant_kernel[grid](
+            x, q, s, R, nblk, FLOOR=scale_mode(options) == "floor", BLOCK_R=BLOCK_R, BLOCK_B=BLOCK_B
+        )
     return q.reshape(*shape[:-1], K // 2), s.view(torch.float8_e8m0fnu).reshape(*shape[:-1], nblk)

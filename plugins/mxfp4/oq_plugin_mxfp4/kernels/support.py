@@ -8,6 +8,8 @@ mode     needs         why
 W4A16    sm_80+        e2m1 nibbles decoded in registers, bf16/fp16 tensor-core ``tl.dot`` (Ampere on)
 W4A8     sm_89+        float8_e4m3fn x float8_e4m3fn ``tl.dot`` (Ada / Hopper on; the MXFP8 activation
                        quantizer of oq-plugin-mxfp8 runs first), per-32 scales applied in the K loop
+W4A4     sm_80+        both operands' e2m1 decoded to bf16 (exact) for the ``tl.dot``; the Triton
+                       MXFP4 quantizer (:mod:`oq_plugin_mxfp4.kernels.quant`) runs first
 =======  ============  ==============================================================================
 
 Both also need every GEMM's K to be a multiple of 32 (linear ``in_features``; MoE hidden and
@@ -17,7 +19,6 @@ intermediate sizes), which the kernels would otherwise refuse with a ``ValueErro
 from __future__ import annotations
 
 import torch
-
 from oq_toolkit.triton_support import triton_support
 
 TRITON_MIN_CAPABILITY_W4A16 = (8, 0)
@@ -25,6 +26,9 @@ TRITON_MIN_CAPABILITY_W4A16 = (8, 0)
 
 TRITON_MIN_CAPABILITY_W4A8 = (8, 9)
 """float8_e4m3fn ``tl.dot`` (e2m1 re-encoded as e4m3 in registers, exact): Ada / Hopper and newer."""
+
+TRITON_MIN_CAPABILITY_W4A4 = (8, 0)
+"""bf16 ``tl.dot`` on both operands' decoded e2m1 codes (products exact): Ampere and newer."""
 
 KERNEL_PACKAGES = ("oq_plugin_mxfp4.kernels", "oq_plugin_mxfp8.kernels")
 """The kernels' modules: this package's, and oq-plugin-mxfp8's (its e8m0 decoder and, for W4A8, its
@@ -67,7 +71,10 @@ def triton_supported_w4a16(layer: torch.nn.Module, device: torch.device) -> tupl
     """``(ok, reason)`` for the W4A16 Triton kernels (``mxfp4_gemm`` / ``fused_moe_mxfp4`` with
     ``a_s=None`` / ``act_mx=False``) on ``device``. Never raises."""
     return _supported(
-        layer, device, TRITON_MIN_CAPABILITY_W4A16, KERNEL_PACKAGES,
+        layer,
+        device,
+        TRITON_MIN_CAPABILITY_W4A16,
+        KERNEL_PACKAGES,
         "e2m1 decoded in registers, bf16/fp16 tl.dot with per-32 e8m0 scales in the K loop (needs sm_80+)",
     )
 
@@ -76,6 +83,22 @@ def triton_supported_w4a8(layer: torch.nn.Module, device: torch.device) -> tuple
     """``(ok, reason)`` for the W4A8 Triton kernels (MXFP8 activations quantized by
     ``quantize_mxfp8_triton``, fp8 ``tl.dot``) on ``device``. Never raises."""
     return _supported(
-        layer, device, TRITON_MIN_CAPABILITY_W4A8, KERNEL_PACKAGES,
+        layer,
+        device,
+        TRITON_MIN_CAPABILITY_W4A8,
+        KERNEL_PACKAGES,
         "MXFP8 activations, e2m1 re-encoded as e4m3 in registers, float8_e4m3fn tl.dot (needs sm_89+)",
+    )
+
+
+def triton_supported_w4a4(layer: torch.nn.Module, device: torch.device) -> tuple[bool, str]:
+    """``(ok, reason)`` for the W4A4 Triton kernels (MXFP4 activations quantized by
+    ``quantize_mxfp4_triton``, ``mxfp4_gemm`` with packed ``a`` / ``fused_moe_mxfp4(act_mx="mxfp4")``)
+    on ``device``. Never raises."""
+    return _supported(
+        layer,
+        device,
+        TRITON_MIN_CAPABILITY_W4A4,
+        KERNEL_PACKAGES,
+        "MXFP4 activations, both operands' e2m1 decoded in registers, bf16 tl.dot (needs sm_80+)",
     )

@@ -19,7 +19,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from oq_plugin_mxfp4.kernels.gemm import check_operands, e2m1_to_f32, load_e2m1_tile
 from oq_plugin_mxfp8.kernels.gemm import f32_dot
 

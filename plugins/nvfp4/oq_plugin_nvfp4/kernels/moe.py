@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from oq_plugin_mxfp4.kernels.moe import check_moe_operands
 from oq_plugin_mxfp8.kernels.gemm import f32_dot
+
 from oq_plugin_nvfp4.kernels.gemm import NV_BLOCK, load_nvfp4_tile
 from oqcore.routing import align_by_expert
 
@@ -57,7 +57,9 @@ def _nvfp4_moe_kernel(
     bs_rows = bs_ptr + expert * N * (K // 16) + rn[None, :].to(tl.int64) * (K // 16)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        a = tl.load(a_ptr + arow[:, None] * K + k0 + rk[None, :], mask=valid[:, None] & (k0 + rk[None, :] < K), other=0.0)
+        a = tl.load(
+            a_ptr + arow[:, None] * K + k0 + rk[None, :], mask=valid[:, None] & (k0 + rk[None, :] < K), other=0.0
+        )
         b = load_nvfp4_tile(b_rows, bs_rows, k0, K, rk, mask_n[None, :])
         if F32_DOT:
             acc += tl.dot(a.to(tl.float32), b, input_precision="ieee")
@@ -71,7 +73,9 @@ def _nvfp4_moe_kernel(
     tl.store(c_ptr + rows[:, None].to(tl.int64) * N + rn[None, :], acc, mask=valid[:, None] & mask_n[None, :])
 
 
-def _grouped_gemm(a, w, w_scale, w_global, bias, out, sorted_ids, expert_ids, weights, a_row_div, block_m, block_n) -> None:
+def _grouped_gemm(
+    a, w, w_scale, w_global, bias, out, sorted_ids, expert_ids, weights, a_row_div, block_m, block_n
+) -> None:
     N, K = w.shape[1], w.shape[2] * 2
     grid = (expert_ids.numel(), triton.cdiv(N, block_n))
     if grid[0] == 0:
@@ -102,7 +106,9 @@ def _grouped_gemm(a, w, w_scale, w_global, bias, out, sorted_ids, expert_ids, we
 def _global(name: str, g: torch.Tensor, num_experts: int) -> torch.Tensor:
     """The ``[E, 1]`` (or ``[E]``) per-expert global scales as a contiguous float32 ``[E]``."""
     if g.numel() != num_experts or g.dim() not in (1, 2) or g.shape[0] != num_experts:
-        raise ValueError(f"{name} must hold one float32 global scale per expert, [{num_experts}, 1], got shape {list(g.shape)}")
+        raise ValueError(
+            f"{name} must hold one float32 global scale per expert, [{num_experts}, 1], got shape {list(g.shape)}"
+        )
     return g.reshape(num_experts).to(torch.float32).contiguous()
 
 
@@ -136,7 +142,9 @@ def fused_moe_nvfp4(
 
     ``ValueError`` when a shape does not match (H and I must be positive multiples of 16).
     """
-    check_moe_operands(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, w13_bias, w2_bias, NV_BLOCK, "float8_e4m3fn")
+    check_moe_operands(
+        x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, w13_bias, w2_bias, NV_BLOCK, "float8_e4m3fn"
+    )
     T, H = x.shape
     top_k = topk_ids.shape[1]
     E, two_i, _ = w13.shape

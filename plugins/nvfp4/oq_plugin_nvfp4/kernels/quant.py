@@ -23,7 +23,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from oq_plugin_mxfp4.kernels.quant import encode_e2m1
 from oq_plugin_mxfp8.kernels.quant import encode_e4m3
 

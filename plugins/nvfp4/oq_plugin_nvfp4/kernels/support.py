@@ -12,7 +12,6 @@ at run time otherwise.
 from __future__ import annotations
 
 import torch
-
 from oq_plugin_mxfp4.kernels.support import shape_reason
 from oq_toolkit.triton_support import triton_support
 
