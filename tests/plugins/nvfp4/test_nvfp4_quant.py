@@ -277,3 +277,39 @@ def test_meta_tensors():
         assert g.is_meta and g.shape == gshape and g.dtype == torch.float32
         d = dequantize_nvfp4(q, s, g, dtype=torch.bfloat16)
         assert d.is_meta and d.shape == shape and d.dtype == torch.bfloat16
+
+
+def test_llmcompressor_fixture_is_compressed_tensors_on_bf16(tmp_path):
+    """The committed llm-compressor NVFP4A16 checkpoint (model_free_ptq 0.14.0.1 on a bf16 tiny Llama
+    rebuilt from its seed): compressed-tensors' functions run on the bf16 weights with the stored
+    (fused q/k/v and gate/up) global scales give every stored byte, so those functions are what
+    llm-compressor runs; ours, computed in float32 from the same weights and global scales, differ
+    in the measured 463 of 90112 element bytes and 178 of 11264 scale bytes (the bf16 roundings of
+    ``2688 / amax`` and ``amax_b / 6``), and equal compressed-tensors on the float32 upcast."""
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    data = Path(__file__).resolve().parents[2] / "data" / "llmcompressor"
+    sys.path.insert(0, str(data))
+    try:
+        import make_fixtures
+    finally:
+        sys.path.remove(str(data))
+    src = load_file(make_fixtures.make_source("dense", tmp_path) / "model.safetensors")
+    stored = load_file(data / "dense_NVFP4A16" / "model.safetensors")
+    dq = ds = nq = ns = 0
+    for key in [k for k in stored if k.endswith(".weight_packed")]:
+        base = key[: -len("weight_packed")]
+        w, g = src[base + "weight"], stored[base + "weight_global_scale"]
+        assert w.dtype == torch.bfloat16
+        cq, cs, _ = ct_nvfp4(w, g)
+        assert torch.equal(cq, stored[key]) and torch.equal(u8(cs), u8(stored[base + "weight_scale"])), base
+        q, s, _ = quantize_nvfp4(w, global_scale=g)
+        fq, fs, _ = ct_nvfp4(w.float(), g)
+        assert torch.equal(q, fq) and torch.equal(u8(s), u8(fs)), base
+        dq += (q != cq).sum().item()
+        ds += (u8(s) != u8(cs)).sum().item()
+        nq, ns = nq + q.numel(), ns + s.numel()
+    assert (dq, nq, ds, ns) == (463, 90112, 178, 11264)
