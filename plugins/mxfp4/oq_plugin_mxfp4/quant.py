@@ -38,9 +38,13 @@ elements. rceil stays the default for the properties it shares with mxfp8: no el
 saturates (bounded relative error on every block maximum) and it is the hardware rule
 (``cvt.rp.satfinite.ue8m0``) that dynamic activation quantization on NVIDIA GPUs uses.
 
-NaN in a block gives the NaN scale byte 255 (both rules), Inf gives 254 (rceil), and a NaN element
-torchao's code (magnitude code 2, 3 or 4 by its payload, :func:`_torchao_nan_codes`); weights never get
-here with either (:func:`oqcore.quantize_tensor` rejects them, the C quantizer raises
+NaN in a block gives the NaN scale byte 255 (both rules), Inf gives 254 (rceil). The elements of a
+NaN block: rceil multiplies them by a NaN, so every code is 3 (torchao: the code its encoder gives
+the default NaN, whatever the multiplication returns; with the input's NaN payload torchao's own
+code would depend on which NaN operand the CPU's multiply keeps, so this one rule is fixed for
+every backend); floor divides by +inf, so finite elements give +-0 and NaN elements keep their NaN,
+whose code is torchao's (2, 3 or 4 by the payload, :func:`_torchao_nan_codes`, with its sign).
+Weights never get here with either (:func:`oqcore.quantize_tensor` rejects them, the C quantizer raises
 :class:`oqcore.NonFiniteError`). Every step is a tensor op without data-dependent control flow, so
 the quantizer runs on meta tensors (the core's dry run).
 """
@@ -128,10 +132,21 @@ def quantize_mxfp4(w: torch.Tensor, options: BaseModel | None = None) -> tuple[t
         rcp = torch.where(e == 254, 2.0**-127, rcp)
         rcp = torch.where(e == E8M0_NAN, torch.nan, rcp)
         y = x * rcp
-    y = y.clamp(-F4_MAX, F4_MAX).reshape(shape)
+    codes = nan_block_codes(e2m1_codes(y.clamp(-F4_MAX, F4_MAX)), e, floor=scale_mode(options) == "floor")
+    return pack_fp4(codes.reshape(shape)), e.squeeze(-1).view(torch.float8_e8m0fnu)
+
+
+def e2m1_codes(y: torch.Tensor) -> torch.Tensor:
+    """e2m1 codes (uint8) of scaled, clamped float32 ``y``: :func:`oq_plugin_mxfp4.fp4.e2m1_encode`,
+    and torchao's code for NaN elements (:func:`_torchao_nan_codes` with the sign bit)."""
     codes = e2m1_encode(y)
-    codes = torch.where(torch.isnan(y), _torchao_nan_codes(y) | (codes & 8), codes)
-    return pack_fp4(codes), e.squeeze(-1).view(torch.float8_e8m0fnu)
+    return torch.where(torch.isnan(y), _torchao_nan_codes(y) | (codes & 8), codes)
+
+
+def nan_block_codes(codes: torch.Tensor, e: torch.Tensor, floor: bool) -> torch.Tensor:
+    """rceil: code 3 for every element of a NaN block (scale byte 255; ``codes [..., B, 32 or
+    pairs]`` broadcast against ``e [..., B, 1]``); floor: ``codes`` unchanged (module docstring)."""
+    return codes if floor else torch.where(e == E8M0_NAN, 3, codes).to(torch.uint8)
 
 
 def dequantize_mxfp4(

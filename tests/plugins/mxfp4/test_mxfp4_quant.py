@@ -116,7 +116,8 @@ def test_bit_exact_3d_per_expert(mode):
 @pytest.mark.parametrize("mode", list(MODES))
 def test_nan_and_inf_bytes_match_torchao(mode):
     """Not reachable from weights (rejected first), but the activation path may see them: NaN
-    blocks get scale 255, rceil Inf blocks 254, and NaN elements torchao's payload-dependent code."""
+    blocks get scale 255, rceil Inf blocks 254; a NaN block's elements are all code 3 under rceil,
+    under floor its NaN elements get torchao's payload-dependent code and the others +-0."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(12, 64, generator=g)
     x[0, 3] = float("nan")
@@ -130,6 +131,10 @@ def test_nan_and_inf_bytes_match_torchao(mode):
     tq, ts = torchao_mx(x, mode)
     assert torch.equal(s, ts) and torch.equal(q, tq), ((s != ts).nonzero().tolist(), (q != tq).nonzero().tolist())
     assert s[0, 0] == 255 and s[4, 0] == 255
+    if mode == "rceil":
+        assert torch.all(q[[0, 3, 4, 5, 6, 7], :16] == 0x33) and s[1, 1] == 254 and s[2, 0] == 254
+    else:
+        assert q[0, 1].item() >> 4 == 3 and q[3, 2].item() >> 4 == 0xB  # +NaN -> 3, -NaN -> 11 (odd elements: high nibble)
 
 
 def test_packing_order_and_scale_value():
