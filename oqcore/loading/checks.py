@@ -37,9 +37,9 @@ MODELOPT_FILE = "hf_quant_config.json"
 :mod:`oqcore.loading.peer_configs`)."""
 
 READ_FORMATS = (
-    f"{CT_QUANT_METHOD!r}, transformers FineGrainedFP8 ({FP8_QUANT_METHOD!r}), gpt-oss MXFP4 "
-    f"({MXFP4_QUANT_METHOD!r}) and NVIDIA ModelOpt FP8 ({MODELOPT_QUANT_METHOD!r} or {MODELOPT_FILE}) "
-    "checkpoints and its own exports"
+    f"{CT_QUANT_METHOD!r}, transformers FineGrainedFP8 ({FP8_QUANT_METHOD!r}) and NVIDIA ModelOpt FP8 "
+    f"({MODELOPT_QUANT_METHOD!r} or {MODELOPT_FILE}) checkpoints, gpt-oss MXFP4 checkpoints "
+    f"({MXFP4_QUANT_METHOD!r}, transformers Mxfp4Config) and its own exports"
 )
 """What oqcore reads already quantized, for messages."""
 
