@@ -58,7 +58,17 @@ def specs():
             "bias_ptr": "*bf16",
             "c_ptr": "*fp32",
         }
-        out.append(spec("oq_plugin_nvfp4.kernels.gemm", "_nvfp4_gemm_kernel", ptrs, ("M", "N", "K"), c, 80))
+        gemm_ptrs = {**ptrs, "as_ptr": "*u8", "ag_ptr": "*fp32"}
+        out.append(
+            spec(
+                "oq_plugin_nvfp4.kernels.gemm",
+                "_nvfp4_gemm_kernel",
+                gemm_ptrs,
+                ("M", "N", "K"),
+                {"A_FP4": False, **c},
+                80,
+            )
+        )
         moe_ptrs = {**ptrs, **{k: v for k, v in MOE_ROUTING.items() if k != "num_valid"}}
         out.append(
             spec(
@@ -75,6 +85,11 @@ def specs():
                 80,
             )
         )
+    # nvfp4 GEMM W4A4 (packed e2m1 activations, bf16 dots, sm_80)
+    c = {"A_FP4": True, "HAS_BIAS": True, "F32_DOT": False, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}
+    ptrs = {"a_ptr": "*u8", "as_ptr": "*u8", "ag_ptr": "*fp32", "b_ptr": "*u8", "bs_ptr": "*u8", "g_ptr": "*fp32"}
+    ptrs = {**ptrs, "bias_ptr": "*bf16", "c_ptr": "*fp32"}
+    out.append(spec("oq_plugin_nvfp4.kernels.gemm", "_nvfp4_gemm_kernel", ptrs, ("M", "N", "K"), c, 80))
     # quantizers (sm_80: integer and float32 arithmetic only)
     for dt in ("fp32", "bf16"):
         for floor in (False, True):

@@ -26,6 +26,7 @@ from fp4_kernel_reference import (
 )
 from oq_plugin_mxfp4 import fp4
 from oq_plugin_nvfp4.kernels.moe import fused_moe_nvfp4
+from oq_plugin_nvfp4.kernels.quant import quantize_nvfp4_triton
 from oq_plugin_nvfp4.kernels.support import triton_supported
 
 from oqcore.layers import MoELayout
@@ -192,3 +193,57 @@ def test_supported_checks_device_and_shapes():
     assert not ok and "intermediate_size = 24" in why, why
     ok, why = triton_supported(SimpleNamespace(in_features=64), torch.device("meta"))
     assert not ok and "Triton runs on CUDA" in why, why
+
+
+@pytest.mark.parametrize("M", [1, 3, 17])
+@pytest.mark.parametrize("N,K", [(33, 64), (7, 48)])
+def test_gemm_w4a4_on_the_same_quantized_activations(M, N, K):
+    """Activations NVFP4-quantized by the Triton quantizer (the reference's bytes, see
+    test_nvfp4_triton_quant.py; one global scale for the whole input, as the reference forward
+    quantizes a linear's input), packed e2m1 [M, K/2] with e4m3 scales and their global scale."""
+    g = torch.Generator().manual_seed(M * 1000 + N * 10 + K + 13)
+    w, sc, glob, wd = nv_weight((N, K), g)
+    x = torch.randn(M, K, generator=g).bfloat16() * 3
+    aq, a_s, a_g = quantize_nvfp4_triton(x)
+    bias = torch.randn(N, generator=g) if M != 3 else None
+    y = nvfp4_gemm(aq, w, sc, glob, bias, a_scale=a_s, a_global=a_g)
+    ad = nv_dequant(aq, a_s, a_g)
+    ref = ad @ wd.T + (0 if bias is None else bias)
+    assert_within(y, ref, gemm_bound(ad, wd, bias), f"nvfp4 W4A4 M={M} N={N} K={K}")
+
+
+def test_w4a4_decodes_every_activation_code_and_scale_exactly():
+    """``A @ onehot-weight`` is exactly ``dequant(A)``: every activation code in both nibble positions
+    times every finite e4m3 scale byte (power-of-two global scales divide exactly)."""
+    M, K = 32, 128
+    m, k = torch.arange(M)[:, None], torch.arange(K)[None, :]
+    codes = ((m + 5 * k) % 16).to(torch.uint8)
+    finite = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F], dtype=torch.uint8)
+    a_s = torch.cat([finite, finite[:2]]).reshape(M, K // 16).view(torch.float8_e4m3fn)
+    aq, a_g = fp4.pack_fp4(codes), torch.tensor([0.5])
+    eye = fp4.pack_fp4(fp4.e2m1_encode(torch.eye(K)))  # weight rows one-hot, code 2 = 1.0
+    one = torch.full((K, K // 16), 0x38, dtype=torch.uint8).view(torch.float8_e4m3fn)  # 1.0
+    y = nvfp4_gemm(aq, eye, one, torch.tensor([2.0]), a_scale=a_s, a_global=a_g)
+    assert torch.equal(y, nv_dequant(aq, a_s, a_g) / 2)
+
+
+def test_w4a4_operand_errors():
+    g = torch.Generator().manual_seed(0)
+    w, sc, glob, _ = nv_weight((8, 64), g)
+    aq, a_s, a_g = quantize_nvfp4_triton(torch.randn(2, 64))
+    with pytest.raises(ValueError, match=r"a_scale must be float8_e4m3fn \[M, K/16\] = \[2, 4\]"):
+        nvfp4_gemm(aq, w, sc, glob, a_scale=a_s[:, :2], a_global=a_g)
+    with pytest.raises(ValueError, match=r"a_global must hold the activations' one float32 global scale"):
+        nvfp4_gemm(aq, w, sc, glob, a_scale=a_s)
+    with pytest.raises(ValueError, match=r"w must be packed e2m1 bytes \[N, K/2\] = \[8, 32\]"):
+        nvfp4_gemm(aq, w[:, :16], sc, glob, a_scale=a_s, a_global=a_g)
+
+
+def test_w4a4_supported_for_linears_only():
+    from oq_plugin_nvfp4.kernels.support import triton_supported_w4a4_linear
+
+    ok, why = triton_supported_w4a4_linear(SimpleNamespace(in_features=64), torch.device("cpu"))
+    assert ok, why
+    moe = SimpleNamespace(layout=MoELayout(4, 64, 32, False, True, False))
+    ok, why = triton_supported_w4a4_linear(moe, torch.device("cpu"))
+    assert not ok and "linear layers only" in why, why

@@ -34,3 +34,16 @@ def triton_supported(layer: torch.nn.Module, device: torch.device) -> tuple[bool
         if bad:
             return False, f"{bad}; {what}"
     return ok, f"{why}; {what}"
+
+
+def triton_supported_w4a4_linear(layer: torch.nn.Module, device: torch.device) -> tuple[bool, str]:
+    """``(ok, reason)`` for ``nvfp4_gemm`` with NVFP4 activations (W4A4, linear layers only: the
+    activations quantized by ``quantize_nvfp4_triton`` with one global scale per call, as the
+    reference forward does; experts are refused, because the reference quantizes each expert's
+    tokens with their own global scale, which the fused MoE kernel does not reproduce). Never raises."""
+    if getattr(layer, "layout", None) is not None:
+        return (
+            False,
+            "Triton nvfp4 W4A4 runs linear layers only (the reference gives each expert's tokens their own global scale)",
+        )
+    return triton_supported(layer, device)
