@@ -4,6 +4,7 @@ top of the default scheme; --config as shorthand, key name or file in every comm
 cases (exit status, one error line each) are in tests/battery/test_cli.py."""
 
 import json
+import re
 import subprocess
 from pathlib import Path
 import sys
@@ -31,8 +32,14 @@ def test_console_script_is_installed():
 def test_keys_table_and_json():
     r = run("keys")
     assert r.exit_code == 0
-    assert "mxfp8                    float8_e4m3fn[float8_e8m0fnu static 1x32]  float8_e4m3fn[float8_e8m0fnu dynamic 1x32]  mxfp8" in r.stdout
-    assert "int8_per_channel_weight_only  -" in r.stdout
+    rows: dict[str, list[str]] = {}  # the keys table comes first; shorthands of the same name follow
+    for line in r.stdout.splitlines():
+        cells = re.split(r"\s{2,}", line.strip())
+        rows.setdefault(cells[0], cells[1:])
+    assert rows["mxfp8"] == ["float8_e4m3fn[float8_e8m0fnu static 1x32]", "float8_e4m3fn[float8_e8m0fnu dynamic 1x32]", "mxfp8"]
+    assert rows["mxfp4"] == ["float4_e2m1fn_x2[float8_e8m0fnu static 1x32]", "float4_e2m1fn_x2[float8_e8m0fnu dynamic 1x32]", "mxfp4"]
+    assert rows["nvfp4"][2] == "nvfp4" and rows["nvfp4"][0].startswith("float4_e2m1fn_x2[float8_e4m3fn static 1x16, scale2 float32")
+    assert rows["int8_per_channel_weight_only"][0] == "-"
     data = json.loads(run("keys", "--json").stdout)
     names = {k["name"]: k for k in data["keys"]}
     assert names["fp8_per_token"]["weight"] is None
@@ -44,7 +51,8 @@ def test_keys_table_and_json():
 def test_plugins_json():
     data = json.loads(run("plugins", "--json").stdout)
     by = {r["name"]: r for r in data}
-    assert by["mxfp8"]["distribution"] == "oq-plugin-mxfp8" and by["mxfp8"]["status"] == "loaded"
+    for name in ("fp8", "int8", "mxfp8", "mxfp4", "nvfp4"):  # each its own distribution
+        assert (by[name]["distribution"], by[name]["status"]) == (f"oq-plugin-{name}", "loaded")
 
 
 def test_validate_prints_the_resolved_config(tmp_path):

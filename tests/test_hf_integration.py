@@ -327,8 +327,33 @@ def _check_save_pretrained(m, r, tmp_path, shorthand, auto, moe):
     return hf
 
 
-@pytest.mark.parametrize("shorthand", SHORTHANDS)
-@pytest.mark.parametrize("arch", [*ARCHS, "mixtral-i128"])
+_TF_GLOBAL_SCALE_DROPPED = (
+    "transformers' CompressedTensorsDequantize.convert (integrations/compressed_tensors.py) decompresses packed experts "
+    "through a DummyModule without weight_global_scale: NVFP4 experts come out multiplied by their global scale"
+)
+
+
+def _expert_global_scale(shorthand: str) -> bool:
+    """Whether the shorthand's experts are stored with a global scale (compressed-tensors' tensor_group)."""
+    reg = get_registry()
+    moe = reg.shorthands[shorthand].moe
+    if moe is None:
+        return False
+    scheme = reg.schemes.get(reg.resolve_key(moe["weight"], "weight"))
+    ct = scheme.weight.compressed_tensors if scheme is not None else None
+    return bool(ct) and ct.get("strategy") == "tensor_group"
+
+
+def _save_pretrained_cells():
+    for arch in [*ARCHS, "mixtral-i128"]:
+        for shorthand in SHORTHANDS:
+            marks = ()
+            if arch != "gpt_oss" and _expert_global_scale(shorthand):
+                marks = pytest.mark.xfail(reason=_TF_GLOBAL_SCALE_DROPPED, strict=True, raises=AssertionError)
+            yield pytest.param(arch, shorthand, marks=marks, id=f"{arch}-{shorthand}")
+
+
+@pytest.mark.parametrize("arch, shorthand", list(_save_pretrained_cells()))
 def test_save_pretrained_writes_compressed_tensors(tiny_moe, tmp_path, arch, shorthand):
     """Every make-model layout x shorthand: save_quantized's folder, or its SaveError (GPT-OSS;
     128-row expert blocks with I = 96). ``mixtral-i128`` (I = 128): the 128x128 block experts that

@@ -322,7 +322,9 @@ def test_plugin_records_and_fatal_error_for_oq_plugins(tmp_path, monkeypatch):
         ("fp8", "evil-fp8", "conflict"),
         ("fp8", "oq-plugin-fp8", "conflict"),
         ("int8", "oq-plugin-int8", "loaded"),
+        ("mxfp4", "oq-plugin-mxfp4", "loaded"),
         ("mxfp8", "oq-plugin-mxfp8", "loaded"),
+        ("nvfp4", "oq-plugin-nvfp4", "loaded"),
     ]
     err = pm.fatal_error()
     assert isinstance(err, PluginConflictError) and "evil-fp8" in str(err) and "oq-plugin-fp8" in str(err)
