@@ -143,6 +143,17 @@ OQ_INLINE __m512i nv_e2m1x16(__m512 y) {
     return _mm512_ternarylogic_epi32(_mm512_srli_epi32(b, 28), _mm512_set1_epi32(8), code, 0xEA); /* | sign << 3 */
 }
 
+/* Scale bytes (stored at sc) and element divisors (stored at tb) of 16 blocks with maxima amax under
+   global scales g (lane b: block b): e4m3(clamp(g * (amax / 6))), 0 -> 0.125, t = scale / g. */
+OQ_INLINE void nv_scales16(__m512 amax, __m512 g, uint8_t* sc, float* tb) {
+    __m512 s = _mm512_mul_ps(g, _mm512_div_ps(amax, _mm512_set1_ps(NV_F4_MAX)));
+    s = _mm512_min_ps(_mm512_max_ps(s, _mm512_set1_ps(-NV_F8_MAX)), _mm512_set1_ps(NV_F8_MAX));
+    __m512i sb = _mm512_cvtepu8_epi32(e4m3_16(s, 1));
+    sb = _mm512_mask_mov_epi32(sb, _mm512_testn_epi32_mask(sb, _mm512_set1_epi32(0x7F)), _mm512_set1_epi32(NV_ZERO_SCALE_BYTE));
+    _mm_storeu_si128((__m128i*)sc, _mm512_cvtepi32_epi8(sb));
+    _mm512_storeu_ps(tb, _mm512_div_ps(nv_e4m3x16_value(sb), g));
+}
+
 /* 16 consecutive blocks from block j (one 256-element group), global scales g (lane b: block j+b) */
 OQ_INLINE void nv_group16(const void* w, int dt, int64_t j, __m512 g, uint8_t* q, uint8_t* sc) {
     const __m512i am = _mm512_set1_epi32(0x7FFFFFFF);
@@ -154,14 +165,8 @@ OQ_INLINE void nv_group16(const void* w, int dt, int64_t j, __m512 g, uint8_t* q
         x[b] = load16(w, dt, o + 16 * b, (__mmask16)0xFFFF);
         v[b] = _mm512_and_si512(_mm512_castps_si512(x[b]), am);
     }
-    __m512 amax = _mm512_castsi512_ps(nv_hmax16x16(v));
-    __m512 s = _mm512_mul_ps(g, _mm512_div_ps(amax, _mm512_set1_ps(NV_F4_MAX)));
-    s = _mm512_min_ps(_mm512_max_ps(s, _mm512_set1_ps(-NV_F8_MAX)), _mm512_set1_ps(NV_F8_MAX));
-    __m512i sb = _mm512_cvtepu8_epi32(e4m3_16(s, 1));
-    sb = _mm512_mask_mov_epi32(sb, _mm512_testn_epi32_mask(sb, _mm512_set1_epi32(0x7F)), _mm512_set1_epi32(NV_ZERO_SCALE_BYTE));
-    _mm_storeu_si128((__m128i*)(sc + j), _mm512_cvtepi32_epi8(sb));
     float tb[16];  /* per-block divisors, re-read as broadcasts (load ports, not the shuffle port) */
-    _mm512_storeu_ps(tb, _mm512_div_ps(nv_e4m3x16_value(sb), g));
+    nv_scales16(_mm512_castsi512_ps(nv_hmax16x16(v)), g, sc + j, tb);
     const __m512 zero = _mm512_setzero_ps();
     for (int b = 0; b < 16; b += 2) {
         /* + 0.0f turns -0.0 into +0.0 and changes nothing else: y == +-0 -> code 0 (compressed-tensors
@@ -169,6 +174,45 @@ OQ_INLINE void nv_group16(const void* w, int dt, int64_t j, __m512 g, uint8_t* q
         __m512 y0 = _mm512_add_ps(_mm512_div_ps(x[b], _mm512_set1_ps(tb[b])), zero);
         __m512 y1 = _mm512_add_ps(_mm512_div_ps(x[b + 1], _mm512_set1_ps(tb[b + 1])), zero);
         _mm_storeu_si128((__m128i*)(q + o / 2 + 8 * b), oq_e2m1_pack32(nv_e2m1x16(y0), nv_e2m1x16(y1)));
+    }
+}
+
+/* nv_group16 for bf16 input without widening shuffles: 64 bytes = 32 elements = blocks 2c, 2c+1; the
+   32-bit lane k holds elements 2k (low half) and 2k+1 (high half), so `<< 16` gives the float32 of
+   the even elements and `& 0xFFFF0000` those of the odd ones (lanes 0-7: block 2c, 8-15: block
+   2c+1), and byte k of the packed output is code(even k) | code(odd k) << 4: one narrowing per 32
+   elements. The arithmetic per element is nv_group16's. */
+OQ_INLINE void nv_group16_bf16(const uint16_t* w, int64_t j, __m512 g, uint8_t* q, uint8_t* sc) {
+    const __m512i am = _mm512_set1_epi32(0x7FFFFFFF), hi = _mm512_set1_epi32((int32_t)0xFFFF0000u);
+    const int64_t o = j * 16;
+    __m512 ev[8], od[8];
+    __m512i m[8];
+    for (int c = 0; c < 8; c++) {
+        _mm_prefetch((const char*)(w + o + 256 + 32 * c), _MM_HINT_T0);
+        __m512i v = _mm512_loadu_si512((const void*)(w + o + 32 * c));
+        ev[c] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+        od[c] = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
+        __m512i t = _mm512_max_epu32(_mm512_and_si512(_mm512_castps_si512(ev[c]), am), _mm512_and_si512(_mm512_castps_si512(od[c]), am));
+        /* max within each 8-lane half: every lane of a half ends up with its block's maximum */
+        t = _mm512_max_epu32(t, _mm512_shuffle_i32x4(t, t, _MM_SHUFFLE(2, 3, 0, 1)));
+        t = _mm512_max_epu32(t, _mm512_shuffle_epi32(t, _MM_PERM_BADC));
+        m[c] = _mm512_max_epu32(t, _mm512_shuffle_epi32(t, _MM_PERM_CDAB));
+    }
+    /* gather lane 0 and lane 8 of m[c] into lanes 2c, 2c+1 */
+    const __m512i i0 = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 24, 16, 8, 0);
+    const __m512i i1 = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 19, 18, 17, 16, 3, 2, 1, 0);
+    const __m512i i2 = _mm512_set_epi32(23, 22, 21, 20, 19, 18, 17, 16, 7, 6, 5, 4, 3, 2, 1, 0);
+    __m512i p0 = _mm512_permutex2var_epi32(m[0], i0, m[1]), p1 = _mm512_permutex2var_epi32(m[2], i0, m[3]);
+    __m512i p2 = _mm512_permutex2var_epi32(m[4], i0, m[5]), p3 = _mm512_permutex2var_epi32(m[6], i0, m[7]);
+    __m512i q0 = _mm512_permutex2var_epi32(p0, i1, p1), q1 = _mm512_permutex2var_epi32(p2, i1, p3);
+    float tb[16];
+    nv_scales16(_mm512_castsi512_ps(_mm512_permutex2var_epi32(q0, i2, q1)), g, sc + j, tb);
+    const __m512 zero = _mm512_setzero_ps();
+    for (int c = 0; c < 8; c++) {
+        __m512 t = _mm512_mask_blend_ps((__mmask16)0xFF00, _mm512_set1_ps(tb[2 * c]), _mm512_set1_ps(tb[2 * c + 1]));
+        __m512i ce = nv_e2m1x16(_mm512_add_ps(_mm512_div_ps(ev[c], t), zero));
+        __m512i co = nv_e2m1x16(_mm512_add_ps(_mm512_div_ps(od[c], t), zero));
+        _mm_storeu_si128((__m128i*)(q + o / 2 + 16 * c), _mm512_cvtepi32_epi8(_mm512_or_si512(ce, _mm512_slli_epi32(co, 4))));
     }
 }
 #endif
@@ -186,7 +230,8 @@ OQ_INLINE void nv_blocks(const void* w, int dt, int64_t j0, int64_t j1, int64_t 
             for (int b = 0; b < 16; b++) gl[b] = gs[(j + b) / nbs];
             g = _mm512_loadu_ps(gl);
         }
-        nv_group16(w, dt, j, g, q, sc);
+        if (dt == 1) nv_group16_bf16((const uint16_t*)w, j, g, q, sc);
+        else nv_group16(w, dt, j, g, q, sc);
     }
 #endif
     for (; j < j1; j++) nv_block_scalar(w, dt, j, gs[j / nbs], q, sc);
