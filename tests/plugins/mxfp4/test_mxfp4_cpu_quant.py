@@ -75,6 +75,11 @@ def test_e2m1_header_equals_the_torch_encoder_everywhere(generic_lib):
             bad = (got != want).nonzero().flatten()
             assert bad.numel() == 0, (vec, x[bad[:5]].tolist(), got[bad[:5]].tolist(), want[bad[:5]].tolist())
             assert torch.equal(packed, want_packed), vec
+    # the arithmetic AVX-512 encoder (the quantizer's): the same codes except NaN -> +-6 (7 / 15)
+    nan = torch.isnan(x)
+    got = _encode_c(x, 2)[0]
+    assert torch.equal(got[~nan], want[~nan])
+    assert torch.equal(got[nan] & 7, torch.full_like(got[nan], 7)) and int(nan.sum()) >= 6
     # ties to even, saturation and the sign of zero, spelled out
     t = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0, -0.0, -1e-40, -0.26, 1e38] + [0.0] * 20)
     assert _encode_c(t, 1)[0][:12].tolist() == [0, 2, 2, 4, 4, 6, 6, 7, 8, 8, 9, 7]

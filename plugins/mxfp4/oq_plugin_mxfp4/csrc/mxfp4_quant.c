@@ -1,6 +1,7 @@
 /* mxfp4_quant.c: the CPU quantizer of oq-plugin-mxfp4 (built and loaded by oq_plugin_mxfp4.cpu),
    bit-exact with oq_plugin_mxfp4.quant.quantize_mxfp4 on finite input. No -ffast-math: every float
-   op is one IEEE float32 operation; rounding to e2m1 is fp4_e2m1.h. dt: 0 = float32, 1 = bf16,
+   op is one IEEE float32 operation; rounding to e2m1 is fp4_e2m1.h (AVX-512: its _nonan encoder,
+   blocks holding NaN never get there). dt: 0 = float32, 1 = bf16,
    2 = fp16 (every load to float32 is exact, oq_kernels.h).
 
    MXFP4: blocks of 32 along K, e8m0 exponent bytes, e2m1 codes packed two per byte (element 2j in
@@ -142,7 +143,7 @@ OQ_INLINE int64_t mx4_group16(const void* w, int dt, int64_t o, int mode, uint8_
     for (int b = 0; b < 16; b++) {
         __m512 s = _mm512_permutexvar_ps(_mm512_set1_epi32(b), f);
         __m512 x0 = load16(w, dt, o + 32 * b, (__mmask16)0xFFFF), x1 = load16(w, dt, o + 32 * b + 16, (__mmask16)0xFFFF);
-        __m512i c0 = oq_f32x16_to_e2m1(_mm512_mul_ps(x0, s)), c1 = oq_f32x16_to_e2m1(_mm512_mul_ps(x1, s));
+        __m512i c0 = oq_f32x16_to_e2m1_nonan(_mm512_mul_ps(x0, s)), c1 = oq_f32x16_to_e2m1_nonan(_mm512_mul_ps(x1, s));
         _mm_storeu_si128((__m128i*)(q + (o + 32 * b) / 2), oq_e2m1_pack32(c0, c1));
     }
     return 0;
@@ -177,8 +178,9 @@ int64_t oq_mxfp4_quantize(const void* w, int dt, int64_t N, int64_t K, int mode,
     }
 }
 
-/* Test entry for fp4_e2m1.h: out[i] = oq_f32_to_e2m1(x[i]) (vec = 0) or the AVX-512 encoder for
-   whole groups of 16 (vec = 1; the scalar one for the tail, and everywhere without AVX-512).
+/* Test entry for fp4_e2m1.h: out[i] = oq_f32_to_e2m1(x[i]) (vec = 0) or an AVX-512 encoder for
+   whole groups of 16 (vec = 1: oq_f32x16_to_e2m1, vec = 2: oq_f32x16_to_e2m1_nonan; the scalar
+   one for the tail, and everywhere without AVX-512).
    packed != NULL (n % 32 == 0): also the packed bytes, through oq_e2m1_pack32 (AVX-512) or
    oq_e2m1_pack2. Returns 1 if the AVX-512 paths were compiled in. */
 int oq_e2m1_encode(const float* x, int64_t n, uint8_t* out, uint8_t* packed, int vec) {
@@ -186,7 +188,8 @@ int oq_e2m1_encode(const float* x, int64_t n, uint8_t* out, uint8_t* packed, int
 #ifdef OQ_AVX512
     if (vec) {
         for (; i + 16 <= n; i += 16)
-            _mm_storeu_si128((__m128i*)(out + i), _mm512_cvtepi32_epi8(oq_f32x16_to_e2m1(_mm512_loadu_ps(x + i))));
+            _mm_storeu_si128((__m128i*)(out + i), _mm512_cvtepi32_epi8(vec == 2 ? oq_f32x16_to_e2m1_nonan(_mm512_loadu_ps(x + i))
+                                                                                : oq_f32x16_to_e2m1(_mm512_loadu_ps(x + i))));
         if (packed)
             for (int64_t j = 0; j + 32 <= n; j += 32)
                 _mm_storeu_si128((__m128i*)(packed + j / 2), oq_e2m1_pack32(oq_f32x16_to_e2m1(_mm512_loadu_ps(x + j)),
