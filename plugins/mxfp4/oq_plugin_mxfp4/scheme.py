@@ -10,17 +10,24 @@ reduction dim a multiple of 32 (oq-plugin-mxfp8's :func:`~oq_plugin_mxfp8.scheme
 from __future__ import annotations
 
 from oqcore import KeyFormat, OnlineLinearMethodBase, OnlineMoEMethodBase, QuantizerImpl, Scheme
-from oq_toolkit.quantizers import native_cpu_quantizer
+from oq_toolkit.quantizers import compiled_quantizer, native_cpu_quantizer, triton_quantizer
 
 from oq_plugin_mxfp8.scheme import DYNAMIC as MXFP8_DYNAMIC
 from oq_plugin_mxfp8.scheme import block_rule
 
 from oq_plugin_mxfp4 import keys as k
 from oq_plugin_mxfp4.backends import backends
+from oq_plugin_mxfp4.compiled import quantize_mxfp4_compiled
 from oq_plugin_mxfp4.cpu import quantize_mxfp4_checked
 from oq_plugin_mxfp4.quant import Mxfp4Options, dequantize_mxfp4, quantize_mxfp4
 
 check_k = block_rule("mxfp4", k.MX_BLOCK)
+
+
+def _triton_quantize(x, options=None):
+    from oq_plugin_mxfp4.kernels.quant import quantize_mxfp4_triton
+
+    return quantize_mxfp4_triton(x, options)
 
 
 class Mxfp4Linear(OnlineLinearMethodBase):
@@ -38,7 +45,9 @@ class Mxfp4MoE(OnlineMoEMethodBase):
 # One block rule for static weights and dynamic activations: one set of implementations.
 IMPLEMENTATIONS = (
     QuantizerImpl("torch", quantize_mxfp4, description="OCP MX v1.0 fp4 blocks, torchao to_mx's rules, float32"),
+    triton_quantizer(_triton_quantize, "oq_plugin_mxfp4.kernels", "one-pass Triton mxfp4 quantizer"),
     native_cpu_quantizer(quantize_mxfp4_checked, "C mxfp4 quantizer (oq_plugin_mxfp4.cpu)"),
+    compiled_quantizer(quantize_mxfp4_compiled, "torch.compile of the mxfp4 graph"),
 )
 
 # compressed-tensors' MXFP4 preset: float 4-bit groups of 32 along K, e8m0 scales as uint8 exponents

@@ -10,16 +10,23 @@ rule: every reduction dim a multiple of 16 (oq-plugin-mxfp8's :func:`~oq_plugin_
 from __future__ import annotations
 
 from oqcore import KeyFormat, OnlineLinearMethodBase, OnlineMoEMethodBase, QuantizerImpl, Scheme
-from oq_toolkit.quantizers import native_cpu_quantizer
+from oq_toolkit.quantizers import compiled_quantizer, native_cpu_quantizer, triton_quantizer
 
 from oq_plugin_mxfp8.scheme import block_rule
 
 from oq_plugin_nvfp4 import keys as k
 from oq_plugin_nvfp4.backends import backends
+from oq_plugin_nvfp4.compiled import quantize_nvfp4_compiled
 from oq_plugin_nvfp4.cpu import quantize_nvfp4_checked
 from oq_plugin_nvfp4.quant import Nvfp4Options, dequantize_nvfp4, quantize_nvfp4
 
 check_k = block_rule("nvfp4", k.NV_BLOCK)
+
+
+def _triton_quantize(x, options=None):
+    from oq_plugin_nvfp4.kernels.quant import quantize_nvfp4_triton
+
+    return quantize_nvfp4_triton(x, options)
 
 
 class Nvfp4Linear(OnlineLinearMethodBase):
@@ -36,7 +43,10 @@ class Nvfp4MoE(OnlineMoEMethodBase):
 
 IMPLEMENTATIONS = (
     QuantizerImpl("torch", quantize_nvfp4, description="compressed-tensors' NVFP4 rules, float32"),
+    triton_quantizer(_triton_quantize, "oq_plugin_nvfp4.kernels", "one-pass Triton nvfp4 quantizer"),
     native_cpu_quantizer(quantize_nvfp4_checked, "C nvfp4 quantizer (oq_plugin_nvfp4.cpu)"),
+    # a CPU fallback where no C compiler is found (about 8x slower than the C kernel, measured)
+    compiled_quantizer(quantize_nvfp4_compiled, "torch.compile of the nvfp4 graph"),
 )
 
 TENSORS = ("qdata", "scale", "global_scale")
