@@ -34,15 +34,16 @@ mxfp8 activations):
   ``(wgemm(...) + bias.float()).to(out_dtype)`` (tested on every path).
 
 Numerics. e4m3 codes, int8 codes, bf16 activations and e8m0 powers of two are exact in bf16, so
-every product of decoded values is exact in float32. e2m1 values (2 significant bits) times an
-e8m0 or e4m3 scale (4 significant bits) are exact in bf16 too: both grids are folded into the
-decoded weights (per-scale 16-entry bf16 tables), whatever their group size (a multiple of 16:
-no float32 K-chunks); an e8m0 byte outside ``[2, 252]`` would leave bf16's normal range and takes
-the float32 route below, e4m3 products always lie in ``[2**-10, 2688]``. Every path accumulates in float32 over a
+every product of decoded values is exact in float32. Every path accumulates in float32 over a
 K-chunk (a run of K inside one float32 scale group of both operands) and then adds
 ``partial * (sa * sw)``; e8m0 scales are folded into the decoded bf16 values (exact: a byte that
 would take a value out of bf16's normal range, i.e. outside ``[10, 246]``, makes the call redo the
-product with the scales as float32). Bound, every path and shape (tested)::
+product with the scales as float32). e2m1 values (2 significant bits) times an e8m0 or e4m3
+scale (at most 4 significant bits) are exact in bf16 too: both grids are folded into the decoded
+weights (16-entry bf16 tables per scale byte) whatever their group size (a multiple of 16), so
+mxfp4 and nvfp4 weights need no float32 K-chunks; for e2m1 the foldable e8m0 bytes are
+``[2, 252]`` (others: the float32 retry), e4m3-scaled values always lie in ``[2**-10, 2688]``.
+Bound, every path and shape (tested)::
 
     |y - y_ref| <= 2 * K * eps32 * (|A| @ |W|^T)      elementwise, eps32 = 2**-23
 
@@ -60,7 +61,6 @@ Kernels (``csrc/wgemm.c``, compiled per machine by :mod:`oq_toolkit.native`, ``-
 2. AVX512-BF16 without AMX (e.g. AMD Zen 4/5): ``vdpbf16ps``, 4 weight rows decoded once into an L1
    buffer and reused for every row of ``M`` (register block 4 n x 4 m).
 3. portable C (every other CPU, and ``-DOQ_GENERIC`` builds): float32 loops with the same chunking.
-
 4. E2M1 weights with M <= 4 on AVX512-BF16 CPUs (chosen by the default path up to M = 3, above
    which AMX is as fast): the packed codes are decoded in registers (``vpmovzxbd`` of 16 bytes,
    nibbles to 16-bit table indices, ``vpermw`` from the 16-entry table of the group's scale) and

@@ -297,7 +297,7 @@ static inline int e2m1_mode(int skind, int64_t gc, int64_t K) {
    gp: the group position of k) -> bf16 with the scales folded. mode is a compile-time constant
    at every call (always inlined). */
 static inline __attribute__((always_inline)) __m512i e2m1_dec32(const uint8_t* src, const uint8_t* srow, const uint16_t (*lut)[16],
-                                                                 const int mode, int64_t k, int64_t K, const GPos* gp) {
+                                                                 const int mode, int64_t k, int64_t K, const GPos* gp, const int full) {
     __m512i t;
     if (mode == 0) {
         t = _mm512_broadcast_i64x4(_mm256_load_si256((const __m256i*)E2M1_LUT_E8M0[127]));
@@ -311,8 +311,9 @@ static inline __attribute__((always_inline)) __m512i e2m1_dec32(const uint8_t* s
                                    _mm256_load_si256((const __m256i*)lut[srow[g1]]), 1);
         }
     }
-    __m128i raw = k + 32 <= K ? _mm_loadu_si128((const __m128i*)(src + k / 2))
-                              : _mm_maskz_loadu_epi8((__mmask16)((1u << ((K - k) / 2)) - 1u), src + k / 2);
+    /* full: k + 32 <= K known at the call (no test) */
+    __m128i raw = full || k + 32 <= K ? _mm_loadu_si128((const __m128i*)(src + (k >> 1)))
+                                      : _mm_maskz_loadu_epi8((__mmask16)((1u << ((K - k) >> 1)) - 1u), src + (k >> 1));
     __m512i v = _mm512_cvtepu8_epi32(raw); /* byte j -> dword j */
     /* dword j = (b & 15) | (b >> 4) << 16: word 2j = element 2j, word 2j + 1 = element 2j + 1 */
     __m512i idx;
@@ -338,7 +339,7 @@ static inline __attribute__((always_inline)) void dec_span_e2m1_m(const uint8_t*
     GPos gp = gpos_at(k0, mode ? g_c : K + 32, K);
     for (int64_t k = k0; k < k1; k += 32, gpos_step(&gp)) {
         if ((k & 127) == 0) __builtin_prefetch(src + k / 2 + 1024, 0, 3);
-        __m512i v = k < K ? e2m1_dec32(src, srow, lut, mode, k, K, &gp) : _mm512_setzero_si512();
+        __m512i v = k < K ? e2m1_dec32(src, srow, lut, mode, k, K, &gp, 0) : _mm512_setzero_si512();
         _mm512_storeu_si512(out + ((k - k0) / 32) * ostep, v);
     }
 }
@@ -515,7 +516,7 @@ static inline __attribute__((always_inline)) void e2m1_block(const WG* p, const 
             __m512bh w[4], x[4];
             for (int i = 0; i < 4; i++) {
                 if ((k & 127) == 0) __builtin_prefetch(src[i] + k / 2 + 1024, 0, 3);
-                w[i] = (__m512bh)e2m1_dec32(src[i], srow[i], lut, mode, k, K, &gp);
+                w[i] = (__m512bh)e2m1_dec32(src[i], srow[i], lut, mode, k, K, &gp, 0);
             }
             for (int j = 0; j < MB; j++) x[j] = (__m512bh)_mm512_loadu_si512(ab + (m0 + j) * Kp + k);
             for (int i = 0; i < 4; i++) for (int j = 0; j < MB; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], w[i], x[j]);
@@ -531,9 +532,63 @@ static inline __attribute__((always_inline)) void e2m1_block(const WG* p, const 
             if (n0 + i < N && m0 + j < M) out1(p, m0 + j, n0 + i, _mm512_reduce_add_ps(tot[i][j]));
 }
 
+/* e2m1_block for M = 1 with the accumulators as named registers (GCC keeps the [4][4] arrays of
+   e2m1_block in memory, a store per accumulator per step) and the full 32-code steps free of the
+   tail test */
+static inline __attribute__((always_inline)) void e2m1_block1(const WG* p, const int mode, const uint16_t* ab, int64_t n0) {
+    const int64_t N = p->N, K = p->K;
+    const uint16_t (*lut)[16] = p->ws_kind == SK_E4M3 ? E2M1_LUT_E4M3 : E2M1_LUT_E8M0;
+    const uint8_t *s0, *s1, *s2, *s3, *r0 = NULL, *r1 = NULL, *r2 = NULL, *r3 = NULL;
+    int64_t wro[4];
+    for (int i = 0; i < 4; i++) wro[i] = ((n0 + i < N ? n0 + i : N - 1) / p->gr) * p->wld;
+    s0 = p->q + (n0 < N ? n0 : N - 1) * (K / 2);
+    s1 = p->q + (n0 + 1 < N ? n0 + 1 : N - 1) * (K / 2);
+    s2 = p->q + (n0 + 2 < N ? n0 + 2 : N - 1) * (K / 2);
+    s3 = p->q + (n0 + 3 < N ? n0 + 3 : N - 1) * (K / 2);
+    if (mode) {
+        r0 = (const uint8_t*)p->ws + wro[0]; r1 = (const uint8_t*)p->ws + wro[1];
+        r2 = (const uint8_t*)p->ws + wro[2]; r3 = (const uint8_t*)p->ws + wro[3];
+    }
+    __m512 t0 = _mm512_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;
+    for (int64_t c = 0; c < p->nck; c++) {
+        const int64_t k0 = p->ck0[c], k1 = p->ck1[c], kf = k1 < (K & ~(int64_t)31) ? k1 : (K & ~(int64_t)31);
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        GPos gp = gpos_at(k0, mode ? p->gc : K + 32, K);
+        int64_t k = k0;
+        for (; k < kf; k += 32, gpos_step(&gp)) {
+            if ((k & 127) == 0) {
+                __builtin_prefetch(s0 + (k >> 1) + 1024, 0, 3); __builtin_prefetch(s1 + (k >> 1) + 1024, 0, 3);
+                __builtin_prefetch(s2 + (k >> 1) + 1024, 0, 3); __builtin_prefetch(s3 + (k >> 1) + 1024, 0, 3);
+            }
+            const __m512bh x = (__m512bh)_mm512_loadu_si512(ab + k);
+            a0 = _mm512_dpbf16_ps(a0, (__m512bh)e2m1_dec32(s0, r0, lut, mode, k, K, &gp, 1), x);
+            a1 = _mm512_dpbf16_ps(a1, (__m512bh)e2m1_dec32(s1, r1, lut, mode, k, K, &gp, 1), x);
+            a2 = _mm512_dpbf16_ps(a2, (__m512bh)e2m1_dec32(s2, r2, lut, mode, k, K, &gp, 1), x);
+            a3 = _mm512_dpbf16_ps(a3, (__m512bh)e2m1_dec32(s3, r3, lut, mode, k, K, &gp, 1), x);
+        }
+        for (; k < k1; k += 32, gpos_step(&gp)) { /* the partial last step (K % 32 != 0) */
+            const __m512bh x = (__m512bh)_mm512_loadu_si512(ab + k);
+            a0 = _mm512_dpbf16_ps(a0, (__m512bh)e2m1_dec32(s0, r0, lut, mode, k, K, &gp, 0), x);
+            a1 = _mm512_dpbf16_ps(a1, (__m512bh)e2m1_dec32(s1, r1, lut, mode, k, K, &gp, 0), x);
+            a2 = _mm512_dpbf16_ps(a2, (__m512bh)e2m1_dec32(s2, r2, lut, mode, k, K, &gp, 0), x);
+            a3 = _mm512_dpbf16_ps(a3, (__m512bh)e2m1_dec32(s3, r3, lut, mode, k, K, &gp, 0), x);
+        }
+        const float sa = sa_at(p, 0, c);
+        t0 = _mm512_fmadd_ps(a0, _mm512_set1_ps(sa * sw_at(p, wro[0], c)), t0);
+        t1 = _mm512_fmadd_ps(a1, _mm512_set1_ps(sa * sw_at(p, wro[1], c)), t1);
+        t2 = _mm512_fmadd_ps(a2, _mm512_set1_ps(sa * sw_at(p, wro[2], c)), t2);
+        t3 = _mm512_fmadd_ps(a3, _mm512_set1_ps(sa * sw_at(p, wro[3], c)), t3);
+    }
+    out1(p, 0, n0, _mm512_reduce_add_ps(t0));
+    if (n0 + 1 < N) out1(p, 0, n0 + 1, _mm512_reduce_add_ps(t1));
+    if (n0 + 2 < N) out1(p, 0, n0 + 2, _mm512_reduce_add_ps(t2));
+    if (n0 + 3 < N) out1(p, 0, n0 + 3, _mm512_reduce_add_ps(t3));
+}
+
 /* every row of M against weight rows n0..n0+3, in blocks of 4 rows of M */
 static inline __attribute__((always_inline)) void e2m1_rows(const WG* p, const int mode, const uint16_t* ab, int64_t n0) {
     const int64_t M = p->M;
+    if (M == 1) { e2m1_block1(p, mode, ab, n0); return; }
     int64_t m0 = 0;
     for (; m0 + 4 <= M; m0 += 4) e2m1_block(p, 4, mode, ab, n0, m0);
     switch (M - m0) {
