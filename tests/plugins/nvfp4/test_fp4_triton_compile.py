@@ -47,49 +47,17 @@ def specs():
                 cap,
             )
         )
-    # nvfp4 GEMM / MoE (W4A16, sm_80)
-    for a_dt in ("bf16", "fp32"):
-        c = {"HAS_BIAS": True, "F32_DOT": a_dt == "fp32", "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}
-        ptrs = {
-            "a_ptr": "*" + a_dt,
-            "b_ptr": "*u8",
-            "bs_ptr": "*u8",
-            "g_ptr": "*fp32",
-            "bias_ptr": "*bf16",
-            "c_ptr": "*fp32",
-        }
-        gemm_ptrs = {**ptrs, "as_ptr": "*u8", "ag_ptr": "*fp32"}
-        out.append(
-            spec(
-                "oq_plugin_nvfp4.kernels.gemm",
-                "_nvfp4_gemm_kernel",
-                gemm_ptrs,
-                ("M", "N", "K"),
-                {"A_FP4": False, **c},
-                80,
-            )
-        )
+    # nvfp4 GEMM / MoE: bf16 and float32 activations (W4A16), packed e2m1 ones (W4A4, bf16 dots); sm_80
+    for a_dt, fp4 in (("bf16", False), ("fp32", False), ("u8", True)):
+        c = {"A_FP4": fp4, "HAS_BIAS": True, "F32_DOT": a_dt == "fp32", "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}
+        ptrs = {"a_ptr": "*" + a_dt, "as_ptr": "*u8", "ag_ptr": "*fp32", "b_ptr": "*u8", "bs_ptr": "*u8"}
+        ptrs = {**ptrs, "g_ptr": "*fp32", "bias_ptr": "*bf16", "c_ptr": "*fp32"}
+        out.append(spec("oq_plugin_nvfp4.kernels.gemm", "_nvfp4_gemm_kernel", ptrs, ("M", "N", "K"), c, 80))
         moe_ptrs = {**ptrs, **{k: v for k, v in MOE_ROUTING.items() if k != "num_valid"}}
+        moe_c = {"A_ROW_DIV": 1 if fp4 else 2, **c, "MUL_WEIGHT": True}
         out.append(
-            spec(
-                "oq_plugin_nvfp4.kernels.moe",
-                "_nvfp4_moe_kernel",
-                moe_ptrs,
-                ("num_valid", "N", "K"),
-                {
-                    "A_ROW_DIV": 2,
-                    "HAS_BIAS": True,
-                    "MUL_WEIGHT": True,
-                    **{k: v for k, v in c.items() if k != "HAS_BIAS"},
-                },
-                80,
-            )
+            spec("oq_plugin_nvfp4.kernels.moe", "_nvfp4_moe_kernel", moe_ptrs, ("num_valid", "N", "K"), moe_c, 80)
         )
-    # nvfp4 GEMM W4A4 (packed e2m1 activations, bf16 dots, sm_80)
-    c = {"A_FP4": True, "HAS_BIAS": True, "F32_DOT": False, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}
-    ptrs = {"a_ptr": "*u8", "as_ptr": "*u8", "ag_ptr": "*fp32", "b_ptr": "*u8", "bs_ptr": "*u8", "g_ptr": "*fp32"}
-    ptrs = {**ptrs, "bias_ptr": "*bf16", "c_ptr": "*fp32"}
-    out.append(spec("oq_plugin_nvfp4.kernels.gemm", "_nvfp4_gemm_kernel", ptrs, ("M", "N", "K"), c, 80))
     # quantizers (sm_80: integer and float32 arithmetic only)
     for dt in ("fp32", "bf16"):
         for floor in (False, True):

@@ -18,6 +18,7 @@ kg = pytest.importorskip("oq_plugin_nvfp4.kernels.gemm")
 from fp4_kernel_reference import (
     Recorder,
     assert_within,
+    cast_bound,
     check_moe,
     gemm_bound,
     gptoss_interleaved,
@@ -28,6 +29,7 @@ from oq_plugin_mxfp4 import fp4
 from oq_plugin_nvfp4.kernels.moe import fused_moe_nvfp4
 from oq_plugin_nvfp4.kernels.quant import quantize_nvfp4_triton
 from oq_plugin_nvfp4.kernels.support import triton_supported
+from oq_plugin_nvfp4.quant import quantize_nvfp4
 
 from oqcore.layers import MoELayout
 
@@ -239,11 +241,69 @@ def test_w4a4_operand_errors():
         nvfp4_gemm(aq, w[:, :16], sc, glob, a_scale=a_s, a_global=a_g)
 
 
-def test_w4a4_supported_for_linears_only():
-    from oq_plugin_nvfp4.kernels.support import triton_supported_w4a4_linear
+def test_w4a4_supported():
+    from oq_plugin_nvfp4.kernels.support import triton_supported_w4a4
 
-    ok, why = triton_supported_w4a4_linear(SimpleNamespace(in_features=64), torch.device("cpu"))
-    assert ok, why
-    moe = SimpleNamespace(layout=MoELayout(4, 64, 32, False, True, False))
-    ok, why = triton_supported_w4a4_linear(moe, torch.device("cpu"))
-    assert not ok and "linear layers only" in why, why
+    ok, why = triton_supported_w4a4(SimpleNamespace(in_features=64), torch.device("cpu"))
+    assert ok and "NVFP4 activations" in why and "sm_80" in why, why
+    ok, why = triton_supported_w4a4(
+        SimpleNamespace(layout=MoELayout(4, 64, 24, False, True, False)), torch.device("cpu")
+    )
+    assert not ok and "intermediate_size = 24" in why, why
+
+
+def test_pair_quantization_equals_the_per_expert_reference():
+    """W4A4 experts: each (token, slot) row is quantized with the global scale of the rows routed to
+    its expert, byte for byte what ``quantize_nvfp4`` gives each expert's rows alone (the
+    reference's expert loop); a masked slot (id E) takes no part."""
+    from oq_plugin_nvfp4.kernels.moe import quantize_pairs_per_expert
+
+    g = torch.Generator().manual_seed(8)
+    E, T, k = 4, 9, 2
+    x = torch.randn(T, 48, generator=g) * torch.logspace(-2, 2, T)[:, None]
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    ids[2, 0] = E
+    rows = x.repeat_interleave(k, 0)
+    q, s, gl = quantize_pairs_per_expert(rows, ids.reshape(-1), E)
+    for e in range(E):
+        tok, slot = torch.where(ids == e)
+        rq, rs, rg = quantize_nvfp4(x[tok])
+        p = tok * k + slot
+        assert torch.equal(q[p], rq) and torch.equal(s[p], rs.view(torch.uint8)), e
+        assert torch.equal(gl[p], rg.expand(len(p))), e
+
+
+@pytest.mark.parametrize("bias,gate,dtype", [(True, "interleaved", torch.bfloat16), (False, "concat", torch.float32)])
+def test_fused_moe_w4a4(bias, gate, dtype):
+    """W4A4 experts against the reference's expert loop: per expert, its tokens quantized with their
+    own global scale, gate-up (+ bias) checked against the recorded kernel output, then the down
+    GEMM on the per-expert quantization of the kernel's own gated intermediate (``Recorder``)."""
+    E, H, I, T, k = 4, 64, 48, 9, 2
+    g = torch.Generator().manual_seed(zlib.crc32(f"w4a4 {bias} {gate} {dtype}".encode()))
+    w13, s13, g13, w13d = nv_weight((E, 2 * I, H), g)
+    w2, s2, g2, w2d = nv_weight((E, H, I), g, amax=40.0)
+    b13 = torch.randn(E, 2 * I, generator=g).to(dtype) if bias else None
+    b2 = torch.randn(E, H, generator=g).to(dtype) if bias else None
+    x = (torch.randn(T, H, generator=g) * torch.logspace(-1, 1, T)[:, None]).to(dtype)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(torch.int64)
+    ids[4, 1] = E
+    wts = torch.softmax(torch.randn(T, k, generator=g), -1)
+    rec = Recorder(silu_concat if gate == "concat" else gptoss_interleaved)
+    y = fused_moe_nvfp4(x, ids, wts, w13, s13, g13, w2, s2, g2, rec, w13_bias=b13, w2_bias=b2, act_fp4=True)
+    assert y.dtype == dtype and y.shape == (T, H)
+    h = rec.gate(rec.seen)
+    y_ref = torch.zeros(T, H)
+    bound = torch.zeros(T, H)
+    for e in range(E):
+        tok, slot = torch.where(ids == e)
+        p = tok * k + slot
+        ad = nv_dequant(*quantize_nvfp4(x[tok]))
+        bb = None if b13 is None else b13[e]
+        ref = ad @ w13d[e].T + (0 if bb is None else bb.float())
+        assert_within(rec.seen[p], ref, gemm_bound(ad, w13d[e], bb), f"w4a4 gate-up expert {e}")
+        hd = nv_dequant(*quantize_nvfp4(h[p]))
+        bb = None if b2 is None else b2[e]
+        wt = wts[tok, slot].float()[:, None]
+        y_ref.index_add_(0, tok, wt * (hd @ w2d[e].T + (0 if bb is None else bb.float())))
+        bound.index_add_(0, tok, wt.abs() * gemm_bound(hd, w2d[e], bb) * (1 + (k + 2) / (I + 4)))
+    assert_within(y, y_ref, cast_bound(y_ref, bound, dtype), "w4a4 output")

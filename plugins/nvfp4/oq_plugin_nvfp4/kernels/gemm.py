@@ -51,6 +51,30 @@ def load_nvfp4_tile(b_rows, bs_rows, k0, K, rk, mask_n):
 
 
 @triton.jit
+def tile_dot(a_ptr, as_ptr, arow, mask_rows, k0, K, rk, b, A_FP4: tl.constexpr, F32_DOT: tl.constexpr):
+    """float32 ``[BLOCK_M, BLOCK_N]`` product of the activation tile (rows ``arow [BLOCK_M, 1]``
+    int64 masked by ``mask_rows``, elements ``k0 + rk``) with the decoded weight tile ``b``. A_FP4:
+    ``a`` packed e2m1 ``[., K/2]`` with e4m3 bytes ``as [., K/16]``, decoded to ``e2m1 * scale``
+    (exact in bf16, so are the products in float32) for a bf16 dot (float32 if F32_DOT); else ``a``
+    ``[., K]`` in the model dtype, the dot in its dtype (float32 IEEE if F32_DOT)."""
+    mask_a = mask_rows & (k0 + rk[None, :] < K)
+    if A_FP4:
+        abyte = tl.load(a_ptr + arow * (K // 2) + k0 // 2 + rk[None, :] // 2, mask=mask_a, other=0).to(tl.int32)
+        asc = tl.load(as_ptr + arow * (K // 16) + (k0 + rk[None, :]) // 16, mask=mask_a, other=0).to(tl.int32)
+        a = e2m1_to_f32((abyte >> ((rk[None, :] & 1) * 4)) & 0xF) * e4m3_to_f32(asc)
+        if F32_DOT:
+            return tl.dot(a, b, input_precision="ieee")
+        else:
+            return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:
+        a = tl.load(a_ptr + arow * K + k0 + rk[None, :], mask=mask_a, other=0.0)
+        if F32_DOT:
+            return tl.dot(a.to(tl.float32), b, input_precision="ieee")
+        else:
+            return tl.dot(a, b.to(a.dtype))
+
+
+@triton.jit
 def _nvfp4_gemm_kernel(
     a_ptr,
     as_ptr,
@@ -84,24 +108,8 @@ def _nvfp4_gemm_kernel(
     bs_rows = bs_ptr + rn[None, :].to(tl.int64) * (K // 16)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        mask_a = mask_m[:, None] & (k0 + rk[None, :] < K)
         b = load_nvfp4_tile(b_rows, bs_rows, k0, K, rk, mask_n[None, :])
-        if A_FP4:
-            # e2m1 x e4m3 of the activations too: exact in bf16, so are the products in float32
-            arow = rm[:, None].to(tl.int64)
-            abyte = tl.load(a_ptr + arow * (K // 2) + k0 // 2 + rk[None, :] // 2, mask=mask_a, other=0).to(tl.int32)
-            asc = tl.load(as_ptr + arow * (K // 16) + (k0 + rk[None, :]) // 16, mask=mask_a, other=0).to(tl.int32)
-            a = e2m1_to_f32((abyte >> ((rk[None, :] & 1) * 4)) & 0xF) * e4m3_to_f32(asc)
-            if F32_DOT:
-                acc += tl.dot(a, b, input_precision="ieee")
-            else:
-                acc += tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
-        else:
-            a = tl.load(a_ptr + rm[:, None].to(tl.int64) * K + k0 + rk[None, :], mask=mask_a, other=0.0)
-            if F32_DOT:
-                acc += tl.dot(a.to(tl.float32), b, input_precision="ieee")
-            else:
-                acc += tl.dot(a, b.to(a.dtype))
+        acc += tile_dot(a_ptr, as_ptr, rm[:, None].to(tl.int64), mask_m[:, None], k0, K, rk, b, A_FP4, F32_DOT)
     acc = acc / tl.load(g_ptr)
     if A_FP4:
         acc = acc / tl.load(ag_ptr)

@@ -36,14 +36,9 @@ def triton_supported(layer: torch.nn.Module, device: torch.device) -> tuple[bool
     return ok, f"{why}; {what}"
 
 
-def triton_supported_w4a4_linear(layer: torch.nn.Module, device: torch.device) -> tuple[bool, str]:
-    """``(ok, reason)`` for ``nvfp4_gemm`` with NVFP4 activations (W4A4, linear layers only: the
-    activations quantized by ``quantize_nvfp4_triton`` with one global scale per call, as the
-    reference forward does; experts are refused, because the reference quantizes each expert's
-    tokens with their own global scale, which the fused MoE kernel does not reproduce). Never raises."""
-    if getattr(layer, "layout", None) is not None:
-        return (
-            False,
-            "Triton nvfp4 W4A4 runs linear layers only (the reference gives each expert's tokens their own global scale)",
-        )
-    return triton_supported(layer, device)
+def triton_supported_w4a4(layer: torch.nn.Module, device: torch.device) -> tuple[bool, str]:
+    """``(ok, reason)`` for the W4A4 kernels (``nvfp4_gemm`` with ``a_scale`` / ``a_global`` after
+    ``quantize_nvfp4_triton``; ``fused_moe_nvfp4(act_fp4=True)``) on ``device``: the same sm_80
+    bf16 dots and shape rule as W4A16. Never raises."""
+    ok, why = triton_supported(layer, device)
+    return ok, why.replace("bf16/fp16 tl.dot", "NVFP4 activations decoded the same way, bf16 tl.dot")
