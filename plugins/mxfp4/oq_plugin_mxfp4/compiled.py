@@ -22,7 +22,7 @@ import torch
 from pydantic import BaseModel
 
 from oq_plugin_mxfp4.fp4 import F4_MAX
-from oq_plugin_mxfp4.quant import F4_EMAX, MX_BLOCK, check_k, e2m1_codes, nan_block_codes, scale_mode
+from oq_plugin_mxfp4.quant import F4_EMAX, MX_BLOCK, check_k, e2m1_codes, scale_mode
 from oq_plugin_mxfp8.quant import E8M0_NAN, exponent_to_scale, floor_exponent, rceil_exponent
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -47,14 +47,12 @@ def _mx4_graph(w: torch.Tensor, f4_max: torch.Tensor, floor: bool) -> tuple[torc
         rcp = torch.where(e == 0, 1.0, ((254 - e.to(torch.int32)).clamp(min=1) << 23).view(torch.float32))
         rcp = torch.where(e == 254, 2.0**-127, rcp)
         rcp = torch.where(e == E8M0_NAN, torch.nan, rcp)
-        y = x * rcp
+        y = torch.where(torch.isnan(x * rcp), 1.5, x * rcp)  # the reference's NaN-block rule
     # Even and odd elements encoded apart and packed in the same loop (pack_fp4's layout): one
     # elementwise pass writing K/2 bytes. Encoding all K codes first and packing them after makes
     # inductor recompute or re-read every code in a scalar stride-2 loop (3-4x slower, measured).
-    y = y.clamp(-F4_MAX, F4_MAX).reshape(*shape[:-1], shape[-1] // MX_BLOCK, MX_BLOCK // 2, 2)
-    lo = nan_block_codes(e2m1_codes(y[..., 0]), e, floor)
-    hi = nan_block_codes(e2m1_codes(y[..., 1]), e, floor)
-    return (lo | (hi << 4)).reshape(*shape[:-1], shape[-1] // 2), e
+    y = y.clamp(-F4_MAX, F4_MAX).reshape(*shape[:-1], shape[-1] // 2, 2)
+    return e2m1_codes(y[..., 0]) | (e2m1_codes(y[..., 1]) << 4), e
 
 
 _state: dict = {}

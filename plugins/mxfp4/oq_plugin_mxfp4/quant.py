@@ -132,8 +132,11 @@ def quantize_mxfp4(w: torch.Tensor, options: BaseModel | None = None) -> tuple[t
         rcp = torch.where(e == 254, 2.0**-127, rcp)
         rcp = torch.where(e == E8M0_NAN, torch.nan, rcp)
         y = x * rcp
-    codes = nan_block_codes(e2m1_codes(y.clamp(-F4_MAX, F4_MAX)), e, floor=scale_mode(options) == "floor")
-    return pack_fp4(codes.reshape(shape)), e.squeeze(-1).view(torch.float8_e8m0fnu)
+        # A NaN block's elements are all NaN now, with the payload of whichever operand the
+        # multiply kept: 1.5 (code 3) for all of them, in every backend (module docstring).
+        y = torch.where(torch.isnan(y), 1.5, y)
+    codes = e2m1_codes(y.clamp(-F4_MAX, F4_MAX).reshape(shape))
+    return pack_fp4(codes), e.squeeze(-1).view(torch.float8_e8m0fnu)
 
 
 def e2m1_codes(y: torch.Tensor) -> torch.Tensor:
@@ -141,12 +144,6 @@ def e2m1_codes(y: torch.Tensor) -> torch.Tensor:
     and torchao's code for NaN elements (:func:`_torchao_nan_codes` with the sign bit)."""
     codes = e2m1_encode(y)
     return torch.where(torch.isnan(y), _torchao_nan_codes(y) | (codes & 8), codes)
-
-
-def nan_block_codes(codes: torch.Tensor, e: torch.Tensor, floor: bool) -> torch.Tensor:
-    """rceil: code 3 for every element of a NaN block (scale byte 255; ``codes [..., B, 32 or
-    pairs]`` broadcast against ``e [..., B, 1]``); floor: ``codes`` unchanged (module docstring)."""
-    return codes if floor else torch.where(e == E8M0_NAN, 3, codes).to(torch.uint8)
 
 
 def dequantize_mxfp4(
