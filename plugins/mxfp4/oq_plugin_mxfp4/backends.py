@@ -14,7 +14,7 @@ cpu     50        none, mxfp8, mxfp4  :func:`oq_toolkit.wgemm.wgemm` with e2m1 w
                                       activations with oq-plugin-mxfp8's C quantizer first, W4A4
                                       with this plugin's (dequantized exactly to bf16); MoE loops
                                       over experts
-triton  100       none, mxfp8         Triton GEMM / fused-MoE grouped GEMM decoding e2m1 nibbles in
+triton  100       none, mxfp8, mxfp4  Triton GEMM / fused-MoE grouped GEMM decoding e2m1 nibbles in
                                       the K loop (:mod:`oq_plugin_mxfp4.kernels`); CUDA only
 ======  ========  ==================  ==========================================================
 """
@@ -24,23 +24,25 @@ from __future__ import annotations
 import torch
 
 from oqcore import Backend, linear_forward_from, moe_forward_from
-from oq_toolkit.triton_support import guard_driver, triton_support
+from oq_toolkit.triton_support import guard_driver
 
 from oq_plugin_mxfp4.keys import MX_BLOCK
 
-TRITON_MIN_CAPABILITY = {None: (8, 0), "mxfp8": (8, 9)}
-"""W4A16 decodes e2m1 to bf16/fp16 for the dot (Ampere and newer); W4A8 runs float8_e4m3fn dots
-(Ada / Hopper and newer)."""
-
 
 def _triton_supported(activation_key):
-    need = TRITON_MIN_CAPABILITY[None if activation_key is None else "mxfp8"]
+    """The ``is_supported`` of the Triton backend for one activation key (W4A16 / W4A8 / W4A4):
+    :mod:`oq_plugin_mxfp4.kernels.support` (compute capability, kernel packages, K % 32)."""
+    from oq_plugin_mxfp4.keys import kMxfp4Dynamic
 
     def supported(layer: torch.nn.Module, device: torch.device) -> tuple[bool, str]:
-        """Triton on CUDA at compute capability ``need`` (or the interpreter in tests)."""
-        ok, why = triton_support(device, need, kernel_package="oq_plugin_mxfp4.kernels")
-        what = "e2m1 decoded in the K loop, " + ("bf16 dots" if activation_key is None else "float8_e4m3fn dots")
-        return ok, f"{why}; {what} (needs sm_{need[0]}{need[1]}+)"
+        """Triton on CUDA at the mode's compute capability (or the interpreter in tests)."""
+        from oq_plugin_mxfp4.kernels import support
+
+        if activation_key is None:
+            return support.triton_supported_w4a16(layer, device)
+        if activation_key == kMxfp4Dynamic:
+            return support.triton_supported_w4a4(layer, device)
+        return support.triton_supported_w4a8(layer, device)
 
     return supported
 
@@ -49,9 +51,15 @@ def _triton_forward_linear(method, layer: torch.nn.Module, x: torch.Tensor) -> t
     """``x [..., K]`` -> ``[..., N]`` in ``x.dtype`` through :func:`oq_plugin_mxfp4.kernels.gemm.mxfp4_gemm`."""
     from oq_plugin_mxfp4.kernels.gemm import mxfp4_gemm
 
+    from oq_plugin_mxfp4.keys import kMxfp4Dynamic
+
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    if method.activation_key is not None:
+    if method.activation_key == kMxfp4Dynamic:
+        from oq_plugin_mxfp4.kernels.quant import quantize_mxfp4_triton
+
+        a, a_s = quantize_mxfp4_triton(x2, method.options)
+    elif method.activation_key is not None:
         from oq_plugin_mxfp8.kernels.quant import quantize_mxfp8_triton
 
         a, a_s = quantize_mxfp8_triton(x2, method.options)
@@ -65,9 +73,12 @@ def _triton_forward_moe(
     method, layer: torch.nn.Module, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
 ) -> torch.Tensor:
     """Tokens ``x [T, H]`` -> ``[T, H]`` through :func:`oq_plugin_mxfp4.kernels.moe.fused_moe_mxfp4`."""
+    from oq_plugin_mxfp4.keys import kMxfp4Dynamic
     from oq_plugin_mxfp4.kernels.moe import fused_moe_mxfp4
 
     has_bias = layer.layout.has_bias
+    act = method.activation_key
+    act_mx = False if act is None else ("mxfp4" if act == kMxfp4Dynamic else "mxfp8")
     return fused_moe_mxfp4(
         x,
         topk_ids,
@@ -79,7 +90,7 @@ def _triton_forward_moe(
         layer.apply_gate,
         w13_bias=layer.gate_up_proj_bias.contiguous() if has_bias else None,
         w2_bias=layer.down_proj_bias.contiguous() if has_bias else None,
-        act_mx=method.activation_key is not None,
+        act_mx=act_mx,
         options=method.options,
     )
 
@@ -137,8 +148,8 @@ def _cpu_matmul(method, x2: torch.Tensor, weight: dict, bias=None, out_dtype=tor
 
 
 def backends(kind: str, activation_key) -> list[Backend]:
-    """The forward backends for ``kind`` (``"linear"`` or ``"moe"``) and one activation key:
-    triton and cpu for none (W4A16) and mxfp8 (W4A8); cpu for mxfp4 (W4A4)."""
+    """The forward backends for ``kind`` (``"linear"`` or ``"moe"``) and one activation key (none:
+    W4A16, mxfp8: W4A8, mxfp4: W4A4): triton and cpu for each."""
     from oq_plugin_mxfp4.keys import kMxfp4Dynamic
 
     w4a4 = activation_key == kMxfp4Dynamic
@@ -157,8 +168,6 @@ def backends(kind: str, activation_key) -> list[Backend]:
         + ("" if kind == "linear" else ", loop over experts"),
         forward=(linear_forward_from if kind == "linear" else moe_forward_from)(_cpu_matmul),
     )
-    if w4a4:
-        return [cpu]
     return [
         Backend(
             "triton",

@@ -9,8 +9,9 @@ cpu     50        none, nvfp4   :func:`oq_toolkit.wgemm.wgemm` with e2m1 weight 
                                 block scales decoded in registers, times ``1 / global_scale``;
                                 W4A4 quantizes activations with the C nvfp4 quantizer (codes x
                                 block scales, exact in bf16); MoE loops over experts
-triton  100       none          Triton GEMM / fused-MoE grouped GEMM decoding e2m1 nibbles and
-                                e4m3 scales in the K loop (:mod:`oq_plugin_nvfp4.kernels`); CUDA only
+triton  100       none, nvfp4   Triton GEMM / fused-MoE grouped GEMM decoding e2m1 nibbles and
+                                e4m3 scales in the K loop (:mod:`oq_plugin_nvfp4.kernels`); CUDA
+                                sm_80+ only
 ======  ========  ============  ================================================================
 """
 
@@ -19,25 +20,23 @@ from __future__ import annotations
 import torch
 
 from oqcore import Backend, linear_forward_from, moe_forward_from
-from oq_toolkit.triton_support import guard_driver, triton_support
+from oq_toolkit.triton_support import guard_driver
 
 from oq_plugin_nvfp4.keys import NV_BLOCK
-
-TRITON_MIN_CAPABILITY = (8, 9)
-"""The kernels load float8_e4m3fn block scales (Ada / Hopper and newer); the dots run in bf16."""
-
-
-def _triton_supported(layer: torch.nn.Module, device: torch.device) -> tuple[bool, str]:
-    ok, why = triton_support(device, TRITON_MIN_CAPABILITY, kernel_package="oq_plugin_nvfp4.kernels")
-    return ok, f"{why}; e2m1 and e4m3 scales decoded in the K loop, bf16 dots (needs sm_89+)"
-
 
 def _triton_forward_linear(method, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``x [..., K]`` -> ``[..., N]`` in ``x.dtype`` through :func:`oq_plugin_nvfp4.kernels.gemm.nvfp4_gemm`."""
     from oq_plugin_nvfp4.kernels.gemm import nvfp4_gemm
 
     shape = x.shape
-    y = nvfp4_gemm(x.reshape(-1, shape[-1]), layer.weight, layer.weight_scale, layer.weight_global_scale, layer.bias)
+    x2 = x.reshape(-1, shape[-1])
+    if method.activation_key is None:
+        y = nvfp4_gemm(x2, layer.weight, layer.weight_scale, layer.weight_global_scale, layer.bias)
+    else:
+        from oq_plugin_nvfp4.kernels.quant import quantize_nvfp4_triton
+
+        q, s, g = quantize_nvfp4_triton(x2)
+        y = nvfp4_gemm(q, layer.weight, layer.weight_scale, layer.weight_global_scale, layer.bias, a_scale=s, a_global=g)
     return y.to(x.dtype).reshape(*shape[:-1], layer.out_features)
 
 
@@ -61,6 +60,7 @@ def _triton_forward_moe(
         layer.apply_gate,
         w13_bias=layer.gate_up_proj_bias.contiguous() if has_bias else None,
         w2_bias=layer.down_proj_bias.contiguous() if has_bias else None,
+        act_fp4=method.activation_key is not None,
     )
 
 
@@ -106,8 +106,8 @@ def _cpu_matmul(method, x2: torch.Tensor, weight: dict, bias=None, out_dtype=tor
 
 
 def backends(kind: str, activation_key) -> list[Backend]:
-    """The forward backends for ``kind`` and one activation key: triton and cpu for none (W4A16),
-    cpu for dynamic nvfp4 activations (W4A4)."""
+    """The forward backends for ``kind`` and one activation key (none: W4A16, dynamic nvfp4: W4A4):
+    triton and cpu for each."""
     mode = "W4A16" if activation_key is None else "W4A4 (activations quantized by the C nvfp4 quantizer)"
     cpu = Backend(
         "cpu",
@@ -118,14 +118,25 @@ def backends(kind: str, activation_key) -> list[Backend]:
         + ("" if kind == "linear" else ", loop over experts"),
         forward=(linear_forward_from if kind == "linear" else moe_forward_from)(_cpu_matmul),
     )
-    if activation_key is not None:
-        return [cpu]
     triton = Backend(
         "triton",
-        None,
-        _triton_supported,
+        activation_key,
+        _triton_supported(activation_key),
         100,
-        description=f"Triton nvfp4 {'GEMM' if kind == 'linear' else 'fused-MoE grouped GEMM'}, W4A16",
+        description=f"Triton nvfp4 {'GEMM' if kind == 'linear' else 'fused-MoE grouped GEMM'}, {mode}",
         forward=guard_driver(_triton_forward_linear if kind == "linear" else _triton_forward_moe),
     )
     return [triton, cpu]
+
+
+def _triton_supported(activation_key):
+    """The ``is_supported`` of the Triton backend for W4A16 or W4A4: :mod:`oq_plugin_nvfp4.kernels.support`
+    (compute capability, kernel package, K % 16)."""
+
+    def supported(layer: torch.nn.Module, device: torch.device) -> tuple[bool, str]:
+        """Triton on CUDA sm_80+ (or the interpreter in tests)."""
+        from oq_plugin_nvfp4.kernels import support
+
+        return (support.triton_supported if activation_key is None else support.triton_supported_w4a4)(layer, device)
+
+    return supported
