@@ -196,6 +196,36 @@ def forward_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+FP4_SPEEDUP = 1.5
+"""Issue 14: a 4-bit weight-only batch-1 linear reads a quarter of bf16's bytes: >= 1.5x bf16."""
+
+
+def four_bit_keys() -> set[str]:
+    """Registered weight key names whose values are packed two per byte (the 4-bit formats)."""
+    import oqcore
+
+    reg = oqcore.get_registry()
+    return {reg.name_of(key, "weight") for key, scheme in reg.schemes.items() if scheme.weight.values_per_element == 2}
+
+
+def issue14_forward_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 14: the weight-only batch-1 4096x4096 linear of every 4-bit key, the planner's choice
+    (bf16 time / oqcore time >= :data:`FP4_SPEEDUP`)."""
+    base = {r["batch"]: r for r in _ok(rows) if r["impl"] == "bf16 F.linear"}
+    out = []
+    keys = four_bit_keys()
+    for r in rows:
+        if r["impl"] != PLANNER_IMPL or r.get("batch") != 1 or r.get("activation") != "none" or r.get("weight") not in keys:
+            continue
+        target = f"CPU batch-1 forward {r['weight']} weight-only"
+        what = f"bf16 F.linear time / oqcore ({r.get('backend') or '?'}) time (4096x4096)"
+        if r.get("status") != "ok":
+            out.append(_missed(target, what, FP4_SPEEDUP, ">=", r.get("status", "no figure"), 14))
+        else:
+            out.append(_flag(_row(target, what, _ratio(r, base.get(1)), FP4_SPEEDUP, ">=", 14), r, base.get(1)))
+    return out
+
+
 def _ratio(r: dict[str, Any], base: dict[str, Any] | None) -> float | None:
     """bf16 time / ``r``'s time, best over best: against the bf16 baseline timed alternately with
     ``r`` (``bf16_min_s``) when the row has one, else against the separate bf16 row ``base``."""
@@ -297,9 +327,10 @@ def minilm_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """All target rows from the other sections' results (missing sections give no rows), issue 13 first."""
+    """All target rows from the other sections' results (missing sections give no rows), the newest issue first."""
     return (
-        issue13_forward_targets(results.get("forward_linear", []), "batch", "bf16 F.linear", "linear 4096x4096")
+        issue14_forward_targets(results.get("forward_linear", []))
+        + issue13_forward_targets(results.get("forward_linear", []), "batch", "bf16 F.linear", "linear 4096x4096")
         + issue13_forward_targets(results.get("forward_moe", []), "tokens", "bf16 (transformers)", "MoE block")
         + minilm_targets(results.get("minilm", []))
         + quantizer_targets(results.get("quantizers", []))
