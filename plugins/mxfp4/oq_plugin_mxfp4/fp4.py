@@ -33,7 +33,8 @@ _THRESHOLDS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, F
 def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
     """e2m1 codes (uint8, 0-15, one per element, unpacked) of float32 ``x``, rounded to nearest
     (ties to even) and saturated to +-6. Free of data-dependent control flow (runs on meta tensors).
-    NaN encodes as +-6 (callers reject non-finite input first)."""
+    NaN encodes as code 0 or 8 by its sign bit (every comparison is false; the quantizers reject
+    non-finite weights first and write torchao's NaN codes themselves)."""
     a = x.abs()
     code = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
     for t, tie_up in _THRESHOLDS:
