@@ -97,11 +97,20 @@ mxfp4 = e8m0 1x32 grid, nvfp4 = e4m3 1x16 grid + ``w_scale_mul``; W4A8 = e4m3 co
 1x32 activation grid)::
 
     M                                  1      4     16    256
-    bf16 F.linear (oneDNN, AMX)     2.44   2.49   2.60  13.99
-    mxfp4 / bf16                    1.25   2.26   2.28  13.54
-    mxfp4 / e4m3 1x32 e8m0 (W4A8)   1.69   2.11   1.94  10.85
-    nvfp4 / bf16                    2.23   2.60   2.48  15.58
-    nvfp4 / e4m3 1x32 e8m0 (W4A8)   2.35   2.75   2.40  15.58
+    bf16 F.linear (oneDNN, AMX)     2.03   1.92   2.00   9.89
+    mxfp4 / bf16                    0.97   1.60   1.50  10.43     2.09x  1.20x  1.29x  0.95x
+    mxfp4 / e4m3 1x32 e8m0 (W4A8)   0.96   1.59   1.64  10.69     2.11x  1.20x  1.22x  0.93x
+    nvfp4 / bf16                    1.03   1.79   1.79   9.31     1.97x  1.07x  1.12x  1.06x
+    nvfp4 / e4m3 1x32 e8m0 (W4A8)   1.10   1.82   1.79   9.14     1.85x  1.05x  1.11x  1.00x
+
+(CPU ms of one thread, best of 100; ratios against the fastest bf16 time seen for that M.) Two
+threads, wall clock, idle machine (``python bench/wgemm_micro.py --only e2m1 --reps 100``), ratio
+to bf16 at M = 1 / 4 / 16 / 256: mxfp4 2.24 / 1.22 / 1.28 / 0.88x, mxfp4 W4A8 2.22 / 1.21 / 1.28 /
+0.89x, nvfp4 1.94 / 1.10 / 1.14 / 0.87x, nvfp4 W4A8 2.12 / 1.09 / 1.15 / 0.87x (0.57-0.67 ms at
+M = 1 against bf16's 1.28). At
+M = 1 the in-register decode is bound by ``vdpbf16ps`` and the decode instructions, not by
+memory (the 8 MB of codes stream at ~8 GB/s on one thread); the same kernel with M = 4 is
+``vdpbf16ps``-bound (16 per 32 codes), hence AMX from M = 4 on.
 
 The fused AMX kernel is within 0.76-0.99x of oneDNN's AMX bf16 GEMM at M = 256 (float32
 K-groups, i.e. 128x128 weight blocks or 1x128 activation groups, cost a scaled flush per 128 of K:
