@@ -18,7 +18,7 @@ from oqcore.layer_tensors import _derive, _derive_any, _on_meta, quantized_tenso
 from oqcore.methods import OnlineMethodBase
 
 ARCHS = ["mixtral", "qwen3_moe", "olmoe", "gpt_oss"]
-SHORTHANDS = ["fp8_per_tensor", "fp8_per_channel", "fp8_per_block", "mxfp8", "int8_per_channel_weight_only"]
+SHORTHANDS = ["fp8_per_tensor", "fp8_per_channel", "fp8_per_block", "mxfp8", "int8_per_channel_weight_only", "mxfp4", "nvfp4"]
 MOE_ONLY = {"int8_per_channel_weight_only"}
 
 

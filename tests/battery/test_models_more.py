@@ -16,7 +16,7 @@ from battery.util import assert_unchanged, raises_naming, snapshot
 from oqcore import CheckpointError, UnsupportedLayerError
 
 SCHEMES = ["fp8_per_tensor", "fp8_per_channel", "fp8_per_block", "mxfp8"]
-KEYS = ["fp8_per_tensor_static", "fp8_per_channel_static", "fp8_per_block_static", "mxfp8", "int8_per_channel_static"]
+KEYS = ["fp8_per_tensor_static", "fp8_per_channel_static", "fp8_per_block_static", "mxfp8", "int8_per_channel_static", "mxfp4", "nvfp4"]
 
 
 @pytest.fixture(autouse=True)

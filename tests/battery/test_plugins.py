@@ -25,7 +25,7 @@ from oqcore.plugins import PluginWarning, get_plugin_manager, reset_plugin_manag
 from fakedist import install_fake_dist
 from battery.util import raises_naming
 
-BUILTINS = ("fp8", "int8", "mxfp8")
+BUILTINS = ("fp8", "int8", "mxfp4", "mxfp8", "nvfp4")
 
 HEAD = textwrap.dedent(
     """
@@ -524,7 +524,7 @@ def test_blank_lists_mean_unset(monkeypatch, value):
 def test_allow_list_naming_no_entry_point_is_a_config_error(monkeypatch):
     monkeypatch.setenv("OQ_PLUGINS", "fp8,fp9")
     for _ in range(2):
-        with raises_naming(ConfigError, "OQ_PLUGINS", "'fp9'", "did you mean 'fp8'?", "installed: fp8, int8, mxfp8"):
+        with raises_naming(ConfigError, "OQ_PLUGINS", "'fp9'", "did you mean 'fp8'?", "installed: fp8, int8, mxfp4, mxfp8, nvfp4"):
             get_plugin_manager().registry
 
 

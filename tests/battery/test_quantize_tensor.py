@@ -124,7 +124,7 @@ def test_errors_leaving_the_public_api_are_typed():
 
 # ---- the default backend ---------------------------------------------------------------------
 
-WEIGHT_KEYS = ["fp8_per_tensor_static", "fp8_per_channel_static", "fp8_per_block_static", "mxfp8", "int8_per_channel_static"]
+WEIGHT_KEYS = ["fp8_per_tensor_static", "fp8_per_channel_static", "fp8_per_block_static", "mxfp8", "int8_per_channel_static", "mxfp4", "nvfp4"]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
