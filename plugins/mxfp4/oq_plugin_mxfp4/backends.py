@@ -140,7 +140,9 @@ def _cpu_matmul(method, x2: torch.Tensor, weight: dict, bias=None, out_dtype=tor
         a_grid = (1, MX_BLOCK, sa.shape[-1])
         return wgemm.wgemm(a, wgemm.E4M3, sa, a_grid, q, wgemm.E2M1, s, w_grid, bias=bias, out_dtype=out_dtype)
     if x2.dtype == torch.bfloat16:
-        return wgemm.wgemm(x2.contiguous(), wgemm.BF16, None, None, q, wgemm.E2M1, s, w_grid, bias=bias, out_dtype=out_dtype)
+        return wgemm.wgemm(
+            x2.contiguous(), wgemm.BF16, None, None, q, wgemm.E2M1, s, w_grid, bias=bias, out_dtype=out_dtype
+        )
     from oq_plugin_mxfp4.quant import dequantize_mxfp4
 
     y = x2.float() @ dequantize_mxfp4(q, s, torch.float32, method.options).T

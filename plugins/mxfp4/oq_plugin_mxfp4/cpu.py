@@ -65,7 +65,9 @@ def _require_finite(w: torch.Tensor) -> None:
     require_finite(w)
 
 
-def quantize_mxfp4(w: torch.Tensor, options=None, lib=None, *, check_finite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_mxfp4(
+    w: torch.Tensor, options=None, lib=None, *, check_finite: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """C mxfp4 quantizer: ``w [..., K]`` (float32/bf16/fp16, CPU, ``K % 32 == 0``; weights ``[N, K]``,
     expert stacks ``[E, N, K]``, activations ``[M, K]``) -> ``(qdata uint8 [..., K/2],
     scale float8_e8m0fnu [..., K/32])``, the bytes and layout of
@@ -80,7 +82,14 @@ def quantize_mxfp4(w: torch.Tensor, options=None, lib=None, *, check_finite: boo
     from oq_plugin_mxfp4.quant import quantize_mxfp4 as reference
 
     lib = lib if lib is not None else load_library()
-    if lib is None or w.dim() < 1 or w.numel() == 0 or w.dtype not in _DT_CODES or w.device.type != "cpu" or w.shape[-1] % MX_BLOCK:
+    if (
+        lib is None
+        or w.dim() < 1
+        or w.numel() == 0
+        or w.dtype not in _DT_CODES
+        or w.device.type != "cpu"
+        or w.shape[-1] % MX_BLOCK
+    ):
         if check_finite:
             _require_finite(w)
         return reference(w, options)
@@ -90,7 +99,9 @@ def quantize_mxfp4(w: torch.Tensor, options=None, lib=None, *, check_finite: boo
     n = w.numel() // k
     q = torch.empty(*w.shape[:-1], k // 2, dtype=torch.uint8)
     e = torch.empty(*w.shape[:-1], k // MX_BLOCK, dtype=torch.uint8)
-    bad = lib.oq_mxfp4_quantize(w.data_ptr(), _DT_CODES[w.dtype], n, k, mode, q.data_ptr(), e.data_ptr(), threads_for(w.numel()))
+    bad = lib.oq_mxfp4_quantize(
+        w.data_ptr(), _DT_CODES[w.dtype], n, k, mode, q.data_ptr(), e.data_ptr(), threads_for(w.numel())
+    )
     if bad != 0:  # Inf/NaN: the reference defines those bytes
         if check_finite:
             from oqcore.errors import NonFiniteError

@@ -51,7 +51,14 @@ IMPLEMENTATIONS = (
 )
 
 # compressed-tensors' MXFP4 preset: float 4-bit groups of 32 along K, e8m0 scales as uint8 exponents
-_CT = {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "group", "group_size": k.MX_BLOCK, "scale_dtype": "torch.uint8"}
+_CT = {
+    "num_bits": 4,
+    "type": "float",
+    "symmetric": True,
+    "strategy": "group",
+    "group_size": k.MX_BLOCK,
+    "scale_dtype": "torch.uint8",
+}
 
 WEIGHT = KeyFormat(
     k.kMxfp4Static,

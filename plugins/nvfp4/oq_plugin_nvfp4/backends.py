@@ -24,6 +24,7 @@ from oq_toolkit.triton_support import guard_driver
 
 from oq_plugin_nvfp4.keys import NV_BLOCK
 
+
 def _triton_forward_linear(method, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``x [..., K]`` -> ``[..., N]`` in ``x.dtype`` through :func:`oq_plugin_nvfp4.kernels.gemm.nvfp4_gemm`."""
     from oq_plugin_nvfp4.kernels.gemm import nvfp4_gemm
@@ -36,7 +37,9 @@ def _triton_forward_linear(method, layer: torch.nn.Module, x: torch.Tensor) -> t
         from oq_plugin_nvfp4.kernels.quant import quantize_nvfp4_triton
 
         q, s, g = quantize_nvfp4_triton(x2)
-        y = nvfp4_gemm(q, layer.weight, layer.weight_scale, layer.weight_global_scale, layer.bias, a_scale=s, a_global=g)
+        y = nvfp4_gemm(
+            q, layer.weight, layer.weight_scale, layer.weight_global_scale, layer.bias, a_scale=s, a_global=g
+        )
     return y.to(x.dtype).reshape(*shape[:-1], layer.out_features)
 
 
@@ -96,9 +99,23 @@ def _cpu_matmul(method, x2: torch.Tensor, weight: dict, bias=None, out_dtype=tor
         vals = dequantize_codes(aq).reshape(aq.shape[0], -1, NV_BLOCK) * a_s.float().unsqueeze(-1)
         a = vals.reshape(aq.shape[0], -1).to(torch.bfloat16)
         mul = float(inv_g * (1.0 / a_g.float().reshape(-1)[0]))
-        return wgemm.wgemm(a, wgemm.BF16, None, None, q, wgemm.E2M1, s, grid, bias=bias, out_dtype=out_dtype, w_scale_mul=mul)
+        return wgemm.wgemm(
+            a, wgemm.BF16, None, None, q, wgemm.E2M1, s, grid, bias=bias, out_dtype=out_dtype, w_scale_mul=mul
+        )
     if x2.dtype == torch.bfloat16:
-        return wgemm.wgemm(x2.contiguous(), wgemm.BF16, None, None, q, wgemm.E2M1, s, grid, bias=bias, out_dtype=out_dtype, w_scale_mul=float(inv_g))
+        return wgemm.wgemm(
+            x2.contiguous(),
+            wgemm.BF16,
+            None,
+            None,
+            q,
+            wgemm.E2M1,
+            s,
+            grid,
+            bias=bias,
+            out_dtype=out_dtype,
+            w_scale_mul=float(inv_g),
+        )
     from oq_plugin_nvfp4.quant import dequantize_nvfp4
 
     y = x2.float() @ dequantize_nvfp4(q, s, g, torch.float32).T

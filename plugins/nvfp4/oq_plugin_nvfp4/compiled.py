@@ -23,12 +23,22 @@ import torch
 from pydantic import BaseModel
 
 from oq_plugin_mxfp4.fp4 import F4_MAX
-from oq_plugin_nvfp4.quant import F8_MAX, NV_BLOCK, ZERO_SCALE, _check_global, _check_k, _global_view, global_scale_from_amax
+from oq_plugin_nvfp4.quant import (
+    F8_MAX,
+    NV_BLOCK,
+    ZERO_SCALE,
+    _check_global,
+    _check_k,
+    _global_view,
+    global_scale_from_amax,
+)
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _nv_graph(w: torch.Tensor, g: torch.Tensor | None, f4_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _nv_graph(
+    w: torch.Tensor, g: torch.Tensor | None, f4_max: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The traced graph: ``w [..., K]`` float -> ``(qdata uint8 [..., K/2], scale float8_e4m3fn
     [..., K/16], global_scale float32)``; ``g`` the global scale override or ``None``; ``f4_max`` the
     0-dim float32 tensor 6. The body is :func:`oq_plugin_nvfp4.quant.quantize_nvfp4`'s."""

@@ -101,8 +101,12 @@ def quantize_nvfp4(
     if global_scale is not None:
         _check_global(global_scale, w)
     lib = lib if lib is not None else load_library()
-    if lib is None or w.numel() == 0 or w.dtype not in _DT_CODES or w.device.type != "cpu" or (
-        global_scale is not None and global_scale.device.type != "cpu"
+    if (
+        lib is None
+        or w.numel() == 0
+        or w.dtype not in _DT_CODES
+        or w.device.type != "cpu"
+        or (global_scale is not None and global_scale.device.type != "cpu")
     ):
         if check_finite:
             from oqcore.formats import require_finite
@@ -120,8 +124,15 @@ def quantize_nvfp4(
     q = torch.empty(*w.shape[:-1], k // 2, dtype=torch.uint8)
     s = torch.empty(*w.shape[:-1], k // NV_BLOCK, dtype=torch.uint8)
     bad = lib.oq_nvfp4_quantize(
-        w.data_ptr(), _DT_CODES[w.dtype], experts, per, int(global_scale is not None), g.data_ptr(),
-        q.data_ptr(), s.data_ptr(), threads_for(w.numel()),
+        w.data_ptr(),
+        _DT_CODES[w.dtype],
+        experts,
+        per,
+        int(global_scale is not None),
+        g.data_ptr(),
+        q.data_ptr(),
+        s.data_ptr(),
+        threads_for(w.numel()),
     )
     if bad != 0:  # Inf/NaN: the reference defines those bytes
         if check_finite:

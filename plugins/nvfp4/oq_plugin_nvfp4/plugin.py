@@ -22,7 +22,9 @@ def oq_register_quant_keys(register):
 @hookimpl
 def oq_register_shorthands(register):
     """``nvfp4`` for linear and moe, activation left to the method (none: W4A16)."""
-    register("nvfp4", linear={"weight": "nvfp4"}, moe={"weight": "nvfp4"}, description="nvfp4 for linear and moe (W4A16)")
+    register(
+        "nvfp4", linear={"weight": "nvfp4"}, moe={"weight": "nvfp4"}, description="nvfp4 for linear and moe (W4A16)"
+    )
 
 
 @hookimpl

@@ -71,7 +71,9 @@ WEIGHT = KeyFormat(
         "dynamic": False,
     },
 )
-DYNAMIC = KeyFormat(k.kNvfp4Dynamic, dequantize_nvfp4, IMPLEMENTATIONS, tensors=TENSORS, values_per_element=2, element="e2m1")
+DYNAMIC = KeyFormat(
+    k.kNvfp4Dynamic, dequantize_nvfp4, IMPLEMENTATIONS, tensors=TENSORS, values_per_element=2, element="e2m1"
+)
 """Activations ``[M, K]`` quantized on every call, global scale from the input (no compressed-tensors form)."""
 
 SCHEME = Scheme(
