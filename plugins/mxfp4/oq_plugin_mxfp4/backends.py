@@ -99,13 +99,9 @@ def _triton_forward_moe(
 
 
 def _cpu_supported(layer: torch.nn.Module, device: torch.device) -> tuple[bool, str]:
-    from oq_toolkit import wgemm
-
     device = torch.device(device)
     if device.type != "cpu":
         return False, f"the mxfp4 CPU kernel runs on the CPU, layer runs on {device.type}"
-    if not hasattr(wgemm, "E2M1"):
-        return False, "this oq-toolkit's fused GEMM has no e2m1 weights (upgrade oq-toolkit)"
     # No compile here (plan time stays cheap): the kernel is built on the first forward.
     return True, "CPU: fused GEMM decoding e2m1 weight codes in registers (oq_toolkit.wgemm)"
 
