@@ -54,3 +54,15 @@ def test_experts_backend_matches_the_reference(tiny_moe, arch, weight, act, back
     ids = torch.randint(0, ours.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         _close(ours(input_ids=ids).logits, ref(input_ids=ids).logits)
+
+
+def test_every_packed_e2m1_byte_reencodes_to_the_same_e4m3_values():
+    """W4A4's CPU path hands mxfp4 activation codes to the GEMM as e4m3 bytes: exact for all 256 bytes
+    (both nibbles, signed zeros included)."""
+    from oq_plugin_mxfp4.fp4 import dequantize_codes, packed_to_e4m3
+
+    packed = torch.arange(256, dtype=torch.uint8).reshape(4, 64)
+    e4 = packed_to_e4m3(packed)
+    assert e4.dtype == torch.float8_e4m3fn and e4.shape == (4, 128)
+    want = dequantize_codes(packed)
+    assert torch.equal(e4.float(), want) and torch.equal(torch.signbit(e4.float()), torch.signbit(want))

@@ -12,8 +12,8 @@ torch   0         none, mxfp8, mxfp4  the core's float32 dequantize-and-matmul r
 cpu     50        none, mxfp8, mxfp4  :func:`oq_toolkit.wgemm.wgemm` with e2m1 weight codes
                                       decoded in registers (e8m0 scales per 32); W4A8 quantizes
                                       activations with oq-plugin-mxfp8's C quantizer first, W4A4
-                                      with this plugin's (dequantized exactly to bf16); MoE loops
-                                      over experts
+                                      with this plugin's (codes re-encoded as e4m3, exactly); MoE
+                                      loops over experts
 triton  100       none, mxfp8, mxfp4  Triton GEMM / fused-MoE grouped GEMM decoding e2m1 nibbles in
                                       the K loop (:mod:`oq_plugin_mxfp4.kernels`); CUDA only
 ======  ========  ==================  ==========================================================
@@ -123,12 +123,13 @@ def _cpu_matmul(method, x2: torch.Tensor, weight: dict, bias=None, out_dtype=tor
     w_grid = (1, MX_BLOCK, s.shape[-1])
     if method.activation_key == kMxfp4Dynamic:
         from oq_plugin_mxfp4 import cpu
-        from oq_plugin_mxfp4.quant import dequantize_mxfp4
+        from oq_plugin_mxfp4.fp4 import packed_to_e4m3
 
-        # W4A4: e2m1 x 2**e is exact in bf16 (2 significant bits; 2**-128 is above bf16's
-        # smallest subnormal), so the fused GEMM on the dequantized activations has exact products
-        a = dequantize_mxfp4(*cpu.quantize_mxfp4(x2.contiguous(), method.options), torch.bfloat16)
-        return wgemm.wgemm(a, wgemm.BF16, None, None, q, wgemm.E2M1, s, w_grid, bias=bias, out_dtype=out_dtype)
+        # W4A4: every e2m1 value is an e4m3 value, so the activation codes re-encoded as e4m3 bytes
+        # with their e8m0 scales are W4A8's operands, exactly (the fused GEMM takes no e2m1 activations)
+        aq, sa = cpu.quantize_mxfp4(x2.contiguous(), method.options)
+        a_grid = (1, MX_BLOCK, sa.shape[-1])
+        return wgemm.wgemm(packed_to_e4m3(aq), wgemm.E4M3, sa, a_grid, q, wgemm.E2M1, s, w_grid, bias=bias, out_dtype=out_dtype)
     if method.activation_key is not None:
         from oq_plugin_mxfp8.cpu import quantize_mxfp8
 

@@ -17,6 +17,8 @@ input, the one input where the two differ).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 F4_MAX = 6.0
@@ -67,3 +69,23 @@ def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
 def dequantize_codes(packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Values of packed e2m1 bytes ``uint8 [..., K/2]`` -> ``[..., K]`` in ``dtype`` (no scale)."""
     return e2m1_decode(unpack_fp4(packed), dtype)
+
+
+@functools.cache
+def _e4m3_pair_table() -> torch.Tensor:
+    """int16 ``[256]``: for each packed byte, its two e2m1 values as float8_e4m3fn bytes (the even
+    element in the low byte, so a little-endian int16 view is the pair in order)."""
+    mag = torch.arange(8)
+    # e2m1 magnitude m: 0 -> 0; 1 (0.5) -> e4m3 0x30; m >= 2 (2**((m >> 1) - 1) * (1 + (m & 1) / 2))
+    # -> biased exponent (m >> 1) + 6, mantissa bit (m & 1) as e4m3's top mantissa bit
+    e4 = torch.where(mag >= 2, (((mag >> 1) + 6) << 3) | ((mag & 1) << 2), torch.where(mag == 1, 0x30, 0))
+    codes = torch.cat([e4, e4 | 0x80])
+    b = torch.arange(256)
+    return (codes[b & 15] | (codes[b >> 4] << 8)).to(torch.int16)
+
+
+def packed_to_e4m3(packed: torch.Tensor) -> torch.Tensor:
+    """Packed e2m1 bytes ``uint8 [M, K/2]`` (CPU) -> the same values as float8_e4m3fn ``[M, K]``
+    (every e2m1 value is an e4m3 value: exact), for kernels that take e4m3 operands."""
+    pairs = _e4m3_pair_table()[packed.view(torch.uint8).long()]
+    return pairs.view(torch.uint8).view(torch.float8_e4m3fn).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
