@@ -23,6 +23,7 @@ from importlib.resources import files
 
 import torch
 
+from oq_plugin_mxfp8.cpu import CSRC_DIR as MXFP8_CSRC_DIR  # mx_scale.h: the e8m0 rules
 from oq_toolkit.native import NativeLibrary, threads_for
 
 _DT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -41,7 +42,7 @@ CSRC_DIR = files("oq_plugin_mxfp4") / "csrc"
 """This plugin's C sources (package data): ``mxfp4_quant.c`` and the e2m1 encoder ``fp4_e2m1.h``
 (oq-plugin-nvfp4 puts this directory on its include path)."""
 
-LIBRARY = NativeLibrary("oq_mxfp4_cpu", CSRC_DIR / "mxfp4_quant.c", bind=_bind, include_dirs=(CSRC_DIR,))
+LIBRARY = NativeLibrary("oq_mxfp4_cpu", CSRC_DIR / "mxfp4_quant.c", bind=_bind, include_dirs=(CSRC_DIR, MXFP8_CSRC_DIR))
 """The compiled quantizer, ``csrc/mxfp4_quant.c`` (build, cache and ctypes loading: :mod:`oq_toolkit.native`)."""
 
 

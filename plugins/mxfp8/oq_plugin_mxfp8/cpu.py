@@ -10,8 +10,9 @@ rounding is oq-plugin-fp8's integer encoder (``fp8_e4m3.h``, checked against tor
 float32 of [-448, 448]). AVX-512 does 16 blocks at a time with vector exponents.
 
 The source is ``csrc/mxfp8_quant.c`` (package data). It includes oq-toolkit's ``oq_kernels.h``
-(shared loads) and oq-plugin-fp8's ``fp8_e4m3.h`` (:data:`oq_plugin_fp8.cpu.CSRC_DIR` is on its
-include path: mxfp8 depends on fp8, never the reverse). Built once per machine and cached by
+(shared loads), oq-plugin-fp8's ``fp8_e4m3.h`` (:data:`oq_plugin_fp8.cpu.CSRC_DIR` is on its
+include path: mxfp8 depends on fp8, never the reverse) and its own ``mx_scale.h`` (the e8m0 rules,
+which oq-plugin-mxfp4's quantizer includes too). Built once per machine and cached by
 :mod:`oq_toolkit.native`; without a compiler or with ``OQ_COMPILE=0`` the reference runs.
 
 The forward kernel (dequantize-and-GEMV of e4m3 bytes with e8m0 scales) is oq-plugin-fp8's
@@ -39,9 +40,10 @@ def _bind(lib) -> None:
 
 
 CSRC_DIR = files("oq_plugin_mxfp8") / "csrc"
-"""This plugin's C sources (package data): ``mxfp8_quant.c``."""
+"""This plugin's C sources (package data): ``mxfp8_quant.c`` and ``mx_scale.h`` (the e8m0 rules,
+also included by oq-plugin-mxfp4's quantizer)."""
 
-LIBRARY = NativeLibrary("oq_mxfp8_cpu", CSRC_DIR / "mxfp8_quant.c", bind=_bind, include_dirs=(FP8_CSRC_DIR,))
+LIBRARY = NativeLibrary("oq_mxfp8_cpu", CSRC_DIR / "mxfp8_quant.c", bind=_bind, include_dirs=(CSRC_DIR, FP8_CSRC_DIR))
 """The compiled quantizer, ``csrc/mxfp8_quant.c`` (build, cache and ctypes loading: :mod:`oq_toolkit.native`)."""
 
 

@@ -12,40 +12,22 @@
    Blocks holding Inf/NaN are reported (the caller runs the reference or raises). */
 #include "oq_kernels.h"
 #include "fp4_e2m1.h"
+#include "mx_scale.h"  /* oq-plugin-mxfp8's: the e8m0 rules */
 
-/* The e8m0 exponent rules below are those of oq-plugin-mxfp8's mxfp8_quant.c (rceil_exponent /
-   floor_exponent of oq_plugin_mxfp8.quant), with the element maximum 6 (rceil divides amax by 6)
-   and emax 2 (floor). */
-
-/* biased e8m0 byte of clamp(ceil(fl32(log2(descale))), -127, 127) + 127; descale finite, >= 0 */
-OQ_INLINE uint32_t mx4_rceil_exponent(float descale) {
-    uint32_t bits; memcpy(&bits, &descale, 4);
-    int32_t biased = (int32_t)((bits >> 23) & 0xFFu), mant = (int32_t)(bits & 0x7FFFFFu), e;
-    if (biased == 0) {
-        int32_t sub_i = mant - (1 << 22);
-        e = sub_i > 0 ? -126 - (2 * sub_i <= 22) : -127;
-    } else {
-        int32_t k = biased - 127, n = k > 0 ? k : -k - 1;
-        int32_t limit = n >= 64 ? 22 : n >= 32 ? 11 : n >= 16 ? 5 : n >= 8 ? 2 : n >= 4 ? 1 : 0;
-        e = mant == 0 ? k : k + 1 - (mant <= limit);
-    }
-    e = e < -127 ? -127 : (e > 127 ? 127 : e);
-    return (uint32_t)(e + 127);
-}
-
-OQ_INLINE float f32_bits(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
+/* The e8m0 exponent rules are oq-plugin-mxfp8's (mx_scale.h; rceil_exponent / floor_exponent of
+   oq_plugin_mxfp8.quant), with the element maximum 6 (rceil divides amax by 6) and emax 2 (floor). */
 
 /* (exponent byte, multiplier) of one block from its amax bits (finite) */
 OQ_INLINE uint32_t mx4_scale(uint32_t mx, int mode, float* mul) {
     uint32_t e;
     if (mode == 0) {
-        e = mx4_rceil_exponent(f32_bits(mx) / 6.0f);
-        *mul = e == 0 ? 1.0f : f32_bits((254u - e) << 23);        /* e <= 253 for finite amax */
+        e = mx_rceil_exponent(f32_from_bits(mx) / 6.0f);
+        *mul = e == 0 ? 1.0f : f32_from_bits((254u - e) << 23);        /* e <= 253 for finite amax */
     } else {
         int32_t u = (int32_t)(mx >> 23) - 127 - 2;
         u = u < -127 ? -127 : u;                                   /* <= 125 for finite amax */
         e = (uint32_t)(u + 127);
-        *mul = f32_bits((254u - (e < 1u ? 1u : e)) << 23);        /* 1 / max(2**(e-127), 2**-126) */
+        *mul = f32_from_bits((254u - (e < 1u ? 1u : e)) << 23);        /* 1 / max(2**(e-127), 2**-126) */
     }
     return e;
 }
@@ -72,48 +54,6 @@ OQ_INLINE int64_t mx4_row(const void* w, int dt, int64_t off, int64_t nb, int mo
 }
 
 #ifdef OQ_AVX512
-/* 16 lanes of mx4_rceil_exponent (the same integer rules, lane by lane) */
-OQ_INLINE __m512i mx4_rceil_exponent16(__m512 descale) {
-    const __m512i one = _mm512_set1_epi32(1), zero = _mm512_setzero_si512();
-    __m512i bits = _mm512_castps_si512(descale);
-    __m512i biased = _mm512_srli_epi32(bits, 23), mant = _mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFF));
-    __m512i k = _mm512_sub_epi32(biased, _mm512_set1_epi32(127));
-    __m512i n = _mm512_max_epi32(k, _mm512_sub_epi32(zero, _mm512_add_epi32(k, one)));
-    __m512i limit = zero;
-    limit = _mm512_mask_mov_epi32(limit, _mm512_cmpge_epi32_mask(n, _mm512_set1_epi32(4)), one);
-    limit = _mm512_mask_mov_epi32(limit, _mm512_cmpge_epi32_mask(n, _mm512_set1_epi32(8)), _mm512_set1_epi32(2));
-    limit = _mm512_mask_mov_epi32(limit, _mm512_cmpge_epi32_mask(n, _mm512_set1_epi32(16)), _mm512_set1_epi32(5));
-    limit = _mm512_mask_mov_epi32(limit, _mm512_cmpge_epi32_mask(n, _mm512_set1_epi32(32)), _mm512_set1_epi32(11));
-    limit = _mm512_mask_mov_epi32(limit, _mm512_cmpge_epi32_mask(n, _mm512_set1_epi32(64)), _mm512_set1_epi32(22));
-    __m512i e = _mm512_add_epi32(k, one);
-    e = _mm512_mask_sub_epi32(e, _mm512_cmple_epi32_mask(mant, limit), e, one);
-    e = _mm512_mask_mov_epi32(e, _mm512_cmpeq_epi32_mask(mant, zero), k);
-    __mmask16 sub = _mm512_cmpeq_epi32_mask(biased, zero);
-    if (sub) {  /* subnormal descale */
-        __m512i si = _mm512_sub_epi32(mant, _mm512_set1_epi32(1 << 22));
-        __m512i es = _mm512_set1_epi32(-126);
-        es = _mm512_mask_sub_epi32(es, _mm512_cmple_epi32_mask(_mm512_add_epi32(si, si), _mm512_set1_epi32(22)), es, one);
-        es = _mm512_mask_mov_epi32(es, _mm512_cmple_epi32_mask(si, zero), _mm512_set1_epi32(-127));
-        e = _mm512_mask_mov_epi32(e, sub, es);
-    }
-    e = _mm512_min_epi32(_mm512_max_epi32(e, _mm512_set1_epi32(-127)), _mm512_set1_epi32(127));
-    return _mm512_add_epi32(e, _mm512_set1_epi32(127));
-}
-
-/* Lane b of the result = max over the 16 lanes of v[b] (unsigned): a transpose-and-max tree */
-OQ_INLINE __m512i mx4_hmax16x16(const __m512i* v) {
-    __m512i r[8], t[4], u[2];
-    for (int i = 0; i < 8; i++)
-        r[i] = _mm512_max_epu32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
-    for (int i = 0; i < 4; i++)
-        t[i] = _mm512_max_epu32(_mm512_unpacklo_epi64(r[2 * i], r[2 * i + 1]), _mm512_unpackhi_epi64(r[2 * i], r[2 * i + 1]));
-    for (int i = 0; i < 2; i++)
-        u[i] = _mm512_max_epu32(_mm512_shuffle_i32x4(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
-                                _mm512_shuffle_i32x4(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-    return _mm512_max_epu32(_mm512_shuffle_i32x4(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                            _mm512_shuffle_i32x4(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
-}
-
 /* 16 consecutive blocks of 32 (512 elements) from element o: amax, exponents and multipliers as
    16-lane vectors, then the codes. Returns 1 if a block holds Inf/NaN (outputs then undefined). */
 OQ_INLINE int64_t mx4_group16(const void* w, int dt, int64_t o, int mode, uint8_t* q, uint8_t* ex) {
@@ -126,11 +66,11 @@ OQ_INLINE int64_t mx4_group16(const void* w, int dt, int64_t o, int mode, uint8_
         __m512i x1 = _mm512_castps_si512(load16(w, dt, o + 32 * b + 16, (__mmask16)0xFFFF));
         v[b] = _mm512_max_epu32(_mm512_and_si512(x0, am), _mm512_and_si512(x1, am));
     }
-    __m512i mx = mx4_hmax16x16(v);
+    __m512i mx = hmax_epu32_16x16(v);
     if (_mm512_cmpge_epu32_mask(mx, _mm512_set1_epi32(0x7F800000))) return 1;
     __m512i e, fe;  /* exponent bytes; the multipliers' float32 exponent fields */
     if (mode == 0) {
-        e = mx4_rceil_exponent16(_mm512_div_ps(_mm512_castsi512_ps(mx), _mm512_set1_ps(6.0f)));
+        e = mx_rceil_exponent16(_mm512_div_ps(_mm512_castsi512_ps(mx), _mm512_set1_ps(6.0f)));
         fe = _mm512_sub_epi32(_mm512_set1_epi32(254), e);
         fe = _mm512_mask_mov_epi32(fe, _mm512_cmpeq_epi32_mask(e, _mm512_setzero_si512()), _mm512_set1_epi32(127));
     } else {

@@ -4,6 +4,7 @@
    csrc directory is on the include path). dt: 0 = float32, 1 = bf16, 2 = fp16. */
 #include "oq_kernels.h"
 #include "fp8_e4m3.h"
+#include "mx_scale.h"
 
 /* ---------------------------------------------------------------------------------------------
    MXFP8 (oq_plugin_mxfp8.quant): blocks of 32 along K, e8m0 exponent bytes, elements saturate to
@@ -11,30 +12,12 @@
    reproduced with integers as rceil_exponent), 1 = floor (OCP: floor(log2 amax) - 8).
    --------------------------------------------------------------------------------------------- */
 
-/* biased e8m0 byte of clamp(ceil(fl32(log2(descale))), -127, 127) + 127; descale finite, >= 0 */
-OQ_INLINE uint32_t mx_rceil_exponent(float descale) {
-    uint32_t bits; memcpy(&bits, &descale, 4);
-    int32_t biased = (int32_t)((bits >> 23) & 0xFFu), mant = (int32_t)(bits & 0x7FFFFFu), e;
-    if (biased == 0) {
-        int32_t sub_i = mant - (1 << 22);
-        e = sub_i > 0 ? -126 - (2 * sub_i <= 22) : -127;
-    } else {
-        int32_t k = biased - 127, n = k > 0 ? k : -k - 1;
-        int32_t limit = n >= 64 ? 22 : n >= 32 ? 11 : n >= 16 ? 5 : n >= 8 ? 2 : n >= 4 ? 1 : 0;
-        e = mant == 0 ? k : k + 1 - (mant <= limit);
-    }
-    e = e < -127 ? -127 : (e > 127 ? 127 : e);
-    return (uint32_t)(e + 127);
-}
-
 /* biased e8m0 byte of the floor rule from amax's float32 bits (finite) */
 OQ_INLINE uint32_t mx_floor_exponent(uint32_t amax_bits) {
     int32_t e = (int32_t)((amax_bits >> 23) & 0xFFu) - 127 - 8;
     e = e < -127 ? -127 : (e > 128 ? 128 : e);
     return (uint32_t)(e + 127);
 }
-
-OQ_INLINE float f32_from_bits(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
 
 /* quantize nb consecutive blocks of 32 from element off; returns the number of blocks holding Inf/NaN */
 OQ_INLINE int64_t mx_row(const void* w, int dt, int64_t off, int64_t nb, int mode, uint8_t* q, uint8_t* ex) {
@@ -84,50 +67,6 @@ OQ_INLINE int64_t mx_row(const void* w, int dt, int64_t off, int64_t nb, int mod
 }
 
 #ifdef OQ_AVX512
-/* 16 lanes of mx_rceil_exponent (the same integer rules, lane by lane) */
-OQ_INLINE __m512i mx_rceil_exponent16(__m512 descale) {
-    const __m512i one = _mm512_set1_epi32(1), zero = _mm512_setzero_si512();
-    __m512i bits = _mm512_castps_si512(descale);
-    __m512i biased = _mm512_srli_epi32(bits, 23), mant = _mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFF));
-    __m512i k = _mm512_sub_epi32(biased, _mm512_set1_epi32(127));
-    /* n = k > 0 ? k : -k - 1 (k = 0 gives 0 instead of -1: the same limit, 0) */
-    __m512i n = _mm512_max_epi32(k, _mm512_sub_epi32(zero, _mm512_add_epi32(k, one)));
-    __m512i limit = zero;
-    limit = _mm512_mask_mov_epi32(limit, _mm512_cmpge_epi32_mask(n, _mm512_set1_epi32(4)), one);
-    limit = _mm512_mask_mov_epi32(limit, _mm512_cmpge_epi32_mask(n, _mm512_set1_epi32(8)), _mm512_set1_epi32(2));
-    limit = _mm512_mask_mov_epi32(limit, _mm512_cmpge_epi32_mask(n, _mm512_set1_epi32(16)), _mm512_set1_epi32(5));
-    limit = _mm512_mask_mov_epi32(limit, _mm512_cmpge_epi32_mask(n, _mm512_set1_epi32(32)), _mm512_set1_epi32(11));
-    limit = _mm512_mask_mov_epi32(limit, _mm512_cmpge_epi32_mask(n, _mm512_set1_epi32(64)), _mm512_set1_epi32(22));
-    __m512i e = _mm512_add_epi32(k, one);
-    e = _mm512_mask_sub_epi32(e, _mm512_cmple_epi32_mask(mant, limit), e, one);
-    e = _mm512_mask_mov_epi32(e, _mm512_cmpeq_epi32_mask(mant, zero), k);
-    __mmask16 sub = _mm512_cmpeq_epi32_mask(biased, zero);
-    if (sub) {  /* subnormal descale */
-        __m512i si = _mm512_sub_epi32(mant, _mm512_set1_epi32(1 << 22));
-        __m512i es = _mm512_set1_epi32(-126);
-        es = _mm512_mask_sub_epi32(es, _mm512_cmple_epi32_mask(_mm512_add_epi32(si, si), _mm512_set1_epi32(22)), es, one);
-        es = _mm512_mask_mov_epi32(es, _mm512_cmple_epi32_mask(si, zero), _mm512_set1_epi32(-127));
-        e = _mm512_mask_mov_epi32(e, sub, es);
-    }
-    e = _mm512_min_epi32(_mm512_max_epi32(e, _mm512_set1_epi32(-127)), _mm512_set1_epi32(127));
-    return _mm512_add_epi32(e, _mm512_set1_epi32(127));
-}
-
-/* Lane b of the result = max over the 16 lanes of v[b] (unsigned): a transpose-and-max tree,
-   45 instructions for 16 horizontal reductions. */
-OQ_INLINE __m512i hmax_epu32_16x16(const __m512i* v) {
-    __m512i r[8], t[4], u[2];
-    for (int i = 0; i < 8; i++)  /* per 128-bit lane: [max(a0,a2), max(b0,b2), max(a1,a3), max(b1,b3)] */
-        r[i] = _mm512_max_epu32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
-    for (int i = 0; i < 4; i++)  /* per 128-bit lane: blocks 4i..4i+3, partial over that lane */
-        t[i] = _mm512_max_epu32(_mm512_unpacklo_epi64(r[2 * i], r[2 * i + 1]), _mm512_unpackhi_epi64(r[2 * i], r[2 * i + 1]));
-    for (int i = 0; i < 2; i++)
-        u[i] = _mm512_max_epu32(_mm512_shuffle_i32x4(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
-                                _mm512_shuffle_i32x4(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-    return _mm512_max_epu32(_mm512_shuffle_i32x4(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                            _mm512_shuffle_i32x4(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
-}
-
 /* 16 consecutive blocks of 32 (512 elements) from element o, all lanes at once: amax, exponents and
    multipliers as 16-lane vectors (mx_row does the same per block with scalar code). Returns 1 if a
    block holds Inf/NaN (outputs then undefined). */
