@@ -92,6 +92,106 @@ def test_many_global_scales_and_block_edges():
     _assert_same(w3, global_scale=torch.logspace(-20, 20, 16).reshape(16, 1))
 
 
+def _all_bf16_up_to(max_bits: list[int]) -> torch.Tensor:
+    """bf16 [N, 256]: for each m in max_bits, blocks whose element 0 is the bf16 with bits m (the
+    block maximum, so every such block has the same divisor t) and whose other 15 elements run
+    through EVERY bf16 bit pattern of magnitude <= m, both signs (+-0 included); zero-padded to
+    whole 256-element groups."""
+    rows = []
+    for m in max_bits:
+        mags = torch.arange(0, m + 1, dtype=torch.int32)
+        bits = torch.cat([mags, mags | 0x8000]).to(torch.int16)
+        vals = bits.view(torch.bfloat16)
+        pad = (-vals.numel()) % 15
+        vals = torch.cat([vals, torch.zeros(pad, dtype=torch.bfloat16)]).reshape(-1, 15)
+        head = torch.tensor([m], dtype=torch.int16).view(torch.bfloat16).expand(vals.shape[0], 1)
+        rows.append(torch.cat([head, vals], 1))
+    blocks = torch.cat(rows)
+    pad = (-blocks.shape[0]) % 16
+    blocks = torch.cat([blocks, torch.zeros(pad, 16, dtype=torch.bfloat16)])
+    return blocks.reshape(-1, 256)
+
+
+def test_bf16_boundary_path_every_element_for_many_divisors():
+    """bf16 codes by per-block bounds instead of divisions (nv_codes_bf16_bounds): for block maxima
+    across the whole bf16 range (so divisors from e4m3-subnormal block scales to ~2**125, and
+    quotients that underflow to zero) and several global scales, every bf16 element of magnitude
+    up to the block maximum gets the reference's code: all decision-point ties, their float32
+    neighbours and the +-0 / underflow cases."""
+    g = torch.Generator().manual_seed(3)
+    maxima = [0x3F80, 0x3FC0, 0x4040, 0x0001, 0x0080, 0x7F7F, 0x3C00, 0x4D00]
+    maxima += torch.randint(0x0002, 0x7F7F, (12,), generator=g).tolist()
+    w = _all_bf16_up_to(maxima)
+    _assert_same(w)
+    for gs in (1.0, 448.0 / 3, 2.0**-100, 6.1e-5, 3.0e37, 0.7291):
+        _assert_same(w, global_scale=torch.tensor([gs], dtype=torch.float32))
+
+
+# the exact real x / t bounds of the e2m1 decisions (fl(x / t) != 0, > 0.25, >= 0.75, ...: see
+# nvfp4_quant.c NV_BOUNDS)
+_BOUNDS = [
+    2.0**-150,
+    0.25 + 2.0**-26,
+    0.75 - 2.0**-25,
+    1.25 + 2.0**-24,
+    1.75 - 2.0**-24,
+    2.5 + 2.0**-23,
+    3.5 - 2.0**-23,
+    5.0 + 2.0**-22,
+]
+
+
+def test_bf16_boundary_path_quotients_within_ulps_of_every_bound():
+    """Divisors chosen so that x / t lands within a few float32 ulps of each decision's bound
+    (the cases where rounding the quotient, or the bound's rounding to bf16, decides the code):
+    for a bf16 x and a bound b, the global scale g ~ S b / x (S an e4m3 block scale; the block
+    maximum ~ 6 x / b keeps the block scale near S) swept over +-6 float32 ulps moves t = fl(S / g)
+    across x / b. One expert per (x, bound, step), so each has its own global scale."""
+    g = torch.Generator().manual_seed(5)
+    blocks, scales = [], []
+    for k, b in enumerate(_BOUNDS):
+        n = 120
+        if k == 0:  # x / t ~ 2**-150: tiny x, huge t
+            xb = torch.randint(0x0001, 0x1A00, (n,), generator=g)
+        else:
+            xb = torch.randint(0x0800, 0x7E00, (n,), generator=g)
+        x = xb.to(torch.int16).view(torch.bfloat16).double()
+        s8 = torch.randint(0x08, 0x7E, (n,), generator=g).to(torch.uint8).view(torch.float8_e4m3fn).double()
+        gstar = (s8 * b / x).float()
+        amax = (6.0 * x / b).to(torch.bfloat16)
+        ok = torch.isfinite(gstar) & (gstar > 0) & torch.isfinite(amax.float()) & (amax.float() >= x)
+        for i in torch.nonzero(ok).flatten().tolist():
+            xv = x[i].to(torch.bfloat16)
+            nb = torch.tensor([-1, 1, 2, -2], dtype=torch.int16)
+            near = (xv.view(torch.int16) + nb).view(torch.bfloat16)  # bf16 neighbours of x
+            row = torch.cat(
+                [amax[i : i + 1], xv.reshape(1), -xv.reshape(1), near, -near, torch.zeros(5, dtype=torch.bfloat16)]
+            )
+            gbits = gstar[i : i + 1].view(torch.int32)
+            for step in range(-6, 7):
+                blocks.append(row)
+                scales.append((gbits + step).view(torch.float32))
+    w = torch.stack(blocks).reshape(-1, 1, 16)
+    gs = torch.cat(scales).reshape(-1, 1)
+    assert w.shape[0] > 8000
+    _assert_same(w, global_scale=gs)
+
+
+def test_bf16_odd_global_scales_take_the_division_path():
+    """bf16 with global scales that make a divisor zero, negative, infinite or subnormal (the bounds
+    need 0 < t < inf): the same bytes as the reference."""
+    g = torch.Generator().manual_seed(4)
+    amax = torch.randint(0x0001, 0x7F7F, (1024,), dtype=torch.int16, generator=g).view(torch.bfloat16).float()
+    x = (torch.rand(1024, 16, generator=g) * 2 - 1) * amax[:, None]
+    x[:, 5] = amax
+    w = x.reshape(32, 512).to(torch.bfloat16)
+    # (not 3.5e38: a divisor that underflows to 0 makes 0 / 0 = NaN, whose code differs between the
+    # kernel's encoder and the reference's before and after the bounds path: a separate, older case)
+    for gs in (1e-30, 1e30, -2.0, -1e-3, 0.0, 1e-45):
+        _assert_same(w, global_scale=torch.tensor([gs], dtype=torch.float32))
+    _assert_same(w.reshape(8, 4, 512), global_scale=torch.logspace(-30, 30, 8).reshape(8, 1))
+
+
 def test_generic_build_matches_reference(tmp_path):
     path = str(tmp_path / "k.so")
     try:

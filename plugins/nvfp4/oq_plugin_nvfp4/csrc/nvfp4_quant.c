@@ -2,7 +2,9 @@
    bit-exact with oq_plugin_nvfp4.quant.quantize_nvfp4 (compressed-tensors' NVFP4 bytes). No
    -ffast-math, -ffp-contract=off: every float op below is the one IEEE float32 operation the
    reference performs, in its order (a reciprocal then a product for the global scale, true
-   divisions for the block scale and the elements). e4m3 rounding is oq-plugin-fp8's integer encoder
+   divisions for the block scale and the elements), except that bf16 elements under a positive
+   finite divisor get their codes from exact per-block bounds instead of divisions (same codes:
+   nv_codes_bf16_bounds). e4m3 rounding is oq-plugin-fp8's integer encoder
    (fp8_e4m3.h), e2m1 rounding and packing oq-plugin-mxfp4's (fp4_e2m1.h); both directories are on
    the include path. dt: 0 = float32, 1 = bf16, 2 = fp16. */
 #include "oq_kernels.h"
@@ -182,17 +184,102 @@ OQ_INLINE void nv_group16(const void* w, int dt, int64_t j, __m512 g, uint8_t* q
    the even elements and `& 0xFFFF0000` those of the odd ones (lanes 0-7: block 2c, 8-15: block
    2c+1), and byte k of the packed output is code(even k) | code(odd k) << 4: one narrowing per 32
    elements. The arithmetic per element is nv_group16's. */
-OQ_INLINE void nv_group16_bf16(const uint16_t* w, int64_t j, __m512 g, uint8_t* q, uint8_t* sc) {
-    const __m512i am = _mm512_set1_epi32(0x7FFFFFFF), hi = _mm512_set1_epi32((int32_t)0xFFFF0000u);
+/* The e2m1 decision points of a quotient y = fl(x / t), t > 0, as bounds on the exact real x / t
+   (fl rounds to nearest even; each decision point c below has an even float32 significand, so a
+   quotient exactly halfway between c and its float32 neighbour rounds to c):
+   - k = 0: fl(x / t) != 0 iff x / t > 2^-150 (half the smallest subnormal; the tie rounds to 0);
+   - c = 0.25, 1.25, 2.5, 5 (the encoder's `y > c`): fl(x / t) > c iff x / t > c + ulp(c) / 2;
+   - c = 0.75, 1.75, 3.5 (`y >= c`): fl(x / t) >= c iff x / t >= c - ulp_below(c) / 2.
+   The bounds have 25-bit significands: exact in double, and so are their products with a float32 t
+   (49 bits, no underflow). NV_BOUND_GE: which ones are inclusive. */
+static const double NV_BOUNDS[8] = {
+    0x1p-150, 0x1p-2 + 0x1p-26, 0.75 - 0x1p-25, 1.25 + 0x1p-24, 1.75 - 0x1p-24, 2.5 + 0x1p-23, 3.5 - 0x1p-23, 5.0 + 0x1p-22};
+#define NV_BOUND_GE 0x54u  /* k = 2, 4, 6 */
+
+/* Lane b (16-bit lanes 0-15) = the smallest |x| as a bf16 bit pattern (0..0x7F80) that passes
+   decision k under divisor t (lane b of tlo: blocks 0-7, thi: 8-15), t > 0 finite. P = bound * t is
+   exact in double; the smallest float32 >= P is P rounded up, the smallest float32 > P is P rounded
+   down plus one ulp (bits + 1: P > 0); the smallest bf16 >= a float32 F is (bits(F) + 0xFFFF) >> 16.
+   Beyond FLT_MAX both give +inf (0x7F80), which no finite element reaches. */
+OQ_INLINE __m256i nv_bounds16(__m512d tlo, __m512d thi, int k) {
+    __m512d b = _mm512_set1_pd(NV_BOUNDS[k]);
+    __m512d plo = _mm512_mul_pd(tlo, b), phi = _mm512_mul_pd(thi, b);
+    __m512i f;
+    if ((NV_BOUND_GE >> k) & 1u) {
+        f = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_castps_si256(_mm512_cvt_roundpd_ps(plo, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC))),
+                               _mm256_castps_si256(_mm512_cvt_roundpd_ps(phi, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC)), 1);
+    } else {
+        f = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_castps_si256(_mm512_cvt_roundpd_ps(plo, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC))),
+                               _mm256_castps_si256(_mm512_cvt_roundpd_ps(phi, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC)), 1);
+        f = _mm512_add_epi32(f, _mm512_set1_epi32(1));
+    }
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(f, _mm512_set1_epi32(0xFFFF)), 16));
+}
+
+/* The codes of one group of 16 bf16 blocks (raw 32-element vectors v[c]: blocks 2c, 2c+1) without
+   dividing: with y = fl(x / t) monotone in x, the magnitude code is the number of decisions
+   k = 1..7 whose smallest passing |x| (nv_bounds16) |x| reaches, compared on the 15-bit |x|
+   patterns (bf16 bit order = value order for |x|), and the sign gives code bit 3 only when
+   fl(x / t) != 0 (decision 0), as the reference (y == -0.0 -> code 0). Same bytes as the division
+   path (tests: test_bf16_boundary_path_*). */
+OQ_INLINE void nv_codes_bf16_bounds(const __m512i* v, const float* tb, uint8_t* q) {
+    __m512 t = _mm512_loadu_ps(tb);
+    __m512d tlo = _mm512_cvtps_pd(_mm512_castps512_ps256(t));
+    __m512d thi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(t), 1)));
+    /* r[k]: 32-bit unit c = (B_k of block 2c, B_k of block 2c+1); transposed (8 x 8 units) into
+       tab[c]: 16-bit lane 2k + h = B_k of block 2c + h */
+    __m256i r[8], u[8], tab[8];
+    for (int k = 0; k < 8; k++) r[k] = nv_bounds16(tlo, thi, k);
+    for (int i = 0; i < 4; i++) {
+        u[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        u[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    /* u[2i] units: (k=2i,c0) (2i+1,c0) (2i,c1) (2i+1,c1) | same for c4, c5; u[2i+1]: c2, c3 | c6, c7 */
+    for (int i = 0; i < 2; i++)
+        for (int hh = 0; hh < 2; hh++) {
+            __m256i a0 = u[4 * i + hh], a1 = u[4 * i + 2 + hh];
+            r[4 * i + 2 * hh] = _mm256_unpacklo_epi64(a0, a1);      /* k = 4i..4i+3 of c = 2hh (| c + 4) */
+            r[4 * i + 2 * hh + 1] = _mm256_unpackhi_epi64(a0, a1);  /* c = 2hh + 1 (| c + 5) */
+        }
+    for (int c = 0; c < 4; c++) {
+        tab[c] = _mm256_permute2x128_si256(r[c], r[4 + c], 0x20);
+        tab[c + 4] = _mm256_permute2x128_si256(r[c], r[4 + c], 0x31);
+    }
+    const __m512i h = _mm512_set_epi16(1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i m15 = _mm512_set1_epi16(0x7FFF), c8 = _mm512_set1_epi16(8), c4 = _mm512_set1_epi16(4), c2 = _mm512_set1_epi16(2);
+    for (int c = 0; c < 8; c++) {
+        __m512i T = _mm512_castsi256_si512(tab[c]);
+        __m512i ax = _mm512_and_si512(v[c], m15);
+        /* binary search for the magnitude code m (decisions k = 1..7 passed: |x| >= B_k, the B_k
+           ascending); p = h + 2 m indexes B_m. ax - B < 0 (bit 15) where a decision fails (|x|, B
+           <= 0x7F80: no wrap); each step sets its bit of p unless its decision fails. */
+        __m512i p = h;
+        __m512i d = _mm512_sub_epi16(ax, _mm512_permutexvar_epi16(_mm512_or_si512(p, c8), T));
+        p = _mm512_ternarylogic_epi32(p, _mm512_srai_epi16(d, 15), c8, 0xF2);  /* p | (~fail & 8) */
+        d = _mm512_sub_epi16(ax, _mm512_permutexvar_epi16(_mm512_or_si512(p, c4), T));
+        p = _mm512_ternarylogic_epi32(p, _mm512_srai_epi16(d, 15), c4, 0xF2);
+        d = _mm512_sub_epi16(ax, _mm512_permutexvar_epi16(_mm512_or_si512(p, c2), T));
+        p = _mm512_ternarylogic_epi32(p, _mm512_srai_epi16(d, 15), c2, 0xF2);
+        __m512i d0 = _mm512_sub_epi16(ax, _mm512_permutexvar_epi16(h, T));
+        /* sign bit of x and decision 0 passed (fl(x / t) != 0) -> 0x8000 -> (>> 12) 8 */
+        __m512i s8 = _mm512_ternarylogic_epi32(v[c], d0, _mm512_set1_epi16((short)0x8000), 0x20);
+        __m512i code = _mm512_or_si512(_mm512_srli_epi16(p, 1), _mm512_srli_epi16(s8, 12));
+        /* 32-bit lane j: code of element 2j (bits 0-3), 2j+1 (bits 16-19) -> byte j */
+        _mm_storeu_si128((__m128i*)(q + 16 * c), _mm512_cvtepi32_epi8(_mm512_or_si512(code, _mm512_srli_epi32(code, 12))));
+    }
+}
+
+/* Scale bytes (to sc + j) and divisors (to tb) of the 16 bf16 blocks from block j: 64 bytes = 32
+   elements = blocks 2c, 2c+1; the 32-bit lane k holds elements 2k (low half) and 2k+1 (high half),
+   so `<< 16` gives the float32 of the even elements and `& 0xFFFF0000` those of the odd ones. */
+OQ_INLINE void nv_scales_bf16(const uint16_t* w, int64_t j, __m512 g, uint8_t* sc, float* tb) {
+    const __m512i am = _mm512_set1_epi32(0x7FFFFFFF);
     const int64_t o = j * 16;
-    __m512 ev[8], od[8];
     __m512i m[8];
     for (int c = 0; c < 8; c++) {
-        _mm_prefetch((const char*)(w + o + 256 + 32 * c), _MM_HINT_T0);
+        _mm_prefetch((const char*)(w + o + 4096 + 32 * c), _MM_HINT_T0);
         __m512i v = _mm512_loadu_si512((const void*)(w + o + 32 * c));
-        ev[c] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-        od[c] = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
-        __m512i t = _mm512_max_epu32(_mm512_and_si512(_mm512_castps_si512(ev[c]), am), _mm512_and_si512(_mm512_castps_si512(od[c]), am));
+        __m512i t = _mm512_max_epu32(_mm512_and_si512(_mm512_slli_epi32(v, 16), am), _mm512_and_si512(v, _mm512_set1_epi32(0x7FFF0000)));
         /* max within each 8-lane half: every lane of a half ends up with its block's maximum */
         t = _mm512_max_epu32(t, _mm512_shuffle_i32x4(t, t, _MM_SHUFFLE(2, 3, 0, 1)));
         t = _mm512_max_epu32(t, _mm512_shuffle_epi32(t, _MM_PERM_BADC));
@@ -205,15 +292,39 @@ OQ_INLINE void nv_group16_bf16(const uint16_t* w, int64_t j, __m512 g, uint8_t* 
     __m512i p0 = _mm512_permutex2var_epi32(m[0], i0, m[1]), p1 = _mm512_permutex2var_epi32(m[2], i0, m[3]);
     __m512i p2 = _mm512_permutex2var_epi32(m[4], i0, m[5]), p3 = _mm512_permutex2var_epi32(m[6], i0, m[7]);
     __m512i q0 = _mm512_permutex2var_epi32(p0, i1, p1), q1 = _mm512_permutex2var_epi32(p2, i1, p3);
-    float tb[16];
     nv_scales16(_mm512_castsi512_ps(_mm512_permutex2var_epi32(q0, i2, q1)), g, sc + j, tb);
+}
+
+/* Element codes of the 16 bf16 blocks from block j with divisors tb (nv_scales_bf16), packed to q. */
+OQ_INLINE void nv_codes_bf16(const uint16_t* w, int64_t j, const float* tb, uint8_t* q) {
+    const int64_t o = j * 16;
+    __m512i raw[8];
+    for (int c = 0; c < 8; c++) raw[c] = _mm512_loadu_si512((const void*)(w + o + 32 * c));
+    /* every divisor positive and finite (always, unless a caller's global scale is negative, zero,
+       huge or tiny): decisions by bounds instead of divisions */
+    __m512i tbits = _mm512_loadu_si512((const void*)tb);
+    if (_mm512_cmplt_epu32_mask(_mm512_sub_epi32(tbits, _mm512_set1_epi32(1)), _mm512_set1_epi32(0x7F7FFFFF)) == 0xFFFF) {
+        nv_codes_bf16_bounds(raw, tb, q + o / 2);
+        return;
+    }
     const __m512 zero = _mm512_setzero_ps();
+    const __m512i hi = _mm512_set1_epi32((int32_t)0xFFFF0000u);
     for (int c = 0; c < 8; c++) {
+        __m512 ev = _mm512_castsi512_ps(_mm512_slli_epi32(raw[c], 16)), od = _mm512_castsi512_ps(_mm512_and_si512(raw[c], hi));
         __m512 t = _mm512_mask_blend_ps((__mmask16)0xFF00, _mm512_set1_ps(tb[2 * c]), _mm512_set1_ps(tb[2 * c + 1]));
-        __m512i ce = nv_e2m1x16(_mm512_add_ps(_mm512_div_ps(ev[c], t), zero));
-        __m512i co = nv_e2m1x16(_mm512_add_ps(_mm512_div_ps(od[c], t), zero));
+        __m512i ce = nv_e2m1x16(_mm512_add_ps(_mm512_div_ps(ev, t), zero));
+        __m512i co = nv_e2m1x16(_mm512_add_ps(_mm512_div_ps(od, t), zero));
         _mm_storeu_si128((__m128i*)(q + o / 2 + 16 * c), _mm512_cvtepi32_epi8(_mm512_or_si512(ce, _mm512_slli_epi32(co, 4))));
     }
+}
+
+/* 16 consecutive blocks from block j (one 256-element group) */
+OQ_INLINE __m512 nv_group_g(int64_t j, int64_t nbs, const float* gs) {
+    int64_t e0 = j / nbs, e1 = (j + 15) / nbs;
+    if (e0 == e1) return _mm512_set1_ps(gs[e0]);
+    float gl[16];
+    for (int b = 0; b < 16; b++) gl[b] = gs[(j + b) / nbs];
+    return _mm512_loadu_ps(gl);
 }
 #endif
 
@@ -221,18 +332,19 @@ OQ_INLINE void nv_group16_bf16(const uint16_t* w, int64_t j, __m512 g, uint8_t* 
 OQ_INLINE void nv_blocks(const void* w, int dt, int64_t j0, int64_t j1, int64_t nbs, const float* gs, uint8_t* q, uint8_t* sc) {
     int64_t j = j0;
 #ifdef OQ_AVX512
-    for (; j + 16 <= j1; j += 16) {
-        int64_t e0 = j / nbs, e1 = (j + 15) / nbs;
-        __m512 g;
-        if (e0 == e1) g = _mm512_set1_ps(gs[e0]);
-        else {
-            float gl[16];
-            for (int b = 0; b < 16; b++) gl[b] = gs[(j + b) / nbs];
-            g = _mm512_loadu_ps(gl);
+    if (dt == 1) {
+        /* two passes over up to 16 groups (8 KiB, in L1): the scales of all, then the codes of all,
+           so the scales' latency chains (two divisions, the e4m3 rounding) of independent groups
+           overlap instead of each group's codes waiting on its own scales */
+        float tb[16 * 16];
+        while (j + 16 <= j1) {
+            int64_t n = (j1 - j) / 16 < 16 ? (j1 - j) / 16 : 16;
+            for (int64_t i = 0; i < n; i++) nv_scales_bf16((const uint16_t*)w, j + 16 * i, nv_group_g(j + 16 * i, nbs, gs), sc, tb + 16 * i);
+            for (int64_t i = 0; i < n; i++) nv_codes_bf16((const uint16_t*)w, j + 16 * i, tb + 16 * i, q);
+            j += 16 * n;
         }
-        if (dt == 1) nv_group16_bf16((const uint16_t*)w, j, g, q, sc);
-        else nv_group16(w, dt, j, g, q, sc);
     }
+    for (; j + 16 <= j1; j += 16) nv_group16(w, dt, j, nv_group_g(j, nbs, gs), q, sc);
 #endif
     for (; j < j1; j++) nv_block_scalar(w, dt, j, gs[j / nbs], q, sc);
 }
