@@ -273,26 +273,30 @@ OQ_INLINE void nv_codes_bf16_bounds(const __m512i* v, const float* tb, uint8_t* 
    elements = blocks 2c, 2c+1; the 32-bit lane k holds elements 2k (low half) and 2k+1 (high half),
    so `<< 16` gives the float32 of the even elements and `& 0xFFFF0000` those of the odd ones. */
 OQ_INLINE void nv_scales_bf16(const uint16_t* w, int64_t j, __m512 g, uint8_t* sc, float* tb) {
-    const __m512i am = _mm512_set1_epi32(0x7FFFFFFF);
     const int64_t o = j * 16;
-    __m512i m[8];
+    const __m512i m15 = _mm512_set1_epi16(0x7FFF);
+    __m512i a[8];
     for (int c = 0; c < 8; c++) {
         _mm_prefetch((const char*)(w + o + 4096 + 32 * c), _MM_HINT_T0);
-        __m512i v = _mm512_loadu_si512((const void*)(w + o + 32 * c));
-        __m512i t = _mm512_max_epu32(_mm512_and_si512(_mm512_slli_epi32(v, 16), am), _mm512_and_si512(v, _mm512_set1_epi32(0x7FFF0000)));
-        /* max within each 8-lane half: every lane of a half ends up with its block's maximum */
-        t = _mm512_max_epu32(t, _mm512_shuffle_i32x4(t, t, _MM_SHUFFLE(2, 3, 0, 1)));
-        t = _mm512_max_epu32(t, _mm512_shuffle_epi32(t, _MM_PERM_BADC));
-        m[c] = _mm512_max_epu32(t, _mm512_shuffle_epi32(t, _MM_PERM_CDAB));
+        /* |x| as 16-bit patterns: ordered as the float32 bits they widen to (<< 16) */
+        a[c] = _mm512_and_si512(_mm512_loadu_si512((const void*)(w + o + 32 * c)), m15);
     }
-    /* gather lane 0 and lane 8 of m[c] into lanes 2c, 2c+1 */
-    const __m512i i0 = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 24, 16, 8, 0);
-    const __m512i i1 = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 19, 18, 17, 16, 3, 2, 1, 0);
-    const __m512i i2 = _mm512_set_epi32(23, 22, 21, 20, 19, 18, 17, 16, 7, 6, 5, 4, 3, 2, 1, 0);
-    __m512i p0 = _mm512_permutex2var_epi32(m[0], i0, m[1]), p1 = _mm512_permutex2var_epi32(m[2], i0, m[3]);
-    __m512i p2 = _mm512_permutex2var_epi32(m[4], i0, m[5]), p3 = _mm512_permutex2var_epi32(m[6], i0, m[7]);
-    __m512i q0 = _mm512_permutex2var_epi32(p0, i1, p1), q1 = _mm512_permutex2var_epi32(p2, i1, p3);
-    nv_scales16(_mm512_castsi512_ps(_mm512_permutex2var_epi32(q0, i2, q1)), g, sc + j, tb);
+    /* transpose-and-max over 8 vectors (vector c, 128-bit lane L holds elements 8L..8L+7 of
+       blocks 2c (L = 0, 1) and 2c+1 (L = 2, 3)): after the three unpack levels, word w of 128-bit
+       lane L of d is the max of vector w's lane L */
+    __m512i b[4], cc[2];
+    for (int i = 0; i < 4; i++)
+        b[i] = _mm512_max_epu16(_mm512_unpacklo_epi16(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_epi16(a[2 * i], a[2 * i + 1]));
+    for (int i = 0; i < 2; i++)
+        cc[i] = _mm512_max_epu16(_mm512_unpacklo_epi32(b[2 * i], b[2 * i + 1]), _mm512_unpackhi_epi32(b[2 * i], b[2 * i + 1]));
+    __m512i d = _mm512_max_epu16(_mm512_unpacklo_epi64(cc[0], cc[1]), _mm512_unpackhi_epi64(cc[0], cc[1]));
+    /* lanes 0 and 2 of e: word c = max of block 2c, block 2c+1 */
+    __m512i e = _mm512_max_epu16(d, _mm512_shuffle_i32x4(d, d, _MM_SHUFFLE(2, 3, 0, 1)));
+    /* 32-bit lane b = (max of block b) << 16, the float32 bits of its |x| maximum */
+    const __m512i idx = _mm512_set_epi16(23, 0, 7, 0, 22, 0, 6, 0, 21, 0, 5, 0, 20, 0, 4, 0,
+                                         19, 0, 3, 0, 18, 0, 2, 0, 17, 0, 1, 0, 16, 0, 0, 0);
+    __m512i mx = _mm512_maskz_permutexvar_epi16((__mmask32)0xAAAAAAAAu, idx, e);
+    nv_scales16(_mm512_castsi512_ps(mx), g, sc + j, tb);
 }
 
 /* Element codes of the 16 bf16 blocks from block j with divisors tb (nv_scales_bf16), packed to q. */
