@@ -13,6 +13,14 @@ by a transpose-and-max tree, e4m3 scales with oq-plugin-fp8's integer encoder ``
 elements by true division, e2m1 codes by an arithmetic form of oq-plugin-mxfp4's encoder
 ``fp4_e2m1.h`` (no compare-into-mask ops: checked equal to it on all 2**32 float32 bit patterns,
 ``oq_nvfp4_check_e2m1``), packing by ``fp4_e2m1.h``; the scalar path uses ``fp4_e2m1.h`` as is).
+bf16 input (AVX-512) takes no element divisions: with ``y = fl(x / t)`` monotone in ``x``, each
+e2m1 decision (``y != 0``, ``y > 0.25``, ``y >= 0.75``, ... ``y > 5``) holds exactly when the real
+``x / t`` passes a bound with a 25-bit significand (the decision point +- half a float32 ulp, ties
+resolved as round-to-nearest-even resolves them), so per block the smallest passing bf16 ``|x|`` is
+``bound * t`` (exact in double) rounded up to float32 then to bf16, and an element's code is a
+binary search of its ``|x|`` bits among the block's 7 bounds (``nv_codes_bf16_bounds``; divisors
+that are not positive and finite take the division path). Same bytes, tested on every bf16
+element under many divisors and on quotients within float32 ulps of every bound.
 
 The source is ``csrc/nvfp4_quant.c`` (package data), compiled with ``-ffp-contract=off`` by
 :mod:`oq_toolkit.native` (cached per machine); without a compiler or with ``OQ_COMPILE=0`` the
