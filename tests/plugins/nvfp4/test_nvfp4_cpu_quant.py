@@ -175,6 +175,16 @@ def test_bf16_boundary_path_quotients_within_ulps_of_every_bound():
     gs = torch.cat(scales).reshape(-1, 1)
     assert w.shape[0] > 8000
     _assert_same(w, global_scale=gs)
+    # the same with a divisor >= 2**100 in every group of 16 blocks (block max 2**120 and global
+    # scale 2**-100: scale 448, t = 448 * 2**100), which moves every group to the bounds' double
+    # precision form (the float32 form needs every t in [2**-100, 2**100))
+    big = torch.zeros(1, 1, 16, dtype=torch.bfloat16)
+    big[0, 0, 0] = 2.0**120
+    parts_w, parts_g = [], []
+    for i in range(0, w.shape[0], 15):
+        parts_w += [big, w[i : i + 15]]
+        parts_g += [torch.tensor([[2.0**-100]]), gs[i : i + 15]]
+    _assert_same(torch.cat(parts_w), global_scale=torch.cat(parts_g))
 
 
 def test_bf16_odd_global_scales_take_the_division_path():

@@ -229,7 +229,25 @@ OQ_INLINE void nv_codes_bf16_bounds(const __m512i* v, const float* tb, uint8_t* 
     /* r[k]: 32-bit unit c = (B_k of block 2c, B_k of block 2c+1); transposed (8 x 8 units) into
        tab[c]: 16-bit lane 2k + h = B_k of block 2c + h */
     __m256i r[8], u[8], tab[8];
-    for (int k = 0; k < 8; k++) r[k] = nv_bounds16(tlo, thi, k);
+    __m512i tbits = _mm512_castps_si512(t);
+    if (_mm512_cmplt_epu32_mask(_mm512_sub_epi32(tbits, _mm512_set1_epi32(27 << 23)), _mm512_set1_epi32(200 << 23)) == 0xFFFF) {
+        /* every t in [2^-100, 2^100): bounds k >= 1 in float32. bound = c + d (c the decision point,
+           d = +-2^-e, both float32) and d t is exact (a power of two times t, >= 2^-126), so one
+           FMA rounds the exact bound * t once, upward. bound * t is never a float32 (the bound's
+           significand is odd with 25 bits, so the product needs more than 24), so rounding up
+           gives the smallest float32 > it, which is also the smallest float32 >= it: one form
+           serves the strict and the inclusive decisions. */
+        static const float cpt[8] = {0.0f, 0.25f, 0.75f, 1.25f, 1.75f, 2.5f, 3.5f, 5.0f};
+        static const float dlt[8] = {0.0f, 0x1p-26f, -0x1p-25f, 0x1p-24f, -0x1p-24f, 0x1p-23f, -0x1p-23f, 0x1p-22f};
+        r[0] = nv_bounds16(tlo, thi, 0);
+        for (int k = 1; k < 8; k++) {
+            __m512 f = _mm512_fmadd_round_ps(_mm512_set1_ps(cpt[k]), t, _mm512_mul_ps(_mm512_set1_ps(dlt[k]), t),
+                                             _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
+            r[k] = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(_mm512_castps_si512(f), _mm512_set1_epi32(0xFFFF)), 16));
+        }
+    } else {
+        for (int k = 0; k < 8; k++) r[k] = nv_bounds16(tlo, thi, k);
+    }
     for (int i = 0; i < 4; i++) {
         u[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
         u[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
