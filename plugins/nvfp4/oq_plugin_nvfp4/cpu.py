@@ -8,7 +8,8 @@ the torch reference :func:`oq_plugin_nvfp4.quant.quantize_nvfp4` (compressed-ten
 Two passes over the input: the first takes ``max |w|`` of the tensor (of each expert) as an integer
 max of the absolute-value bits, which also flags Inf/NaN (then :class:`oqcore.NonFiniteError`, or
 the reference runs), and derives the global scale with the reference's float32 operations (a
-reciprocal, then a product); the second quantizes 16 blocks of 16 at a time (AVX-512: block maxima
+reciprocal, then a product; for bf16 the first pass also keeps every block's maximum, 2 bytes
+per block); the second quantizes 16 blocks of 16 at a time (AVX-512: block maxima
 by a transpose-and-max tree, e4m3 scales with oq-plugin-fp8's integer encoder ``fp8_e4m3.h``,
 elements by true division, e2m1 codes by an arithmetic form of oq-plugin-mxfp4's encoder
 ``fp4_e2m1.h`` (no compare-into-mask ops: checked equal to it on all 2**32 float32 bit patterns,

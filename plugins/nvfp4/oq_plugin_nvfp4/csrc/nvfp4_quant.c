@@ -8,6 +8,7 @@
    (fp8_e4m3.h), e2m1 rounding and packing oq-plugin-mxfp4's (fp4_e2m1.h); both directories are on
    the include path. dt: 0 = float32, 1 = bf16, 2 = fp16. */
 #include "oq_kernels.h"
+#include <stdlib.h>
 #include "fp8_e4m3.h"
 #include "fp4_e2m1.h"
 
@@ -282,15 +283,15 @@ OQ_INLINE void nv_codes_bf16_bounds(const __m512i* v, const float* tb, uint8_t* 
         /* sign bit of x and decision 0 passed (fl(x / t) != 0) -> 0x8000 -> (>> 12) 8 */
         __m512i s8 = _mm512_ternarylogic_epi32(v[c], d0, _mm512_set1_epi16((short)0x8000), 0x20);
         __m512i code = _mm512_or_si512(_mm512_srli_epi16(p, 1), _mm512_srli_epi16(s8, 12));
-        /* 32-bit lane j: code of element 2j (bits 0-3), 2j+1 (bits 16-19) -> byte j */
-        _mm_storeu_si128((__m128i*)(q + 16 * c), _mm512_cvtepi32_epi8(_mm512_or_si512(code, _mm512_srli_epi32(code, 12))));
+        /* 32-bit lane j: codes of elements 2j (low word), 2j+1 (high word) -> low + 16 high = byte j */
+        _mm_storeu_si128((__m128i*)(q + 16 * c), _mm512_cvtepi32_epi8(_mm512_madd_epi16(code, _mm512_set1_epi32(0x00100001))));
     }
 }
 
 /* Scale bytes (to sc + j) and divisors (to tb) of the 16 bf16 blocks from block j: 64 bytes = 32
    elements = blocks 2c, 2c+1; the 32-bit lane k holds elements 2k (low half) and 2k+1 (high half),
    so `<< 16` gives the float32 of the even elements and `& 0xFFFF0000` those of the odd ones. */
-OQ_INLINE void nv_scales_bf16(const uint16_t* w, int64_t j, __m512 g, uint8_t* sc, float* tb) {
+OQ_INLINE __m512i nv_bmax_bf16(const uint16_t* w, int64_t j) {
     const int64_t o = j * 16;
     const __m512i m15 = _mm512_set1_epi16(0x7FFF);
     __m512i a[8];
@@ -313,8 +314,32 @@ OQ_INLINE void nv_scales_bf16(const uint16_t* w, int64_t j, __m512 g, uint8_t* s
     /* 32-bit lane b = (max of block b) << 16, the float32 bits of its |x| maximum */
     const __m512i idx = _mm512_set_epi16(23, 0, 7, 0, 22, 0, 6, 0, 21, 0, 5, 0, 20, 0, 4, 0,
                                          19, 0, 3, 0, 18, 0, 2, 0, 17, 0, 1, 0, 16, 0, 0, 0);
-    __m512i mx = _mm512_maskz_permutexvar_epi16((__mmask32)0xAAAAAAAAu, idx, e);
-    nv_scales16(_mm512_castsi512_ps(mx), g, sc + j, tb);
+    return _mm512_maskz_permutexvar_epi16((__mmask32)0xAAAAAAAAu, idx, e);
+}
+
+/* Pass 1 for bf16: the |x| maximum (bf16 bits) of each of the nb blocks into bm[], by groups of 16
+   (the tree above), the last nb % 16 one by one. */
+OQ_INLINE void nv_bmax_pass_bf16(const uint16_t* w, int64_t nb, uint16_t* bm, int nthreads) {
+    int64_t ng = nb / 16;
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t i = 0; i < ng; i++)
+        _mm256_storeu_si256((__m256i*)(bm + 16 * i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(nv_bmax_bf16(w, 16 * i), 16)));
+    for (int64_t j = 16 * ng; j < nb; j++) {
+        uint16_t m = 0;
+        for (int i = 0; i < 16; i++) { uint16_t a = w[16 * j + i] & 0x7FFFu; m = a > m ? a : m; }
+        bm[j] = m;
+    }
+}
+
+/* max of bm[0..n) (bf16 |x| bits), as float32 bits */
+OQ_INLINE uint32_t nv_max_u16(const uint16_t* bm, int64_t n) {
+    __m512i m = _mm512_setzero_si512();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) m = _mm512_max_epu16(m, _mm512_loadu_si512((const void*)(bm + i)));
+    m = _mm512_max_epu32(_mm512_slli_epi32(m, 16), _mm512_andnot_si512(_mm512_set1_epi32(0xFFFF), m));
+    uint32_t r = _mm512_reduce_max_epu32(m);
+    for (; i < n; i++) r = ((uint32_t)bm[i] << 16) > r ? ((uint32_t)bm[i] << 16) : r;
+    return r;
 }
 
 /* Element codes of the 16 bf16 blocks from block j with divisors tb (nv_scales_bf16), packed to q. */
@@ -351,17 +376,22 @@ OQ_INLINE __m512 nv_group_g(int64_t j, int64_t nbs, const float* gs) {
 #endif
 
 /* blocks [j0, j1) of a tensor whose slabs (experts) have nbs blocks each, global scales gs[] */
-OQ_INLINE void nv_blocks(const void* w, int dt, int64_t j0, int64_t j1, int64_t nbs, const float* gs, uint8_t* q, uint8_t* sc) {
+OQ_INLINE void nv_blocks(const void* w, int dt, int64_t j0, int64_t j1, int64_t nbs, const float* gs, uint8_t* q, uint8_t* sc,
+                         const uint16_t* bm) {
     int64_t j = j0;
 #ifdef OQ_AVX512
-    if (dt == 1) {
+    if (dt == 1 && bm) {
         /* two passes over up to 16 groups (8 KiB, in L1): the scales of all, then the codes of all,
            so the scales' latency chains (two divisions, the e4m3 rounding) of independent groups
            overlap instead of each group's codes waiting on its own scales */
         float tb[16 * 16];
         while (j + 16 <= j1) {
             int64_t n = (j1 - j) / 16 < 16 ? (j1 - j) / 16 : 16;
-            for (int64_t i = 0; i < n; i++) nv_scales_bf16((const uint16_t*)w, j + 16 * i, nv_group_g(j + 16 * i, nbs, gs), sc, tb + 16 * i);
+            for (int64_t i = 0; i < n; i++) {
+                int64_t jj = j + 16 * i;
+                __m512i mx = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(bm + jj))), 16);
+                nv_scales16(_mm512_castsi512_ps(mx), nv_group_g(jj, nbs, gs), sc + jj, tb + 16 * i);
+            }
             for (int64_t i = 0; i < n; i++) nv_codes_bf16((const uint16_t*)w, j + 16 * i, tb + 16 * i, q);
             j += 16 * n;
         }
@@ -374,17 +404,32 @@ OQ_INLINE void nv_blocks(const void* w, int dt, int64_t j0, int64_t j1, int64_t 
 OQ_INLINE int64_t nv_quantize(const void* w, int dt, int64_t E, int64_t per, int use_gs, float* gs,
                               uint8_t* q, uint8_t* sc, int nthreads) {
     int64_t bad = 0;
+    int64_t nb = E * (per / 16), nbs = per / 16;
+    uint16_t* bm = NULL;
+#ifdef OQ_AVX512
+    /* bf16: pass 1 keeps every block's maximum (2 bytes per 16 elements), so pass 2 reads the
+       elements once, for their codes */
+    if (dt == 1) bm = (uint16_t*)malloc((size_t)(nb > 0 ? nb : 1) * sizeof(uint16_t));
+    if (bm) {
+        nv_bmax_pass_bf16((const uint16_t*)w, nb, bm, nthreads);
+        for (int64_t e = 0; e < E; e++) {
+            uint32_t mx = nv_max_u16(bm + e * nbs, nbs);
+            if (mx >= 0x7F800000u) bad++;
+            else if (!use_gs) gs[e] = nv_global_scale(mx);
+        }
+    } else
+#endif
     for (int64_t e = 0; e < E; e++) {
         uint32_t mx = nv_amax_bits(w, dt, e * per, per, nthreads);
         if (mx >= 0x7F800000u) bad++;
         else if (!use_gs) gs[e] = nv_global_scale(mx);
     }
-    if (bad) return bad;
-    int64_t nb = E * (per / 16), nbs = per / 16;
+    if (bad) { free(bm); return bad; }
     int64_t chunk = 1024;  /* blocks per task: multiple of 16 */
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t j = 0; j < nb; j += chunk)
-        nv_blocks(w, dt, j, j + chunk < nb ? j + chunk : nb, nbs, gs, q, sc);
+        nv_blocks(w, dt, j, j + chunk < nb ? j + chunk : nb, nbs, gs, q, sc, bm);
+    free(bm);
     return 0;
 }
 
