@@ -92,15 +92,20 @@ def _a64(a, af, sa, ga):
     return x * _scales64(sa, ga, *a.shape)
 
 
-def _check(y, a, af, sa, ga, q, sw, gw, mul, what=""):
+def _violations(y, a, af, sa, ga, q, sw, gw, mul, what=""):
+    """Entries of ``y`` over the bound ``2 K eps32 (|A| @ |W|^T)`` around the float64 reference
+    (``""`` when there are none, else a message naming the case and the worst ratio); a wrong
+    dtype or shape is one too."""
     A, Wd = _a64(a, af, sa, ga), _w64(q, sw, gw, mul)
     ref = A @ Wd.T
+    if y.dtype != torch.float32 or y.shape != ref.shape:
+        return f"{what}: got {y.dtype} {list(y.shape)}, expected float32 {list(ref.shape)}"
     bound = 2 * A.shape[1] * EPS32 * (A.abs() @ Wd.abs().T)
-    assert y.dtype == torch.float32 and y.shape == ref.shape, what
     err = (y.double() - ref).abs()
     bad = err > bound
-    assert not bad.any(), f"{what}: {int(bad.sum())} entries over the bound, worst err/bound {float((err / bound.clamp(min=1e-300)).max()):.3g}"
-    return ref, bound
+    if not bad.any():
+        return ""
+    return f"{what}: {int(bad.sum())} entries over the bound, worst err/bound {float((err / bound.clamp(min=1e-300)).max()):.3g}"
 
 
 def _case(m, n, k, wkind, akind, seed=0):
@@ -115,9 +120,10 @@ def _run(args, mul, **kw):
     return W.wgemm_eager(*args, w_scale_mul=mul, **kw)
 
 
-def _chk(y, args, mul, what=""):
+def _over(y, args, mul, what=""):
+    """:func:`_violations` for a :func:`_case`'s arguments."""
     a, af, sa, ga, q, _, sw, gw = args
-    return _check(y, a, af, sa, ga, q, sw, gw, mul, what)
+    return _violations(y, a, af, sa, ga, q, sw, gw, mul, what)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,7 +140,7 @@ SHAPES = [(1, 37, 64), (3, 41, 96), (4, 9, 224), (17, 33, 224), (257, 21, 96)]
 def test_bound_every_grid_and_activation(path, m, n, k):
     for wk, ak in itertools.product(GRIDS, ACTS):
         args, mul = _case(m, n, k, wk, ak, seed=m + n)
-        _chk(_run(args, mul, path=path), args, mul, f"path {path} M={m} N={n} K={k} w={wk} a={ak}")
+        assert not _over(_run(args, mul, path=path), args, mul, f"path {path} M={m} N={n} K={k} w={wk} a={ak}")
 
 
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: PATH_IDS[p])
@@ -145,7 +151,7 @@ def test_bound_other_weight_grids(path):
         if wk == "f32" and k % 32:
             continue
         args, mul = _case(m, n, k, wk, "bf16", seed=k + m)
-        _chk(_run(args, mul, path=path), args, mul, f"path {path} M={m} K={k} w={wk}")
+        assert not _over(_run(args, mul, path=path), args, mul, f"path {path} M={m} K={k} w={wk}")
 
 
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: PATH_IDS[p])
@@ -154,7 +160,7 @@ def test_bound_nvfp4_k_not_a_multiple_of_32(path):
     codes do not exist (their scale byte is never read)."""
     for (m, n, k), ak in itertools.product([(1, 21, 80), (3, 21, 208), (17, 21, 80)], ["bf16"]):
         args, mul = _case(m, n, k, "e4m3", ak, seed=k + m)
-        _chk(_run(args, mul, path=path), args, mul, f"path {path} M={m} K={k}")
+        assert not _over(_run(args, mul, path=path), args, mul, f"path {path} M={m} K={k}")
 
 
 @pytest.mark.skipif(W.PATH_AMX not in PATHS, reason="no AMX on this CPU")
@@ -162,14 +168,14 @@ def test_bound_amx_large_m_tiled_panels():
     """Packed activations over 1 MB take the AMX 128-row tile-major panels, partial last panel."""
     for wk, ak in [("e8m0", "e4m3"), ("e4m3", "bf16")]:
         args, mul = _case(260, 136, 2048, wk, ak, seed=5)
-        _chk(_run(args, mul, path=W.PATH_AMX), args, mul, f"M=260 K=2048 w={wk} a={ak}")
+        assert not _over(_run(args, mul, path=W.PATH_AMX), args, mul, f"M=260 K=2048 w={wk} a={ak}")
 
 
 def test_default_path_and_wgemm_agree():
     for m in (1, 3, 4, 16):
         args, mul = _case(m, 70, 256, "e4m3", "bf16", seed=m)
         y = W.wgemm(*args, w_scale_mul=mul)
-        _chk(y, args, mul, f"M={m}")
+        assert not _over(y, args, mul, f"M={m}")
         assert torch.equal(y, _run(args, mul))
 
 
@@ -209,7 +215,7 @@ def test_e8m0_bytes_outside_the_foldable_range():
         aa[:, 96:] *= 2**-20  # the group of byte 252: its sums stay in float32's range
         aa = aa.bfloat16()
         y = W.wgemm_eager(aa, W.BF16, None, None, q, W.E2M1, sw, grid, path=path)
-        _check(y, aa, W.BF16, None, None, q, sw, grid, 1.0, f"path {path} M={mm}")
+        assert not _violations(y, aa, W.BF16, None, None, q, sw, grid, 1.0, f"path {path} M={mm}")
     sw[7, 2] = 255
     y = W.wgemm_eager(a, W.BF16, None, None, q, W.E2M1, sw, grid)
     assert torch.isnan(y[:, 7]).all() and not torch.isnan(y[:, 6]).any()
@@ -264,11 +270,11 @@ def generic_lib(tmp_path_factory):
 def test_generic_build_and_torch_fallback(generic_lib, monkeypatch):
     cases = [_case(3, 37, 224, wk, ak, seed=25) for wk, ak in itertools.product(GRIDS, ACTS)]
     for args, mul in cases:
-        _chk(W.wgemm_eager(*args, w_scale_mul=mul, lib=generic_lib, path=W.PATH_AMX), args, mul, "generic")
+        assert not _over(W.wgemm_eager(*args, w_scale_mul=mul, lib=generic_lib, path=W.PATH_AMX), args, mul, "generic")
     monkeypatch.setenv("OQ_COMPILE", "0")
     for args, mul in cases:
         y = W.wgemm(*args, w_scale_mul=mul)
-        _chk(y, args, mul, "torch fallback")
+        assert not _over(y, args, mul, "torch fallback")
         assert torch.equal(y, W.wgemm_reference(*args, w_scale_mul=mul))
         b = torch.randn(37)
         assert torch.equal(_bits(W.wgemm(*args, w_scale_mul=mul, bias=b, out_dtype=torch.bfloat16)), _bits((y + b).bfloat16()))

@@ -31,25 +31,28 @@ def adversarial() -> torch.Tensor:
     return blocks.reshape(64, 160)
 
 
-def _same(a, b):
-    assert [t.dtype for t in a] == [t.dtype for t in b] and [t.shape for t in a] == [t.shape for t in b]
-    assert torch.equal(a[2], b[2])
-    assert torch.equal(a[1].view(torch.uint8), b[1].view(torch.uint8))
-    assert torch.equal(a[0], b[0])
+def _differing(a, b) -> list[str]:
+    """Names of the (qdata, scale, global_scale) tensors whose dtype, shape or bytes differ."""
+    names = ("qdata", "scale", "global_scale")
+    return [
+        n
+        for n, x, y in zip(names, a, b)
+        if x.dtype != y.dtype or x.shape != y.shape or not torch.equal(x.view(torch.uint8), y.view(torch.uint8))
+    ]
 
 
 def test_bytes_equal_reference():
     w = adversarial().bfloat16()
-    _same(quantize_nvfp4_compiled(w), quantize_nvfp4(w))
+    assert not _differing(quantize_nvfp4_compiled(w), quantize_nvfp4(w))
     x = torch.randn(64, 160, generator=torch.Generator().manual_seed(6)).bfloat16() * 5
-    _same(quantize_nvfp4_compiled(x), quantize_nvfp4(x))  # same signature: no recompile
+    assert not _differing(quantize_nvfp4_compiled(x), quantize_nvfp4(x))  # same signature: no recompile
 
 
 def test_expert_stack_override_and_errors():
     """float32 [E, N, K] with per-expert global scales given (one more compiled signature)."""
     w = adversarial().reshape(4, 16, 160) * torch.tensor([1.0, 0.0, 1e-20, 1e20]).reshape(4, 1, 1)
     g = torch.tensor([[448.0], [1.0], [3e22], [1e-17]])
-    _same(quantize_nvfp4_compiled(w, global_scale=g), quantize_nvfp4(w, global_scale=g))
+    assert not _differing(quantize_nvfp4_compiled(w, global_scale=g), quantize_nvfp4(w, global_scale=g))
     with pytest.raises(ValueError, match="divisible by 16"):
         quantize_nvfp4_compiled(torch.randn(4, 40))
-    _same(quantize_nvfp4_compiled(torch.empty(0, 32)), quantize_nvfp4(torch.empty(0, 32)))
+    assert not _differing(quantize_nvfp4_compiled(torch.empty(0, 32)), quantize_nvfp4(torch.empty(0, 32)))
