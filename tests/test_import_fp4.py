@@ -36,9 +36,8 @@ pytest.importorskip("oq_plugin_mxfp4")
 pytest.importorskip("oq_plugin_nvfp4")
 from battery.util import raises_naming
 from test_import_ct import _rel_err
-from test_import_llmcompressor import _expert_modules, _fake_quant, _fake_quant_experts
+from test_import_llmcompressor import DATA, _expert_modules, _fake_quant, _fake_quant_experts, _stored, loaded  # noqa: F401 (loaded: a fixture)
 
-DATA = Path(__file__).parent / "data" / "llmcompressor"
 
 # fixture -> the oqcore (weight, activation) keys its config group loads as
 FP4 = {
@@ -75,22 +74,6 @@ def dequantize_stored(stored: dict, module: str) -> torch.Tensor:
     else:
         mult = scale.float() / stored[f"{module}.weight_global_scale"].float()
     return v * mult.repeat_interleave(v.shape[-1] // scale.shape[-1], dim=-1)
-
-
-@pytest.fixture(scope="module")
-def loaded():
-    made = {}
-
-    def get(name):
-        if name not in made:
-            made[name] = oqcore.load(DATA / name, dtype=torch.float32)
-        return made[name]
-
-    return get
-
-
-def _stored(name: str) -> dict[str, torch.Tensor]:
-    return load_file(DATA / name / "model.safetensors")
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
