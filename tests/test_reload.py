@@ -122,3 +122,37 @@ def test_reload_after_quantize_inplace(tiny_moe, second):
 def test_reload_on_a_plain_model():
     with pytest.raises(oqcore.ConfigError, match="^model: Linear was not loaded or quantized by oqcore"):
         oqcore.reload_weights(torch.nn.Linear(2, 2), {})
+
+
+FP4_CONFIGS = {
+    "mxfp4": {"linear": "mxfp4", "moe": {"weight": "mxfp4", "activation": "mxfp8"}},
+    "nvfp4": {"linear": "nvfp4", "moe": "nvfp4"},
+}
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "olmoe", "gpt_oss"])
+@pytest.mark.parametrize("scheme", list(FP4_CONFIGS))
+def test_fp4_reload_in_place_equals_fresh_load_and_a_bad_one_changes_nothing(tiny_moe, tmp_path, arch, scheme):
+    """The 4-bit schemes on every layout: packed codes, e8m0 / e4m3 scales and nvfp4's per-expert
+    global scales refit into the same storages, equal to a fresh load; a NaN in the last expert
+    stack is refused naming the layer, with the model as it was."""
+    cfg = FP4_CONFIGS[scheme]
+    src = tiny_moe(arch)
+    new = perturbed_copy(src, tmp_path / "b")
+    model = oqcore.load(src, cfg)
+    ptrs = {n: t.data_ptr() for n, t in model.state_dict().items()}
+    oqcore.reload_weights(model, iter_checkpoint(new))
+    assert {n: t.data_ptr() for n, t in model.state_dict().items()} == ptrs
+    assert torch.equal(logits(model), logits(oqcore.load(new, cfg)))
+
+    before = snapshot(model)
+    ref = logits(model)
+    weights = dict(iter_checkpoint(src))
+    last = [k for k in weights if "experts" in k and weights[k].is_floating_point() and weights[k].dim() >= 2][-1]
+    weights[last] = weights[last].clone()
+    weights[last].view(-1)[7] = float("nan")
+    with pytest.raises(UnsupportedLayerError, match="NaN/Inf"):
+        oqcore.reload_weights(model, weights)
+    after = model.state_dict()
+    assert all(torch.equal(old, after[n]) and after[n].data_ptr() == p for n, (p, old) in before.items())
+    assert torch.equal(logits(model), ref)
