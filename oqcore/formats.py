@@ -66,6 +66,14 @@ class QuantizerImpl:
       the core skips its own pass over the tensor.
     - ``whole_stack``: an ``[E, N, K]`` expert stack in one call needs no memory beyond the outputs;
       otherwise the core calls it once per expert.
+    - ``takes_amax``: ``quantize(w, options, amax=a)`` accepts an externally reduced amax (tensor
+      parallelism: :func:`shared_amax_grid`). ``a`` is float32, the max ``|x|`` of every group of the
+      key's *outermost* scale level (``scale2`` when the key has one, else ``scale``) over the whole
+      unsharded tensor, laid out as that level's grid for ``w`` (:func:`amax_grid` 's shape: per
+      tensor ``[*lead, 1, 1]``, per channel ``[*lead, N, 1]``); ``w`` is this rank's slice, cut on
+      that level's group boundaries. The implementation uses ``a`` where it would have computed
+      those groups' amax from ``w``, so the slice gets exactly the bytes it has in the quantized
+      whole tensor. The scheme math (scale from amax) stays in the plugin.
     - ``dequantize``, ``key``, ``plugin``: filled in by the core from the :class:`KeyFormat` and
       the registering plugin.
     """
@@ -76,6 +84,7 @@ class QuantizerImpl:
     is_supported: QuantizerSupport = any_input
     checks_finite: bool = False
     whole_stack: bool = False
+    takes_amax: bool = False
     description: str = ""
     dequantize: Callable[..., torch.Tensor] | None = None
     key: QuantKey | None = None
