@@ -25,6 +25,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -468,112 +469,181 @@ def checkpoint_entries(path: Path) -> list[TensorEntry]:
 
 
 PARALLEL_READ_MIN_BYTES = 2 << 20
-"""Tensors at least this large are split into one chunk per reading thread (4 KiB aligned)."""
+"""Reads at least this large are split into one chunk per reading thread (4 KiB aligned)."""
+PARALLEL_RUN_MIN_BYTES = 64 << 10
+"""A slice whose byte runs average less than this is read in the calling thread only: with small
+runs the per-run Python work, not the copy, bounds the speed, and threads would contend for the GIL."""
 CONVERT_CHUNK_BYTES = 4 << 20
 """Scratch size of converting reads (checkpoint dtype -> another floating dtype)."""
+PREFETCH_MAX_GAP = 64 << 10
+"""Read-ahead hints join byte ranges of one file less than this apart (the kernel reads ahead that
+much anyway): fewer system calls."""
+PREFETCH_MAX_SPANS = 1024
+"""A sliced tensor needing more read-ahead ranges than this is advised as its one covering range."""
+
+
+class ReadableEntry(Protocol):
+    """What :class:`TensorReader` reads: a whole :class:`TensorEntry`, or a rank's slice of one,
+    :class:`oqcore.loading.slices.SlicedEntry` (which also gives its byte runs: ``iter_runs(lo,
+    hi)``, ``run_count``, ``file_spans(max_gap, max_spans)``)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def file(self) -> Path: ...
+    @property
+    def dtype(self) -> torch.dtype: ...
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+    @property
+    def numel(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+
+
+def _runs(entry: ReadableEntry, lo: int, hi: int) -> Iterator[tuple[int, int, int]]:
+    """``(file offset, length, destination offset)`` runs of ``entry``'s bytes ``[lo, hi)``: one
+    for a whole tensor, the slice's own runs for a sliced one (a SlicedEntry, duck-typed: its module
+    imports this one)."""
+    if isinstance(entry, TensorEntry):
+        if hi > lo:
+            yield entry.offset + lo, hi - lo, lo
+    else:
+        yield from entry.iter_runs(lo, hi)
+
+
+def _label(entry: ReadableEntry) -> str:
+    """``"tensor 'w'"``, plus the slice for a sliced entry, for messages."""
+    if isinstance(entry, TensorEntry):
+        return f"tensor {entry.name!r}"
+    return f"tensor {entry.name!r} (slice {entry.describe()})"
 
 
 class TensorReader:
-    """Reads :class:`TensorEntry` tensors straight into tensors, keeping files open.
+    """Reads :class:`TensorEntry` tensors, or a rank's slices of them
+    (:class:`oqcore.loading.slices.SlicedEntry`), straight into tensors, keeping files open.
 
     ``threads``: how many threads read a large tensor's chunks (default: torch's intra-op thread
-    count, at most 4); 1 reads everything in the calling thread.
+    count, at most 4); 1 reads everything in the calling thread. ``bytes_read`` counts the bytes
+    taken from the files so far (a slice costs its own bytes only, never the whole tensor's).
     """
 
     def __init__(self, threads: int | None = None) -> None:
         self._files: dict[Path, object] = {}
         self.threads = max(1, min(4, threads if threads is not None else torch.get_num_threads()))
         self._pool: ThreadPoolExecutor | None = None
-        self._advised: dict[Path, int] = {}  # per file: end of the span already advised
+        self._advised: set[tuple] = set()  # the entries already given to prefetch
         self._scratch: torch.Tensor | None = None  # raw bytes of converting reads, reused
+        self.bytes_read = 0
 
-    def read(self, entry: TensorEntry) -> torch.Tensor:
-        """A new CPU tensor holding ``entry``'s bytes (never a view of a mapping)."""
+    def read(self, entry: ReadableEntry) -> torch.Tensor:
+        """A new CPU tensor holding ``entry``'s bytes (never a view of a mapping); for a
+        :class:`~oqcore.loading.slices.SlicedEntry`, its local shape."""
         return self.read_into(entry, torch.empty(entry.shape, dtype=entry.dtype))
 
-    def read_into(self, entry: TensorEntry, out: torch.Tensor) -> torch.Tensor:
+    def read_into(self, entry: ReadableEntry, out: torch.Tensor) -> torch.Tensor:
         """Read ``entry``'s bytes straight into ``out`` (a contiguous CPU tensor of its shape and
         dtype, e.g. one expert's slice of a fused stack): no intermediate copy. Returns ``out``.
+
+        ``entry`` may be a rank's slice (:class:`~oqcore.loading.slices.SlicedEntry`): only its
+        byte runs are read (``pread`` per run, large runs split across the threads), into ``out``
+        of its local shape.
 
         ``out`` may have another floating dtype than a floating ``entry`` (an fp32 checkpoint loaded
         in bf16): the bytes then go through a small reused scratch buffer, chunk by chunk, and are
         converted into ``out`` (``Tensor.copy_`` rounding), never held whole in the checkpoint's dtype.
+
+        Raises ``ValueError`` for an ``out`` that does not fit (a caller's bug), and
+        :class:`oqcore.CheckpointError` naming the file and tensor when the file cannot be read or
+        ends before the tensor's bytes do.
         """
         convert = out.dtype != entry.dtype and out.dtype.is_floating_point and entry.dtype.is_floating_point
-        if tuple(out.shape) != entry.shape or (out.dtype != entry.dtype and not convert) or not out.is_contiguous() or out.device.type != "cpu":
+        if tuple(out.shape) != tuple(entry.shape) or (out.dtype != entry.dtype and not convert) or not out.is_contiguous() or out.device.type != "cpu":
             raise ValueError(f"read_into({entry.name!r}): needs a contiguous CPU {entry.dtype} tensor of shape {list(entry.shape)}")
         if entry.numel == 0:
             return out
         if convert:
             return self._read_converting(entry, out)
-        fd = self._fd(entry.file)
-        buf = out.view(-1).view(torch.uint8).numpy()
-        n = entry.nbytes
-        try:
-            got = self._read_chunks(fd, memoryview(buf), entry.offset)
-        except OSError as e:
-            raise CheckpointError(f"{entry.file}: cannot read tensor {entry.name!r}: {e}") from None
-        if got != n:
-            raise CheckpointError(f"{entry.file}: tensor {entry.name!r} is truncated ({got} of {n} bytes)")
+        self._read_window(entry, memoryview(out.view(-1).view(torch.uint8).numpy()), 0, entry.nbytes)
         return out
 
-    def _read_converting(self, entry: TensorEntry, out: torch.Tensor) -> torch.Tensor:
-        fd = self._fd(entry.file)
-        per = max(1, CONVERT_CHUNK_BYTES // entry.dtype.itemsize)
-        if self._scratch is None or self._scratch.numel() < per * entry.dtype.itemsize:
+    def _read_converting(self, entry: ReadableEntry, out: torch.Tensor) -> torch.Tensor:
+        item = entry.dtype.itemsize
+        per = max(1, CONVERT_CHUNK_BYTES // item)
+        if self._scratch is None or self._scratch.numel() < per * item:
             self._scratch = torch.empty(CONVERT_CHUNK_BYTES, dtype=torch.uint8)
         flat = out.view(-1)
         for a in range(0, entry.numel, per):
             b = min(a + per, entry.numel)
-            raw = self._scratch[: (b - a) * entry.dtype.itemsize]
-            try:
-                got = self._read_chunks(fd, memoryview(raw.numpy()), entry.offset + a * entry.dtype.itemsize)
-            except OSError as e:
-                raise CheckpointError(f"{entry.file}: cannot read tensor {entry.name!r}: {e}") from None
-            if got != raw.numel():
-                done = a * entry.dtype.itemsize + got
-                raise CheckpointError(f"{entry.file}: tensor {entry.name!r} is truncated ({done} of {entry.nbytes} bytes)")
+            raw = self._scratch[: (b - a) * item]
+            self._read_window(entry, memoryview(raw.numpy()), a * item, b * item)
             flat[a:b].copy_(raw.view(entry.dtype))
         return out
 
-    def _read_chunks(self, fd: int, mv: memoryview, offset: int) -> int:
-        """Fill ``mv`` from ``offset``: one chunk per thread for large reads. Bytes read."""
-        n = len(mv)
-        if self.threads == 1 or n < PARALLEL_READ_MIN_BYTES:
-            return _pread_full(fd, mv, offset)
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="oq-read")
-        step = ((n + self.threads - 1) // self.threads + 4095) // 4096 * 4096
-        chunks = [(a, min(a + step, n)) for a in range(0, n, step)]
-        # the calling thread reads the first chunk itself while the pool reads the others
-        futures = [self._pool.submit(_pread_full, fd, mv[a:b], offset + a) for a, b in chunks[1:]]
+    def _read_window(self, entry: ReadableEntry, mv: memoryview, lo: int, hi: int) -> None:
+        """Fill ``mv`` with bytes ``[lo, hi)`` of ``entry`` (of its contiguous local tensor), one
+        chunk per thread for large windows of large runs. Raises :class:`oqcore.CheckpointError`."""
+        fd = self._fd(entry.file)
+        n = hi - lo
+        mean_run = entry.nbytes if isinstance(entry, TensorEntry) else entry.nbytes / max(1, entry.run_count)
         try:
-            got = _pread_full(fd, mv[: chunks[0][1]], offset)
-        finally:
-            wait(futures)  # never leave a thread writing into a buffer we no longer own
-        return got + sum(f.result() for f in futures)
+            if self.threads == 1 or n < PARALLEL_READ_MIN_BYTES or mean_run < PARALLEL_RUN_MIN_BYTES:
+                got = _read_runs(fd, _runs(entry, lo, hi), mv, lo)
+            else:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="oq-read")
+                step = ((n + self.threads - 1) // self.threads + 4095) // 4096 * 4096
+                chunks = [(a, min(a + step, n)) for a in range(0, n, step)]
+                # the calling thread reads the first chunk itself while the pool reads the others
+                futures = [self._pool.submit(_read_runs, fd, _runs(entry, lo + a, lo + b), mv[a:b], lo + a) for a, b in chunks[1:]]
+                try:
+                    got = _read_runs(fd, _runs(entry, lo, lo + chunks[0][1]), mv[: chunks[0][1]], lo)
+                finally:
+                    wait(futures)  # never leave a thread writing into a buffer we no longer own
+                got += sum(f.result() for f in futures)
+        except OSError as e:
+            raise CheckpointError(f"{entry.file}: cannot read {_label(entry)}: {e}") from None
+        self.bytes_read += got
+        if got != n:
+            raise CheckpointError(f"{entry.file}: {_label(entry)} is truncated ({lo + got} of {entry.nbytes} bytes)")
 
-    def prefetch(self, entries: Iterable[TensorEntry]) -> None:
+    def prefetch(self, entries: Iterable[ReadableEntry]) -> None:
         """Ask the kernel to read these tensors' bytes into the page cache in the background
         (``POSIX_FADV_WILLNEED``; a no-op where unsupported). Costs no process memory.
 
-        One call per file covers the entries' whole byte span, minus what was already advised."""
+        Each entry is advised once per reader. A slice advises only its byte runs (runs less than
+        :data:`PREFETCH_MAX_GAP` apart joined), or its covering range when that would take more
+        than :data:`PREFETCH_MAX_SPANS` calls; ranges of one file less than ``PREFETCH_MAX_GAP``
+        apart are joined into one call."""
         advise = getattr(os, "posix_fadvise", None)
         if advise is None:
             return
-        spans: dict[Path, tuple[int, int]] = {}
+        spans: dict[Path, list[tuple[int, int]]] = {}
         for e in entries:
-            lo, hi = spans.get(e.file, (e.offset, e.offset + e.nbytes))
-            spans[e.file] = (min(lo, e.offset), max(hi, e.offset + e.nbytes))
-        for file, (lo, hi) in spans.items():
-            lo = max(lo, self._advised.get(file, 0))
-            if hi <= lo:
+            whole = isinstance(e, TensorEntry)
+            key = (e.file, e.offset, e.nbytes) if whole else (e.file, e.entry.offset, e.dim, e.ranges)
+            if key in self._advised:
                 continue
-            try:
-                advise(self._fd(file), lo, hi - lo, os.POSIX_FADV_WILLNEED)
-            except OSError:
-                return
-            self._advised[file] = hi
+            self._advised.add(key)
+            if whole:
+                if e.nbytes:
+                    spans.setdefault(e.file, []).append((e.offset, e.offset + e.nbytes))
+            else:
+                spans.setdefault(e.file, []).extend(e.file_spans(PREFETCH_MAX_GAP, PREFETCH_MAX_SPANS))
+        for file, ranges in spans.items():
+            ranges.sort()
+            joined: list[list[int]] = []
+            for lo, hi in ranges:
+                if joined and lo - joined[-1][1] < PREFETCH_MAX_GAP:
+                    joined[-1][1] = max(joined[-1][1], hi)
+                else:
+                    joined.append([lo, hi])
+            fd = self._fd(file)
+            for lo, hi in joined:
+                try:
+                    advise(fd, lo, hi - lo, os.POSIX_FADV_WILLNEED)
+                except OSError:
+                    return
 
     def _fd(self, file: Path) -> int:
         f = self._files.get(file)
@@ -595,6 +665,18 @@ class TensorReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _read_runs(fd: int, runs: Iterable[tuple[int, int, int]], mv: memoryview, base: int) -> int:
+    """Read each run ``(file offset, length, destination offset)`` into ``mv`` (which starts at
+    destination offset ``base``); stops at the first short read. Bytes read."""
+    done = 0
+    for off, n, dst in runs:
+        got = _pread_full(fd, mv[dst - base : dst - base + n], off)
+        done += got
+        if got < n:
+            break
+    return done
 
 
 def _pread_full(fd: int, buf: memoryview, offset: int) -> int:
