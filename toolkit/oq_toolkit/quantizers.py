@@ -55,11 +55,19 @@ def _cpu_only(device: torch.device, shape: tuple[int, ...], dtype: torch.dtype) 
     return True, "C kernel on the CPU (the eager reference without a compiler)"
 
 
-def native_cpu_quantizer(quantize: Callable, description: str) -> QuantizerImpl:
-    """The ``cpu`` implementation: a C kernel (:mod:`oq_toolkit.native`) that finds NaN/Inf in its
-    own amax pass and quantizes a whole expert stack in one call."""
+def native_cpu_quantizer(quantize: Callable, description: str, takes_amax: bool = False) -> QuantizerImpl:
+    """The ``cpu`` implementation: a C kernel (:mod:`oq_toolkit.native`) that finds NaN/Inf itself
+    and quantizes a whole expert stack in one call. ``takes_amax``: ``quantize`` accepts
+    ``amax=`` (an externally reduced amax, :attr:`oqcore.QuantizerImpl.takes_amax`)."""
     return QuantizerImpl(
-        NATIVE_CPU, quantize, priority=50, is_supported=_cpu_only, checks_finite=True, whole_stack=True, description=description
+        NATIVE_CPU,
+        quantize,
+        priority=50,
+        is_supported=_cpu_only,
+        checks_finite=True,
+        whole_stack=True,
+        takes_amax=takes_amax,
+        description=description,
     )
 
 

@@ -228,6 +228,8 @@ def _bind_quantizers(lib) -> None:
     P, I, C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.oq_fp8_quantize.argtypes = [P, C, I, I, I, I, P, P, C]
     lib.oq_fp8_quantize.restype = I
+    lib.oq_fp8_quantize_scaled.argtypes = [P, C, I, I, I, I, P, P, C]
+    lib.oq_fp8_quantize_scaled.restype = I
     lib.oq_f32_to_e4m3.argtypes = [P, I, C, C, P]
     lib.oq_f32_to_e4m3.restype = None
 
@@ -250,7 +252,9 @@ def _nonfinite(w: torch.Tensor):
     return NonFiniteError(f"tensor of shape {list(w.shape)} holds NaN/Inf")
 
 
-def quantize_fp8_grouped(w: torch.Tensor, g, lib=None, *, check_finite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8_grouped(
+    w: torch.Tensor, g, lib=None, *, check_finite: bool = False, amax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """C fp8 quantizer: ``w [..., R, C]`` (float32/bf16/fp16, CPU) -> ``(q float8_e4m3fn, scale float32)``,
     the bytes and layout of :func:`oq_plugin_fp8.quant.quantize_grouped` for grouping ``g``.
 
@@ -259,10 +263,19 @@ def quantize_fp8_grouped(w: torch.Tensor, g, lib=None, *, check_finite: bool = F
     other dtypes / devices / empty tensors, and for a matrix holding Inf or NaN (the kernel detects
     it in its amax) unless ``check_finite``, which raises :class:`oqcore.NonFiniteError` for such
     input on every path (the registered ``cpu`` quantizer: the core then skips its own pass).
+
+    ``amax``: an externally reduced per-group amax (float32, the group grid, see
+    :mod:`oq_plugin_fp8.quant`): the scales are made from it by the reference's
+    :func:`~oq_plugin_fp8.quant.scale_from_amax` and the kernel runs its quantize pass alone
+    (``oq_fp8_quantize_scaled``, which flags Inf/NaN in ``w`` itself). A non-finite ``amax`` (the
+    whole tensor holds NaN/Inf somewhere) raises :class:`oqcore.NonFiniteError` with
+    ``check_finite``, else the reference runs. ``ValueError`` for an ``amax`` of another shape.
     """
     from oq_plugin_fp8.quant import quantize_grouped
 
     lib = lib if lib is not None else load_library()
+    if amax is not None:
+        return _quantize_scaled(w, g, amax, lib, check_finite)
     if lib is None or not _quantizable(w):
         _fallback(w, check_finite)
         return quantize_grouped(w, g)
@@ -287,6 +300,39 @@ def quantize_fp8_grouped(w: torch.Tensor, g, lib=None, *, check_finite: bool = F
             return quantize_grouped(w, g)
     if g.tensor_scale:
         scale = scale.squeeze(-1)
+    return q.view(torch.float8_e4m3fn), scale
+
+
+def _quantize_scaled(w: torch.Tensor, g, amax: torch.Tensor, lib, check_finite: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_fp8_grouped` with a given ``amax`` (checked against ``w`` and ``g``)."""
+    from oq_plugin_fp8.quant import check_amax, quantize_grouped, scale_from_amax
+
+    a = check_amax(amax, w, g)
+    if not bool(torch.isfinite(a).all()):
+        if check_finite:
+            from oqcore.errors import NonFiniteError
+
+            raise NonFiniteError(f"the amax given for the tensor of shape {list(w.shape)} holds NaN/Inf (so does the whole tensor)")
+        return quantize_grouped(w, g, a)  # the reference defines those bytes
+    if lib is None or not _quantizable(w):
+        _fallback(w, check_finite)
+        return quantize_grouped(w, g, a)
+    w = w.contiguous()
+    r, c = w.shape[-2], w.shape[-1]
+    gr, gc = g.extents(r, c)
+    grid = scale_from_amax(a).contiguous()  # the reference's float32 ops: its scales exactly
+    nr, nc = grid.shape[-2], grid.shape[-1]
+    b = w.numel() // (r * c)
+    q = torch.empty(w.shape, dtype=torch.uint8)
+    dt, nthreads, esz = _DT_CODES[w.dtype], threads_for(w.numel()), w.element_size()
+    wp, qp, sp = w.data_ptr(), q.data_ptr(), grid.data_ptr()
+    for e in range(b):
+        bad = lib.oq_fp8_quantize_scaled(wp + e * r * c * esz, dt, r, c, gr, gc, sp + e * nr * nc * 4, qp + e * r * c, nthreads)
+        if bad != 0:  # Inf/NaN in w
+            if check_finite:
+                raise _nonfinite(w)
+            return quantize_grouped(w, g, a)
+    scale = grid.squeeze(-1) if g.tensor_scale else grid
     return q.view(torch.float8_e4m3fn), scale
 
 

@@ -31,6 +31,14 @@ fp8_per_block_dynamic         ``[M, K]``          ``[M, ceil(K/128)]``       ``[
 So ``scale[e]`` of a 3D stack is exactly the scale of quantizing expert ``e`` alone. Edge blocks
 and groups that are not full (shapes not multiples of 128) are partial: their amax is over the
 elements that exist (as compressed-tensors' zero padding gives).
+
+Externally reduced amax (tensor parallelism, :attr:`oqcore.QuantizerImpl.takes_amax`): every
+quantizer here takes ``amax=``, the float32 max ``|w|`` of each group over the whole (unsharded)
+tensor laid out as the group grid of ``w`` (:func:`oqcore.groups.amax_grid`: ``[*lead, 1, 1]``
+per tensor, ``[*lead, N, 1]`` per channel / token, ``[*lead, ceil(N/128), ceil(K/128)]`` blocks,
+``[*lead, M, ceil(K/128)]`` 1x128 groups). It replaces the amax computed from ``w``; the scale and
+element rules are unchanged, so a slice ``w`` cut on group boundaries gets exactly the bytes (and
+scales) it has in the quantized whole tensor.
 """
 
 from __future__ import annotations
@@ -94,6 +102,22 @@ def group_amax(w: torch.Tensor, g: Grouping) -> torch.Tensor:
     return a.amax(dim=(-3, -1))
 
 
+def check_amax(amax: torch.Tensor, w: torch.Tensor, g: Grouping) -> torch.Tensor:
+    """An externally reduced ``amax`` for ``w [..., R, C]`` and grouping ``g``, as float32 on
+    ``w``'s device, after checking its shape is the group grid ``[..., ceil(R/gr), ceil(C/gc)]``
+    (:func:`group_amax` 's, :func:`oqcore.groups.amax_grid` 's). Raises ``ValueError`` naming both
+    shapes otherwise (a caller's bug: the core reduces amax in this layout)."""
+    gr, gc, nr, nc = _grid(w, g)
+    want = (*w.shape[:-2], nr, nc)
+    if not isinstance(amax, torch.Tensor) or tuple(amax.shape) != want:
+        got = list(amax.shape) if isinstance(amax, torch.Tensor) else type(amax).__name__
+        raise ValueError(
+            f"fp8 amax for a tensor of shape {list(w.shape)} with {gr}x{gc} groups must have the group "
+            f"grid's shape {list(want)}, got {got}"
+        )
+    return amax.to(device=w.device, dtype=torch.float32)
+
+
 def scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     """``amax / 448`` in float32, zeros replaced by float32 eps (compressed-tensors' rule)."""
     scale = amax.float() / FP8_MAX
@@ -125,28 +149,32 @@ def _opaque_under_compile(shape: torch.Size, g: Grouping) -> bool:
     return len(shape) >= 2 and torch.compiler.is_compiling() and partial_groups(shape, g)
 
 
-def quantize_grouped(w: torch.Tensor, g: Grouping) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_grouped(w: torch.Tensor, g: Grouping, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``w [..., R, C]`` (any float dtype; upcast to float32) with one scale per group.
 
     Returns ``(qdata float8_e4m3fn [..., R, C], scale float32)`` with the scale layout of the
-    module docstring. Formula: compressed-tensors ``calculate_qparams`` + ``_quantize``. Under
+    module docstring. Formula: compressed-tensors ``calculate_qparams`` + ``_quantize``. ``amax``:
+    an externally reduced per-group amax (float32, the group grid ``[..., ceil(R/gr),
+    ceil(C/gc)]``, see the module docstring) used instead of ``w`` 's own. Under
     ``torch.compile``, shapes with partial groups run this same function as the opaque op
     ``oq_fp8::quantize_grouped`` (see :mod:`oq_plugin_fp8.ops`). Raises ``ValueError`` for fewer
-    than 2 dims.
+    than 2 dims or an ``amax`` of another shape.
     """
-    if _opaque_under_compile(w.shape, g):
+    if amax is None and _opaque_under_compile(w.shape, g):
         from oq_plugin_fp8 import ops
 
         return ops.quantize_grouped(w, g.rows, g.cols, g.tensor_scale)
-    return quantize_grouped_eager(w, g)
+    return quantize_grouped_eager(w, g, amax)
 
 
-def quantize_grouped_eager(w: torch.Tensor, g: Grouping) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_grouped_eager(
+    w: torch.Tensor, g: Grouping, amax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`quantize_grouped` without the compile dispatch (the reference math itself)."""
     if w.dim() < 2:
         raise ValueError(f"expected at least a 2D tensor, got shape {tuple(w.shape)}")
     w = w.float()
-    grid_scale = scale_from_amax(group_amax(w, g))
+    grid_scale = scale_from_amax(group_amax(w, g) if amax is None else check_amax(amax, w, g))
     # "+ 0.0" is compressed-tensors' symmetric zero point: it turns -0.0 into +0.0 (tiny negatives
     # that round to zero keep their sign), and its bytes are what we match
     scaled = w / expand_scale(grid_scale, w.shape, g) + 0.0
@@ -209,9 +237,11 @@ def compressed_tensors_args(key) -> dict:
 def reference_quantizer(g: Grouping):
     """The torch reference ``quantize(w, options) -> (qdata, scale)`` of grouping ``g``."""
 
-    def quantize(w: torch.Tensor, options=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``w [..., R, C]`` -> ``(qdata float8_e4m3fn, scale float32)`` for this grouping (see the module docstring)."""
-        return quantize_grouped(w, g)
+    def quantize(w: torch.Tensor, options=None, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``w [..., R, C]`` -> ``(qdata float8_e4m3fn, scale float32)`` for this grouping (see the
+        module docstring); ``amax``: an externally reduced per-group amax (the group grid)."""
+        # the two-argument call when amax is absent: the v1 call, which tests may wrap
+        return quantize_grouped(w, g) if amax is None else quantize_grouped(w, g, amax)
 
     return quantize
 

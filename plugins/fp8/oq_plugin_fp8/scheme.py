@@ -4,7 +4,8 @@
 Every key's :class:`oqcore.KeyFormat` (``qdata`` float8_e4m3fn of the input's shape, ``scale``
 float32 laid out per :mod:`oq_plugin_fp8.quant`) carries the same four quantizer implementations
 (same bytes): the torch reference, Triton (CUDA), the C kernel (CPU) and torch.compile (CPU, large
-tensors). The core derives the method classes, the quantizer candidates and the reference forward.
+tensors). The reference and the C kernel take an externally reduced amax (``takes_amax``, tensor
+parallelism; see :mod:`oq_plugin_fp8.quant`). The core derives the method classes, the quantizer candidates and the reference forward.
 """
 
 from __future__ import annotations
@@ -39,10 +40,11 @@ def _triton(g: Grouping):
 
 
 def _cpu(g: Grouping):
-    def quantize(w, options=None):
+    def quantize(w, options=None, amax=None):
         """C fp8 quantizer of one grouping (:mod:`oq_plugin_fp8.cpu`, built on first call; the
-        reference without a compiler); raises :class:`oqcore.NonFiniteError` for NaN/Inf."""
-        return quantize_fp8_grouped(w, g, check_finite=True)
+        reference without a compiler); raises :class:`oqcore.NonFiniteError` for NaN/Inf.
+        ``amax``: an externally reduced per-group amax (the group grid, float32)."""
+        return quantize_fp8_grouped(w, g, check_finite=True, amax=amax)
 
     return quantize
 
@@ -58,9 +60,11 @@ def _compiled(g: Grouping):
 def _format(key) -> KeyFormat:
     g = grouping_of(key)
     implementations = (
-        QuantizerImpl("torch", reference_quantizer(g), description="compressed-tensors' formula in float32"),
+        QuantizerImpl(
+            "torch", reference_quantizer(g), takes_amax=True, description="compressed-tensors' formula in float32"
+        ),
         triton_quantizer(_triton(g), "oq_plugin_fp8.kernels", "one-pass Triton fp8 quantizer"),
-        native_cpu_quantizer(_cpu(g), "C fp8 quantizer (oq_plugin_fp8.cpu)"),
+        native_cpu_quantizer(_cpu(g), "C fp8 quantizer (oq_plugin_fp8.cpu)", takes_amax=True),
         compiled_quantizer(_compiled(g), "torch.compile of the fp8 graph"),
     )
     return KeyFormat(

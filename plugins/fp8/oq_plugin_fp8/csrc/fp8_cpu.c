@@ -3,6 +3,7 @@
    - oq_fp8_gemv / oq_fp8_dequant_rows: float8_e4m3fn weights q [N, K] with a scale grid (float32,
      or e8m0 exponent bytes for MX), fused dequantize-and-GEMV and row dequantization;
    - oq_fp8_quantize: the fp8 grouped quantizer, bit-exact with oq_plugin_fp8.quant;
+   - oq_fp8_quantize_scaled: the same with the scales given (an externally reduced amax);
    - oq_f32_to_e4m3: the scalar/vector float32 -> e4m3 converter, exported for the exhaustive tests.
 
    Shared helpers (OQ_INLINE, OQ_AVX512, load1/load16/tailmask, half_to_f32, OQ_PREFETCH) come from
@@ -353,6 +354,60 @@ int64_t oq_fp8_quantize(const void* w, int dt, int64_t N, int64_t K, int64_t gr,
     case 0: return quant_grid_dt(w, 0, N, K, gr, gc, q, scale, nthreads);
     case 1: return quant_grid_dt(w, 1, N, K, gr, gc, q, scale, nthreads);
     default: return quant_grid_dt(w, 2, N, K, gr, gc, q, scale, nthreads);
+    }
+}
+
+/* seg_quant that also reports Inf/NaN input (returns 1 then; the bytes are undefined): the pass of
+   oq_fp8_quantize_scaled, which has no amax pass of its own to find them in */
+OQ_INLINE int seg_quant_chk(const void* w, int dt, int64_t off, int64_t len, float scale, uint8_t* q) {
+    int64_t i = 0;
+    int bad = 0;
+#ifdef OQ_AVX512
+    __m512 s = _mm512_set1_ps(scale), hi = _mm512_set1_ps(448.0f), lo = _mm512_set1_ps(-448.0f);
+    __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF), inf = _mm512_set1_epi32(0x7F800000);
+    __mmask16 nf = 0;
+    for (; i < len; i += 16) {
+        __mmask16 m = tailmask(len - i);
+        OQ_PREFETCH(w, dt, off + i + OQ_PREFETCH_AHEAD);
+        __m512 x = load16(w, dt, off + i, m);  /* exact: bf16/fp16 Inf/NaN stay Inf/NaN */
+        nf |= _mm512_cmpge_epu32_mask(_mm512_and_si512(_mm512_castps_si512(x), absmask), inf);
+        __m512 y = _mm512_div_ps(x, s);
+        y = _mm512_min_ps(_mm512_max_ps(y, lo), hi);
+        _mm_mask_storeu_epi8(q + off + i, m, e4m3_16(y, 1));
+    }
+    bad = nf != 0;
+#endif
+    for (; i < len; i++) {
+        if (abs_bits1(w, dt, off + i) >= inf_bits(dt)) bad = 1;
+        float y = load1(w, dt, off + i) / scale;
+        y = y > 448.0f ? 448.0f : (y < -448.0f ? -448.0f : y);
+        q[off + i] = f32_to_e4m3(y, 1);
+    }
+    return bad;
+}
+
+OQ_INLINE int64_t quant_scaled_dt(const void* w, int dt, int64_t N, int64_t K, int64_t gr, int64_t gc,
+                                  const float* scale, uint8_t* q, int nthreads) {
+    int64_t nc = (K + gc - 1) / gc, bad = 0;
+    #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(+:bad)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t j = 0; j < nc; j++) {
+            int64_t c0 = j * gc, c1 = c0 + gc < K ? c0 + gc : K;
+            bad += seg_quant_chk(w, dt, n * K + c0, c1 - c0, scale[(n / gr) * nc + j], q);
+        }
+    return bad;
+}
+
+/* fp8 grouped quantizer with GIVEN scales (tensor parallelism: the scales of the whole tensor,
+   computed by the caller from an all-reduced amax): w [N, K] contiguous (dt), groups gr x gc,
+   scale [ceil(N/gr), ceil(K/gc)] float32 (finite, > 0), q [N, K] bytes: the second pass of
+   oq_fp8_quantize alone. Returns nonzero when w holds Inf/NaN (q is then garbage). */
+int64_t oq_fp8_quantize_scaled(const void* w, int dt, int64_t N, int64_t K, int64_t gr, int64_t gc,
+                               const float* scale, uint8_t* q, int nthreads) {
+    switch (dt) {
+    case 0: return quant_scaled_dt(w, 0, N, K, gr, gc, scale, q, nthreads);
+    case 1: return quant_scaled_dt(w, 1, N, K, gr, gc, scale, q, nthreads);
+    default: return quant_scaled_dt(w, 2, N, K, gr, gc, scale, q, nthreads);
     }
 }
 
