@@ -62,9 +62,11 @@ def random_tensor(shape, dtype: torch.dtype, g: torch.Generator) -> torch.Tensor
 
 def cases(shape):
     """(dim, ranges) for every dim: every rank of RANKS, plain and packed (when each half holds
-    ``world`` indices), plus the whole dimension."""
+    ``world`` indices), the whole dimension, and both ends (whose runs continue from one row into
+    the next one's)."""
     for dim, size in enumerate(shape):
         yield dim, ((0, size),)
+        yield dim, ((0, 1), (size - 1, size))
         for world, rank in RANKS:
             if size >= world:
                 yield dim, plain(size, rank, world)
@@ -93,8 +95,8 @@ def test_slices_equal_safetensors_sliced_with_torch(tmp_path, tag):
                 out = torch.empty(s.shape, dtype=dtype)
                 assert reader.read_into(s, out) is out and torch.equal(as_bytes(out), as_bytes(want))
                 n += 1
-    # 11 slices of v, 19 of m (11 along dim 0, 8 along dim 1), 24 of t (8 along each dim)
-    assert n == 54
+    # 12 slices of v, 21 of m (12 along dim 0, 9 along dim 1), 27 of t (9 along each dim)
+    assert n == 60
 
 
 def expected_runs(s: SlicedEntry) -> list[tuple[int, int, int]]:
@@ -171,9 +173,9 @@ def test_windows_of_the_runs_tile_the_slice(layout_entries):
         byte_map = [f + k for f, n, _ in expected_runs(s) for k in range(n)]  # file offset of each slice byte
         for lo in range(0, s.nbytes, item):
             for hi in (lo + item, lo + 3 * item, lo + 17 * item, s.nbytes):
-                got = [r.file_offset + k for r in s.iter_runs(lo, hi) for k in range(r.length)]
+                got = [f + k for f, n, _ in s.iter_runs(lo, hi) for k in range(n)]
                 assert got == byte_map[lo:hi], (name, dim, ranges, lo, hi)
-                dst = [r.dst_offset + k for r in s.iter_runs(lo, hi) for k in range(r.length)]
+                dst = [d + k for _, n, d in s.iter_runs(lo, hi) for k in range(n)]
                 assert dst == list(range(lo, min(hi, s.nbytes)))
 
 

@@ -671,10 +671,14 @@ def _read_runs(fd: int, runs: Iterable[tuple[int, int, int]], mv: memoryview, ba
     """Read each run ``(file offset, length, destination offset)`` into ``mv`` (which starts at
     destination offset ``base``); stops at the first short read. Bytes read."""
     done = 0
+    preadv = os.preadv  # looked up once: with small runs the per-run Python work is the cost
     for off, n, dst in runs:
-        got = _pread_full(fd, mv[dst - base : dst - base + n], off)
-        done += got
-        if got < n:
+        a = dst - base
+        got = preadv(fd, [mv[a : a + n]], off)
+        if got != n and got > 0:  # a short read: retry the rest
+            got += _pread_full(fd, mv[a + got : a + n], off + got)
+        done += max(got, 0)
+        if got != n:
             break
     return done
 

@@ -206,11 +206,12 @@ class SlicedEntry:
         row = self.entry.shape[self.dim] * inner
         return self.entry.offset + merged[0][0] * inner, self.entry.offset + (outer - 1) * row + merged[-1][1] * inner
 
-    def iter_runs(self, lo: int = 0, hi: int | None = None) -> Iterator[ByteRun]:
-        """The contiguous byte runs of the slice bytes ``[lo, hi)`` (default: all), in destination
-        order, clipped to that window (``dst_offset`` stays relative to the whole slice); runs
-        adjacent both in the file and in the destination are merged. Memory O(1): a slice of a
-        million rows is never listed whole unless asked (:meth:`runs`)."""
+    def iter_runs(self, lo: int = 0, hi: int | None = None) -> Iterator[tuple[int, int, int]]:
+        """The contiguous byte runs ``(file_offset, length, dst_offset)`` of the slice bytes
+        ``[lo, hi)`` (default: all), as plain tuples (no per-run object: a reader walks millions),
+        in destination order, clipped to that window (``dst_offset`` stays relative to the whole
+        slice); runs adjacent both in the file and in the destination are merged. Memory O(1): a
+        slice of a million rows is never listed whole unless asked (:meth:`runs`)."""
         nbytes = self.nbytes
         hi = nbytes if hi is None else min(hi, nbytes)
         lo = max(0, lo)
@@ -218,42 +219,53 @@ class SlicedEntry:
             return
         outer, inner, merged, per = self._layout()
         base = self.entry.offset
-        row = self.entry.shape[self.dim] * inner
-        if merged == [(0, self.entry.shape[self.dim])]:  # the whole tensor: one run
-            yield ByteRun(base + lo, hi - lo, lo)
+        size = self.entry.shape[self.dim]
+        row = size * inner
+        if merged == [(0, size)]:  # the whole tensor: one run
+            yield base + lo, hi - lo, lo
             return
-        starts = []  # local byte offset of each merged range within one outer index
+        # one outer index's runs: (file offset in the row, length, local offset in the row)
+        pattern = []
         acc = 0
         for a, b in merged:
-            starts.append(acc)
+            pattern.append((a * inner, (b - a) * inner, acc))
             acc += (b - a) * inner
+        k = len(pattern)
         o, within = divmod(lo, per)
-        i = bisect_right(starts, within) - 1
-        pending: list[int] | None = None  # [file_offset, length, dst_offset] of the run being merged
+        i = bisect_right([p[2] for p in pattern], within) - 1
+        # a row's last run continues into the next row's first one only if the ranges touch both
+        # ends of the dimension; then runs are merged as they come (rare: never for even shards)
+        wraps = merged[0][0] == 0 and merged[-1][1] == size
+        pending: list[int] | None = None
         dst = lo
         while dst < hi:
-            a, b = merged[i]
-            skip = dst - (o * per + starts[i])  # bytes of this range before the window
-            f = base + o * row + a * inner + skip
-            n = min((b - a) * inner - skip, hi - dst)
-            if pending is not None and pending[0] + pending[1] == f:
+            fa, n, da = pattern[i]
+            skip = dst - o * per - da  # bytes of this run before the window
+            f = base + o * row + fa + skip
+            n -= skip
+            if dst + n > hi:
+                n = hi - dst
+            if not wraps:
+                yield f, n, dst
+            elif pending is not None and pending[0] + pending[1] == f:
                 pending[1] += n
             else:
                 if pending is not None:
-                    yield ByteRun(*pending)
+                    yield tuple(pending)
                 pending = [f, n, dst]
             dst += n
             i += 1
-            if i == len(merged):
+            if i == k:
                 i = 0
                 o += 1
         if pending is not None:
-            yield ByteRun(*pending)
+            yield tuple(pending)
 
     def runs(self) -> list[ByteRun]:
-        """Every contiguous byte run ``(file_offset, length, dst_offset)`` of the slice, in
-        destination order (see :meth:`iter_runs`); their lengths sum to :attr:`nbytes`."""
-        return list(self.iter_runs())
+        """Every contiguous byte run of the slice as :class:`ByteRun` ``(file_offset, length,
+        dst_offset)``, in destination order (see :meth:`iter_runs`); their lengths sum to
+        :attr:`nbytes`."""
+        return [ByteRun(*r) for r in self.iter_runs()]
 
     def file_spans(self, max_gap: int = 0, max_spans: int | None = None) -> list[tuple[int, int]]:
         """File byte ranges ``(start, end)`` covering the runs, runs less than ``max_gap`` bytes
@@ -269,12 +281,11 @@ class SlicedEntry:
         if max(gaps, default=0) < max_gap:  # every gap is joined: no need to walk the runs
             return [self.span]
         out: list[tuple[int, int]] = []
-        for r in self.iter_runs():
-            end = r.file_offset + r.length
-            if out and r.file_offset - out[-1][1] < max_gap:
-                out[-1] = (out[-1][0], end)
+        for f, n, _ in self.iter_runs():
+            if out and f - out[-1][1] < max_gap:
+                out[-1] = (out[-1][0], f + n)
             else:
-                out.append((r.file_offset, end))
+                out.append((f, f + n))
                 if max_spans is not None and len(out) > max_spans:
                     return [self.span]
         return out
