@@ -32,10 +32,12 @@ _DT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def _bind(lib) -> None:
-    """Declare the ctypes signature of ``oq_int8_quantize_rows``."""
+    """Declare the ctypes signatures of ``oq_int8_quantize_rows`` and ``oq_int8_quantize_rows_scaled``."""
     P, I, C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.oq_int8_quantize_rows.argtypes = [P, C, I, I, P, P, C]
     lib.oq_int8_quantize_rows.restype = I
+    lib.oq_int8_quantize_rows_scaled.argtypes = [P, C, I, I, P, P, C]
+    lib.oq_int8_quantize_rows_scaled.restype = I
 
 
 CSRC_DIR = files("oq_plugin_int8") / "csrc"
@@ -52,7 +54,9 @@ def kernel_status() -> tuple[bool, str]:
     return LIBRARY.status()
 
 
-def quantize_int8_rowwise_cpu(x: torch.Tensor, options=None, lib=None, *, check_finite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int8_rowwise_cpu(
+    x: torch.Tensor, options=None, lib=None, *, check_finite: bool = False, amax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """C int8 row-wise quantizer: the bytes and scales of
     :func:`oq_plugin_int8.quant.quantize_int8_rowwise` (``q int8`` like ``x``, ``scale float32 [..., 1]``).
 
@@ -63,10 +67,19 @@ def quantize_int8_rowwise_cpu(x: torch.Tensor, options=None, lib=None, *, check_
     compiler, ``OQ_COMPILE=0``). ``lib`` overrides the library (tests of variant builds).
     ``check_finite``: raise :class:`oqcore.NonFiniteError` for NaN/Inf input on every path instead
     (the registered ``cpu`` quantizer, :func:`quantize_int8_rowwise_checked`).
+
+    ``amax``: an externally reduced row amax (float32 ``[..., 1]``, see :mod:`oq_plugin_int8.quant`):
+    the scales are made from it by the reference's
+    :func:`~oq_plugin_int8.quant.scale_from_amax` and the kernel runs its quantize pass alone
+    (``oq_int8_quantize_rows_scaled``, which flags Inf/NaN in ``x`` itself). A non-finite ``amax``
+    (the whole tensor holds NaN/Inf) raises :class:`oqcore.NonFiniteError` with ``check_finite``,
+    else the reference runs. ``ValueError`` for an ``amax`` of another shape.
     """
     from oq_plugin_int8.quant import quantize_int8_rowwise
 
     lib = lib if lib is not None else LIBRARY.load()
+    if amax is not None:
+        return _quantize_scaled(x, options, amax, lib, check_finite)
     if lib is None or x.dim() not in (2, 3) or x.numel() == 0 or x.dtype not in _DT_CODES or x.device.type != "cpu":
         if check_finite:
             from oqcore.tensor import require_finite
@@ -88,6 +101,42 @@ def quantize_int8_rowwise_cpu(x: torch.Tensor, options=None, lib=None, *, check_
     return q, scale
 
 
-def quantize_int8_rowwise_checked(x: torch.Tensor, options=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`quantize_int8_rowwise_cpu` with ``check_finite=True``: the registered ``cpu`` quantizer."""
-    return quantize_int8_rowwise_cpu(x, options, check_finite=True)
+def _non_finite(what: str):
+    from oqcore.errors import NonFiniteError
+
+    return NonFiniteError(what)
+
+
+def _quantize_scaled(x: torch.Tensor, options, amax: torch.Tensor, lib, check_finite: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_int8_rowwise_cpu` with a given row ``amax`` (checked against ``x``)."""
+    from oq_plugin_int8.quant import check_amax, quantize_int8_rowwise, scale_from_amax
+
+    a = check_amax(amax, x)
+    if not bool(torch.isfinite(a).all()):
+        if check_finite:
+            raise _non_finite(f"the amax given for the tensor of shape {list(x.shape)} holds NaN/Inf (so does the whole tensor)")
+        return quantize_int8_rowwise(x, options, amax=a)  # the reference defines those bytes
+    if lib is None or x.dim() not in (2, 3) or x.numel() == 0 or x.dtype not in _DT_CODES or x.device.type != "cpu":
+        if check_finite:
+            from oqcore.tensor import require_finite
+
+            require_finite(x)
+        return quantize_int8_rowwise(x, options, amax=a)
+    x = x.contiguous()
+    k = x.shape[-1]
+    scale = scale_from_amax(a).contiguous()  # the reference's float32 ops: its scales exactly
+    q = torch.empty(x.shape, dtype=torch.int8)
+    bad = lib.oq_int8_quantize_rows_scaled(
+        x.data_ptr(), _DT_CODES[x.dtype], x.numel() // k, k, scale.data_ptr(), q.data_ptr(), threads_for(x.numel())
+    )
+    if bad != 0:  # Inf/NaN in x
+        if check_finite:
+            raise _non_finite(f"tensor of shape {list(x.shape)} holds NaN/Inf")
+        return quantize_int8_rowwise(x, options, amax=a)
+    return q, scale
+
+
+def quantize_int8_rowwise_checked(x: torch.Tensor, options=None, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_int8_rowwise_cpu` with ``check_finite=True``: the registered ``cpu`` quantizer
+    (``amax``: an externally reduced row amax, float32 ``[..., 1]``)."""
+    return quantize_int8_rowwise_cpu(x, options, check_finite=True, amax=amax)

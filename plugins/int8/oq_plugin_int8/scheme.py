@@ -24,10 +24,13 @@ def _triton_quantize(x, options=None):
 
 # The row-wise rule is the same for per-channel weights and per-token activations: one set of
 # implementations (same bytes as the torch reference, :mod:`oq_plugin_int8.quant`) for both keys.
+# The reference and the C kernel take an externally reduced row amax (takes_amax: tensor parallelism).
 IMPLEMENTATIONS = (
-    QuantizerImpl("torch", quantize_int8_rowwise, description="vLLM's symmetric +-127 row-wise rule in float32"),
+    QuantizerImpl(
+        "torch", quantize_int8_rowwise, takes_amax=True, description="vLLM's symmetric +-127 row-wise rule in float32"
+    ),
     triton_quantizer(_triton_quantize, "oq_plugin_int8.kernels", "one-pass Triton row-wise quantizer"),
-    native_cpu_quantizer(quantize_int8_rowwise_checked, "C row-wise quantizer (oq_plugin_int8.cpu)"),
+    native_cpu_quantizer(quantize_int8_rowwise_checked, "C row-wise quantizer (oq_plugin_int8.cpu)", takes_amax=True),
     compiled_quantizer(quantize_int8_rowwise_compiled, "torch.compile of the row-wise graph"),
 )
 
