@@ -116,6 +116,12 @@ class CheckpointError(OqError):
     """A checkpoint (folder, config.json, safetensors file or tensor) is missing, corrupt or inconsistent."""
 
 
+class DistributedError(OqError):
+    """A parallel (tensor- / expert-parallel) call failed on another rank, or the process group is
+    unusable. Raised on every rank that did not itself fail, at the same collective, so no rank
+    waits forever and none keeps a half-applied result; the failing rank raises its own error."""
+
+
 class PluginError(OqError):
     """A plugin failed to load or registered something that conflicts with another plugin."""
 

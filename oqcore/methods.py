@@ -25,22 +25,24 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from oqcore.errors import ConfigError, PluginError
+from oqcore.errors import ConfigError, OqError, PluginError
 from oqcore.formats import (
     KeyFormat,
     QuantizedTensor,
     QuantizerImpl,
+    check_finite,
     check_quantizable,
     dequantize,
     input_param,
     run_quantizer,
 )
+from oqcore.groups import amax_grid, outer_level
 from oqcore.keys import QuantKey
 from oqcore.kinds import KINDS
 from oqcore.oracle import select_quantizer
@@ -227,11 +229,14 @@ class OnlineMethodBase(ABC):
 
     # ---- helpers shared by the default implementations -----------------------------------------
 
-    def quantizer_for(self, w: torch.Tensor, name: str) -> QuantizerImpl:
+    def quantizer_for(self, w: torch.Tensor, name: str, takes_amax: bool = False) -> QuantizerImpl:
         """The implementation quantizing ``w``: the planned one when it supports ``w`` 's device,
         shape and dtype (judged on a whole expert stack: one compiled shape serves every expert),
-        else the oracle's choice for ``w``."""
+        else the oracle's choice for ``w``; with ``takes_amax`` only implementations that accept
+        a reduced amax (:attr:`oqcore.QuantizerImpl.takes_amax`) are considered."""
         impls = self.formats.weight.implementations
+        if takes_amax:
+            impls = tuple(i for i in impls if i.takes_amax)
         planned = self.quantizer
         if planned is not None and not w.is_meta and planned in impls:
             ok, _ = planned.is_supported(w.device, tuple(w.shape), w.dtype)
@@ -239,15 +244,24 @@ class OnlineMethodBase(ABC):
                 return planned
         return select_quantizer(impls, w.device, [tuple(w.shape)], w.dtype, what=name).impl
 
-    def quantize_weight(self, w: torch.Tensor, layer_name: str) -> QuantizedTensor:
+    def quantize_weight(self, w: torch.Tensor, layer_name: str, shard: Any = None, prefix: str = "weight") -> QuantizedTensor:
         """Quantize a ``[N, K]`` or ``[E, N, K]`` weight to the weight key; returns the
         :class:`oqcore.QuantizedTensor` (it unpacks to ``qdata, scale, ...``). Raises
-        :class:`oqcore.UnsupportedLayerError` naming the layer (and expert) on NaN/Inf."""
+        :class:`oqcore.UnsupportedLayerError` naming the layer (and expert) on NaN/Inf.
+
+        ``shard`` (a layer's :class:`oqcore.parallel.shard.LayerShard`, ``None`` unsharded): ``w``
+        is this rank's piece of weight ``prefix``; its collective runs first (the NaN/Inf check
+        too, so every rank learns of a bad piece at the same point), and when the cut crosses the
+        key's outermost scale groups the reduced amax goes to the quantizer (``amax=``), which
+        then gives the piece its bytes in the unsharded result."""
         check_quantizable(w, layer_name)
         if self.formats is None:
             raise PluginError(f"{type(self).__name__}: no quantizer is registered for its weight key {self.weight_key}")
-        fmt, impl = self.formats.weight, self.quantizer_for(w, layer_name)
+        amax = None if shard is None else self._shared_amax(w, layer_name, shard, prefix)
+        fmt, impl = self.formats.weight, self.quantizer_for(w, layer_name, takes_amax=amax is not None)
         key_name = self.formats.weight_name or str(fmt.key)
+        if amax is not None:
+            impl = _with_amax(impl, amax)
         if w.dim() == 2 or (w.is_contiguous() and impl.whole_stack):
             # A fused kernel writes the stack's final tensors directly: no per-expert outputs to
             # copy, one fresh allocation (first-touch page faults cost ~0.3 s/GB here).
@@ -255,15 +269,28 @@ class OnlineMethodBase(ABC):
         # One expert at a time: the quantizer's float32 temporaries then scale with one expert, not
         # the whole stack (scales are per expert by contract, so the bytes are the same). A
         # transposed (GPT-OSS) stack also goes this way: each expert is made contiguous on its own.
-        first = run_quantizer(fmt, impl, w[0].contiguous(), self.options, f"{layer_name}[expert 0]", key_name)
+        per = (lambda e: impl) if amax is None else (lambda e: _with_amax(impl, amax[e]))
+        first = run_quantizer(fmt, per(0), w[0].contiguous(), self.options, f"{layer_name}[expert 0]", key_name)
         tensors = {n: t.new_empty((w.shape[0], *t.shape)) for n, t in first.tensors.items()}
         for n, t in first.tensors.items():
             tensors[n][0] = t
         for e in range(1, w.shape[0]):
-            qt = run_quantizer(fmt, impl, w[e].contiguous(), self.options, f"{layer_name}[expert {e}]", key_name)
+            qt = run_quantizer(fmt, per(e), w[e].contiguous(), self.options, f"{layer_name}[expert {e}]", key_name)
             for n, t in qt.tensors.items():
                 tensors[n][e] = t
         return QuantizedTensor(tensors, fmt.key, w.shape, self.options, fmt)
+
+    def _shared_amax(self, w: torch.Tensor, layer_name: str, shard: Any, prefix: str) -> torch.Tensor | None:
+        """The collective of a sharded weight (see :meth:`quantize_weight`): the reduced amax
+        grid of the key's outermost scale level, or ``None`` when the cut crosses none."""
+        what = f"quantizing {layer_name} ({prefix})"
+        try:
+            check_finite(w, layer_name)
+        except OqError:
+            shard.sync_amax(prefix, None, True, what)
+            raise
+        local = amax_grid(w, outer_level(self.weight_key).group_shape) if shard.amax_numel.get(prefix) else None
+        return shard.sync_amax(prefix, local, False, what)
 
     def dequantize_weight(self, *tensors_then_dtype: Any) -> torch.Tensor:
         """``dequantize_weight(qdata, scale[, ...], dtype)``: the weight format's tensors in its
@@ -350,6 +377,12 @@ class OnlineMethodBase(ABC):
             self.backend.prepare(self, layer)
 
 
+def _with_amax(impl: QuantizerImpl, amax: torch.Tensor) -> QuantizerImpl:
+    """``impl`` with ``amax=amax`` bound: the core's contract call stays ``quantize(w, options)``."""
+    quantize = impl.quantize
+    return replace(impl, quantize=lambda w, options=None: quantize(w, options, amax=amax))
+
+
 def _replace_param(layer: torch.nn.Module, name: str, value: torch.Tensor | None) -> None:
     # removed then added last: the parameter order state_dicts and saved exports have always had
     delete_parameter(layer, name)
@@ -387,7 +420,7 @@ class OnlineLinearMethodBase(OnlineMethodBase):
         if layer.quantized:
             return
         self.check_activation_state(layer)
-        qt = self.quantize_weight(layer.weight.data, layer.layer_name)
+        qt = self.quantize_weight(layer.weight.data, layer.layer_name, getattr(layer, "oq_shard", None))
         self.store_weight(layer, "weight", qt)
         self._finish(layer)
 
@@ -461,8 +494,9 @@ class OnlineMoEMethodBase(OnlineMethodBase):
         self.check_activation_state(layer)
         w13, w2 = self.canonical_weights(layer)
         # Transposed (GPT-OSS) stacks stay views: each expert is made contiguous on its own.
-        q13 = self.quantize_weight(w13, f"{layer.layer_name}.gate_up_proj")
-        q2 = self.quantize_weight(w2, f"{layer.layer_name}.down_proj")
+        shard = getattr(layer, "oq_shard", None)
+        q13 = self.quantize_weight(w13, f"{layer.layer_name}.gate_up_proj", shard, "w13_weight")
+        q2 = self.quantize_weight(w2, f"{layer.layer_name}.down_proj", shard, "w2_weight")
         for hp in self.QUANTIZED_NAMES:
             _replace_param(layer, hp, None)
         for prefix, qt in zip(self.QUANTIZED_NAMES.values(), (q13, q2)):

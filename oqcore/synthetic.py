@@ -20,6 +20,9 @@ ARCHS: dict[str, dict] = {
     "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=40),
 }
 
+DENSE_ARCHS: dict[str, dict] = {"llama": {}, "qwen3": {}}
+"""Dense causal LMs :func:`make_tiny_dense` builds (transformers' own tensor-parallel plans)."""
+
 
 def make_tiny_moe(
     arch: str,
@@ -32,17 +35,18 @@ def make_tiny_moe(
     vocab_size: int = 300,
     seed: int = 0,
     dtype: torch.dtype = torch.bfloat16,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    head_dim: int | None = None,
 ) -> Path:
     """Build a random ``arch`` MoE causal LM (one of :data:`ARCHS`) and save it to ``out``.
 
-    Sizes are in elements; ``num_experts`` overrides the default 4. The weights are transformers'
-    own random init from the CPU generator seeded with ``seed``, so the same arguments give the same
-    bytes; the caller's global random state is left as it was.
+    Sizes are in elements; ``num_experts`` overrides the default 4; ``head_dim`` the
+    architecture's default (40, or hidden / heads). The weights are transformers' own random init
+    from the CPU generator seeded with ``seed``, so the same arguments give the same bytes; the
+    caller's global random state is left as it was.
     Raises :class:`oqcore.UnknownKeyError` (a ``ValueError`` too) for an unknown ``arch``.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
     if arch not in ARCHS:
         from oqcore.errors import UnknownKeyError
 
@@ -52,13 +56,49 @@ def make_tiny_moe(
         extra["num_local_experts" if "num_local_experts" in extra else "num_experts"] = num_experts
     if "moe_intermediate_size" in extra:
         extra["moe_intermediate_size"] = intermediate_size
+    return _build(arch, out, extra, hidden_size, intermediate_size, num_layers, vocab_size, seed, dtype,
+                  num_attention_heads, num_key_value_heads, head_dim)
+
+
+def make_tiny_dense(
+    arch: str,
+    out: str | Path,
+    *,
+    hidden_size: int = 160,
+    intermediate_size: int = 96,
+    num_layers: int = 2,
+    vocab_size: int = 300,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    head_dim: int | None = None,
+) -> Path:
+    """Build a random dense ``arch`` causal LM (one of :data:`DENSE_ARCHS`: ``llama``, ``qwen3``)
+    and save it to ``out``; arguments and determinism as :func:`make_tiny_moe`.
+    Raises :class:`oqcore.UnknownKeyError` for an unknown ``arch``."""
+    if arch not in DENSE_ARCHS:
+        from oqcore.errors import UnknownKeyError
+
+        raise UnknownKeyError.for_name(arch, DENSE_ARCHS, what="architecture", field="arch")
+    return _build(arch, out, dict(DENSE_ARCHS[arch]), hidden_size, intermediate_size, num_layers, vocab_size, seed,
+                  dtype, num_attention_heads, num_key_value_heads, head_dim)
+
+
+def _build(arch, out, extra, hidden_size, intermediate_size, num_layers, vocab_size, seed, dtype, heads, kv_heads, head_dim) -> Path:
+    """Build ``arch`` from a config with ``extra`` fields, seeded, and save it to ``out``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    if head_dim is not None:
+        extra["head_dim"] = head_dim
     cfg = AutoConfig.for_model(
         arch,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         vocab_size=vocab_size,
         bos_token_id=1,
         eos_token_id=2,

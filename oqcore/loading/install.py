@@ -42,6 +42,9 @@ def process_layer(wrapper: nn.Module) -> None:
     :class:`oqcore.OqError` (a bug in the plugin's method or backend code) raised as a
     :class:`oqcore.PluginError` naming the layer, the method and the plugin (chained)."""
     method = wrapper.method
+    shard = getattr(wrapper, "oq_shard", None)
+    if shard is not None:
+        shard.begin()  # each of its weights owes one collective (oqcore.parallel.shard)
     try:
         method.process_weights_after_loading(wrapper)
     except OqError:

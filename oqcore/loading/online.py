@@ -27,6 +27,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,6 +49,11 @@ from oqcore.loading.saved import load_quantized
 from oqcore.loading.staging import StagingPool
 from oqcore.loading.state import LoadStats, OqState, tensor_bytes
 from oqcore.methods import refuse_static_online
+from oqcore.parallel.comm import resolve_group
+from oqcore.parallel.forward import finish_sharded
+from oqcore.parallel.localize import localize
+from oqcore.parallel.plan import module_styles, plan_entries
+from oqcore.parallel.sources import cut_converted, param_split, slice_group
 from oqcore.planning import plan
 from oqcore.saved_format import declares_export
 from oqcore.torch_compat import own_parameters
@@ -65,6 +71,8 @@ def load(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str = torch.bfloat16,
     progress: ProgressFn | None = None,
+    mesh: Any = None,
+    parallel: str | dict | None = None,
 ) -> nn.Module:
     """Load the Hugging Face model folder ``path`` and quantize it while loading.
 
@@ -95,6 +103,19 @@ def load(
     :func:`oqcore.loading.memory.release_free_memory`). The peak-memory figures in the report are
     the process's: with loads running concurrently, each includes what the others hold.
 
+    **Tensor / expert parallel** (:mod:`oqcore.parallel`): with ``mesh`` (a 1-D ``DeviceMesh``, a
+    ``ProcessGroup``; ``None`` = the default group) or ``parallel`` given, every rank of the group
+    calls ``load`` with the same arguments and ends with its shard of the quantized model.
+    ``parallel`` is ``"tp"`` (the default: transformers' ``tp_plan`` for the architecture),
+    ``"ep"`` (the same with experts split by expert: ``ep_plan``) or a dict ``{module pattern:
+    style}`` in transformers' syntax. Each rank reads only its slices of the checkpoint tensors (by
+    file offset), MAX-reduces the amax of scale groups its cut crosses, and gets exactly the bytes
+    of the unsharded result for its piece; the forward runs the collectives the plan implies. A
+    cut through a scale group (a 128x128 or 1x32 block) is an :class:`oqcore.UnsupportedLayerError`
+    naming the layer and sizes, before anything is read; a failure on one rank raises on every
+    rank at the same point (:class:`oqcore.DistributedError` on the others). Only high-precision
+    checkpoints load in parallel.
+
     Returns the model in eval mode with ``model.oq_state`` set (see :func:`oqcore.report`).
     Raises :class:`oqcore.ConfigError` (a bad ``device``, ``dtype``, ``progress`` or config),
     :class:`oqcore.CheckpointError` for a missing/corrupt/inconsistent/already-quantized checkpoint
@@ -109,8 +130,17 @@ def load(
     if progress is not None and not callable(progress):
         raise ConfigError(f"expected a callable progress(done_bytes, total_bytes) or None, got {type(progress).__name__}", "progress")
     cfg = QuantizationConfig.none() if config is None else QuantizationConfig.from_any(config)
+    sharding = None
+    if mesh is not None or parallel is not None:
+        sharding = (resolve_group(mesh), "tp" if parallel is None else parallel)
     path = check_model_folder(path)
     raw = read_model_config(path)
+    if sharding is not None and (declares_export(raw) or declares_compressed_tensors(raw) or declares_peer_format(path, raw)):
+        raise ConfigError(
+            f"{path} holds quantized weights; parallel loading reads high-precision checkpoints only "
+            "(load it without mesh/parallel)",
+            "parallel",
+        )
     if declares_export(raw):
         return load_quantized(path, config, device=dev, dtype=dtype, progress=progress)
     if declares_compressed_tensors(raw) or declares_peer_format(path, raw):
@@ -118,7 +148,7 @@ def load(
     check_quant_metadata(path, raw)
     # every header and the shard index, before the model is even built
     entries = {e.name: e for e in checkpoint_entries(path)}
-    model = _OnlineLoader(path, cfg, dev, dtype, progress, entries, t0).run()
+    model = _OnlineLoader(path, cfg, dev, dtype, progress, entries, t0, sharding).run()
     unexpected = model.oq_state.stats.unexpected_keys
     if unexpected:
         # transformers logs these ("Some weights ... were not used") and loads on; so do we, with a
@@ -211,8 +241,11 @@ class _OnlineLoader:
         progress: ProgressFn | None,
         entries: dict,
         t0: float,
+        sharding: tuple | None = None,
     ):
         self.path, self.cfg, self.device, self.dtype, self.progress = path, cfg, device, dtype, progress
+        self.sharding = sharding  # (Group, parallel plan) or None
+        self.shards: dict = {}  # module name -> LayerShard (a parallel load)
         self.entries = entries  # checkpoint key -> TensorEntry (every header, already read)
         self.t0 = t0  # when load() started (perf_counter), for the timings in stats
         self.stats = LoadStats()
@@ -233,6 +266,9 @@ class _OnlineLoader:
         self._build()
         with PeakRSS() as mem:
             self._map_and_check()
+            if self.sharding is not None:
+                self._shard()
+            self._count()
             self._stream()
             incomplete = [n for n, left in self.remaining.items() if left]
             if incomplete:
@@ -241,6 +277,8 @@ class _OnlineLoader:
                     + _tied_hint(self.model, incomplete)
                 )
             finalize(self.model, self.device, self.wrappers, str(self.path))
+            if self.shards:
+                finish_sharded(self.model, self.shards)
         return self._result(mem)
 
     # -- steps -------------------------------------------------------------------------------------
@@ -267,6 +305,27 @@ class _OnlineLoader:
         check_against_model(model, groups, unexpected, self.entries, self.path)
         _check_wrappers_fed(model, wrappers, groups, self.path)
         self.groups = groups
+
+    def _shard(self) -> None:
+        """Cut the meta model to this rank's shard and its sources to this rank's slices."""
+        group, parallel = self.sharding
+        styles = module_styles(self.model, plan_entries(self.model, parallel))
+        if not styles:
+            raise ConfigError(
+                f"the parallel plan {parallel!r} splits no layer of {type(self.model).__name__} (it names no linear "
+                "or quantized experts module of it); pass parallel='ep' or a dict {module pattern: style}",
+                "parallel",
+            )
+        self.shards = localize(self.model, styles, group)
+        self.entries = dict(self.entries)
+        for g in self.groups:
+            split = param_split(g.target, self.shards)
+            if split is not None:
+                slice_group(g, split, self.entries)
+
+    def _count(self) -> None:
+        """Elements each wrapper waits for, and the byte figures, from the (local) shapes."""
+        model, stats, wrappers, groups = self.model, self.stats, self.wrappers, self.groups
         # Elements each wrapper still waits for: it is quantized the moment this reaches zero.
         self.remaining = {name: sum(p.numel() for p in w.parameters(recurse=False)) for name, w in wrappers.items()}
         stats.hp_bytes = sum(self.remaining.values()) * self.dtype.itemsize
@@ -280,18 +339,45 @@ class _OnlineLoader:
         # Free buffers wait for the next layer of their shape: at most one transformer block's other
         # quantized layers (its attention while the experts are lent out), capped at twice the largest.
         self.pool = StagingPool(cap_bytes=2 * self.stats.largest_layer_bytes)
+        failure = None
         with TensorReader() as reader:
             self.reader = reader
             try:
                 for i, g in enumerate(self.groups):
-                    self._place_group(i, g)
+                    if failure is not None:
+                        self._skip_group(g)
+                        continue
+                    try:
+                        self._place_group(i, g)
+                    except Exception as e:
+                        if not self.shards:
+                            raise
+                        failure = e  # keep joining the collectives the other ranks will run
+                        for shard in self.shards.values():
+                            shard.fail_pending(f"loading {self.path}")
                     if self.progress is not None:
                         self.progress(self.done, self.total)
             finally:
                 self.reader = None
+        if self.shards:
+            next(iter(self.shards.values())).group.check(failure is not None, f"loading {self.path}")
+        if failure is not None:
+            raise failure
         self.stats.reused_bytes = self.pool.reused_bytes
         self.pool.clear()
         self.stats.bytes_read = self.done
+
+    def _skip_group(self, g) -> None:
+        """After this rank failed: count group ``g`` as if placed (nothing read) and join the
+        collectives of each sharded wrapper it completes, as failed."""
+        owner = param_owner(g.target, self.wrappers)
+        if owner is None:
+            return
+        self.remaining[owner] -= self.model.get_parameter(g.target).numel()
+        shard = self.shards.get(owner)
+        if self.remaining[owner] == 0 and shard is not None:
+            shard.begin()
+            shard.fail_pending(f"loading {self.path}")
 
     def _place_group(self, i: int, g) -> None:
         """Group ``i`` (``g``) converted and assigned; a wrapper it completes is quantized."""
@@ -303,6 +389,8 @@ class _OnlineLoader:
             # popped, not iterated: no reference may outlive the quantization below, or its
             # staging buffer could not go back to the pool
             value = converted.pop(name)
+            if self.shards:
+                value = cut_converted(name, value, self.shards)
             assign_tensor(self.model, name, value, self.device)
             del value
             owner = param_owner(name, self.wrappers)
@@ -338,8 +426,10 @@ class _OnlineLoader:
             dtype=self.dtype,
             source=self.path,
             groups={g.target: g for g in self.groups},
-            source_shapes={k: entries[k].shape for g in self.groups for k in g.sources},
+            # full shapes, also when this rank read slices (a reload may bring full tensors)
+            source_shapes={k: getattr(entries[k], "entry", entries[k]).shape for g in self.groups for k in g.sources},
             stats=stats,
+            shards=self.shards,
         )
         return model
 

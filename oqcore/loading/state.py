@@ -69,6 +69,9 @@ class OqState:
     groups: dict[str, object] = field(default_factory=dict)
     source_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     stats: LoadStats = field(default_factory=LoadStats)
+    shards: dict[str, object] = field(default_factory=dict)
+    """``{module name: LayerShard}`` of a tensor- / expert-parallel load (:mod:`oqcore.parallel`);
+    empty for a model held whole."""
 
 
 def get_state(model: nn.Module) -> OqState:
