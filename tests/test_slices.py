@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import threading
 
 import pytest
@@ -15,7 +16,7 @@ from safetensors.torch import load_file, save_file
 import oqcore.loading.checkpoint as ck
 from oqcore import CheckpointError
 from oqcore.loading.checkpoint import ST_DTYPES, TensorReader, file_entries
-from oqcore.loading.slices import ByteRun, SlicedEntry
+from oqcore.loading.slices import ByteRun, SlicedEntry, shard_ranges
 from tests.battery.util import raises_naming
 
 SHAPES = {"v": (13,), "m": (9, 7), "t": (5, 6, 7)}
@@ -167,7 +168,12 @@ def test_run_counts_follow_the_layout(layout_entries):
 def test_windows_of_the_runs_tile_the_slice(layout_entries):
     """``iter_runs(lo, hi)`` (what each reading thread and each conversion chunk reads) is the
     runs clipped to the window, for windows cutting runs anywhere."""
-    for name, dim, ranges in [("t", 1, packed(6, 1, 2)), ("t", 2, plain(7, 1, 4)), ("m", 1, [(0, 1), (6, 7)]), ("v", 0, [(2, 11)])]:
+    for name, dim, ranges in [
+        ("t", 1, packed(6, 1, 2)),
+        ("t", 2, plain(7, 1, 4)),
+        ("m", 1, [(0, 1), (6, 7)]),
+        ("v", 0, [(2, 11)]),
+    ]:
         s = SlicedEntry(layout_entries[name], dim, ranges)
         item = s.dtype.itemsize
         byte_map = [f + k for f, n, _ in expected_runs(s) for k in range(n)]  # file offset of each slice byte
@@ -204,7 +210,12 @@ def test_large_slices_are_read_by_threads(tmp_path, threads, monkeypatch):
     save_file(tensors, str(path))
     entries = {e.name: e for e in file_entries(path)}
     with TensorReader(threads=threads) as reader:
-        for name, dim, ranges in [("w", 0, plain(301, 1, 2)), ("w", 1, packed(67, 0, 2)), ("e", 1, packed(50, 1, 4)), ("e", 2, plain(33, 3, 4))]:
+        for name, dim, ranges in [
+            ("w", 0, plain(301, 1, 2)),
+            ("w", 1, packed(67, 0, 2)),
+            ("e", 1, packed(50, 1, 4)),
+            ("e", 2, plain(33, 3, 4)),
+        ]:
             got = reader.read(SlicedEntry(entries[name], dim, ranges))
             assert torch.equal(got, torch_slice(tensors[name], dim, ranges)), (name, dim, ranges)
 
@@ -349,3 +360,67 @@ def test_a_scalar_cannot_be_sliced(tmp_path):
     (e,) = file_entries(path)
     with raises_naming(CheckpointError, str(path), "tensor 's'", "scalar"):
         SlicedEntry(e, 0, [(0, 1)])
+
+
+def chunk_of(t: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
+    """Rank ``rank``'s ``torch.chunk`` (empty when ``torch.chunk`` gives fewer than ``world`` chunks)."""
+    parts = torch.chunk(t, world, dim)
+    return parts[rank] if rank < len(parts) else t.narrow(dim, 0, 0)
+
+
+def test_shard_ranges_are_torch_chunks_and_strided_chunks(tmp_path):
+    """``shard_ranges`` gives DTensor's Shard (``torch.chunk``) and, with ``split_factor``, its
+    _StridedShard (each of ``k`` groups chunked): read through SlicedEntry, equal to torch's chunks."""
+    g = torch.Generator().manual_seed(4)
+    t = torch.randn(2, 11, 10, generator=g)
+    path = tmp_path / "model.safetensors"
+    save_file({"t": t}, str(path))
+    (e,) = file_entries(path)
+    with TensorReader() as reader:
+        for dim in (1, 2):
+            for world in (1, 2, 3, 4):
+                for rank in range(world):
+                    for k in (1, 2):
+                        ranges = shard_ranges(t.shape[dim], rank, world, k)
+                        want = torch.cat([chunk_of(grp, dim, rank, world) for grp in torch.chunk(t, k, dim)], dim)
+                        if not ranges:
+                            assert want.numel() == 0, (dim, world, rank, k)
+                            continue
+                        got = reader.read(SlicedEntry(e, dim, ranges))
+                        assert torch.equal(got, want), (dim, world, rank, k, ranges)
+    assert shard_ranges(8, 1, 2, split_factor=2) == ((2, 4), (6, 8))  # gate|up rows of rank 1 of 2
+    assert shard_ranges(7, 1, 2) == ((4, 7),) and shard_ranges(5, 3, 4) == () and shard_ranges(0, 0, 2) == ()
+
+
+def test_shard_ranges_match_transformers_shard_on_read():
+    """The same intervals as transformers' shard-on-read for Shard / _StridedShard placements (its
+    interval helpers use no instance state, hence ``None`` for ``self``)."""
+    sharding = pytest.importorskip("transformers.distributed.sharding_utils")
+    op = getattr(sharding, "DtensorShardOperation", None)
+    if op is None or not hasattr(op, "_compute_strided_slice"):
+        pytest.skip("this transformers has no DtensorShardOperation interval helpers")
+    for size in range(13):
+        for world in range(1, 6):
+            for k in (1, 2, 3):
+                for rank in range(world):
+                    if k == 1:
+                        ref = op._compute_contiguous_slice(None, [(0, size)], rank, world)
+                    else:
+                        ref = op._compute_strided_slice(None, [(0, size)], rank, world, k)
+                    want = tuple((a, b) for a, b in ref if b > a)
+                    assert shard_ranges(size, rank, world, k) == want, (size, world, k, rank)
+
+
+@pytest.mark.parametrize(
+    ("args", "culprit"),
+    [
+        ((8, 2, 2), "rank=2"),
+        ((8, 0, 0), "world=0"),
+        ((8, 0, 2, 0), "split_factor=0"),
+        ((-1, 0, 2), "size=-1"),
+        ((8.0, 0, 2), "size=8.0"),
+    ],
+)
+def test_shard_ranges_refuse_bad_arguments(args, culprit):
+    with pytest.raises(ValueError, match=re.escape(culprit)):
+        shard_ranges(*args)

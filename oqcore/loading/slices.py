@@ -71,13 +71,17 @@ class SlicedEntry:
     def __post_init__(self) -> None:
         e = self.entry
         if not isinstance(e, TensorEntry):
-            raise CheckpointError(f"SlicedEntry.entry must be a TensorEntry (a checkpoint tensor), got {type(e).__name__}")
+            raise CheckpointError(
+                f"SlicedEntry.entry must be a TensorEntry (a checkpoint tensor), got {type(e).__name__}"
+            )
         at = f"{e.file}: tensor {e.name!r} ({e.describe()})"
         nd = len(e.shape)
         if nd == 0:
             raise CheckpointError(f"{at} is a scalar: it has no dimension to slice (slice dim {self.dim!r} asked)")
         if not _is_int(self.dim) or not -nd <= self.dim < nd:
-            raise CheckpointError(f"{at}: slice dim {self.dim!r} is not a dimension of it; valid: an integer in [{-nd}, {nd - 1}]")
+            raise CheckpointError(
+                f"{at}: slice dim {self.dim!r} is not a dimension of it; valid: an integer in [{-nd}, {nd - 1}]"
+            )
         dim = self.dim % nd
         size = e.shape[dim]
         raw = self.ranges
@@ -86,14 +90,20 @@ class SlicedEntry:
                 f"{at}: slice ranges {raw!r} must be a sequence of (start, stop) index pairs along dim {dim} (size {size})"
             )
         if not raw:
-            raise CheckpointError(f"{at}: no slice ranges given; give one or more [start, stop) ranges along dim {dim} (size {size})")
+            raise CheckpointError(
+                f"{at}: no slice ranges given; give one or more [start, stop) ranges along dim {dim} (size {size})"
+            )
         ranges: list[tuple[int, int]] = []
         for r in raw:
             if not isinstance(r, (tuple, list)) or len(r) != 2 or not all(_is_int(x) for x in r):
-                raise CheckpointError(f"{at}: slice range {r!r} along dim {dim} must be a pair of integers (start, stop)")
+                raise CheckpointError(
+                    f"{at}: slice range {r!r} along dim {dim} must be a pair of integers (start, stop)"
+                )
             a, b = r
             if a >= b:
-                raise CheckpointError(f"{at}: slice range [{a}, {b}) along dim {dim} is empty; a range needs start < stop")
+                raise CheckpointError(
+                    f"{at}: slice range [{a}, {b}) along dim {dim} is empty; a range needs start < stop"
+                )
             if a < 0 or b > size:
                 raise CheckpointError(
                     f"{at}: slice range [{a}, {b}) along dim {dim} is out of bounds; ranges must lie in [0, {size})"
@@ -189,7 +199,7 @@ class SlicedEntry:
     @property
     def run_count(self) -> int:
         """How many byte runs :meth:`runs` gives (computed, not enumerated); 0 for an empty slice."""
-        outer, inner, merged, per = self._layout()
+        outer, _, merged, per = self._layout()
         if outer == 0 or per == 0:
             return 0
         if merged == [(0, self.entry.shape[self.dim])]:
@@ -217,7 +227,7 @@ class SlicedEntry:
         lo = max(0, lo)
         if hi <= lo:
             return
-        outer, inner, merged, per = self._layout()
+        _, inner, merged, per = self._layout()
         base = self.entry.offset
         size = self.entry.shape[self.dim]
         row = size * inner
@@ -273,7 +283,7 @@ class SlicedEntry:
         covering :attr:`span` instead (what a read-ahead hint wants: few system calls)."""
         if self.run_count == 0:
             return []
-        outer, inner, merged, per = self._layout()
+        outer, inner, merged, _ = self._layout()
         size = self.entry.shape[self.dim]
         gaps = [(merged[i + 1][0] - merged[i][1]) * inner for i in range(len(merged) - 1)]
         if outer > 1:
@@ -289,3 +299,47 @@ class SlicedEntry:
                 if max_spans is not None and len(out) > max_spans:
                     return [self.span]
         return out
+
+
+def _chunk(size: int, rank: int, world: int) -> tuple[int, int]:
+    """``[start, stop)`` of chunk ``rank`` of ``torch.chunk(range(size), world)`` (empty past the end)."""
+    c = size // world if size % world == 0 else -(-size // world)
+    start = min(c * rank, size)
+    return start, min(start + c, size)
+
+
+def shard_ranges(size: int, rank: int, world: int, split_factor: int = 1) -> tuple[tuple[int, int], ...]:
+    """The index ranges along one dimension of ``size`` that rank ``rank`` of ``world`` holds, as
+    :class:`SlicedEntry` takes them, following torch's DTensor placements (so a DTensor built from
+    the local shard has the intended global layout):
+
+    - ``split_factor=1``: ``Shard(dim)``, ``torch.chunk`` semantics: chunks of ``ceil(size /
+      world)`` (``size / world`` when it divides), the last ranks' shorter or empty.
+    - ``split_factor=k``: ``_StridedShard(dim, split_factor=k)``, a "packed" weight (gate|up:
+      ``k=2``): the dimension cut in ``k`` groups of ``ceil(size / k)``, each group chunked as
+      above; the rank's chunks of every group, in order (two ranges for gate|up).
+
+    These are the intervals transformers' shard-on-read computes
+    (``transformers.distributed.sharding_utils.DtensorShardOperation``, v5). Empty chunks are
+    left out, so a rank holding nothing gets ``()`` (nothing to read; no :class:`SlicedEntry`).
+    Raises ``ValueError`` (a caller's bug, not bad input) unless ``size >= 0``, ``world >= 1``,
+    ``0 <= rank < world`` and ``split_factor >= 1`` are integers.
+    """
+    args = {"size": size, "rank": rank, "world": world, "split_factor": split_factor}
+    bad = [f"{k}={v!r}" for k, v in args.items() if not _is_int(v)]
+    if bad or size < 0 or world < 1 or not 0 <= rank < world or split_factor < 1:
+        raise ValueError(
+            f"shard_ranges({', '.join(f'{k}={v!r}' for k, v in args.items())}): needs integers size >= 0, world >= 1, "
+            "0 <= rank < world, split_factor >= 1"
+        )
+    width = -(-size // split_factor)
+    out: list[tuple[int, int]] = []
+    for g in range(split_factor):
+        g0 = g * width
+        n = min(g0 + width, size) - g0
+        if n <= 0:
+            continue
+        a, b = _chunk(n, rank, world)
+        if b > a:
+            out.append((g0 + a, g0 + b))
+    return tuple(out)
