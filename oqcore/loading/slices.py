@@ -209,7 +209,7 @@ class SlicedEntry:
 
     @property
     def span(self) -> tuple[int, int]:
-        """``(first byte, end byte)`` of the file range covering every run (empty: ``(o, o)``)."""
+        """``(first byte, end byte)`` of the file range covering every run (an empty slice: ``(offset, offset)``)."""
         outer, inner, merged, per = self._layout()
         if outer == 0 or per == 0:
             return self.entry.offset, self.entry.offset
