@@ -8,6 +8,8 @@ restricted to the slice's groups (:func:`oqcore.groups.amax_grid`).
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from oqcore.groups import amax_grid, weight_extent
@@ -25,7 +27,7 @@ def cuts(length: int, group: int, pieces: int) -> list[tuple[int, int]] | None:
     if ngroups < pieces:
         return None
     edges = [min(length, (ngroups * i // pieces) * g) for i in range(pieces + 1)]
-    return list(zip(edges[:-1], edges[1:]))
+    return list(itertools.pairwise(edges))
 
 
 def group_range(start: int, stop: int, extent: int) -> slice:
@@ -64,7 +66,7 @@ def inputs(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> dict[st
     amax is 0 while the whole tensor's is not), values so tiny that ``amax / qmax`` underflows
     (float32 only: the zero-scale rule), large outliers in one corner, and ``-0.0``."""
     g = torch.Generator().manual_seed(seed)
-    *lead, n, k = shape
+    n, k = shape[-2], shape[-1]
     base = torch.randn(shape, generator=g)
     zero_rows = base.clone()
     zero_rows[..., ::3, :] = 0.0

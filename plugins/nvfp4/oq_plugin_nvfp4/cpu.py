@@ -91,22 +91,32 @@ def quantize_nvfp4(
     *,
     global_scale: torch.Tensor | None = None,
     check_finite: bool = False,
+    amax: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """C nvfp4 quantizer: ``w`` ``[N, K]`` / ``[M, K]`` / ``[E, N, K]`` (float32/bf16/fp16, CPU,
     ``K % 16 == 0``) -> ``(qdata uint8 [..., K/2], scale float8_e4m3fn [..., K/16], global_scale
     float32 [1] or [E, 1])``, the bytes of :func:`oq_plugin_nvfp4.quant.quantize_nvfp4` (same
-    ``global_scale`` override).
+    ``global_scale`` override, and the same ``amax``: an externally reduced per-tensor amax, from
+    which the global scale is made exactly as the reference makes it; the kernel's amax pass
+    still runs, to find NaN/Inf).
 
     The torch reference runs instead without the kernel (no compiler, ``OQ_COMPILE=0``), for other
     dtypes / devices (meta too) / ranks / empty tensors, and for inputs holding Inf or NaN (unless
     ``check_finite``: then :class:`oqcore.NonFiniteError` on every path). K not divisible by 16,
-    more than 3 dims or a bad ``global_scale`` raise the reference's ``ValueError``. ``lib``
-    overrides the library (tests of variant builds).
+    more than 3 dims or a bad ``global_scale`` / ``amax`` raise the reference's ``ValueError``. A
+    non-finite ``amax`` (the whole tensor holds NaN/Inf) raises :class:`oqcore.NonFiniteError`
+    with ``check_finite``. ``lib`` overrides the library (tests of variant builds).
     """
-    from oq_plugin_nvfp4.quant import NV_BLOCK, _check_global, _check_k
+    from oq_plugin_nvfp4.quant import NV_BLOCK, _check_global, _check_k, global_scale_of_amax
     from oq_plugin_nvfp4.quant import quantize_nvfp4 as reference
 
     _check_k(w)
+    if amax is not None:
+        if global_scale is not None:
+            raise ValueError("nvfp4: give global_scale or amax, not both (amax determines the global scale)")
+        global_scale = global_scale_of_amax(amax, w)  # checks amax's shape
+        if check_finite and not bool(torch.isfinite(amax).all()):
+            raise _non_finite_amax(w)
     if global_scale is not None:
         _check_global(global_scale, w)
     lib = lib if lib is not None else load_library()
@@ -150,9 +160,18 @@ def quantize_nvfp4(
     return q, s.view(torch.float8_e4m3fn), g
 
 
-def quantize_nvfp4_checked(w: torch.Tensor, options=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _non_finite_amax(w: torch.Tensor):
+    from oqcore.errors import NonFiniteError
+
+    return NonFiniteError(f"the amax given for the tensor of shape {list(w.shape)} holds NaN/Inf (so does the whole tensor)")
+
+
+def quantize_nvfp4_checked(
+    w: torch.Tensor, options=None, amax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`quantize_nvfp4` with ``check_finite=True``: the registered ``cpu`` quantizer
     implementation. ``w [..., K]`` -> ``(qdata uint8 [..., K/2], scale float8_e4m3fn [..., K/16],
-    global_scale float32 [1] / [E, 1])``; :class:`oqcore.NonFiniteError` for NaN/Inf,
-    ``ValueError`` for K % 16 != 0."""
-    return quantize_nvfp4(w, options, check_finite=True)
+    global_scale float32 [1] / [E, 1])``; ``amax``: an externally reduced per-tensor amax
+    (``[*lead, 1, 1]`` float32); :class:`oqcore.NonFiniteError` for NaN/Inf (in ``w`` or
+    ``amax``), ``ValueError`` for K % 16 != 0 or a bad ``amax`` shape."""
+    return quantize_nvfp4(w, options, check_finite=True, amax=amax)

@@ -120,6 +120,26 @@ def compute_global_scale(w: torch.Tensor) -> torch.Tensor:
     return global_scale_from_amax(amax)
 
 
+def amax_shape(w: torch.Tensor) -> tuple[int, ...]:
+    """The shape of an externally reduced amax for ``w``: the per-tensor grid of
+    :func:`oqcore.groups.amax_grid`, ``[*lead, 1, 1]`` (``[1, 1]`` for ``[N, K]``, ``[E, 1, 1]``
+    for an ``[E, N, K]`` stack; ``[1, 1]`` for a 1-D ``[K]`` too)."""
+    return (*w.shape[:-2], 1, 1)
+
+
+def global_scale_of_amax(amax: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The global scale (``[1]`` or ``[E, 1]``, float32) of ``w`` from an externally reduced
+    ``amax`` (tensor parallelism: the max ``|w|`` of the whole tensor, of each expert, shaped
+    :func:`amax_shape`): :func:`global_scale_from_amax`. Raises ``ValueError`` naming both shapes
+    for another shape (a caller's bug: the core reduces amax in this layout)."""
+    want = amax_shape(w)
+    if not isinstance(amax, torch.Tensor) or tuple(amax.shape) != want:
+        got = list(amax.shape) if isinstance(amax, torch.Tensor) else type(amax).__name__
+        raise ValueError(f"nvfp4 amax for a tensor of shape {tuple(w.shape)} must have shape {list(want)} (per tensor), got {got}")
+    g = global_scale_from_amax(amax.to(device=w.device))
+    return g.reshape(w.shape[0], 1) if w.dim() == 3 else g.reshape(1)
+
+
 def _global_view(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``g`` ([1] or [E, 1]) shaped to broadcast against ``[..., K/16, 16]`` blocks of ``w``."""
     return g.reshape(-1, *([1] * w.dim())) if w.dim() == 3 else g.reshape([1] * (w.dim() + 1))
@@ -136,7 +156,11 @@ def _check_global(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_nvfp4(
-    w: torch.Tensor, options: BaseModel | None = None, *, global_scale: torch.Tensor | None = None
+    w: torch.Tensor,
+    options: BaseModel | None = None,
+    *,
+    global_scale: torch.Tensor | None = None,
+    amax: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize ``w`` to NVFP4 (compressed-tensors' bytes, see the module docstring for the rules).
 
@@ -146,13 +170,22 @@ def quantize_nvfp4(
     float32 [1] or [E, 1])`` with ``w ~= e2m1(qdata) * (scale.float() / global_scale)`` per block.
 
     ``global_scale`` overrides the computed one (same shape and dtype as the result's; e.g. one
-    shared by fused q/k/v, from :func:`global_scale_from_amax`). ``options``: :class:`Nvfp4Options`
-    (no fields). Raises ``ValueError`` if K is not a multiple of 16, for more than 3 dims, or for
-    a ``global_scale`` of the wrong shape/dtype. NaN/Inf are not checked here (callers reject
-    them; the ``cpu`` implementation raises :class:`oqcore.NonFiniteError`). No data-dependent
-    control flow (runs on meta tensors).
+    shared by fused q/k/v, from :func:`global_scale_from_amax`). ``amax``: an externally reduced
+    amax (tensor parallelism, :attr:`oqcore.QuantizerImpl.takes_amax`: the max ``|w|`` of the
+    whole tensor / of each expert, float32 shaped :func:`amax_shape`, ``[*lead, 1, 1]``); the
+    global scale is made from it (:func:`global_scale_of_amax`), the 1x16 block scales from ``w``
+    as always, so a slice of N or of K (on 16-element blocks) gets the bytes it has in the whole
+    tensor. ``options``: :class:`Nvfp4Options` (no fields). Raises ``ValueError`` if K is not a
+    multiple of 16, for more than 3 dims, for a ``global_scale`` or ``amax`` of the wrong
+    shape/dtype, or for both given. NaN/Inf are not checked here (callers reject them; the ``cpu``
+    implementation raises :class:`oqcore.NonFiniteError`). No data-dependent control flow (runs
+    on meta tensors).
     """
     _check_k(w)
+    if amax is not None:
+        if global_scale is not None:
+            raise ValueError("nvfp4: give global_scale or amax, not both (amax determines the global scale)")
+        global_scale = global_scale_of_amax(amax, w)
     g = compute_global_scale(w) if global_scale is None else _check_global(global_scale, w)
     shape = w.shape
     x = w.to(torch.float32).reshape(*shape[:-1], shape[-1] // NV_BLOCK, NV_BLOCK)

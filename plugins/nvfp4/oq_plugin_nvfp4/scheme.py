@@ -42,9 +42,11 @@ class Nvfp4MoE(OnlineMoEMethodBase):
 
 
 IMPLEMENTATIONS = (
-    QuantizerImpl("torch", quantize_nvfp4, description="compressed-tensors' NVFP4 rules, float32"),
+    # the reference and the C kernel take an externally reduced amax (takes_amax, tensor
+    # parallelism): the per-tensor (per-expert) amax the global scale is made from
+    QuantizerImpl("torch", quantize_nvfp4, takes_amax=True, description="compressed-tensors' NVFP4 rules, float32"),
     triton_quantizer(_triton_quantize, "oq_plugin_nvfp4.kernels", "one-pass Triton nvfp4 quantizer"),
-    native_cpu_quantizer(quantize_nvfp4_checked, "C nvfp4 quantizer (oq_plugin_nvfp4.cpu)"),
+    native_cpu_quantizer(quantize_nvfp4_checked, "C nvfp4 quantizer (oq_plugin_nvfp4.cpu)", takes_amax=True),
     # a CPU fallback where no C compiler is found (about 8x slower than the C kernel, measured)
     compiled_quantizer(quantize_nvfp4_compiled, "torch.compile of the nvfp4 graph"),
 )
