@@ -260,12 +260,11 @@ class OnlineMethodBase(ABC):
         amax = None if shard is None else self._shared_amax(w, layer_name, shard, prefix)
         fmt, impl = self.formats.weight, self.quantizer_for(w, layer_name, takes_amax=amax is not None)
         key_name = self.formats.weight_name or str(fmt.key)
-        if amax is not None:
-            impl = _with_amax(impl, amax)
         if w.dim() == 2 or (w.is_contiguous() and impl.whole_stack):
             # A fused kernel writes the stack's final tensors directly: no per-expert outputs to
             # copy, one fresh allocation (first-touch page faults cost ~0.3 s/GB here).
-            return run_quantizer(fmt, impl, w, self.options, layer_name, key_name)
+            whole = impl if amax is None else _with_amax(impl, amax)
+            return run_quantizer(fmt, whole, w, self.options, layer_name, key_name)
         # One expert at a time: the quantizer's float32 temporaries then scale with one expert, not
         # the whole stack (scales are per expert by contract, so the bytes are the same). A
         # transposed (GPT-OSS) stack also goes this way: each expert is made contiguous on its own.
