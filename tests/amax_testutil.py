@@ -61,10 +61,15 @@ def slices(w: torch.Tensor, group, dim: int, pieces: int, cut_group: int | None 
     return out
 
 
-def inputs(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> dict[str, torch.Tensor]:
+SLICE_CASES = ("randn", "zero_part", "outlier", "underflow", "all_zero")
+"""The inputs the slicing tests use (the ones where a slice's own amax differs from the whole's)."""
+
+
+def inputs(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0, names=None) -> dict[str, torch.Tensor]:
     """Named inputs of ``shape`` in ``dtype``: random, zero rows and a zero quarter (a slice whose own
     amax is 0 while the whole tensor's is not), values so tiny that ``amax / qmax`` underflows
-    (float32 only: the zero-scale rule), large outliers in one corner, and ``-0.0``."""
+    (float32 only: the zero-scale rule), large outliers in one corner, and ``-0.0``; only those in
+    ``names`` if given."""
     g = torch.Generator().manual_seed(seed)
     n, k = shape[-2], shape[-1]
     base = torch.randn(shape, generator=g)
@@ -84,7 +89,7 @@ def inputs(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> dict[st
     if dtype == torch.float32:
         out["underflow"] = (torch.randn(shape, generator=g) * 1e-44).to(dtype)  # amax / qmax == 0: eps scale
     out["all_zero"] = torch.zeros(shape, dtype=dtype)
-    return out
+    return out if names is None else {name: t for name, t in out.items() if name in names}
 
 
 def u8(t: torch.Tensor) -> torch.Tensor:
