@@ -60,8 +60,9 @@ def _after(model, step: dict, rank: int):
 
     if step["kind"] == "reload":
         before = {k: t.data_ptr() for k, t in _tensors_live(model).items()}
+        weights = _weights(model, step)
         try:
-            oqcore.reload_weights(model, step["source"])
+            oqcore.reload_weights(model, weights)
         except Exception as e:
             return {"error": (type(e).__name__, str(e)), "tensors": _tensors(model)}
         after = {k: t.data_ptr() for k, t in _tensors_live(model).items()}
@@ -73,6 +74,25 @@ def _after(model, step: dict, rank: int):
             return {"error": (type(e).__name__, str(e))}
         return {"error": None}
     raise ValueError(step["kind"])
+
+
+def _weights(model, step: dict) -> dict:
+    """The checkpoint ``step["source"]`` as full tensors, or cut to this rank's pieces (``form:
+    pieces``, the load's own cuts: what a trainer holding shards would pass), with a NaN planted
+    at ``step["nan"]`` (a checkpoint key, element 0)."""
+    from oqcore.loading.checkpoint import iter_checkpoint
+
+    weights = dict(iter_checkpoint(step["source"]))
+    state = model.oq_state
+    if step.get("form") == "pieces":
+        for k, cut in state.source_cuts.items():
+            weights[k] = torch.cat([weights[k].narrow(cut.dim, a, b - a) for a, b in cut.ranges], dim=cut.dim)
+        for k in state.foreign_sources:
+            del weights[k]
+    if step.get("nan"):
+        weights[step["nan"]] = weights[step["nan"]].clone()
+        weights[step["nan"]].view(-1)[0] = float("nan")
+    return weights
 
 
 def _tensors_live(model) -> dict:

@@ -83,6 +83,34 @@ def _cases(checkpoints, world: int) -> list[dict]:
     return cases
 
 
+RELOAD_CASES = [("mixtral", "fp8_per_tensor", "tp"), ("qwen3_moe", "nvfp4", "ep"), ("gpt_oss", "mxfp8", "tp"), ("llama", "int8", "tp")]
+"""Reload under the same sharding: per-tensor scales reduced over the ranks, expert parallel with
+a per-expert global scale, GPT-OSS's transposed experts with biases (a rank-0 down bias), dense."""
+NAN_AT = {"mixtral": "model.layers.0.self_attn.o_proj.weight", "qwen3_moe": "model.layers.1.mlp.experts.0.down_proj.weight",
+          "gpt_oss": "model.layers.0.mlp.experts.down_proj", "llama": "model.layers.1.mlp.down_proj.weight"}
+"""Where the reload plants a NaN: element 0, in the piece of rank 0 only (or, with expert
+parallel, of the rank owning expert 0)."""
+
+
+def _reload_cases(checkpoints) -> list[dict]:
+    from oqcore.synthetic import perturbed_copy
+
+    cases = []
+    for arch, cfg, mode in RELOAD_CASES:
+        src = checkpoints(arch, _family(cfg))
+        new = src.parent / f"{src.name}-perturbed"
+        if not new.exists():
+            perturbed_copy(src, new)
+        base = {"config": CONFIGS[cfg], "parallel": _modes(arch)[mode], "forward": False}
+        cases.append({**base, "id": f"reload-{arch}-{cfg}", "path": str(src), "after": [
+            {"name": "full", "kind": "reload", "source": str(new)},
+            {"name": "pieces", "kind": "reload", "source": str(new), "form": "pieces"},
+            {"name": "nan", "kind": "reload", "source": str(src), "nan": NAN_AT[arch]},
+        ]})
+        cases.append({**base, "id": f"fresh-{arch}-{cfg}", "path": str(new)})
+    return cases
+
+
 @pytest.fixture(scope="session")
 def unsharded(checkpoints):
     cache = {}
@@ -117,7 +145,8 @@ def high_precision(checkpoints):
 @pytest.fixture(scope="session", params=[2, 4], ids=["2ranks", "4ranks"])
 def ranks(request, checkpoints, tmp_path_factory):
     world = request.param
-    return world, run_ranks(world, _cases(checkpoints, world), tmp_path_factory.mktemp(f"ranks{world}"))
+    cases = _cases(checkpoints, world) + _reload_cases(checkpoints)
+    return world, run_ranks(world, cases, tmp_path_factory.mktemp(f"ranks{world}"))
 
 
 def _weight_prefix(param: str) -> str:
@@ -230,3 +259,37 @@ def test_a_plan_that_splits_nothing_is_refused(ranks):
     for res in results["plan-splits-nothing"]:
         kind, msg = res["error"]
         assert kind == "ConfigError" and "splits no layer of MixtralForCausalLM" in msg and "parallel='ep'" in msg, msg
+
+
+@pytest.mark.parametrize("arch,cfg,mode", RELOAD_CASES)
+def test_reload_under_tp_is_in_place_and_equals_a_fresh_sharded_load(ranks, arch, cfg, mode):
+    world, results = ranks
+    fresh = results[f"fresh-{arch}-{cfg}"]
+    for r, res in enumerate(results[f"reload-{arch}-{cfg}"]):
+        assert res["error"] is None, res["error"]
+        for form in ("full", "pieces"):
+            step = res[form]
+            assert step["error"] is None, (form, r, step["error"])
+            assert step["in_place"], (form, r)
+            want = fresh[r]["tensors"]
+            bad = [k for k, t in step["tensors"].items() if not torch.equal(as_bytes(t), as_bytes(want[k]))]
+            assert bad == [], (form, r, bad[:5])
+        # ... and differs from what the load produced: the refit really happened
+        assert any(not torch.equal(as_bytes(t), as_bytes(res["tensors"][k])) for k, t in res["full"]["tensors"].items())
+
+
+@pytest.mark.parametrize("arch,cfg,mode", RELOAD_CASES)
+def test_reload_under_tp_is_all_or_nothing_across_ranks(ranks, arch, cfg, mode):
+    world, results = ranks
+    kinds = []
+    for r, res in enumerate(results[f"reload-{arch}-{cfg}"]):
+        kind, msg = res["nan"]["error"]
+        kinds.append(kind)
+        if kind == "UnsupportedLayerError":  # the rank whose piece holds the NaN names it
+            assert "NaN" in msg, msg
+        else:
+            assert kind == "DistributedError" and "failed while reloading" in msg, (r, kind, msg)
+        # every rank keeps the weights of the last good reload, bit for bit
+        after = res["nan"]["tensors"]
+        assert all(torch.equal(as_bytes(t), as_bytes(res["pieces"]["tensors"][k])) for k, t in after.items())
+    assert kinds.count("UnsupportedLayerError") >= 1 and kinds.count("DistributedError") >= 1, kinds

@@ -246,6 +246,7 @@ class _OnlineLoader:
         self.path, self.cfg, self.device, self.dtype, self.progress = path, cfg, device, dtype, progress
         self.sharding = sharding  # (Group, parallel plan) or None
         self.shards: dict = {}  # module name -> LayerShard (a parallel load)
+        self.foreign: list[str] = []  # checkpoint keys of experts other ranks own (never read)
         self.entries = entries  # checkpoint key -> TensorEntry (every header, already read)
         self.t0 = t0  # when load() started (perf_counter), for the timings in stats
         self.stats = LoadStats()
@@ -321,7 +322,7 @@ class _OnlineLoader:
         for g in self.groups:
             split = param_split(g.target, self.shards)
             if split is not None:
-                slice_group(g, split, self.entries)
+                self.foreign += slice_group(g, split, self.entries)
 
     def _count(self) -> None:
         """Elements each wrapper waits for, and the byte figures, from the (local) shapes."""
@@ -426,10 +427,12 @@ class _OnlineLoader:
             dtype=self.dtype,
             source=self.path,
             groups={g.target: g for g in self.groups},
-            # full shapes, also when this rank read slices (a reload may bring full tensors)
-            source_shapes={k: getattr(entries[k], "entry", entries[k]).shape for g in self.groups for k in g.sources},
+            source_shapes={k: entries[k].shape for g in self.groups for k in g.sources},
             stats=stats,
             shards=self.shards,
+            # what a reload under the same sharding needs to cut full tensors the way this load read them
+            source_cuts={k: e for g in self.groups for k in g.sources if hasattr(e := entries[k], "full_shape")},
+            foreign_sources=frozenset(self.foreign),
         )
         return model
 

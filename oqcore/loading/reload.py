@@ -69,10 +69,37 @@ def reload_weights(model: nn.Module, weights: Weights) -> list[str]:
       raises (:class:`oqcore.UnsupportedLayerError`) pass through.
     """
     state = _state_of(model)
+    if state.shards:
+        return _reload_sharded(model, state, weights)
     incoming = _add_tied(state, _collect(weights))
     job = _Job(model, state)
     job.check(incoming)
     staged = job.quantize(incoming)
+    job.commit(_unalias(model, incoming), staged)
+    return job.touched_layers
+
+
+def _reload_sharded(model: nn.Module, state: OqState, weights: Weights) -> list[str]:
+    """The three passes on one rank of a sharded model (:mod:`oqcore.parallel.reload`): a status
+    collective after the checks and after quantizing, so no rank commits unless every rank can;
+    a rank that failed keeps joining the collectives the others run, then raises its own error
+    (the others raise :class:`oqcore.DistributedError` at the same point)."""
+    from oqcore.parallel.reload import localize_incoming
+
+    group = next(iter(state.shards.values())).group
+    job, failure, incoming = _Job(model, state), None, {}
+    try:
+        incoming = localize_incoming(state, _add_tied(state, _collect(weights)))
+        job.check(incoming)
+    except Exception as e:
+        failure = e
+    group.check(failure is not None, "reloading (checking the weights)")
+    if failure is not None:
+        raise failure
+    staged = job.quantize(incoming)  # joins every collective even when it fails (job.failure)
+    group.check(job.failure is not None, "reloading (quantizing)")
+    if job.failure is not None:
+        raise job.failure
     job.commit(_unalias(model, incoming), staged)
     return job.touched_layers
 
@@ -190,6 +217,7 @@ class _Job:
     direct: list[str] = field(default_factory=list)  # model-named weights, in the order given
     groups: dict[str, TargetGroup] = field(default_factory=dict)  # touched groups by target
     touched_layers: list[str] = field(default_factory=list)
+    failure: Exception | None = None  # a sharded reload's first error (the loop runs on, dry)
 
     def __post_init__(self) -> None:
         state = self.state
@@ -305,35 +333,71 @@ class _Job:
             (g for g in self.groups.values() if not self._plain_unquantized(g)),
             key=lambda g: order.get(self.owner(g.target), -1),
         )
-        batches = [lambda n=n: {n: incoming[n]} for n in self.direct] + [lambda g=g: self._convert(g, incoming) for g in groups]
-        for batch in batches:
-            for name, value in batch().items():
-                owner = self.owner(name)
-                if owner is None:
-                    if name not in self.direct:  # a converted group result: check it like a given tensor
-                        p = self.params.get(name)
-                        if p is None:
-                            raise CheckpointError(f"reload: converting the checkpoint tensors gave {name!r}, not a weight of this model")
-                        _check_tensor(name, value, _Target(tuple(p.shape), p.dtype), self.device)
-                    continue
-                want = tuple(self.hp[name].shape) if name in self.hp else None
-                if want is not None and tuple(value.shape) != want:
-                    raise CheckpointError(
-                        f"reload: the given tensors make {name!r} of shape {list(value.shape)}, expected {list(want)}"
-                    )
-                pname = name.rpartition(".")[2]
-                if owner not in pending:  # a one-to-many rule reaching into another layer
-                    pending[owner] = {}
-                    self.touched_layers.append(owner)
-                if pname in pending[owner]:
-                    raise CheckpointError(f"reload: parameter {name!r} is given twice (directly and through checkpoint tensors)")
-                pending[owner][pname] = value
-                if len(pending[owner]) == len(self.layer_params[owner]):
-                    staged[owner] = self._quantize_layer(owner, pending.pop(owner))
+        batches = [(lambda n=n: {n: incoming[n]}, [n]) for n in self.direct] + [
+            (lambda g=g: self._convert(g, incoming), [g.target]) for g in groups
+        ]
+        for batch, names in batches:
+            if self.failure is not None:
+                self._dry(names, pending)
+                continue
+            try:
+                self._place(batch(), pending, staged)
+            except Exception as e:
+                if not self.state.shards:
+                    raise
+                self.failure = e  # keep joining the collectives the other ranks run
+                self._dry(names, pending)
+                for owner in self.touched_layers:
+                    shard = getattr(self.state.wrappers[owner], "oq_shard", None)
+                    if shard is not None and shard.pending:
+                        shard.fail_pending("reloading")
+        if self.failure is not None:
+            return staged
         incomplete = list(pending)  # complete layers were popped
         if incomplete:
             raise CheckpointError(f"reload: layer(s) {', '.join(map(repr, incomplete))} did not get all their weights")
         return staged
+
+    def _dry(self, names: list[str], pending: dict[str, dict]) -> None:
+        """After this rank failed: count ``names`` as placed and join the collectives of each
+        sharded layer they complete, as failed."""
+        for name in names:
+            owner = self.owner(name)
+            if owner is None or owner not in pending:
+                continue
+            pending[owner][name.rpartition(".")[2]] = None
+            if len(pending[owner]) == len(self.layer_params[owner]):
+                pending.pop(owner)
+                shard = getattr(self.state.wrappers[owner], "oq_shard", None)
+                if shard is not None:
+                    shard.begin()
+                    shard.fail_pending("reloading")
+
+    def _place(self, values: dict[str, torch.Tensor], pending: dict[str, dict], staged: dict[str, nn.Module]) -> None:
+        """Put one batch's converted values in ``pending``; quantize each layer they complete."""
+        for name, value in values.items():
+            owner = self.owner(name)
+            if owner is None:
+                if name not in self.direct:  # a converted group result: check it like a given tensor
+                    p = self.params.get(name)
+                    if p is None:
+                        raise CheckpointError(f"reload: converting the checkpoint tensors gave {name!r}, not a weight of this model")
+                    _check_tensor(name, value, _Target(tuple(p.shape), p.dtype), self.device)
+                continue
+            want = tuple(self.hp[name].shape) if name in self.hp else None
+            if want is not None and tuple(value.shape) != want:
+                raise CheckpointError(
+                    f"reload: the given tensors make {name!r} of shape {list(value.shape)}, expected {list(want)}"
+                )
+            pname = name.rpartition(".")[2]
+            if owner not in pending:  # a one-to-many rule reaching into another layer
+                pending[owner] = {}
+                self.touched_layers.append(owner)
+            if pname in pending[owner]:
+                raise CheckpointError(f"reload: parameter {name!r} is given twice (directly and through checkpoint tensors)")
+            pending[owner][pname] = value
+            if len(pending[owner]) == len(self.layer_params[owner]):
+                staged[owner] = self._quantize_layer(owner, pending.pop(owner))
 
     def _plain_unquantized(self, g: TargetGroup) -> bool:
         """A one-to-one checkpoint tensor (no transformers rule) of a parameter no wrapper owns."""

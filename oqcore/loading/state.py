@@ -72,6 +72,11 @@ class OqState:
     shards: dict[str, object] = field(default_factory=dict)
     """``{module name: LayerShard}`` of a tensor- / expert-parallel load (:mod:`oqcore.parallel`);
     empty for a model held whole."""
+    source_cuts: dict[str, object] = field(default_factory=dict)
+    """Checkpoint key -> the :class:`oqcore.loading.slices.SlicedEntry` this rank read of it
+    (``source_shapes`` holds the piece's shape): a reload cuts a full tensor the same way."""
+    foreign_sources: frozenset[str] = frozenset()
+    """Checkpoint keys of experts other ranks own (expert parallel): a reload skips them."""
 
 
 def get_state(model: nn.Module) -> OqState:

@@ -29,23 +29,25 @@ def param_split(target: str, shards: dict[str, LayerShard]) -> Split | None:
     return None if shard is None else shard.params.get(attr)
 
 
-def slice_group(g: TargetGroup, split: Split, entries: dict) -> None:
+def slice_group(g: TargetGroup, split: Split, entries: dict) -> list[str]:
     """Rewrite group ``g`` (and ``entries``, key -> entry) so that reading it yields this rank's
-    piece of its target: sources replaced by :class:`SlicedEntry` s, other experts dropped."""
+    piece of its target: sources replaced by :class:`SlicedEntry` s, other experts dropped.
+    Returns the dropped keys (the tensors of experts other ranks own)."""
     if g.rule is None:
         key = g.sources[0]
         entries[key] = SlicedEntry(entries[key], split.dim, split.ranges)
-        return
+        return []
     if not is_expert_fusion(g.rule):
-        return  # read whole, cut after conversion
+        return []  # read whole, cut after conversion
     patterns = list(g.rule.source_patterns)
     per = {p: [k for k, sp in zip(g.sources, g.source_patterns) if sp == p] for p in patterns}
     if split.dim == 0:
         (a, b), = split.ranges
         keep = {k for p in patterns for k in per[p][a:b]}
+        dropped = [k for k in g.sources if k not in keep]
         pairs = [(k, sp) for k, sp in zip(g.sources, g.source_patterns) if k in keep]
         g.sources, g.source_patterns = [k for k, _ in pairs], [sp for _, sp in pairs]
-        return
+        return dropped
     rows = split.full // len(patterns)
     for p_idx, p in enumerate(patterns):
         if split.dim == 1:
@@ -55,6 +57,7 @@ def slice_group(g: TargetGroup, split: Split, entries: dict) -> None:
             ranges = split.ranges
         for key in per[p]:
             entries[key] = SlicedEntry(entries[key], split.dim - 1, ranges)
+    return []
 
 
 def cut_converted(name: str, value: torch.Tensor, shards: dict[str, LayerShard]) -> torch.Tensor:
