@@ -98,6 +98,8 @@ def save_quantized(model: nn.Module, out: str | Path, format: str = DEFAULT_FORM
     except OqError as e:
         raise SaveError(f"cannot save to {out}: {e}") from None
     dest = check_destination(out, state.source)
+    if state.shards:
+        return _save_sharded(model, state, out, format, dest)
     if format == "compressed-tensors":
         tensors, qc = compressed_tensors_export(model, state, dest)
         raw = _config_to_write(model, state, dest)
@@ -138,6 +140,26 @@ def compressed_tensors_export(
     tensors = _tensors_to_save(model, state, dest)
     tensors, qc = compressed_tensors_checkpoint(model, state, tensors, str(dest), checkpoint_names)
     return tensors, {**qc, "producer": PRODUCER, PRODUCER_CONFIG: state.config.to_dict()}
+
+
+def _save_sharded(model: nn.Module, state: OqState, out: str | Path, format: str, dest: Path) -> Path:
+    """A tensor- / expert-parallel model: every rank sends its pieces, rank 0 writes the whole
+    model (:mod:`oqcore.parallel.gather`), the same folder an unsharded export writes. Every rank
+    calls it and gets the folder; a failure on rank 0 raises there and
+    :class:`oqcore.DistributedError` on the others."""
+    from oqcore.parallel.gather import gathered_model
+
+    group = next(iter(state.shards.values())).group
+    whole, failure = gathered_model(model), None
+    if whole is not None:
+        try:
+            dest = save_quantized(whole, out, format)
+        except Exception as e:
+            failure = e
+    group.check(failure is not None, f"saving {dest}")
+    if failure is not None:
+        raise failure
+    return dest
 
 
 def check_destination(out: str | os.PathLike, source: str | os.PathLike | None = None) -> Path:

@@ -69,10 +69,10 @@ def _after(model, step: dict, rank: int):
         return {"error": None, "in_place": before == after, "tensors": _tensors(model)}
     if step["kind"] == "export":
         try:
-            oqcore.save_quantized(model, step["out"])
+            dest = oqcore.save_quantized(model, step["out"])
         except Exception as e:
             return {"error": (type(e).__name__, str(e))}
-        return {"error": None}
+        return {"error": None, "dest": str(dest)}
     raise ValueError(step["kind"])
 
 

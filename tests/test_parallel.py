@@ -69,13 +69,21 @@ def checkpoints(tmp_path_factory):
     return get
 
 
-def _cases(checkpoints, world: int) -> list[dict]:
+EXPORT_CASES = [("mixtral", "fp8_per_block", "tp"), ("qwen3_moe", "mxfp8", "ep"), ("olmoe", "nvfp4", "tp"),
+                ("gpt_oss", "mxfp4", "tp"), ("llama", "int8", "tp"), ("mixtral", "fp8_per_tensor", "ep")]
+"""Exports from a sharded model (rank 0 writes what every rank sends)."""
+
+
+def _cases(checkpoints, world: int, tmp) -> list[dict]:
     cases = []
     for arch in ARCHS:
         for cfg, config in CONFIGS.items():
             for mode, parallel in _modes(arch).items():
                 path = str(checkpoints(arch, _family(cfg)))
-                cases.append({"id": f"{arch}-{cfg}-{mode}", "path": path, "config": config, "parallel": parallel})
+                case = {"id": f"{arch}-{cfg}-{mode}", "path": path, "config": config, "parallel": parallel}
+                if (arch, cfg, mode) in EXPORT_CASES:
+                    case["after"] = [{"name": "export", "kind": "export", "out": str(tmp / f"export-{arch}-{cfg}-{mode}")}]
+                cases.append(case)
     # a cut through a scale group: 128x128 blocks on 64-row pieces; MX blocks of 32 on 48-column pieces
     cases.append({"id": "misaligned-block", "path": str(checkpoints("mixtral", "small")), "config": "fp8_per_block", "parallel": "tp"})
     cases.append({"id": "plan-splits-nothing", "path": str(checkpoints("mixtral", "small")), "config": "mxfp8",
@@ -145,8 +153,9 @@ def high_precision(checkpoints):
 @pytest.fixture(scope="session", params=[2, 4], ids=["2ranks", "4ranks"])
 def ranks(request, checkpoints, tmp_path_factory):
     world = request.param
-    cases = _cases(checkpoints, world) + _reload_cases(checkpoints)
-    return world, run_ranks(world, cases, tmp_path_factory.mktemp(f"ranks{world}"))
+    tmp = tmp_path_factory.mktemp(f"ranks{world}")
+    cases = _cases(checkpoints, world, tmp) + _reload_cases(checkpoints)
+    return world, run_ranks(world, cases, tmp)
 
 
 def _weight_prefix(param: str) -> str:
@@ -293,3 +302,28 @@ def test_reload_under_tp_is_all_or_nothing_across_ranks(ranks, arch, cfg, mode):
         after = res["nan"]["tensors"]
         assert all(torch.equal(as_bytes(t), as_bytes(res["pieces"]["tensors"][k])) for k, t in after.items())
     assert kinds.count("UnsupportedLayerError") >= 1 and kinds.count("DistributedError") >= 1, kinds
+
+
+@pytest.mark.parametrize("arch,cfg,mode", EXPORT_CASES)
+def test_export_from_shards_writes_the_unsharded_folder(ranks, checkpoints, tmp_path, arch, cfg, mode):
+    world, results = ranks
+    model = oqcore.load(checkpoints(arch, _family(cfg)), CONFIGS[cfg], dtype=torch.float32)
+    try:
+        want_dir, want_error = oqcore.save_quantized(model, tmp_path / "unsharded"), None
+    except oqcore.OqError as e:  # a model compressed-tensors cannot hold: the shards must say the same
+        want_dir, want_error = None, (type(e).__name__, str(e).replace(str(tmp_path / "unsharded"), "<out>"))
+    per_rank = results[f"{arch}-{cfg}-{mode}"]
+    if want_error is not None:
+        kind, msg = per_rank[0]["export"]["error"]
+        assert kind == want_error[0] and want_error[1].split(": ", 1)[-1][:80] in msg, (kind, msg)
+        assert all(r["export"]["error"][0] == "DistributedError" for r in per_rank[1:])
+        return
+    assert all(r["export"]["error"] is None for r in per_rank), [r["export"]["error"] for r in per_rank]
+    from pathlib import Path
+
+    got_dir = Path(per_rank[0]["export"]["dest"])
+    assert all(r["export"]["dest"] == str(got_dir) for r in per_rank)  # every rank is told the folder
+    names = sorted(p.name for p in want_dir.iterdir())
+    assert sorted(p.name for p in got_dir.iterdir()) == names
+    for name in names:
+        assert (got_dir / name).read_bytes() == (want_dir / name).read_bytes(), name
