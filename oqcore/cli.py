@@ -530,10 +530,14 @@ def quantize(
     device: Annotated[str, typer.Option(help="Device to load onto.")] = "cpu",
     interpolate: InterpolateOpt = False,
     check: Annotated[bool, typer.Option(help="Compare against the bf16 model on bundled text (loads it too).")] = True,
+    tp: Annotated[int, typer.Option("--tp", help="Mesh size: split the model over this many ranks (run under torchrun --nproc-per-node <N>; each rank reads and quantizes only its shard).")] = 1,
+    parallel: Annotated[str, typer.Option(help="With --tp > 1: tp (transformers' tp_plan for the architecture) or ep (experts split by expert: ep_plan).")] = "tp",
 ) -> None:
     """Load a model, quantizing it while loading, and report sizes, time, memory and fidelity.
 
     A folder written by --out is loaded back as saved (no re-quantizing, no fidelity check).
+    With --tp N, under torchrun --nproc-per-node N, every rank loads its shard; rank 0 prints the
+    report (with every rank's figures) and writes --out / --json.
     """
     import torch
     from tqdm import tqdm
@@ -545,6 +549,52 @@ def quantize(
     if out_format not in EXPORT_FORMATS:
         raise ConfigError(f"unknown format {out_format!r}; formats: {', '.join(EXPORT_FORMATS)}", "--format")
     dev = _device(device)
+    with _mesh(tp, parallel, dev) as rank:
+        _quantize(args, model, config, overrides, out, out_format, json_file, dev, interpolate, check, tp, parallel, rank)
+
+
+@contextlib.contextmanager
+def _mesh(tp: int, parallel: str, dev) -> Iterator[int]:
+    """For ``--tp N > 1``: the gloo (CPU) / NCCL (CUDA) process group torchrun describes, torn
+    down after; yields this process's rank (0 without ``--tp``). Raises :class:`oqcore.ConfigError`
+    naming ``--tp`` / ``--parallel`` for a bad size or mode, or when not run under torchrun with
+    that many processes."""
+    import os
+
+    if tp < 1:
+        raise ConfigError(f"must be at least 1, got {tp}", "--tp")
+    if parallel not in ("tp", "ep"):
+        raise ConfigError(f"expected tp or ep, got {parallel!r}", "--parallel")
+    if tp == 1:
+        yield 0
+        return
+    world = os.environ.get("WORLD_SIZE")
+    if world is None:
+        raise ConfigError(
+            f"--tp {tp} runs one process per rank: start it with torchrun --nproc-per-node {tp} -m oqcore.cli quantize "
+            f"--tp {tp} ...",
+            "--tp",
+        )
+    if int(world) != tp:
+        raise ConfigError(f"--tp {tp} but torchrun started {world} processes (WORLD_SIZE); they must match", "--tp")
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    try:
+        yield dist.get_rank()
+    finally:
+        dist.destroy_process_group()
+
+
+def _quantize(args, model, config, overrides, out, out_format, json_file, dev, interpolate, check, tp, parallel, rank) -> None:
+    """The body of ``oq quantize`` (see :func:`quantize`); only rank 0 prints and writes files."""
+    import torch
+    from tqdm import tqdm
+
+    import oqcore
+    from oqcore.loading import bundled_model_dir
+
+    echo = typer.echo if rank == 0 else (lambda *a, **k: None)
     path = model if model is not None else bundled_model_dir()
     cfg, saved, user = resolve_config(path, config, overrides, interpolate, dev)
     # Destinations are checked before anything is loaded, so a bad one costs no time.
@@ -552,59 +602,89 @@ def quantize(
     _check_destination(json_file, "--json", folder=False)
     if out is not None:
         _check_out(out, path)
-    typer.echo(f"model: {path}")
-    typer.echo(f"config: {json.dumps(cfg.to_dict())}{_config_origin(saved, user)}")
+    echo(f"model: {path}")
+    echo(f"config: {json.dumps(cfg.to_dict())}{_config_origin(saved, user)}")
     bars: list = []  # created on the first call, when reading starts and the total is known
 
     def progress(done: int, total: int) -> None:
-        """Advance the bar to ``done`` of ``total`` bytes read."""
+        """Advance the bar to ``done`` of ``total`` bytes read (rank 0's, under --tp)."""
+        if rank != 0:
+            return
         if not bars:
             bars.append(tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="loading"))
         bars[0].update(done - bars[0].n)
 
     try:
-        qmodel = oqcore.load(path, user, device=dev, progress=progress)
+        sharding = {} if tp == 1 else {"parallel": parallel}
+        qmodel = oqcore.load(path, user, device=dev, progress=progress, **sharding)
     finally:
         for b in bars:
             b.close()
     rep = oqcore.report(qmodel)
-    typer.echo(str(rep))
+    echo(str(rep))
     result: dict[str, Any] = {"model": str(path), "saved": saved, "config": cfg.to_dict(), "report": rep.to_dict()}
+    if tp > 1:
+        result["ranks"] = _rank_figures(qmodel)
+        echo(_rank_table(result["ranks"]))
     if check and saved:
-        typer.echo("fidelity: not checked (the folder holds quantized weights: no high-precision model to compare with)")
+        echo("fidelity: not checked (the folder holds quantized weights: no high-precision model to compare with)")
     elif check:
         from oqcore.fidelity import compare, reference_model
 
         fid = compare(qmodel, reference_model(path, torch.bfloat16, dev), path)
-        typer.echo(f"fidelity: {fid}")
+        echo(f"fidelity: {fid}")
         result["fidelity"] = fid.to_dict()
     save_error: OqError | None = None
     if out is not None:
         try:
             oqcore.save_quantized(qmodel, out, format=out_format)
             if out_format == "oqcore":
-                typer.echo(f"saved: {out} (oqcore.load reads it back without re-quantizing)")
+                echo(f"saved: {out} (oqcore.load reads it back without re-quantizing)")
             else:
-                typer.echo(
+                echo(
                     f"saved: {out} ({out_format}: oqcore.load and vLLM read it, and transformers where its "
                     "compressed-tensors support can decompress the scheme: see docs/formats.md)"
                 )
             result["out"] = str(out)
         except OqError as e:  # the figures are still written below before this is reported
             save_error = e
-    if json_file is not None:
+    if json_file is not None and rank == 0:
         text = json.dumps(result, indent=2) + "\n"
         try:
             json_file.write_text(text)
-            typer.echo(f"figures written to {json_file}")
+            echo(f"figures written to {json_file}")
         except OSError as e:
-            typer.echo(text, nl=False)  # the figures are not lost: they go to stdout instead
+            echo(text, nl=False)  # the figures are not lost: they go to stdout instead
             json_error = SaveError(f"--json {json_file}: cannot write the figures ({e.strerror or e}); they are printed above instead")
             if save_error is None:
                 raise json_error from e
-            typer.echo(f"error: {json_error}", err=True)  # both errors, one line each
+            echo(f"error: {json_error}", err=True)  # both errors, one line each
     if save_error is not None:
         raise save_error
+
+
+def _rank_figures(qmodel) -> list[dict]:
+    """Every rank's load figures (an all-gather; every rank calls it)."""
+    import torch.distributed as dist
+
+    s = qmodel.oq_state.stats
+    mine = {"seconds": round(s.seconds_total, 3), "bytes_read": s.bytes_read, "peak_added": s.peak_added,
+            "quantized_bytes": s.quantized_bytes, "model_bytes": s.model_bytes}
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, mine)
+    return out
+
+
+def _rank_table(ranks: list[dict]) -> str:
+    """One line per rank: time, bytes read, peak memory added, shard size."""
+    mib = 2**20
+    lines = ["per rank:"]
+    for r, f in enumerate(ranks):
+        lines.append(
+            f"  rank {r}: {f['seconds']:.2f} s, read {f['bytes_read'] / mib:.1f} MiB, peak +{f['peak_added'] / mib:.1f} MiB, "
+            f"model shard {f['model_bytes'] / mib:.1f} MiB"
+        )
+    return "\n".join(lines)
 
 
 _MIN_EXPERTS = 2  # every synthetic architecture routes each token to 2 experts

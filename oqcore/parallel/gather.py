@@ -28,15 +28,13 @@ def _prefix(name: str, shard: LayerShard) -> str | None:
     return None
 
 
-def _whole(t: torch.Tensor, split: Split, ndim: int, shard: LayerShard) -> torch.Tensor:
-    """Every rank's piece of ``t`` (one tensor of a weight of ``ndim`` dims cut by ``split``) put
-    together; all ranks call it in the same order."""
-    d = split.dim
-    if t.dim() < ndim:  # per tensor ([1]) or per expert ([E], [E, 1]): split only with the experts
-        if not (d == 0 and ndim == 3):
-            return t
-    elif t.shape[d] == 1:
+def _whole(t: torch.Tensor, split: Split, full: tuple[int, ...], shard: LayerShard) -> torch.Tensor:
+    """Every rank's piece of ``t`` (whose unsharded shape is ``full``; ``split`` cuts its weight)
+    put together; all ranks call it in the same order. A tensor of the unsharded shape already
+    is the same on every rank (a per-tensor scale, a row-split weight's per-channel scale)."""
+    if tuple(t.shape) == tuple(full):
         return t
+    d = next(i for i, (a, b) in enumerate(zip(t.shape, full)) if a != b)  # the cut runs along it
     pieces = [p.chunk(len(split.ranges), dim=d) for p in _gather_all(t, shard)]
     return torch.cat([pieces[r][h] for h in range(len(split.ranges)) for r in range(len(pieces))], dim=d)
 
@@ -51,16 +49,30 @@ def _gather_all(t: torch.Tensor, shard: LayerShard) -> list[torch.Tensor]:
     return [p.view(src.dtype) for p in parts]
 
 
+def _full_shapes(module: nn.Module, shard: LayerShard) -> dict[str, tuple[int, ...]]:
+    """The unsharded shape of every quantized tensor of a split module: its method run on
+    meta tensors of the weights' unsharded shapes (no values, no memory)."""
+    method = getattr(module, "method", None)
+    if method is None:
+        return {}
+    out = {}
+    for prefix, shape in shard.weight_shapes.items():
+        meta = torch.empty(shape, dtype=module.params_dtype, device="meta")
+        qt = method.quantize_weight(meta, f"{module.layer_name} (shapes)")
+        out.update({method.formats.weight.param_name(prefix, n): tuple(t.shape) for n, t in qt.tensors.items()})
+    return out
+
+
 def whole_tensors(module: nn.Module, shard: LayerShard) -> dict[str, torch.Tensor]:
     """``{parameter name: whole tensor}`` of one split module (valid on every rank)."""
     out = {}
+    full = {**_full_shapes(module, shard), **shard.full}
     for name, t in own_parameters(module).items():
         prefix = _prefix(name, shard)
-        if prefix is not None:
-            qdata = getattr(module, prefix)
-            out[name] = _whole(t, shard.weights[prefix], qdata.dim(), shard)
+        if prefix is not None and name in full:
+            out[name] = _whole(t, shard.weights[prefix], full[name], shard)
         elif name in shard.params:
-            out[name] = _whole(t, shard.params[name], t.dim(), shard)
+            out[name] = _whole(t, shard.params[name], full[name], shard)
         else:  # rank 0's row-split bias, static activation state: the same everywhere it matters
             out[name] = t
     return out

@@ -119,6 +119,7 @@ def _linear(name: str, module: nn.Module, style: str, group: Group) -> tuple[Lay
     shard.weights = {"weight": cut}
     shard.full = {"weight": (n, k), **({"bias": (n,)} if has_bias else {})}
     shard.attrs = {"in_features": k, "out_features": n}
+    shard.weight_shapes = {"weight": (n, k)}
     n_l, k_l = cut.local_shape((n, k))
     if _quantized(module):
         method = module.method
@@ -155,7 +156,7 @@ def _experts(name: str, module: nn.Module, style: str, group: Group) -> tuple[La
     r, w = group.rank, group.world
     lay = module.layout
     e, h, i = lay.num_experts, lay.hidden_size, lay.intermediate_size
-    shard = LayerShard(group, style, attrs={"layout": lay})
+    shard = LayerShard(group, style, attrs={"layout": lay}, weight_shapes={"w13_weight": (e, 2 * i, h), "w2_weight": (e, h, i)})
     shard.full = {"gate_up_proj": lay.w13_shape, "down_proj": lay.w2_shape}
     if lay.has_bias:
         shard.full.update(gate_up_proj_bias=(e, 2 * i), down_proj_bias=(e, h))

@@ -74,6 +74,7 @@ class LayerShard:
       (0: only the status element travels).
     - ``expert_offset``: the first global expert id this rank owns (expert parallel).
     - ``full``: ``{parameter name: full shape}``, for export and reloads of full tensors.
+    - ``weight_shapes``: ``{weight prefix: unsharded canonical shape}``.
     - ``attrs``: the module's unsharded shape attributes (``in_features`` / ``out_features``, or
       the experts' ``layout``), for an export of the whole model.
     """
@@ -87,6 +88,7 @@ class LayerShard:
     expert_offset: int = 0
     full: dict[str, tuple[int, ...]] = field(default_factory=dict)
     attrs: dict[str, object] = field(default_factory=dict)
+    weight_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     pending: list[str] = field(default_factory=list)
     hooks: list = field(default_factory=list, repr=False)
 
