@@ -55,3 +55,17 @@ def minilm():
     from oqcore.loading import bundled_model_dir
 
     return bundled_model_dir()
+
+
+@pytest.fixture(scope="session")
+def big_checkpoint(tmp_path_factory):
+    """A ~300 MB bf16 Mixtral checkpoint (12 layers, hidden 512, intermediate 1024, 8 experts),
+    built once per session by ``oq make-model`` in a subprocess: for the peak-memory tests."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("big")
+    cmd = [sys.executable, "-m", "oqcore.cli", "make-model", "mixtral", str(out), "--hidden-size", "512",
+           "--intermediate-size", "1024", "--layers", "12", "--experts", "8"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return out

@@ -21,15 +21,6 @@ print(json.dumps({"peak_added": s.peak_added, "model": s.model_bytes, "largest":
 """
 
 
-@pytest.fixture(scope="module")
-def big_checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("big")
-    cmd = [sys.executable, "-m", "oqcore.cli", "make-model", "mixtral", str(out), "--hidden-size", "512",
-           "--intermediate-size", "1024", "--layers", "12", "--experts", "8"]
-    subprocess.run(cmd, check=True, capture_output=True)
-    return out
-
-
 @pytest.mark.parametrize("config", ["fp8_per_block", {"moe": "int8_per_channel_weight_only"}], ids=["fp8-block", "int8-moe"])
 def test_online_load_peak_memory_bound(big_checkpoint, config):
     env = {"OQ_DISABLE_TRITON": "1"}

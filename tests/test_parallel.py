@@ -327,3 +327,22 @@ def test_export_from_shards_writes_the_unsharded_folder(ranks, checkpoints, tmp_
     assert sorted(p.name for p in got_dir.iterdir()) == names
     for name in names:
         assert (got_dir / name).read_bytes() == (want_dir / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_per_rank_peak_memory_is_its_shard_plus_one_layer_shard(big_checkpoint, tmp_path, world):
+    """Each rank's peak resident memory (above its baseline once the process group is up) stays
+    within (its shard of the model + its largest high-precision layer shard) x 1.15 (the bound the
+    unsharded load keeps, tests/test_load_memory.py) + 16 MiB per rank (allocator arenas and the
+    collectives' buffers, which do not shrink with the shard), and it reads only its share of the file."""
+    case = {"id": "big", "path": str(big_checkpoint), "config": "mxfp8", "parallel": "tp", "dtype": "bfloat16", "forward": False}
+    results = run_ranks(world, [case], tmp_path)["big"]
+    total = sum(f.stat().st_size for f in big_checkpoint.glob("*.safetensors"))
+    for r, res in enumerate(results):
+        assert res["error"] is None, res["error"]
+        s = res["stats"]
+        bound = (s["model"] + s["largest"]) * 1.15 + 16 * 2**20
+        print(f"{world} ranks, rank {r}: peak +{s['peak_added'] / 2**20:.1f} MiB, bound {bound / 2**20:.1f} MiB, read {s['read'] / 2**20:.1f} MiB")
+        assert s["peak_added"] <= bound
+        # its slices of the split layers plus the whole of what every rank holds (embeddings, norms, routers)
+        assert s["read"] < total / world * 1.15
