@@ -45,22 +45,19 @@ def amax_grid(w: torch.Tensor, group: GroupShape) -> torch.Tensor:
     """Max ``|w|`` of every group of ``group`` in ``w [*lead, N, K]``, float32, shaped
     :func:`grid_shape` (per tensor ``[*lead, 1, 1]``, per channel ``[*lead, N, 1]``, 128x128
     blocks ``[*lead, ceil(N/128), ceil(K/128)]``; edge groups are partial). NaN propagates (the
-    loader refuses non-finite weights before this runs). Exact: max and abs round nothing."""
+    loader refuses non-finite weights before this runs). Exact: max and min round nothing; taken
+    as ``max(-min, max)`` over each group, so no ``|w|`` temporary the size of ``w`` is made."""
     rows, cols = weight_extent(group)
-    a = w.detach().abs()
-    *lead, n, k = a.shape
-    if rows == -1:
-        a = a.amax(dim=-2, keepdim=True)
-    elif rows > 1:
-        pad = -n % rows
-        if pad:
-            a = torch.nn.functional.pad(a, (0, 0, 0, pad))  # |w| >= 0: zero padding changes no max
-        a = a.reshape(*lead, -1, rows, a.shape[-1]).amax(dim=-2)
-    if cols == -1:
-        a = a.amax(dim=-1, keepdim=True)
-    elif cols > 1:
-        pad = -k % cols
-        if pad:
-            a = torch.nn.functional.pad(a, (0, pad))
-        a = a.reshape(*a.shape[:-1], -1, cols).amax(dim=-1)
-    return a.float()
+    *lead, n, k = w.shape
+    r = n if rows == -1 else rows
+    c = k if cols == -1 else cols
+    x = w.detach()
+    if n % r or k % c:  # partial edge groups: pad (|w| >= 0 and -|w| <= 0, so zeros change no max)
+        x = torch.nn.functional.pad(x, (0, -k % c, 0, -n % r))
+    v = x.reshape(*lead, x.shape[-2] // r, r, x.shape[-1] // c, c)
+    if r == 1:
+        v = v.squeeze(-3)
+        lo, hi = torch.aminmax(v, dim=-1)
+    else:
+        lo, hi = v.amin(dim=(-3, -1)), v.amax(dim=(-3, -1))
+    return torch.maximum(-lo, hi).float()

@@ -283,12 +283,18 @@ class OnlineMethodBase(ABC):
         """The collective of a sharded weight (see :meth:`quantize_weight`): the reduced amax
         grid of the key's outermost scale level, or ``None`` when the cut crosses none."""
         what = f"quantizing {layer_name} ({prefix})"
+        local = None
         try:
-            check_finite(w, layer_name)
+            if shard.amax_numel.get(prefix):
+                # NaN/Inf propagate into the amax: the one pass over the weight also checks it
+                local = amax_grid(w, outer_level(self.weight_key).group_shape)
+                if not bool(torch.isfinite(local).all()):
+                    check_finite(w, layer_name)  # raises, naming the expert and the count
+            else:
+                check_finite(w, layer_name)
         except OqError:
             shard.sync_amax(prefix, None, True, what)
             raise
-        local = amax_grid(w, outer_level(self.weight_key).group_shape) if shard.amax_numel.get(prefix) else None
         return shard.sync_amax(prefix, local, False, what)
 
     def dequantize_weight(self, *tensors_then_dtype: Any) -> torch.Tensor:
