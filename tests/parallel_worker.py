@@ -37,8 +37,11 @@ def run_case(case: dict, rank: int) -> dict:
     import oqcore
 
     dtype = getattr(torch, case.get("dtype", "float32"))
+    kw = {"parallel": case.get("parallel", "tp")}
+    if "mesh" in case:
+        kw["mesh"] = _mesh(case["mesh"])
     try:
-        model = oqcore.load(case["path"], case["config"], parallel=case.get("parallel", "tp"), dtype=dtype)
+        model = oqcore.load(case["path"], case["config"], dtype=dtype, **kw)
     except Exception as e:  # the test asserts the type and message
         return {"error": (type(e).__name__, str(e))}
     res = {"error": None, "cuts": _cuts(model), "tensors": _tensors(model)}
@@ -52,6 +55,20 @@ def run_case(case: dict, rank: int) -> dict:
     for step in case.get("after", []):
         res[step["name"]] = _after(model, step, rank)
     return res
+
+
+def _mesh(kind: str):
+    """A mesh argument of the kind a case names: a 1-D or 2-D DeviceMesh, the default group, or junk."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
+    if kind == "mesh1d":
+        return init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+    if kind == "mesh2d":
+        return init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "tp"))
+    if kind == "group":
+        return dist.group.WORLD
+    return kind  # a string: not a mesh
 
 
 def _after(model, step: dict, rank: int):

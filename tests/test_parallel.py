@@ -37,6 +37,8 @@ close to, not equal to, the unsharded one."""
 SIZES = {
     "small": dict(hidden_size=128, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4, head_dim=32, num_layers=2),
     "block": dict(hidden_size=512, intermediate_size=512, num_attention_heads=8, num_key_value_heads=8, head_dim=64, num_layers=1),
+    # o_proj K = 6 x 32 = 192: 96 per rank on 2 ranks (whole 1x32 MX blocks), 48 on 4 (cuts one)
+    "odd": dict(hidden_size=192, intermediate_size=128, num_attention_heads=6, num_key_value_heads=6, head_dim=32, num_layers=1),
 }
 GPT_OSS_TP = {"model.layers.*.mlp.experts": "moe_tp_experts"}
 """GPT-OSS has no tensor-parallel plan in transformers (its attention keeps per-head sinks):
@@ -86,6 +88,21 @@ def _cases(checkpoints, world: int, tmp) -> list[dict]:
                 cases.append(case)
     # a cut through a scale group: 128x128 blocks on 64-row pieces; MX blocks of 32 on 48-column pieces
     cases.append({"id": "misaligned-block", "path": str(checkpoints("mixtral", "small")), "config": "fp8_per_block", "parallel": "tp"})
+    small = str(checkpoints("qwen3_moe", "small"))
+    for kind in ("mesh1d", "group"):
+        cases.append({"id": f"mesh-{kind}", "path": small, "config": "mxfp8", "mesh": kind, "parallel": None})
+    bad = {
+        "bad-mesh2d": {"mesh": "mesh2d"},
+        "bad-mesh-str": {"mesh": "tp"},
+        "bad-mode": {"parallel": "xp"},
+        "bad-style": {"parallel": {"model.layers.*.self_attn.q_proj": "columnwise"}},
+        "bad-plan-type": {"parallel": ["colwise"]},
+        "mx-cut": {"parallel": "tp", "config": {"linear": "mxfp8"}, "path": str(checkpoints("llama", "odd"))},
+        # written by the export case of mixtral-fp8_per_block-tp above (its save ends with a collective)
+        "bad-quantized-folder": {"config": None, "path": str(tmp / "export-mixtral-fp8_per_block-tp")},
+    }
+    for cid, kw in bad.items():
+        cases.append({"id": cid, "path": small, "config": "mxfp8", "forward": False, **kw})
     cases.append({"id": "plan-splits-nothing", "path": str(checkpoints("mixtral", "small")), "config": "mxfp8",
                   "parallel": {"model.layers.*.mlp.shared_expert": "colwise"}})
     return cases
@@ -346,3 +363,43 @@ def test_per_rank_peak_memory_is_its_shard_plus_one_layer_shard(big_checkpoint, 
         assert s["peak_added"] <= bound
         # its slices of the split layers plus the whole of what every rank holds (embeddings, norms, routers)
         assert s["read"] < total / world * 1.15
+
+
+@pytest.mark.parametrize("kind", ["mesh1d", "group"])
+def test_a_device_mesh_or_process_group_names_the_ranks(ranks, unsharded, kind):
+    _, results = ranks
+    full, ref = unsharded("qwen3_moe", "mxfp8")
+    for r, res in enumerate(results[f"mesh-{kind}"]):
+        assert res["error"] is None, res["error"]
+        assert _mismatches(full, res, r) == []
+        assert (res["logits"] - ref).abs().max() <= 2e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize(
+    "cid,kind,field,text",
+    [
+        ("bad-mesh2d", "ConfigError", "mesh", "expected a 1-D DeviceMesh"),
+        ("bad-mesh-str", "ConfigError", "mesh", "expected a torch.distributed DeviceMesh, a ProcessGroup or None, got str"),
+        ("bad-mode", "ConfigError", "parallel", "unknown parallel mode 'xp'; expected 'tp', 'ep' or a dict"),
+        ("bad-style", "ConfigError", "parallel['model.layers.*.self_attn.q_proj']", "unknown parallel style 'columnwise'"),
+        ("bad-plan-type", "ConfigError", "parallel", "got list"),
+        ("bad-quantized-folder", "ConfigError", "parallel", "holds quantized weights; parallel loading reads high-precision checkpoints only"),
+    ],
+)
+def test_bad_parallel_arguments_are_config_errors(ranks, cid, kind, field, text):
+    _, results = ranks
+    for res in results[cid]:
+        got_kind, msg = res["error"]
+        assert got_kind == kind and msg.startswith(field + ":") and text in msg, (got_kind, msg)
+
+
+def test_an_mx_block_cut_by_the_split_names_layer_and_sizes(ranks):
+    world, results = ranks
+    res = results["mx-cut"]
+    if world == 2:  # 96 columns per rank: whole 1x32 blocks
+        assert all(r["error"] is None for r in res), [r["error"] for r in res]
+        return
+    for r in res:
+        kind, msg = r["error"]
+        assert kind == "UnsupportedLayerError" and "model.layers.0.self_attn.o_proj" in msg, msg
+        assert "columns (K) index 48" in msg and "1x32" in msg and "multiple of 32" in msg and "192 / 4 = 48" in msg, msg

@@ -71,19 +71,22 @@ def _check_groups(layer: str, method, label: str, shape: tuple[int, ...], split:
 
 
 def _check_cuts(layer, label, shape, split: Split, extent: int, what: str, style: str, world: int, where: str) -> None:
+    """Every shard boundary of every rank (the same on all ranks, so all raise the same error)
+    must fall on a group boundary of ``extent`` elements, or at the end."""
     if extent <= 1:
         return
-    for a, b in split.ranges:
-        for edge in (a, b):
-            if edge % extent and edge != split.full:
-                raise UnsupportedLayerError(
-                    layer,
-                    f"{label} {list(shape)}: {style} over {world} ranks puts a shard boundary at {where} index {edge}, "
-                    f"inside a {what} ({extent} along that dim); every boundary must be a multiple of {extent} "
-                    f"(here {split.full} / {world} = {split.full // world} per rank): use a mesh size that keeps "
-                    "whole groups on each rank, keep the layer whole in the parallel plan, or pick a scheme with "
-                    "smaller groups",
-                )
+    halves = len(split.ranges)
+    part, n = split.full // halves, split.ranges[0][1] - split.ranges[0][0]
+    edges = sorted({h * part + j * n for h in range(halves) for j in range(world + 1)})
+    for edge in edges:
+        if edge % extent and edge != split.full:
+            raise UnsupportedLayerError(
+                layer,
+                f"{label} {list(shape)}: {style} over {world} ranks puts a shard boundary at {where} index {edge}, "
+                f"inside a {what} ({extent} along that dim); every boundary must be a multiple of {extent} "
+                f"(here {part} / {world} = {n} per rank): use a mesh size that keeps whole groups on each rank, "
+                "keep the layer whole in the parallel plan, or pick a scheme with smaller groups",
+            )
 
 
 def _check_activation(layer: str, method, label: str, split: Split, style: str, world: int) -> None:
