@@ -18,6 +18,7 @@ not process memory, so this costs no resident memory.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -75,10 +76,7 @@ class TensorEntry:
     @property
     def numel(self) -> int:
         """Number of elements."""
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def is_float8(self) -> bool:

@@ -19,6 +19,8 @@ into a contiguous tensor of its local shape.
 
 from __future__ import annotations
 
+import math
+
 from bisect import bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -151,10 +153,7 @@ class SlicedEntry:
     @property
     def numel(self) -> int:
         """Number of local elements."""
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:

@@ -13,6 +13,7 @@ MAX-reduced over the ranks before quantizing.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from torch import nn
@@ -129,7 +130,7 @@ def _linear(name: str, module: nn.Module, style: str, group: Group) -> tuple[Lay
         reduce = _check_groups(name, method, "weight", (n, k), cut, style, w)
         if cut.dim == 1:
             _check_activation(name, method, "weight", cut, style, w)
-        shard.amax_numel = {"weight": _numel(grid_shape((n_l, k_l), outer_level(method.weight_key).group_shape)) if reduce else 0}
+        shard.amax_numel = {"weight": math.prod(grid_shape((n_l, k_l), outer_level(method.weight_key).group_shape)) if reduce else 0}
     return shard, (n_l, k_l)
 
 
@@ -145,13 +146,6 @@ def _shrink_linear(module: nn.Module, shard: LayerShard, local: tuple[int, int])
     module.weight = _meta((n_l, k_l), dtype)
     if module.bias is not None:
         module.bias = _meta((n_l,) if shard.params["weight"].dim == 0 else (n,), dtype)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    out = 1
-    for s in shape:
-        out *= s
-    return out
 
 
 def _experts(name: str, module: nn.Module, style: str, group: Group) -> tuple[LayerShard, object]:
@@ -193,7 +187,7 @@ def _experts(name: str, module: nn.Module, style: str, group: Group) -> tuple[La
         if prefix == "w2_weight" and cut.dim == 2:
             _check_activation(name, method, prefix, cut, style, w)
         level = outer_level(method.weight_key).group_shape
-        shard.amax_numel[prefix] = _numel(grid_shape(cut.local_shape(full_shape), level)) if reduce else 0
+        shard.amax_numel[prefix] = math.prod(grid_shape(cut.local_shape(full_shape), level)) if reduce else 0
     return shard, local
 
 
