@@ -103,6 +103,8 @@ def _cases(checkpoints, world: int, tmp) -> list[dict]:
     }
     for cid, kw in bad.items():
         cases.append({"id": cid, "path": small, "config": "mxfp8", "forward": False, **kw})
+    cases.append({"id": "nan-in-one-piece", "path": str(_with_nan(checkpoints("qwen3_moe", "small"))), "config": "mxfp8",
+                  "parallel": "tp", "forward": False})
     cases.append({"id": "plan-splits-nothing", "path": str(checkpoints("mixtral", "small")), "config": "mxfp8",
                   "parallel": {"model.layers.*.mlp.shared_expert": "colwise"}})
     return cases
@@ -134,6 +136,22 @@ def _reload_cases(checkpoints) -> list[dict]:
         ]})
         cases.append({**base, "id": f"fresh-{arch}-{cfg}", "path": str(new)})
     return cases
+
+
+def _with_nan(src):
+    """A copy of checkpoint ``src`` with a NaN at element 0 of layer 1's expert 0 down_proj (in
+    the piece of rank 0 only: its first columns)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out = src.parent / f"{src.name}-nan"
+    if not out.exists():
+        shutil.copytree(src, out)
+        tensors = load_file(out / "model.safetensors")
+        tensors[NAN_AT["qwen3_moe"]].view(-1)[0] = float("nan")
+        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -403,3 +421,12 @@ def test_an_mx_block_cut_by_the_split_names_layer_and_sizes(ranks):
         kind, msg = r["error"]
         assert kind == "UnsupportedLayerError" and "model.layers.0.self_attn.o_proj" in msg, msg
         assert "columns (K) index 48" in msg and "1x32" in msg and "multiple of 32" in msg and "192 / 4 = 48" in msg, msg
+
+
+def test_a_nan_in_one_rank_piece_fails_the_load_on_every_rank(ranks):
+    _, results = ranks
+    kinds = [r["error"][0] for r in results["nan-in-one-piece"]]
+    first_kind, first_msg = results["nan-in-one-piece"][0]["error"]
+    assert first_kind == "UnsupportedLayerError" and "model.layers.1.mlp.experts.down_proj[expert 0]" in first_msg, first_msg
+    assert kinds[1:] == ["DistributedError"] * (len(kinds) - 1), kinds
+    assert all("rank 0 of" in r["error"][1] for r in results["nan-in-one-piece"][1:])

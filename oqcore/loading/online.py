@@ -354,8 +354,9 @@ class _OnlineLoader:
                         if not self.shards:
                             raise
                         failure = e  # keep joining the collectives the other ranks will run
-                        for shard in self.shards.values():
+                        for shard in self.shards.values():  # a layer failing mid-quantization
                             shard.fail_pending(f"loading {self.path}")
+                        self._skip_group(g)  # a group failing before it was placed
                     if self.progress is not None:
                         self.progress(self.done, self.total)
             finally:
@@ -369,12 +370,16 @@ class _OnlineLoader:
         self.stats.bytes_read = self.done
 
     def _skip_group(self, g) -> None:
-        """After this rank failed: count group ``g`` as if placed (nothing read) and join the
-        collectives of each sharded wrapper it completes, as failed."""
+        """After this rank failed: count group ``g`` as placed unless it was (nothing is read)
+        and join the collectives of each sharded wrapper it completes, as failed."""
         owner = param_owner(g.target, self.wrappers)
-        if owner is None:
+        try:
+            param = self.model.get_parameter(g.target)
+        except AttributeError:  # quantized (and replaced) before the failure
             return
-        self.remaining[owner] -= self.model.get_parameter(g.target).numel()
+        if owner is None or not param.is_meta:
+            return
+        self.remaining[owner] -= param.numel()
         shard = self.shards.get(owner)
         if self.remaining[owner] == 0 and shard is not None:
             shard.begin()

@@ -17,6 +17,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from oqcore.loading.checkpoint import ST_DTYPES
 from oqcore.parallel.shard import LayerShard, Split
 from oqcore.torch_compat import own_parameters, set_parameter
 
@@ -43,7 +44,8 @@ def _gather_all(t: torch.Tensor, shard: LayerShard) -> list[torch.Tensor]:
     import torch.distributed as dist
 
     src = t.detach().contiguous()
-    raw = src.view(torch.uint8) if src.element_size() == 1 and src.dtype != torch.uint8 else src  # fp8 / e8m0 travel as bytes
+    byte = ST_DTYPES["U8"]  # the storage format's byte: 8-bit floats travel as raw bytes (gloo has no fp8)
+    raw = src.view(byte) if src.element_size() == 1 and src.is_floating_point() else src
     parts = [torch.empty_like(raw) for _ in range(shard.group.world)]
     dist.all_gather(parts, raw, group=shard.group.pg)
     return [p.view(src.dtype) for p in parts]
