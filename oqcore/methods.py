@@ -279,6 +279,12 @@ class OnlineMethodBase(ABC):
                 tensors[n][e] = t
         return QuantizedTensor(tensors, fmt.key, w.shape, self.options, fmt)
 
+    def _quantize_layer_weight(self, layer: torch.nn.Module, w: torch.Tensor, name: str, prefix: str) -> QuantizedTensor:
+        """:meth:`quantize_weight` of ``layer``'s weight ``prefix``; a sharded layer's cut goes
+        along (an unsharded call keeps the two-argument form methods may override)."""
+        shard = getattr(layer, "oq_shard", None)
+        return self.quantize_weight(w, name) if shard is None else self.quantize_weight(w, name, shard, prefix)
+
     def _shared_amax(self, w: torch.Tensor, layer_name: str, shard: Any, prefix: str) -> torch.Tensor | None:
         """The collective of a sharded weight (see :meth:`quantize_weight`): the reduced amax
         grid of the key's outermost scale level, or ``None`` when the cut crosses none."""
@@ -425,7 +431,7 @@ class OnlineLinearMethodBase(OnlineMethodBase):
         if layer.quantized:
             return
         self.check_activation_state(layer)
-        qt = self.quantize_weight(layer.weight.data, layer.layer_name, getattr(layer, "oq_shard", None))
+        qt = self._quantize_layer_weight(layer, layer.weight.data, layer.layer_name, "weight")
         self.store_weight(layer, "weight", qt)
         self._finish(layer)
 
@@ -499,9 +505,8 @@ class OnlineMoEMethodBase(OnlineMethodBase):
         self.check_activation_state(layer)
         w13, w2 = self.canonical_weights(layer)
         # Transposed (GPT-OSS) stacks stay views: each expert is made contiguous on its own.
-        shard = getattr(layer, "oq_shard", None)
-        q13 = self.quantize_weight(w13, f"{layer.layer_name}.gate_up_proj", shard, "w13_weight")
-        q2 = self.quantize_weight(w2, f"{layer.layer_name}.down_proj", shard, "w2_weight")
+        q13 = self._quantize_layer_weight(layer, w13, f"{layer.layer_name}.gate_up_proj", "w13_weight")
+        q2 = self._quantize_layer_weight(layer, w2, f"{layer.layer_name}.down_proj", "w2_weight")
         for hp in self.QUANTIZED_NAMES:
             _replace_param(layer, hp, None)
         for prefix, qt in zip(self.QUANTIZED_NAMES.values(), (q13, q2)):
