@@ -123,6 +123,10 @@ class KeyFormat:
       number of tokens). ``None``: the key cannot be a static activation. A layer running such a
       key holds the state as parameters (:func:`input_param`), read from the checkpoint, saved
       with the layer and kept by :func:`oqcore.reload_weights`.
+    - ``fused_outer_scale``: the serving engine runs fused siblings (``q/k/v_proj`` as one
+      ``qkv_proj``, ``gate/up_proj`` as one ``gate_up_proj``) with one outermost scale and does not
+      re-quantize them (vLLM, NVFP4's global scale): the core then quantizes such siblings with
+      their shared per-tensor amax (:mod:`oqcore.loading.siblings`, through ``takes_amax``).
     """
 
     key: QuantKey
@@ -133,6 +137,7 @@ class KeyFormat:
     element: str = ""
     compressed_tensors: Mapping[str, Any] | None = None
     static_quantize: Callable[..., torch.Tensor] | None = None
+    fused_outer_scale: bool = False
 
     @property
     def is_static_activation(self) -> bool:

@@ -244,7 +244,9 @@ class OnlineMethodBase(ABC):
                 return planned
         return select_quantizer(impls, w.device, [tuple(w.shape)], w.dtype, what=name).impl
 
-    def quantize_weight(self, w: torch.Tensor, layer_name: str, shard: Any = None, prefix: str = "weight") -> QuantizedTensor:
+    def quantize_weight(
+        self, w: torch.Tensor, layer_name: str, shard: Any = None, prefix: str = "weight", outer_amax: torch.Tensor | None = None
+    ) -> QuantizedTensor:
         """Quantize a ``[N, K]`` or ``[E, N, K]`` weight to the weight key; returns the
         :class:`oqcore.QuantizedTensor` (it unpacks to ``qdata, scale, ...``). Raises
         :class:`oqcore.UnsupportedLayerError` naming the layer (and expert) on NaN/Inf.
@@ -257,7 +259,7 @@ class OnlineMethodBase(ABC):
         check_quantizable(w, layer_name)
         if self.formats is None:
             raise PluginError(f"{type(self).__name__}: no quantizer is registered for its weight key {self.weight_key}")
-        amax = None if shard is None else self._shared_amax(w, layer_name, shard, prefix)
+        amax = outer_amax if shard is None else self._shared_amax(w, layer_name, shard, prefix, outer_amax)
         fmt, impl = self.formats.weight, self.quantizer_for(w, layer_name, takes_amax=amax is not None)
         key_name = self.formats.weight_name or str(fmt.key)
         if w.dim() == 2 or (w.is_contiguous() and impl.whole_stack):
@@ -282,10 +284,14 @@ class OnlineMethodBase(ABC):
     def _quantize_layer_weight(self, layer: torch.nn.Module, w: torch.Tensor, name: str, prefix: str) -> QuantizedTensor:
         """:meth:`quantize_weight` of ``layer``'s weight ``prefix``; a sharded layer's cut goes
         along (an unsharded call keeps the two-argument form methods may override)."""
-        shard = getattr(layer, "oq_shard", None)
-        return self.quantize_weight(w, name) if shard is None else self.quantize_weight(w, name, shard, prefix)
+        shard, outer = getattr(layer, "oq_shard", None), getattr(layer, "oq_outer_amax", None)
+        if shard is None and outer is None:
+            return self.quantize_weight(w, name)
+        return self.quantize_weight(w, name, shard, prefix, outer)
 
-    def _shared_amax(self, w: torch.Tensor, layer_name: str, shard: Any, prefix: str) -> torch.Tensor | None:
+    def _shared_amax(
+        self, w: torch.Tensor, layer_name: str, shard: Any, prefix: str, outer: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """The collective of a sharded weight (see :meth:`quantize_weight`): the reduced amax
         grid of the key's outermost scale level, or ``None`` when the cut crosses none."""
         what = f"quantizing {layer_name} ({prefix})"
@@ -296,12 +302,15 @@ class OnlineMethodBase(ABC):
                 local = amax_grid(w, outer_level(self.weight_key).group_shape)
                 if not bool(torch.isfinite(local).all()):
                     check_finite(w, layer_name)  # raises, naming the expert and the count
+                if outer is not None:
+                    local = torch.maximum(local, outer)
             else:
                 check_finite(w, layer_name)
         except OqError:
             shard.sync_amax(prefix, None, True, what)
             raise
-        return shard.sync_amax(prefix, local, False, what)
+        reduced = shard.sync_amax(prefix, local, False, what)
+        return outer if reduced is None else reduced
 
     def dequantize_weight(self, *tensors_then_dtype: Any) -> torch.Tensor:
         """``dequantize_weight(qdata, scale[, ...], dtype)``: the weight format's tensors in its

@@ -400,3 +400,32 @@ def test_llmcompressor_mx_exponents_round_amax_up(sources):
         total += delta.numel()
     # measured: 26 of 5632 scales (0.46 %; docs/formats.md: about 0.4 %), the rest equal
     assert (larger, total) == (26, 5632)
+
+
+def test_nvfp4_fused_siblings_share_one_global_scale_as_llmcompressor_writes(sources):
+    """vLLM serves q/k/v and gate/up as one GEMM with one NVFP4 global scale (it keeps the max of
+    the stored ones and does not re-quantize), so llm-compressor quantizes each group with one
+    global scale; oqcore's nvfp4 does the same (KeyFormat.fused_outer_scale): the group's largest
+    amax, through the quantizers' takes_amax."""
+    model = oqcore.load(sources["dense"], "nvfp4")
+    src = load_file(sources["dense"] / "model.safetensors")
+    stored = _stored("dense_NVFP4A16")
+    groups = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+    differing = 0
+    for layer in ("model.layers.0", "model.layers.1"):
+        for group in groups:
+            names = [f"{layer}.{m}" for m in group]
+            ours = [model.get_submodule(n).weight_global_scale for n in names]
+            theirs = [stored[f"{n}.weight_global_scale"] for n in names]
+            assert all(torch.equal(o, ours[0]) for o in ours) and all(torch.equal(t, theirs[0]) for t in theirs), names
+            # the group's global scale is the one of its largest amax (its smallest global scale),
+            # which llm-compressor stores rounded to bf16
+            alone = [oqcore.quantize_tensor(src[f"{n}.weight"], "nvfp4", quantizer="torch").tensors["global_scale"] for n in names]
+            assert torch.equal(ours[0], torch.stack(alone).min(dim=0).values), names
+            differing += len({float(a) for a in alone}) > 1  # the members alone would differ
+            assert torch.equal(ours[0].detach().bfloat16().float(), theirs[0].float()), (names, ours[0], theirs[0])
+    assert differing >= 3  # of the 4 groups (two bf16 amaxes of one layer's gate and up coincide)
+    # o_proj / down_proj stand alone
+    o = "model.layers.0.self_attn.o_proj"
+    alone = oqcore.quantize_tensor(src[f"{o}.weight"], "nvfp4", quantizer="torch").tensors["global_scale"]
+    assert torch.equal(model.get_submodule(o).weight_global_scale, alone)

@@ -156,3 +156,27 @@ def test_fp4_reload_in_place_equals_fresh_load_and_a_bad_one_changes_nothing(tin
     after = model.state_dict()
     assert all(torch.equal(old, after[n]) and after[n].data_ptr() == p for n, (p, old) in before.items())
     assert torch.equal(logits(model), ref)
+
+
+def test_nvfp4_fused_siblings_reload_together(tiny_moe, tmp_path):
+    """q/k/v share one NVFP4 global scale (as vLLM serves them fused): reloading one alone is
+    refused by name, nothing changed; all three together give a fresh load's bytes."""
+    src = tiny_moe("mixtral")
+    new = perturbed_copy(src, tmp_path / "new")
+    model = oqcore.load(src, {"linear": "nvfp4"})
+    attn = "model.layers.0.self_attn"
+    weights = dict(iter_checkpoint(new))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError) as e:
+        oqcore.reload_weights(model, {f"{attn}.q_proj.weight": weights[f"{attn}.q_proj.weight"]})
+    msg = str(e.value)
+    assert f"'{attn}.q_proj'" in msg and f"'{attn}.k_proj'" in msg and f"'{attn}.v_proj'" in msg and "same call" in msg, msg
+    assert all(torch.equal(v.view(torch.uint8) if v.element_size() == 1 else v, before[k].view(torch.uint8) if v.element_size() == 1 else before[k]) for k, v in model.state_dict().items())
+    oqcore.reload_weights(model, {f"{attn}.{p}_proj.weight": weights[f"{attn}.{p}_proj.weight"] for p in "qkv"})
+    fresh = oqcore.load(new, {"linear": "nvfp4"})
+    for p in "qkv":
+        got, want = model.get_submodule(f"{attn}.{p}_proj"), fresh.get_submodule(f"{attn}.{p}_proj")
+        assert torch.equal(got.weight, want.weight) and torch.equal(got.weight_global_scale, want.weight_global_scale)
+        assert torch.equal(got.weight_scale.view(torch.uint8), want.weight_scale.view(torch.uint8))
+    shared = {float(model.get_submodule(f"{attn}.{p}_proj").weight_global_scale) for p in "qkv"}
+    assert len(shared) == 1

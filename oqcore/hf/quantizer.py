@@ -61,6 +61,7 @@ from oqcore.loading.memory import PeakRSS, release_free_memory
 from oqcore.loading.meta import resolve_model_dtype
 from oqcore.loading.names import NameMapper
 from oqcore.loading.place import assign_tensor, param_owner
+from oqcore.loading.siblings import SiblingQueue, sibling_groups
 from oqcore.loading.state import LoadStats, OqState, get_state, tensor_bytes
 from oqcore.methods import refuse_static_online
 from oqcore.planning import plan
@@ -114,6 +115,7 @@ class OqcoreHfQuantizer(HfQuantizer):
         self.qplan = None
         self.wrappers: dict[str, nn.Module] = {}
         self.remaining: dict[str, int] = {}
+        self.queue = SiblingQueue({}, process_layer)
         self.groups: list = []
         self.source_shapes: dict[str, tuple[int, ...]] = {}
         self.error: OqError | None = None
@@ -157,6 +159,7 @@ class OqcoreHfQuantizer(HfQuantizer):
         refuse_static_online(self.qplan.quantized)
         self.wrappers = install_wrappers(model, self.qplan)
         self.remaining = {n: sum(p.numel() for p in w.parameters(recurse=False)) for n, w in self.wrappers.items()}
+        self.queue = SiblingQueue(sibling_groups(self.wrappers), process_layer)  # fused siblings share a global scale
         self.stats = stats = LoadStats()
         stats.hp_bytes = sum(self.remaining.values()) * self.dtype.itemsize
         stats.largest_layer_bytes = max(self.remaining.values(), default=0) * self.dtype.itemsize
@@ -203,11 +206,11 @@ class OqcoreHfQuantizer(HfQuantizer):
             self.remaining[owner] -= model.get_parameter(name).numel()
             if self.remaining[owner] == 0:
                 t = time.perf_counter()
-                w = self.wrappers[owner]
-                process_layer(w)
-                for p in w.parameters(recurse=False):
-                    mark_initialized(p)
-                mark_initialized(w)
+                for done in self.queue.complete(owner, self.wrappers[owner]):
+                    w = self.wrappers[done]
+                    for p in w.parameters(recurse=False):
+                        mark_initialized(p)
+                    mark_initialized(w)
                 release_free_memory()
                 self.stats.seconds_quantize += time.perf_counter() - t
         except OqError as e:
@@ -229,7 +232,7 @@ class OqcoreHfQuantizer(HfQuantizer):
         if self.error is not None:
             err, self.error = self.error, None
             raise err
-        incomplete = [n for n, left in self.remaining.items() if left]
+        incomplete = [n for n, left in self.remaining.items() if left] + self.queue.incomplete()
         if incomplete:
             tied = getattr(model, "all_tied_weights_keys", None) or {}
             hint = [f"{n}.weight is tied to {tied[n + '.weight']}" for n in incomplete if f"{n}.weight" in tied]

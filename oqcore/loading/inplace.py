@@ -14,6 +14,7 @@ from oqcore.devices import resolve_device
 from oqcore.errors import ConfigError, UnsupportedLayerError
 from oqcore.loading.install import make_wrapper, process_layer, quantized_layers, set_submodule
 from oqcore.loading.memory import PeakRSS
+from oqcore.loading.siblings import SiblingQueue, sibling_groups
 from oqcore.loading.state import LoadStats, OqState, tensor_bytes
 from oqcore.methods import refuse_static_online
 from oqcore.planning import plan
@@ -105,10 +106,12 @@ def quantize_(
                 check_finite(p.detach(), f"{lp.name}.{pname}")
         wrappers: dict[str, nn.Module] = {}
         hp_dtype = torch.bfloat16
+        made = {lp.name: make_wrapper(lp, model.get_submodule(lp.name)) for lp in planned}
+        queue = SiblingQueue(sibling_groups(made), process_layer)  # fused siblings share a global scale
         for lp in planned:
             module = model.get_submodule(lp.name)
             hp_dtype = next(module.parameters()).dtype
-            w = make_wrapper(lp, module)
+            w = made[lp.name]
             # The wrapper borrows the original tensors (no copy); methods replace them with new
             # quantized tensors and never write into them, so the original module stays intact.
             for pname, p in module.named_parameters(recurse=False):
@@ -117,7 +120,7 @@ def quantize_(
             stats.hp_bytes += layer_bytes
             stats.largest_layer_bytes = max(stats.largest_layer_bytes, layer_bytes)
             t = time.perf_counter()
-            process_layer(w)
+            queue.complete(lp.name, w)
             stats.seconds_quantize += time.perf_counter() - t
             wrappers[lp.name] = w
         # Every layer succeeded: only now does the model change. A module reachable at several

@@ -8,6 +8,7 @@ from torch import nn
 from oqcore.errors import CheckpointError, InternalError, OqError, PluginError
 from oqcore.loading.memory import release_free_memory
 from oqcore.loading.place import param_owner
+from oqcore.loading.siblings import SiblingQueue, sibling_groups
 from oqcore.modules import QuantizedLinear, QuantizedMoE
 from oqcore.planning import LayerPlan, QuantPlan
 
@@ -91,6 +92,7 @@ class OnlineFeed:
     def __init__(self, model: nn.Module, wrappers: dict[str, nn.Module]):
         self.model, self.wrappers = model, wrappers
         self.remaining = {n: sum(p.numel() for p in w.parameters(recurse=False)) for n, w in wrappers.items()}
+        self.queue = SiblingQueue(sibling_groups(wrappers), process_layer)  # fused siblings share a global scale
 
     def placed(self, name: str) -> None:
         """Parameter ``name`` (a model name) was assigned: count it, quantize its layer when complete."""
@@ -99,12 +101,12 @@ class OnlineFeed:
             return
         self.remaining[owner] -= self.model.get_parameter(name).numel()
         if self.remaining[owner] == 0:
-            process_layer(self.wrappers[owner])
+            self.queue.complete(owner, self.wrappers[owner])
             release_free_memory()
 
     def check_complete(self, source: object) -> None:
         """Raise :class:`oqcore.CheckpointError` naming ``source`` for a wrapper that never got all
         its weights."""
-        missing = [n for n, left in self.remaining.items() if left]
+        missing = [n for n, left in self.remaining.items() if left] + self.queue.incomplete()
         if missing:
             raise CheckpointError(f"{source}: layer(s) to quantize never received all their weights: {', '.join(missing)}")

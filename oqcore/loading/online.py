@@ -45,6 +45,7 @@ from oqcore.loading.meta import build_meta_model, read_model_config, resolve_mod
 from oqcore.loading.names import NameMapper, is_expert_fusion
 from oqcore.loading.peer_configs import declares_peer_format
 from oqcore.loading.place import assign_tensor, finalize, param_owner, placeholder_dtype
+from oqcore.loading.siblings import SiblingQueue, sibling_groups
 from oqcore.loading.saved import load_quantized
 from oqcore.loading.staging import StagingPool
 from oqcore.loading.state import LoadStats, OqState, tensor_bytes
@@ -271,7 +272,7 @@ class _OnlineLoader:
                 self._shard()
             self._count()
             self._stream()
-            incomplete = [n for n, left in self.remaining.items() if left]
+            incomplete = [n for n, left in self.remaining.items() if left] + self.queue.incomplete()
             if incomplete:
                 raise CheckpointError(
                     f"{self.path}: quantized layer(s) never received all their weights: {', '.join(incomplete)}"
@@ -329,6 +330,7 @@ class _OnlineLoader:
         model, stats, wrappers, groups = self.model, self.stats, self.wrappers, self.groups
         # Elements each wrapper still waits for: it is quantized the moment this reaches zero.
         self.remaining = {name: sum(p.numel() for p in w.parameters(recurse=False)) for name, w in wrappers.items()}
+        self.queue = SiblingQueue(sibling_groups(wrappers), process_layer)
         stats.hp_bytes = sum(self.remaining.values()) * self.dtype.itemsize
         stats.largest_layer_bytes = max(self.remaining.values(), default=0) * self.dtype.itemsize
         self.total = sum(self.entries[k].nbytes for g in groups for k in g.sources)
@@ -356,6 +358,8 @@ class _OnlineLoader:
                         failure = e  # keep joining the collectives the other ranks will run
                         for shard in self.shards.values():  # a layer failing mid-quantization
                             shard.fail_pending(f"loading {self.path}")
+                        for wrapper in self.queue.unprocessed:  # its fused siblings after it
+                            self._join_failed(wrapper)
                         self._skip_group(g)  # a group failing before it was placed
                     if self.progress is not None:
                         self.progress(self.done, self.total)
@@ -380,8 +384,13 @@ class _OnlineLoader:
         if owner is None or not param.is_meta:
             return
         self.remaining[owner] -= param.numel()
-        shard = self.shards.get(owner)
-        if self.remaining[owner] == 0 and shard is not None:
+        if self.remaining[owner] == 0:
+            self.queue.complete(owner, self.wrappers[owner], dry=self._join_failed)
+
+    def _join_failed(self, wrapper: nn.Module) -> None:
+        """A failed rank's stand-in for quantizing ``wrapper``: join its collectives as failed."""
+        shard = getattr(wrapper, "oq_shard", None)
+        if shard is not None:
             shard.begin()
             shard.fail_pending(f"loading {self.path}")
 
@@ -411,8 +420,8 @@ class _OnlineLoader:
         # the disk (if the checkpoint is not cached) reads ahead while we quantize
         self.reader.prefetch(self.entries[k] for h in self.groups[i + 1 : i + 1 + PREFETCH_GROUPS] for k in h.sources)
         t = time.perf_counter()
-        process_layer(self.wrappers[owner])
-        self.pool.give_back(owner)
+        for name in self.queue.complete(owner, self.wrappers[owner]):  # fused siblings wait for each other
+            self.pool.give_back(name)
         release_free_memory()
         self.stats.seconds_quantize += time.perf_counter() - t
 

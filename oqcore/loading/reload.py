@@ -29,6 +29,7 @@ from torch import nn
 from oqcore.errors import CheckpointError, ConfigError, InternalError, OqError, PluginError, UnsupportedLayerError
 from oqcore.loading.install import method_plugin, process_layer
 from oqcore.loading.names import TargetGroup, is_expert_fusion
+from oqcore.loading.siblings import SiblingQueue, sibling_groups
 from oqcore.loading.state import OqState
 from oqcore.modules import empty_like
 from oqcore.tensor import HP_DTYPES, check_finite, dtype_names
@@ -233,6 +234,9 @@ class _Job:
             self.layer_params[name] = names
         self.source_to_group = {k: g for g in state.groups.values() for k in g.sources}
         self.device = torch.device(state.device)
+        self.siblings = sibling_groups(state.wrappers)
+        self.queue = SiblingQueue(self.siblings, process_layer)  # fused siblings share a global scale
+        self.scratches: dict[str, nn.Module] = {}
 
     def owner(self, param: str) -> str | None:
         """The wrapper owning parameter ``param``, or ``None``."""
@@ -283,6 +287,12 @@ class _Job:
             missing = [p for p in self.layer_params[layer] if p not in provided]
             if missing:
                 raise CheckpointError(f"reload: layer {layer!r} is quantized as a whole; missing {', '.join(missing)}")
+            apart = [m for m in self.siblings.get(layer, ()) if m not in self.touched_layers]
+            if apart:
+                raise CheckpointError(
+                    f"reload: layer {layer!r} shares its outermost scale with {', '.join(map(repr, apart))} (fused siblings, "
+                    "served as one GEMM with one global scale): give their weights in the same call"
+                )
 
     def _map_unknown_names(self, incoming: dict[str, torch.Tensor]) -> None:
         """Map checkpoint names the load did not see (a model loaded from a saved quantized folder
@@ -351,6 +361,8 @@ class _Job:
                     shard = getattr(self.state.wrappers[owner], "oq_shard", None)
                     if shard is not None and shard.pending:
                         shard.fail_pending("reloading")
+                for layer in self.queue.unprocessed:  # fused siblings of the layer that raised
+                    _join_failed(layer)
         if self.failure is not None:
             return staged
         incomplete = list(pending)  # complete layers were popped
@@ -368,10 +380,7 @@ class _Job:
             pending[owner][name.rpartition(".")[2]] = None
             if len(pending[owner]) == len(self.layer_params[owner]):
                 pending.pop(owner)
-                shard = getattr(self.state.wrappers[owner], "oq_shard", None)
-                if shard is not None:
-                    shard.begin()
-                    shard.fail_pending("reloading")
+                self.queue.complete(owner, self.state.wrappers[owner], dry=_join_failed)
 
     def _place(self, values: dict[str, torch.Tensor], pending: dict[str, dict], staged: dict[str, nn.Module]) -> None:
         """Put one batch's converted values in ``pending``; quantize each layer they complete."""
@@ -397,7 +406,7 @@ class _Job:
                 raise CheckpointError(f"reload: parameter {name!r} is given twice (directly and through checkpoint tensors)")
             pending[owner][pname] = value
             if len(pending[owner]) == len(self.layer_params[owner]):
-                staged[owner] = self._quantize_layer(owner, pending.pop(owner))
+                self._quantize_layer(owner, pending.pop(owner), staged)
 
     def _plain_unquantized(self, g: TargetGroup) -> bool:
         """A one-to-one checkpoint tensor (no transformers rule) of a parameter no wrapper owns."""
@@ -423,7 +432,19 @@ class _Job:
                 f"{type(e).__name__}: {e}"
             ) from e
 
-    def _quantize_layer(self, owner: str, hp: dict[str, torch.Tensor]) -> nn.Module:
+    def _quantize_layer(self, owner: str, hp: dict[str, torch.Tensor], staged: dict[str, nn.Module]) -> None:
+        """Quantize layer ``owner`` from its converted weights ``hp`` into a scratch copy (fused
+        siblings wait for each other: :mod:`oqcore.loading.siblings`); put every scratch quantized
+        now in ``staged``."""
+        scratch = self._scratch(owner, hp)
+        self.scratches[owner] = scratch
+        for name in self.queue.complete(owner, scratch):
+            done = self.scratches.pop(name)
+            _check_layout(self.state.wrappers[name], done)
+            staged[name] = done
+
+    def _scratch(self, owner: str, hp: dict[str, torch.Tensor]) -> nn.Module:
+        """A scratch copy of layer ``owner`` holding its new high-precision weights ``hp``."""
         live = self.state.wrappers[owner]
         scratch = empty_like(live)
         for pname in list(hp):
@@ -437,8 +458,6 @@ class _Job:
         # the layer keeps it while its weights are quantized again
         for pname in live.method.activation_state():
             set_parameter(scratch, pname, nn.Parameter(get_parameter(live, pname).detach().clone(), requires_grad=False))
-        process_layer(scratch)
-        _check_layout(live, scratch)
         return scratch
 
     # -- pass 3: commit ---------------------------------------------------------------------------
@@ -467,6 +486,14 @@ class _Job:
                 f"reload: copying into the model failed after every check passed ({type(e).__name__}: {e}); the model "
                 "is partly updated: reload it again"
             ) from e
+
+
+def _join_failed(layer: nn.Module) -> None:
+    """A failed rank's stand-in for quantizing ``layer``: join its collectives as failed."""
+    shard = getattr(layer, "oq_shard", None)
+    if shard is not None:
+        shard.begin()
+        shard.fail_pending("reloading")
 
 
 def _check_tensor(name: str, t: object, target: _Target, device: torch.device) -> None:

@@ -62,6 +62,9 @@ WEIGHT = KeyFormat(
     tensors=TENSORS,
     values_per_element=2,
     element="e2m1",
+    # vLLM serves fused q/k/v and gate/up with one global scale (their max), as llm-compressor
+    # quantizes them: siblings share the per-tensor amax the global scale is made from
+    fused_outer_scale=True,
     # compressed-tensors' NVFP4A16 preset weights
     compressed_tensors={
         "num_bits": 4,
