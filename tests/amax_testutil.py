@@ -98,3 +98,16 @@ def u8(t: torch.Tensor) -> torch.Tensor:
     if t.element_size() == 1:
         return t.view(torch.uint8)
     return t.contiguous().view(torch.int32) if t.dtype == torch.float32 else t
+
+
+def poisoned(group, shape: tuple[int, ...]):
+    """For every dtype and every non-finite value: ``(w_bad, amax_ok, w_ok, amax_bad)``: ``w_bad``
+    holds it in its last element (with the amax grid of the clean tensor), ``w_ok`` is clean but
+    ``amax_bad`` (as another rank's NaN / Inf reduced into it) holds it."""
+    for dtype in DTYPES:
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            w = torch.randn(shape).to(dtype)
+            amax_ok = amax_grid(w, group)
+            w_bad = w.clone()
+            w_bad.view(-1)[-1] = bad
+            yield w_bad, amax_ok, w, amax_grid(w_bad, group)

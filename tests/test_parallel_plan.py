@@ -63,7 +63,7 @@ def test_each_rank_gets_its_range_and_packed_halves():
     assert Split(1, ((1, 2),), 2).transposed(2).dim == 0
 
 
-def test_a_scheme_whose_quantizers_take_no_reduced_amax_cannot_be_cut_across_its_global_scale(toy4, llama):
+def test_a_scheme_whose_quantizers_take_no_reduced_amax_cannot_be_cut_across_its_global_scale(toy4, llama):  # noqa: F811
     # toy4: 1x16 scales under a per-tensor global scale, and no implementation declares takes_amax
     model = _planned(llama, {"linear": "toy4"})
     styles = module_styles(model, plan_entries(model, "tp"))

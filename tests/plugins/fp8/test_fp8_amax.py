@@ -8,7 +8,7 @@ import ctypes
 
 import pytest
 import torch
-from amax_testutil import DTYPES, SLICE_CASES, inputs, slices, u8
+from amax_testutil import poisoned, DTYPES, SLICE_CASES, inputs, slices, u8
 from oq_plugin_fp8 import cpu
 from oq_plugin_fp8.keys import KEYS
 from oq_plugin_fp8.quant import GROUPINGS, quantize_grouped
@@ -127,21 +127,15 @@ def test_cpu_non_finite(name):
     amax (its kernel then runs no amax pass), and refuses a non-finite amax (another rank's NaN)."""
     impl = _impls(name)["cpu"]
     group = outer_level(KEYS[name][0]).group_shape
-    for dtype in DTYPES:
-        for bad in (float("nan"), float("inf"), float("-inf")):
-            w = torch.randn(3, 140, 150).to(dtype)
-            a = amax_grid(w, group)
-            w[2, 139, 149] = bad
-            with pytest.raises(oqcore.NonFiniteError, match=r"tensor of shape \[3, 140, 150\] holds NaN/Inf"):
-                impl.quantize(w, None, amax=a)
-            a2 = amax_grid(w, group)
-            w[2, 139, 149] = 1.0
-            with pytest.raises(oqcore.NonFiniteError, match=r"amax given for the tensor of shape \[3, 140, 150\]"):
-                impl.quantize(w, None, amax=a2)
-            # unchecked: the reference's bytes for the same arguments
-            q, s = cpu.quantize_fp8_grouped(w, GROUPINGS[name], amax=a2)
-            rq, rs = quantize_grouped(w, GROUPINGS[name], a2)
-            assert torch.equal(u8(q), u8(rq)) and torch.equal(u8(s), u8(rs))
+    for w_bad, a_ok, w, a_bad in poisoned(group, (3, 140, 150)):
+        with pytest.raises(oqcore.NonFiniteError, match=r"tensor of shape \[3, 140, 150\] holds NaN/Inf"):
+            impl.quantize(w_bad, None, amax=a_ok)
+        with pytest.raises(oqcore.NonFiniteError, match=r"amax given for the tensor of shape \[3, 140, 150\]"):
+            impl.quantize(w, None, amax=a_bad)
+        # unchecked: the reference's bytes for the same arguments
+        q, s = cpu.quantize_fp8_grouped(w, GROUPINGS[name], amax=a_bad)
+        rq, rs = quantize_grouped(w, GROUPINGS[name], a_bad)
+        assert torch.equal(u8(q), u8(rq)) and torch.equal(u8(s), u8(rs))
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import ctypes
 
 import pytest
 import torch
-from amax_testutil import DTYPES, SLICE_CASES, inputs, slices, u8
+from amax_testutil import poisoned, DTYPES, SLICE_CASES, inputs, slices, u8
 from oq_plugin_int8 import cpu
 from oq_plugin_int8.quant import quantize_int8_rowwise
 from oq_plugin_int8.scheme import PER_TOKEN, WEIGHT
@@ -93,20 +93,14 @@ def test_cpu_non_finite():
     """The registered cpu quantizer (checks_finite) still finds NaN/Inf in its slice when given an
     amax (the kernel then runs no amax pass), and refuses a non-finite amax."""
     impl = _impls()["cpu"]
-    for dtype in DTYPES:
-        for bad in (float("nan"), float("inf"), float("-inf")):
-            w = torch.randn(3, 140, 150).to(dtype)
-            a = amax_grid(w, GROUP)
-            w[2, 139, 149] = bad
-            with pytest.raises(oqcore.NonFiniteError, match=r"tensor of shape \[3, 140, 150\] holds NaN/Inf"):
-                impl.quantize(w, None, amax=a)
-            a2 = amax_grid(w, GROUP)
-            w[2, 139, 149] = 1.0
-            with pytest.raises(oqcore.NonFiniteError, match=r"amax given for the tensor of shape \[3, 140, 150\]"):
-                impl.quantize(w, None, amax=a2)
-            q, s = cpu.quantize_int8_rowwise_cpu(w, amax=a2)  # unchecked: the reference's bytes
-            rq, rs = quantize_int8_rowwise(w, amax=a2)
-            assert torch.equal(q, rq) and torch.equal(u8(s), u8(rs))
+    for w_bad, a_ok, w, a_bad in poisoned(GROUP, (3, 140, 150)):
+        with pytest.raises(oqcore.NonFiniteError, match=r"tensor of shape \[3, 140, 150\] holds NaN/Inf"):
+            impl.quantize(w_bad, None, amax=a_ok)
+        with pytest.raises(oqcore.NonFiniteError, match=r"amax given for the tensor of shape \[3, 140, 150\]"):
+            impl.quantize(w, None, amax=a_bad)
+        q, s = cpu.quantize_int8_rowwise_cpu(w, amax=a_bad)  # unchecked: the reference's bytes
+        rq, rs = quantize_int8_rowwise(w, amax=a_bad)
+        assert torch.equal(q, rq) and torch.equal(u8(s), u8(rs))
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from amax_testutil import DTYPES, SLICE_CASES, inputs, slices, u8
+from amax_testutil import poisoned, DTYPES, SLICE_CASES, inputs, slices, u8
 from oq_plugin_nvfp4 import cpu
 from oq_plugin_nvfp4.keys import NV_BLOCK
 from oq_plugin_nvfp4.quant import global_scale_from_amax, quantize_nvfp4
@@ -103,17 +103,11 @@ def test_cpu_non_finite():
     """The registered cpu quantizer (checks_finite) still finds NaN/Inf in its slice when given an
     amax, and refuses a non-finite amax (another rank's NaN)."""
     impl = _impls()["cpu"]
-    for dtype in DTYPES:
-        for bad in (float("nan"), float("inf"), float("-inf")):
-            w = torch.randn(3, 40, 48).to(dtype)
-            a = amax_grid(w, GROUP)
-            w[2, 39, 47] = bad
-            with pytest.raises(oqcore.NonFiniteError, match=r"tensor of shape \[3, 40, 48\] holds NaN/Inf"):
-                impl.quantize(w, None, amax=a)
-            a2 = amax_grid(w, GROUP)
-            w[2, 39, 47] = 1.0
-            with pytest.raises(oqcore.NonFiniteError, match=r"amax given for the tensor of shape \[3, 40, 48\]"):
-                impl.quantize(w, None, amax=a2)
+    for w_bad, a_ok, w, a_bad in poisoned(GROUP, (3, 40, 48)):
+        with pytest.raises(oqcore.NonFiniteError, match=r"tensor of shape \[3, 40, 48\] holds NaN/Inf"):
+            impl.quantize(w_bad, None, amax=a_ok)
+        with pytest.raises(oqcore.NonFiniteError, match=r"amax given for the tensor of shape \[3, 40, 48\]"):
+            impl.quantize(w, None, amax=a_bad)
 
 
 def test_reference_path_checks_finite(monkeypatch):
