@@ -45,8 +45,8 @@ from oqcore.loading.meta import build_meta_model, read_model_config, resolve_mod
 from oqcore.loading.names import NameMapper, is_expert_fusion
 from oqcore.loading.peer_configs import declares_peer_format
 from oqcore.loading.place import assign_tensor, finalize, param_owner, placeholder_dtype
-from oqcore.loading.siblings import SiblingQueue, sibling_groups
 from oqcore.loading.saved import load_quantized
+from oqcore.loading.siblings import SiblingQueue, sibling_groups
 from oqcore.loading.staging import StagingPool
 from oqcore.loading.state import LoadStats, OqState, tensor_bytes
 from oqcore.methods import refuse_static_online
