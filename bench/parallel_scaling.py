@@ -59,6 +59,7 @@ def _run(path: Path, ranks: int, config: str, out: Path) -> dict:
 
 
 def main() -> None:
+    """Build the checkpoint, run every (ranks, config) load, write the JSON and print the table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])

@@ -486,17 +486,28 @@ class ReadableEntry(Protocol):
     hi)``, ``run_count``, ``file_spans(max_gap, max_spans)``)."""
 
     @property
-    def name(self) -> str: ...
+    def name(self) -> str:
+        """The checkpoint key."""
+
     @property
-    def file(self) -> Path: ...
+    def file(self) -> Path:
+        """The safetensors file holding it."""
+
     @property
-    def dtype(self) -> torch.dtype: ...
+    def dtype(self) -> torch.dtype:
+        """Its stored dtype."""
+
     @property
-    def shape(self) -> tuple[int, ...]: ...
+    def shape(self) -> tuple[int, ...]:
+        """The shape read (a slice's local shape)."""
+
     @property
-    def numel(self) -> int: ...
+    def numel(self) -> int:
+        """Elements read."""
+
     @property
-    def nbytes(self) -> int: ...
+    def nbytes(self) -> int:
+        """Bytes read from the file."""
 
 
 def _runs(entry: ReadableEntry, lo: int, hi: int) -> Iterator[tuple[int, int, int]]:

@@ -97,6 +97,7 @@ class SiblingQueue:
             started: list[nn.Module] = []
 
             def process(member: nn.Module) -> None:
+                """Quantize one member, remembering it began (its collectives are then its own)."""
                 started.append(member)
                 self.process(member)
 
