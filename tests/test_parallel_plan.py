@@ -13,7 +13,8 @@ from oqcore.loading.meta import build_meta_model
 from oqcore.parallel.comm import Group
 from oqcore.parallel.localize import localize
 from oqcore.parallel.plan import module_styles, plan_entries
-from oqcore.parallel.shard import Split, even_ranges
+from oqcore.loading.slices import shard_ranges
+from oqcore.parallel.shard import Split
 from test_toy4_scheme import toy4  # noqa: F401  (the fixture installing a third-party scheme)
 
 
@@ -55,9 +56,9 @@ def test_ep_keeps_attention_tensor_parallel_and_splits_experts_by_expert(tiny_mo
 
 
 def test_each_rank_gets_its_range_and_packed_halves():
-    assert [even_ranges(8, r, 4) for r in range(4)] == [((0, 2),), ((2, 4),), ((4, 6),), ((6, 8),)]
+    assert [shard_ranges(8, r, 4) for r in range(4)] == [((0, 2),), ((2, 4),), ((4, 6),), ((6, 8),)]
     # gate | up stacked: each half cut alike
-    assert even_ranges(8, 1, 2, halves=2) == ((2, 4), (6, 8))
+    assert shard_ranges(8, 1, 2, 2) == ((2, 4), (6, 8))
     t = torch.arange(16).reshape(8, 2)
     assert Split(0, ((2, 4), (6, 8)), 8).take(t).tolist() == [[4, 5], [6, 7], [12, 13], [14, 15]]
     assert Split(1, ((1, 2),), 2).transposed(2).dim == 0

@@ -54,6 +54,7 @@ from oqcore.parallel.comm import resolve_group
 from oqcore.parallel.forward import finish_sharded
 from oqcore.parallel.localize import localize
 from oqcore.parallel.plan import module_styles, plan_entries
+from oqcore.parallel.shard import join_as_failed
 from oqcore.parallel.sources import cut_converted, param_split, slice_group
 from oqcore.planning import plan
 from oqcore.saved_format import declares_export
@@ -388,11 +389,8 @@ class _OnlineLoader:
             self.queue.complete(owner, self.wrappers[owner], dry=self._join_failed)
 
     def _join_failed(self, wrapper: nn.Module) -> None:
-        """A failed rank's stand-in for quantizing ``wrapper``: join its collectives as failed."""
-        shard = getattr(wrapper, "oq_shard", None)
-        if shard is not None:
-            shard.begin()
-            shard.fail_pending(f"loading {self.path}")
+        """A failed rank's stand-in for quantizing ``wrapper`` (:func:`~oqcore.parallel.shard.join_as_failed`)."""
+        join_as_failed(wrapper, f"loading {self.path}")
 
     def _place_group(self, i: int, g) -> None:
         """Group ``i`` (``g``) converted and assigned; a wrapper it completes is quantized."""

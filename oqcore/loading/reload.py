@@ -32,6 +32,7 @@ from oqcore.loading.names import TargetGroup, is_expert_fusion
 from oqcore.loading.siblings import SiblingQueue, sibling_groups
 from oqcore.loading.state import OqState
 from oqcore.modules import empty_like
+from oqcore.parallel.shard import join_as_failed
 from oqcore.tensor import HP_DTYPES, check_finite, dtype_names
 from oqcore.torch_compat import get_buffer, get_parameter, own_buffers, own_parameters, set_parameter
 
@@ -489,11 +490,8 @@ class _Job:
 
 
 def _join_failed(layer: nn.Module) -> None:
-    """A failed rank's stand-in for quantizing ``layer``: join its collectives as failed."""
-    shard = getattr(layer, "oq_shard", None)
-    if shard is not None:
-        shard.begin()
-        shard.fail_pending("reloading")
+    """A failed rank's stand-in for quantizing ``layer`` (:func:`~oqcore.parallel.shard.join_as_failed`)."""
+    join_as_failed(layer, "reloading")
 
 
 def _check_tensor(name: str, t: object, target: _Target, device: torch.device) -> None:

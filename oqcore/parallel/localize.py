@@ -20,8 +20,9 @@ from torch import nn
 
 from oqcore.errors import UnsupportedLayerError
 from oqcore.groups import grid_shape, outer_level, scale_levels, weight_extent
+from oqcore.loading.slices import shard_ranges
 from oqcore.parallel.comm import Group
-from oqcore.parallel.shard import LayerShard, Split, even_ranges
+from oqcore.parallel.shard import LayerShard, Split
 
 
 def _meta(shape: tuple[int, ...], dtype: torch.dtype) -> nn.Parameter:
@@ -113,11 +114,11 @@ def _linear(name: str, module: nn.Module, style: str, group: Group) -> tuple[Lay
     shard = LayerShard(group, style)
     if style.startswith("colwise"):
         _divisible(name, "out_features", n, w, style)
-        cut = Split(0, even_ranges(n, r, w), n)
+        cut = Split(0, shard_ranges(n, r, w), n)
         shard.params = {"weight": cut, **({"bias": Split(0, cut.ranges, n)} if has_bias else {})}
     else:
         _divisible(name, "in_features", k, w, style)
-        cut = Split(1, even_ranges(k, r, w), k)
+        cut = Split(1, shard_ranges(k, r, w), k)
         shard.params = {"weight": cut}
         shard.rank0 = ("bias",) if has_bias else ()
     shard.weights = {"weight": cut}
@@ -160,7 +161,7 @@ def _experts(name: str, module: nn.Module, style: str, group: Group) -> tuple[La
     names = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias") if lay.has_bias else ("gate_up_proj", "down_proj")
     if style == "ep_experts":
         _divisible(name, "the number of experts", e, w, style)
-        cut = Split(0, even_ranges(e, r, w), e)
+        cut = Split(0, shard_ranges(e, r, w), e)
         shard.params = {p: cut for p in names}
         shard.weights = {"w13_weight": cut, "w2_weight": cut}
         shard.expert_offset = cut.ranges[0][0]
@@ -168,8 +169,8 @@ def _experts(name: str, module: nn.Module, style: str, group: Group) -> tuple[La
     else:
         _divisible(name, "the intermediate size", i, w, style)
         # gate and up stacked: each half cut alike; interleaved (GPT-OSS): one range keeps the pairs
-        w13 = Split(1, even_ranges(2 * i, r, w, halves=2 if lay.concatenated else 1), 2 * i)
-        w2 = Split(2, even_ranges(i, r, w), i)
+        w13 = Split(1, shard_ranges(2 * i, r, w, 2 if lay.concatenated else 1), 2 * i)
+        w2 = Split(2, shard_ranges(i, r, w), i)
         shard.weights = {"w13_weight": w13, "w2_weight": w2}
         shard.params = {
             "gate_up_proj": w13.transposed(3) if lay.transposed else w13,

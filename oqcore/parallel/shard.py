@@ -51,14 +51,6 @@ class Split:
         return Split(d, self.ranges, self.full)
 
 
-def even_ranges(full: int, rank: int, world: int, *, halves: int = 1) -> tuple[tuple[int, int], ...]:
-    """Rank ``rank``'s equal share of ``full``: one range, or one per half when ``halves`` is 2
-    (the gate and up halves of a fused projection). The caller checks divisibility."""
-    part = full // halves
-    n = part // world
-    return tuple((h * part + rank * n, h * part + (rank + 1) * n) for h in range(halves))
-
-
 @dataclass
 class LayerShard:
     """The sharding of one layer on one rank (see the module docstring).
@@ -113,3 +105,13 @@ class LayerShard:
         other ranks stop at the same point instead of waiting."""
         for prefix in list(self.pending):  # in the order the healthy ranks quantize them
             self.sync_amax(prefix, None, True, what)
+
+
+def join_as_failed(layer: object, what: str) -> None:
+    """A failed rank's stand-in for quantizing ``layer`` (a wrapper, or a reload's scratch copy of
+    one): join every collective its weights owe, as failed, so the other ranks stop with it.
+    Nothing for a layer held whole."""
+    shard = getattr(layer, "oq_shard", None)
+    if shard is not None:
+        shard.begin()
+        shard.fail_pending(what)
